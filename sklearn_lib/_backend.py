@@ -1,0 +1,91 @@
+"""Device and dtype resolution, array <-> tensor conversion and chunking.
+
+Every estimator accepts numpy arrays, ``np.memmap`` and torch tensors (on any
+device) and does its heavy math in torch. This module is the only place that
+knows how to move data between those worlds, so that the rule "numpy in, numpy
+out; tensor in, tensor on the same device out" is implemented once.
+"""
+
+import numbers
+
+import numpy as np
+import torch
+
+_DTYPES = {
+    "float64": torch.float64,
+    "float32": torch.float32,
+}
+
+
+def resolve_device(device):
+    """Return a :class:`torch.device` for ``"cpu"``, ``"cuda"``, ``"auto"`` or a device.
+
+    ``"auto"`` picks CUDA when it is available and the CPU otherwise.
+    """
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device={str(device)!r} was requested but CUDA is not available; "
+            "use device='cpu' or device='auto'."
+        )
+    return device
+
+
+def resolve_dtype(dtype):
+    """Return the torch floating dtype named by ``dtype`` ("float64" or "float32")."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str) and dtype in _DTYPES:
+        return _DTYPES[dtype]
+    name = np.dtype(dtype).name
+    if name not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}.")
+    return _DTYPES[name]
+
+
+def is_tensor(a):
+    return isinstance(a, torch.Tensor)
+
+
+def as_tensor(a, *, device, dtype):
+    """Convert ``a`` (ndarray, memmap, tensor) to a tensor on ``device`` with ``dtype``.
+
+    Numpy input is wrapped without a copy when dtype and device allow it; tensor
+    input is moved only when its device or dtype differ.
+    """
+    if isinstance(a, torch.Tensor):
+        return a.detach().to(device=device, dtype=dtype)
+    array = np.asarray(a)
+    if array.dtype != np.dtype(str(dtype).removeprefix("torch.")):
+        array = array.astype(str(dtype).removeprefix("torch."))
+    if not array.flags.writeable:
+        # torch.from_numpy warns on read-only buffers (memmaps opened 'r'); a copy
+        # of one chunk is the price of never writing to a user's cache.
+        array = array.copy()
+    return torch.from_numpy(np.ascontiguousarray(array)).to(device)
+
+
+def to_output(t, like):
+    """Return ``t`` as numpy if ``like`` is not a tensor, else as a tensor on ``like``'s device."""
+    if isinstance(like, torch.Tensor):
+        return t.to(like.device)
+    return t.detach().cpu().numpy()
+
+
+def n_rows(a):
+    return int(a.shape[0])
+
+
+def gen_batches(n, batch_size):
+    """Yield slices covering ``range(n)`` in chunks of ``batch_size`` (all at once if None)."""
+    if batch_size is None or batch_size >= n:
+        yield slice(0, n)
+        return
+    if not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}.")
+    for start in range(0, n, batch_size):
+        yield slice(start, min(start + batch_size, n))

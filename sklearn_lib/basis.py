@@ -1,0 +1,472 @@
+"""InteractionBasis: the degeneracy-invariant basis of one layer (SPEC section 1)."""
+
+import warnings
+from numbers import Integral, Real
+
+import numpy as np
+import torch
+from sklearn.base import (
+    BaseEstimator,
+    ClassNamePrefixFeaturesOutMixin,
+    TransformerMixin,
+    _fit_context,
+)
+from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.validation import (
+    _check_sample_weight,
+    check_array,
+    check_is_fitted,
+    validate_data,
+)
+
+from ._backend import (
+    as_tensor,
+    gen_batches,
+    is_tensor,
+    resolve_device,
+    resolve_dtype,
+    to_output,
+)
+from ._linalg import interaction_basis
+from ._stats import InteractionStatistics
+from ._validation import check_finite, check_jacobians
+from .metrics import _sparsity, interaction_edges
+
+# A chunk of Jacobians holds about this many numbers when batch_size=None
+# (64 MiB in float64): large enough for GEMM to run at full speed, small enough
+# that fitting never holds a copy of a whole Jacobian cache.
+_AUTO_CHUNK_NUMBERS = 2**23
+
+
+class InteractionBasis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
+    """Interaction basis of one layer from its activations and downstream Jacobians.
+
+    The basis removes the directions of the layer's activations that are
+    linearly dependent (null directions of the Gram matrix), whitens the rest,
+    rotates them into the eigenbasis of the second moment of the Jacobians of
+    the downstream computation, and scales each direction by the square root
+    of its interaction strength ``Lambda``. The result does not depend on how
+    the layer happens to be parameterised: fitting on ``X @ A`` with Jacobians
+    ``J @ inv(A)`` gives the same transformed data for any invertible ``A``.
+    Without Jacobians (an identity downstream map) the basis is PCA's.
+
+    Read more in SPEC section 1 and the user guide.
+
+    Parameters
+    ----------
+    n_components : int, default=None
+        Largest number of directions to keep after both truncations. None keeps
+        all that survive. If larger than what survives, a warning is issued and
+        the surviving count is used.
+    center : bool, default=True
+        Subtract the (weighted) mean before computing the Gram matrix. With
+        ``center=False`` and a constant-1 column in ``X`` this is the reference
+        implementation's "uncentered" basis.
+    truncation_threshold : "auto" or float, default="auto"
+        Eigenvalue threshold of both truncations. A float is absolute
+        (``tau_D = tau_Lambda = truncation_threshold``; the reference default is
+        1e-5); "auto" is the numerical-rank tolerance ``max * size * eps``.
+    batch_size : int, default=None
+        Samples per chunk when accumulating statistics and transforming. None
+        picks a size whose Jacobian chunk holds about 2**23 numbers, so memory
+        does not grow with the number of samples.
+    device : {"cpu", "cuda", "auto"} or torch.device, default="cpu"
+        Where the math runs. Inputs are moved there chunk by chunk.
+    dtype : {"float64", "float32"}, default="float64"
+        Precision of the statistics, eigendecompositions and outputs.
+
+    Attributes
+    ----------
+    components_ : ndarray of shape (n_components_, n_features_in_)
+        ``C.T``: ``transform(X) = (X - mean_) @ components_.T``.
+    inverse_components_ : ndarray of shape (n_components_, n_features_in_)
+        ``C_pinv``, the left inverse: ``inverse_transform(Z) = Z @ inverse_components_ + mean_``.
+    mean_ : ndarray of shape (n_features_in_,)
+        Weighted mean of the training data (zeros when ``center=False``).
+    interaction_strengths_ : ndarray of shape (n_components_,)
+        ``Lambda``, descending; also the variance of each transformed feature.
+    gram_eigenvalues_ : ndarray of shape (n_features_in_,)
+        All eigenvalues ``D`` of the Gram matrix, descending.
+    gram_ : ndarray of shape (n_features_in_, n_features_in_)
+        The (weighted, centred) Gram matrix ``G``.
+    jacobian_gram_ : ndarray of shape (n_features_in_, n_features_in_)
+        The Jacobian second moment ``M'`` (the identity when fitted without Jacobians).
+    n_components_ : int
+        Number of directions kept.
+    n_samples_seen_ : int
+        Number of samples seen by ``fit`` or all ``partial_fit`` calls.
+    n_outputs_ : int or None
+        Number of downstream outputs ``o`` of the Jacobians; None without Jacobians.
+    n_features_in_ : int
+        Number of features seen during fit.
+    feature_names_in_ : ndarray of shape (n_features_in_,)
+        Names of features seen during fit, when ``X`` has string column names.
+
+    See Also
+    --------
+    sklearn.decomposition.PCA : What this estimator reduces to without Jacobians.
+    sklearn_lib.InteractionGraph : Interaction bases of every layer of a network.
+    sklearn_lib.metrics.InteractionSparsityScorer : Rank bases by held-out sparsity.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sklearn_lib import InteractionBasis
+    >>> rng = np.random.default_rng(0)
+    >>> X = rng.normal(size=(200, 5))
+    >>> W = rng.normal(size=(5, 3))
+    >>> J = np.broadcast_to(W.T, (200, 3, 5))  # Jacobians of the linear map X @ W
+    >>> basis = InteractionBasis().fit(X, jacobians=J)
+    >>> basis.n_components_  # the map sees only 3 directions of X
+    3
+    >>> Z = basis.transform(X)
+    >>> np.allclose(Z.T @ Z / len(X), np.diag(basis.interaction_strengths_))
+    True
+    """
+
+    __metadata_request__fit = {"jacobians": True}
+    __metadata_request__partial_fit = {"jacobians": True}
+    __metadata_request__score = {"jacobians": True}
+
+    _parameter_constraints: dict = {
+        "n_components": [Interval(Integral, 1, None, closed="left"), None],
+        "center": ["boolean"],
+        "truncation_threshold": [
+            StrOptions({"auto"}),
+            Interval(Real, 0, None, closed="left"),
+        ],
+        "batch_size": [Interval(Integral, 1, None, closed="left"), None],
+        "device": [StrOptions({"cpu", "cuda", "auto"}), str, torch.device],
+        "dtype": [StrOptions({"float64", "float32"})],
+    }
+
+    def __init__(
+        self,
+        n_components=None,
+        *,
+        center=True,
+        truncation_threshold="auto",
+        batch_size=None,
+        device="cpu",
+        dtype="float64",
+    ):
+        self.n_components = n_components
+        self.center = center
+        self.truncation_threshold = truncation_threshold
+        self.batch_size = batch_size
+        self.device = device
+        self.dtype = dtype
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y=None, *, jacobians=None, sample_weight=None):
+        """Fit the basis from activations and the Jacobians of the downstream map.
+
+        Parameters
+        ----------
+        X : array-like, memmap or tensor of shape (n_samples, n_features)
+            Activations of the layer.
+        y : None
+            Ignored.
+        jacobians : array-like, memmap or tensor of shape (n_samples, n_outputs, n_features), default=None
+            Per-sample Jacobian of the downstream quantity with respect to ``X``.
+            None means the identity map, which makes the basis PCA's.
+        sample_weight : array-like of shape (n_samples,), default=None
+            Non-negative weights; weight 2 is the same as repeating a sample.
+
+        Returns
+        -------
+        self : object
+            Fitted estimator.
+        """
+        X, jacobians, sample_weight = self._check_fit_input(
+            X, jacobians, sample_weight, reset=True
+        )
+        stats = self._new_statistics(X, jacobians)
+        self._accumulate(stats, X, jacobians, sample_weight)
+        return self._fit_statistics(stats)
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def partial_fit(self, X, y=None, *, jacobians=None, sample_weight=None):
+        """Add a chunk of samples to the statistics and refit the basis.
+
+        Statistics are merged with the pairwise (Chan et al.) update, so a
+        stream of chunks gives the same basis as ``fit`` on their concatenation.
+        The first call needs at least two samples; later chunks must have the
+        same number of features and outputs. A chunk with NaN or infinity is
+        rejected before anything is merged.
+
+        Parameters
+        ----------
+        X : array-like, memmap or tensor of shape (n_samples, n_features)
+        y : None
+            Ignored.
+        jacobians : array-like, memmap or tensor of shape (n_samples, n_outputs, n_features), default=None
+        sample_weight : array-like of shape (n_samples,), default=None
+
+        Returns
+        -------
+        self : object
+            Fitted estimator.
+        """
+        first_call = not hasattr(self, "_statistics")
+        X, jacobians, sample_weight = self._check_fit_input(
+            X, jacobians, sample_weight, reset=first_call
+        )
+        if first_call:
+            stats = self._new_statistics(X, jacobians)
+        else:
+            stats = self._statistics
+            if (jacobians is None) != (stats.n_outputs is None):
+                raise ValueError(
+                    "partial_fit was first called "
+                    + ("without" if stats.n_outputs is None else "with")
+                    + " jacobians; every chunk must be the same."
+                )
+            check_jacobians(jacobians, X.shape, n_outputs=stats.n_outputs)
+        chunk = self._new_statistics(X, jacobians)
+        self._accumulate(chunk, X, jacobians, sample_weight)
+        return self._fit_statistics(stats + chunk)
+
+    def _check_fit_input(self, X, jacobians, sample_weight, *, reset):
+        """Validate X (numpy via sklearn, tensors by hand) and the metadata's shapes."""
+        if is_tensor(X):
+            if X.ndim != 2 or not X.dtype.is_floating_point:
+                raise ValueError(
+                    "X must be a 2-D floating tensor (n_samples, n_features), got "
+                    f"shape {tuple(X.shape)} and dtype {X.dtype}."
+                )
+            if reset:
+                self.n_features_in_ = X.shape[1]
+                if hasattr(self, "feature_names_in_"):
+                    del self.feature_names_in_
+            elif X.shape[1] != self.n_features_in_:
+                raise ValueError(
+                    f"X has {X.shape[1]} features, but {type(self).__name__} is "
+                    f"expecting {self.n_features_in_} features as input."
+                )
+            if reset and X.shape[0] < 2:
+                raise ValueError(
+                    f"Found array with {X.shape[0]} sample(s) (shape={tuple(X.shape)}) "
+                    "while a minimum of 2 is required."
+                )
+        else:
+            X = validate_data(
+                self,
+                X,
+                reset=reset,
+                dtype=[np.float64, np.float32],
+                ensure_min_samples=2 if reset else 1,
+            )
+        jacobians = check_jacobians(jacobians, tuple(X.shape))
+        if sample_weight is not None:
+            sample_weight = _check_sample_weight(
+                sample_weight, np.empty(X.shape[0]), dtype=np.float64,
+                ensure_non_negative=True,
+            )
+        return X, jacobians, sample_weight
+
+    def _torch_config(self):
+        return resolve_device(self.device), resolve_dtype(self.dtype)
+
+    def _new_statistics(self, X, jacobians):
+        device, dtype = self._torch_config()
+        return InteractionStatistics(
+            X.shape[1],
+            None if jacobians is None else jacobians.shape[1],
+            center=self.center,
+            device=device,
+            dtype=dtype,
+        )
+
+    def _chunk_size(self, n_outputs):
+        if self.batch_size is not None:
+            return self.batch_size
+        width = (n_outputs or 1) * self.n_features_in_
+        return max(1, _AUTO_CHUNK_NUMBERS // width)
+
+    def _accumulate(self, stats, X, jacobians, sample_weight):
+        for rows in gen_batches(X.shape[0], self._chunk_size(stats.n_outputs)):
+            stats.update(
+                X[rows],
+                None if jacobians is None else jacobians[rows],
+                None if sample_weight is None else sample_weight[rows],
+            )
+
+    def _fit_statistics(self, stats):
+        """Compute the basis from accumulated statistics and set fitted attributes.
+
+        This is the one entry point from statistics to a fitted basis; it is
+        also what :class:`~sklearn_lib.InteractionGraph` calls with statistics
+        it accumulated itself.
+        """
+        if stats.weight <= 0:
+            raise ValueError("The total sample weight must be positive.")
+        gram, jacobian_gram = stats.gram, stats.jacobian_gram
+        result = interaction_basis(
+            gram,
+            jacobian_gram,
+            threshold=self.truncation_threshold,
+            n_components=self.n_components,
+        )
+        if result.n_available == 0:
+            raise ValueError(
+                "No direction survives truncation: the activations are constant "
+                f"(Gram eigenvalues kept: {result.n_kept_gram}) or the Jacobians are "
+                "zero on them. Check the data or lower truncation_threshold."
+            )
+        if self.n_components is not None and self.n_components > result.n_available:
+            warnings.warn(
+                f"n_components={self.n_components} is larger than the {result.n_available} "
+                "directions that survive truncation; keeping "
+                f"{result.n_available}.",
+                UserWarning,
+            )
+        self._statistics = stats
+        self.components_ = to_output(result.components.T, None)
+        self.inverse_components_ = to_output(result.inverse_components, None)
+        self.interaction_strengths_ = to_output(result.interaction_strengths, None)
+        self.gram_eigenvalues_ = to_output(result.gram_eigenvalues, None)
+        self.mean_ = to_output(stats.mean, None)
+        self.gram_ = to_output(gram, None)
+        self.jacobian_gram_ = to_output(jacobian_gram, None)
+        self.n_components_ = self.components_.shape[0]
+        self.n_samples_seen_ = stats.n_samples
+        self.n_outputs_ = stats.n_outputs
+        self.n_features_in_ = stats.n_features
+        return self
+
+    def _check_transform_input(self, X, n_columns, *, features):
+        """Validate input of transform-like methods; ``features`` says it is X, not Z."""
+        if is_tensor(X):
+            if X.ndim != 2 or X.shape[1] != n_columns:
+                raise ValueError(
+                    f"Expected a tensor of shape (n_samples, {n_columns}), got "
+                    f"{tuple(X.shape)}."
+                )
+            return X
+        if features:
+            return validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
+        X = check_array(X, dtype=[np.float64, np.float32])
+        if X.shape[1] != n_columns:
+            raise ValueError(
+                f"Expected an array of shape (n_samples, {n_columns}), got {X.shape}."
+            )
+        return X
+
+    def _affine(self, X, offset_in, matrix, offset_out):
+        """``(X - offset_in) @ matrix + offset_out`` chunk-wise on the device.
+
+        Numpy in gives numpy out, a tensor gives a tensor on its own device.
+        """
+        device, dtype = self._torch_config()
+        A = as_tensor(matrix, device=device, dtype=dtype)
+        a = as_tensor(offset_in, device=device, dtype=dtype)
+        b = as_tensor(offset_out, device=device, dtype=dtype)
+        n = X.shape[0]
+        if is_tensor(X):
+            out = torch.empty(n, A.shape[1], device=X.device, dtype=dtype)
+        else:
+            out = np.empty((n, A.shape[1]), dtype=str(dtype).removeprefix("torch."))
+        width = max(A.shape)
+        for rows in gen_batches(n, self.batch_size or max(1, _AUTO_CHUNK_NUMBERS // width)):
+            chunk = as_tensor(X[rows], device=device, dtype=dtype)
+            check_finite(chunk, "X")
+            chunk = (chunk - a) @ A + b
+            out[rows] = to_output(chunk, X)
+        return out
+
+    def transform(self, X):
+        """Project ``X`` onto the basis: ``(X - mean_) @ components_.T``.
+
+        Parameters
+        ----------
+        X : array-like, memmap or tensor of shape (n_samples, n_features)
+
+        Returns
+        -------
+        Z : ndarray or tensor of shape (n_samples, n_components_)
+            A tensor on ``X``'s device for tensor input, numpy otherwise.
+        """
+        check_is_fitted(self)
+        X = self._check_transform_input(X, self.n_features_in_, features=True)
+        zeros = np.zeros(self.n_components_)
+        return self._affine(X, self.mean_, self.components_.T, zeros)
+
+    def inverse_transform(self, Z):
+        """Map basis coordinates back: ``Z @ inverse_components_ + mean_``.
+
+        Exact on the span of the kept directions: ``inverse_transform(transform(X))``
+        is the projection of ``X`` onto them along the truncated directions.
+
+        Parameters
+        ----------
+        Z : array-like or tensor of shape (n_samples, n_components_)
+
+        Returns
+        -------
+        X_original : ndarray or tensor of shape (n_samples, n_features_in_)
+        """
+        check_is_fitted(self)
+        Z = self._check_transform_input(Z, self.n_components_, features=False)
+        zeros = np.zeros(self.n_components_)
+        return self._affine(Z, zeros, self.inverse_components_, self.mean_)
+
+    def score(self, X, y=None, *, jacobians=None):
+        """Held-out interaction sparsity: Gini coefficient of the edge matrix (higher = sparser).
+
+        ``E[i, j] = mean_x (J_hat_x[i, j] * Z[x, j])^2`` between downstream output
+        ``i`` and basis direction ``j``, with ``J_hat_x = J_x @ inverse_components_.T``
+        and ``Z = transform(X)``.
+
+        Parameters
+        ----------
+        X : array-like or tensor of shape (n_samples, n_features)
+        y : None
+            Ignored.
+        jacobians : array-like or tensor of shape (n_samples, n_outputs, n_features), default=None
+            None means the identity downstream map.
+
+        Returns
+        -------
+        score : float
+        """
+        return _sparsity(self.edges(X, jacobians=jacobians), "gini")
+
+    def edges(self, X, *, jacobians=None):
+        """Edge matrix ``E`` of shape (n_outputs, n_components_) on ``X`` (see :meth:`score`).
+
+        Parameters
+        ----------
+        X : array-like or tensor of shape (n_samples, n_features)
+        jacobians : array-like or tensor of shape (n_samples, n_outputs, n_features), default=None
+
+        Returns
+        -------
+        E : ndarray of shape (n_outputs, n_components_)
+        """
+        check_is_fitted(self)
+        X = self._check_transform_input(X, self.n_features_in_, features=True)
+        jacobians = check_jacobians(jacobians, tuple(X.shape))
+        device, dtype = self._torch_config()
+        E = interaction_edges(
+            X,
+            jacobians,
+            *(
+                as_tensor(a, device=device, dtype=dtype)
+                for a in (self.mean_, self.components_.T, self.inverse_components_)
+            ),
+            batch_size=self.batch_size,
+            device=device,
+            dtype=dtype,
+        )
+        return E.cpu().numpy()
+
+    @property
+    def _n_features_out(self):
+        return self.components_.shape[0]
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.transformer_tags.preserves_dtype = [self.dtype]
+        return tags
+

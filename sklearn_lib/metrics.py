@@ -1,0 +1,232 @@
+"""Interaction-sparsity metrics and the scorer that ranks bases by them.
+
+An affine basis ``z = (x - mu) @ C`` with left inverse ``C_pinv`` turns the
+downstream Jacobians ``J_x`` (o, d) into Jacobians with respect to the basis
+coordinates, ``J_hat_x = J_x @ C_pinv.T`` (o, r). The edge between basis
+direction ``j`` and output ``i`` is the squared gradient-times-activation
+attribution ``E[i, j] = mean_x (J_hat_x[i, j] * z_x[j])^2``; a basis is better
+the sparser that matrix is.
+"""
+
+import numpy as np
+import torch
+from sklearn.utils.metadata_routing import MetadataRequest
+from sklearn.utils.validation import check_is_fitted
+
+from ._backend import as_tensor, gen_batches, resolve_device
+from ._validation import check_jacobians
+
+_METRICS = ("gini", "edges_for_90")
+
+
+def gini(values):
+    """Gini coefficient of non-negative values: 0 when all equal, ``1 - 1/N`` for one spike.
+
+    Uses the sorted form ``sum_i (2i - N - 1) v_(i) / (N sum_i v_i)`` over the
+    ascending values ``v_(1) <= ... <= v_(N)``.
+
+    Parameters
+    ----------
+    values : array-like of non-negative floats (any shape; flattened)
+
+    Returns
+    -------
+    float
+
+    Examples
+    --------
+    >>> from sklearn_lib.metrics import gini
+    >>> gini([1.0, 1.0, 1.0, 1.0])
+    0.0
+    >>> gini([0.0, 0.0, 0.0, 4.0])
+    0.75
+    """
+    v = np.sort(np.asarray(values, dtype=np.float64).ravel())
+    if v.size == 0:
+        raise ValueError("gini needs at least one value, got an empty array.")
+    if not np.all(np.isfinite(v)) or v[0] < 0:
+        raise ValueError("gini expects finite non-negative values.")
+    total = v.sum()
+    if total == 0:
+        return 0.0
+    n = v.size
+    ranks = np.arange(1, n + 1)
+    return float(((2 * ranks - n - 1) @ v) / (n * total))
+
+
+def edges_to_reach(values, fraction=0.9):
+    """Fewest edges whose sum reaches ``fraction`` of the total attribution.
+
+    Parameters
+    ----------
+    values : array-like of non-negative floats (flattened)
+    fraction : float in (0, 1]
+
+    Returns
+    -------
+    int
+
+    Examples
+    --------
+    >>> from sklearn_lib.metrics import edges_to_reach
+    >>> edges_to_reach([5.0, 3.0, 1.0, 1.0], fraction=0.8)
+    2
+    """
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction!r}.")
+    v = np.sort(np.asarray(values, dtype=np.float64).ravel())[::-1]
+    total = v.sum()
+    if total == 0:
+        return 0
+    # The tolerance keeps fraction=1 from asking for edges beyond rounding.
+    cumulative = np.cumsum(v) / total
+    return int(np.searchsorted(cumulative, fraction - 1e-12) + 1)
+
+
+def _sparsity(E, metric):
+    if metric == "gini":
+        return gini(E)
+    # Fewer edges is sparser; negate so that higher stays better for scorers.
+    return -float(edges_to_reach(E, 0.9))
+
+
+def interaction_edges(
+    X, jacobians, mean, components, inverse_components, *, batch_size=None,
+    device="cpu", dtype=torch.float64,
+):
+    """Edge matrix ``E`` (o, r) between basis directions and downstream outputs.
+
+    Parameters
+    ----------
+    X : array-like or tensor of shape (n_samples, n_features)
+    jacobians : array-like or tensor of shape (n_samples, n_outputs, n_features), or None
+        None means the identity downstream map (``o = d``).
+    mean : tensor (d,); components : tensor (d, r) (``C``); inverse_components : tensor (r, d)
+    batch_size : int or None
+        Samples per chunk; memory is bounded by ``batch_size * o * max(d, r)``.
+
+    Returns
+    -------
+    torch.Tensor of shape (n_outputs, n_components)
+    """
+    device = resolve_device(device)
+    n = X.shape[0]
+    r = components.shape[1]
+    o = components.shape[0] if jacobians is None else jacobians.shape[1]
+    total = torch.zeros(o, r, device=device, dtype=dtype)
+    for rows in gen_batches(n, batch_size):
+        Z = (as_tensor(X[rows], device=device, dtype=dtype) - mean) @ components
+        if jacobians is None:
+            # J_x = I: J_hat_x = C_pinv.T for every sample.
+            total += inverse_components.T.square() * Z.square().sum(0)
+        else:
+            J = as_tensor(jacobians[rows], device=device, dtype=dtype)
+            J_hat = J @ inverse_components.T
+            total += (J_hat * Z[:, None, :]).square().sum(0)
+    return total / n
+
+
+def _affine_map(estimator, n_features):
+    """Probe a fitted affine transformer for ``(mean-offset, C, C_pinv)``.
+
+    ``transform(x) = x @ A + b`` is read off ``transform`` at 0 and the unit
+    vectors; the left inverse comes from ``inverse_transform`` when the
+    estimator has one (so that PCA and InteractionBasis are scored with their
+    own reconstructions) and is the pseudo-inverse otherwise.
+    """
+    probe = np.vstack([np.zeros((1, n_features)), np.eye(n_features)])
+    out = np.asarray(estimator.transform(probe), dtype=np.float64)
+    b, A = out[0], out[1:] - out[0]
+    if hasattr(estimator, "inverse_transform"):
+        r = A.shape[1]
+        back = np.asarray(
+            estimator.inverse_transform(np.vstack([np.zeros((1, r)), np.eye(r)])),
+            dtype=np.float64,
+        )
+        A_pinv = back[1:] - back[0]
+    else:
+        A_pinv = np.linalg.pinv(A)
+    # transform(x) = x @ A + b = (x - mu) @ A with mu solving mu @ A = -b; any
+    # such mu gives the same Z, and least squares finds one.
+    mu = -np.linalg.lstsq(A.T, b, rcond=None)[0]
+    return mu, A, A_pinv, b
+
+
+class InteractionSparsityScorer:
+    """Score any fitted affine transformer by the held-out sparsity of its interactions.
+
+    Called as ``scorer(estimator, X, y=None, *, jacobians=None)``. The linear map
+    of the estimator (an :class:`~sklearn_lib.InteractionBasis`, a
+    :class:`~sklearn.decomposition.PCA`, a :class:`~sklearn.pipeline.Pipeline` of
+    affine steps) is found by probing ``transform`` (and ``inverse_transform``
+    for the left inverse), then the edge matrix between its directions and the
+    downstream outputs is computed on ``X`` with ``jacobians`` and summarised.
+    Higher is sparser, so ``GridSearchCV(scoring=InteractionSparsityScorer())``
+    ranks PCA and interaction bases on one scale.
+
+    The scorer requests ``jacobians`` through metadata routing by default.
+
+    Parameters
+    ----------
+    metric : {"gini", "edges_for_90"}, default="gini"
+        ``"gini"``: Gini coefficient of the edge matrix. ``"edges_for_90"``:
+        minus the number of edges carrying 90% of the total attribution.
+    batch_size : int or None, default=None
+        Samples per chunk when computing edges.
+
+    See Also
+    --------
+    sklearn_lib.InteractionBasis.score : The same score for an interaction basis.
+    gini : The Gini coefficient.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sklearn.decomposition import PCA
+    >>> from sklearn_lib.metrics import InteractionSparsityScorer
+    >>> rng = np.random.default_rng(0)
+    >>> X = rng.normal(size=(50, 4))
+    >>> J = np.broadcast_to(rng.normal(size=(3, 4)), (50, 3, 4))
+    >>> scorer = InteractionSparsityScorer()
+    >>> 0 <= scorer(PCA(2).fit(X), X, jacobians=J) <= 1
+    True
+    """
+
+    def __init__(self, metric="gini", batch_size=None):
+        if metric not in _METRICS:
+            raise ValueError(f"metric must be one of {_METRICS}, got {metric!r}.")
+        self.metric = metric
+        self.batch_size = batch_size
+
+    def __repr__(self):
+        return f"InteractionSparsityScorer(metric={self.metric!r})"
+
+    def __call__(self, estimator, X, y=None, *, jacobians=None):
+        check_is_fitted(estimator)
+        if hasattr(X, "columns"):
+            X = X.to_numpy()
+        X = np.asarray(X, dtype=np.float64)
+        if X.ndim != 2:
+            raise ValueError(f"X must be 2-D (n_samples, n_features), got shape {X.shape}.")
+        jacobians = check_jacobians(jacobians, X.shape)
+        mu, A, A_pinv, b = _affine_map(estimator, X.shape[1])
+        # An estimator that is not affine would make the probed map meaningless.
+        probe = X[: min(len(X), 8)]
+        expected = probe @ A + b
+        actual = np.asarray(estimator.transform(probe), dtype=np.float64)
+        if not np.allclose(actual, expected, rtol=1e-6, atol=1e-8 * max(1.0, np.abs(expected).max())):
+            raise ValueError(
+                f"{type(estimator).__name__}.transform is not affine; "
+                "InteractionSparsityScorer needs a linear basis."
+            )
+        t = lambda a: torch.as_tensor(a, dtype=torch.float64)  # noqa: E731
+        E = interaction_edges(
+            X, jacobians, t(mu), t(A), t(A_pinv), batch_size=self.batch_size
+        )
+        return _sparsity(E.numpy(), self.metric)
+
+    def get_metadata_routing(self):
+        """Request ``jacobians`` for ``score`` (the method routers call on scorers)."""
+        request = MetadataRequest(owner=self)
+        request.score.add_request(param="jacobians", alias=True)
+        return request

@@ -1,0 +1,49 @@
+"""Independent reference computations the tests compare the library against."""
+
+import numpy as np
+import torch
+
+from sklearn_lib._linalg import flip_signs
+
+
+def reference_basis(X, J=None, *, sample_weight=None, center=True, threshold=1e-12,
+                    n_components=None):
+    """Brute-force numpy implementation of SPEC section 1, written from the text.
+
+    Returns ``(C, C_pinv, Lambda, mu)`` with C (d, r) sign-normalised like sklearn_lib.
+    """
+    n, d = X.shape
+    w = np.ones(n) if sample_weight is None else np.asarray(sample_weight, float)
+    mu = (w @ X) / w.sum() if center else np.zeros(d)
+    Xc = X - mu
+    G = (Xc * w[:, None]).T @ Xc / w.sum()
+    D, U = np.linalg.eigh(G)
+    D = np.abs(D)
+    order = np.argsort(-D)
+    D, U = D[order], U[:, order]
+    keep = D > threshold
+    D, U = D[keep], U[:, keep]
+    if J is None:
+        Mp = np.eye(d)
+    else:
+        Mp = sum(w[x] * J[x].T @ J[x] for x in range(n)) / w.sum()
+    M = np.diag(np.sqrt(D)) @ U.T @ Mp @ U @ np.diag(np.sqrt(D))
+    L, V = np.linalg.eigh(M)
+    L = np.abs(L)
+    order = np.argsort(-L)
+    L, V = L[order], V[:, order]
+    keep = L >= threshold
+    L, V = L[keep], V[:, keep]
+    if n_components is not None:
+        L, V = L[:n_components], V[:, :n_components]
+    C = U @ np.diag(D ** -0.5) @ V @ np.diag(L ** 0.5)
+    C_pinv = np.diag(L ** -0.5) @ V.T @ np.diag(D ** 0.5) @ U.T
+    signs = flip_signs(torch.from_numpy(C)).numpy()
+    return C * signs, C_pinv * signs[:, None], L, mu
+
+
+def align_signs(A, B):
+    """Flip the columns of B to agree in sign with those of A (for sign-ambiguous bases)."""
+    signs = np.sign(np.sum(A * B, axis=0))
+    signs[signs == 0] = 1
+    return B * signs

@@ -1,0 +1,406 @@
+import pickle
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from _reference import align_signs, reference_basis
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sklearn.base import clone
+from sklearn.decomposition import PCA
+from sklearn.exceptions import NotFittedError
+from sklearn.utils.estimator_checks import parametrize_with_checks
+
+from sklearn_lib import InteractionBasis
+from sklearn_lib._stats import InteractionStatistics
+
+
+def make_layer(rng, n=300, d=6, o=4, rank=None):
+    """Correlated activations (optionally rank-deficient) and random Jacobians."""
+    rank = d if rank is None else rank
+    X = rng.normal(size=(n, rank)) @ rng.normal(size=(rank, d)) + rng.normal(size=d)
+    J = rng.normal(size=(n, o, d)) + rng.normal(size=(o, d))
+    return X, J
+
+
+@parametrize_with_checks([InteractionBasis(), InteractionBasis(n_components=1, center=False)])
+def test_sklearn_compatible(estimator, check):
+    check(estimator)
+
+
+@pytest.mark.parametrize("center", [True, False])
+@pytest.mark.parametrize("n_components", [None, 2])
+@pytest.mark.parametrize("rank", [6, 4])
+def test_matches_bruteforce_reference(rng, center, n_components, rank):
+    X, J = make_layer(rng, rank=rank)
+    basis = InteractionBasis(n_components, center=center).fit(X, jacobians=J)
+    C, C_pinv, L, mu = reference_basis(X, J, center=center, threshold=1e-9,
+                                       n_components=n_components)
+    assert basis.n_components_ == C.shape[1]
+    np.testing.assert_allclose(basis.interaction_strengths_, L, rtol=1e-9)
+    np.testing.assert_allclose(basis.components_.T, C, rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(basis.inverse_components_, C_pinv, rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(basis.mean_, mu, atol=1e-12)
+    Mp = np.einsum("xoi,xoj->ij", J, J) / len(X)
+    np.testing.assert_allclose(basis.jacobian_gram_, Mp, rtol=1e-12)
+
+
+def test_sample_weight_matches_reference_and_repetition(rng):
+    X, J = make_layer(rng, n=80)
+    w = rng.integers(0, 4, size=80).astype(float)
+    weighted = InteractionBasis().fit(X, jacobians=J, sample_weight=w)
+    C, _, L, _ = reference_basis(X, J, sample_weight=w, threshold=1e-9)
+    np.testing.assert_allclose(weighted.components_.T, C, rtol=1e-7, atol=1e-9)
+    repeat = np.repeat(np.arange(80), w.astype(int))
+    repeated = InteractionBasis().fit(X[repeat], jacobians=J[repeat])
+    np.testing.assert_allclose(weighted.interaction_strengths_, repeated.interaction_strengths_,
+                               rtol=1e-10)
+    np.testing.assert_allclose(weighted.components_, repeated.components_, rtol=1e-8,
+                               atol=1e-10)
+
+
+# --- SPEC section 1 identities -------------------------------------------------------
+
+
+@pytest.mark.parametrize("n_components", [None, 3])
+def test_identity_a_reduces_to_pca(rng, n_components):
+    X, _ = make_layer(rng, n=120)
+    basis = InteractionBasis(n_components).fit(X)
+    pca = PCA(n_components if n_components else X.shape[1]).fit(X)
+    Z_pca = pca.transform(X)
+    Z = basis.transform(X)
+    np.testing.assert_allclose(align_signs(Z_pca, Z), Z_pca, atol=1e-10)
+    np.testing.assert_allclose(
+        basis.interaction_strengths_, pca.explained_variance_ * (len(X) - 1) / len(X),
+        rtol=1e-10,
+    )
+    assert basis.n_outputs_ is None
+
+
+@pytest.mark.parametrize("with_jacobians", [True, False])
+def test_identity_b_variance_is_importance(rng, with_jacobians):
+    X, J = make_layer(rng, rank=4)
+    basis = InteractionBasis().fit(X, jacobians=J if with_jacobians else None)
+    Z = basis.transform(X)
+    np.testing.assert_allclose(Z.T @ Z / len(X), np.diag(basis.interaction_strengths_),
+                               atol=1e-9 * basis.interaction_strengths_[0])
+
+
+def test_identity_c_orthonormal_downstream_jacobian(rng):
+    X, J = make_layer(rng, rank=5)
+    basis = InteractionBasis().fit(X, jacobians=J)
+    J_hat = J @ basis.inverse_components_.T
+    second_moment = np.einsum("xoi,xoj->ij", J_hat, J_hat) / len(X)
+    np.testing.assert_allclose(second_moment, np.eye(basis.n_components_), atol=1e-9)
+
+
+def _random_invertible(seed, d, log_cond):
+    gen = np.random.default_rng(seed)
+    Q1, _ = np.linalg.qr(gen.normal(size=(d, d)))
+    Q2, _ = np.linalg.qr(gen.normal(size=(d, d)))
+    return Q1 @ np.diag(np.exp(np.linspace(0, log_cond, d))) @ Q2
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), log_cond=st.floats(0, 4),
+       center=st.booleans())
+def test_identity_d_reparameterisation_invariance(seed, log_cond, center):
+    """Fitting on X' = X @ A is invariant when J' is the chain-rule Jacobian.
+
+    With row vectors, x = x' @ inv(A), so dJ/dx' = J @ inv(A).T. (SPEC 1(d) writes
+    ``J @ inv(A)``, which is the same only for symmetric A; the chain rule is what
+    the invariance needs, and with J @ inv(A) this test fails for generic A.)
+    """
+    rng = np.random.default_rng(seed)
+    X, J = make_layer(rng, n=100, d=5, o=3)
+    A = _random_invertible(seed, 5, log_cond)
+    Z = InteractionBasis(center=center).fit_transform(X, jacobians=J)
+    Z_A = InteractionBasis(center=center).fit_transform(X @ A, jacobians=J @ np.linalg.inv(A).T)
+    np.testing.assert_allclose(align_signs(Z, Z_A), Z, atol=1e-7 * np.abs(Z).max())
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), column=st.integers(0, 4), scale=st.floats(-3, 3))
+def test_identity_d_duplicated_feature_changes_nothing(seed, column, scale):
+    rng = np.random.default_rng(seed)
+    X, J = make_layer(rng, n=100, d=5, o=3)
+    # The downstream map ignores the copy, so its Jacobian column is zero.
+    X_dup = np.hstack([X, scale * X[:, [column]]])
+    J_dup = np.concatenate([J, np.zeros((100, 3, 1))], axis=2)
+    Z = InteractionBasis().fit_transform(X, jacobians=J)
+    basis = InteractionBasis().fit(X_dup, jacobians=J_dup)
+    Z_dup = basis.transform(X_dup)
+    assert basis.n_components_ == Z.shape[1]
+    np.testing.assert_allclose(align_signs(Z, Z_dup), Z, atol=1e-7 * np.abs(Z).max())
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("chunks", [[150, 150], [2, 97, 201]])
+def test_identity_e_partial_fit_equals_fit(rng, chunks, weighted):
+    X, J = make_layer(rng, n=sum(chunks))
+    w = rng.uniform(0.5, 2, size=len(X)) if weighted else None
+    full = InteractionBasis().fit(X, jacobians=J, sample_weight=w)
+    streamed = InteractionBasis()
+    start = 0
+    for size in chunks:
+        rows = slice(start, start + size)
+        streamed.partial_fit(X[rows], jacobians=J[rows],
+                             sample_weight=None if w is None else w[rows])
+        start += size
+    assert streamed.n_samples_seen_ == len(X)
+    np.testing.assert_allclose(streamed.mean_, full.mean_, rtol=1e-12)
+    np.testing.assert_allclose(streamed.gram_, full.gram_, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(streamed.components_, full.components_, rtol=1e-8, atol=1e-10)
+
+
+def test_fit_in_chunks_equals_one_pass(rng):
+    X, J = make_layer(rng, n=101)
+    one = InteractionBasis().fit(X, jacobians=J)
+    chunked = InteractionBasis(batch_size=7).fit(X, jacobians=J)
+    np.testing.assert_allclose(chunked.components_, one.components_, rtol=1e-9, atol=1e-11)
+
+
+def test_statistics_merge_is_numerically_sound(rng):
+    """Two halves far from the origin merge to the exact centred Gram (np.cov)."""
+    X = rng.normal(size=(400, 3)) + 1e7
+    stats = [
+        InteractionStatistics(3, None, center=True, device=torch.device("cpu"),
+                              dtype=torch.float64).update(part)
+        for part in (X[:123], X[123:])
+    ]
+    merged = stats[0] + stats[1]
+    np.testing.assert_allclose(merged.gram.numpy(), np.cov(X.T, bias=True), rtol=1e-8)
+    np.testing.assert_allclose(merged.mean.numpy(), X.mean(0), rtol=1e-15)
+    with pytest.raises(ValueError, match="different layers"):
+        merged + InteractionStatistics(4, None, center=True, device=torch.device("cpu"),
+                                       dtype=torch.float64)
+
+
+# --- SPEC section 2: chaining two layers by hand -----------------------------------------
+
+
+def test_two_layer_chain_has_derived_answer(rng):
+    """X0 -> X1 = X0 W0 (W0 orthogonal) -> X2 = X1 W1, final layer unrotated.
+
+    With whitened X0, layer 1 sees M' = W1 W1^T, so C1 = R1 diag(s1) for the SVD
+    W1 = R1 diag(s1) Q1^T. Layer 0 then sees M' = W0 C1 C1^T W0^T = (W0 W1)(W0 W1)^T,
+    hence C0 = W0 R1 diag(s1) and Lambda0 = Lambda1 = s1^2: an orthogonal layer
+    carries the interaction basis along unchanged, Z0 == Z1.
+    """
+    n, d = 500, 4
+    X0 = rng.normal(size=(n, d))
+    X0 -= X0.mean(0)
+    X0 = X0 @ np.linalg.inv(np.linalg.cholesky(X0.T @ X0 / n)).T  # exactly whitened
+    W0, _ = np.linalg.qr(rng.normal(size=(d, d)))
+    R1 = np.linalg.qr(rng.normal(size=(d, d)))[0]
+    s1 = np.array([3.0, 2.0, 1.0, 0.5])
+    W1 = R1 @ np.diag(s1) @ np.linalg.qr(rng.normal(size=(d, d)))[0].T
+    X1 = X0 @ W0
+    # Section 1 -> 2: Jacobian of X2 w.r.t. X1 is W1^T; the final layer is unrotated.
+    layer1 = InteractionBasis().fit(X1, jacobians=np.broadcast_to(W1.T, (n, d, d)))
+    C1 = layer1.components_.T
+    J_hat0 = np.einsum("xoi,or->xri", np.broadcast_to(W0.T, (n, d, d)), C1)
+    layer0 = InteractionBasis().fit(X0, jacobians=J_hat0)
+
+    np.testing.assert_allclose(layer1.interaction_strengths_, s1**2, rtol=1e-10)
+    np.testing.assert_allclose(layer0.interaction_strengths_, s1**2, rtol=1e-10)
+    expected_C0 = W0 @ R1 @ np.diag(s1)
+    np.testing.assert_allclose(align_signs(expected_C0, layer0.components_.T), expected_C0,
+                               atol=1e-10)
+    np.testing.assert_allclose(align_signs(layer1.transform(X1), layer0.transform(X0)),
+                               layer1.transform(X1), atol=1e-10)
+
+
+# --- truncation ---------------------------------------------------------------------------
+
+
+def test_truncation_drops_null_directions(rng):
+    X, J = make_layer(rng, d=6, rank=3)
+    basis = InteractionBasis().fit(X, jacobians=J)
+    assert basis.n_components_ == 3
+    assert basis.gram_eigenvalues_.shape == (6,)
+    assert np.all(np.diff(basis.gram_eigenvalues_) <= 0)
+
+
+def test_absolute_threshold(rng):
+    X = rng.normal(size=(400, 3)) * np.array([1.0, 1e-2, 1e-4])
+    assert InteractionBasis(truncation_threshold=1e-5).fit(X).n_components_ == 2
+    assert InteractionBasis().fit(X).n_components_ == 3
+
+
+def test_n_components_beyond_rank_warns_and_clamps(rng):
+    X, J = make_layer(rng, d=6, rank=3)
+    with pytest.warns(UserWarning, match="n_components=5 is larger than the 3"):
+        basis = InteractionBasis(5).fit(X, jacobians=J)
+    assert basis.n_components_ == 3
+
+
+def test_reconstruction_on_kept_span(rng):
+    X, J = make_layer(rng, d=6, rank=4)
+    basis = InteractionBasis().fit(X, jacobians=J)
+    np.testing.assert_allclose(basis.inverse_transform(basis.transform(X)), X, atol=1e-9)
+    np.testing.assert_allclose(basis.inverse_components_ @ basis.components_.T,
+                               np.eye(basis.n_components_), atol=1e-10)
+
+
+# --- inputs and outputs ---------------------------------------------------------------
+
+
+def test_tensor_in_tensor_out(rng):
+    X, J = make_layer(rng)
+    from_numpy = InteractionBasis().fit(X, jacobians=J)
+    basis = InteractionBasis().fit(torch.from_numpy(X), jacobians=torch.from_numpy(J))
+    Z = basis.transform(torch.from_numpy(X))
+    assert isinstance(Z, torch.Tensor) and Z.dtype == torch.float64
+    np.testing.assert_allclose(Z.numpy(), from_numpy.transform(X), atol=1e-12)
+    back = basis.inverse_transform(Z)
+    assert isinstance(back, torch.Tensor)
+    assert isinstance(basis.transform(X), np.ndarray)
+
+
+def test_memmap_input_is_read_not_written(rng, tmp_path):
+    X, J = make_layer(rng, n=64)
+    paths = {}
+    for name, array in {"X": X, "J": J}.items():
+        paths[name] = tmp_path / f"{name}.npy"
+        np.save(paths[name], array)
+    X_map = np.load(paths["X"], mmap_mode="r")
+    J_map = np.load(paths["J"], mmap_mode="r")
+    basis = InteractionBasis(batch_size=10).fit(X_map, jacobians=J_map)
+    np.testing.assert_allclose(basis.components_,
+                               InteractionBasis().fit(X, jacobians=J).components_, atol=1e-10)
+    np.testing.assert_array_equal(np.load(paths["J"]), J)
+
+
+def test_float32_dtype(rng):
+    X, J = make_layer(rng)
+    basis = InteractionBasis(dtype="float32").fit(X, jacobians=J)
+    assert basis.transform(X).dtype == np.float32
+    reference = InteractionBasis().fit(X, jacobians=J)
+    np.testing.assert_allclose(basis.interaction_strengths_,
+                               reference.interaction_strengths_, rtol=1e-3)
+
+
+def test_pandas_output_and_feature_names(rng):
+    pd = pytest.importorskip("pandas")
+    X, J = make_layer(rng)
+    frame = pd.DataFrame(X, columns=[f"unit{i}" for i in range(X.shape[1])])
+    basis = InteractionBasis(3).set_output(transform="pandas").fit(frame, jacobians=J)
+    out = basis.transform(frame)
+    assert list(out.columns) == ["interactionbasis0", "interactionbasis1", "interactionbasis2"]
+    assert list(basis.feature_names_in_) == list(frame.columns)
+
+
+def test_clone_and_pickle_roundtrip(rng):
+    X, J = make_layer(rng)
+    basis = InteractionBasis(2, batch_size=50).fit(X, jacobians=J)
+    restored = pickle.loads(pickle.dumps(basis))
+    np.testing.assert_array_equal(restored.transform(X), basis.transform(X))
+    restored.partial_fit(X, jacobians=J)  # the statistics survive pickling too
+    assert restored.n_samples_seen_ == 2 * len(X)
+    assert clone(basis).get_params() == basis.get_params()
+
+
+# --- score --------------------------------------------------------------------------------
+
+
+def _bruteforce_gini_score(C, C_pinv, mu, X, J):
+    Z = (X - mu) @ C
+    E = np.zeros((J.shape[1], C.shape[1]))
+    for x in range(len(X)):
+        E += (J[x] @ C_pinv.T * Z[x]) ** 2
+    v = np.sort((E / len(X)).ravel())
+    n = v.size
+    return sum((2 * (i + 1) - n - 1) * v[i] for i in range(n)) / (n * v.sum())
+
+
+def test_score_is_gini_of_edges(rng):
+    X, J = make_layer(rng, rank=5)
+    basis = InteractionBasis().fit(X[:200], jacobians=J[:200])
+    expected = _bruteforce_gini_score(basis.components_.T, basis.inverse_components_,
+                                      basis.mean_, X[200:], J[200:])
+    assert basis.score(X[200:], jacobians=J[200:]) == pytest.approx(expected, rel=1e-10)
+
+
+# --- bad input ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "make_J, match",
+    [
+        (lambda J: J[:-1], r"one Jacobian per sample.*\(299, 4, 6\)"),
+        (lambda J: J[:, :, :-1], r"last axis.*\(300, 4, 5\)"),
+        (lambda J: J[0], "3-D"),
+    ],
+)
+def test_bad_jacobian_shapes(rng, make_J, match):
+    X, J = make_layer(rng)
+    with pytest.raises(ValueError, match=match):
+        InteractionBasis().fit(X, jacobians=make_J(J))
+
+
+def test_transposed_jacobians_are_named(rng):
+    X, J = make_layer(rng)
+    with pytest.raises(ValueError, match="looks transposed"):
+        InteractionBasis().fit(X, jacobians=np.swapaxes(J, 1, 2))
+
+
+@pytest.mark.parametrize("where", ["X", "jacobians"])
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_non_finite_input(rng, where, value, as_tensor):
+    X, J = make_layer(rng)
+    (X if where == "X" else J)[5, 0] = value
+    wrap = torch.from_numpy if as_tensor else np.asarray
+    with pytest.raises(ValueError, match="NaN|infinity"):
+        InteractionBasis(batch_size=64).fit(wrap(X), jacobians=wrap(J))
+
+
+def test_partial_fit_rejects_bad_chunk_and_keeps_state(rng):
+    X, J = make_layer(rng)
+    basis = InteractionBasis().partial_fit(X[:100], jacobians=J[:100])
+    before = basis.components_.copy()
+    with pytest.raises(ValueError, match="6 features"):
+        basis.partial_fit(X[100:, :5], jacobians=J[100:, :, :5])
+    with pytest.raises(ValueError, match="8 outputs but the estimator was fitted with 4"):
+        basis.partial_fit(X[100:], jacobians=np.concatenate([J[100:], J[100:]], axis=1))
+    with pytest.raises(ValueError, match="first called with jacobians"):
+        basis.partial_fit(X[100:])
+    bad = J[100:].copy()
+    bad[-1, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        basis.partial_fit(X[100:], jacobians=bad)
+    assert basis.n_samples_seen_ == 100
+    np.testing.assert_array_equal(basis.components_, before)
+
+
+def test_too_few_samples(rng):
+    with pytest.raises(ValueError, match="minimum of 2"):
+        InteractionBasis().fit(rng.normal(size=(1, 3)))
+    with pytest.raises(ValueError, match="minimum of 2"):
+        InteractionBasis().fit(torch.zeros(1, 3, dtype=torch.float64))
+
+
+def test_constant_data_has_no_directions():
+    with pytest.raises(ValueError, match="No direction survives truncation"):
+        InteractionBasis().fit(np.ones((10, 3)))
+
+
+def test_not_fitted():
+    with pytest.raises(NotFittedError):
+        InteractionBasis().transform(np.zeros((2, 3)))
+
+
+def test_cuda_unavailable_is_clear():
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        InteractionBasis(device="cuda").fit(np.random.default_rng(0).normal(size=(5, 2)))
+
+
+def test_auto_device_runs(rng):
+    X, J = make_layer(rng)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        InteractionBasis(device="auto").fit(X, jacobians=J)
