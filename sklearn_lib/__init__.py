@@ -1,6 +1,7 @@
 """Degeneracy-invariant interaction bases, interaction graphs and modules for neural networks."""
 
 from .basis import InteractionBasis
+from .pca import PCA
 
-__all__ = ["InteractionBasis"]
+__all__ = ["InteractionBasis", "PCA"]
 __version__ = "0.1.0.dev0"

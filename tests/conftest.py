@@ -1,6 +1,11 @@
 import numpy as np
 import pytest
 import sklearn
+from hypothesis import settings
+
+# Property-based tests explore a fixed set of examples, so CI runs are reproducible.
+settings.register_profile("deterministic", derandomize=True, database=None)
+settings.load_profile("deterministic")
 
 
 @pytest.fixture
