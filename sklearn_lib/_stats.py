@@ -83,7 +83,6 @@ class InteractionStatistics:
         may be an ndarray, a memmap or a tensor. Shapes are assumed validated;
         NaN or infinity raises before anything is merged.
         """
-        chunk = self._empty_like()
         X = as_tensor(X, device=self.device, dtype=self.dtype)
         check_finite(X, "X")
         w = (
@@ -91,28 +90,27 @@ class InteractionStatistics:
             if sample_weight is None
             else as_tensor(sample_weight, device=self.device, dtype=self.dtype)
         )
-        chunk.n_samples = X.shape[0]
-        chunk.weight = float(X.shape[0]) if w is None else float(w.sum())
-        if chunk.weight <= 0:
-            # A chunk of zero total weight carries no information beyond its row
-            # count; its mean would divide by zero.
-            return self.merge_(chunk)
-        if self.center:
-            chunk.mean = (X.sum(0) if w is None else w @ X) / chunk.weight
-            Xc = X - chunk.mean
-        else:
-            Xc = X
-        Xw = Xc if w is None else Xc * w.sqrt()[:, None]
-        chunk.scatter = Xw.T @ Xw
         if self.jacobian_scatter is not None:
             J = as_tensor(jacobians, device=self.device, dtype=self.dtype)
             check_finite(J, "jacobians")
             if w is not None:
                 J = J * w.sqrt()[:, None, None]
-            # One GEMM over all (sample, output) rows: the whole cost of a fit.
             J = J.reshape(-1, self.n_features)
-            chunk.jacobian_scatter = J.T @ J
+        # Everything is validated: from here on the statistics change.
+        chunk = self._empty_like()
+        chunk.n_samples = X.shape[0]
+        chunk.weight = float(X.shape[0]) if w is None else float(w.sum())
+        if chunk.weight > 0 and self.center:
+            chunk.mean = (X.sum(0) if w is None else w @ X) / chunk.weight
+            X = X - chunk.mean
+        if chunk.weight > 0:
+            Xw = X if w is None else X * w.sqrt()[:, None]
+            chunk.scatter = Xw.T @ Xw
         self.merge_(chunk)
+        if self.jacobian_scatter is not None:
+            # One GEMM over all (sample, output) rows, accumulated in place: the
+            # whole cost of a fit, and addmm_ runs it faster than J.T @ J + sum.
+            self.jacobian_scatter.addmm_(J.T, J)
         return self
 
     def merge_(self, other):
