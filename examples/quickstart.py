@@ -1,4 +1,6 @@
-"""Quickstart: the interaction basis of an MLP's hidden layer, side by side with PCA.
+"""
+Quickstart: the interaction basis of a hidden layer beside PCA
+==============================================================
 
 Trains a small ReLU MLP on scikit-learn's bundled digits (a few seconds on a
 CPU), caches the hidden activations and the per-sample Jacobians of the logits
@@ -8,10 +10,12 @@ the held-out half: how accurate the network stays when the hidden layer is
 projected onto the top-k directions of each basis, and how sparse each basis's
 interactions with the logits are.
 
-Run with ``python examples/quickstart.py`` (``--quick`` for a smoke test).
+Run with ``python examples/quickstart.py`` (``--quick``, or the environment variable
+``SKLEARN_LIB_QUICK=1``, for a smoke test).
 """
 
 import argparse
+import os
 
 import numpy as np
 import torch
@@ -83,6 +87,7 @@ def main(quick=False):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer training epochs")
+    parser = argparse.ArgumentParser(description="Interaction basis beside PCA on digits.")
+    parser.add_argument("--quick", action="store_true", help="fewer training epochs",
+                        default=os.environ.get("SKLEARN_LIB_QUICK") == "1")
     main(**vars(parser.parse_args()))
