@@ -1,7 +1,8 @@
 """Degeneracy-invariant interaction bases, interaction graphs and modules for neural networks."""
 
 from .basis import InteractionBasis
+from .cluster import ModularityClustering
 from .pca import PCA
 
-__all__ = ["InteractionBasis", "PCA"]
+__all__ = ["InteractionBasis", "ModularityClustering", "PCA"]
 __version__ = "0.1.0.dev0"

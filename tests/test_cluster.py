@@ -1,0 +1,482 @@
+"""Tests for sklearn_lib.cluster: edge normalisation, modularity and Leiden modules."""
+
+import networkx as nx
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+from sklearn.base import clone
+from sklearn.metrics import adjusted_rand_score
+from sklearn.utils._param_validation import InvalidParameterError
+
+from sklearn_lib.cluster import (
+    ModularityClustering,
+    modularity,
+    normalize_edges,
+    select_log_eps,
+)
+
+
+# --------------------------------------------------------------------------- #
+# Graphs
+# --------------------------------------------------------------------------- #
+
+
+def sbm(n_blocks=4, block_size=30, p_in=0.5, p_out=0.01, seed=0):
+    """Weighted stochastic block model: symmetric, zero diagonal, and its blocks."""
+    rng = np.random.default_rng(seed)
+    blocks = np.repeat(np.arange(n_blocks), block_size)
+    n = blocks.size
+    p = np.where(blocks[:, None] == blocks[None, :], p_in, p_out)
+    upper = np.triu(rng.random((n, n)) < p, k=1) * rng.uniform(0.5, 2.0, (n, n))
+    return upper + upper.T, blocks
+
+
+def cliques(n_cliques, size, *, ring=False):
+    """Disjoint cliques (unit weights), optionally joined in a ring by single edges."""
+    A = np.kron(np.eye(n_cliques), np.ones((size, size)))
+    np.fill_diagonal(A, 0)
+    if ring:
+        for c in range(n_cliques):
+            i, j = c * size, ((c + 1) % n_cliques) * size + 1
+            A[i, j] = A[j, i] = 1.0
+    return A
+
+
+def nx_modularity(A, labels, resolution=1.0):
+    """networkx's modularity of the same weighted graph and partition."""
+    G = nx.from_numpy_array(np.asarray(A))
+    communities = [set(np.flatnonzero(labels == c)) for c in np.unique(labels)]
+    return nx.community.modularity(G, communities, weight="weight", resolution=resolution)
+
+
+class FakeGraph:
+    """Stands in for a fitted InteractionGraph: adjacency() and layer_offsets_."""
+
+    def __init__(self, adjacency, layer_offsets):
+        self._adjacency = sp.csr_array(adjacency)
+        self.layer_offsets_ = np.asarray(layer_offsets)
+        self.calls = []
+
+    def adjacency(self, norm="identity", eps=None):
+        self.calls.append((norm, eps))
+        return normalize_edges(self._adjacency, norm, eps=eps)
+
+
+# --------------------------------------------------------------------------- #
+# Clustering quality and modularity
+# --------------------------------------------------------------------------- #
+
+
+def test_sbm_blocks_recovered():
+    A, blocks = sbm()
+    mc = ModularityClustering(random_state=0).fit(A)
+    assert adjusted_rand_score(blocks, mc.labels_) == 1.0
+    assert mc.n_clusters_ == 4
+    # Relabelled by first appearance: the blocks come in node order.
+    np.testing.assert_array_equal(mc.labels_, blocks)
+
+
+def test_modularity_matches_networkx():
+    A, blocks = sbm(seed=1)
+    mc = ModularityClustering(random_state=0).fit(A)
+    assert mc.modularity_ == pytest.approx(nx_modularity(A, mc.labels_), abs=1e-12)
+    rng = np.random.default_rng(0)
+    random_labels = rng.integers(0, 5, A.shape[0])
+    for gamma in (0.5, 1.0, 2.0):
+        assert modularity(A, random_labels, gamma) == pytest.approx(
+            nx_modularity(A, random_labels, gamma), abs=1e-12
+        )
+
+
+def test_modularity_ignores_self_loops():
+    A, blocks = sbm(n_blocks=2, block_size=10, seed=2)
+    with_loops = A + np.diag(np.arange(20.0))
+    assert modularity(with_loops, blocks) == pytest.approx(nx_modularity(A, blocks))
+    labels_plain = ModularityClustering(random_state=0).fit(A).labels_
+    labels_loops = ModularityClustering(random_state=0).fit(with_loops).labels_
+    np.testing.assert_array_equal(labels_plain, labels_loops)
+
+
+@pytest.mark.parametrize("n_cliques", [2, 3, 5])
+def test_disjoint_cliques_closed_form(n_cliques):
+    # Each of k equal disjoint components holds 1/k of the edges and 1/k of the
+    # degree: Q = k * (1/k - gamma / k**2) = 1 - gamma / k.
+    A = cliques(n_cliques, 4)
+    mc = ModularityClustering(random_state=0).fit(A)
+    np.testing.assert_array_equal(mc.labels_, np.repeat(np.arange(n_cliques), 4))
+    assert mc.modularity_ == pytest.approx(1 - 1 / n_cliques)
+    assert modularity(A, mc.labels_, resolution=0.5) == pytest.approx(1 - 0.5 / n_cliques)
+    # Everything in one module gives Q = 1 - gamma.
+    assert modularity(A, np.zeros(A.shape[0])) == pytest.approx(0.0, abs=1e-15)
+
+
+def test_same_seed_same_labels_and_threads_restored():
+    import networkit as nk
+
+    # A structureless random graph, where Leiden's random choices do matter.
+    rng = np.random.default_rng(3)
+    upper = np.triu(rng.random((150, 150)) < 0.05, k=1) * rng.random((150, 150))
+    A = sp.csr_array(upper + upper.T)
+    threads = nk.getMaxNumberOfThreads()
+    first = ModularityClustering(random_state=42).fit(A).labels_
+    assert nk.getMaxNumberOfThreads() == threads
+    second = ModularityClustering(random_state=42).fit(A).labels_
+    np.testing.assert_array_equal(first, second)
+    rs = np.random.RandomState(7)
+    third = ModularityClustering(random_state=rs).fit(A).labels_
+    fourth = ModularityClustering(random_state=np.random.RandomState(7)).fit(A).labels_
+    np.testing.assert_array_equal(third, fourth)
+
+
+def test_resolution_gives_more_modules():
+    A = cliques(12, 5, ring=True)
+    counts = [
+        ModularityClustering(resolution=gamma, random_state=0).fit(A).n_clusters_
+        for gamma in (0.02, 0.1, 1.0, 5.0)
+    ]
+    assert counts == sorted(counts)
+    assert counts[0] < 12 <= counts[-1]
+
+
+# --------------------------------------------------------------------------- #
+# Input formats
+# --------------------------------------------------------------------------- #
+
+
+def test_dense_and_sparse_inputs_agree():
+    A, _ = sbm(seed=4)
+    expected = ModularityClustering(random_state=0).fit(A)
+    int32 = sp.csr_matrix(A)
+    int32.indices = int32.indices.astype(np.int32)
+    int32.indptr = int32.indptr.astype(np.int32)
+    coo32 = sp.coo_array(A)
+    coo32.row, coo32.col = coo32.row.astype(np.int32), coo32.col.astype(np.int32)
+    for form in (sp.csr_array(A), sp.csc_matrix(A), int32, coo32, A.tolist()):
+        mc = ModularityClustering(random_state=0).fit(form)
+        np.testing.assert_array_equal(mc.labels_, expected.labels_)
+        assert mc.modularity_ == pytest.approx(expected.modularity_)
+
+
+def test_one_sided_input_is_symmetrised():
+    A, blocks = sbm(seed=5)
+    upper = np.triu(A)
+    for norm in ("identity", "log"):
+        full = ModularityClustering(random_state=0, normalization=norm, eps=0.6).fit(A)
+        half = ModularityClustering(random_state=0, normalization=norm, eps=0.6).fit(upper)
+        np.testing.assert_array_equal(full.labels_, half.labels_)
+        # Halving every weight leaves the modularity unchanged.
+        assert half.modularity_ == pytest.approx(full.modularity_)
+
+
+def test_input_is_not_modified():
+    A, _ = sbm(seed=6)
+    A[0, 0] = 3.0
+    dense = A.copy()
+    coo = sp.coo_array(np.triu(A))
+    coo_copy = coo.copy()
+    ModularityClustering(random_state=0, normalization="sqrt").fit(dense)
+    ModularityClustering(random_state=0, normalization="log").fit(coo)
+    np.testing.assert_array_equal(dense, A)
+    np.testing.assert_array_equal(coo.toarray(), coo_copy.toarray())
+
+
+def test_roundoff_asymmetry_accepted_without_symmetrize():
+    A, blocks = sbm(seed=7)
+    noisy = A * (1 + 1e-14 * np.random.default_rng(0).random(A.shape))
+    mc = ModularityClustering(random_state=0, symmetrize=False).fit(noisy)
+    assert adjusted_rand_score(blocks, mc.labels_) == 1.0
+
+
+# --------------------------------------------------------------------------- #
+# Degenerate graphs
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize("A", [np.zeros((5, 5)), sp.csr_array((5, 5)), np.eye(5)])
+def test_graph_without_edges(A):
+    mc = ModularityClustering(random_state=0).fit(A)
+    np.testing.assert_array_equal(mc.labels_, np.arange(5))
+    assert mc.n_clusters_ == 5
+    assert mc.modularity_ == 0.0
+    assert modularity(A, np.zeros(5)) == 0.0
+
+
+def test_single_node():
+    mc = ModularityClustering().fit(np.zeros((1, 1)))
+    np.testing.assert_array_equal(mc.labels_, [0])
+    assert mc.modularity_ == 0.0
+
+
+def test_isolated_nodes_are_own_modules():
+    A = np.zeros((10, 10))
+    A[:4, :4] = cliques(1, 4)
+    A[6:, 6:] = cliques(1, 4)
+    mc = ModularityClustering(random_state=0).fit(A)
+    np.testing.assert_array_equal(mc.labels_, [0, 0, 0, 0, 1, 2, 3, 3, 3, 3])
+    assert mc.modularity_ == pytest.approx(0.5)
+
+
+def test_log_normalisation_removes_all_edges():
+    A = cliques(2, 3)
+    mc = ModularityClustering(normalization="log", eps=2.0, random_state=0).fit(A)
+    np.testing.assert_array_equal(mc.labels_, np.arange(6))
+    assert mc.modularity_ == 0.0
+
+
+# --------------------------------------------------------------------------- #
+# Bad input
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize(
+    "A, match",
+    [
+        (-cliques(2, 3), "non-negative"),
+        (np.full((3, 3), np.nan), "NaN"),
+        (np.full((3, 3), np.inf), "infinity"),
+        (sp.csr_array(np.array([[0.0, np.nan], [np.nan, 0.0]])), "NaN"),
+        (np.ones((3, 4)), r"square adjacency matrix.*got shape \(3, 4\)"),
+        (np.ones(3), "2D array"),
+    ],
+)
+def test_bad_adjacency_raises(A, match):
+    with pytest.raises(ValueError, match=match):
+        ModularityClustering().fit(A)
+    with pytest.raises(ValueError, match=match):
+        modularity(A, np.zeros(A.shape[0]))
+
+
+def test_asymmetric_without_symmetrize_raises():
+    A = np.triu(cliques(2, 3))
+    with pytest.raises(ValueError, match=r"symmetric when symmetrize=False"):
+        ModularityClustering(symmetrize=False).fit(A)
+
+
+def test_bad_layer_sizes_raise():
+    A = cliques(2, 3)
+    with pytest.raises(ValueError, match="must sum to the number of nodes 6"):
+        ModularityClustering().fit(A, layer_sizes=[3, 2])
+    with pytest.raises(ValueError, match="non-negative integers"):
+        ModularityClustering().fit(A, layer_sizes=[7, -1])
+    with pytest.raises(ValueError, match="1-D"):
+        ModularityClustering().fit(A, layer_sizes=[[3, 3]])
+
+
+def test_array_eps_with_matrix_raises():
+    with pytest.raises(ValueError, match="eps must be a positive scalar when A is a matrix"):
+        ModularityClustering(normalization="log", eps=[1.0, 2.0]).fit(cliques(2, 3))
+
+
+def test_modularity_bad_labels_raise():
+    with pytest.raises(ValueError, match=r"expected shape \(6,\), got \(5,\)"):
+        modularity(cliques(2, 3), np.zeros(5))
+
+
+@pytest.mark.parametrize(
+    "params, match",
+    [
+        ({"resolution": -1.0}, "'resolution' parameter"),
+        ({"n_iterations": 0}, "'n_iterations' parameter"),
+        ({"normalization": "cube"}, "'normalization' parameter"),
+        ({"eps": 0.0}, "'eps' parameter"),
+        ({"symmetrize": "yes"}, "'symmetrize' parameter"),
+        ({"random_state": "seed"}, "'random_state' parameter"),
+    ],
+)
+def test_parameter_validation(params, match):
+    with pytest.raises(InvalidParameterError, match=match):
+        ModularityClustering(**params).fit(cliques(2, 3))
+
+
+# --------------------------------------------------------------------------- #
+# Edge normalisation helpers
+# --------------------------------------------------------------------------- #
+
+
+def test_normalize_edges_known_values():
+    E = np.array([[0.0, 1e-3, 1.0], [10.0, 1e3, 0.5]])
+    np.testing.assert_array_equal(normalize_edges(E), E)
+    np.testing.assert_allclose(normalize_edges(E, "sqrt"), np.sqrt(E))
+    np.testing.assert_allclose(
+        normalize_edges(E, "log", eps=1.0), [[0, 0, 0], [1, 3, 0]]
+    )
+    np.testing.assert_allclose(
+        normalize_edges(E, "log", eps=1e-4), [[0, 1, 4], [5, 7, np.log10(5e3)]]
+    )
+    sparse = normalize_edges(sp.csr_array(E), "log", eps=1.0)
+    assert sp.issparse(sparse) and sparse.nnz == 2
+    np.testing.assert_allclose(sparse.toarray(), normalize_edges(E, "log", eps=1.0))
+
+
+def test_normalize_edges_errors():
+    with pytest.raises(ValueError, match="needs a positive eps; got eps=None"):
+        normalize_edges(np.ones((2, 2)), "log")
+    with pytest.raises(ValueError, match="non-negative"):
+        normalize_edges(-np.ones((2, 2)), "sqrt")
+    with pytest.raises(InvalidParameterError, match="'norm' parameter"):
+        normalize_edges(np.ones((2, 2)), "square")
+
+
+def test_select_log_eps():
+    E0 = np.array([[5.0, 1.0, 0.0], [3.0, 0.0, 2.0]])
+    E1 = sp.csr_array(np.array([[0.0, 4.0], [7.0, 0.0]]))
+    np.testing.assert_array_equal(select_log_eps([E0, E1], [1, 2]), [5.0, 4.0])
+    np.testing.assert_array_equal(select_log_eps([E0, E1], [3, 1]), [2.0, 7.0])
+    # More kept than there are positive edges: the smallest positive one.
+    np.testing.assert_array_equal(select_log_eps([E0, E1], [6, 4]), [1.0, 4.0])
+    # Nothing kept: every weight of that layer becomes 0.
+    eps = select_log_eps([E0, np.zeros((2, 2))], [0, 2])
+    np.testing.assert_array_equal(eps, [np.inf, np.inf])
+    assert not normalize_edges(E0, "log", eps=eps[0]).any()
+    # The kept edges are exactly those above eps after normalisation.
+    kept = normalize_edges(E0, "log", eps=select_log_eps([E0], [3])[0]) > 0
+    np.testing.assert_array_equal(kept, E0 > 2.0)
+
+
+def test_select_log_eps_errors():
+    E = np.ones((2, 2))
+    with pytest.raises(ValueError, match=r"expected shape \(2,\), got \(1,\)"):
+        select_log_eps([E, E], [1])
+    with pytest.raises(ValueError, match=r"keep_counts\[0\] must lie in \[0, 4\]"):
+        select_log_eps([E], [5])
+    with pytest.raises(ValueError, match="integers"):
+        select_log_eps([E], [1.5])
+
+
+def test_fit_normalisations_equal_prenormalised_identity():
+    A, _ = sbm(seed=8)
+    for norm, eps in (("sqrt", None), ("log", 0.7)):
+        mc = ModularityClustering(random_state=0, normalization=norm, eps=eps).fit(A)
+        ref = ModularityClustering(random_state=0).fit(normalize_edges(A, norm, eps=eps))
+        np.testing.assert_array_equal(mc.labels_, ref.labels_)
+        assert mc.modularity_ == pytest.approx(ref.modularity_)
+        assert mc.eps_ == eps
+
+
+def test_log_default_eps_keeps_every_edge():
+    A, _ = sbm(seed=9)
+    mc = ModularityClustering(normalization="log", random_state=0).fit(A)
+    assert mc.eps_ == pytest.approx(A[A > 0].min() / 10)
+    binary = (A > 0).astype(float)
+    log = ModularityClustering(normalization="log", random_state=0).fit(binary)
+    ident = ModularityClustering(random_state=0).fit(binary)
+    np.testing.assert_array_equal(log.labels_, ident.labels_)
+
+
+# --------------------------------------------------------------------------- #
+# Properties of modularity
+# --------------------------------------------------------------------------- #
+
+
+@st.composite
+def graphs_and_labels(draw):
+    n = draw(st.integers(2, 12))
+    weights = draw(arrays(np.float64, (n, n), elements=st.floats(0, 10, width=32)))
+    mask = draw(arrays(np.bool_, (n, n)))
+    upper = np.triu(weights * mask, k=1)
+    labels = draw(arrays(np.int64, n, elements=st.integers(0, 3)))
+    return upper + upper.T, labels
+
+
+@settings(max_examples=60, deadline=None)
+@given(graphs_and_labels(), st.randoms(use_true_random=False), st.floats(1e-3, 1e3))
+def test_modularity_invariances(graph, random, scale):
+    A, labels = graph
+    Q = modularity(A, labels)
+    perm = np.array(random.sample(range(A.shape[0]), A.shape[0]))
+    assert modularity(A[np.ix_(perm, perm)], labels[perm]) == pytest.approx(Q, abs=1e-12)
+    # Renaming the modules does not matter either.
+    assert modularity(A, (labels + 5) * 3) == pytest.approx(Q, abs=1e-12)
+    assert modularity(A * scale, labels) == pytest.approx(Q, abs=1e-12)
+    assert -0.5 - 1e-12 <= Q <= 1.0
+    if A.any():
+        assert Q == pytest.approx(nx_modularity(A, labels), abs=1e-12)
+
+
+# --------------------------------------------------------------------------- #
+# transform and per-layer summaries
+# --------------------------------------------------------------------------- #
+
+
+def test_transform_matches_brute_force():
+    A, _ = sbm(seed=10)
+    mc = ModularityClustering(random_state=0).fit(A)
+    Z = np.random.default_rng(0).normal(size=(7, A.shape[0]))
+    expected = np.column_stack(
+        [np.linalg.norm(Z[:, mc.labels_ == c], axis=1) for c in range(mc.n_clusters_)]
+    )
+    np.testing.assert_allclose(mc.transform(Z), expected)
+    with pytest.raises(ValueError, match=r"expected shape \(n_samples, 120\), got \(7, 3\)"):
+        mc.transform(Z[:, :3])
+
+
+def test_interaction_graph_path_and_layer_summaries():
+    # Three layers of sizes 2, 3, 2; two chains of directions across the layers.
+    edges = [(0, 2), (0, 3), (2, 5), (3, 5), (1, 4), (4, 6)]
+    A = np.zeros((7, 7))
+    for i, j in edges:
+        A[i, j] = A[j, i] = 5.0
+    graph = FakeGraph(A, layer_offsets=[0, 2, 5, 7])
+    mc = ModularityClustering(random_state=0, normalization="log", eps=0.5).fit(graph)
+    assert graph.calls == [("log", 0.5)]
+    np.testing.assert_array_equal(mc.layer_sizes_, [2, 3, 2])
+    np.testing.assert_array_equal(mc.labels_, [0, 1, 0, 0, 1, 0, 1])
+    np.testing.assert_array_equal(mc.layer_counts_, [[1, 2, 1], [1, 1, 1]])
+    first = mc.clusters_[0]
+    assert first["size"] == 4 and (first["first_layer"], first["last_layer"]) == (0, 2)
+    np.testing.assert_array_equal(first["nodes"], [0, 2, 3, 5])
+    np.testing.assert_array_equal(first["directions"], [[0, 0], [1, 0], [1, 1], [2, 0]])
+    np.testing.assert_array_equal(mc.clusters_[1]["directions"], [[0, 1], [1, 2], [2, 1]])
+    summary = mc.cluster_summary()
+    assert list(summary.columns) == ["size", "first_layer", "last_layer",
+                                     "layer_0", "layer_1", "layer_2"]
+    np.testing.assert_array_equal(summary["size"], [4, 3])
+    # Same layers given explicitly are fine; contradicting ones are not.
+    mc.fit(graph, layer_sizes=[2, 3, 2])
+    with pytest.raises(ValueError, match="contradicts the graph's layers"):
+        mc.fit(graph, layer_sizes=[3, 2, 2])
+    with pytest.raises(ValueError, match="layer_offsets_ must be non-decreasing"):
+        mc.fit(FakeGraph(A, layer_offsets=[0, 5, 6]))
+
+
+def test_empty_layers_and_no_layers():
+    A = cliques(2, 3)
+    mc = ModularityClustering(random_state=0).fit(A, layer_sizes=[3, 0, 3])
+    np.testing.assert_array_equal(mc.layer_counts_, [[3, 0, 0], [0, 0, 3]])
+    np.testing.assert_array_equal(mc.clusters_[1]["directions"], [[2, 0], [2, 1], [2, 2]])
+    plain = ModularityClustering(random_state=0).fit(A)
+    assert plain.layer_sizes_ is None and plain.layer_counts_ is None
+    assert plain.clusters_[0]["first_layer"] is None
+    assert list(plain.cluster_summary().columns) == ["size"]
+
+
+# --------------------------------------------------------------------------- #
+# scikit-learn conventions
+# --------------------------------------------------------------------------- #
+
+
+def test_sklearn_conventions():
+    mc = ModularityClustering(resolution=0.5, n_iterations=3, random_state=1)
+    params = mc.get_params()
+    assert params == {
+        "resolution": 0.5,
+        "n_iterations": 3,
+        "random_state": 1,
+        "normalization": "identity",
+        "eps": None,
+        "symmetrize": True,
+    }
+    clone_ = clone(mc)
+    assert clone_.get_params() == params and clone_ is not mc
+    assert mc.set_params(resolution=2.0) is mc and mc.resolution == 2.0
+    A, blocks = sbm(seed=11)
+    labels = ModularityClustering(random_state=0).fit_predict(A, layer_sizes=[60, 60])
+    assert adjusted_rand_score(blocks, labels) == 1.0
+    assert ModularityClustering().__sklearn_tags__().input_tags.pairwise
+    from sklearn.exceptions import NotFittedError
+
+    with pytest.raises(NotFittedError):
+        ModularityClustering().transform(np.ones((1, 3)))
