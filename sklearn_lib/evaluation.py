@@ -1,0 +1,872 @@
+"""Ablation curves: how few basis directions, and how few edges, keep a network's behaviour.
+
+A basis is judged by what the network still does when everything outside a few
+of its directions (node ablation) or a few of its interactions (edge ablation)
+is removed. PCA and :class:`~sklearn_lib.InteractionBasis` are treated alike.
+
+Conventions shared by every function here:
+
+* **Bases** are fitted affine transformers with ``transform`` and
+  ``inverse_transform``: an :class:`~sklearn_lib.InteractionBasis`, a PCA, a
+  :class:`~sklearn.pipeline.Pipeline` of affine steps. Their maps
+  ``transform(x) = x @ A + b`` and ``inverse_transform(z) = z @ P + c`` are read
+  off once by probing (as :class:`~sklearn_lib.metrics.InteractionSparsityScorer`
+  does) and then applied in float64 torch on the compute device, so every
+  ablation is a few matrix products per batch. Coordinates are ordered by
+  importance, and "removing" a coordinate sets it to 0, which
+  ``inverse_transform`` maps to ``c`` - the mean, for centred bases.
+* **The network** after the ablated layer is ``forward`` (and, for edges, the
+  ``section`` between the two layers before it). A :class:`torch.nn.Module` is
+  called with tensors in its own dtype and on its own device, in eval mode
+  (restored afterwards) and without gradients; any other callable receives
+  numpy arrays when ``X`` is numpy and float64 tensors on ``X``'s device when
+  ``X`` is a tensor. Both must act **row-wise**: row ``x`` of the output depends
+  on row ``x`` of the input only, for any number of rows (edge ablation stacks
+  ``r_out`` ablated copies of a batch into one call). A section bound to one
+  batch of model inputs (:func:`~sklearn_lib.collect.section_function` on a
+  residual network) does not qualify.
+* **Scores**: ``"accuracy"`` (argmax of the outputs against integer labels
+  ``y``; higher is better), ``"loss"`` (mean cross-entropy of the outputs as
+  logits against ``y``; lower is better), ``"mse"`` (mean squared difference to
+  the unablated outputs, no labels needed; lower is better) or a callable
+  ``score(outputs, y, reference_outputs) -> float`` on numpy arrays (higher is
+  better unless ``greater_is_better=False``).
+* **Results** of the curve functions are tidy: a :class:`pandas.DataFrame` when
+  pandas is importable and ``as_frame=True``, else a dict of numpy arrays, with
+  columns ``n_directions`` (or ``n_edges``), ``score``, ``reference`` (the score
+  of the unablated network, the same on every row) and ``degradation`` (how
+  much worse than the reference the score is: ``reference - score`` for scores
+  where higher is better, ``score - reference`` otherwise). "Within tolerance"
+  everywhere means ``degradation <= tolerance``: an ablation that happens to
+  improve the score always qualifies.
+"""
+
+from collections import namedtuple
+from contextlib import ExitStack, contextmanager
+from itertools import chain
+from numbers import Integral, Real
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.utils.validation import check_array, check_is_fitted
+
+from ._backend import as_tensor, gen_batches, is_tensor, to_output
+from ._validation import check_finite
+from .collect import _eval_mode, _model_device
+from .metrics import _affine_map
+
+__all__ = [
+    "MinEdgesResult",
+    "compare_node_ablation",
+    "directions_to_keep",
+    "edge_ablated_outputs",
+    "edge_ablation_curve",
+    "min_edges_to_keep",
+    "node_ablation_curve",
+]
+
+# Whether higher is better, per named score.
+_SCORES = {"accuracy": True, "loss": False, "mse": False}
+# With batch_size=None, a batch of the largest intermediate array holds about
+# this many numbers (32 MiB in float64): big enough for fast matrix products,
+# small enough that memory does not grow with the number of samples.
+_AUTO_CHUNK_NUMBERS = 2**22
+# Default schedules evaluate every count up to this many, and this many
+# log-spaced counts beyond: ablation curves change fastest at small counts.
+_MAX_SCHEDULE_POINTS = 64
+# Rows used to check that a basis really is affine.
+_N_PROBE_ROWS = 8
+
+MinEdgesResult = namedtuple("MinEdgesResult", ["n_edges", "score", "reference", "evaluations"])
+MinEdgesResult.__doc__ = """Result of :func:`min_edges_to_keep`.
+
+Attributes
+----------
+n_edges : int
+    Fewest top edges whose ablation stays within tolerance.
+score : float
+    Score with those edges kept.
+reference : float
+    Score of the unablated network.
+evaluations : dict of int to float
+    Every edge count the bisection evaluated, with its score, in evaluation order.
+"""
+
+
+# --------------------------------------------------------------------------- inputs
+def _check_X(X):
+    """A 2-D float array (validated by sklearn, NaN included) or a 2-D floating tensor.
+
+    Tensors are checked for NaN batch by batch as they are used, so that a
+    large tensor on the GPU is never scanned or copied up front.
+    """
+    if is_tensor(X):
+        if X.ndim != 2 or not X.dtype.is_floating_point:
+            raise ValueError(
+                "X must be a 2-D floating tensor (n_samples, n_features), got shape "
+                f"{tuple(X.shape)} and dtype {X.dtype}."
+            )
+        return X
+    return check_array(X, dtype=[np.float64, np.float32])
+
+
+def _first_rows(X, n):
+    """The first ``n`` rows as a finite float64 array, to probe bases and sections with."""
+    rows = X[:n]
+    rows = np.asarray(rows.detach().cpu().numpy() if is_tensor(rows) else rows, dtype=np.float64)
+    if not np.isfinite(rows).all():
+        raise ValueError("X contains NaN or infinity.")
+    return rows
+
+
+def _default_schedule(high):
+    if high <= _MAX_SCHEDULE_POINTS:
+        return np.arange(1, high + 1)
+    return np.unique(np.round(np.geomspace(1, high, _MAX_SCHEDULE_POINTS)).astype(int))
+
+
+def _check_schedule(schedule, high, what):
+    """Sorted unique counts in 1..high; ``what`` names the counted thing in errors."""
+    if schedule is None:
+        return _default_schedule(high)
+    values = np.asarray(list(schedule))
+    if values.ndim != 1 or values.size == 0:
+        raise ValueError(f"schedule must be a non-empty iterable of {what} counts.")
+    if not np.issubdtype(values.dtype, np.integer):
+        raise ValueError(f"schedule must hold integer {what} counts, got dtype {values.dtype}.")
+    if values.min() < 1 or values.max() > high:
+        raise ValueError(
+            f"schedule must hold {what} counts in the valid range 1..{high}, got values "
+            f"from {values.min()} to {values.max()}."
+        )
+    return np.unique(values)
+
+
+def _threshold(tolerance, relative, reference):
+    if not isinstance(tolerance, Real) or not tolerance >= 0:
+        raise ValueError(f"tolerance must be a non-negative number, got {tolerance!r}.")
+    if relative and reference == 0:
+        raise ValueError(
+            "relative=True needs a non-zero reference score (the 'mse' reference is 0); "
+            "use an absolute tolerance."
+        )
+    threshold = float(tolerance) * (abs(reference) if relative else 1.0)
+    # A degradation is a difference of two rounded scores: one sample off in 1000
+    # (0.914 against 0.915) must pass a tolerance of 0.001, so allow a few ulps.
+    return threshold + 4 * np.finfo(np.float64).eps * (abs(reference) + threshold)
+
+
+# --------------------------------------------------------------------------- bases
+class _AffineBasis:
+    """A fitted basis as tensors: ``transform(x) = x @ A + b``, ``inverse(z) = z @ P + c``."""
+
+    def __init__(self, basis, sample, device, name):
+        for method in ("transform", "inverse_transform"):
+            if not callable(getattr(basis, method, None)):
+                raise TypeError(
+                    f"{name} must have transform and inverse_transform; "
+                    f"{type(basis).__name__} has no {method}."
+                )
+        check_is_fitted(basis)
+        n_features = sample.shape[1]
+        expected = getattr(basis, "n_features_in_", n_features)
+        if expected != n_features:
+            raise ValueError(
+                f"{name} was fitted on {expected} features, but the activations it "
+                f"is applied to have {n_features}."
+            )
+        _, A, P, b = _affine_map(basis, n_features)
+        c = np.asarray(basis.inverse_transform(np.zeros((1, A.shape[1]))), dtype=np.float64)[0]
+        # Probing reads a linear map off a few points; a basis that is not affine
+        # (a pipeline with a non-linear step) would be silently misrepresented.
+        expected_z = sample @ A + b
+        actual_z = np.asarray(basis.transform(sample), dtype=np.float64)
+        scale = max(1.0, float(np.abs(expected_z).max(initial=0.0)))
+        if not np.allclose(actual_z, expected_z, rtol=1e-6, atol=1e-8 * scale):
+            raise ValueError(
+                f"{name} ({type(basis).__name__}) is not affine; ablations need a linear "
+                "basis with transform and inverse_transform."
+            )
+        t = lambda a: torch.as_tensor(a, dtype=torch.float64, device=device)  # noqa: E731
+        self.A, self.b, self.P, self.c = t(A), t(b), t(P), t(c)
+        self.n_components = A.shape[1]
+
+    def transform(self, X, k=None):
+        """The first ``k`` coordinates (all when None) of ``X``."""
+        return X @ self.A[:, :k] + self.b[:k]
+
+    def inverse(self, Z):
+        """Map the first ``Z.shape[-1]`` coordinates back; the others are 0."""
+        k = Z.shape[-1]
+        return Z @ self.P[:k] + self.c
+
+
+# --------------------------------------------------------------------------- network
+class _Network:
+    """Runs ``forward`` (and ``section``) batch by batch, the way the data ask for."""
+
+    def __init__(self, X, forward, section=None, batch_size=None):
+        pieces = {"forward": forward, "section": section}
+        for name, fn in pieces.items():
+            if fn is not None and not callable(fn):
+                raise TypeError(f"{name} must be a callable or a torch.nn.Module, got {fn!r}.")
+        if batch_size is not None and (not isinstance(batch_size, Integral) or batch_size < 1):
+            raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}.")
+        self.pieces = {name: fn for name, fn in pieces.items() if fn is not None}
+        modules = [fn for fn in self.pieces.values() if isinstance(fn, torch.nn.Module)]
+        if is_tensor(X):
+            self.device = X.device
+        elif modules:
+            self.device = _model_device(modules[0])
+        else:
+            self.device = torch.device("cpu")
+        self.X = X
+        self.numpy_io = not is_tensor(X)
+        self.batch_size = batch_size
+        self._modules = modules
+
+    @contextmanager
+    def running(self):
+        """No gradients, and every module piece in eval mode (each module's own mode restored)."""
+        with torch.no_grad(), ExitStack() as stack:
+            for module in self._modules:
+                stack.enter_context(_eval_mode(module))
+            yield
+
+    def call(self, name, acts):
+        """Apply ``forward`` or ``section`` to float64 activations on the compute device."""
+        fn = self.pieces[name]
+        if isinstance(fn, torch.nn.Module):
+            tensors = chain(fn.parameters(), fn.buffers())
+            like = next((t for t in tensors if t.is_floating_point()), acts)
+            out = fn(acts.to(device=like.device, dtype=like.dtype))
+        elif self.numpy_io:
+            out = fn(acts.cpu().numpy())
+        else:
+            out = fn(acts)
+        if is_tensor(out):
+            out = out.detach().to(device=self.device, dtype=torch.float64)
+        else:
+            out = torch.as_tensor(np.asarray(out, dtype=np.float64), device=self.device)
+        if out.ndim == 0 or out.shape[0] != acts.shape[0]:
+            raise ValueError(
+                f"{name} returned an output of shape {tuple(out.shape)} for {acts.shape[0]} "
+                f"rows of activations; its first axis must match the rows (one output "
+                "per sample, computed row-wise)."
+            )
+        return out
+
+    def outputs(self, prepare, width):
+        """``forward(prepare(batch))`` over all batches of X, concatenated.
+
+        ``width`` is the largest number of numbers per sample that ``prepare``
+        holds at once; it sets the automatic batch size.
+        """
+        batch_size = self.batch_size or max(1, _AUTO_CHUNK_NUMBERS // max(1, width))
+        parts = []
+        with self.running():
+            for rows in gen_batches(self.X.shape[0], batch_size):
+                batch = as_tensor(self.X[rows], device=self.device, dtype=torch.float64)
+                check_finite(batch, "X")
+                parts.append(self.call("forward", prepare(batch)))
+        return torch.cat(parts)
+
+
+# --------------------------------------------------------------------------- scores
+class _Scorer:
+    """Scores network outputs against labels and the unablated reference outputs.
+
+    Created before the network runs, so that a bad ``score`` or ``y`` fails fast;
+    :meth:`set_reference` then checks the unablated outputs against the labels.
+    """
+
+    def __init__(self, score, y, greater_is_better, n_samples):
+        if callable(score):
+            self.greater_is_better = True if greater_is_better is None else bool(greater_is_better)
+        elif isinstance(score, str) and score in _SCORES:
+            if greater_is_better is not None and greater_is_better != _SCORES[score]:
+                raise ValueError(
+                    f"score={score!r} is {'higher' if _SCORES[score] else 'lower'} is better; "
+                    "greater_is_better applies to callable scores only."
+                )
+            self.greater_is_better = _SCORES[score]
+        else:
+            raise ValueError(
+                f"score must be one of {sorted(_SCORES)} or a callable "
+                f"score(outputs, y, reference_outputs), got {score!r}."
+            )
+        if score in ("accuracy", "loss") and y is None:
+            raise ValueError(f"score={score!r} needs integer class labels y.")
+        if y is not None and len(y) != n_samples:
+            raise ValueError(f"y has {len(y)} labels but X has {n_samples} samples.")
+        self.score = score
+        self.y = None if y is None else (
+            y.detach().cpu().numpy() if is_tensor(y) else np.asarray(y)
+        )
+
+    def set_reference(self, outputs):
+        """Check the unablated outputs against the labels and score them."""
+        if self.score in ("accuracy", "loss"):
+            self.labels = self._check_labels(outputs)
+        self.reference_outputs = outputs
+        self.reference = self(outputs)
+
+    def _check_labels(self, outputs):
+        if outputs.ndim != 2:
+            raise ValueError(
+                f"score={self.score!r} needs forward to return logits of shape "
+                f"(n_samples, n_classes), got shape {tuple(outputs.shape)}. Use score='mse' "
+                "or a callable score for other outputs."
+            )
+        labels = self.y
+        if labels.ndim != 1 or not (
+            np.issubdtype(labels.dtype, np.integer)
+            or (np.issubdtype(labels.dtype, np.floating) and np.all(labels == np.round(labels)))
+        ):
+            raise ValueError(
+                f"y must be 1-D integer class labels, got shape {labels.shape} and dtype "
+                f"{labels.dtype}."
+            )
+        n_classes = outputs.shape[1]
+        if labels.min() < 0 or labels.max() >= n_classes:
+            raise ValueError(
+                f"labels in y must lie in 0..{n_classes - 1} (forward returns {n_classes} "
+                f"logits per sample), got values from {labels.min()} to {labels.max()}."
+            )
+        return torch.as_tensor(labels.astype(np.int64), device=outputs.device)
+
+    def __call__(self, outputs):
+        if callable(self.score):
+            return float(self.score(
+                outputs.cpu().numpy(), self.y, self.reference_outputs.cpu().numpy()
+            ))
+        if self.score == "mse":
+            return float((outputs - self.reference_outputs).square().mean())
+        if self.score == "accuracy":
+            return float((outputs.argmax(1) == self.labels).double().mean())
+        return float(F.cross_entropy(outputs, self.labels))
+
+    def degradation(self, score):
+        return self.reference - score if self.greater_is_better else score - self.reference
+
+
+def _result(count_name, counts, scores, scorer):
+    scores = np.asarray(scores, dtype=np.float64)
+    return {
+        count_name: np.asarray(counts, dtype=np.int64),
+        "score": scores,
+        "reference": np.full(len(scores), scorer.reference),
+        "degradation": np.array([scorer.degradation(s) for s in scores]),
+    }
+
+
+def _as_frame(data, as_frame):
+    """A DataFrame of ``data`` when asked for and pandas is importable (an optional extra)."""
+    if not as_frame:
+        return data
+    try:
+        import pandas as pd
+    except ImportError:
+        return data
+    return pd.DataFrame(data)
+
+
+# --------------------------------------------------------------------------- nodes
+def _node_setup(bases, X, y, forward, schedule, score, greater_is_better, batch_size):
+    """Validate everything, then run the unablated network once.
+
+    Returns the network, the scorer (holding the reference) and, per basis
+    name, its probed affine map and checked schedule.
+    """
+    X = _check_X(X)
+    net = _Network(X, forward, batch_size=batch_size)
+    scorer = _Scorer(score, y, greater_is_better, X.shape[0])
+    sample = _first_rows(X, _N_PROBE_ROWS)
+    plans = {}
+    for name, basis in bases.items():
+        affine = _AffineBasis(basis, sample, net.device, name)
+        plans[name] = affine, _check_schedule(schedule, affine.n_components, "n_directions")
+    scorer.set_reference(net.outputs(lambda batch: batch, X.shape[1]))
+    return net, scorer, plans
+
+
+def _node_scores(net, scorer, affine, counts):
+    width = 2 * net.X.shape[1]
+    return [
+        scorer(net.outputs(lambda batch, k=k: affine.inverse(affine.transform(batch, k)), width))
+        for k in counts
+    ]
+
+
+def node_ablation_curve(
+    basis, X, y=None, *, forward, schedule=None, score="accuracy", greater_is_better=None,
+    batch_size=None, as_frame=True,
+):
+    """Score of the network when only the top ``k`` directions of a basis are kept.
+
+    For each ``k`` in ``schedule`` the activations ``X`` are mapped to the basis,
+    all coordinates but the first ``k`` are set to 0 (the mean, for centred
+    bases), the result is mapped back with ``inverse_transform`` and the rest of
+    the network ``forward`` is run on it and scored. Bases order their
+    coordinates by importance (Lambda for :class:`~sklearn_lib.InteractionBasis`,
+    variance for PCA), so the curve shows how many directions the network needs.
+
+    Parameters
+    ----------
+    basis : fitted affine transformer
+        Has ``transform`` and ``inverse_transform`` (InteractionBasis, PCA, a
+        Pipeline of affine steps).
+    X : array-like or tensor of shape (n_samples, n_features)
+        Activations of the layer the basis was fitted on.
+    y : array-like of shape (n_samples,), default=None
+        Integer class labels; needed for ``"accuracy"`` and ``"loss"``.
+    forward : torch.nn.Module or callable
+        The rest of the network: activations (n, n_features) -> outputs (n, c)
+        (logits, or any outputs for ``"mse"`` and callable scores). See the
+        module docstring for how it is called.
+    schedule : iterable of int, default=None
+        Numbers of directions to keep, each in 1..n_components. None evaluates
+        every ``k`` when there are at most 64 components, else 64 log-spaced
+        values from 1 to n_components (both included).
+    score : {"accuracy", "loss", "mse"} or callable, default="accuracy"
+        See the module docstring; a callable is ``score(outputs, y, reference_outputs)``.
+    greater_is_better : bool, default=None
+        Direction of a callable score (None means True). Named scores know their own.
+    batch_size : int, default=None
+        Samples per call of ``forward``. None picks a size whose activations hold
+        about 2**22 numbers.
+    as_frame : bool, default=True
+        Return a DataFrame if pandas is importable, else a dict of arrays.
+
+    Returns
+    -------
+    curve : DataFrame or dict of ndarray
+        Columns ``n_directions``, ``score``, ``reference``, ``degradation``,
+        one row per ``k`` in ascending order.
+
+    Raises
+    ------
+    ValueError
+        Schedule outside 1..n_components, NaN in X, outputs whose first axis
+        does not match the samples, 1-D outputs with ``"accuracy"``/``"loss"``.
+    sklearn.exceptions.NotFittedError
+        If the basis is not fitted.
+
+    See Also
+    --------
+    compare_node_ablation : Curves of several bases in one frame.
+    directions_to_keep : Fewest directions within a tolerance.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sklearn.decomposition import PCA
+    >>> from sklearn_lib.evaluation import node_ablation_curve
+    >>> rng = np.random.default_rng(0)
+    >>> X = rng.normal(size=(300, 3)) @ rng.normal(size=(3, 6))  # rank 3
+    >>> W = rng.normal(size=(6, 4))
+    >>> y = (X @ W).argmax(1)
+    >>> curve = node_ablation_curve(PCA().fit(X), X, y, forward=lambda a: a @ W)
+    >>> curve.columns.tolist()
+    ['n_directions', 'score', 'reference', 'degradation']
+    >>> curve.score.tolist()[2:]  # three directions carry everything
+    [1.0, 1.0, 1.0, 1.0]
+    """
+    net, scorer, plans = _node_setup({"basis": basis}, X, y, forward, schedule, score,
+                                     greater_is_better, batch_size)
+    affine, counts = plans["basis"]
+    scores = _node_scores(net, scorer, affine, counts)
+    return _as_frame(_result("n_directions", counts, scores, scorer), as_frame)
+
+
+def compare_node_ablation(
+    bases, X, y=None, *, forward, schedule=None, score="accuracy", greater_is_better=None,
+    batch_size=None, as_frame=True,
+):
+    """Node ablation curves of several bases of the same layer, in one long table.
+
+    The unablated network is run once and shared, so the curves of PCA and an
+    interaction basis are directly comparable (and plot on one axis with
+    :func:`~sklearn_lib.plotting.plot_ablation_curves`).
+
+    Parameters
+    ----------
+    bases : dict of str to fitted affine transformer
+        Name -> basis, e.g. ``{"PCA": pca, "LIB": interaction_basis}``.
+    X, y, forward, schedule, score, greater_is_better, batch_size, as_frame
+        As in :func:`node_ablation_curve`; ``schedule`` must be valid for every
+        basis (None gives each basis its own default schedule).
+
+    Returns
+    -------
+    curves : DataFrame or dict of ndarray
+        The columns of :func:`node_ablation_curve` after a ``basis`` column
+        holding the name, bases in the order of ``bases``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sklearn.decomposition import PCA
+    >>> from sklearn_lib import InteractionBasis
+    >>> from sklearn_lib.evaluation import compare_node_ablation
+    >>> rng = np.random.default_rng(0)
+    >>> X = rng.normal(size=(300, 5))
+    >>> W = rng.normal(size=(5, 2))
+    >>> J = np.broadcast_to(W.T, (300, 2, 5))  # Jacobians of the head X @ W
+    >>> lib = InteractionBasis(truncation_threshold=1e-9).fit(X, jacobians=J)
+    >>> bases = {"PCA": PCA().fit(X), "LIB": lib}
+    >>> curves = compare_node_ablation(bases, X, forward=lambda a: a @ W, score="mse")
+    >>> curves.groupby("basis", sort=False).size().to_dict()  # the head sees 2 directions
+    {'PCA': 5, 'LIB': 2}
+    >>> float(curves.score.iloc[-1]) < 1e-20  # LIB's 2 directions reproduce the outputs
+    True
+    """
+    if not isinstance(bases, dict) or not bases:
+        raise ValueError("bases must be a non-empty dict mapping names to fitted bases.")
+    net, scorer, plans = _node_setup({f"bases[{name!r}]": basis for name, basis in bases.items()},
+                                     X, y, forward, schedule, score, greater_is_better,
+                                     batch_size)
+    names, counts, scores = [], [], []
+    for name, (affine, basis_counts) in zip(bases, plans.values()):
+        names += [name] * len(basis_counts)
+        counts.append(basis_counts)
+        scores += _node_scores(net, scorer, affine, basis_counts)
+    data = _result("n_directions", np.concatenate(counts), scores, scorer)
+    return _as_frame({"basis": np.asarray(names, dtype=object), **data}, as_frame)
+
+
+def directions_to_keep(curve, tolerance=0.001, *, relative=False):
+    """Fewest directions (or edges) of an ablation curve that stay within tolerance.
+
+    Parameters
+    ----------
+    curve : DataFrame or dict of ndarray
+        A result of :func:`node_ablation_curve` or :func:`edge_ablation_curve`
+        (or one basis' rows of :func:`compare_node_ablation`).
+    tolerance : float, default=0.001
+        Largest allowed ``degradation`` (0.001 is the reference work's 0.1%
+        accuracy).
+    relative : bool, default=False
+        Read ``tolerance`` as a fraction of ``|reference|``.
+
+    Returns
+    -------
+    k : int or None
+        The smallest count on the curve whose score is within tolerance of the
+        reference, or None when no count on the curve is.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sklearn_lib.evaluation import directions_to_keep
+    >>> curve = {"n_directions": np.array([1, 2, 3]), "score": np.array([0.5, 0.95, 1.0]),
+    ...          "reference": np.ones(3), "degradation": np.array([0.5, 0.05, 0.0])}
+    >>> directions_to_keep(curve, 0.1)
+    2
+    >>> directions_to_keep(curve, 0.0)
+    3
+    """
+    columns = list(curve.keys())
+    count_name = next((c for c in ("n_directions", "n_edges") if c in columns), None)
+    if count_name is None or "degradation" not in columns or "reference" not in columns:
+        raise ValueError(
+            "curve must be a result of node_ablation_curve or edge_ablation_curve (columns "
+            f"n_directions or n_edges, score, reference, degradation), got columns {columns}."
+        )
+    if "basis" in columns and len(set(np.asarray(curve["basis"]))) > 1:
+        raise ValueError(
+            "curve holds several bases; pass one at a time, e.g. {name: "
+            "directions_to_keep(rows, tolerance) for name, rows in curve.groupby('basis')}."
+        )
+    counts = np.asarray(curve[count_name])
+    degradation = np.asarray(curve["degradation"], dtype=np.float64)
+    if counts.size == 0:
+        raise ValueError("curve is empty.")
+    threshold = _threshold(tolerance, relative, float(np.asarray(curve["reference"])[0]))
+    within = counts[degradation <= threshold]
+    return int(within.min()) if within.size else None
+
+
+# --------------------------------------------------------------------------- edges
+class _EdgeAblation:
+    """A layer pair (bases, section, forward) on data X, validated once, ablated per mask."""
+
+    def __init__(self, basis_in, basis_out, X, *, section, forward, batch_size):
+        if section is None:
+            raise TypeError("section must be a callable or a torch.nn.Module, got None.")
+        X = _check_X(X)
+        self.net = net = _Network(X, forward, section, batch_size)
+        sample_in = _first_rows(X, _N_PROBE_ROWS)
+        self.basis_in = _AffineBasis(basis_in, sample_in, net.device, "basis_in")
+        # A few section outputs tell the width of layer l+1 and probe basis_out there.
+        with net.running():
+            probe = as_tensor(sample_in, device=net.device, dtype=torch.float64)
+            sample_out = net.call("section", probe).cpu().numpy()
+        if sample_out.ndim != 2:
+            raise ValueError(
+                "section must return activations of shape (n_samples, n_features), got "
+                f"{sample_out.shape[1:]} per sample."
+            )
+        self.basis_out = _AffineBasis(basis_out, sample_out, net.device, "basis_out")
+        self.shape = (self.basis_out.n_components, self.basis_in.n_components)
+        # The stacked section input and output of one batch dominate memory.
+        self.width = self.shape[0] * max(X.shape[1], sample_out.shape[1], self.shape[1])
+
+    def check_matrix(self, matrix, name):
+        if is_tensor(matrix):
+            matrix = matrix.detach().cpu().numpy()
+        matrix = check_array(matrix, dtype=np.float64, input_name=name)
+        if matrix.shape != self.shape:
+            raise ValueError(
+                f"{name} must have shape (r_out, r_in) = {self.shape} (basis_out's and "
+                f"basis_in's n_components), got {matrix.shape}."
+            )
+        return matrix
+
+    def reference_outputs(self):
+        return self.net.outputs(lambda batch: self.net.call("section", batch), self.width)
+
+    def outputs(self, mask):
+        """Outputs with input direction j feeding output direction i scaled by mask[i, j]."""
+        net, basis_in, basis_out = self.net, self.basis_in, self.basis_out
+        mask = torch.as_tensor(mask, dtype=torch.float64, device=net.device)
+
+        def ablate(batch):
+            z_in = basis_in.transform(batch)
+            # One section call for all output directions: block i of the stacked
+            # rows is the batch with only the edges into direction i kept.
+            stacked = basis_in.inverse(mask[:, None, :] * z_in)
+            h = net.call("section", stacked.reshape(-1, stacked.shape[-1]))
+            h = h.reshape(self.shape[0], batch.shape[0], -1)
+            # Direction i is read from block i only: z_out[x, i] = h[i, x] @ A[:, i] + b[i].
+            z_out = torch.einsum("ixd,di->xi", h, basis_out.A) + basis_out.b
+            return basis_out.inverse(z_out)
+
+        return net.outputs(ablate, self.width)
+
+
+class _TopEdges:
+    """Scores of keeping the top-k edges by value, against the unablated network."""
+
+    def __init__(self, basis_in, basis_out, X, y, *, section, forward, edges, score,
+                 greater_is_better, batch_size):
+        self.ablation = _EdgeAblation(basis_in, basis_out, X, section=section,
+                                      forward=forward, batch_size=batch_size)
+        edges = self.ablation.check_matrix(edges, "edges")
+        self.n_edges = edges.size
+        # Strongest first; a stable sort breaks ties in row-major order, reproducibly.
+        self.order = np.argsort(-edges.ravel(), kind="stable")
+        self.scorer = _Scorer(score, y, greater_is_better, self.ablation.net.X.shape[0])
+        self.scorer.set_reference(self.ablation.reference_outputs())
+
+    def __call__(self, k):
+        mask = np.zeros(self.n_edges)
+        mask[self.order[:k]] = 1.0
+        return self.scorer(self.ablation.outputs(mask.reshape(self.ablation.shape)))
+
+
+def edge_ablated_outputs(basis_in, basis_out, X, mask, *, section, forward, batch_size=None):
+    """Network outputs when only the edges selected by ``mask`` between two layers are kept.
+
+    With ``z_in = basis_in.transform(X)``, output direction ``i`` of layer l+1 is
+    computed from the input directions ``j`` with ``mask[i, j]`` set::
+
+        z_out[:, i] = basis_out.transform(section(basis_in.inverse_transform(z_in * mask[i])))[:, i]
+
+    and the outputs are ``forward(basis_out.inverse_transform(z_out))``. The
+    ``r_out`` ablated copies of a batch go through ``section`` in one stacked call.
+
+    Keeping every edge gives ``forward(section(X))`` exactly when both bases
+    keep all directions (otherwise both layers are projected onto their bases).
+    Keeping none gives ``forward(basis_out.inverse_transform(basis_out.transform(
+    section(c))))`` for every sample, with ``c = basis_in.inverse_transform(0)``
+    (the mean, for a centred basis).
+
+    Parameters
+    ----------
+    basis_in, basis_out : fitted affine transformers
+        Bases of layer l and layer l+1, with ``transform`` and ``inverse_transform``.
+    X : array-like or tensor of shape (n_samples, d_l)
+        Activations of layer l.
+    mask : array-like of shape (r_out, r_in)
+        1 for kept edges, 0 for removed ones (other values scale the edge).
+    section : torch.nn.Module or callable
+        Layer-l activations (n, d_l) -> layer-(l+1) activations (n, d_{l+1}), row-wise.
+    forward : torch.nn.Module or callable
+        Layer-(l+1) activations -> network outputs.
+    batch_size : int, default=None
+        Samples per batch (the section sees ``r_out`` times as many rows). None
+        picks a size whose stacked activations hold about 2**22 numbers.
+
+    Returns
+    -------
+    outputs : ndarray or tensor of shape (n_samples, ...)
+        float64; numpy for numpy ``X``, a tensor on the compute device for tensor ``X``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sklearn.decomposition import PCA
+    >>> from sklearn_lib.evaluation import edge_ablated_outputs
+    >>> rng = np.random.default_rng(0)
+    >>> X = rng.normal(size=(100, 3))
+    >>> W = rng.normal(size=(3, 2))
+    >>> out = edge_ablated_outputs(PCA().fit(X), PCA().fit(np.tanh(X)), X, np.ones((3, 3)),
+    ...                            section=np.tanh, forward=lambda h: h @ W)
+    >>> np.allclose(out, np.tanh(X) @ W)  # all edges of full bases: the network itself
+    True
+    """
+    ablation = _EdgeAblation(basis_in, basis_out, X, section=section, forward=forward,
+                             batch_size=batch_size)
+    return to_output(ablation.outputs(ablation.check_matrix(mask, "mask")), X)
+
+
+def edge_ablation_curve(
+    basis_in, basis_out, X, y=None, *, section, forward, edges, schedule=None,
+    score="accuracy", greater_is_better=None, batch_size=None, as_frame=True,
+):
+    """Score of the network when only the ``k`` strongest edges between two layers are kept.
+
+    For each ``k`` the edges are ranked by value in ``edges`` (ties in row-major
+    order) and the top ``k`` are kept (see :func:`edge_ablated_outputs`); the
+    reference is the unablated network ``forward(section(X))``.
+
+    Parameters
+    ----------
+    basis_in, basis_out : fitted affine transformers
+        Bases of layer l and layer l+1 (InteractionBasis, PCA, ...).
+    X : array-like or tensor of shape (n_samples, d_l)
+        Activations of layer l.
+    y : array-like of shape (n_samples,), default=None
+        Integer class labels; needed for ``"accuracy"`` and ``"loss"``.
+    section : torch.nn.Module or callable
+        Layer-l activations -> layer-(l+1) activations, row-wise.
+    forward : torch.nn.Module or callable
+        Layer-(l+1) activations -> network outputs.
+    edges : array-like of shape (r_out, r_in)
+        ``edges[i, j]`` between input direction ``j`` and output direction ``i``,
+        e.g. an ``InteractionGraph``'s ``edges_[l]``.
+    schedule : iterable of int, default=None
+        Numbers of edges to keep, each in 1..r_out * r_in. None evaluates every
+        count when there are at most 64 edges, else 64 log-spaced counts from 1
+        to all edges (both included).
+    score, greater_is_better, batch_size, as_frame
+        As in :func:`node_ablation_curve`; ``batch_size`` as in
+        :func:`edge_ablated_outputs`.
+
+    Returns
+    -------
+    curve : DataFrame or dict of ndarray
+        Columns ``n_edges``, ``score``, ``reference``, ``degradation``.
+
+    See Also
+    --------
+    min_edges_to_keep : Bisection for the fewest edges within a tolerance.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sklearn.decomposition import PCA
+    >>> from sklearn_lib.evaluation import edge_ablation_curve
+    >>> rng = np.random.default_rng(0)
+    >>> X = rng.normal(size=(200, 3))
+    >>> W = rng.normal(size=(3, 2))
+    >>> E = np.eye(3)  # say only the diagonal edges matter
+    >>> curve = edge_ablation_curve(PCA().fit(X), PCA().fit(np.tanh(X)), X, section=np.tanh,
+    ...                             forward=lambda h: h @ W, edges=E, score="mse",
+    ...                             schedule=[1, 9])
+    >>> curve.n_edges.tolist(), bool(curve.score.iloc[-1] < 1e-20)
+    ([1, 9], True)
+    """
+    top = _TopEdges(basis_in, basis_out, X, y, section=section, forward=forward, edges=edges,
+                    score=score, greater_is_better=greater_is_better, batch_size=batch_size)
+    counts = _check_schedule(schedule, top.n_edges, "n_edges")
+    scores = [top(k) for k in counts]
+    return _as_frame(_result("n_edges", counts, scores, top.scorer), as_frame)
+
+
+def min_edges_to_keep(
+    basis_in, basis_out, X, y=None, *, section, forward, edges, tolerance=0.001,
+    relative=False, score="accuracy", greater_is_better=None, batch_size=None,
+):
+    """Fewest top edges between two layers whose ablation stays within tolerance, by bisection.
+
+    Assumes the score degrades **monotonically** as edges are removed (keeping
+    more of the strongest edges never hurts). That is what makes bisection
+    valid; it is usual but not guaranteed, so on a non-monotone curve the
+    result is *a* count ``k`` that passes while ``k - 1`` fails, not
+    necessarily the smallest passing one (compare with
+    :func:`edge_ablation_curve` and :func:`directions_to_keep` when in doubt).
+    Both endpoints are verified: keeping all edges must pass (else
+    ``ValueError``), and one edge is returned if it already passes. At most
+    ``2 + ceil(log2(n_edges))`` ablations are evaluated, plus one unablated run.
+
+    Parameters
+    ----------
+    basis_in, basis_out, X, y, section, forward, edges
+        As in :func:`edge_ablation_curve`.
+    tolerance : float, default=0.001
+        Largest allowed degradation of the score (0.001 is the reference work's
+        0.1% accuracy).
+    relative : bool, default=False
+        Read ``tolerance`` as a fraction of ``|reference|``.
+    score, greater_is_better, batch_size
+        As in :func:`edge_ablation_curve`.
+
+    Returns
+    -------
+    result : MinEdgesResult
+        ``(n_edges, score, reference, evaluations)``.
+
+    Raises
+    ------
+    ValueError
+        If even keeping all edges is not within tolerance (e.g. truncated bases).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sklearn.decomposition import PCA
+    >>> from sklearn_lib.evaluation import min_edges_to_keep
+    >>> rng = np.random.default_rng(0)
+    >>> X = rng.normal(size=(200, 3))
+    >>> W = rng.normal(size=(3, 2))
+    >>> y = (X @ W).argmax(1)
+    >>> pca = PCA().fit(X)
+    >>> result = min_edges_to_keep(pca, pca, X, y, section=lambda x: x,
+    ...                            forward=lambda h: h @ W, edges=np.eye(3))
+    >>> result.n_edges, result.score  # the identity section needs its 3 diagonal edges
+    (3, 1.0)
+    """
+    top = _TopEdges(basis_in, basis_out, X, y, section=section, forward=forward, edges=edges,
+                    score=score, greater_is_better=greater_is_better, batch_size=batch_size)
+    scorer = top.scorer
+    threshold = _threshold(tolerance, relative, scorer.reference)
+    evaluations = {}
+
+    def passes(k):
+        evaluations[k] = top(k)
+        return scorer.degradation(evaluations[k]) <= threshold
+
+    def result(k):
+        return MinEdgesResult(int(k), evaluations[k], scorer.reference, evaluations)
+
+    high = top.n_edges
+    if not passes(high):
+        raise ValueError(
+            f"keeping all {high} edges scores {evaluations[high]:.6g}, already more than "
+            f"the tolerance {threshold:.3g} from the unablated {scorer.reference:.6g}; "
+            "the bases are probably truncated."
+        )
+    low = 1
+    if low == high or passes(low):
+        return result(low)
+    # Invariant: low fails, high passes.
+    while high - low > 1:
+        mid = (low + high) // 2
+        if passes(mid):
+            high = mid
+        else:
+            low = mid
+    return result(high)
