@@ -21,7 +21,17 @@ extensions = [
 ]
 
 autosummary_generate = True
-autodoc_default_options = {"members": True, "inherited-members": False}
+# The set_*_request methods scikit-learn generates for metadata routing carry
+# docstrings with references into scikit-learn's own documentation.
+autodoc_default_options = {
+    "members": True,
+    "inherited-members": False,
+    "exclude-members": ",".join(
+        f"set_{method}_request"
+        for method in ("fit", "partial_fit", "score", "transform", "inverse_transform",
+                       "fit_transform", "predict")
+    ),
+}
 numpydoc_show_class_members = False
 numpydoc_class_members_toctree = False
 # Cross-references to the outside world are resolved from the inventories below

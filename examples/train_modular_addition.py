@@ -1,4 +1,6 @@
-"""Train the modular-addition network shipped with sklearn_lib.
+"""
+Reproducing the shipped modular-addition network
+================================================
 
 Reproduces ``sklearn_lib/data/modular_addition_p113.npz``, the weights behind
 :func:`sklearn_lib.datasets.load_modular_addition_model`: a one-hidden-layer
@@ -24,7 +26,7 @@ def default_output():
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description="Train the modular-addition network shipped with sklearn_lib.")
     parser.add_argument(
         "--output", default=None,
         help="where to write the .npz (default: the packaged sklearn_lib/data file)",

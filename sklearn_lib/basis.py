@@ -77,19 +77,19 @@ class InteractionBasis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
 
     Attributes
     ----------
-    components_ : ndarray of shape (n_components_, n_features_in_)
+    components_ : ndarray of shape (n_components, n_features_in_)
         ``C.T``: ``transform(X) = (X - mean_) @ components_.T``.
-    inverse_components_ : ndarray of shape (n_components_, n_features_in_)
+    inverse_components_ : ndarray of shape (n_components, n_features_in_)
         ``C_pinv``, the left inverse: ``inverse_transform(Z) = Z @ inverse_components_ + mean_``.
-    mean_ : ndarray of shape (n_features_in_,)
+    mean_ : ndarray of shape (n_features_in,)
         Weighted mean of the training data (zeros when ``center=False``).
-    interaction_strengths_ : ndarray of shape (n_components_,)
+    interaction_strengths_ : ndarray of shape (n_components,)
         ``Lambda``, descending; also the variance of each transformed feature.
-    gram_eigenvalues_ : ndarray of shape (n_features_in_,)
+    gram_eigenvalues_ : ndarray of shape (n_features_in,)
         All eigenvalues ``D`` of the Gram matrix, descending.
-    gram_ : ndarray of shape (n_features_in_, n_features_in_)
+    gram_ : ndarray of shape (n_features_in, n_features_in_)
         The (weighted, centred) Gram matrix ``G``.
-    jacobian_gram_ : ndarray of shape (n_features_in_, n_features_in_)
+    jacobian_gram_ : ndarray of shape (n_features_in, n_features_in_)
         The Jacobian second moment ``M'`` (the identity when fitted without Jacobians).
     n_components_ : int
         Number of directions kept.
@@ -99,7 +99,7 @@ class InteractionBasis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
         Number of downstream outputs ``o`` of the Jacobians; None without Jacobians.
     n_features_in_ : int
         Number of features seen during fit.
-    feature_names_in_ : ndarray of shape (n_features_in_,)
+    feature_names_in_ : ndarray of shape (n_features_in,)
         Names of features seen during fit, when ``X`` has string column names.
 
     See Also
@@ -384,7 +384,7 @@ class InteractionBasis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
 
         Returns
         -------
-        Z : ndarray or tensor of shape (n_samples, n_components_)
+        Z : ndarray or tensor of shape (n_samples, n_components)
             A tensor on ``X``'s device for tensor input, numpy otherwise.
         """
         check_is_fitted(self)
@@ -400,11 +400,11 @@ class InteractionBasis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
 
         Parameters
         ----------
-        Z : array-like or tensor of shape (n_samples, n_components_)
+        Z : array-like or tensor of shape (n_samples, n_components)
 
         Returns
         -------
-        X_original : ndarray or tensor of shape (n_samples, n_features_in_)
+        X_original : ndarray or tensor of shape (n_samples, n_features_in)
         """
         check_is_fitted(self)
         Z = self._check_transform_input(Z, self.n_components_, features=False)
@@ -433,7 +433,7 @@ class InteractionBasis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
         return _sparsity(self.edges(X, jacobians=jacobians), "gini")
 
     def edges(self, X, *, jacobians=None):
-        """Edge matrix ``E`` of shape (n_outputs, n_components_) on ``X`` (see :meth:`score`).
+        """Edge matrix ``E`` of shape (n_outputs, n_components) on ``X`` (see :meth:`score`).
 
         Parameters
         ----------
@@ -442,7 +442,7 @@ class InteractionBasis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
 
         Returns
         -------
-        E : ndarray of shape (n_outputs, n_components_)
+        E : ndarray of shape (n_outputs, n_components)
         """
         check_is_fitted(self)
         X = self._check_transform_input(X, self.n_features_in_, features=True)

@@ -489,7 +489,7 @@ class ModularityClustering(ClusterMixin, BaseEstimator):
     layer_sizes_ : ndarray of shape (n_layers,) or None
         Number of nodes per layer (from ``layer_sizes`` or the graph's
         ``layer_offsets_``); None when no layers were given.
-    layer_counts_ : ndarray of shape (n_clusters_, n_layers) or None
+    layer_counts_ : ndarray of shape (n_clusters, n_layers) or None
         ``layer_counts_[c, l]``: nodes of module ``c`` in layer ``l``.
     clusters_ : list of dict
         One summary per module ``c``, in label order, with keys ``"label"``,
@@ -763,7 +763,7 @@ class ModularityClustering(ClusterMixin, BaseEstimator):
 
         Returns
         -------
-        norms : ndarray of shape (n_samples, n_clusters_)
+        norms : ndarray of shape (n_samples, n_clusters)
             ``norms[x, c] = sqrt(sum over nodes i of module c of Z[x, i] ** 2)``.
         """
         check_is_fitted(self)
