@@ -1,0 +1,1179 @@
+"""InteractionGraph: interaction bases of every layer of a network and the edges between them.
+
+SPEC section 2. The bases are fitted backwards from the final layer: layer l's
+basis is an :class:`~sklearn_lib.InteractionBasis` fitted on the layer's
+activations with the Jacobians of the next layer's basis coordinates
+(``J_hat_l = C_{l+1}^T J_l``), accumulated chunk by chunk into
+:class:`~sklearn_lib._stats.InteractionStatistics` and turned into a basis by
+``InteractionBasis._fit_statistics`` - the one place where basis math happens.
+
+Where the Jacobians come from is the job of a *source*:
+
+* :class:`_CachedSource` reads cached activations and adjacent-layer Jacobians
+  (arrays, memmaps, tensors, zarr arrays of an ActivationCache) chunk by chunk;
+* :class:`_ModelSource` runs a torch model and computes ``C_{l+1}^T J_l``
+  directly with vectorised vector-Jacobian products, never forming full
+  Jacobians, or in closed form for ``Linear`` + elementwise sections
+  (:mod:`sklearn_lib._fastpath`).
+
+Both expose the same four operations (statistics of a layer's activations,
+statistics with projected Jacobians, the same for the global variant, edges),
+so the backward chaining in :meth:`InteractionGraph._build` is written once.
+"""
+
+import json
+import os
+import shutil
+import uuid
+from numbers import Integral, Real
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from sklearn.base import BaseEstimator, _fit_context
+from sklearn.utils import check_random_state
+from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.validation import check_is_fitted
+from tqdm.auto import tqdm
+
+from . import collect as _collect
+from ._backend import as_tensor, resolve_device, resolve_dtype
+from ._edges import Workspace, accumulate_edges, path_points, path_quadrature
+from ._fastpath import detect_section
+from ._linalg import sorted_eigh
+from ._stats import InteractionStatistics
+from .basis import _AUTO_CHUNK_NUMBERS, InteractionBasis
+
+__all__ = ["InteractionGraph"]
+
+_FORMAT = "sklearn_lib.InteractionGraph"
+_FORMAT_VERSION = 1
+_BASIS_ARRAYS = (
+    "components_",
+    "inverse_components_",
+    "mean_",
+    "interaction_strengths_",
+    "gram_eigenvalues_",
+    "gram_",
+    "jacobian_gram_",
+)
+
+
+def _shape(a):
+    return tuple(int(s) for s in a.shape)
+
+
+def _as_arraylike(a, name):
+    """Keep anything sliceable with a shape (ndarray, memmap, tensor, zarr array) as it is."""
+    if hasattr(a, "shape") and hasattr(a, "__getitem__"):
+        return a
+    try:
+        return np.asarray(a, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name} must be an array-like of numbers: {exc}") from None
+
+
+def _progress(iterable, *, total, desc, verbose):
+    return tqdm(iterable, total=total, desc=desc, disable=not verbose, leave=False)
+
+
+# --------------------------------------------------------------------------- cached source
+class _CachedSource:
+    """Activations ``X_l`` (rows, d_l) and Jacobians ``J_l`` (rows_l, P_{l+1} d_{l+1}, d_l).
+
+    Flat layers have one row per sample. Sequence layers (``sequence=True``)
+    have ``P_l`` rows per sample (positions count as samples), in the row
+    layout of :mod:`sklearn_lib.collect`; ``P_{l+1}`` is read off the Jacobians.
+    Everything is sliced lazily, a chunk of whole samples at a time.
+    """
+
+    def __init__(self, activations, jacobians, *, sequence, batch_size, device, dtype, verbose):
+        if not isinstance(activations, (list, tuple)) or len(activations) < 2:
+            raise ValueError(
+                "X must be a list of the activations of at least 2 layers [X_0, ..., X_L], "
+                f"got {type(activations).__name__}"
+                + (f" of length {len(activations)}" if isinstance(activations, (list, tuple))
+                   else "")
+                + "."
+            )
+        if jacobians is None:
+            raise ValueError(
+                "fit needs the Jacobians between adjacent layers (jacobians=[J_0, ..., "
+                "J_{L-1}]); to compute them from a torch model use fit_model / from_model."
+            )
+        if not isinstance(jacobians, (list, tuple)) or len(jacobians) != len(activations) - 1:
+            given = len(jacobians) if isinstance(jacobians, (list, tuple)) else type(jacobians)
+            raise ValueError(
+                f"jacobians must be a list of len(X) - 1 = {len(activations) - 1} arrays, one "
+                f"per pair of adjacent layers; got {given!r} for {len(activations)} layers."
+            )
+        acts = [_as_arraylike(a, f"X[{l}]") for l, a in enumerate(activations)]
+        jacs = [_as_arraylike(j, f"jacobians[{l}]") for l, j in enumerate(jacobians)]
+        for l, a in enumerate(acts):
+            if len(a.shape) != 2:
+                raise ValueError(
+                    f"X[{l}] must be 2-D (n_rows, n_features), got shape {_shape(a)}."
+                )
+        rows = [_shape(a)[0] for a in acts]
+        widths = [_shape(a)[1] for a in acts]
+        positions = [1] * len(acts)
+        for l, J in enumerate(jacs):
+            expected = (rows[l], widths[l + 1], widths[l])
+            what = (
+                f"jacobians[{l}] must be (n_rows_{l}, d_{l + 1}, d_{l}) = {expected} "
+                "(the Jacobian of layer l+1 with respect to layer l for each row of X[l])"
+            )
+            if sequence:
+                what += " or, with sequence=True, (n_rows_l, P_{l+1} * d_{l+1}, d_l)"
+            shape = _shape(J)
+            hint = (" It looks transposed: the derivative axis (features of X[l]) goes last."
+                    if shape == (rows[l], widths[l], widths[l + 1]) else "")
+            if len(shape) != 3 or shape[0] != rows[l] or shape[2] != widths[l]:
+                raise ValueError(f"{what}; got {shape}.{hint}")
+            if sequence:
+                if shape[1] % widths[l + 1]:
+                    raise ValueError(f"{what}; got {shape}, and {shape[1]} is not a multiple "
+                                     f"of d_{l + 1} = {widths[l + 1]}.")
+                positions[l + 1] = shape[1] // widths[l + 1]
+            elif shape[1] != widths[l + 1]:
+                raise ValueError(f"{what}; got {shape}.{hint}")
+        if not sequence:
+            for l, n in enumerate(rows):
+                if n != rows[0]:
+                    raise ValueError(
+                        f"all layers need the same samples: X[{l}] has {n} rows but X[0] has "
+                        f"{rows[0]} (rows per layer: {rows})."
+                    )
+            n_samples = rows[0]
+        else:
+            counts = [rows[l] / positions[l] for l in range(1, len(rows))]
+            n_samples = counts[-1]
+            if any(c != n_samples for c in counts) or n_samples != int(n_samples):
+                raise ValueError(
+                    "all layers need the same samples: rows / positions per layer are "
+                    f"{counts} (rows {rows[1:]}, positions {positions[1:]} read off the "
+                    "Jacobians); they must be equal integers."
+                )
+            n_samples = int(n_samples)
+            if n_samples == 0 or rows[0] % n_samples:
+                raise ValueError(
+                    f"X[0] has {rows[0]} rows, which is not a whole number of positions for "
+                    f"the {n_samples} samples of the other layers."
+                )
+            positions[0] = rows[0] // n_samples
+        if n_samples < 2:
+            raise ValueError(f"need at least 2 samples, got {n_samples}.")
+        self.acts, self.jacs = acts, jacs
+        self.widths, self.positions, self.n_samples = widths, positions, n_samples
+        self.batch_size, self.device, self.dtype, self.verbose = (
+            batch_size, device, dtype, verbose,
+        )
+
+    @property
+    def n_layers(self):
+        return len(self.acts)
+
+    def _tensor(self, a):
+        return as_tensor(a, device=self.device, dtype=self.dtype)
+
+    def _chunks(self, per_sample, desc):
+        """Slices of samples; each chunk holds about 2**23 numbers (or batch_size rows)."""
+        if self.batch_size is not None:
+            step = max(1, self.batch_size // max(self.positions))
+        else:
+            step = max(1, _AUTO_CHUNK_NUMBERS // max(1, per_sample))
+        starts = range(0, self.n_samples, step)
+        for start in _progress(starts, total=len(starts), desc=desc, verbose=self.verbose):
+            yield start, min(start + step, self.n_samples)
+
+    def _rows(self, l, chunk):
+        P = self.positions[l]
+        return slice(chunk[0] * P, chunk[1] * P)
+
+    def _jac_size(self, l):
+        return self.positions[l] * _shape(self.jacs[l])[1] * self.widths[l]
+
+    def _project(self, J, V, l):
+        """``V^T`` applied to the features of every output position: (N, P_{l+1} k, d_l)."""
+        n, P = J.shape[0], self.positions[l + 1]
+        J = J.reshape(n * P, self.widths[l + 1], self.widths[l])
+        return (V.T @ J).reshape(n, P * V.shape[1], self.widths[l])
+
+    def activation_stats(self, l, new_stats):
+        stats = new_stats(l, None)
+        per_sample = self.positions[l] * self.widths[l]
+        for chunk in self._chunks(per_sample, f"layer {l}"):
+            stats.update(self.acts[l][self._rows(l, chunk)])
+        return stats
+
+    def jacobian_stats(self, l, V, new_stats):
+        stats = new_stats(l, self.positions[l + 1] * V.shape[1])
+        projected = self.positions[l] * self.positions[l + 1] * V.shape[1] * self.widths[l]
+        for chunk in self._chunks(self._jac_size(l) + projected, f"layer {l}"):
+            rows = self._rows(l, chunk)
+            J_hat = self._project(self._tensor(self.jacs[l][rows]), V, l)
+            stats.update(self.acts[l][rows], J_hat)
+        return stats
+
+    def global_stats(self, V, new_stats):
+        """Statistics of every layer with ``V^T J_{L-1} ... J_l``, chained per chunk of samples."""
+        L = self.n_layers - 1
+        k = V.shape[1] * self.positions[L]
+        stats = [new_stats(l, k) for l in range(L)]
+        per_sample = max(
+            max(self._jac_size(l), self.positions[l] * k * self.widths[l]) for l in range(L)
+        )
+        for chunk in self._chunks(per_sample, "global"):
+            b = chunk[1] - chunk[0]
+            rows = self._rows(L - 1, chunk)
+            G = self._project(self._tensor(self.jacs[L - 1][rows]), V, L - 1)
+            stats[L - 1].update(self.acts[L - 1][rows], G)
+            for l in range(L - 2, -1, -1):
+                rows = self._rows(l, chunk)
+                P0, P1 = self.positions[l], self.positions[l + 1]
+                d0, d1 = self.widths[l], self.widths[l + 1]
+                J = self._tensor(self.jacs[l][rows]).reshape(b, P0, P1, d1, d0)
+                G = torch.einsum("btod,bstdi->bsoi", G.reshape(b, P1, k, d1), J)
+                G = G.reshape(b * P0, k, d0)
+                stats[l].update(self.acts[l][rows], G)
+        return stats
+
+    def edges(self, l, V, mean, C, C_pinv, **_):
+        E = torch.zeros(V.shape[1], C.shape[1], device=self.device, dtype=self.dtype)
+        for chunk in self._chunks(self._jac_size(l), f"edges {l}"):
+            rows = self._rows(l, chunk)
+            Z = (self._tensor(self.acts[l][rows]) - mean) @ C
+            J_tilde = self._project(self._tensor(self.jacs[l][rows]), V, l) @ C_pinv.T
+            accumulate_edges(E, J_tilde, Z, self.positions[l + 1])
+        return E / (self.n_samples * self.positions[l])
+
+
+# --------------------------------------------------------------------------- model source
+class _ModelSource:
+    """Activations from a live model; ``V^T J`` by vector-Jacobian products or closed forms."""
+
+    def __init__(self, model, layers, data, *, sequence, batch_size, device, dtype,
+                 fast_path, verbose):
+        if isinstance(layers, str) or not hasattr(layers, "__len__") or len(layers) < 2:
+            raise ValueError(
+                f"layers must be a list of at least 2 layer names in forward order, got "
+                f"{layers!r}."
+            )
+        if iter(data) is data:
+            raise ValueError(
+                "data must be re-iterable (a tensor, an array or a DataLoader): the graph "
+                "iterates it twice per layer; got a one-shot iterator "
+                f"({type(data).__name__})."
+            )
+        self.model = _collect.prepare_model(model, device=device, dtype=dtype)
+        self.device = _collect._model_device(self.model)
+        self.dtype = resolve_dtype(dtype)
+        self.specs = _collect._parse_layers(self.model, list(layers), "output")
+        self.data, self.sequence, self.verbose = data, sequence, verbose
+        self.batch_size = batch_size
+
+        # A probe on two samples gives every layer's shape (and fails early).
+        first = next(iter(self._batches(self.batch_size or 2)), None)
+        if first is None:
+            raise ValueError("data yielded no samples.")
+        with _collect._eval_mode(self.model), torch.no_grad():
+            probe = _collect._record_batch(self.model, self.specs, first[:2])
+        shapes = [tuple(probe[s.spec].shape[1:]) for s in self.specs]
+        pw = [_collect._positions(sh, sequence, repr(s.spec)) for sh, s in zip(shapes, self.specs)]
+        self.positions = [p for p, _ in pw]
+        self.widths = [d for _, d in pw]
+        self._shapes = shapes
+        self._structures = {}
+        self.fast_path = fast_path
+
+    @property
+    def n_layers(self):
+        return len(self.specs)
+
+    def _batches(self, batch_size):
+        batches, _ = _collect._iter_batches(self.data, batch_size)
+        for batch in batches:
+            yield _collect._input_tensor(batch, self.device, self.dtype)
+
+    def _pass(self, desc, per_sample):
+        """Iterate over the data once; ``per_sample`` numbers of work memory per sample.
+
+        With ``batch_size=None``, array data are cut into batches whose largest
+        work tensor holds about 2**23 numbers: a pass that only needs
+        activations runs in few large batches, one that forms products in
+        smaller ones. A DataLoader keeps its own batches.
+        """
+        size = self.batch_size or max(1, _AUTO_CHUNK_NUMBERS // max(1, per_sample))
+        batches, total = _collect._iter_batches(self.data, size)
+        bar = tqdm(total=total, desc=desc, disable=not self.verbose, leave=False, unit="sample")
+        with bar:
+            for batch in batches:
+                x = _collect._input_tensor(batch, self.device, self.dtype)
+                yield x
+                bar.update(int(x.shape[0]))
+
+    def _activation(self, x, l):
+        """Layer l's activation for inputs ``x``; the forward pass stops right there."""
+        spec, captured = self.specs[l], []
+
+        def grab(value):
+            # A copy: a following in-place op must not change the recorded value.
+            captured.append(value.detach().clone())
+            raise _collect._StopForward
+
+        with torch.no_grad(), _collect._hooks([(spec, grab)]):
+            _collect._run_until_stopped(self.model, x)
+        if not captured:
+            raise ValueError(f"layer {spec.spec!r} was not called in the forward pass.")
+        return _collect._cast(captured[0], self.dtype)
+
+    def _rows(self, act, l):
+        return _collect._as_rows(act, self.sequence, repr(self.specs[l].spec))
+
+    def structure(self, l, m):
+        """The closed form of section l -> m, or None (generic products)."""
+        if self.fast_path is False:
+            return None
+        if (l, m) not in self._structures:
+            found = detect_section(self.model, self.specs[l], self.specs[m])
+            if found is not None and not self._fits(found, l, m):
+                found = None
+            self._structures[(l, m)] = found
+        return self._structures[(l, m)]
+
+    def _fits(self, st, l, m):
+        """The closed form acts on rows: widths and positions must match the recording."""
+        if self.positions[l] != self.positions[m]:
+            return False
+        # Flat layers must be vectors; sequence layers (position, feature) or vectors.
+        allowed = (1, 2) if self.sequence else (1,)
+        if len(self._shapes[l]) not in allowed or len(self._shapes[m]) not in allowed:
+            return False
+        d_in, d_out = self.widths[l], self.widths[m]
+        if st.weight is None:
+            return d_in == d_out
+        return tuple(st.weight.shape) == (d_out, d_in)
+
+    def activation_stats(self, l, new_stats):
+        stats = new_stats(l, None)
+        self.n_samples = 0
+        for x in self._pass(f"layer {l}", self.positions[l] * self.widths[l]):
+            stats.update(self._rows(self._activation(x, l), l))
+            self.n_samples += int(x.shape[0])
+        return stats
+
+    def jacobian_stats(self, l, V, new_stats, target=None):
+        """Statistics of layer l with ``V^T J`` of section l -> target (default l + 1).
+
+        The Jacobian scatter is accumulated here (in closed form or from the
+        products) and added to Jacobian-free statistics at the end.
+        """
+        m = l + 1 if target is None else target
+        stats = new_stats(l, None)
+        st = self.structure(l, m)
+        a, b = self.specs[l], self.specs[m]
+        k = V.shape[1]
+        if st is not None:
+            SS = None
+            for x in self._pass(f"layer {l}", self.positions[l] * 2 * self.widths[l]):
+                X = self._rows(self._activation(x, l), l)
+                s = st.derivative(X)
+                stats.update(X)
+                SS = s.T @ s if SS is None else SS.addmm_(s.T, s)
+            n_out = self.positions[m] * V.shape[1]
+            return stats.add_jacobian_scatter_(st.jacobian_scatter(SS, V), n_outputs=n_out)
+        per_sample = self.positions[l] * self.positions[m] * k * self.widths[l]
+        scatter = None
+        for i, x in enumerate(self._pass(f"layer {l}", per_sample)):
+            act = self._activation(x, l)
+            products = _collect._section_rows(
+                self.model, a, b, x, act, V,
+                sequence=self.sequence, max_vectors=None, check=i == 0,
+            )
+            stats.update(self._rows(act, l))
+            # One GEMM over all (row, output) pairs, accumulated in place; the
+            # finished scatter is checked for NaN/inf once instead of every batch.
+            P = products.reshape(-1, self.widths[l])
+            scatter = P.T @ P if scatter is None else scatter.addmm_(P.T, P)
+        if not bool(torch.isfinite(scatter).all()):
+            raise ValueError(
+                f"the Jacobian products of section {a.spec!r} -> {b.spec!r} contain NaN or "
+                "infinity."
+            )
+        return stats.add_jacobian_scatter_(scatter, n_outputs=self.positions[m] * k)
+
+    def global_stats(self, V, new_stats):
+        L = self.n_layers - 1
+        return [self.jacobian_stats(l, V, new_stats, target=L) for l in range(L)]
+
+    def edges(self, l, V, mean, C, C_pinv, *, edge_point, alphas, weights):
+        st = self.structure(l, l + 1)
+        a, b = self.specs[l], self.specs[l + 1]
+        E = torch.zeros(V.shape[1], C.shape[1], device=self.device, dtype=self.dtype)
+        count, workspace = 0, Workspace()
+        k, r = V.shape[1], C.shape[1]
+        if st is not None:
+            factors = st.edge_factors(V, C_pinv.T)
+            per_sample = self.positions[l] * k * max(factors[0].shape[1], r)
+        else:
+            P = self.positions[l] * self.positions[l + 1]
+            per_sample = P * k * max(self.widths[l], r)
+        for i, x in enumerate(self._pass(f"edges {l}", per_sample)):
+            act = self._activation(x, l)
+            X = self._rows(act, l)
+            Z = (X - mean) @ C
+            points = path_points(X, mean, C, C_pinv, edge_point, alphas)
+            if st is not None:
+                s_bar = None
+                for w, p in zip(weights, points):
+                    s = st.derivative(p)
+                    s_bar = s.mul_(w) if s_bar is None else s_bar.add_(s, alpha=w)
+                accumulate_edges(E, st.edge_jacobians(s_bar, factors, workspace), Z)
+            else:
+                P_bar = None
+                for w, p in zip(weights, points):
+                    products = _collect._section_rows(
+                        self.model, a, b, x, p.reshape(act.shape), V,
+                        sequence=self.sequence, max_vectors=None, check=i == 0,
+                    )
+                    P_bar = (products.mul_(w) if P_bar is None
+                             else P_bar.add_(products, alpha=w))
+                n, rows, d = P_bar.shape
+                J_tilde = workspace.get("J_tilde", (n, rows, C.shape[1]), P_bar)
+                torch.matmul(P_bar.view(n * rows, d), C_pinv.T, out=J_tilde.view(n * rows, -1))
+                accumulate_edges(E, J_tilde, Z, self.positions[l + 1])
+            count += X.shape[0]
+        return E / count
+
+
+# --------------------------------------------------------------------------- estimator
+class InteractionGraph(BaseEstimator):
+    """Interaction bases of all layers of a network and the edges between them.
+
+    Layers ``0..L`` are fitted backwards from the final layer. Layer ``l`` gets an
+    :class:`~sklearn_lib.InteractionBasis` fitted on its activations ``X_l`` with
+    the Jacobians ``J_hat_l = C_{l+1}^T J_l`` of the next layer's basis
+    coordinates (``variant="local"``) or of the final layer's coordinates
+    (``variant="global"``). The edge between direction ``j`` of layer ``l`` and
+    direction ``i`` of layer ``l+1`` is the squared gradient-times-activation
+    attribution ``E_l[i, j] = (1/n) sum_x (J_tilde_x[i, j] Z_l[x, j])^2`` with
+    ``J_tilde_x = C_{l+1}^T J_l(x) C_pinv_l^T`` and ``Z_l = transform_l(X_l)``
+    (SPEC section 2). The nodes (basis directions of all layers) and edges form
+    an undirected weighted graph, see :meth:`adjacency`.
+
+    Fit either from cached activations and adjacent-layer Jacobians
+    (:meth:`fit`, e.g. the output of :func:`sklearn_lib.collect.collect` or an
+    :class:`~sklearn_lib.cache.ActivationCache`), or from a torch model and data
+    (:meth:`fit_model` / :meth:`from_model`), which computes ``C_{l+1}^T J_l``
+    directly with vectorised vector-Jacobian products and never forms the full
+    per-sample Jacobians. For ``nn.Linear`` + elementwise-activation sections of
+    an ``nn.Sequential`` it uses the closed form
+    ``M' = W [(C C^T) * (S^T S / n)] W^T``, ``S[x] = act'(z_x)`` (SPEC section 5,
+    see ``fast_path``).
+
+    Parameters
+    ----------
+    n_components : int, list of (int or None), or None, default=None
+        Largest number of directions per layer. An int applies to every layer
+        that is rotated (all but the final one when ``final_layer="identity"``);
+        a list gives one entry per layer (with ``final_layer="identity"`` the
+        last must be None). None keeps every direction that survives truncation.
+    basis : {"interaction", "pca"}, default="interaction"
+        ``"interaction"``: the (local) interaction basis described above.
+        ``"pca"``: every layer gets PCA (an InteractionBasis fitted without
+        Jacobians) - the baseline graph the reference work compares against;
+        only the edges use Jacobians, and ``variant`` and
+        ``stochastic_sources`` have no effect.
+    final_layer : {"identity", "pca"}, default="identity"
+        Basis of the final layer ``L``: ``"identity"`` leaves it unrotated
+        (``C_L = I``, no centring; the reference setting for classifier logits),
+        ``"pca"`` fits an interaction basis without Jacobians, i.e. PCA.
+    variant : {"local", "global"}, default="local"
+        ``"local"``: layer ``l`` is fitted with the Jacobians of layer ``l+1``'s
+        basis coordinates. ``"global"``: with those of the final layer's
+        coordinates (from cached adjacent Jacobians, the per-sample chain
+        ``J_{L-1} ... J_l``; from a model, the section ``l -> L``). Edges always
+        join adjacent layers.
+    center : bool, default=True
+        Centre activations before the Gram matrix. With a constant-1 feature in
+        every layer and ``center=False`` this is the reference implementation's
+        "uncentered" (bias-folded) basis.
+    truncation_threshold : "auto" or float, default="auto"
+        Eigenvalue threshold of both truncations, see
+        :class:`~sklearn_lib.InteractionBasis`.
+    batch_size : int, default=None
+        Rows per chunk for cached arrays, samples per model batch for array
+        data (a ``DataLoader`` keeps its own batches). None sizes every pass so
+        that its largest work tensor (Jacobian chunk, products, edge Jacobians)
+        holds about 2**23 numbers: memory does not grow with the number of
+        samples, and passes that need only activations run in large batches.
+    device : {"cpu", "cuda", "auto"} or torch.device, default="cpu"
+        Where statistics, products and the model run. Data moves there one
+        batch at a time.
+    dtype : {"float64", "float32"}, default="float64"
+        Precision of the model run, the statistics and the results.
+    edge_point : {"auto", "reconstructed", "data"}, default="auto"
+        Where the edge Jacobian ``J_l`` is evaluated. ``"reconstructed"`` (the
+        reference implementation's choice) uses ``inverse_transform(transform(X))``,
+        which differs from ``X`` only when directions were truncated; ``"data"``
+        uses ``X``. Cached Jacobians exist only at the data point, so :meth:`fit`
+        supports ``"data"`` only; ``"auto"`` means ``"reconstructed"`` for a model
+        and ``"data"`` for cached Jacobians.
+    integration : {"trapezoid", "gauss-legendre"} or None, default=None
+        Integrated-gradient edges (model only): ``J_tilde_x`` is replaced by its
+        average over the straight path ``alpha * z``, ``alpha`` in [0, 1], from
+        the mean (basis coordinates 0) to the edge point, with ``n_alphas``
+        trapezoid or Gauss-Legendre nodes. None uses the edge point alone.
+    n_alphas : int, default=10
+        Number of quadrature nodes of the integration (at least 2 for the
+        trapezoid rule, which includes both ends).
+    stochastic_sources : int or None, default=None
+        If set to ``k``, the cotangents ``C_{l+1}`` used for the Jacobian second
+        moment ``M'`` are replaced by ``C_{l+1} R / sqrt(k)`` with ``R`` a random
+        ±1 matrix of shape (r_{l+1}, k) drawn from ``random_state``. Since
+        ``E[R R^T] / k = I`` this is an unbiased estimate of ``M'`` that costs
+        ``k`` instead of ``r_{l+1}`` vector-Jacobian products per sample. It
+        affects only ``M'`` and hence the bases (and, through them, everything
+        downstream); edges are always computed with the exact ``C_{l+1}``.
+    fast_path : "auto" or bool, default="auto"
+        Use the closed form for sections that are one ``nn.Linear`` and/or one
+        elementwise activation (ReLU, Tanh, Sigmoid, GELU, LeakyReLU, ...,
+        optionally with ``nn.Identity`` / ``nn.Dropout``) between two recorded
+        layers of an ``nn.Sequential`` (nested plain Sequentials are followed).
+        ``"auto"`` uses it wherever it applies, ``False`` never, ``True``
+        requires it for every pair of adjacent layers (ValueError otherwise).
+        Only :meth:`fit_model` computes Jacobians, so :meth:`fit` ignores it.
+    random_state : int, RandomState instance or None, default=None
+        Seed of the stochastic sources.
+    verbose : bool, default=False
+        Show tqdm progress bars over layers and batches.
+
+    Attributes
+    ----------
+    bases_ : list of InteractionBasis
+        One fitted basis per layer. With ``final_layer="identity"`` the last one
+        is an InteractionBasis fitted to the identity: ``components_`` and
+        ``inverse_components_`` are ``I``, ``mean_`` is 0 (transform is the
+        identity), ``interaction_strengths_`` are the mean squared activations of
+        the features (the diagonal of ``Z^T Z / n``, in feature order),
+        ``jacobian_gram_`` is ``I`` and ``gram_`` / ``gram_eigenvalues_`` describe
+        the data as usual.
+    edges_ : list of ndarray of shape (r_{l+1}, r_l)
+        Edge matrices between adjacent layers.
+    layer_offsets_ : ndarray of int64 of shape (n_layers_ + 1,)
+        Cumulative node counts: the nodes of layer ``l`` are
+        ``layer_offsets_[l]:layer_offsets_[l + 1]`` of :meth:`adjacency`.
+    n_components_ : ndarray of int64 of shape (n_layers_,)
+        Directions kept per layer ``r_l``.
+    n_layers_ : int
+        Number of layers ``L + 1``.
+    layer_names_ : list of str
+        The model's layer names (:meth:`fit_model`), the cache's (an
+        ActivationCache given to :meth:`fit`), else ``"0"``, ``"1"``, ...
+    n_samples_seen_ : int
+        Number of samples (not positions) the graph was fitted on.
+    edge_point_ : {"data", "reconstructed"}
+        Where the edge Jacobians were evaluated.
+    fast_path_ : list of bool of length n_layers_ - 1
+        Whether the closed form was used for each pair of adjacent layers.
+
+    See Also
+    --------
+    sklearn_lib.InteractionBasis : The basis of one layer.
+    sklearn_lib.collect.collect : Cached activations and Jacobians of a model.
+    sklearn_lib.ModularityClustering : Modules of the graph from :meth:`adjacency`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from sklearn_lib.graph import InteractionGraph
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3))
+    >>> X = torch.randn(200, 4)
+    >>> graph = InteractionGraph.from_model(net, [":input", "1", "2"], X)
+    >>> graph.n_components_, graph.fast_path_
+    (array([4, 3, 3]), [True, True])
+    >>> [E.shape for E in graph.edges_]
+    [(3, 4), (3, 3)]
+    >>> A = graph.adjacency(norm="sqrt")
+    >>> A.shape, bool((A != A.T).nnz == 0)
+    ((10, 10), True)
+    >>> graph.transform(1, torch.relu(net[0](X))).shape
+    torch.Size([200, 3])
+    """
+
+    _parameter_constraints: dict = {
+        "n_components": [Interval(Integral, 1, None, closed="left"), list, tuple, None],
+        "basis": [StrOptions({"interaction", "pca"})],
+        "final_layer": [StrOptions({"identity", "pca"})],
+        "variant": [StrOptions({"local", "global"})],
+        "center": ["boolean"],
+        "truncation_threshold": [
+            StrOptions({"auto"}),
+            Interval(Real, 0, None, closed="left"),
+        ],
+        "batch_size": [Interval(Integral, 1, None, closed="left"), None],
+        "device": [StrOptions({"cpu", "cuda", "auto"}), str, torch.device],
+        "dtype": [StrOptions({"float64", "float32"})],
+        "edge_point": [StrOptions({"auto", "reconstructed", "data"})],
+        "integration": [StrOptions({"trapezoid", "gauss-legendre"}), None],
+        "n_alphas": [Interval(Integral, 1, None, closed="left")],
+        "stochastic_sources": [Interval(Integral, 1, None, closed="left"), None],
+        "fast_path": [StrOptions({"auto"}), "boolean"],
+        "random_state": ["random_state"],
+        "verbose": ["verbose"],
+    }
+
+    def __init__(
+        self,
+        n_components=None,
+        *,
+        basis="interaction",
+        final_layer="identity",
+        variant="local",
+        center=True,
+        truncation_threshold="auto",
+        batch_size=None,
+        device="cpu",
+        dtype="float64",
+        edge_point="auto",
+        integration=None,
+        n_alphas=10,
+        stochastic_sources=None,
+        fast_path="auto",
+        random_state=None,
+        verbose=False,
+    ):
+        self.n_components = n_components
+        self.basis = basis
+        self.final_layer = final_layer
+        self.variant = variant
+        self.center = center
+        self.truncation_threshold = truncation_threshold
+        self.batch_size = batch_size
+        self.device = device
+        self.dtype = dtype
+        self.edge_point = edge_point
+        self.integration = integration
+        self.n_alphas = n_alphas
+        self.stochastic_sources = stochastic_sources
+        self.fast_path = fast_path
+        self.random_state = random_state
+        self.verbose = verbose
+
+    # ------------------------------------------------------------------ fitting
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y=None, *, jacobians=None, sequence=False):
+        """Fit from cached activations and the Jacobians between adjacent layers.
+
+        Edge Jacobians are the cached ones, i.e. evaluated at the data point
+        (``edge_point="data"``); integrated gradients need a model.
+
+        Parameters
+        ----------
+        X : list of arrays of shape (n_rows_l, d_l), or ActivationCache
+            Activations ``[X_0, ..., X_L]`` of the layers in forward order
+            (ndarrays, memmaps, tensors or zarr arrays, read lazily chunk by
+            chunk). An :class:`~sklearn_lib.cache.ActivationCache` supplies its
+            layers, the Jacobians of adjacent layers and ``sequence`` itself.
+        y : None
+            Ignored.
+        jacobians : list of arrays of shape (n_rows_l, d_{l+1}, d_l)
+            ``jacobians[l][x] = d X_{l+1}[x] / d X_l[x]``, ``len(X) - 1`` of them.
+        sequence : bool, default=False
+            Rows are (sample, position) pairs in the row layout of
+            :func:`sklearn_lib.collect.collect` with ``sequence=True``: layer ``l``
+            has ``P_l`` rows per sample and ``jacobians[l]`` is
+            ``(n P_l, P_{l+1} d_{l+1}, d_l)``; ``P_{l+1}`` is read off its shape.
+
+        Returns
+        -------
+        self : InteractionGraph
+            The fitted graph.
+        """
+        names = None
+        from .cache import ActivationCache
+
+        if isinstance(X, ActivationCache):
+            if jacobians is not None:
+                raise ValueError("pass either an ActivationCache or jacobians, not both.")
+            names = X.layers
+            missing = [p for p in zip(names[:-1], names[1:]) if p not in X.jacobian_pairs]
+            if missing:
+                raise ValueError(
+                    f"the cache has no Jacobians for the adjacent sections {missing}; "
+                    f"stored: {X.jacobian_pairs}."
+                )
+            jacobians = [X.jacobians(a, b) for a, b in zip(names[:-1], names[1:])]
+            sequence = sequence or any(r > 1 for r in X.rows_per_sample.values()) or bool(
+                X.metadata.get("collect", {}).get("sequence", False)
+            )
+            X = [X.activations(name) for name in names]
+        if self.edge_point == "reconstructed":
+            raise ValueError(
+                "edge_point='reconstructed' needs Jacobians at reconstructed points, which "
+                "a cache does not have; use edge_point='data' (or 'auto') with fit, or "
+                "fit_model with a model."
+            )
+        if self.integration is not None:
+            raise ValueError(
+                f"integration={self.integration!r} evaluates Jacobians along a path, which "
+                "needs a model; use fit_model, or integration=None with cached Jacobians."
+            )
+        device, dtype = resolve_device(self.device), resolve_dtype(self.dtype)
+        source = _CachedSource(
+            X, jacobians, sequence=sequence, batch_size=self.batch_size,
+            device=device, dtype=dtype, verbose=self.verbose,
+        )
+        if names is None:
+            names = [str(l) for l in range(source.n_layers)]
+        result = self._build(source, edge_point="data")
+        result.update(layer_names_=list(names), n_samples_seen_=source.n_samples,
+                      fast_path_=[False] * (source.n_layers - 1))
+        return self._set_fitted(result)
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit_model(self, model, layers, data, *, sequence=False):
+        """Fit from a torch model, never forming full per-sample Jacobians.
+
+        For each layer, ``C_{l+1}^T J_l`` is computed directly by vectorised
+        vector-Jacobian products with the columns of ``C_{l+1}`` as cotangents
+        (or in closed form, see ``fast_path``), batch by batch on the model's
+        device. The data are iterated twice per layer (statistics, then edges)
+        plus once for the final layer, so they must be re-iterable.
+
+        Parameters
+        ----------
+        model : torch.nn.Module
+            The network; never modified (it runs in eval mode, converted to
+            ``dtype`` and ``device`` in a copy when needed).
+        layers : list of str
+            Layer names in forward order: ``model.named_modules()`` paths,
+            optionally suffixed ``":input"`` / ``":output"`` (``":input"`` is the
+            model's input), as in :func:`sklearn_lib.collect.collect`.
+        data : tensor, ndarray or re-iterable of batches (e.g. a DataLoader)
+            Model inputs; arrays are split into batches of ``batch_size``.
+        sequence : bool, default=False
+            Activations are (batch, position, feature) and positions count as
+            samples (SPEC section 2).
+
+        Returns
+        -------
+        self : InteractionGraph
+            The fitted graph.
+        """
+        alphas, weights = path_quadrature(self.integration, self.n_alphas)
+        edge_point = "reconstructed" if self.edge_point == "auto" else self.edge_point
+        source = _ModelSource(
+            model, layers, data, sequence=sequence, batch_size=self.batch_size,
+            device=resolve_device(self.device), dtype=self.dtype,
+            fast_path=self.fast_path,
+            verbose=self.verbose,
+        )
+        fast = [source.structure(l, l + 1) is not None for l in range(source.n_layers - 1)]
+        if self.fast_path is True and not all(fast):
+            slow = [
+                f"{source.specs[l].spec!r} -> {source.specs[l + 1].spec!r}"
+                for l, ok in enumerate(fast) if not ok
+            ]
+            raise ValueError(
+                "fast_path=True needs every pair of adjacent layers to be one nn.Linear "
+                "and/or one elementwise activation of an nn.Sequential; these sections are "
+                f"not: {', '.join(slow)}. Use fast_path='auto'."
+            )
+        with _collect._eval_mode(source.model):
+            result = self._build(source, edge_point=edge_point, alphas=alphas, weights=weights)
+        result.update(layer_names_=[s.spec for s in source.specs],
+                      n_samples_seen_=source.n_samples, fast_path_=fast)
+        return self._set_fitted(result)
+
+    @classmethod
+    def from_model(cls, model, layers, data, *, sequence=False, **params):
+        """Construct a graph with ``params`` and :meth:`fit_model` it.
+
+        Parameters
+        ----------
+        model : torch.nn.Module
+        layers : list of str
+        data : tensor, ndarray or re-iterable of batches
+        sequence : bool, default=False
+        **params
+            Constructor parameters of :class:`InteractionGraph`.
+
+        Returns
+        -------
+        graph : InteractionGraph
+            The fitted graph.
+        """
+        return cls(**params).fit_model(model, layers, data, sequence=sequence)
+
+    def _layer_n_components(self, n_layers):
+        nc = self.n_components
+        identity = self.final_layer == "identity"
+        if nc is None or isinstance(nc, Integral):
+            per_layer = [nc] * n_layers
+            if identity:
+                per_layer[-1] = None
+            return per_layer
+        per_layer = list(nc)
+        if len(per_layer) != n_layers:
+            raise ValueError(
+                f"n_components must have one entry per layer: expected {n_layers}, got "
+                f"{len(per_layer)} ({per_layer})."
+            )
+        for entry in per_layer:
+            if entry is not None and (not isinstance(entry, Integral) or entry < 1):
+                raise ValueError(
+                    f"n_components entries must be positive ints or None, got {per_layer}."
+                )
+        if identity and per_layer[-1] is not None:
+            raise ValueError(
+                "final_layer='identity' keeps every direction of the final layer; "
+                f"n_components[-1] must be None, got {per_layer[-1]}."
+            )
+        return per_layer
+
+    def _new_basis(self, n_components):
+        return InteractionBasis(
+            n_components,
+            center=self.center,
+            truncation_threshold=self.truncation_threshold,
+            batch_size=self.batch_size,
+            device=self.device,
+            dtype=self.dtype,
+        )
+
+    def _identity_basis(self, stats):
+        """An InteractionBasis fitted to the identity map (C = C_pinv = I, mean 0)."""
+        basis = self._new_basis(None)
+        d = stats.n_features
+        gram = stats.gram
+        second_moment = torch.diagonal(gram) + stats.mean.square()
+        eye = np.eye(d, dtype=np.dtype(self.dtype))
+        basis._statistics = stats
+        basis.components_ = eye.copy()
+        basis.inverse_components_ = eye.copy()
+        basis.mean_ = np.zeros(d, dtype=eye.dtype)
+        basis.interaction_strengths_ = second_moment.cpu().numpy()
+        basis.gram_eigenvalues_ = sorted_eigh(gram)[0].cpu().numpy()
+        basis.gram_ = gram.cpu().numpy()
+        basis.jacobian_gram_ = eye.copy()
+        basis.n_components_ = d
+        basis.n_samples_seen_ = stats.n_samples
+        basis.n_outputs_ = None
+        basis.n_features_in_ = d
+        return basis
+
+    def _cotangents(self, C, rng):
+        """``C`` or, with stochastic sources, ``C R / sqrt(k)`` with ``R`` random ±1."""
+        k = self.stochastic_sources
+        if k is None:
+            return C
+        R = rng.choice(np.array([-1.0, 1.0]), size=(C.shape[1], k))
+        return C @ torch.as_tensor(R, device=C.device, dtype=C.dtype) / np.sqrt(k)
+
+    def _build(self, source, *, edge_point, alphas=(1.0,), weights=(1.0,)):
+        """Backward chaining of SPEC section 2 over any source; returns the fitted state."""
+        n_layers = source.n_layers
+        L = n_layers - 1
+        n_components = self._layer_n_components(n_layers)
+        rng = check_random_state(self.random_state)
+        device, dtype = source.device, source.dtype
+
+        def new_stats(l, n_outputs):
+            return InteractionStatistics(
+                source.widths[l], n_outputs, center=self.center, device=device, dtype=dtype
+            )
+
+        def tensors(basis):
+            t = lambda a: as_tensor(a, device=device, dtype=dtype)  # noqa: E731
+            return t(basis.mean_), t(basis.components_.T), t(basis.inverse_components_)
+
+        steps = tqdm(total=2 * n_layers - 1, desc="InteractionGraph", disable=not self.verbose)
+        with steps:
+            bases = [None] * n_layers
+            stats_L = source.activation_stats(L, new_stats)
+            if self.final_layer == "identity":
+                bases[L] = self._identity_basis(stats_L)
+            else:
+                bases[L] = self._new_basis(n_components[L])._fit_statistics(stats_L)
+            steps.update()
+            C = [None] * n_layers
+            C[L] = tensors(bases[L])[1]
+            if self.basis == "pca":
+                for l in range(L - 1, -1, -1):
+                    stats = source.activation_stats(l, new_stats)
+                    bases[l] = self._new_basis(n_components[l])._fit_statistics(stats)
+                    C[l] = tensors(bases[l])[1]
+                    steps.update()
+            elif self.variant == "local":
+                for l in range(L - 1, -1, -1):
+                    V = self._cotangents(C[l + 1], rng)
+                    stats = source.jacobian_stats(l, V, new_stats)
+                    bases[l] = self._new_basis(n_components[l])._fit_statistics(stats)
+                    C[l] = tensors(bases[l])[1]
+                    steps.update()
+            else:
+                V = self._cotangents(C[L], rng)
+                all_stats = source.global_stats(V, new_stats)
+                for l in range(L):
+                    bases[l] = self._new_basis(n_components[l])._fit_statistics(all_stats[l])
+                    C[l] = tensors(bases[l])[1]
+                    steps.update()
+            edges = []
+            for l in range(L):
+                mean, C_l, C_pinv = tensors(bases[l])
+                E = source.edges(l, C[l + 1], mean, C_l, C_pinv, edge_point=edge_point,
+                                 alphas=list(alphas), weights=list(weights))
+                edges.append(E.cpu().numpy())
+                steps.update()
+        r = np.array([b.n_components_ for b in bases], dtype=np.int64)
+        return {
+            "bases_": bases,
+            "edges_": edges,
+            "n_components_": r,
+            "layer_offsets_": np.concatenate([[0], np.cumsum(r)]).astype(np.int64),
+            "n_layers_": n_layers,
+            "edge_point_": edge_point,
+        }
+
+    def _set_fitted(self, result):
+        for name, value in result.items():
+            setattr(self, name, value)
+        return self
+
+    # ------------------------------------------------------------------ using
+    def _layer_index(self, layer):
+        check_is_fitted(self)
+        if isinstance(layer, str):
+            if layer not in self.layer_names_:
+                raise ValueError(f"unknown layer {layer!r}; layers: {self.layer_names_}.")
+            return self.layer_names_.index(layer)
+        if not isinstance(layer, Integral) or not -self.n_layers_ <= layer < self.n_layers_:
+            raise ValueError(
+                f"layer must be a name from {self.layer_names_} or an int in "
+                f"[-{self.n_layers_}, {self.n_layers_}), got {layer!r}."
+            )
+        return int(layer) % self.n_layers_
+
+    def transform(self, layer, X):
+        """Basis coordinates ``(X - mean_l) @ C_l`` of activations of one layer.
+
+        Parameters
+        ----------
+        layer : int or str
+            Layer index (negative counts from the end) or name.
+        X : array-like or tensor of shape (n_rows, d_layer)
+
+        Returns
+        -------
+        Z : ndarray or tensor of shape (n_rows, r_layer)
+        """
+        return self.bases_[self._layer_index(layer)].transform(X)
+
+    def inverse_transform(self, layer, Z):
+        """Activations ``Z @ C_pinv_l + mean_l`` from basis coordinates of one layer.
+
+        Parameters
+        ----------
+        layer : int or str
+        Z : array-like or tensor of shape (n_rows, r_layer)
+
+        Returns
+        -------
+        X : ndarray or tensor of shape (n_rows, d_layer)
+        """
+        return self.bases_[self._layer_index(layer)].inverse_transform(Z)
+
+    def adjacency(self, norm="identity", eps=None):
+        """Symmetric sparse adjacency matrix over the nodes of all layers.
+
+        Block ``(l+1, l)`` (rows ``layer_offsets_[l+1]:...``, columns
+        ``layer_offsets_[l]:...``) holds the normalised ``edges_[l]``, block
+        ``(l, l+1)`` its transpose; everything else is zero.
+
+        Parameters
+        ----------
+        norm : {"identity", "sqrt", "log"}, default="identity"
+            ``E``, ``sqrt(E)`` or ``max(0, log10(E / eps))`` (see
+            :func:`sklearn_lib.cluster.normalize_edges`).
+        eps : float, list of float or None, default=None
+            Threshold of the log form: one value for all layer pairs or one per
+            pair (``n_layers_ - 1``). None picks, per pair, a tenth of the
+            smallest positive edge (every edge is kept and the weakest gets
+            weight 1). Ignored by the other norms.
+
+        Returns
+        -------
+        A : scipy.sparse.csr_array of shape (n_nodes, n_nodes)
+            ``n_nodes = layer_offsets_[-1]``; explicit zeros are removed.
+        """
+        from .cluster import normalize_edges
+
+        check_is_fitted(self)
+        n_pairs = len(self.edges_)
+        if norm == "log":
+            if eps is None:
+                eps = [E[E > 0].min() / 10 if (E > 0).any() else 1.0 for E in self.edges_]
+            elif np.ndim(eps) == 0:
+                eps = [eps] * n_pairs
+            else:
+                eps = list(np.asarray(eps, dtype=np.float64).ravel())
+                if len(eps) != n_pairs:
+                    raise ValueError(
+                        f"eps must be a float or one value per pair of adjacent layers: "
+                        f"expected {n_pairs}, got {len(eps)}."
+                    )
+            eps = [float(e) for e in eps]
+        else:
+            eps = [None] * n_pairs
+        off = self.layer_offsets_
+        rows, cols, vals = [], [], []
+        for l, E in enumerate(self.edges_):
+            W = normalize_edges(E, norm, eps=eps[l])
+            i, j = np.nonzero(W)
+            rows.append(i + off[l + 1])
+            cols.append(j + off[l])
+            vals.append(W[i, j])
+        rows, cols, vals = (np.concatenate(a) for a in (rows, cols, vals))
+        n = int(off[-1])
+        A = sp.coo_array(
+            (np.concatenate([vals, vals]),
+             (np.concatenate([rows, cols]), np.concatenate([cols, rows]))),
+            shape=(n, n),
+        )
+        return A.tocsr()
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path, *, overwrite=False):
+        """Save the fitted graph to the directory ``path`` (JSON + .npz, no pickle).
+
+        ``path/graph.json`` holds the parameters and per-layer scalars,
+        ``path/arrays.npz`` the basis matrices and edges. The directory is
+        written next to ``path`` and renamed into place, so a failed save leaves
+        no partial graph behind.
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+        overwrite : bool, default=False
+            Replace an existing graph saved at ``path``. Anything else at
+            ``path`` is never replaced.
+        """
+        check_is_fitted(self)
+        path = os.path.abspath(os.fspath(path))
+        if os.path.lexists(path):
+            if not overwrite:
+                raise FileExistsError(
+                    f"{path!r} already exists; pass overwrite=True to replace a saved graph."
+                )
+            if not _is_saved_graph(path):
+                raise FileExistsError(
+                    f"{path!r} exists and is not a saved InteractionGraph; refusing to "
+                    "replace it even with overwrite=True."
+                )
+        params = self.get_params()
+        params["device"] = str(params["device"])
+        if not (params["random_state"] is None or isinstance(params["random_state"], Integral)):
+            params["random_state"] = None
+        if isinstance(params["n_components"], tuple):
+            params["n_components"] = list(params["n_components"])
+        arrays = {f"edges_{l}": E for l, E in enumerate(self.edges_)}
+        layers = []
+        for l, basis in enumerate(self.bases_):
+            for name in _BASIS_ARRAYS:
+                arrays[f"basis_{l}_{name}"] = getattr(basis, name)
+            layers.append({
+                "params": {k: (str(v) if k == "device" else v)
+                           for k, v in basis.get_params().items()},
+                "n_components_": int(basis.n_components_),
+                "n_samples_seen_": int(basis.n_samples_seen_),
+                "n_outputs_": None if basis.n_outputs_ is None else int(basis.n_outputs_),
+                "n_features_in_": int(basis.n_features_in_),
+            })
+        meta = {
+            "format": _FORMAT,
+            "format_version": _FORMAT_VERSION,
+            "params": params,
+            "layer_names_": list(self.layer_names_),
+            "n_samples_seen_": int(self.n_samples_seen_),
+            "edge_point_": self.edge_point_,
+            "fast_path_": [bool(f) for f in self.fast_path_],
+            "bases": layers,
+        }
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        os.makedirs(tmp)
+        try:
+            with open(os.path.join(tmp, "graph.json"), "w", encoding="utf-8") as f:
+                json.dump(meta, f, indent=1, allow_nan=False)
+            np.savez(os.path.join(tmp, "arrays.npz"), **arrays)
+            if os.path.lexists(path):
+                old = f"{path}.old-{uuid.uuid4().hex}"
+                os.replace(path, old)
+                os.replace(tmp, path)
+                shutil.rmtree(old)
+            else:
+                os.replace(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return self
+
+    @classmethod
+    def load(cls, path):
+        """Load a graph written by :meth:`save`.
+
+        The bases transform exactly as when saved. Their running statistics are
+        not stored, so ``bases_[l].partial_fit`` starts afresh.
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+
+        Returns
+        -------
+        graph : InteractionGraph
+        """
+        path = os.fspath(path)
+        if not _is_saved_graph(path):
+            raise ValueError(f"{path!r} is not a graph saved by InteractionGraph.save.")
+        with open(os.path.join(path, "graph.json"), encoding="utf-8") as f:
+            meta = json.load(f)
+        if meta.get("format_version") != _FORMAT_VERSION:
+            raise ValueError(
+                f"{path!r} has format version {meta.get('format_version')}, this library "
+                f"reads version {_FORMAT_VERSION}."
+            )
+        with np.load(os.path.join(path, "arrays.npz"), allow_pickle=False) as npz:
+            arrays = {key: npz[key] for key in npz.files}
+        graph = cls(**meta["params"])
+        bases = []
+        for l, layer in enumerate(meta["bases"]):
+            basis = InteractionBasis(**layer["params"])
+            for name in _BASIS_ARRAYS:
+                setattr(basis, name, arrays[f"basis_{l}_{name}"])
+            for name in ("n_components_", "n_samples_seen_", "n_outputs_", "n_features_in_"):
+                setattr(basis, name, layer[name])
+            bases.append(basis)
+        n_layers = len(bases)
+        r = np.array([b.n_components_ for b in bases], dtype=np.int64)
+        return graph._set_fitted({
+            "bases_": bases,
+            "edges_": [arrays[f"edges_{l}"] for l in range(n_layers - 1)],
+            "n_components_": r,
+            "layer_offsets_": np.concatenate([[0], np.cumsum(r)]).astype(np.int64),
+            "n_layers_": n_layers,
+            "layer_names_": meta["layer_names_"],
+            "n_samples_seen_": meta["n_samples_seen_"],
+            "edge_point_": meta["edge_point_"],
+            "fast_path_": meta["fast_path_"],
+        })
+
+
+def _is_saved_graph(path):
+    try:
+        with open(os.path.join(path, "graph.json"), encoding="utf-8") as f:
+            return json.load(f).get("format") == _FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
