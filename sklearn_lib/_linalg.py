@@ -24,17 +24,27 @@ def sorted_eigh(A):
     return values[order], vectors[:, order]
 
 
-def truncation_tolerance(values, threshold):
+def truncation_tolerance(values, threshold, n_terms=1, scale=None):
     """Eigenvalues strictly above the returned value are kept.
 
-    ``"auto"`` is the numerical-rank tolerance ``max * size * eps`` of the
-    dtype; a float is an absolute threshold.
+    ``"auto"`` is the numerical-rank tolerance
+    ``scale * max(size, sqrt(n_terms)) * eps`` of the dtype, where ``scale`` is
+    the size of the matrix's absolute rounding errors (default: its largest
+    eigenvalue) and ``n_terms`` the number of outer products summed into it.
+    SPEC section 1 states ``max * size * eps``, which is what this is for the
+    Gram matrix of few rows. It is too tight elsewhere, and kept rounding noise
+    as directions (``Lambda ~ 1e-14 * max`` for a rank-2 map on 5 features):
+    a sum of many rows carries noise of order ``sqrt(n_terms) * eps`` (a random
+    walk of rounding errors), and the whitened ``M = D^1/2 U^T M' U D^1/2`` carries
+    ``M'``'s absolute errors times ``D``, so its scale is ``D_max * |M'|``, not
+    ``Lambda_max``. A float is an absolute threshold.
     """
     if threshold == "auto":
         if values.numel() == 0:
             return 0.0
         eps = torch.finfo(values.dtype).eps
-        return float(values.max()) * values.numel() * eps
+        scale = float(values.max()) if scale is None else max(scale, float(values.max()))
+        return scale * max(values.numel(), n_terms**0.5) * eps
     return float(threshold)
 
 
@@ -65,7 +75,9 @@ class BasisResult:
     n_available: int
 
 
-def interaction_basis(gram, jacobian_gram, *, threshold="auto", n_components=None):
+def interaction_basis(
+    gram, jacobian_gram, *, threshold="auto", n_components=None, n_terms=(1, 1)
+):
     """Interaction basis from the Gram matrix ``G`` and Jacobian second moment ``M'``.
 
     Implements steps 2-7 of SPEC section 1: ``G = U D U^T`` truncated at
@@ -79,20 +91,24 @@ def interaction_basis(gram, jacobian_gram, *, threshold="auto", n_components=Non
     threshold : "auto" or float
     n_components : int or None
         Upper bound on the number of directions; the caller clamps and warns.
+    n_terms : (int, int)
+        Number of outer products accumulated into ``gram`` and ``jacobian_gram``
+        (rows of X; rows of X times outputs), for the "auto" tolerance.
 
     Returns
     -------
     BasisResult
     """
     D_all, U_all = sorted_eigh(gram)
-    m = int((D_all > truncation_tolerance(D_all, threshold)).sum())
+    m = int((D_all > truncation_tolerance(D_all, threshold, n_terms[0])).sum())
     D, U = D_all[:m], U_all[:, :m]
     sqrt_D = D.sqrt()
     M = sqrt_D[:, None] * (U.T @ jacobian_gram @ U) * sqrt_D[None, :]
     Lambda, V = sorted_eigh(M)
     # SPEC: the second truncation keeps Lambda >= tau (the first keeps D > tau);
     # "auto" must still drop exact zeros, hence the strict form when tau is 0.
-    tau = truncation_tolerance(Lambda, threshold)
+    scale = float(D[0] * torch.linalg.matrix_norm(jacobian_gram)) if m else None
+    tau = truncation_tolerance(Lambda, threshold, n_terms[1], scale)
     keep = Lambda > tau if tau == 0 else Lambda >= tau
     n_available = int(keep.sum())
     r = n_available if n_components is None else min(n_components, n_available)

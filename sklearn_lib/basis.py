@@ -307,6 +307,7 @@ class InteractionBasis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
             jacobian_gram,
             threshold=self.truncation_threshold,
             n_components=self.n_components,
+            n_terms=(stats.n_samples, stats.n_samples * (stats.n_outputs or 1)),
         )
         if result.n_available == 0:
             raise ValueError(

@@ -223,6 +223,17 @@ def test_truncation_drops_null_directions(rng):
     assert np.all(np.diff(basis.gram_eigenvalues_) <= 0)
 
 
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), rank=st.integers(1, 4), n=st.integers(50, 2000))
+def test_auto_threshold_finds_the_rank_of_the_downstream_map(seed, rank, n):
+    """A rank-k downstream map keeps exactly k directions, not k plus rounding noise."""
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, 5)) @ rng.normal(size=(5, 5))
+    W = rng.normal(size=(4, rank)) @ rng.normal(size=(rank, 5))
+    basis = InteractionBasis().fit(X, jacobians=np.broadcast_to(W, (n, 4, 5)))
+    assert basis.n_components_ == rank
+
+
 def test_absolute_threshold(rng):
     X = rng.normal(size=(400, 3)) * np.array([1.0, 1e-2, 1e-4])
     assert InteractionBasis(truncation_threshold=1e-5).fit(X).n_components_ == 2
