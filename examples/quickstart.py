@@ -17,7 +17,6 @@ Run with ``python examples/quickstart.py`` (``--quick``, or the environment vari
 import argparse
 import os
 
-import numpy as np
 import torch
 from sklearn.datasets import load_digits
 from sklearn.decomposition import PCA

@@ -7,6 +7,7 @@ out; tensor in, tensor on the same device out" is implemented once.
 """
 
 import numbers
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -89,3 +90,24 @@ def gen_batches(n, batch_size):
         raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}.")
     for start in range(0, n, batch_size):
         yield slice(start, min(start + batch_size, n))
+
+
+def model_device(model):
+    """Device of a module's first parameter or buffer (the CPU for a stateless module)."""
+    for t in [*model.parameters(), *model.buffers()]:
+        return t.device
+    return torch.device("cpu")
+
+
+@contextmanager
+def eval_mode(model):
+    """Put ``model`` in eval mode for the block, then restore every module's own flag."""
+    # Restore each module's own flag: model.train(previous) would overwrite
+    # submodules that were deliberately in a different mode.
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training

@@ -321,6 +321,7 @@ class InteractionBasis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
                 "directions that survive truncation; keeping "
                 f"{result.n_available}.",
                 UserWarning,
+                stacklevel=3,
             )
         self._statistics = stats
         self.components_ = to_output(result.components.T, None)

@@ -50,7 +50,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ._backend import as_tensor, gen_batches, resolve_device, resolve_dtype, to_output
+from ._backend import (
+    as_tensor,
+    eval_mode,
+    gen_batches,
+    model_device,
+    resolve_device,
+    resolve_dtype,
+    to_output,
+)
 
 __all__ = [
     "collect",
@@ -209,25 +217,6 @@ def prepare_model(model, *, device=None, dtype="float64"):
     return copy.deepcopy(model).to(device=device, dtype=dtype)
 
 
-def _model_device(model):
-    for t in [*model.parameters(), *model.buffers()]:
-        return t.device
-    return torch.device("cpu")
-
-
-@contextmanager
-def _eval_mode(model):
-    # Restore each module's own flag: model.train(previous) would overwrite
-    # submodules that were deliberately in a different mode.
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
-
-
 def _input_tensor(batch, device, dtype):
     """Move a batch of model inputs to ``device``; floating inputs are cast, token ids are not."""
     if isinstance(batch, torch.Tensor):
@@ -368,11 +357,11 @@ def record_activations(
     True
     """
     run_model = prepare_model(model, device=device, dtype=dtype)
-    device, dtype = _model_device(run_model), resolve_dtype(dtype)
+    device, dtype = model_device(run_model), resolve_dtype(dtype)
     specs = _parse_layers(run_model, layers, hook)
     batches, total = _iter_batches(data, batch_size)
     parts = {layer.spec: [] for layer in specs}
-    with _eval_mode(run_model), torch.no_grad(), tqdm(
+    with eval_mode(run_model), torch.no_grad(), tqdm(
         total=total, disable=not verbose, unit="sample", desc="activations"
     ) as bar:
         for batch in batches:
@@ -650,10 +639,10 @@ def section_vjp_products(
     torch.Size([5, 1, 4])
     """
     run_model = prepare_model(model, device=device, dtype=dtype)
-    device, dtype = _model_device(run_model), resolve_dtype(dtype)
+    device, dtype = model_device(run_model), resolve_dtype(dtype)
     a, b = _parse_layers(run_model, [in_layer, out_layer], "output")
     x = _input_tensor(inputs, device, dtype)
-    with _eval_mode(run_model):
+    with eval_mode(run_model):
         with torch.no_grad():
             act_in = _cast(_record_batch(run_model, [a], x)[a.spec], dtype)
         products = _section_rows(
@@ -782,7 +771,7 @@ def collect(
     (True, 'Array')
     """
     run_model = prepare_model(model, device=device, dtype=dtype)
-    device, dtype = _model_device(run_model), resolve_dtype(dtype)
+    device, dtype = model_device(run_model), resolve_dtype(dtype)
     specs = _parse_layers(run_model, layers, "output")
     if jacobians and len(specs) < 2:
         raise ValueError("jacobians=True needs at least two layers.")
@@ -799,7 +788,7 @@ def collect(
     act_parts = {layer.spec: [] for layer in specs}
     jac_parts = {(a.spec, b.spec): [] for a, b in sections}
     try:
-        with _eval_mode(run_model), tqdm(
+        with eval_mode(run_model), tqdm(
             total=total, disable=not verbose, unit="sample", desc="collect"
         ) as bar:
             for i, batch in enumerate(batches):

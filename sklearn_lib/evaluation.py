@@ -51,9 +51,8 @@ import torch
 import torch.nn.functional as F
 from sklearn.utils.validation import check_array, check_is_fitted
 
-from ._backend import as_tensor, gen_batches, is_tensor, to_output
+from ._backend import as_tensor, eval_mode, gen_batches, is_tensor, model_device, to_output
 from ._validation import check_finite
-from .collect import _eval_mode, _model_device
 from .metrics import _affine_map
 
 __all__ = [
@@ -176,21 +175,12 @@ class _AffineBasis:
                 f"{name} was fitted on {expected} features, but the activations it "
                 f"is applied to have {n_features}."
             )
-        _, A, P, b = _affine_map(basis, n_features)
-        c = np.asarray(basis.inverse_transform(np.zeros((1, A.shape[1]))), dtype=np.float64)[0]
-        # Probing reads a linear map off a few points; a basis that is not affine
-        # (a pipeline with a non-linear step) would be silently misrepresented.
-        expected_z = sample @ A + b
-        actual_z = np.asarray(basis.transform(sample), dtype=np.float64)
-        scale = max(1.0, float(np.abs(expected_z).max(initial=0.0)))
-        if not np.allclose(actual_z, expected_z, rtol=1e-6, atol=1e-8 * scale):
-            raise ValueError(
-                f"{name} ({type(basis).__name__}) is not affine; ablations need a linear "
-                "basis with transform and inverse_transform."
-            )
-        t = lambda a: torch.as_tensor(a, dtype=torch.float64, device=device)  # noqa: E731
-        self.A, self.b, self.P, self.c = t(A), t(b), t(P), t(c)
-        self.n_components = A.shape[1]
+        affine = _affine_map(basis, np.asarray(sample, dtype=np.float64), name=name)
+        self.A, self.b, self.P, self.c = (
+            torch.as_tensor(a, dtype=torch.float64, device=device)
+            for a in (affine.A, affine.b, affine.P, affine.c)
+        )
+        self.n_components = self.A.shape[1]
 
     def transform(self, X, k=None):
         """The first ``k`` coordinates (all when None) of ``X``."""
@@ -218,7 +208,7 @@ class _Network:
         if is_tensor(X):
             self.device = X.device
         elif modules:
-            self.device = _model_device(modules[0])
+            self.device = model_device(modules[0])
         else:
             self.device = torch.device("cpu")
         self.X = X
@@ -231,7 +221,7 @@ class _Network:
         """No gradients, and every module piece in eval mode (each module's own mode restored)."""
         with torch.no_grad(), ExitStack() as stack:
             for module in self._modules:
-                stack.enter_context(_eval_mode(module))
+                stack.enter_context(eval_mode(module))
             yield
 
     def call(self, name, acts):

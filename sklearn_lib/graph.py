@@ -37,7 +37,7 @@ from sklearn.utils.validation import check_is_fitted
 from tqdm.auto import tqdm
 
 from . import collect as _collect
-from ._backend import as_tensor, resolve_device, resolve_dtype
+from ._backend import as_tensor, eval_mode, model_device, resolve_device, resolve_dtype
 from ._edges import Workspace, accumulate_edges, path_points, path_quadrature
 from ._fastpath import detect_section
 from ._linalg import sorted_eigh
@@ -266,7 +266,7 @@ class _ModelSource:
                 f"({type(data).__name__})."
             )
         self.model = _collect.prepare_model(model, device=device, dtype=dtype)
-        self.device = _collect._model_device(self.model)
+        self.device = model_device(self.model)
         self.dtype = resolve_dtype(dtype)
         self.specs = _collect._parse_layers(self.model, list(layers), "output")
         self.data, self.sequence, self.verbose = data, sequence, verbose
@@ -276,7 +276,7 @@ class _ModelSource:
         first = next(iter(self._batches(self.batch_size or 2)), None)
         if first is None:
             raise ValueError("data yielded no samples.")
-        with _collect._eval_mode(self.model), torch.no_grad():
+        with eval_mode(self.model), torch.no_grad():
             probe = _collect._record_batch(self.model, self.specs, first[:2])
         shapes = [tuple(probe[s.spec].shape[1:]) for s in self.specs]
         pw = [_collect._positions(sh, sequence, repr(s.spec)) for sh, s in zip(shapes, self.specs)]
@@ -782,7 +782,7 @@ class InteractionGraph(BaseEstimator):
                 "and/or one elementwise activation of an nn.Sequential; these sections are "
                 f"not: {', '.join(slow)}. Use fast_path='auto'."
             )
-        with _collect._eval_mode(source.model):
+        with eval_mode(source.model):
             result = self._build(source, edge_point=edge_point, alphas=alphas, weights=weights)
         result.update(layer_names_=[s.spec for s in source.specs],
                       n_samples_seen_=source.n_samples, fast_path_=fast)

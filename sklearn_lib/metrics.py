@@ -8,6 +8,8 @@ attribution ``E[i, j] = mean_x (J_hat_x[i, j] * z_x[j])^2``; a basis is better
 the sparser that matrix is.
 """
 
+from typing import NamedTuple
+
 import numpy as np
 import torch
 from sklearn.utils.metadata_routing import MetadataRequest
@@ -126,14 +128,29 @@ def interaction_edges(
     return total / n
 
 
-def _affine_map(estimator, n_features):
-    """Probe a fitted affine transformer for ``(mean-offset, C, C_pinv)``.
+class AffineMap(NamedTuple):
+    """A fitted affine basis read off by probing: ``z = x @ A + b = (x - mean) @ A``,
+    ``x = z @ P + c``."""
+
+    mean: np.ndarray
+    A: np.ndarray
+    b: np.ndarray
+    P: np.ndarray
+    c: np.ndarray
+
+
+def _affine_map(estimator, sample, *, name="estimator"):
+    """Probe a fitted affine transformer and check on ``sample`` that it is affine.
 
     ``transform(x) = x @ A + b`` is read off ``transform`` at 0 and the unit
-    vectors; the left inverse comes from ``inverse_transform`` when the
-    estimator has one (so that PCA and InteractionBasis are scored with their
-    own reconstructions) and is the pseudo-inverse otherwise.
+    vectors; the left inverse ``P`` (and offset ``c``) comes from
+    ``inverse_transform`` when the estimator has one (so that PCA and
+    InteractionBasis are used with their own reconstructions) and is the
+    pseudo-inverse otherwise. A transformer that is not affine (a pipeline with
+    a non-linear step) would be silently misrepresented by the probe, so a few
+    rows of ``sample`` are checked against it.
     """
+    n_features = sample.shape[1]
     probe = np.vstack([np.zeros((1, n_features)), np.eye(n_features)])
     out = np.asarray(estimator.transform(probe), dtype=np.float64)
     b, A = out[0], out[1:] - out[0]
@@ -143,13 +160,22 @@ def _affine_map(estimator, n_features):
             estimator.inverse_transform(np.vstack([np.zeros((1, r)), np.eye(r)])),
             dtype=np.float64,
         )
-        A_pinv = back[1:] - back[0]
+        c, P = back[0], back[1:] - back[0]
     else:
-        A_pinv = np.linalg.pinv(A)
-    # transform(x) = x @ A + b = (x - mu) @ A with mu solving mu @ A = -b; any
-    # such mu gives the same Z, and least squares finds one.
-    mu = -np.linalg.lstsq(A.T, b, rcond=None)[0]
-    return mu, A, A_pinv, b
+        c, P = np.zeros(n_features), np.linalg.pinv(A)
+    rows = sample[: min(len(sample), 8)]
+    expected = rows @ A + b
+    actual = np.asarray(estimator.transform(rows), dtype=np.float64)
+    scale = max(1.0, float(np.abs(expected).max(initial=0.0)))
+    if not np.allclose(actual, expected, rtol=1e-6, atol=1e-8 * scale):
+        raise ValueError(
+            f"{name} ({type(estimator).__name__}) is not affine: its transform is not "
+            "x @ A + b, and a linear basis is needed here."
+        )
+    # x @ A + b = (x - mean) @ A with mean solving mean @ A = -b; any such mean
+    # gives the same Z, and least squares finds one.
+    mean = -np.linalg.lstsq(A.T, b, rcond=None)[0]
+    return AffineMap(mean, A, b, P, c)
 
 
 class InteractionSparsityScorer:
@@ -209,19 +235,12 @@ class InteractionSparsityScorer:
         if X.ndim != 2:
             raise ValueError(f"X must be 2-D (n_samples, n_features), got shape {X.shape}.")
         jacobians = check_jacobians(jacobians, X.shape)
-        mu, A, A_pinv, b = _affine_map(estimator, X.shape[1])
-        # An estimator that is not affine would make the probed map meaningless.
-        probe = X[: min(len(X), 8)]
-        expected = probe @ A + b
-        actual = np.asarray(estimator.transform(probe), dtype=np.float64)
-        if not np.allclose(actual, expected, rtol=1e-6, atol=1e-8 * max(1.0, np.abs(expected).max())):
-            raise ValueError(
-                f"{type(estimator).__name__}.transform is not affine; "
-                "InteractionSparsityScorer needs a linear basis."
-            )
-        t = lambda a: torch.as_tensor(a, dtype=torch.float64)  # noqa: E731
+        affine = _affine_map(estimator, X)
         E = interaction_edges(
-            X, jacobians, t(mu), t(A), t(A_pinv), batch_size=self.batch_size
+            X,
+            jacobians,
+            *(torch.as_tensor(a, dtype=torch.float64) for a in (affine.mean, affine.A, affine.P)),
+            batch_size=self.batch_size,
         )
         return _sparsity(E.numpy(), self.metric)
 
