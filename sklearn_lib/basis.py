@@ -77,9 +77,9 @@ class InteractionBasis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
 
     Attributes
     ----------
-    components_ : ndarray of shape (n_components, n_features_in_)
+    components_ : ndarray of shape (n_components, n_features_in)
         ``C.T``: ``transform(X) = (X - mean_) @ components_.T``.
-    inverse_components_ : ndarray of shape (n_components, n_features_in_)
+    inverse_components_ : ndarray of shape (n_components, n_features_in)
         ``C_pinv``, the left inverse: ``inverse_transform(Z) = Z @ inverse_components_ + mean_``.
     mean_ : ndarray of shape (n_features_in,)
         Weighted mean of the training data (zeros when ``center=False``).
@@ -87,9 +87,9 @@ class InteractionBasis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
         ``Lambda``, descending; also the variance of each transformed feature.
     gram_eigenvalues_ : ndarray of shape (n_features_in,)
         All eigenvalues ``D`` of the Gram matrix, descending.
-    gram_ : ndarray of shape (n_features_in, n_features_in_)
+    gram_ : ndarray of shape (n_features_in, n_features_in)
         The (weighted, centred) Gram matrix ``G``.
-    jacobian_gram_ : ndarray of shape (n_features_in, n_features_in_)
+    jacobian_gram_ : ndarray of shape (n_features_in, n_features_in)
         The Jacobian second moment ``M'`` (the identity when fitted without Jacobians).
     n_components_ : int
         Number of directions kept.

@@ -560,10 +560,10 @@ class InteractionGraph(BaseEstimator):
         the data as usual.
     edges_ : list of ndarray of shape (r_{l+1}, r_l)
         Edge matrices between adjacent layers.
-    layer_offsets_ : ndarray of int64 of shape (n_layers_ + 1,)
+    layer_offsets_ : ndarray of int64 of shape (n_layers + 1,)
         Cumulative node counts: the nodes of layer ``l`` are
         ``layer_offsets_[l]:layer_offsets_[l + 1]`` of :meth:`adjacency`.
-    n_components_ : ndarray of int64 of shape (n_layers_,)
+    n_components_ : ndarray of int64 of shape (n_layers,)
         Directions kept per layer ``r_l``.
     n_layers_ : int
         Number of layers ``L + 1``.
@@ -574,7 +574,7 @@ class InteractionGraph(BaseEstimator):
         Number of samples (not positions) the graph was fitted on.
     edge_point_ : {"data", "reconstructed"}
         Where the edge Jacobians were evaluated.
-    fast_path_ : list of bool of length n_layers_ - 1
+    fast_path_ : list of bool of length n_layers - 1
         Whether the closed form was used for each pair of adjacent layers.
 
     See Also
