@@ -480,3 +480,41 @@ def test_sklearn_conventions():
 
     with pytest.raises(NotFittedError):
         ModularityClustering().transform(np.ones((1, 3)))
+
+
+def test_two_independent_halves_split_through_the_whole_pipeline():
+    """activations -> graph -> modules on a network that is two networks side by side."""
+    import torch
+    from sklearn.metrics import adjusted_rand_score
+
+    from sklearn_lib import InteractionGraph
+    from sklearn_lib.collect import collect
+
+    gen = torch.Generator().manual_seed(0)
+    widths, layers = (4, 8, 3), []
+    for i, (d_in, d_out) in enumerate(zip(widths[:-1], widths[1:])):
+        weight = torch.zeros(2 * d_out, 2 * d_in, dtype=torch.float64)
+        # Block-diagonal: half 0 never reads half 1. Half 1 is 3x stronger so that
+        # interaction strengths of the halves do not interleave (see plot_modules.py).
+        weight[:d_out, :d_in] = torch.randn(d_out, d_in, generator=gen, dtype=torch.float64)
+        weight[d_out:, d_in:] = 3 * torch.randn(d_out, d_in, generator=gen, dtype=torch.float64)
+        linear = torch.nn.Linear(2 * d_in, 2 * d_out).double()
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+        layers += [linear, torch.nn.ReLU()] if i == 0 else [linear]
+    model = torch.nn.Sequential(*layers)
+    X = np.random.default_rng(0).normal(size=(400, 8))
+    activations, jacobians = collect(model, [":input", "1", "2"], X, verbose=False)
+    graph = InteractionGraph().fit(activations, jacobians=jacobians)
+    modules = ModularityClustering(resolution=0.5, normalization="sqrt",
+                                   random_state=0).fit(graph)
+    halves = np.concatenate([
+        (basis.components_[:, w:] ** 2).sum(1) > (basis.components_[:, :w] ** 2).sum(1)
+        for basis, w in zip(graph.bases_, widths)
+    ])
+    assert modules.n_clusters_ == 2
+    assert adjusted_rand_score(halves, modules.labels_) == 1.0
+    # Each direction lives in one half: the assignment above is unambiguous.
+    for basis, w in zip(graph.bases_, widths):
+        share = (basis.components_[:, w:] ** 2).sum(1) / (basis.components_ ** 2).sum(1)
+        assert np.all((share < 0.05) | (share > 0.95))
