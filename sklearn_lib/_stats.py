@@ -90,12 +90,23 @@ class InteractionStatistics:
             if sample_weight is None
             else as_tensor(sample_weight, device=self.device, dtype=self.dtype)
         )
+        jacobian_scatter = None
         if self.jacobian_scatter is not None:
             J = as_tensor(jacobians, device=self.device, dtype=self.dtype)
-            check_finite(J, "jacobians")
             if w is not None:
                 J = J * w.sqrt()[:, None, None]
             J = J.reshape(-1, self.n_features)
+            # One GEMM over all (sample, output) rows: the whole cost of a fit.
+            # addmm runs it faster than J.T @ J followed by a sum, and out of place
+            # it leaves the statistics untouched until the chunk is validated.
+            jacobian_scatter = torch.addmm(self.jacobian_scatter, J.T, J)
+            # A NaN or infinity anywhere in column j of J reaches diagonal entry j
+            # of J^T J; checking d numbers instead of the chunk halves the cost.
+            if not bool(torch.isfinite(jacobian_scatter.diagonal()).all()):
+                raise ValueError(
+                    "jacobians contains NaN or infinity (or values whose squares "
+                    "overflow float64)."
+                )
         # Everything is validated: from here on the statistics change.
         chunk = self._empty_like()
         chunk.n_samples = X.shape[0]
@@ -107,44 +118,8 @@ class InteractionStatistics:
             Xw = X if w is None else X * w.sqrt()[:, None]
             chunk.scatter = Xw.T @ Xw
         self.merge_(chunk)
-        if self.jacobian_scatter is not None:
-            # One GEMM over all (sample, output) rows, accumulated in place: the
-            # whole cost of a fit, and addmm_ runs it faster than J.T @ J + sum.
-            self.jacobian_scatter.addmm_(J.T, J)
-        return self
-
-    def add_jacobian_scatter_(self, scatter, n_outputs):
-        """Add a Jacobian scatter ``sum_x w_x J_x^T J_x`` computed elsewhere; return ``self``.
-
-        For downstream maps with structure (e.g. ``J_x = diag(s_x) W^T``) the
-        scatter has a closed form that is much cheaper than forming the
-        per-sample Jacobians; the caller accumulates it over the *same* samples
-        it passed to :meth:`update` (without ``jacobians``) and adds it here.
-        Statistics created with ``n_outputs=None`` take ``n_outputs`` from this
-        call; otherwise it must match.
-
-        Parameters
-        ----------
-        scatter : array-like or tensor of shape (d, d)
-        n_outputs : int
-            Number of rows of each ``J_x`` (informational; used by merges).
-        """
-        scatter = as_tensor(scatter, device=self.device, dtype=self.dtype)
-        d = self.n_features
-        if tuple(scatter.shape) != (d, d):
-            raise ValueError(
-                f"the Jacobian scatter must be ({d}, {d}), got {tuple(scatter.shape)}."
-            )
-        check_finite(scatter, "jacobian scatter")
-        if self.jacobian_scatter is None:
-            self.jacobian_scatter = torch.zeros_like(scatter)
-            self.n_outputs = int(n_outputs)
-        elif self.n_outputs != n_outputs:
-            raise ValueError(
-                f"these statistics hold Jacobians with {self.n_outputs} outputs, "
-                f"got a scatter for {n_outputs}."
-            )
-        self.jacobian_scatter += scatter
+        if jacobian_scatter is not None:
+            self.jacobian_scatter = jacobian_scatter
         return self
 
     def merge_(self, other):
