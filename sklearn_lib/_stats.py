@@ -122,6 +122,40 @@ class InteractionStatistics:
             self.jacobian_scatter = jacobian_scatter
         return self
 
+    def add_jacobian_scatter_(self, scatter, n_outputs):
+        """Add a Jacobian scatter ``sum_x w_x J_x^T J_x`` computed elsewhere; return ``self``.
+
+        For downstream maps with structure (e.g. ``J_x = diag(s_x) W^T``) the
+        scatter has a closed form that is much cheaper than forming the
+        per-sample Jacobians; the caller accumulates it over the *same* samples
+        it passed to :meth:`update` (without ``jacobians``) and adds it here.
+        Statistics created with ``n_outputs=None`` take ``n_outputs`` from this
+        call; otherwise it must match.
+
+        Parameters
+        ----------
+        scatter : array-like or tensor of shape (d, d)
+        n_outputs : int
+            Number of rows of each ``J_x`` (informational; used by merges).
+        """
+        scatter = as_tensor(scatter, device=self.device, dtype=self.dtype)
+        d = self.n_features
+        if tuple(scatter.shape) != (d, d):
+            raise ValueError(
+                f"the Jacobian scatter must be ({d}, {d}), got {tuple(scatter.shape)}."
+            )
+        check_finite(scatter, "jacobian scatter")
+        if self.jacobian_scatter is None:
+            self.jacobian_scatter = torch.zeros_like(scatter)
+            self.n_outputs = int(n_outputs)
+        elif self.n_outputs != n_outputs:
+            raise ValueError(
+                f"these statistics hold Jacobians with {self.n_outputs} outputs, "
+                f"got a scatter for {n_outputs}."
+            )
+        self.jacobian_scatter += scatter
+        return self
+
     def merge_(self, other):
         """Merge ``other`` into ``self`` in place (Chan et al.'s pairwise update)."""
         self._check_compatible(other)
