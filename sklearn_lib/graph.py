@@ -25,7 +25,7 @@ import json
 import os
 import shutil
 import uuid
-from numbers import Integral, Real
+from numbers import Integral
 
 import numpy as np
 import scipy.sparse as sp
@@ -608,14 +608,11 @@ class InteractionGraph(BaseEstimator):
         "basis": [StrOptions({"interaction", "pca"})],
         "final_layer": [StrOptions({"identity", "pca"})],
         "variant": [StrOptions({"local", "global"})],
-        "center": ["boolean"],
-        "truncation_threshold": [
-            StrOptions({"auto"}),
-            Interval(Real, 0, None, closed="left"),
-        ],
-        "batch_size": [Interval(Integral, 1, None, closed="left"), None],
-        "device": [StrOptions({"cpu", "cuda", "auto"}), str, torch.device],
-        "dtype": [StrOptions({"float64", "float32"})],
+        # The per-layer basis settings are validated exactly as InteractionBasis does.
+        **{
+            name: InteractionBasis._parameter_constraints[name]
+            for name in ("center", "truncation_threshold", "batch_size", "device", "dtype")
+        },
         "edge_point": [StrOptions({"auto", "reconstructed", "data"})],
         "integration": [StrOptions({"trapezoid", "gauss-legendre"}), None],
         "n_alphas": [Interval(Integral, 1, None, closed="left")],
