@@ -47,3 +47,11 @@ def align_signs(A, B):
     signs = np.sign(np.sum(A * B, axis=0))
     signs[signs == 0] = 1
     return B * signs
+
+
+def random_invertible(seed, d, log_cond):
+    """A random (d, d) matrix with condition number exp(log_cond): Q1 diag(...) Q2."""
+    gen = np.random.default_rng(seed)
+    Q1, _ = np.linalg.qr(gen.normal(size=(d, d)))
+    Q2, _ = np.linalg.qr(gen.normal(size=(d, d)))
+    return Q1 @ np.diag(np.exp(np.linspace(0, log_cond, d))) @ Q2

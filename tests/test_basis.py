@@ -4,7 +4,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from _reference import align_signs, reference_basis
+from _reference import align_signs, random_invertible, reference_basis
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.base import clone
@@ -95,11 +95,6 @@ def test_identity_c_orthonormal_downstream_jacobian(rng):
     np.testing.assert_allclose(second_moment, np.eye(basis.n_components_), atol=1e-9)
 
 
-def _random_invertible(seed, d, log_cond):
-    gen = np.random.default_rng(seed)
-    Q1, _ = np.linalg.qr(gen.normal(size=(d, d)))
-    Q2, _ = np.linalg.qr(gen.normal(size=(d, d)))
-    return Q1 @ np.diag(np.exp(np.linspace(0, log_cond, d))) @ Q2
 
 
 @settings(max_examples=25, deadline=None)
@@ -114,7 +109,7 @@ def test_identity_d_reparameterisation_invariance(seed, log_cond, center):
     """
     rng = np.random.default_rng(seed)
     X, J = make_layer(rng, n=100, d=5, o=3)
-    A = _random_invertible(seed, 5, log_cond)
+    A = random_invertible(seed, 5, log_cond)
     Z = InteractionBasis(center=center).fit_transform(X, jacobians=J)
     Z_A = InteractionBasis(center=center).fit_transform(X @ A, jacobians=J @ np.linalg.inv(A).T)
     np.testing.assert_allclose(align_signs(Z, Z_A), Z, atol=1e-7 * np.abs(Z).max())

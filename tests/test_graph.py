@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
-from _reference import reference_basis
+from _reference import random_invertible, reference_basis
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.base import clone
@@ -553,11 +553,6 @@ def test_fast_path_detection(model_fn, layers, expected):
 
 
 # --------------------------------------------------------------------------- invariance
-def _invertible(seed, d, log_cond):
-    gen = np.random.default_rng(seed)
-    Q1, _ = np.linalg.qr(gen.normal(size=(d, d)))
-    Q2, _ = np.linalg.qr(gen.normal(size=(d, d)))
-    return Q1 @ np.diag(np.exp(np.linspace(0, log_cond, d))) @ Q2
 
 
 @settings(max_examples=6, deadline=None)
@@ -569,7 +564,7 @@ def test_edges_invariant_under_hidden_reparameterisation(seed, log_cond):
     acts = [rng.normal(size=(n, k)) for k in d]
     jacs = [rng.normal(size=(n, d[l + 1], d[l])) + rng.normal(size=(d[l + 1], d[l]))
             for l in range(2)]
-    A = _invertible(seed, d[1], log_cond)
+    A = random_invertible(seed, d[1], log_cond)
     acts_A = [acts[0], acts[1] @ A, acts[2]]
     jacs_A = [np.einsum("ji,xjk->xik", A, jacs[0]), jacs[1] @ np.linalg.inv(A).T]
     graph = InteractionGraph().fit(acts, jacobians=jacs)
