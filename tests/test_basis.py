@@ -95,8 +95,6 @@ def test_identity_c_orthonormal_downstream_jacobian(rng):
     np.testing.assert_allclose(second_moment, np.eye(basis.n_components_), atol=1e-9)
 
 
-
-
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), log_cond=st.floats(0, 4),
        center=st.booleans())
