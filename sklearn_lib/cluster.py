@@ -24,10 +24,14 @@ import warnings
 
 import numpy as np
 import scipy.sparse as sp
+import torch
 from sklearn.base import BaseEstimator, ClusterMixin, _fit_context
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions, validate_params
 from sklearn.utils.validation import check_array, check_is_fitted
+
+from ._backend import is_tensor
+from ._validation import check_finite
 
 __all__ = [
     "ModularityClustering",
@@ -756,23 +760,31 @@ class ModularityClustering(ClusterMixin, BaseEstimator):
 
         Parameters
         ----------
-        Z : array-like of shape (n_samples, n_nodes)
+        Z : array-like or tensor of shape (n_samples, n_nodes)
             Activations of all clustered nodes in basis coordinates, layers
             concatenated in node order (e.g. ``np.hstack`` of every layer's
             ``InteractionBasis.transform``).
 
         Returns
         -------
-        norms : ndarray of shape (n_samples, n_clusters)
-            ``norms[x, c] = sqrt(sum over nodes i of module c of Z[x, i] ** 2)``.
+        norms : ndarray or tensor of shape (n_samples, n_clusters)
+            ``norms[x, c] = sqrt(sum over nodes i of module c of Z[x, i] ** 2)``;
+            a tensor on ``Z``'s device for tensor input.
         """
         check_is_fitted(self)
-        Z = check_array(Z, dtype=np.float64, input_name="Z")
-        if Z.shape[1] != self.n_features_in_:
+        if is_tensor(Z):
+            check_finite(Z, "Z")
+        else:
+            Z = check_array(Z, dtype=np.float64, input_name="Z")
+        if Z.ndim != 2 or Z.shape[1] != self.n_features_in_:
             raise ValueError(
                 "Z must hold one column per clustered node: expected shape "
-                f"(n_samples, {self.n_features_in_}), got {Z.shape}."
+                f"(n_samples, {self.n_features_in_}), got {tuple(Z.shape)}."
             )
+        if is_tensor(Z):
+            labels = torch.as_tensor(self.labels_, device=Z.device)
+            squares = torch.zeros(Z.shape[0], self.n_clusters_, device=Z.device, dtype=Z.dtype)
+            return squares.index_add_(1, labels, Z.square()).sqrt()
         membership = sp.csr_array(
             (
                 np.ones(self.n_features_in_),

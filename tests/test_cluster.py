@@ -413,6 +413,20 @@ def test_transform_matches_brute_force():
         mc.transform(Z[:, :3])
 
 
+def test_transform_tensor_in_tensor_out():
+    import torch
+
+    A, _ = sbm(seed=10)
+    mc = ModularityClustering(random_state=0).fit(A)
+    Z = np.random.default_rng(1).normal(size=(5, A.shape[0]))
+    norms = mc.transform(torch.from_numpy(Z))
+    assert isinstance(norms, torch.Tensor) and norms.dtype == torch.float64
+    np.testing.assert_allclose(norms.numpy(), mc.transform(Z), rtol=1e-12)
+    Z[0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        mc.transform(torch.from_numpy(Z))
+
+
 def test_interaction_graph_path_and_layer_summaries():
     # Three layers of sizes 2, 3, 2; two chains of directions across the layers.
     edges = [(0, 2), (0, 3), (2, 5), (3, 5), (1, 4), (4, 6)]
