@@ -1,0 +1,412 @@
+"""Where an interaction graph's statistics and edges come from: caches or a live model.
+
+:class:`CachedSource` reads cached activations and adjacent-layer Jacobians
+(arrays, memmaps, tensors, zarr arrays of an ActivationCache) chunk by chunk;
+:class:`ModelSource` runs a torch model and computes ``C_{l+1}^T J_l`` directly
+with vectorised vector-Jacobian products, never forming full Jacobians, or in
+closed form for ``Linear`` + elementwise sections (:mod:`sklearn_lib._fastpath`).
+Both expose the same operations (statistics of a layer's activations,
+statistics with projected Jacobians, the same for the global variant, edges),
+so that the backward chaining of :class:`~sklearn_lib.InteractionGraph` is
+written once.
+"""
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import collect as _collect
+from ._backend import as_tensor, eval_mode, model_device, resolve_dtype
+from ._edges import Workspace, accumulate_edges, path_points
+from ._fastpath import detect_section
+from .basis import _AUTO_CHUNK_NUMBERS
+
+
+def _shape(a):
+    return tuple(int(s) for s in a.shape)
+
+
+def _as_arraylike(a, name):
+    """Keep anything sliceable with a shape (ndarray, memmap, tensor, zarr array) as it is."""
+    if hasattr(a, "shape") and hasattr(a, "__getitem__"):
+        return a
+    try:
+        return np.asarray(a, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name} must be an array-like of numbers: {exc}") from None
+
+
+def _progress(iterable, *, total, desc, verbose):
+    return tqdm(iterable, total=total, desc=desc, disable=not verbose, leave=False)
+
+
+# --------------------------------------------------------------------------- cached source
+class CachedSource:
+    """Activations ``X_l`` (rows, d_l) and Jacobians ``J_l`` (rows_l, P_{l+1} d_{l+1}, d_l).
+
+    Flat layers have one row per sample. Sequence layers (``sequence=True``)
+    have ``P_l`` rows per sample (positions count as samples), in the row
+    layout of :mod:`sklearn_lib.collect`; ``P_{l+1}`` is read off the Jacobians.
+    Everything is sliced lazily, a chunk of whole samples at a time.
+    """
+
+    def __init__(self, activations, jacobians, *, sequence, batch_size, device, dtype, verbose):
+        if not isinstance(activations, (list, tuple)) or len(activations) < 2:
+            raise ValueError(
+                "X must be a list of the activations of at least 2 layers [X_0, ..., X_L], "
+                f"got {type(activations).__name__}"
+                + (f" of length {len(activations)}" if isinstance(activations, (list, tuple))
+                   else "")
+                + "."
+            )
+        if jacobians is None:
+            raise ValueError(
+                "fit needs the Jacobians between adjacent layers (jacobians=[J_0, ..., "
+                "J_{L-1}]); to compute them from a torch model use fit_model / from_model."
+            )
+        if not isinstance(jacobians, (list, tuple)) or len(jacobians) != len(activations) - 1:
+            given = len(jacobians) if isinstance(jacobians, (list, tuple)) else type(jacobians)
+            raise ValueError(
+                f"jacobians must be a list of len(X) - 1 = {len(activations) - 1} arrays, one "
+                f"per pair of adjacent layers; got {given!r} for {len(activations)} layers."
+            )
+        acts = [_as_arraylike(a, f"X[{l}]") for l, a in enumerate(activations)]
+        jacs = [_as_arraylike(j, f"jacobians[{l}]") for l, j in enumerate(jacobians)]
+        for l, a in enumerate(acts):
+            if len(a.shape) != 2:
+                raise ValueError(
+                    f"X[{l}] must be 2-D (n_rows, n_features), got shape {_shape(a)}."
+                )
+        rows = [_shape(a)[0] for a in acts]
+        widths = [_shape(a)[1] for a in acts]
+        positions = [1] * len(acts)
+        for l, J in enumerate(jacs):
+            expected = (rows[l], widths[l + 1], widths[l])
+            what = (
+                f"jacobians[{l}] must be (n_rows_{l}, d_{l + 1}, d_{l}) = {expected} "
+                "(the Jacobian of layer l+1 with respect to layer l for each row of X[l])"
+            )
+            if sequence:
+                what += " or, with sequence=True, (n_rows_l, P_{l+1} * d_{l+1}, d_l)"
+            shape = _shape(J)
+            hint = (" It looks transposed: the derivative axis (features of X[l]) goes last."
+                    if shape == (rows[l], widths[l], widths[l + 1]) else "")
+            if len(shape) != 3 or shape[0] != rows[l] or shape[2] != widths[l]:
+                raise ValueError(f"{what}; got {shape}.{hint}")
+            if sequence:
+                if shape[1] % widths[l + 1]:
+                    raise ValueError(f"{what}; got {shape}, and {shape[1]} is not a multiple "
+                                     f"of d_{l + 1} = {widths[l + 1]}.")
+                positions[l + 1] = shape[1] // widths[l + 1]
+            elif shape[1] != widths[l + 1]:
+                raise ValueError(f"{what}; got {shape}.{hint}")
+        if not sequence:
+            for l, n in enumerate(rows):
+                if n != rows[0]:
+                    raise ValueError(
+                        f"all layers need the same samples: X[{l}] has {n} rows but X[0] has "
+                        f"{rows[0]} (rows per layer: {rows})."
+                    )
+            n_samples = rows[0]
+        else:
+            counts = [rows[l] / positions[l] for l in range(1, len(rows))]
+            n_samples = counts[-1]
+            if any(c != n_samples for c in counts) or n_samples != int(n_samples):
+                raise ValueError(
+                    "all layers need the same samples: rows / positions per layer are "
+                    f"{counts} (rows {rows[1:]}, positions {positions[1:]} read off the "
+                    "Jacobians); they must be equal integers."
+                )
+            n_samples = int(n_samples)
+            if n_samples == 0 or rows[0] % n_samples:
+                raise ValueError(
+                    f"X[0] has {rows[0]} rows, which is not a whole number of positions for "
+                    f"the {n_samples} samples of the other layers."
+                )
+            positions[0] = rows[0] // n_samples
+        if n_samples < 2:
+            raise ValueError(f"need at least 2 samples, got {n_samples}.")
+        self.acts, self.jacs = acts, jacs
+        self.widths, self.positions, self.n_samples = widths, positions, n_samples
+        self.batch_size, self.device, self.dtype, self.verbose = (
+            batch_size, device, dtype, verbose,
+        )
+
+    @property
+    def n_layers(self):
+        return len(self.acts)
+
+    def _tensor(self, a):
+        return as_tensor(a, device=self.device, dtype=self.dtype)
+
+    def _chunks(self, per_sample, desc):
+        """Slices of samples; each chunk holds about 2**23 numbers (or batch_size rows)."""
+        if self.batch_size is not None:
+            step = max(1, self.batch_size // max(self.positions))
+        else:
+            step = max(1, _AUTO_CHUNK_NUMBERS // max(1, per_sample))
+        starts = range(0, self.n_samples, step)
+        for start in _progress(starts, total=len(starts), desc=desc, verbose=self.verbose):
+            yield start, min(start + step, self.n_samples)
+
+    def _rows(self, l, chunk):
+        P = self.positions[l]
+        return slice(chunk[0] * P, chunk[1] * P)
+
+    def _jac_size(self, l):
+        return self.positions[l] * _shape(self.jacs[l])[1] * self.widths[l]
+
+    def _project(self, J, V, l):
+        """``V^T`` applied to the features of every output position: (N, P_{l+1} k, d_l)."""
+        n, P = J.shape[0], self.positions[l + 1]
+        J = J.reshape(n * P, self.widths[l + 1], self.widths[l])
+        return (V.T @ J).reshape(n, P * V.shape[1], self.widths[l])
+
+    def activation_stats(self, l, new_stats):
+        stats = new_stats(l, None)
+        per_sample = self.positions[l] * self.widths[l]
+        for chunk in self._chunks(per_sample, f"layer {l}"):
+            stats.update(self.acts[l][self._rows(l, chunk)])
+        return stats
+
+    def jacobian_stats(self, l, V, new_stats):
+        stats = new_stats(l, self.positions[l + 1] * V.shape[1])
+        projected = self.positions[l] * self.positions[l + 1] * V.shape[1] * self.widths[l]
+        for chunk in self._chunks(self._jac_size(l) + projected, f"layer {l}"):
+            rows = self._rows(l, chunk)
+            J_hat = self._project(self._tensor(self.jacs[l][rows]), V, l)
+            stats.update(self.acts[l][rows], J_hat)
+        return stats
+
+    def global_stats(self, V, new_stats):
+        """Statistics of every layer with ``V^T J_{L-1} ... J_l``, chained per chunk of samples."""
+        L = self.n_layers - 1
+        k = V.shape[1] * self.positions[L]
+        stats = [new_stats(l, k) for l in range(L)]
+        per_sample = max(
+            max(self._jac_size(l), self.positions[l] * k * self.widths[l]) for l in range(L)
+        )
+        for chunk in self._chunks(per_sample, "global"):
+            b = chunk[1] - chunk[0]
+            rows = self._rows(L - 1, chunk)
+            G = self._project(self._tensor(self.jacs[L - 1][rows]), V, L - 1)
+            stats[L - 1].update(self.acts[L - 1][rows], G)
+            for l in range(L - 2, -1, -1):
+                rows = self._rows(l, chunk)
+                P0, P1 = self.positions[l], self.positions[l + 1]
+                d0, d1 = self.widths[l], self.widths[l + 1]
+                J = self._tensor(self.jacs[l][rows]).reshape(b, P0, P1, d1, d0)
+                G = torch.einsum("btod,bstdi->bsoi", G.reshape(b, P1, k, d1), J)
+                G = G.reshape(b * P0, k, d0)
+                stats[l].update(self.acts[l][rows], G)
+        return stats
+
+    def edges(self, l, V, mean, C, C_pinv, **_):
+        E = torch.zeros(V.shape[1], C.shape[1], device=self.device, dtype=self.dtype)
+        for chunk in self._chunks(self._jac_size(l), f"edges {l}"):
+            rows = self._rows(l, chunk)
+            Z = (self._tensor(self.acts[l][rows]) - mean) @ C
+            J_tilde = self._project(self._tensor(self.jacs[l][rows]), V, l) @ C_pinv.T
+            accumulate_edges(E, J_tilde, Z, self.positions[l + 1])
+        return E / (self.n_samples * self.positions[l])
+
+
+# --------------------------------------------------------------------------- model source
+class ModelSource:
+    """Activations from a live model; ``V^T J`` by vector-Jacobian products or closed forms."""
+
+    def __init__(self, model, layers, data, *, sequence, batch_size, device, dtype,
+                 fast_path, verbose):
+        if isinstance(layers, str) or not hasattr(layers, "__len__") or len(layers) < 2:
+            raise ValueError(
+                f"layers must be a list of at least 2 layer names in forward order, got "
+                f"{layers!r}."
+            )
+        if iter(data) is data:
+            raise ValueError(
+                "data must be re-iterable (a tensor, an array or a DataLoader): the graph "
+                "iterates it twice per layer; got a one-shot iterator "
+                f"({type(data).__name__})."
+            )
+        self.model = _collect.prepare_model(model, device=device, dtype=dtype)
+        self.device = model_device(self.model)
+        self.dtype = resolve_dtype(dtype)
+        self.specs = _collect._parse_layers(self.model, list(layers), "output")
+        self.data, self.sequence, self.verbose = data, sequence, verbose
+        self.batch_size = batch_size
+
+        # A probe on two samples gives every layer's shape (and fails early).
+        first = next(iter(self._batches(self.batch_size or 2)), None)
+        if first is None:
+            raise ValueError("data yielded no samples.")
+        with eval_mode(self.model), torch.no_grad():
+            probe = _collect._record_batch(self.model, self.specs, first[:2])
+        shapes = [tuple(probe[s.spec].shape[1:]) for s in self.specs]
+        pw = [_collect._positions(sh, sequence, repr(s.spec)) for sh, s in zip(shapes, self.specs)]
+        self.positions = [p for p, _ in pw]
+        self.widths = [d for _, d in pw]
+        self._shapes = shapes
+        self._structures = {}
+        self.fast_path = fast_path
+
+    @property
+    def n_layers(self):
+        return len(self.specs)
+
+    def _batches(self, batch_size):
+        batches, _ = _collect._iter_batches(self.data, batch_size)
+        for batch in batches:
+            yield _collect._input_tensor(batch, self.device, self.dtype)
+
+    def _pass(self, desc, per_sample):
+        """Iterate over the data once; ``per_sample`` numbers of work memory per sample.
+
+        With ``batch_size=None``, array data are cut into batches whose largest
+        work tensor holds about 2**23 numbers: a pass that only needs
+        activations runs in few large batches, one that forms products in
+        smaller ones. A DataLoader keeps its own batches.
+        """
+        size = self.batch_size or max(1, _AUTO_CHUNK_NUMBERS // max(1, per_sample))
+        batches, total = _collect._iter_batches(self.data, size)
+        bar = tqdm(total=total, desc=desc, disable=not self.verbose, leave=False, unit="sample")
+        with bar:
+            for batch in batches:
+                x = _collect._input_tensor(batch, self.device, self.dtype)
+                yield x
+                bar.update(int(x.shape[0]))
+
+    def _activation(self, x, l):
+        """Layer l's activation for inputs ``x``; the forward pass stops right there."""
+        spec, captured = self.specs[l], []
+
+        def grab(value):
+            # A copy: a following in-place op must not change the recorded value.
+            captured.append(value.detach().clone())
+            raise _collect._StopForward
+
+        with torch.no_grad(), _collect._hooks([(spec, grab)]):
+            _collect._run_until_stopped(self.model, x)
+        if not captured:
+            raise ValueError(f"layer {spec.spec!r} was not called in the forward pass.")
+        return _collect._cast(captured[0], self.dtype)
+
+    def _rows(self, act, l):
+        return _collect._as_rows(act, self.sequence, repr(self.specs[l].spec))
+
+    def structure(self, l, m):
+        """The closed form of section l -> m, or None (generic products)."""
+        if self.fast_path is False:
+            return None
+        if (l, m) not in self._structures:
+            found = detect_section(self.model, self.specs[l], self.specs[m])
+            if found is not None and not self._fits(found, l, m):
+                found = None
+            self._structures[(l, m)] = found
+        return self._structures[(l, m)]
+
+    def _fits(self, st, l, m):
+        """The closed form acts on rows: widths and positions must match the recording."""
+        if self.positions[l] != self.positions[m]:
+            return False
+        # Flat layers must be vectors; sequence layers (position, feature) or vectors.
+        allowed = (1, 2) if self.sequence else (1,)
+        if len(self._shapes[l]) not in allowed or len(self._shapes[m]) not in allowed:
+            return False
+        d_in, d_out = self.widths[l], self.widths[m]
+        if st.weight is None:
+            return d_in == d_out
+        return tuple(st.weight.shape) == (d_out, d_in)
+
+    def activation_stats(self, l, new_stats):
+        stats = new_stats(l, None)
+        self.n_samples = 0
+        for x in self._pass(f"layer {l}", self.positions[l] * self.widths[l]):
+            stats.update(self._rows(self._activation(x, l), l))
+            self.n_samples += int(x.shape[0])
+        return stats
+
+    def jacobian_stats(self, l, V, new_stats, target=None):
+        """Statistics of layer l with ``V^T J`` of section l -> target (default l + 1).
+
+        The Jacobian scatter is accumulated here (in closed form or from the
+        products) and added to Jacobian-free statistics at the end.
+        """
+        m = l + 1 if target is None else target
+        stats = new_stats(l, None)
+        st = self.structure(l, m)
+        a, b = self.specs[l], self.specs[m]
+        k = V.shape[1]
+        if st is not None:
+            SS = None
+            for x in self._pass(f"layer {l}", self.positions[l] * 2 * self.widths[l]):
+                X = self._rows(self._activation(x, l), l)
+                s = st.derivative(X)
+                stats.update(X)
+                SS = s.T @ s if SS is None else SS.addmm_(s.T, s)
+            n_out = self.positions[m] * V.shape[1]
+            return stats.add_jacobian_scatter_(st.jacobian_scatter(SS, V), n_outputs=n_out)
+        per_sample = self.positions[l] * self.positions[m] * k * self.widths[l]
+        scatter = None
+        for i, x in enumerate(self._pass(f"layer {l}", per_sample)):
+            act = self._activation(x, l)
+            products = _collect._section_rows(
+                self.model, a, b, x, act, V,
+                sequence=self.sequence, max_vectors=None, check=i == 0,
+            )
+            stats.update(self._rows(act, l))
+            # One GEMM over all (row, output) pairs, accumulated in place; the
+            # finished scatter is checked for NaN/inf once instead of every batch.
+            P = products.reshape(-1, self.widths[l])
+            scatter = P.T @ P if scatter is None else scatter.addmm_(P.T, P)
+        if not bool(torch.isfinite(scatter).all()):
+            raise ValueError(
+                f"the Jacobian products of section {a.spec!r} -> {b.spec!r} contain NaN or "
+                "infinity."
+            )
+        return stats.add_jacobian_scatter_(scatter, n_outputs=self.positions[m] * k)
+
+    def global_stats(self, V, new_stats):
+        L = self.n_layers - 1
+        return [self.jacobian_stats(l, V, new_stats, target=L) for l in range(L)]
+
+    def edges(self, l, V, mean, C, C_pinv, *, edge_point, alphas, weights):
+        st = self.structure(l, l + 1)
+        a, b = self.specs[l], self.specs[l + 1]
+        E = torch.zeros(V.shape[1], C.shape[1], device=self.device, dtype=self.dtype)
+        count, workspace = 0, Workspace()
+        k, r = V.shape[1], C.shape[1]
+        if st is not None:
+            factors = st.edge_factors(V, C_pinv.T)
+            per_sample = self.positions[l] * k * max(factors[0].shape[1], r)
+        else:
+            P = self.positions[l] * self.positions[l + 1]
+            per_sample = P * k * max(self.widths[l], r)
+        for i, x in enumerate(self._pass(f"edges {l}", per_sample)):
+            act = self._activation(x, l)
+            X = self._rows(act, l)
+            Z = (X - mean) @ C
+            points = path_points(X, mean, C, C_pinv, edge_point, alphas)
+            if st is not None:
+                s_bar = None
+                for w, p in zip(weights, points):
+                    s = st.derivative(p)
+                    s_bar = s.mul_(w) if s_bar is None else s_bar.add_(s, alpha=w)
+                accumulate_edges(E, st.edge_jacobians(s_bar, factors, workspace), Z)
+            else:
+                P_bar = None
+                for w, p in zip(weights, points):
+                    products = _collect._section_rows(
+                        self.model, a, b, x, p.reshape(act.shape), V,
+                        sequence=self.sequence, max_vectors=None, check=i == 0,
+                    )
+                    P_bar = (products.mul_(w) if P_bar is None
+                             else P_bar.add_(products, alpha=w))
+                n, rows, d = P_bar.shape
+                J_tilde = workspace.get("J_tilde", (n, rows, C.shape[1]), P_bar)
+                torch.matmul(P_bar.view(n * rows, d), C_pinv.T, out=J_tilde.view(n * rows, -1))
+                accumulate_edges(E, J_tilde, Z, self.positions[l + 1])
+            count += X.shape[0]
+        return E / count
+
+
+# --------------------------------------------------------------------------- estimator
