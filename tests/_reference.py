@@ -55,3 +55,23 @@ def random_invertible(seed, d, log_cond):
     Q1, _ = np.linalg.qr(gen.normal(size=(d, d)))
     Q2, _ = np.linalg.qr(gen.normal(size=(d, d)))
     return Q1 @ np.diag(np.exp(np.linspace(0, log_cond, d))) @ Q2
+
+
+def assert_same_up_to_rounding(actual, expected, *, ulps=64):
+    """Assert two evaluations of the same float formula agree up to reordered rounding.
+
+    Two runs of one computation with a different batch size, memory alignment or
+    BLAS kernel (MKL's AVX-512 and AVX2 paths, its conditional-reproducibility
+    modes, thread counts) sum the same products in another order: each result
+    then moves by a few units in the last place of the largest terms, never more
+    for the shallow computations tested with this. The tolerance is ``ulps``
+    machine epsilons of the array's largest magnitude; a real defect (a wrong
+    row, a missed sample, a float32 detour) is many orders larger.
+    """
+    actual = actual.detach().cpu().numpy() if isinstance(actual, torch.Tensor) else np.asarray(actual)
+    expected = (expected.detach().cpu().numpy() if isinstance(expected, torch.Tensor)
+                else np.asarray(expected))
+    assert actual.dtype == expected.dtype, (actual.dtype, expected.dtype)
+    eps = np.finfo(expected.dtype).eps
+    scale = float(np.max(np.abs(expected), initial=0.0))
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=ulps * eps * scale)

@@ -181,14 +181,18 @@ def test_short_training_run_shapes_and_determinism(capsys):
     assert [n for n, _ in model.named_parameters()] == [
         "embed.embedding.weight", "mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias"]
     W = model.mlp[0].weight
+    # Exact: the untied weight is one tensor copied into both halves.
     torch.testing.assert_close(W[:, :4], W[:, 4:], rtol=0, atol=0)
     assert model(torch.tensor([[1, 2]])).shape == (1, 13)
     info = model.training_info_
     assert info["epochs"] == 5 and info["n_train"] + info["n_test"] == 169
     assert 0 <= info["test_accuracy"] <= 1
     again = train_modular_addition(**kwargs, verbose=False)
+    # Reproducible to rounding, not bit for bit: the same seed draws the same
+    # initialisation and batches, but GEMM kernels (MKL's AVX-512 path, thread
+    # count) may round differently between runs and machines.
     for a, b in zip(model.parameters(), again.parameters()):
-        assert torch.equal(a, b)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_untied_training():
