@@ -6,8 +6,6 @@ hooks of ``sklearn_lib.collect``), explicit Python loops over samples, and
 ``_reference.reference_basis`` (numpy ``eigh``) for each layer's basis.
 """
 
-import json
-
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -619,38 +617,6 @@ def test_adjacency_feeds_modularity_clustering(fitted):
 
     clustering = ModularityClustering(random_state=0, normalization="log").fit(fitted)
     assert clustering.labels_.shape == (fitted.layer_offsets_[-1],)
-
-
-# --------------------------------------------------------------------------- persistence
-def test_save_load_roundtrip(fitted, mlp_case, tmp_path):
-    path = tmp_path / "graph"
-    fitted.save(path)
-    meta = json.loads((path / "graph.json").read_text())
-    assert meta["format"] == "sklearn_lib.InteractionGraph"
-    loaded = InteractionGraph.load(path)
-    assert loaded.get_params() == fitted.get_params()
-    for l, X in enumerate(mlp_case["acts"]):
-        np.testing.assert_array_equal(loaded.transform(l, X), fitted.transform(l, X))
-    for E, E_ref in zip(loaded.edges_, fitted.edges_):
-        np.testing.assert_array_equal(E, E_ref)
-    assert (loaded.adjacency("sqrt") != fitted.adjacency("sqrt")).nnz == 0
-    for name in ("layer_offsets_", "n_components_"):
-        np.testing.assert_array_equal(getattr(loaded, name), getattr(fitted, name))
-    assert loaded.layer_names_ == fitted.layer_names_
-    assert loaded.bases_[1].n_outputs_ == fitted.bases_[1].n_outputs_
-
-    with pytest.raises(FileExistsError, match="overwrite=True"):
-        fitted.save(path)
-    other = clone(fitted).set_params(final_layer="pca").fit(mlp_case["acts"],
-                                                            jacobians=mlp_case["jacs"])
-    other.save(path, overwrite=True)
-    assert InteractionGraph.load(path).final_layer == "pca"
-    (tmp_path / "precious").mkdir()
-    with pytest.raises(FileExistsError, match="not a saved InteractionGraph"):
-        fitted.save(tmp_path / "precious", overwrite=True)
-    with pytest.raises(ValueError, match="not a graph saved"):
-        InteractionGraph.load(tmp_path / "precious")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["graph", "precious"]
 
 
 # --------------------------------------------------------------------------- bad input
