@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from . import _model
 from . import collect as _collect
 from ._backend import as_tensor, eval_mode, model_device, resolve_dtype
 from ._edges import Workspace, accumulate_edges, path_points
@@ -231,7 +232,7 @@ class ModelSource:
         self.model = _collect.prepare_model(model, device=device, dtype=dtype)
         self.device = model_device(self.model)
         self.dtype = resolve_dtype(dtype)
-        self.specs = _collect._parse_layers(self.model, list(layers), "output")
+        self.specs = _model._parse_layers(self.model, list(layers), "output")
         self.data, self.sequence, self.verbose = data, sequence, verbose
         self.batch_size = batch_size
 
@@ -240,9 +241,9 @@ class ModelSource:
         if first is None:
             raise ValueError("data yielded no samples.")
         with eval_mode(self.model), torch.no_grad():
-            probe = _collect._record_batch(self.model, self.specs, first[:2])
+            probe = _model._record_batch(self.model, self.specs, first[:2])
         shapes = [tuple(probe[s.spec].shape[1:]) for s in self.specs]
-        pw = [_collect._positions(sh, sequence, repr(s.spec)) for sh, s in zip(shapes, self.specs)]
+        pw = [_model._positions(sh, sequence, repr(s.spec)) for sh, s in zip(shapes, self.specs)]
         self.positions = [p for p, _ in pw]
         self.widths = [d for _, d in pw]
         self._shapes = shapes
@@ -254,9 +255,9 @@ class ModelSource:
         return len(self.specs)
 
     def _batches(self, batch_size):
-        batches, _ = _collect._iter_batches(self.data, batch_size)
+        batches, _ = _model._iter_batches(self.data, batch_size)
         for batch in batches:
-            yield _collect._input_tensor(batch, self.device, self.dtype)
+            yield _model._input_tensor(batch, self.device, self.dtype)
 
     def _pass(self, desc, per_sample):
         """Iterate over the data once; ``per_sample`` numbers of work memory per sample.
@@ -267,11 +268,11 @@ class ModelSource:
         smaller ones. A DataLoader keeps its own batches.
         """
         size = self.batch_size or max(1, _AUTO_CHUNK_NUMBERS // max(1, per_sample))
-        batches, total = _collect._iter_batches(self.data, size)
+        batches, total = _model._iter_batches(self.data, size)
         bar = tqdm(total=total, desc=desc, disable=not self.verbose, leave=False, unit="sample")
         with bar:
             for batch in batches:
-                x = _collect._input_tensor(batch, self.device, self.dtype)
+                x = _model._input_tensor(batch, self.device, self.dtype)
                 yield x
                 bar.update(int(x.shape[0]))
 
@@ -282,16 +283,16 @@ class ModelSource:
         def grab(value):
             # A copy: a following in-place op must not change the recorded value.
             captured.append(value.detach().clone())
-            raise _collect._StopForward
+            raise _model._StopForward
 
-        with torch.no_grad(), _collect._hooks([(spec, grab)]):
-            _collect._run_until_stopped(self.model, x)
+        with torch.no_grad(), _model._hooks([(spec, grab)]):
+            _model._run_until_stopped(self.model, x)
         if not captured:
             raise ValueError(f"layer {spec.spec!r} was not called in the forward pass.")
-        return _collect._cast(captured[0], self.dtype)
+        return _model._cast(captured[0], self.dtype)
 
     def _rows(self, act, l):
-        return _collect._as_rows(act, self.sequence, repr(self.specs[l].spec))
+        return _model._as_rows(act, self.sequence, repr(self.specs[l].spec))
 
     def structure(self, l, m):
         """The closed form of section l -> m, or None (generic products)."""

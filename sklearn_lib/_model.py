@@ -1,0 +1,217 @@
+"""Running live torch models: layers by name, hooks, batches of inputs, recording.
+
+The private machinery under :mod:`sklearn_lib.collect` and the model source of
+:class:`~sklearn_lib.InteractionGraph`: layer names are parsed against
+``model.named_modules()`` (see :mod:`sklearn_lib.collect` for the conventions),
+forward hooks read or replace a layer's activation, data are cut into batches
+of model inputs, and activations are laid out as rows (positions count as
+samples with ``sequence=True``).
+"""
+
+from collections import namedtuple
+from contextlib import contextmanager
+from math import prod
+
+import numpy as np
+import torch
+
+from ._backend import as_tensor, gen_batches
+
+_HOOK_KINDS = ("input", "output")
+_MAX_NAMES_IN_ERROR = 200
+
+_Layer = namedtuple("_Layer", ["spec", "name", "kind", "module"])
+
+
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass once everything needed was captured."""
+
+
+# --------------------------------------------------------------------------- layers
+def _parse_layers(model, layers, hook):
+    if hook not in _HOOK_KINDS:
+        raise ValueError(f"hook must be 'input' or 'output', got {hook!r}.")
+    if isinstance(layers, str):
+        layers = [layers]
+    modules = dict(model.named_modules())
+    parsed, unknown = [], []
+    for spec in layers:
+        if not isinstance(spec, str):
+            raise TypeError(f"layer names must be strings, got {spec!r}.")
+        name, kind = spec, hook
+        head, sep, tail = spec.rpartition(":")
+        if sep and tail in _HOOK_KINDS:
+            name, kind = head, tail
+        if name not in modules:
+            unknown.append(spec)
+        else:
+            parsed.append(_Layer(spec, name, kind, modules[name]))
+    if unknown:
+        names = list(modules)
+        shown = ", ".join(repr(n) for n in names[:_MAX_NAMES_IN_ERROR])
+        hidden = len(names) - _MAX_NAMES_IN_ERROR
+        more = f", ... ({hidden} more)" if hidden > 0 else ""
+        raise ValueError(
+            f"unknown layer(s) {unknown}. Valid names are the model.named_modules() paths "
+            f"('' is the model itself), optionally suffixed ':input' or ':output': "
+            f"{shown}{more}."
+        )
+    resolved = [(layer.name, layer.kind) for layer in parsed]
+    if len(set(resolved)) != len(resolved):
+        raise ValueError(f"layers must be distinct; got {list(layers)}.")
+    return parsed
+
+
+def _hook(layer, fn):
+    """Call ``fn(activation)`` when ``layer`` fires; a non-None result replaces the activation."""
+    if layer.kind == "output":
+
+        def forward_hook(module, args, output):
+            value = output[0] if isinstance(output, (tuple, list)) else output
+            _check_tensor(layer, value)
+            new = fn(value)
+            if new is None:
+                return None
+            if isinstance(output, (tuple, list)):
+                return type(output)([new, *output[1:]])
+            return new
+
+        return layer.module.register_forward_hook(forward_hook)
+
+    def forward_pre_hook(module, args):
+        if not args:
+            raise ValueError(
+                f"layer {layer.spec!r}: the module was called without positional arguments, "
+                "so its input cannot be hooked."
+            )
+        _check_tensor(layer, args[0])
+        new = fn(args[0])
+        return None if new is None else (new, *args[1:])
+
+    return layer.module.register_forward_pre_hook(forward_pre_hook)
+
+
+def _check_tensor(layer, value):
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(
+            f"layer {layer.spec!r} is a {type(value).__name__}, not a tensor; "
+            "record a submodule whose input/output is a tensor."
+        )
+
+
+@contextmanager
+def _hooks(pairs):
+    handles = []
+    try:
+        for layer, fn in pairs:
+            handles.append(_hook(layer, fn))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _run_until_stopped(model, x):
+    try:
+        model(x)
+    except _StopForward:
+        pass
+
+
+def _input_tensor(batch, device, dtype):
+    """Move a batch of model inputs to ``device``; floating inputs are cast, token ids are not."""
+    if isinstance(batch, torch.Tensor):
+        batch = batch.detach()
+        if batch.is_floating_point():
+            return batch.to(device=device, dtype=dtype)
+        return batch.to(device)
+    array = np.asarray(batch)
+    if array.dtype == object:
+        raise TypeError(
+            f"model inputs must be tensors or numeric arrays, got {type(batch).__name__}; "
+            "multi-input and dict batches are not supported."
+        )
+    if np.issubdtype(array.dtype, np.floating):
+        return as_tensor(array, device=device, dtype=dtype)
+    if not array.flags.writeable:
+        array = array.copy()
+    return torch.from_numpy(np.ascontiguousarray(array)).to(device)
+
+
+def _is_array(data):
+    return isinstance(data, torch.Tensor) or (
+        hasattr(data, "shape") and hasattr(data, "__getitem__") and hasattr(data, "dtype")
+    )
+
+
+def _iter_batches(data, batch_size):
+    """Yield batches of model inputs, and say how many samples to expect (None if unknown)."""
+    if _is_array(data):
+        n = int(data.shape[0])
+        return (data[s] for s in gen_batches(n, batch_size)), n
+    if isinstance(data, (str, bytes, dict)):
+        raise TypeError(
+            f"data must be a tensor, an array or a DataLoader, got {type(data).__name__}."
+        )
+    try:
+        total = len(data.dataset)
+    except (AttributeError, TypeError):
+        total = None
+
+    def batches():
+        for item in data:
+            # DataLoaders over labelled datasets yield (x, y): the model input is first.
+            yield item[0] if isinstance(item, (tuple, list)) else item
+
+    return batches(), total
+
+
+# --------------------------------------------------------------------------- recording
+def _record_batch(model, layers, x):
+    """Run ``model(x)`` with hooks and return {spec: detached activation}."""
+    captured = {}
+
+    def recorder(layer):
+        def fn(value):
+            if layer.spec in captured:
+                raise RuntimeError(
+                    f"module {layer.name!r} ran more than once in one forward pass, so layer "
+                    f"{layer.spec!r} is ambiguous; give each use its own module."
+                )
+            # A copy, because a following in-place op (ReLU(inplace=True)) would
+            # otherwise overwrite the recorded activation.
+            captured[layer.spec] = value.detach().clone()
+
+        return fn
+
+    # The whole forward runs (no early stop) so that a module reused after the
+    # last recorded layer is still reported as ambiguous.
+    with _hooks([(layer, recorder(layer)) for layer in layers]):
+        model(x)
+    missing = [layer.spec for layer in layers if layer.spec not in captured]
+    if missing:
+        raise ValueError(f"layer(s) {missing} were not called in the model's forward pass.")
+    return captured
+
+
+def _cast(t, dtype):
+    return t.to(dtype) if t.is_floating_point() else t
+
+
+def _positions(shape, sequence, what):
+    """(P, d) of a per-sample activation shape under the row-layout convention."""
+    if not sequence:
+        return 1, prod(shape)
+    if len(shape) == 1:
+        return 1, shape[0]
+    if len(shape) == 2:
+        return shape[0], shape[1]
+    raise ValueError(
+        f"with sequence=True, {what} must be (batch, position, feature) or (batch, feature); "
+        f"got per-sample shape {tuple(shape)}."
+    )
+
+
+def _as_rows(act, sequence, what):
+    n_pos, d = _positions(act.shape[1:], sequence, what)
+    return act.reshape(act.shape[0] * n_pos, d)
