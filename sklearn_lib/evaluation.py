@@ -42,18 +42,24 @@ Conventions shared by every function here:
 """
 
 from collections import namedtuple
-from contextlib import ExitStack, contextmanager
-from itertools import chain
-from numbers import Integral, Real
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from sklearn.utils.validation import check_array, check_is_fitted
+from sklearn.utils.validation import check_array
 
-from ._backend import as_tensor, eval_mode, gen_batches, is_tensor, model_device, to_output
-from ._validation import check_finite
-from .metrics import _affine_map
+from ._ablation import (
+    _N_PROBE_ROWS,
+    _AffineBasis,
+    _as_frame,
+    _check_schedule,
+    _check_X,
+    _first_rows,
+    _Network,
+    _result,
+    _Scorer,
+    _threshold,
+)
+from ._backend import as_tensor, is_tensor, to_output
 
 __all__ = [
     "MinEdgesResult",
@@ -64,18 +70,6 @@ __all__ = [
     "min_edges_to_keep",
     "node_ablation_curve",
 ]
-
-# Whether higher is better, per named score.
-_SCORES = {"accuracy": True, "loss": False, "mse": False}
-# With batch_size=None, a batch of the largest intermediate array holds about
-# this many numbers (32 MiB in float64): big enough for fast matrix products,
-# small enough that memory does not grow with the number of samples.
-_AUTO_CHUNK_NUMBERS = 2**22
-# Default schedules evaluate every count up to this many, and this many
-# log-spaced counts beyond: ablation curves change fastest at small counts.
-_MAX_SCHEDULE_POINTS = 64
-# Rows used to check that a basis really is affine.
-_N_PROBE_ROWS = 8
 
 MinEdgesResult = namedtuple("MinEdgesResult", ["n_edges", "score", "reference", "evaluations"])
 MinEdgesResult.__doc__ = """Result of :func:`min_edges_to_keep`.
@@ -91,275 +85,6 @@ reference : float
 evaluations : dict of int to float
     Every edge count the bisection evaluated, with its score, in evaluation order.
 """
-
-
-# --------------------------------------------------------------------------- inputs
-def _check_X(X):
-    """A 2-D float array (validated by sklearn, NaN included) or a 2-D floating tensor.
-
-    Tensors are checked for NaN batch by batch as they are used, so that a
-    large tensor on the GPU is never scanned or copied up front.
-    """
-    if is_tensor(X):
-        if X.ndim != 2 or not X.dtype.is_floating_point:
-            raise ValueError(
-                "X must be a 2-D floating tensor (n_samples, n_features), got shape "
-                f"{tuple(X.shape)} and dtype {X.dtype}."
-            )
-        return X
-    return check_array(X, dtype=[np.float64, np.float32])
-
-
-def _first_rows(X, n):
-    """The first ``n`` rows as a finite float64 array, to probe bases and sections with."""
-    rows = X[:n]
-    rows = np.asarray(rows.detach().cpu().numpy() if is_tensor(rows) else rows, dtype=np.float64)
-    if not np.isfinite(rows).all():
-        raise ValueError("X contains NaN or infinity.")
-    return rows
-
-
-def _default_schedule(high):
-    if high <= _MAX_SCHEDULE_POINTS:
-        return np.arange(1, high + 1)
-    return np.unique(np.round(np.geomspace(1, high, _MAX_SCHEDULE_POINTS)).astype(int))
-
-
-def _check_schedule(schedule, high, what):
-    """Sorted unique counts in 1..high; ``what`` names the counted thing in errors."""
-    if schedule is None:
-        return _default_schedule(high)
-    values = np.asarray(list(schedule))
-    if values.ndim != 1 or values.size == 0:
-        raise ValueError(f"schedule must be a non-empty iterable of {what} counts.")
-    if not np.issubdtype(values.dtype, np.integer):
-        raise ValueError(f"schedule must hold integer {what} counts, got dtype {values.dtype}.")
-    if values.min() < 1 or values.max() > high:
-        raise ValueError(
-            f"schedule must hold {what} counts in the valid range 1..{high}, got values "
-            f"from {values.min()} to {values.max()}."
-        )
-    return np.unique(values)
-
-
-def _threshold(tolerance, relative, reference):
-    if not isinstance(tolerance, Real) or not tolerance >= 0:
-        raise ValueError(f"tolerance must be a non-negative number, got {tolerance!r}.")
-    if relative and reference == 0:
-        raise ValueError(
-            "relative=True needs a non-zero reference score (the 'mse' reference is 0); "
-            "use an absolute tolerance."
-        )
-    threshold = float(tolerance) * (abs(reference) if relative else 1.0)
-    # A degradation is a difference of two rounded scores: one sample off in 1000
-    # (0.914 against 0.915) must pass a tolerance of 0.001, so allow a few ulps.
-    return threshold + 4 * np.finfo(np.float64).eps * (abs(reference) + threshold)
-
-
-# --------------------------------------------------------------------------- bases
-class _AffineBasis:
-    """A fitted basis as tensors: ``transform(x) = x @ A + b``, ``inverse(z) = z @ P + c``."""
-
-    def __init__(self, basis, sample, device, name):
-        for method in ("transform", "inverse_transform"):
-            if not callable(getattr(basis, method, None)):
-                raise TypeError(
-                    f"{name} must have transform and inverse_transform; "
-                    f"{type(basis).__name__} has no {method}."
-                )
-        check_is_fitted(basis)
-        n_features = sample.shape[1]
-        expected = getattr(basis, "n_features_in_", n_features)
-        if expected != n_features:
-            raise ValueError(
-                f"{name} was fitted on {expected} features, but the activations it "
-                f"is applied to have {n_features}."
-            )
-        affine = _affine_map(basis, np.asarray(sample, dtype=np.float64), name=name)
-        self.A, self.b, self.P, self.c = (
-            torch.as_tensor(a, dtype=torch.float64, device=device)
-            for a in (affine.A, affine.b, affine.P, affine.c)
-        )
-        self.n_components = self.A.shape[1]
-
-    def transform(self, X, k=None):
-        """The first ``k`` coordinates (all when None) of ``X``."""
-        return X @ self.A[:, :k] + self.b[:k]
-
-    def inverse(self, Z):
-        """Map the first ``Z.shape[-1]`` coordinates back; the others are 0."""
-        k = Z.shape[-1]
-        return Z @ self.P[:k] + self.c
-
-
-# --------------------------------------------------------------------------- network
-class _Network:
-    """Runs ``forward`` (and ``section``) batch by batch, the way the data ask for."""
-
-    def __init__(self, X, forward, section=None, batch_size=None):
-        pieces = {"forward": forward, "section": section}
-        for name, fn in pieces.items():
-            if fn is not None and not callable(fn):
-                raise TypeError(f"{name} must be a callable or a torch.nn.Module, got {fn!r}.")
-        if batch_size is not None and (not isinstance(batch_size, Integral) or batch_size < 1):
-            raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}.")
-        self.pieces = {name: fn for name, fn in pieces.items() if fn is not None}
-        modules = [fn for fn in self.pieces.values() if isinstance(fn, torch.nn.Module)]
-        if is_tensor(X):
-            self.device = X.device
-        elif modules:
-            self.device = model_device(modules[0])
-        else:
-            self.device = torch.device("cpu")
-        self.X = X
-        self.numpy_io = not is_tensor(X)
-        self.batch_size = batch_size
-        self._modules = modules
-
-    @contextmanager
-    def running(self):
-        """No gradients, and every module piece in eval mode (each module's own mode restored)."""
-        with torch.no_grad(), ExitStack() as stack:
-            for module in self._modules:
-                stack.enter_context(eval_mode(module))
-            yield
-
-    def call(self, name, acts):
-        """Apply ``forward`` or ``section`` to float64 activations on the compute device."""
-        fn = self.pieces[name]
-        if isinstance(fn, torch.nn.Module):
-            tensors = chain(fn.parameters(), fn.buffers())
-            like = next((t for t in tensors if t.is_floating_point()), acts)
-            out = fn(acts.to(device=like.device, dtype=like.dtype))
-        elif self.numpy_io:
-            out = fn(acts.cpu().numpy())
-        else:
-            out = fn(acts)
-        if is_tensor(out):
-            out = out.detach().to(device=self.device, dtype=torch.float64)
-        else:
-            out = torch.as_tensor(np.asarray(out, dtype=np.float64), device=self.device)
-        if out.ndim == 0 or out.shape[0] != acts.shape[0]:
-            raise ValueError(
-                f"{name} returned an output of shape {tuple(out.shape)} for {acts.shape[0]} "
-                f"rows of activations; its first axis must match the rows (one output "
-                "per sample, computed row-wise)."
-            )
-        return out
-
-    def outputs(self, prepare, width):
-        """``forward(prepare(batch))`` over all batches of X, concatenated.
-
-        ``width`` is the largest number of numbers per sample that ``prepare``
-        holds at once; it sets the automatic batch size.
-        """
-        batch_size = self.batch_size or max(1, _AUTO_CHUNK_NUMBERS // max(1, width))
-        parts = []
-        with self.running():
-            for rows in gen_batches(self.X.shape[0], batch_size):
-                batch = as_tensor(self.X[rows], device=self.device, dtype=torch.float64)
-                check_finite(batch, "X")
-                parts.append(self.call("forward", prepare(batch)))
-        return torch.cat(parts)
-
-
-# --------------------------------------------------------------------------- scores
-class _Scorer:
-    """Scores network outputs against labels and the unablated reference outputs.
-
-    Created before the network runs, so that a bad ``score`` or ``y`` fails fast;
-    :meth:`set_reference` then checks the unablated outputs against the labels.
-    """
-
-    def __init__(self, score, y, greater_is_better, n_samples):
-        if callable(score):
-            self.greater_is_better = True if greater_is_better is None else bool(greater_is_better)
-        elif isinstance(score, str) and score in _SCORES:
-            if greater_is_better is not None and greater_is_better != _SCORES[score]:
-                raise ValueError(
-                    f"score={score!r} is {'higher' if _SCORES[score] else 'lower'} is better; "
-                    "greater_is_better applies to callable scores only."
-                )
-            self.greater_is_better = _SCORES[score]
-        else:
-            raise ValueError(
-                f"score must be one of {sorted(_SCORES)} or a callable "
-                f"score(outputs, y, reference_outputs), got {score!r}."
-            )
-        if score in ("accuracy", "loss") and y is None:
-            raise ValueError(f"score={score!r} needs integer class labels y.")
-        if y is not None and len(y) != n_samples:
-            raise ValueError(f"y has {len(y)} labels but X has {n_samples} samples.")
-        self.score = score
-        self.y = None if y is None else (
-            y.detach().cpu().numpy() if is_tensor(y) else np.asarray(y)
-        )
-
-    def set_reference(self, outputs):
-        """Check the unablated outputs against the labels and score them."""
-        if self.score in ("accuracy", "loss"):
-            self.labels = self._check_labels(outputs)
-        self.reference_outputs = outputs
-        self.reference = self(outputs)
-
-    def _check_labels(self, outputs):
-        if outputs.ndim != 2:
-            raise ValueError(
-                f"score={self.score!r} needs forward to return logits of shape "
-                f"(n_samples, n_classes), got shape {tuple(outputs.shape)}. Use score='mse' "
-                "or a callable score for other outputs."
-            )
-        labels = self.y
-        if labels.ndim != 1 or not (
-            np.issubdtype(labels.dtype, np.integer)
-            or (np.issubdtype(labels.dtype, np.floating) and np.all(labels == np.round(labels)))
-        ):
-            raise ValueError(
-                f"y must be 1-D integer class labels, got shape {labels.shape} and dtype "
-                f"{labels.dtype}."
-            )
-        n_classes = outputs.shape[1]
-        if labels.min() < 0 or labels.max() >= n_classes:
-            raise ValueError(
-                f"labels in y must lie in 0..{n_classes - 1} (forward returns {n_classes} "
-                f"logits per sample), got values from {labels.min()} to {labels.max()}."
-            )
-        return torch.as_tensor(labels.astype(np.int64), device=outputs.device)
-
-    def __call__(self, outputs):
-        if callable(self.score):
-            return float(self.score(
-                outputs.cpu().numpy(), self.y, self.reference_outputs.cpu().numpy()
-            ))
-        if self.score == "mse":
-            return float((outputs - self.reference_outputs).square().mean())
-        if self.score == "accuracy":
-            return float((outputs.argmax(1) == self.labels).double().mean())
-        return float(F.cross_entropy(outputs, self.labels))
-
-    def degradation(self, score):
-        return self.reference - score if self.greater_is_better else score - self.reference
-
-
-def _result(count_name, counts, scores, scorer):
-    scores = np.asarray(scores, dtype=np.float64)
-    return {
-        count_name: np.asarray(counts, dtype=np.int64),
-        "score": scores,
-        "reference": np.full(len(scores), scorer.reference),
-        "degradation": np.array([scorer.degradation(s) for s in scores]),
-    }
-
-
-def _as_frame(data, as_frame):
-    """A DataFrame of ``data`` when asked for and pandas is importable (an optional extra)."""
-    if not as_frame:
-        return data
-    try:
-        import pandas as pd
-    except ImportError:
-        return data
-    return pd.DataFrame(data)
 
 
 # --------------------------------------------------------------------------- nodes
