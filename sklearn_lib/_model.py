@@ -19,6 +19,8 @@ from ._backend import as_tensor, gen_batches
 
 _HOOK_KINDS = ("input", "output")
 _MAX_NAMES_IN_ERROR = 200
+# Samples of the first batch run through the model to check that it takes them.
+_PROBE_SAMPLES = 2
 
 _Layer = namedtuple("_Layer", ["spec", "name", "kind", "module"])
 
@@ -194,22 +196,55 @@ def _record_batch(model, layers, x):
     return captured
 
 
+def _check_forward(model, x):
+    """Run ``model(x[:2])`` without hooks, so that any failure is the model's own.
+
+    A model given inputs it cannot take (the wrong width or dtype) fails deep
+    inside torch ("mat1 and mat2 shapes cannot be multiplied"); this says which
+    inputs we passed. Hooks are left out so that our own errors are not
+    mistaken for the model's.
+    """
+    probe = x[:_PROBE_SAMPLES]
+    try:
+        with torch.no_grad():
+            model(probe)
+    except Exception as exc:
+        raise ValueError(
+            f"the model rejected its inputs: we passed the first {len(probe)} sample(s) of "
+            f"data as a batch of shape {tuple(probe.shape)} and dtype {probe.dtype}, and "
+            f"its forward raised {type(exc).__name__}: {exc}. Check that data holds inputs "
+            "of the shape and dtype the model expects (one sample per row of axis 0)."
+        ) from exc
+
+
 def _cast(t, dtype):
     return t.to(dtype) if t.is_floating_point() else t
 
 
 def _positions(shape, sequence, what):
-    """(P, d) of a per-sample activation shape under the row-layout convention."""
+    """(P, d) of a per-sample activation shape under the row-layout convention.
+
+    A layer without features (or positions) has no basis: it is refused here,
+    where every recorded shape passes, naming the layer ``what``.
+    """
     if not sequence:
-        return 1, prod(shape)
-    if len(shape) == 1:
-        return 1, shape[0]
-    if len(shape) == 2:
-        return shape[0], shape[1]
-    raise ValueError(
-        f"with sequence=True, {what} must be (batch, position, feature) or (batch, feature); "
-        f"got per-sample shape {tuple(shape)}."
-    )
+        n_pos, d = 1, prod(shape)
+    elif len(shape) == 1:
+        n_pos, d = 1, shape[0]
+    elif len(shape) == 2:
+        n_pos, d = shape
+    else:
+        raise ValueError(
+            f"with sequence=True, {what} must be (batch, position, feature) or (batch, "
+            f"feature); got per-sample shape {tuple(shape)}."
+        )
+    if n_pos == 0 or d == 0:
+        raise ValueError(
+            f"layer {what} has per-sample shape {tuple(shape)}: {n_pos} position(s) of {d} "
+            "feature(s). A layer needs at least one feature (and position); choose a layer "
+            "whose activations are not empty."
+        )
+    return n_pos, d
 
 
 def _as_rows(act, sequence, what):

@@ -213,6 +213,60 @@ class CachedSource:
 
 
 # --------------------------------------------------------------------------- model source
+def _describe(data):
+    """``data`` in a few words for error messages: its type, and its shape if it has one."""
+    shape = getattr(data, "shape", None)
+    return type(data).__name__ + ("" if shape is None else f" of shape {_shape(data)}")
+
+
+class _Fingerprint:
+    """The sample count and order-free sums of the inputs seen by one pass over the data.
+
+    The sums (of the inputs, of their projections on a fixed direction ``w``
+    with ``|w_i| <= 1``, of the squares of both, and of the magnitudes) are
+    accumulated in float64 on the device, with no host sync per batch. They do
+    not depend on the order of samples or batches beyond rounding, so a
+    shuffling DataLoader passes, and two passes over other samples differ.
+    """
+
+    _NAMES = ("inputs", "projected inputs", "squared inputs", "squared projections",
+              "input magnitudes")
+
+    def __init__(self):
+        self.n_samples, self.n_numbers, self.sums = 0, 0, None
+
+    def add(self, x):
+        v = x.reshape(x.shape[0], -1).to(torch.float64)
+        w = torch.cos(torch.arange(v.shape[1], device=v.device, dtype=v.dtype))
+        p = v @ w
+        sums = torch.stack([v.sum(), p.sum(), v.square().sum(), p.square().sum(), v.abs().sum()])
+        self.sums = sums if self.sums is None else self.sums.add_(sums)
+        self.n_samples += int(v.shape[0])
+        self.n_numbers += v.numel()
+        self.width = int(v.shape[1])
+
+    def difference(self, other, first, this):
+        """How pass ``this`` (``other``) differs from pass ``first`` (self); None if not at all.
+
+        Sums of the same numbers in another order differ by rounding only:
+        at most ``n_numbers * eps`` times the sum of the magnitudes of the
+        terms (the bound of any summation order), for each of the two passes.
+        """
+        if other.n_samples != self.n_samples:
+            return f"{this} saw {other.n_samples} samples, but {first} saw {self.n_samples}"
+        a, b = self.sums.tolist(), other.sums.tolist()
+        s1, s2 = max(a[4], b[4]), max(a[2], b[2])
+        # |p| <= ||v||_1 and p^2 <= d ||v||^2 bound the projected terms.
+        scales = (s1, s1, s2, self.width * s2, s1)
+        bound = 2 * max(self.n_numbers, other.n_numbers) * np.finfo(np.float64).eps
+        for name, x, y, scale in zip(self._NAMES, a, b, scales):
+            if not abs(x - y) <= bound * scale:
+                return (
+                    f"{this} saw as many samples as {first} ({self.n_samples}) but other "
+                    f"values: the sum of the {name} is {y:.17g}, not {x:.17g}"
+                )
+        return None
+
 class ModelSource:
     """Activations from a live model; ``V^T J`` by vector-Jacobian products or closed forms."""
 
@@ -235,13 +289,17 @@ class ModelSource:
         self.specs = _model._parse_layers(self.model, list(layers), "output")
         self.data, self.sequence, self.verbose = data, sequence, verbose
         self.batch_size = batch_size
+        # What every pass over the data must see again (set by the first pass).
+        self.n_samples, self._first_pass, self._n_passes = None, None, 0
 
         # A probe on two samples gives every layer's shape (and fails early).
-        first = next(iter(self._batches(self.batch_size or 2)), None)
-        if first is None:
-            raise ValueError("data yielded no samples.")
+        first = next(iter(self._batches(self.batch_size or _model._PROBE_SAMPLES)), None)
+        self._probe_samples = 0 if first is None else int(first.shape[0])
+        if self._probe_samples == 0:
+            raise ValueError(f"fit_model needs at least 2 samples, got 0 ({_describe(data)}).")
         with eval_mode(self.model), torch.no_grad():
-            probe = _model._record_batch(self.model, self.specs, first[:2])
+            _model._check_forward(self.model, first)
+            probe = _model._record_batch(self.model, self.specs, first[:_model._PROBE_SAMPLES])
         shapes = [tuple(probe[s.spec].shape[1:]) for s in self.specs]
         pw = [_model._positions(sh, sequence, repr(s.spec)) for sh, s in zip(shapes, self.specs)]
         self.positions = [p for p, _ in pw]
@@ -270,11 +328,51 @@ class ModelSource:
         size = self.batch_size or max(1, _AUTO_CHUNK_NUMBERS // max(1, per_sample))
         batches, total = _model._iter_batches(self.data, size)
         bar = tqdm(total=total, desc=desc, disable=not self.verbose, leave=False, unit="sample")
+        fingerprint = _Fingerprint()
         with bar:
             for batch in batches:
                 x = _model._input_tensor(batch, self.device, self.dtype)
                 yield x
+                fingerprint.add(x)
                 bar.update(int(x.shape[0]))
+        self._check_pass(desc, fingerprint)
+
+    def _check_pass(self, desc, fingerprint):
+        """Refuse a pass that did not see the samples of the first pass.
+
+        Every layer's statistics and edges come from a separate pass over the
+        data, so a pass over other samples would mix sample sets silently.
+        """
+        self._n_passes += 1
+        this = f"pass {self._n_passes} over the data ({desc})"
+        if self._first_pass is None:
+            n = fingerprint.n_samples
+            if n == 0 and self._probe_samples:
+                raise ValueError(
+                    f"{this} yielded no samples, although the data yielded "
+                    f"{self._probe_samples} when first probed: data must yield the same "
+                    f"samples every time it is iterated ({_describe(self.data)} returns an "
+                    "exhausted iterator). Pass a tensor, an array or a DataLoader."
+                )
+            if n < 2:
+                raise ValueError(
+                    f"fit_model needs at least 2 samples, got {n} ({_describe(self.data)})."
+                )
+            self.n_samples, self._first_pass = n, (desc, fingerprint)
+            return
+        first_desc, first = self._first_pass
+        changed = first.difference(fingerprint, f"pass 1 ({first_desc})", this)
+        if changed is None:
+            return
+        if fingerprint.n_samples == 0:
+            changed += (" (an iterable whose __iter__ returns the same iterator every time "
+                        "can be iterated only once)")
+        raise ValueError(
+            f"the data changed between passes: {changed}. fit_model iterates the data twice "
+            "per layer and needs the same samples every time (their order may change); "
+            "random augmentation, sampling, or drop_last with shuffling give other samples "
+            "on every pass. Pass a tensor, an array or a deterministic DataLoader."
+        )
 
     def _activation(self, x, l):
         """Layer l's activation for inputs ``x``; the forward pass stops right there."""
@@ -289,7 +387,19 @@ class ModelSource:
             _model._run_until_stopped(self.model, x)
         if not captured:
             raise ValueError(f"layer {spec.spec!r} was not called in the forward pass.")
-        return _model._cast(captured[0], self.dtype)
+        act = _model._cast(captured[0], self.dtype)
+        # Checked here, where the layer and the inputs are known (the statistics
+        # would only say "X"); one reduction per batch, as the statistics do.
+        if act.is_floating_point() and not bool(torch.isfinite(act).all()):
+            if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+                raise ValueError(
+                    f"the data contain NaN or infinity (in a batch of shape {_shape(x)})."
+                )
+            raise ValueError(
+                f"layer {spec.spec!r} is NaN or infinite for finite inputs (in a batch of "
+                f"shape {_shape(x)}): the model overflows or divides by zero there."
+            )
+        return act
 
     def _rows(self, act, l):
         return _model._as_rows(act, self.sequence, repr(self.specs[l].spec))
@@ -320,10 +430,8 @@ class ModelSource:
 
     def activation_stats(self, l, new_stats):
         stats = new_stats(l, None)
-        self.n_samples = 0
         for x in self._pass(f"layer {l}", self.positions[l] * self.widths[l]):
             stats.update(self._rows(self._activation(x, l), l))
-            self.n_samples += int(x.shape[0])
         return stats
 
     def jacobian_stats(self, l, V, new_stats, target=None):

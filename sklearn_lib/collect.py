@@ -59,6 +59,7 @@ from ._backend import (
 from ._model import (
     _as_rows,
     _cast,
+    _check_forward,
     _hooks,
     _input_tensor,
     _iter_batches,
@@ -195,8 +196,10 @@ def record_activations(
     with eval_mode(run_model), torch.no_grad(), tqdm(
         total=total, disable=not verbose, unit="sample", desc="activations"
     ) as bar:
-        for batch in batches:
+        for i, batch in enumerate(batches):
             x = _input_tensor(batch, device, dtype)
+            if i == 0:
+                _check_forward(run_model, x)
             acts = _record_batch(run_model, specs, x)
             for spec, act in acts.items():
                 parts[spec].append(_cast(act, dtype).cpu().numpy())
@@ -455,6 +458,7 @@ def section_vjp_products(
     a, b = _parse_layers(run_model, [in_layer, out_layer], "output")
     x = _input_tensor(inputs, device, dtype)
     with eval_mode(run_model):
+        _check_forward(run_model, x)
         with torch.no_grad():
             act_in = _cast(_record_batch(run_model, [a], x)[a.spec], dtype)
         products = _section_rows(
@@ -605,6 +609,8 @@ def collect(
         ) as bar:
             for i, batch in enumerate(batches):
                 x = _input_tensor(batch, device, dtype)
+                if i == 0:
+                    _check_forward(run_model, x)
                 with torch.no_grad():
                     recorded = _record_batch(run_model, specs, x)
                 acts = {s: _cast(t, dtype) for s, t in recorded.items()}

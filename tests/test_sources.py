@@ -1,0 +1,166 @@
+"""Tests for sklearn_lib._sources: what InteractionGraph.fit_model accepts as data.
+
+fit_model passes over the data once per statistic (twice per layer, plus the
+final layer), so every pass must see the same samples; these tests feed it data
+that change, run dry or are empty, and models that reject the data.
+"""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from sklearn_lib import InteractionGraph
+
+N, D = 40, 3
+LAYERS = [":input", "1", "2"]
+# fit_model on LAYERS passes over the data 5 times: statistics of layers 2, 1, 0,
+# then edges 0 and 1.
+N_PASSES = 5
+
+
+@pytest.fixture
+def net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(D, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+
+
+@pytest.fixture
+def X():
+    return torch.as_tensor(np.random.default_rng(0).normal(size=(N, D)))
+
+
+def fit(net, data, **params):
+    return InteractionGraph(verbose=False, **params).fit_model(net, LAYERS, data)
+
+
+class Passes:
+    """Re-iterable batches of ``X``, changed by ``change(X)`` from the ``start``-th full pass.
+
+    Calls of ``__iter__`` that fit_model makes before its passes (its checks and
+    its shape probe) are not counted as passes: they read the first batch only.
+    """
+
+    def __init__(self, X, change=None, start=None, batch_size=10):
+        self.X, self.change, self.start, self.batch_size = X, change, start, batch_size
+        self.full_passes = 0
+
+    def __iter__(self):
+        X = self.X
+        if self.change is not None and self.full_passes + 1 >= self.start:
+            X = self.change(X)
+        for i in range(0, len(X), self.batch_size):
+            yield X[i : i + self.batch_size]
+        self.full_passes += 1
+
+
+class ExhaustedAfterOnePass:
+    """An iterable whose ``__iter__`` hands out one and the same iterator."""
+
+    def __init__(self, X):
+        self.batches = iter(X.split(10))
+
+    def __iter__(self):
+        return self.batches
+
+
+CHANGES = {
+    "fewer samples": lambda X: X[:-5],
+    "more samples": lambda X: torch.cat([X, X[:3]]),
+    "one value changed": lambda X: torch.cat([X[:1] + 1e-6, X[1:]]),
+    "features swapped": lambda X: X[:, [1, 0, 2]],
+    "other samples": lambda X: X + 1,
+}
+
+
+@pytest.mark.parametrize("start", [2, N_PASSES])
+@pytest.mark.parametrize("change", list(CHANGES.values()), ids=list(CHANGES))
+def test_data_that_change_between_passes_are_refused(net, X, change, start):
+    data = Passes(X, change, start)
+    with pytest.raises(ValueError, match=rf"changed between passes: pass {start} over the data"):
+        fit(net, data)
+
+
+def test_data_that_run_dry_after_one_pass_are_refused(net, X):
+    with pytest.raises(ValueError, match="pass 2 over the data .* saw 0 samples.*only once"):
+        fit(net, ExhaustedAfterOnePass(X))
+
+
+def test_data_that_run_dry_before_the_first_pass_are_refused(net, X):
+    # The shape probe reads the only batch; the first pass then sees nothing.
+    with pytest.raises(ValueError, match="pass 1 .* yielded no samples.*exhausted"):
+        fit(net, ExhaustedAfterOnePass(X[:10]))
+
+
+# The fixtures are only read, so sharing them between examples is safe.
+@settings(max_examples=6, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 2**16), batch_size=st.integers(1, N))
+def test_reshuffled_and_rebatched_passes_fit_the_same_graph(net, X, seed, batch_size):
+    """Order and batching are free: the statistics are sums over samples."""
+    generator = torch.Generator().manual_seed(seed)
+    shuffled = Passes(X, lambda X: X[torch.randperm(N, generator=generator)], start=1,
+                      batch_size=batch_size)
+    expected = fit(net, X)
+    graph = fit(net, shuffled)
+    assert graph.n_samples_seen_ == N
+    for E, E_ref in zip(graph.edges_, expected.edges_):
+        np.testing.assert_allclose(E, E_ref, rtol=1e-9, atol=1e-12 * E_ref.max())
+
+
+def test_a_shuffling_dataloader_is_accepted_and_drop_last_refused(net, X):
+    loader = DataLoader(TensorDataset(X), batch_size=8, shuffle=True)
+    assert fit(net, loader).n_samples_seen_ == N
+    dropping = DataLoader(TensorDataset(X), batch_size=16, shuffle=True, drop_last=True,
+                          generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="changed between passes.*drop_last"):
+        fit(net, dropping)
+
+
+@pytest.mark.parametrize("n", [0, 1])
+@pytest.mark.parametrize("as_loader", [False, True])
+def test_fewer_than_two_samples_are_refused(net, X, n, as_loader):
+    data = DataLoader(TensorDataset(X[:n]), batch_size=4) if as_loader else X[:n]
+    with pytest.raises(ValueError, match=f"fit_model needs at least 2 samples, got {n}"):
+        fit(net, data)
+
+
+def test_inputs_of_the_wrong_width_are_reported_with_their_shape(net):
+    wrong = torch.zeros(N, D + 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"model rejected its inputs.*shape \(2, 5\)") as info:
+        fit(net, wrong)
+    assert isinstance(info.value.__cause__, RuntimeError)
+
+
+class Empty(nn.Module):
+    def forward(self, x):
+        return x[:, :0]
+
+
+def test_a_zero_width_layer_is_refused_by_name(X):
+    net = nn.Sequential(nn.Linear(D, 4), Empty(), nn.Linear(0, 2)).double()
+    with pytest.raises(ValueError, match=r"layer '1' has per-sample shape \(0,\)"):
+        fit(net, X)
+
+
+def test_nan_in_the_data_is_refused_as_such(net, X):
+    X = X.clone()
+    X[7, 1] = float("nan")
+    with pytest.raises(ValueError, match="the data contain NaN or infinity"):
+        fit(net, X)
+
+
+class Reciprocal(nn.Module):
+    def forward(self, x):
+        return 1 / x
+
+
+def test_a_layer_that_overflows_is_named(X):
+    X = X.clone()
+    X[3, 0] = 0.0
+    net = nn.Sequential(Reciprocal(), nn.Linear(D, 2)).double()
+    with pytest.raises(ValueError, match="layer '0' is NaN or infinite for finite inputs"):
+        InteractionGraph(verbose=False).fit_model(net, [":input", "0"], X)
