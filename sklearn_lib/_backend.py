@@ -18,22 +18,52 @@ _DTYPES = {
 }
 
 
+# The statistics and eigendecompositions need float64 torch.linalg; of torch's
+# device types only these two provide it (MPS has no float64, "meta" no values).
+_DEVICE_TYPES = ("cpu", "cuda")
+_SUPPORTED_DEVICES = (
+    "'cpu', 'cuda', 'cuda:<index>', 'auto' or a torch.device of type 'cpu' or 'cuda'"
+)
+
+
 def resolve_device(device):
     """Return a :class:`torch.device` for ``"cpu"``, ``"cuda"``, ``"auto"`` or a device.
 
-    ``"auto"`` picks CUDA when it is available and the CPU otherwise.
+    ``"auto"`` picks CUDA when it is available and the CPU otherwise. Strings and
+    :class:`torch.device` instances are checked alike: a device type other than
+    CPU and CUDA, CUDA without a GPU, or a GPU index beyond the visible ones is
+    refused with a ``ValueError`` that says what is supported.
     """
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
+    if isinstance(device, str) and device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(
-            f"device={str(device)!r} was requested but CUDA is not available; "
-            "use device='cpu' or device='auto'."
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(
+            f"device must be {_SUPPORTED_DEVICES}; got {type(device).__name__} {device!r}."
         )
-    return device
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise ValueError(
+            f"device={device!r} is not a device torch knows; expected {_SUPPORTED_DEVICES}."
+        ) from None
+    if resolved.type not in _DEVICE_TYPES:
+        raise ValueError(
+            f"device={str(resolved)!r} is not supported: sklearn_lib computes on CPU "
+            f"and CUDA devices only; expected {_SUPPORTED_DEVICES}."
+        )
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"device={str(resolved)!r} was requested but CUDA is not available; "
+                "use device='cpu' or device='auto'."
+            )
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device={str(resolved)!r} was requested but only "
+                f"{torch.cuda.device_count()} CUDA device(s) are visible "
+                f"(indices 0..{torch.cuda.device_count() - 1})."
+            )
+    return resolved
 
 
 def resolve_dtype(dtype):

@@ -29,7 +29,13 @@ from ._backend import (
 )
 from ._linalg import interaction_basis
 from ._stats import InteractionStatistics
-from ._validation import check_finite, check_jacobians
+from ._validation import (
+    check_finite,
+    check_jacobians,
+    check_not_jacobians,
+    check_real_values,
+    check_tensor,
+)
 from .metrics import _sparsity, interaction_edges
 
 # A chunk of Jacobians holds about this many numbers when batch_size=None
@@ -178,6 +184,7 @@ class InteractionBasis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
         self : object
             Fitted estimator.
         """
+        check_not_jacobians(y, "fit")
         X, jacobians, sample_weight = self._check_fit_input(
             X, jacobians, sample_weight, reset=True
         )
@@ -208,6 +215,7 @@ class InteractionBasis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
         self : object
             Fitted estimator.
         """
+        check_not_jacobians(y, "partial_fit")
         first_call = not hasattr(self, "_statistics")
         X, jacobians, sample_weight = self._check_fit_input(
             X, jacobians, sample_weight, reset=first_call
@@ -230,10 +238,11 @@ class InteractionBasis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
     def _check_fit_input(self, X, jacobians, sample_weight, *, reset):
         """Validate X (numpy via sklearn, tensors by hand) and the metadata's shapes."""
         if is_tensor(X):
-            if X.ndim != 2 or not X.dtype.is_floating_point:
+            check_tensor(X, "X", ndim=2, shape="(n_samples, n_features)")
+            if X.shape[1] == 0:
                 raise ValueError(
-                    "X must be a 2-D floating tensor (n_samples, n_features), got "
-                    f"shape {tuple(X.shape)} and dtype {X.dtype}."
+                    f"Found array with 0 feature(s) (shape={tuple(X.shape)}) while a "
+                    f"minimum of 1 is required by {type(self).__name__}."
                 )
             if reset:
                 self.n_features_in_ = X.shape[1]
@@ -252,18 +261,37 @@ class InteractionBasis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
         else:
             X = validate_data(
                 self,
-                X,
+                check_real_values(X, "X"),
                 reset=reset,
                 dtype=[np.float64, np.float32],
                 ensure_min_samples=2 if reset else 1,
             )
         jacobians = check_jacobians(jacobians, tuple(X.shape))
         if sample_weight is not None:
-            sample_weight = _check_sample_weight(
-                sample_weight, np.empty(X.shape[0]), dtype=np.float64,
-                ensure_non_negative=True,
-            )
+            sample_weight = self._check_sample_weight(sample_weight, X.shape[0], reset=reset)
         return X, jacobians, sample_weight
+
+    @staticmethod
+    def _check_sample_weight(sample_weight, n_samples, *, reset):
+        """Non-negative finite weights as float64 numpy (they are only n numbers)."""
+        if is_tensor(sample_weight):
+            check_tensor(sample_weight, "sample_weight", ndim=1, shape=f"({n_samples},)")
+            sample_weight = sample_weight.detach().cpu().numpy()
+        sample_weight = _check_sample_weight(
+            check_real_values(sample_weight, "sample_weight"),
+            np.empty(n_samples),
+            dtype=np.float64,
+            ensure_non_negative=True,
+        )
+        n_positive = int(np.count_nonzero(sample_weight))
+        if reset and n_positive < 2:
+            # One weighted sample has a zero Gram matrix: refuse it here rather
+            # than report "constant activations" after the fit.
+            raise ValueError(
+                f"sample_weight gives positive weight to {n_positive} of {n_samples} "
+                "samples; at least 2 are needed to estimate the Gram matrix."
+            )
+        return sample_weight
 
     def _torch_config(self):
         return resolve_device(self.device), resolve_dtype(self.dtype)
@@ -339,19 +367,23 @@ class InteractionBasis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
 
     def _check_transform_input(self, X, n_columns, *, features):
         """Validate input of transform-like methods; ``features`` says it is X, not Z."""
+        name = "X" if features else "Z"
         if is_tensor(X):
-            if X.ndim != 2 or X.shape[1] != n_columns:
+            shape = f"(n_samples, {n_columns})"
+            check_tensor(X, name, ndim=2, shape=shape)
+            if X.shape[1] != n_columns:
                 raise ValueError(
-                    f"Expected a tensor of shape (n_samples, {n_columns}), got "
-                    f"{tuple(X.shape)}."
+                    f"Expected {name} as a tensor of shape {shape}, got {tuple(X.shape)}."
                 )
             return X
+        X = check_real_values(X, name)
         if features:
             return validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
-        X = check_array(X, dtype=[np.float64, np.float32])
+        X = check_array(X, dtype=[np.float64, np.float32], input_name=name)
         if X.shape[1] != n_columns:
             raise ValueError(
-                f"Expected an array of shape (n_samples, {n_columns}), got {X.shape}."
+                f"Expected {name} as an array of shape (n_samples, {n_columns}), got "
+                f"{X.shape}."
             )
         return X
 
@@ -420,11 +452,16 @@ class InteractionBasis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
         ``i`` and basis direction ``j``, with ``J_hat_x = J_x @ inverse_components_.T``
         and ``Z = transform(X)``.
 
+        The Jacobians must be those of the downstream map the basis was fitted
+        to: a basis fitted with Jacobians refuses to be scored without them (the
+        identity map) or with a different number of outputs, and a basis fitted
+        without them (PCA) refuses Jacobians. See the user guide on grid search.
+
         Parameters
         ----------
         X : array-like or tensor of shape (n_samples, n_features)
         y : None
-            Ignored.
+            Ignored. A 3-D ``y`` (Jacobians passed positionally) is refused.
         jacobians : array-like or tensor of shape (n_samples, n_outputs, n_features), default=None
             None means the identity downstream map.
 
@@ -432,6 +469,7 @@ class InteractionBasis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
         -------
         score : float
         """
+        check_not_jacobians(y, "score")
         return _sparsity(self.edges(X, jacobians=jacobians), "gini")
 
     def edges(self, X, *, jacobians=None):
@@ -448,7 +486,8 @@ class InteractionBasis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
         """
         check_is_fitted(self)
         X = self._check_transform_input(X, self.n_features_in_, features=True)
-        jacobians = check_jacobians(jacobians, tuple(X.shape))
+        jacobians = check_jacobians(jacobians, tuple(X.shape), n_outputs=self.n_outputs_)
+        self._check_downstream(None if jacobians is None else jacobians.shape[1])
         device, dtype = self._torch_config()
         E = interaction_edges(
             X,
@@ -462,6 +501,40 @@ class InteractionBasis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
             dtype=dtype,
         )
         return E.cpu().numpy()
+
+    def _check_downstream(self, n_outputs):
+        """Refuse edges against another downstream map than the one fitted to.
+
+        ``n_outputs`` is the number of outputs of the Jacobians given for
+        scoring, None without. :class:`~sklearn_lib.metrics.InteractionSparsityScorer`
+        calls this too, for every InteractionBasis step of what it scores.
+        """
+        if self.n_outputs_ is not None and n_outputs is None:
+            raise ValueError(
+                f"This InteractionBasis was fitted with Jacobians ({self.n_outputs_} "
+                "downstream outputs) but is scored without them, which would measure "
+                "its interactions with the identity map instead. Pass jacobians= for "
+                "the scoring data. In GridSearchCV or cross_validate, enable metadata "
+                "routing (sklearn.set_config(enable_metadata_routing=True)) and pass "
+                "jacobians=J to fit: routed Jacobians reach the fits and the scorer alike."
+            )
+        if self.n_outputs_ is None and n_outputs is not None:
+            raise ValueError(
+                "This InteractionBasis was fitted without Jacobians (so it is PCA) but is "
+                "scored with Jacobians. In a grid search or cross-validation this means "
+                "the Jacobians reached the scorer but not the fit: the estimator the "
+                "search was built with does not request them for fit (scikit-learn's PCA "
+                "does not). Build the search with InteractionBasis or sklearn_lib.PCA as "
+                "the initial step. To score a PCA baseline, use sklearn_lib.PCA (or "
+                "scikit-learn's PCA) rather than an InteractionBasis fitted without "
+                "Jacobians."
+            )
+        if n_outputs != self.n_outputs_:
+            raise ValueError(
+                f"The scoring Jacobians have {n_outputs} outputs but this InteractionBasis "
+                f"was fitted with Jacobians of {self.n_outputs_}: score it with the "
+                "Jacobians of the same downstream map."
+            )
 
     @property
     def _n_features_out(self):

@@ -408,3 +408,140 @@ def test_auto_device_runs(rng):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         InteractionBasis(device="auto").fit(X, jacobians=J)
+
+
+# --- misuse is refused with what was expected and what was given (issue 8) --------------
+
+
+@pytest.mark.parametrize("method", ["fit", "partial_fit", "score"])
+def test_jacobians_passed_positionally_are_refused(rng, method):
+    """fit(X, J) binds J to the ignored y: it used to fit (and score) as PCA."""
+    X, J = make_layer(rng)
+    basis = InteractionBasis().fit(X, jacobians=J) if method == "score" else InteractionBasis()
+    with pytest.raises(ValueError, match=r"3-D array as y.*jacobians=J"):
+        getattr(basis, method)(X, J)
+
+
+@pytest.mark.parametrize("y", [np.zeros(300), np.zeros((300, 6))])
+def test_targets_of_a_pipeline_are_still_ignored(rng, y):
+    X, J = make_layer(rng)
+    with_y = InteractionBasis().fit(X, y, jacobians=J)
+    np.testing.assert_allclose(with_y.components_,
+                               InteractionBasis().fit(X, jacobians=J).components_)
+
+
+def test_score_refuses_jacobians_of_another_downstream_map(rng):
+    X, J = make_layer(rng)
+    fitted = InteractionBasis().fit(X, jacobians=J)
+    other = np.concatenate([J, J], axis=1)
+    for method in (fitted.score, fitted.edges):
+        with pytest.raises(ValueError, match="8 outputs but the estimator was fitted with 4"):
+            method(X, jacobians=other)
+        with pytest.raises(ValueError, match="fitted with Jacobians.*scored without"):
+            method(X)
+    pca_like = InteractionBasis().fit(X)
+    with pytest.raises(ValueError, match="fitted without Jacobians.*sklearn_lib.PCA"):
+        pca_like.score(X, jacobians=J)
+    # Fitted and scored without Jacobians is PCA against the identity map: fine.
+    assert 0 <= pca_like.score(X) < 1
+
+
+def _sparse(a):
+    return torch.from_numpy(a).to_sparse()
+
+
+def _with_a_dict(a):
+    a = a.astype(object)
+    a[0, 0] = {}
+    return a
+
+
+def _ragged(a):
+    rows = a.tolist()
+    rows[0] = rows[0][:-1]
+    return rows
+
+
+@pytest.mark.parametrize(
+    "where, make, error, match",
+    [
+        ("X", _sparse, ValueError, r"X is a sparse tensor.*to_dense"),
+        ("X", _ragged, ValueError, r"X must be a rectangular array.*ragged"),
+        ("X", lambda a: a.astype(str), ValueError, r"X must hold real numbers, got strings"),
+        ("X", lambda a: torch.from_numpy(a.astype(complex)), ValueError,
+         r"X must hold real numbers.*complex128"),
+        ("X", lambda a: torch.from_numpy(a[:, :0].copy()), ValueError, r"0 feature\(s\)"),
+        ("X", _with_a_dict, TypeError, r"X must hold real numbers.*not 'dict'"),
+        ("jacobians", _sparse, ValueError, r"jacobians is a sparse tensor.*to_dense"),
+        ("jacobians", _ragged, ValueError, r"jacobians must be a rectangular array"),
+        ("jacobians", lambda a: a.astype(complex), ValueError,
+         r"jacobians must hold real numbers.*complex128"),
+        ("jacobians", lambda a: a.astype(str), ValueError, r"jacobians must hold real numbers"),
+        ("jacobians", lambda a: a[:, :0], ValueError, r"jacobians has 0 outputs"),
+        ("jacobians", lambda a: torch.from_numpy(a).long(), ValueError,
+         r"jacobians must be a floating-point tensor.*torch.int64"),
+        ("sample_weight", lambda a: np.ones(len(a)) + 0j, ValueError,
+         r"sample_weight must hold real numbers"),
+        ("sample_weight", lambda a: torch.ones(len(a)).to_sparse(), ValueError,
+         r"sample_weight is a sparse tensor"),
+        ("sample_weight", lambda a: np.r_[1.0, np.zeros(len(a) - 1)], ValueError,
+         r"positive weight to 1 of 300 samples"),
+    ],
+)
+def test_unusable_input_is_refused_clearly(rng, where, make, error, match):
+    X, J = make_layer(rng)
+    inputs = {"X": X, "jacobians": J, "sample_weight": None}
+    inputs[where] = make(inputs[where] if where != "sample_weight" else X)
+    with pytest.raises(error, match=match):
+        InteractionBasis().fit(inputs["X"], jacobians=inputs["jacobians"],
+                               sample_weight=inputs["sample_weight"])
+
+
+@pytest.mark.parametrize("method", ["transform", "inverse_transform", "edges"])
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda a: torch.from_numpy(a.astype(complex)), "must hold real numbers"),
+        (_sparse, "is a sparse tensor"),
+        (lambda a: a.astype(str), "must hold real numbers, got strings"),
+    ],
+)
+def test_transform_like_methods_refuse_unusable_input(rng, method, make, match):
+    """A complex tensor used to lose its imaginary part silently in transform."""
+    X, J = make_layer(rng)
+    basis = InteractionBasis(3).fit(X, jacobians=J)
+    data = basis.transform(X) if method == "inverse_transform" else X
+    kwargs = {"jacobians": J} if method == "edges" else {}
+    with pytest.raises(ValueError, match=match):
+        getattr(basis, method)(make(data), **kwargs)
+
+
+def test_edges_refuse_non_finite_jacobians(rng):
+    X, J = make_layer(rng)
+    basis = InteractionBasis().fit(X, jacobians=J)
+    J[3, 1, 2] = np.nan
+    with pytest.raises(ValueError, match="jacobians contains NaN"):
+        basis.edges(X, jacobians=J)
+
+
+@pytest.mark.parametrize(
+    "device, match",
+    [
+        ("tpu", "not a device torch knows"),
+        ("meta", "not supported: sklearn_lib computes on CPU and CUDA"),
+        (torch.device("meta"), "not supported: sklearn_lib computes on CPU and CUDA"),
+        ("mps", "not supported"),
+    ],
+)
+def test_unsupported_devices_are_refused(rng, device, match):
+    X, J = make_layer(rng)
+    with pytest.raises(ValueError, match=match):
+        InteractionBasis(device=device).fit(X, jacobians=J)
+
+
+def test_cuda_device_object_without_cuda_is_clear(rng):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    X, _ = make_layer(rng)
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        InteractionBasis(device=torch.device("cuda")).fit(X)
