@@ -13,10 +13,20 @@ Layout of a cache directory::
     <path>/jacobians/<node>           one array per section (a, b)
 
 Writes are atomic at the level of the whole cache: everything is written into a
-temporary sibling directory and renamed to ``path`` only by
-:meth:`ActivationCache.finalize`, which is also the only place that sets the
-``"complete": true`` marker. A crash therefore never leaves a cache at ``path``
-that opens, and a complete cache is never replaced by a half-written one.
+temporary sibling directory and moved to ``path`` only by
+:meth:`ActivationCache.finalize` (see :mod:`sklearn_lib._atomic`), which is also
+the only place that sets the ``"complete": true`` marker. A crash therefore
+never leaves a cache at ``path`` that opens, a complete cache is never replaced
+by a half-written one, and a replacement interrupted between its two renames is
+undone by the next :meth:`~ActivationCache.open` or
+:meth:`~ActivationCache.create`.
+
+A complete cache proves it is complete: finalize records every file with its
+size and CRC-32 (the *inventory*, :mod:`sklearn_lib._cache_store`); open checks
+that every file exists with its size, and every read checks the file's checksum
+and that the cache at ``path`` is still the one opened. A missing, truncated or
+corrupted chunk raises, naming the array, the chunk and the file, instead of
+reading as zeros.
 Everything on disk is JSON or raw array chunks; no Python objects are serialised.
 """
 
@@ -30,10 +40,13 @@ from math import prod
 import numpy as np
 import torch
 
+from ._atomic import check_target, make_temp_dir, replace_dir, tidy
 from ._backend import resolve_dtype
 
 _ATTR_KEY = "sklearn_lib_cache"
-_FORMAT_VERSION = 1
+# Version 2 added the inventory of files and the generation id.
+_FORMAT_VERSION = 2
+_WHAT = "activation cache"
 # Target size of one chunk: large enough for efficient sequential reads, small
 # enough that reading a single row of a large Jacobian does not pull in gigabytes.
 _CHUNK_BYTES = 64 * 2**20
@@ -86,21 +99,44 @@ def _json_roundtrip(metadata):
     return json.loads(encoded)
 
 
-def _is_cache_dir(path):
-    """True if ``path`` holds a zarr group written by ActivationCache (complete or not)."""
+def _read_description(path):
+    """The description of the cache at ``path``, or None if it holds no ActivationCache."""
     try:
         with open(os.path.join(path, "zarr.json"), encoding="utf-8") as f:
             attrs = json.load(f).get("attributes", {})
-    except (OSError, ValueError):
-        return False
-    return isinstance(attrs, dict) and _ATTR_KEY in attrs
+    except (OSError, ValueError, AttributeError):
+        return None
+    description = attrs.get(_ATTR_KEY) if isinstance(attrs, dict) else None
+    return description if isinstance(description, dict) else None
 
 
-def _remove(path):
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path)
-    else:
-        os.remove(path)
+def _is_cache_dir(path):
+    """True if ``path`` holds a zarr group written by ActivationCache (complete or not)."""
+    return _read_description(path) is not None
+
+
+def _is_complete_cache(path):
+    description = _read_description(path)
+    return description is not None and description.get("complete") is True
+
+
+def _labels(description):
+    """Node path -> name of the array in messages."""
+    labels = {e["node"]: f"activations of layer {e['name']!r}" for e in description["layers"]}
+    labels.update({
+        e["node"]: f"Jacobians of section ({e['in']!r}, {e['out']!r})"
+        for e in description["jacobians"]
+    })
+    return labels
+
+
+def _open_verified(path, description):
+    """The cache's zarr group, read through the store that enforces its inventory."""
+    zarr = _import_zarr()
+    from ._cache_store import VerifiedStore
+
+    store = VerifiedStore(path, description, _labels(description))
+    return zarr.open_group(store=store, mode="r", zarr_format=3)
 
 
 def _to_numpy(a):
@@ -208,7 +244,8 @@ class ActivationCache:
         overwrite : bool, default=False
             Allow replacing an existing cache at ``path``. The old cache is replaced
             only when the new one is finalized, so it survives a failed write. Paths
-            that are not caches written by this class are never replaced.
+            that are not caches written by this class, and symbolic links, are never
+            replaced.
         rows_per_sample : dict of str to int, optional
             Rows each sample contributes to a layer (the number of positions for
             sequence layers whose positions count as samples). Default 1.
@@ -241,6 +278,8 @@ class ActivationCache:
         description = {
             "format_version": _FORMAT_VERSION,
             "complete": False,
+            # Tells a reader whether the cache at the path is still the one it opened.
+            "generation": uuid.uuid4().hex,
             "n_samples": 0,
             "dtype": np_dtype.name,
             "layers": [
@@ -264,9 +303,9 @@ class ActivationCache:
             "metadata": _json_roundtrip(metadata),
         }
 
-        tmp_path = f"{path}.tmp-{uuid.uuid4().hex}"
-        group = zarr.open_group(tmp_path, mode="w-", zarr_format=3)
+        tmp_path = make_temp_dir(path, "ActivationCache")
         try:
+            group = zarr.open_group(tmp_path, mode="a", zarr_format=3)
             group.create_group("activations")
             group.create_group("jacobians")
             entries = [(e["node"], e["shape"]) for e in description["layers"]]
@@ -308,27 +347,33 @@ class ActivationCache:
         FileNotFoundError
             If nothing is at ``path`` (the message mentions unfinished writes).
         ValueError
-            If ``path`` is not a cache, the cache is incomplete, or it does not
+            If ``path`` is not a cache, the cache is incomplete or damaged (a file
+            of its inventory is missing or has the wrong size), or it does not
             match the expectations (the message lists expected and found values).
+
+        Notes
+        -----
+        If a replacement of the cache was interrupted between its two renames,
+        the intact previous cache is moved back to ``path`` first (with a
+        warning); copies superseded by the cache at ``path`` and unfinished
+        writes of processes that have ended are deleted.
         """
-        zarr = _import_zarr()
+        _import_zarr()
+        from ._cache_store import check_inventory
+
         path = os.path.abspath(os.fspath(path))
+        pending = tidy(path, _is_complete_cache, _WHAT)
         if not os.path.exists(path):
-            parent, base = os.path.split(path)
-            pending = []
-            if os.path.isdir(parent):
-                pending = [n for n in os.listdir(parent) if n.startswith(base + ".tmp-")]
             hint = (
-                f" Unfinished writes exist next to it ({', '.join(sorted(pending))}): a cache "
+                f" Unfinished writes exist next to it ({', '.join(pending)}): a cache "
                 "is only moved to its path by finalize()."
                 if pending
                 else ""
             )
             raise FileNotFoundError(f"no activation cache at {path!r}.{hint}")
-        if not _is_cache_dir(path):
+        description = _read_description(path)
+        if description is None:
             raise ValueError(f"{path!r} is not an activation cache written by ActivationCache.")
-        group = zarr.open_group(path, mode="r", zarr_format=3)
-        description = dict(group.attrs[_ATTR_KEY])
         if description.get("complete") is not True:
             raise ValueError(
                 f"the activation cache at {path!r} is incomplete: it was never finalized "
@@ -337,9 +382,12 @@ class ActivationCache:
         if description.get("format_version") != _FORMAT_VERSION:
             raise ValueError(
                 f"the activation cache at {path!r} has format version "
-                f"{description.get('format_version')}, expected {_FORMAT_VERSION}."
+                f"{description.get('format_version')}, this library reads {_FORMAT_VERSION} "
+                "(version 1 caches carry no inventory, so they cannot prove they are "
+                "complete). Recreate it."
             )
-        cache = cls(path, group, description, writing=False)
+        check_inventory(path, description["inventory"], _labels(description))
+        cache = cls(path, _open_verified(path, description), description, writing=False)
         cache._check_expectations(expect_layers, expect_shapes, expect_dtype)
         return cache
 
@@ -375,6 +423,17 @@ class ActivationCache:
         jacobian_batch : dict of (str, str) to array-like, optional
             Every stored section's Jacobians for the batch; required exactly when
             the cache stores Jacobians.
+
+        Raises
+        ------
+        TypeError
+            If an array is complex or not numeric: the cache stores real floats
+            and would keep only the real part.
+        ValueError
+            If an array has the wrong shape, or a value is NaN, infinite or beyond
+            the range of the storage dtype (e.g. 1e300 in a float32 cache). The
+            message names the layer or section and the row; nothing of the batch
+            is written.
         """
         if not self._writing:
             raise ValueError("this activation cache is read-only (opened or already finalized).")
@@ -391,13 +450,22 @@ class ActivationCache:
             + [((e["in"], e["out"]), e, jacobian_batch[(e["in"], e["out"])], rows[e["in"]])
                for e in jac_entries]
         ):
+            what = (f"layer {key!r}" if isinstance(key, str)
+                    else f"the Jacobians of section {key!r}")
             array = _to_numpy(array)
+            if array.dtype.kind not in "biuf":
+                raise TypeError(
+                    f"{what}: expected real numbers, got an array of dtype {array.dtype}"
+                    + (" (the cache would keep only the real part)"
+                       if array.dtype.kind == "c" else "") + "."
+                )
             shape = tuple(entry["shape"])
             if array.shape[1:] != shape or array.shape[0] % per:
                 raise ValueError(
-                    f"{key!r}: expected an array of shape (n_rows, *{shape}) with n_rows a "
+                    f"{what}: expected an array of shape (n_rows, *{shape}) with n_rows a "
                     f"multiple of rows_per_sample={per}, got {array.shape}."
                 )
+            array = _finite_rows(array, self.dtype, what, per)
             n = array.shape[0] // per
             if n_batch is None:
                 n_batch = n
@@ -411,39 +479,33 @@ class ActivationCache:
             target = self._group[node]
             start = self._n_samples * per
             target.resize((start + array.shape[0], *target.shape[1:]))
-            target[start:] = array.astype(self.dtype, copy=False)
+            target[start:] = array
         self._n_samples += n_batch
 
     def finalize(self):
         """Mark the cache complete and move it atomically to its final path.
 
         An existing cache at ``path`` is replaced only if the cache was created
-        with ``overwrite=True``. Afterwards the cache is read-only.
+        with ``overwrite=True``. Every file is recorded with its size and CRC-32
+        (one read of the cache) so that readers can verify it. Afterwards the
+        cache is read-only.
         """
         if not self._writing:
             raise ValueError("this activation cache is already finalized or was opened read-only.")
-        zarr = _import_zarr()
+        from ._cache_store import take_inventory
+
+        # Another writer may have finished at the same path since create().
+        _check_target(self.path, self._overwrite)
         description = dict(self._desc)
         description["complete"] = True
         description["n_samples"] = self._n_samples
+        description["inventory"] = take_inventory(self._tmp_path)
         self._group.attrs[_ATTR_KEY] = description
-        # Another writer may have finished at the same path since create().
-        _check_target(self.path, self._overwrite)
-        if os.path.lexists(self.path):
-            old = f"{self.path}.old-{uuid.uuid4().hex}"
-            os.rename(self.path, old)
-            try:
-                os.rename(self._tmp_path, self.path)
-            except BaseException:
-                os.rename(old, self.path)
-                raise
-            _remove(old)
-        else:
-            os.rename(self._tmp_path, self.path)
+        replace_dir(self._tmp_path, self.path)
         self._desc = description
         self._writing = False
         self._tmp_path = None
-        self._group = zarr.open_group(self.path, mode="r", zarr_format=3)
+        self._group = _open_verified(self.path, description)
 
     def discard(self):
         """Abandon an unfinished cache and delete its temporary files."""
@@ -509,6 +571,9 @@ class ActivationCache:
         """Lazily readable array of layer ``name``: ``(n_rows, *shapes[name])``.
 
         Slicing reads only the chunks needed; ``np.asarray`` reads everything.
+        Every read checks the chunks against the cache's inventory, and raises
+        once the cache at :attr:`path` is no longer the one this cache was opened
+        on (it was overwritten, moved or deleted): an array never mixes two caches.
         """
         for e in self._desc["layers"]:
             if e["name"] == name:
@@ -519,6 +584,7 @@ class ActivationCache:
         """Lazily readable Jacobians of section ``(a, b)``.
 
         Shape ``(n_rows_a, *jacobian_shapes[(a, b)])``, one row per row of ``a``.
+        Reads are checked as for :meth:`activations`.
         """
         for e in self._desc["jacobians"]:
             if (e["in"], e["out"]) == (a, b):
@@ -534,17 +600,35 @@ class ActivationCache:
 
 
 def _check_target(path, overwrite):
-    if not os.path.lexists(path):
-        return
-    if not overwrite:
-        raise FileExistsError(
-            f"{path!r} already exists; pass overwrite=True to replace an existing cache."
+    """Raise unless a cache may be written to the absolute ``path``."""
+    tidy(path, _is_complete_cache, _WHAT)
+    check_target(path, overwrite, _is_cache_dir, _WHAT)
+
+
+def _finite_rows(array, dtype, what, rows_per_sample):
+    """``array`` cast to the storage ``dtype``; raises naming the first row that is not finite."""
+    # Values beyond the dtype's range become inf in the cast; that is checked below.
+    with np.errstate(over="ignore", invalid="ignore"):
+        stored = array.astype(dtype, copy=False)
+    finite = np.isfinite(stored).reshape(len(stored), prod(stored.shape[1:])).all(axis=1)
+    if finite.all():
+        return stored
+    row = int(np.flatnonzero(~finite)[0])
+    values = array[row]
+    if np.isnan(values).any():
+        problem = "NaN"
+    elif not np.isfinite(values).all():
+        problem = "an infinite value"
+    else:
+        problem = (
+            f"a value beyond the {dtype.name} range ({float(np.abs(values).max()):.3g}; the "
+            f"largest {dtype.name} is {float(np.finfo(dtype).max):.3g})"
         )
-    if not _is_cache_dir(path):
-        raise FileExistsError(
-            f"{path!r} exists and is not an activation cache; refusing to replace it "
-            "even with overwrite=True."
-        )
+    sample = f" (sample {row // rows_per_sample})" if rows_per_sample > 1 else ""
+    raise ValueError(
+        f"{what}: row {row} of this batch{sample} holds {problem}; the cache stores only "
+        "finite values. Nothing of this batch was written."
+    )
 
 
 def _check_keys(given, expected, what, kind):
