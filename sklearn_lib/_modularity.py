@@ -48,10 +48,11 @@ def _normalize_values(values, norm, eps):
     if norm == "sqrt":
         return np.sqrt(values)
     # Only edges above eps get a positive weight; computing the log on those alone
-    # avoids log10(0) warnings for the zeros of a dense matrix.
+    # avoids log10(0) warnings for the zeros of a dense matrix. The difference of
+    # logs stays finite where the ratio E / eps would overflow (1e300 / 1e-300).
     out = np.zeros_like(values)
     above = values > eps
-    out[above] = np.log10(values[above] / eps)
+    out[above] = np.log10(values[above]) - np.log10(eps)
     return out
 
 
@@ -267,10 +268,26 @@ def _check_adjacency(A, *, symmetrize, name="A"):
 
 
 def _symmetrized(adj, is_symmetric):
-    """Return ``(A + A.T) / 2`` as CSR without explicit zeros (``A`` if symmetric)."""
+    """Return ``(A + A.T) / 2`` divided by its largest weight, as CSR without zeros.
+
+    Modularity, and hence the partition that maximises it, does not change when
+    every weight is multiplied by the same positive number; with weights at most
+    1, ``2m`` and the degree products ``k_i k_j`` of weights near the ends of the
+    float64 range (1e300, 1e-300) neither overflow nor underflow. Dividing once
+    before the sum keeps ``A + A.T`` finite; dividing again after it makes the
+    largest weight exactly 1, so that a one-sided matrix and its symmetric
+    completion (``(U + U.T) / 2 == A / 2``) give bitwise identical graphs.
+    ``adj`` is not modified.
+    """
+    adj = adj.copy()
+    adj.eliminate_zeros()
+    if adj.nnz == 0:
+        return adj
+    adj.data /= adj.data.max()
     if not is_symmetric:
         adj = sp.csr_array((adj + adj.T) / 2)
-    adj.eliminate_zeros()
+        adj.eliminate_zeros()
+        adj.data /= adj.data.max()
     return adj
 
 
@@ -278,6 +295,8 @@ def _modularity_csr(adj, labels, resolution):
     """Newman modularity of a symmetric, diagonal-free CSR adjacency.
 
     ``labels`` are integers in ``0..k-1``. A graph without edges has Q = 0.
+    ``adj`` comes from :func:`_symmetrized`, so its weights are at most 1 and
+    the sums below cannot overflow.
     """
     two_m = adj.data.sum()
     if two_m == 0:

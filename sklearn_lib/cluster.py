@@ -198,7 +198,10 @@ class ModularityClustering(ClusterMixin, BaseEstimator):
     -----
     Self-loops (the diagonal of ``A``) are ignored. A graph without edges is
     not handed to networkit: every node becomes its own module and
-    ``modularity_`` is 0.0.
+    ``modularity_`` is 0.0. Modularity is scale-free, so the (normalised,
+    symmetrised) weights are divided by their largest before Leiden runs: a
+    graph gives the same modules and ``modularity_`` whether its weights are
+    near 1e-300, 1 or 1e300.
 
     networkit's seed and thread count are global to the process, so seeded fits
     running concurrently in threads of one process are not reproducible (joblib's

@@ -1,4 +1,15 @@
-"""Tests for sklearn_lib.cluster: Leiden modules (ModularityClustering)."""
+"""Tests for sklearn_lib.cluster: Leiden modules (ModularityClustering).
+
+Exact comparisons here are of integers (labels, counts, node indices) or of
+literal results (Q = 0.0 of a graph without edges). Labels of seeded, single-
+threaded Leiden are compared exactly only where the two graphs handed to
+networkit are provably bitwise identical (the same input in another format,
+the diagonal removed, a one-sided matrix whose completion is an exact power-of-
+two multiple, weights that all normalise to exactly 1), or where the partition
+is forced (disconnected cliques, the planted blocks with ARI 1 then relabelled
+by first appearance). Graphs that differ by rounding (``A * 1e300``) are
+compared as partitions (adjusted Rand index 1) with Q within a tolerance.
+"""
 
 import numpy as np
 import pytest
@@ -43,7 +54,8 @@ def test_sbm_blocks_recovered():
     mc = ModularityClustering(random_state=0).fit(A)
     assert adjusted_rand_score(blocks, mc.labels_) == 1.0
     assert mc.n_clusters_ == 4
-    # Relabelled by first appearance: the blocks come in node order.
+    # Exact: the same partition (ARI 1), relabelled by first appearance, is the
+    # blocks' numbering because the blocks come in node order.
     np.testing.assert_array_equal(mc.labels_, blocks)
 
 
@@ -53,6 +65,7 @@ def test_modularity_ignores_self_loops():
     assert modularity(with_loops, blocks) == pytest.approx(nx_modularity(A, blocks))
     labels_plain = ModularityClustering(random_state=0).fit(A).labels_
     labels_loops = ModularityClustering(random_state=0).fit(with_loops).labels_
+    # Exact: without its diagonal, with_loops is bitwise A, and the seed is the same.
     np.testing.assert_array_equal(labels_plain, labels_loops)
 
 
@@ -62,6 +75,7 @@ def test_disjoint_cliques_closed_form(n_cliques):
     # degree: Q = k * (1/k - gamma / k**2) = 1 - gamma / k.
     A = cliques(n_cliques, 4)
     mc = ModularityClustering(random_state=0).fit(A)
+    # Exact: the components are the only maximiser; labels are integers.
     np.testing.assert_array_equal(mc.labels_, np.repeat(np.arange(n_cliques), 4))
     assert mc.modularity_ == pytest.approx(1 - 1 / n_cliques)
     assert modularity(A, mc.labels_, resolution=0.5) == pytest.approx(1 - 0.5 / n_cliques)
@@ -80,6 +94,7 @@ def test_same_seed_same_labels_and_threads_restored():
     first = ModularityClustering(random_state=42).fit(A).labels_
     assert nk.getMaxNumberOfThreads() == threads
     second = ModularityClustering(random_state=42).fit(A).labels_
+    # Exact: identical input, seed and one thread make networkit deterministic.
     np.testing.assert_array_equal(first, second)
     rs = np.random.RandomState(7)
     third = ModularityClustering(random_state=rs).fit(A).labels_
@@ -112,6 +127,7 @@ def test_dense_and_sparse_inputs_agree():
     coo32.row, coo32.col = coo32.row.astype(np.int32), coo32.col.astype(np.int32)
     for form in (sp.csr_array(A), sp.csc_matrix(A), int32, coo32, A.tolist()):
         mc = ModularityClustering(random_state=0).fit(form)
+        # Exact: every format becomes the same sorted float64 CSR (no arithmetic).
         np.testing.assert_array_equal(mc.labels_, expected.labels_)
         assert mc.modularity_ == pytest.approx(expected.modularity_)
 
@@ -122,6 +138,8 @@ def test_one_sided_input_is_symmetrised():
     for norm in ("identity", "log"):
         full = ModularityClustering(random_state=0, normalization=norm, eps=0.6).fit(A)
         half = ModularityClustering(random_state=0, normalization=norm, eps=0.6).fit(upper)
+        # Exact: (U + U.T) / 2 is A / 2 to the bit, and both are divided by their
+        # largest weight, so networkit sees bitwise identical graphs.
         np.testing.assert_array_equal(full.labels_, half.labels_)
         # Halving every weight leaves the modularity unchanged.
         assert half.modularity_ == pytest.approx(full.modularity_)
@@ -135,6 +153,7 @@ def test_input_is_not_modified():
     coo_copy = coo.copy()
     ModularityClustering(random_state=0, normalization="sqrt").fit(dense)
     ModularityClustering(random_state=0, normalization="log").fit(coo)
+    # Exact: the inputs must be untouched, not merely close.
     np.testing.assert_array_equal(dense, A)
     np.testing.assert_array_equal(coo.toarray(), coo_copy.toarray())
 
@@ -252,6 +271,7 @@ def test_fit_normalisations_equal_prenormalised_identity():
     for norm, eps in (("sqrt", None), ("log", 0.7)):
         mc = ModularityClustering(random_state=0, normalization=norm, eps=eps).fit(A)
         ref = ModularityClustering(random_state=0).fit(normalize_edges(A, norm, eps=eps))
+        # Exact: the same elementwise function of the same values, then the same graph.
         np.testing.assert_array_equal(mc.labels_, ref.labels_)
         assert mc.modularity_ == pytest.approx(ref.modularity_)
         assert mc.eps_ == eps
@@ -264,6 +284,8 @@ def test_log_default_eps_keeps_every_edge():
     binary = (A > 0).astype(float)
     log = ModularityClustering(normalization="log", random_state=0).fit(binary)
     ident = ModularityClustering(random_state=0).fit(binary)
+    # Exact: every weight of both graphs is the same number, and x / x == 1.0, so
+    # both reach networkit as the same unit-weight graph.
     np.testing.assert_array_equal(log.labels_, ident.labels_)
 
 
@@ -403,3 +425,26 @@ def test_two_independent_halves_split_through_the_whole_pipeline():
     for basis, w in zip(graph.bases_, widths):
         share = (basis.components_[:, w:] ** 2).sum(1) / (basis.components_ ** 2).sum(1)
         assert np.all((share < 0.05) | (share > 0.95))
+
+
+# --------------------------------------------------------------------------- #
+# Scale: modularity is scale-free, so are the modules
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize("scale", [1e-300, 1e-100, 1.0, 1e100, 1e300])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_partition_and_modularity_do_not_depend_on_the_weight_scale(scale, symmetric):
+    A, blocks = sbm(seed=12)
+    if not symmetric:
+        A = np.triu(A)  # (A + A.T) / 2 must not overflow at 1e300 either
+    reference = ModularityClustering(random_state=0).fit(A)
+    assert adjusted_rand_score(blocks, reference.labels_) == 1.0
+    mc = ModularityClustering(random_state=0).fit(A * scale)
+    # A * scale rounds each weight, so the graphs agree to an ulp, not bitwise:
+    # the same partition (ARI 1) and Q to rounding.
+    assert adjusted_rand_score(reference.labels_, mc.labels_) == 1.0
+    assert mc.modularity_ == pytest.approx(reference.modularity_, rel=1e-12)
+    assert modularity(A * scale, reference.labels_) == pytest.approx(
+        reference.modularity_, rel=1e-12
+    )

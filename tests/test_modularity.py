@@ -1,4 +1,9 @@
-"""Tests for sklearn_lib._modularity: edge normalisation and the modularity function."""
+"""Tests for sklearn_lib._modularity: edge normalisation and the modularity function.
+
+Exact comparisons are of values the functions select or copy from their input
+(``select_log_eps``, ``norm="identity"``) or of booleans from comparing those
+same values; computed weights and modularities are compared with tolerances.
+"""
 
 import numpy as np
 import pytest
@@ -107,3 +112,20 @@ def test_modularity_invariances(graph, random, scale):
     assert -0.5 - 1e-12 <= Q <= 1.0
     if A.any():
         assert Q == pytest.approx(nx_modularity(A, labels), abs=1e-12)
+
+
+@pytest.mark.parametrize("scale", [1e-300, 1e300])
+def test_modularity_of_extreme_weights_is_finite_and_scale_free(scale):
+    # Two disjoint edges, each its own module: Q = 0.5 at every scale (2m would
+    # overflow at 1e300 and the degree products underflow at 1e-300).
+    A = np.kron(np.eye(2), np.ones((2, 2))) - np.eye(4)
+    assert modularity(A * scale, [0, 0, 1, 1]) == pytest.approx(0.5, rel=1e-14)
+    assert modularity(np.triu(A * scale), [0, 0, 1, 1]) == pytest.approx(0.5, rel=1e-14)
+
+
+def test_log_normalisation_of_extreme_ratios_is_finite():
+    # E / eps overflows float64 although log10(E) - log10(eps) = 600 does not.
+    E = np.array([[1e300, 0.0], [1.0, 1e-300]])
+    out = normalize_edges(E, "log", eps=1e-300)
+    np.testing.assert_allclose(out, [[600.0, 0.0], [300.0, 0.0]], rtol=1e-14)
+    assert np.isfinite(normalize_edges(sp.csr_array(E), "log", eps=1e-300).data).all()
