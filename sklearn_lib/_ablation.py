@@ -41,13 +41,13 @@ def _check_X(X):
     large tensor on the GPU is never scanned or copied up front.
     """
     if is_tensor(X):
-        if X.ndim != 2 or not X.dtype.is_floating_point:
+        if X.ndim != 2 or not X.dtype.is_floating_point or X.shape[0] == 0:
             raise ValueError(
-                "X must be a 2-D floating tensor (n_samples, n_features), got shape "
-                f"{tuple(X.shape)} and dtype {X.dtype}."
+                "X must be a 2-D floating tensor (n_samples, n_features) with at least one "
+                f"sample, got shape {tuple(X.shape)} and dtype {X.dtype}."
             )
         return X
-    return check_array(X, dtype=[np.float64, np.float32])
+    return check_array(X, dtype=[np.float64, np.float32], input_name="X")
 
 
 def _first_rows(X, n):
@@ -121,6 +121,7 @@ class _AffineBasis:
             for a in (affine.A, affine.b, affine.P, affine.c)
         )
         self.n_components = self.A.shape[1]
+        self.name = name
 
     def transform(self, X, k=None):
         """The first ``k`` coordinates (all when None) of ``X``."""
@@ -141,7 +142,9 @@ class _Network:
         for name, fn in pieces.items():
             if fn is not None and not callable(fn):
                 raise TypeError(f"{name} must be a callable or a torch.nn.Module, got {fn!r}.")
-        if batch_size is not None and (not isinstance(batch_size, Integral) or batch_size < 1):
+        if batch_size is not None and (
+            not isinstance(batch_size, Integral) or isinstance(batch_size, bool) or batch_size < 1
+        ):
             raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}.")
         self.pieces = {name: fn for name, fn in pieces.items() if fn is not None}
         modules = [fn for fn in self.pieces.values() if isinstance(fn, torch.nn.Module)]
@@ -204,6 +207,17 @@ class _Network:
 
 
 # --------------------------------------------------------------------------- scores
+def _check_outputs(outputs, what):
+    """Refuse NaN or infinite network outputs, saying how many and after which ablation."""
+    bad = int((~torch.isfinite(outputs)).sum())
+    if bad:
+        raise ValueError(
+            f"forward returned NaN or infinity {what}: {bad} of {outputs.numel()} output "
+            "values are not finite, and they cannot be scored (the argmax of NaN is 0). "
+            "Check forward, and the bases or the ablation that lead to such activations."
+        )
+
+
 class _Scorer:
     """Scores network outputs against labels and the unablated reference outputs.
 
@@ -240,7 +254,7 @@ class _Scorer:
         if self.score in ("accuracy", "loss"):
             self.labels = self._check_labels(outputs)
         self.reference_outputs = outputs
-        self.reference = self(outputs)
+        self.reference = self(outputs, "for the unablated activations")
 
     def _check_labels(self, outputs):
         if outputs.ndim != 2:
@@ -266,16 +280,39 @@ class _Scorer:
             )
         return torch.as_tensor(labels.astype(np.int64), device=outputs.device)
 
-    def __call__(self, outputs):
+    def __call__(self, outputs, what):
+        """Score ``outputs``; ``what`` names the ablation that produced them, for errors.
+
+        Non-finite outputs are refused rather than scored: the argmax of NaN is
+        0, so they would get an accuracy, and a NaN score would silently fail
+        (or pass) every tolerance.
+        """
+        _check_outputs(outputs, what)
         if callable(self.score):
-            return float(self.score(
+            value = self.score(
                 outputs.cpu().numpy(), self.y, self.reference_outputs.cpu().numpy()
-            ))
-        if self.score == "mse":
-            return float((outputs - self.reference_outputs).square().mean())
-        if self.score == "accuracy":
-            return float((outputs.argmax(1) == self.labels).double().mean())
-        return float(F.cross_entropy(outputs, self.labels))
+            )
+            if not isinstance(value, Real) and np.ndim(value) != 0:
+                raise TypeError(
+                    "a callable score must return one number, got "
+                    f"{type(value).__name__} of shape {np.shape(value)} {what}."
+                )
+            value = float(value)
+        elif self.score == "mse":
+            value = float((outputs - self.reference_outputs).square().mean())
+        elif self.score == "accuracy":
+            value = float((outputs.argmax(1) == self.labels).double().mean())
+        else:
+            value = float(F.cross_entropy(outputs, self.labels))
+        if not np.isfinite(value):
+            name = "the callable score" if callable(self.score) else f"score={self.score!r}"
+            hint = " (the outputs overflow float64 when squared; rescale them)" if (
+                self.score == "mse") else ""
+            raise ValueError(
+                f"{name} is {value} {what}, for finite outputs: a non-finite score cannot "
+                f"be compared with a tolerance{hint}."
+            )
+        return value
 
     def degradation(self, score):
         return self.reference - score if self.greater_is_better else score - self.reference

@@ -30,7 +30,10 @@ Conventions shared by every function here:
   logits against ``y``; lower is better), ``"mse"`` (mean squared difference to
   the unablated outputs, no labels needed; lower is better) or a callable
   ``score(outputs, y, reference_outputs) -> float`` on numpy arrays (higher is
-  better unless ``greater_is_better=False``).
+  better unless ``greater_is_better=False``). Outputs and scores must be finite:
+  NaN or infinite outputs, of the unablated network or after any ablation, raise
+  a ``ValueError`` that names the ablation, instead of being scored (the argmax
+  of NaN is 0).
 * **Results** of the curve functions are tidy: a :class:`pandas.DataFrame` when
   pandas is importable and ``as_frame=True``, else a dict of numpy arrays, with
   columns ``n_directions`` (or ``n_edges``), ``score``, ``reference`` (the score
@@ -109,7 +112,8 @@ def _node_setup(bases, X, y, forward, schedule, score, greater_is_better, batch_
 def _node_scores(net, scorer, affine, counts):
     width = 2 * net.X.shape[1]
     return [
-        scorer(net.outputs(lambda batch, k=k: affine.inverse(affine.transform(batch, k)), width))
+        scorer(net.outputs(lambda batch, k=k: affine.inverse(affine.transform(batch, k)), width),
+               f"with only the top {k} directions of {affine.name} kept")
         for k in counts
     ]
 
@@ -164,7 +168,8 @@ def node_ablation_curve(
     ------
     ValueError
         Schedule outside 1..n_components, NaN in X, outputs whose first axis
-        does not match the samples, 1-D outputs with ``"accuracy"``/``"loss"``.
+        does not match the samples, 1-D outputs with ``"accuracy"``/``"loss"``,
+        NaN or infinite outputs or scores (the message names the ``k``).
     sklearn.exceptions.NotFittedError
         If the basis is not fitted.
 
@@ -298,6 +303,12 @@ def directions_to_keep(curve, tolerance=0.001, *, relative=False):
     degradation = np.asarray(curve["degradation"], dtype=np.float64)
     if counts.size == 0:
         raise ValueError("curve is empty.")
+    if not np.isfinite(degradation).all():
+        raise ValueError(
+            f"curve has non-finite degradation at {count_name} "
+            f"{counts[~np.isfinite(degradation)].tolist()}; no count can be judged against "
+            "a tolerance there."
+        )
     threshold = _threshold(tolerance, relative, float(np.asarray(curve["reference"])[0]))
     within = counts[degradation <= threshold]
     return int(within.min()) if within.size else None
@@ -369,6 +380,13 @@ class _TopEdges:
         self.ablation = _EdgeAblation(basis_in, basis_out, X, section=section,
                                       forward=forward, batch_size=batch_size)
         edges = self.ablation.check_matrix(edges, "edges")
+        if edges.min() < 0:
+            i, j = np.unravel_index(np.argmin(edges), edges.shape)
+            raise ValueError(
+                "edges must be non-negative (squared attributions, as in an "
+                f"InteractionGraph's edges_), got edges[{i}, {j}] = {edges[i, j]:.6g}; "
+                "rank signed values by their magnitude or square instead."
+            )
         self.n_edges = edges.size
         # Strongest first; a stable sort breaks ties in row-major order, reproducibly.
         self.order = np.argsort(-edges.ravel(), kind="stable")
@@ -378,7 +396,8 @@ class _TopEdges:
     def __call__(self, k):
         mask = np.zeros(self.n_edges)
         mask[self.order[:k]] = 1.0
-        return self.scorer(self.ablation.outputs(mask.reshape(self.ablation.shape)))
+        return self.scorer(self.ablation.outputs(mask.reshape(self.ablation.shape)),
+                           f"with only the top {k} of {self.n_edges} edges kept")
 
 
 def edge_ablated_outputs(basis_in, basis_out, X, mask, *, section, forward, batch_size=None):
@@ -460,8 +479,8 @@ def edge_ablation_curve(
     forward : torch.nn.Module or callable
         Layer-(l+1) activations -> network outputs.
     edges : array-like of shape (r_out, r_in)
-        ``edges[i, j]`` between input direction ``j`` and output direction ``i``,
-        e.g. an ``InteractionGraph``'s ``edges_[l]``.
+        Non-negative ``edges[i, j]`` between input direction ``j`` and output
+        direction ``i``, e.g. an ``InteractionGraph``'s ``edges_[l]``.
     schedule : iterable of int, default=None
         Numbers of edges to keep, each in 1..r_out * r_in. None evaluates every
         count when there are at most 64 edges, else 64 log-spaced counts from 1

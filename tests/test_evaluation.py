@@ -479,3 +479,102 @@ def test_other_bad_input(data, layer_pair):
                              section=p["section"], forward=p["forward"])
     with pytest.raises(ValueError, match="fitted on 6 features"):
         edge_ablation_curve(**{**layer_pair, "section": lambda a: a})
+
+
+# --------------------------------------------------------------------------- non-finite
+class NaNOnCall:
+    """A row-wise head whose outputs turn NaN from its ``n``-th call on (one call per ablation).
+
+    It stands for a network that blows up only on some ablated activations.
+    """
+
+    def __init__(self, n, head=lambda a: a[:, :3]):
+        self.n, self.calls, self.head = n, 0, head
+
+    def __call__(self, a):
+        self.calls += 1
+        out = self.head(a)
+        return out * np.nan if self.calls >= self.n else out
+
+
+def curve_of(kind, layer_pair, **kwargs):
+    p = layer_pair
+    if kind == "node":
+        return node_ablation_curve(p["basis_in"], p["X"], p["y"], **kwargs)
+    if kind == "edges":
+        return edge_ablation_curve(**{**p, **kwargs})
+    return min_edges_to_keep(**{**p, **kwargs})
+
+
+ABLATIONS = ["node", "edges", "bisection"]
+
+
+@pytest.mark.parametrize("kind", ABLATIONS)
+@pytest.mark.parametrize("score", ["accuracy", "loss", "mse", lambda out, y, ref: 1.0])
+def test_nan_outputs_of_the_unablated_network_are_refused(layer_pair, kind, score):
+    """Before: accuracy of NaN logits was the share of label 0 (argmax of NaN is 0)."""
+    with pytest.raises(ValueError, match="forward returned NaN or infinity for the unablated"):
+        curve_of(kind, layer_pair, forward=NaNOnCall(1), score=score)
+
+
+@pytest.mark.parametrize(
+    "kind, schedule, match",
+    [("node", [1, 2, 4], "with only the top 2 directions of basis kept: 600 of 600"),
+     ("edges", [1, 7, 30], "with only the top 7 of 30 edges kept: 600 of 600"),
+     # The bisection evaluates all 30 edges, then 1: the second ablation fails.
+     ("bisection", None, "with only the top 1 of 30 edges kept")],
+)
+def test_nan_that_appears_only_after_ablating_names_the_ablation(layer_pair, kind, schedule,
+                                                                 match):
+    schedule = {} if schedule is None else {"schedule": schedule}
+    # Call 1 is the unablated network, call 2 the first ablation, call 3 the second.
+    with pytest.raises(ValueError, match=match):
+        curve_of(kind, layer_pair, forward=NaNOnCall(3), batch_size=N, **schedule)
+
+
+def test_infinite_outputs_are_refused(data):
+    X, y = data
+    with pytest.raises(ValueError, match="NaN or infinity for the unablated"):
+        node_ablation_curve(PCA().fit(X), X, y, forward=lambda a: a[:, :3] * np.inf)
+
+
+def test_an_mse_that_overflows_is_refused(data):
+    X, _ = data
+    with pytest.raises(ValueError, match=r"score='mse' is inf .*overflow"):
+        node_ablation_curve(PCA().fit(X), X, forward=lambda a: a[:, :3] * 1e200, score="mse",
+                            schedule=[1])
+
+
+@pytest.mark.parametrize(
+    "score, error, match",
+    [(lambda out, y, ref: float("nan"), ValueError, "the callable score is nan"),
+     (lambda out, y, ref: np.ones(3), TypeError, r"one number, got ndarray of shape \(3,\)")],
+)
+def test_callable_scores_must_return_one_finite_number(data, score, error, match):
+    X, y = data
+    with pytest.raises(error, match=match):
+        node_ablation_curve(PCA().fit(X), X, y, forward=lambda a: a[:, :3], score=score)
+
+
+def test_negative_edges_are_refused(layer_pair):
+    edges = layer_pair["edges"].copy()
+    edges[2, 1] = -1e-3
+    for kind in ("edges", "bisection"):
+        with pytest.raises(ValueError, match=r"non-negative .* edges\[2, 1\] = -0\.001"):
+            curve_of(kind, layer_pair, edges=edges)
+
+
+def test_directions_to_keep_refuses_non_finite_degradation():
+    curve = curve_dict([0.5, 1.0])
+    curve["degradation"] = np.array([np.nan, 0.0])
+    with pytest.raises(ValueError, match=r"non-finite degradation at n_directions \[1\]"):
+        directions_to_keep(curve, 0.1)
+
+
+def test_empty_tensor_and_boolean_batch_size_are_refused(data):
+    X, y = data
+    basis, forward = PCA().fit(X), lambda a: a[:, :3]
+    with pytest.raises(ValueError, match=r"at least one sample, got shape \(0, 5\)"):
+        node_ablation_curve(basis, torch.as_tensor(X[:0]), y[:0], forward=forward)
+    with pytest.raises(ValueError, match="batch_size must be a positive integer or None, got True"):
+        node_ablation_curve(basis, X, y, forward=forward, batch_size=True)
