@@ -4,6 +4,14 @@ from .basis import InteractionBasis
 from .cluster import ModularityClustering
 from .graph import InteractionGraph
 from .pca import PCA
+from .pipeline import InteractionPipeline, make_interaction_pipeline
 
-__all__ = ["InteractionBasis", "InteractionGraph", "ModularityClustering", "PCA"]
+__all__ = [
+    "InteractionBasis",
+    "InteractionGraph",
+    "InteractionPipeline",
+    "ModularityClustering",
+    "PCA",
+    "make_interaction_pipeline",
+]
 __version__ = "0.1.0.dev0"

@@ -76,8 +76,9 @@ class InteractionBasis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
         Samples per chunk when accumulating statistics and transforming. None
         picks a size whose Jacobian chunk holds about 2**23 numbers, so memory
         does not grow with the number of samples.
-    device : {"cpu", "cuda", "auto"} or torch.device, default="cpu"
-        Where the math runs. Inputs are moved there chunk by chunk.
+    device : {"cpu", "cuda", "auto"}, "cuda:<index>" or torch.device, default="cpu"
+        Where the math runs. Inputs are moved there chunk by chunk. Other device
+        types (e.g. "meta", "mps") are refused, as is CUDA without a GPU.
     dtype : {"float64", "float32"}, default="float64"
         Precision of the statistics, eigendecompositions and outputs.
 
@@ -172,12 +173,13 @@ class InteractionBasis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
         X : array-like, memmap or tensor of shape (n_samples, n_features)
             Activations of the layer.
         y : None
-            Ignored.
+            Ignored. A 3-D ``y`` (Jacobians passed positionally) is refused.
         jacobians : array-like, memmap or tensor of shape (n_samples, n_outputs, n_features), default=None
             Per-sample Jacobian of the downstream quantity with respect to ``X``.
             None means the identity map, which makes the basis PCA's.
-        sample_weight : array-like of shape (n_samples,), default=None
-            Non-negative weights; weight 2 is the same as repeating a sample.
+        sample_weight : array-like or tensor of shape (n_samples,), default=None
+            Non-negative finite weights, at least two of them positive; weight 2
+            is the same as repeating a sample.
 
         Returns
         -------

@@ -8,6 +8,7 @@ attribution ``E[i, j] = mean_x (J_hat_x[i, j] * z_x[j])^2``; a basis is better
 the sparser that matrix is.
 """
 
+from numbers import Integral, Real
 from typing import NamedTuple
 
 import numpy as np
@@ -16,7 +17,13 @@ from sklearn.utils.metadata_routing import MetadataRequest
 from sklearn.utils.validation import check_is_fitted
 
 from ._backend import as_tensor, gen_batches, resolve_device
-from ._validation import check_jacobians
+from ._validation import (
+    check_finite,
+    check_jacobians,
+    check_not_jacobians,
+    check_real_values,
+    check_tensor,
+)
 
 _METRICS = ("gini", "edges_for_90")
 
@@ -43,11 +50,9 @@ def gini(values):
     >>> gini([0.0, 0.0, 0.0, 4.0])
     0.75
     """
-    v = np.sort(np.asarray(values, dtype=np.float64).ravel())
+    v = np.sort(_check_edge_values(values, "gini"))
     if v.size == 0:
         raise ValueError("gini needs at least one value, got an empty array.")
-    if not np.all(np.isfinite(v)) or v[0] < 0:
-        raise ValueError("gini expects finite non-negative values.")
     total = v.sum()
     if total == 0:
         return 0.0
@@ -74,15 +79,40 @@ def edges_to_reach(values, fraction=0.9):
     >>> edges_to_reach([5.0, 3.0, 1.0, 1.0], fraction=0.8)
     2
     """
-    if not 0 < fraction <= 1:
-        raise ValueError(f"fraction must be in (0, 1], got {fraction!r}.")
-    v = np.sort(np.asarray(values, dtype=np.float64).ravel())[::-1]
+    if not isinstance(fraction, Real) or not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be a number in (0, 1], got {fraction!r}.")
+    v = np.sort(_check_edge_values(values, "edges_to_reach"))[::-1]
     total = v.sum()
     if total == 0:
         return 0
     # The tolerance keeps fraction=1 from asking for edges beyond rounding.
     cumulative = np.cumsum(v) / total
     return int(np.searchsorted(cumulative, fraction - 1e-12) + 1)
+
+
+def _check_edge_values(values, caller):
+    """The values as a flat float64 array, refused unless finite and non-negative.
+
+    Edges are squared attributions: a NaN, an infinity or a negative value means
+    something upstream went wrong, and sorting them would hide it.
+    """
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().numpy()
+    v = np.asarray(check_real_values(values, f"the values passed to {caller}"),
+                   dtype=np.float64).ravel()
+    bad = int(np.count_nonzero(~np.isfinite(v)))
+    if bad:
+        raise ValueError(
+            f"{caller} expects finite non-negative values (edges are squared "
+            f"attributions); got {bad} NaN or infinite value(s) among {v.size}."
+        )
+    if v.size and v.min() < 0:
+        raise ValueError(
+            f"{caller} expects finite non-negative values (edges are squared "
+            f"attributions); got {int(np.count_nonzero(v < 0))} negative value(s), "
+            f"the smallest {float(v.min())!r}."
+        )
+    return v
 
 
 def _sparsity(E, metric):
@@ -117,12 +147,15 @@ def interaction_edges(
     o = components.shape[0] if jacobians is None else jacobians.shape[1]
     total = torch.zeros(o, r, device=device, dtype=dtype)
     for rows in gen_batches(n, batch_size):
-        Z = (as_tensor(X[rows], device=device, dtype=dtype) - mean) @ components
+        chunk = as_tensor(X[rows], device=device, dtype=dtype)
+        check_finite(chunk, "X")
+        Z = (chunk - mean) @ components
         if jacobians is None:
             # J_x = I: J_hat_x = C_pinv.T for every sample.
             total += inverse_components.T.square() * Z.square().sum(0)
         else:
             J = as_tensor(jacobians[rows], device=device, dtype=dtype)
+            check_finite(J, "jacobians")
             J_hat = J @ inverse_components.T
             total += (J_hat * Z[:, None, :]).square().sum(0)
     return total / n
@@ -147,8 +180,8 @@ def _affine_map(estimator, sample, *, name="estimator"):
     ``inverse_transform`` when the estimator has one (so that PCA and
     InteractionBasis are used with their own reconstructions) and is the
     pseudo-inverse otherwise. A transformer that is not affine (a pipeline with
-    a non-linear step) would be silently misrepresented by the probe, so a few
-    rows of ``sample`` are checked against it.
+    a non-linear step) would be silently misrepresented by the probe, so up to
+    64 rows spread over ``sample`` are checked against it.
     """
     n_features = sample.shape[1]
     probe = np.vstack([np.zeros((1, n_features)), np.eye(n_features)])
@@ -163,7 +196,7 @@ def _affine_map(estimator, sample, *, name="estimator"):
         c, P = back[0], back[1:] - back[0]
     else:
         c, P = np.zeros(n_features), np.linalg.pinv(A)
-    rows = sample[: min(len(sample), 8)]
+    rows = sample[np.unique(np.linspace(0, len(sample) - 1, 64).astype(int))]
     expected = rows @ A + b
     actual = np.asarray(estimator.transform(rows), dtype=np.float64)
     scale = max(1.0, float(np.abs(expected).max(initial=0.0)))
@@ -176,6 +209,58 @@ def _affine_map(estimator, sample, *, name="estimator"):
     # gives the same Z, and least squares finds one.
     mean = -np.linalg.lstsq(A.T, b, rcond=None)[0]
     return AffineMap(mean, A, b, P, c)
+
+
+def _as_float_matrix(X):
+    """Scoring data as a 2-D float64 numpy array (it is probed through ``transform``)."""
+    if isinstance(X, torch.Tensor):
+        X = check_tensor(X, "X", ndim=2, shape="(n_samples, n_features)").detach().cpu()
+        X = X.numpy()
+    elif hasattr(X, "columns"):
+        X = X.to_numpy()
+    X = np.asarray(check_real_values(X, "X"), dtype=np.float64)
+    if X.ndim != 2:
+        raise ValueError(f"X must be 2-D (n_samples, n_features), got shape {X.shape}.")
+    return X
+
+
+def _check_fitted_downstream(estimator, X, jacobians):
+    """Refuse scoring an interaction basis against a map it was not fitted to.
+
+    Every :class:`~sklearn_lib.InteractionBasis` among the estimator (or the steps
+    of a :class:`~sklearn.pipeline.Pipeline`) checks the scoring Jacobians
+    against those it was fitted with (``_check_downstream``; a PCA has no such
+    check, it is legitimately scored against any map). An interaction basis
+    fitted with Jacobians after other steps of a scikit-learn ``Pipeline`` got
+    Jacobians with respect to the pipeline's input, not its own, unless the
+    pipeline carries them through the steps (``_carries_jacobians``, set by
+    :class:`~sklearn_lib.pipeline.InteractionPipeline`) or those steps leave the
+    linear part unchanged (a shift leaves Jacobians unchanged).
+    """
+    n_outputs = None if jacobians is None else jacobians.shape[1]
+    steps = getattr(estimator, "steps", None)
+    steps = steps if isinstance(steps, list) else [("", estimator)]
+    for k, (name, step) in enumerate(steps):
+        check = getattr(step, "_check_downstream", None)
+        if check is None:
+            continue
+        check(n_outputs)
+        if k == 0 or n_outputs is None or getattr(estimator, "_carries_jacobians", False):
+            continue
+        before = estimator[:k]
+        linear = _affine_map(before, X, name=f"the steps before {name!r}").A
+        d = X.shape[1]
+        if linear.shape != (d, d) or not np.allclose(linear, np.eye(d), rtol=0, atol=1e-8):
+            raise ValueError(
+                f"Step {name!r} of the Pipeline is an InteractionBasis fitted on the "
+                f"output of the steps before it ({', '.join(n for n, _ in steps[:k])}), "
+                "but the Jacobians routed to it are with respect to the Pipeline's input: "
+                "scikit-learn's Pipeline passes metadata to every step unchanged, so its "
+                "basis and this score are wrong. Build the pipeline with "
+                "sklearn_lib.make_interaction_pipeline, which carries the Jacobians "
+                "through the preceding affine steps (J @ inv(A).T), or make the "
+                "InteractionBasis the first step."
+            )
 
 
 class InteractionSparsityScorer:
@@ -221,6 +306,13 @@ class InteractionSparsityScorer:
     def __init__(self, metric="gini", batch_size=None):
         if metric not in _METRICS:
             raise ValueError(f"metric must be one of {_METRICS}, got {metric!r}.")
+        if batch_size is not None and (
+            not isinstance(batch_size, Integral) or isinstance(batch_size, bool)
+            or batch_size < 1
+        ):
+            raise ValueError(
+                f"batch_size must be a positive integer or None, got {batch_size!r}."
+            )
         self.metric = metric
         self.batch_size = batch_size
 
@@ -228,13 +320,17 @@ class InteractionSparsityScorer:
         return f"InteractionSparsityScorer(metric={self.metric!r})"
 
     def __call__(self, estimator, X, y=None, *, jacobians=None):
+        check_not_jacobians(y, "InteractionSparsityScorer",
+                            usage="scorer(estimator, X, jacobians=J)")
+        if not callable(getattr(estimator, "transform", None)):
+            raise TypeError(
+                "InteractionSparsityScorer scores fitted affine transformers (with a "
+                f"transform method); got {type(estimator).__name__}, which has none."
+            )
         check_is_fitted(estimator)
-        if hasattr(X, "columns"):
-            X = X.to_numpy()
-        X = np.asarray(X, dtype=np.float64)
-        if X.ndim != 2:
-            raise ValueError(f"X must be 2-D (n_samples, n_features), got shape {X.shape}.")
+        X = _as_float_matrix(X)
         jacobians = check_jacobians(jacobians, X.shape)
+        _check_fitted_downstream(estimator, X, jacobians)
         affine = _affine_map(estimator, X)
         E = interaction_edges(
             X,

@@ -196,3 +196,123 @@ def test_cross_validate_default_score_uses_interaction_sparsity(routing, data):
     X, J = data
     result = cross_validate(InteractionBasis(3), X, params={"jacobians": J}, cv=KFold(3))
     assert np.all((result["test_score"] >= 0) & (result["test_score"] < 1))
+
+
+# --- misuse is refused (issue 8) ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -1.0])
+@pytest.mark.parametrize("metric", [edges_to_reach, gini])
+def test_metrics_refuse_nan_infinite_and_negative_edges(metric, bad):
+    with pytest.raises(ValueError, match="finite non-negative"):
+        metric([5.0, bad, 1.0])
+
+
+@pytest.mark.parametrize("values, match", [([1 + 1j, 2.0], "real numbers"),
+                                           (["a", "b"], "got strings"),
+                                           ([[1.0], [1.0, 2.0]], "ragged")])
+@pytest.mark.parametrize("metric", [edges_to_reach, gini])
+def test_metrics_refuse_values_that_are_not_real_numbers(metric, values, match):
+    with pytest.raises(ValueError, match=match):
+        metric(values)
+
+
+def test_scorer_refuses_positional_jacobians(data):
+    X, J = data
+    basis = InteractionBasis(3).fit(X, jacobians=J)
+    with pytest.raises(ValueError, match=r"scorer\(estimator, X, jacobians=J\)"):
+        InteractionSparsityScorer()(basis, X, J)
+
+
+def test_scorer_refuses_scoring_against_another_downstream_map(data):
+    X, J = data
+    basis = InteractionBasis(3).fit(X, jacobians=J)
+    scorer = InteractionSparsityScorer()
+    with pytest.raises(ValueError, match="fitted with Jacobians.*enable metadata routing"):
+        scorer(basis, X)
+    with pytest.raises(ValueError, match="6 outputs but this InteractionBasis was fitted"):
+        scorer(basis, X, jacobians=np.concatenate([J, J], axis=1))
+    with pytest.raises(ValueError, match="fitted without Jacobians.*sklearn_lib.PCA"):
+        scorer(InteractionBasis(3).fit(X), X, jacobians=J)
+    # PCA (scikit-learn's or ours) is legitimately scored against any map.
+    for pca in (PCA(3).fit(X), RoutedPCA(3).fit(X, jacobians=J)):
+        assert 0 <= scorer(pca, X, jacobians=J) < 1
+
+
+def test_grid_with_sklearn_pca_as_initial_step_refuses_interaction_bases(routing, data):
+    """The routed Jacobians reached only the scorer: every InteractionBasis was PCA."""
+    X, J = data
+    grid = GridSearchCV(Pipeline([("basis", PCA())]), {"basis": [PCA(), InteractionBasis()]},
+                        scoring=InteractionSparsityScorer(), cv=KFold(3), error_score="raise")
+    with pytest.raises(ValueError, match="initial step"):
+        grid.fit(X, jacobians=J)
+
+
+def test_grid_without_routing_refuses_scores_without_jacobians(data):
+    """Without routing the fits get Jacobians but the scorer does not."""
+    X, J = data
+    grid = GridSearchCV(InteractionBasis(), {"n_components": [2, 3]},
+                        scoring=InteractionSparsityScorer(), cv=KFold(3), error_score="raise")
+    with pytest.raises(ValueError, match="enable metadata routing"):
+        grid.fit(X, jacobians=J)
+    with pytest.raises(ValueError, match="enable metadata routing"):
+        cross_validate(InteractionBasis(3), X, params={"jacobians": J}, cv=KFold(3),
+                       error_score="raise")
+
+
+def test_scorer_refuses_basis_after_a_scaler_in_a_plain_pipeline(routing, data):
+    X, J = data
+    pipe = Pipeline([("scale", StandardScaler()), ("basis", InteractionBasis(3))])
+    pipe.fit(X, jacobians=J)
+    with pytest.raises(ValueError, match="make_interaction_pipeline"):
+        InteractionSparsityScorer()(pipe, X, jacobians=J)
+
+
+def test_scorer_accepts_basis_after_a_shift_in_a_plain_pipeline(routing, data):
+    """A shift leaves Jacobians unchanged, so the plain pipeline is right."""
+    X, J = data
+    pipe = Pipeline([("center", StandardScaler(with_std=False)), ("basis", InteractionBasis(3))])
+    pipe.fit(X, jacobians=J)
+    expected = InteractionBasis(3).fit(X, jacobians=J).score(X, jacobians=J)
+    assert InteractionSparsityScorer()(pipe, X, jacobians=J) == pytest.approx(expected, rel=1e-8)
+
+
+def test_scorer_checks_affinity_on_rows_spread_over_the_data(data):
+    """A clipped transform is affine on the first rows only; it used to pass."""
+    from sklearn.preprocessing import FunctionTransformer
+
+    X, J = data
+    X = np.abs(X)
+    X[-20:, 0] = -50.0
+    clip = FunctionTransformer(lambda x: np.maximum(x, -5.0)).fit(X)
+    with pytest.raises(ValueError, match="not affine"):
+        InteractionSparsityScorer()(clip, X, jacobians=J)
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda s, X, J: s(PCA(2).fit(X), X.astype(complex), jacobians=J), ValueError,
+         "real numbers"),
+        (lambda s, X, J: s(PCA(2).fit(X), X, jacobians=np.where(J > 2, np.nan, J)),
+         ValueError, "jacobians contains NaN"),
+    ],
+)
+def test_scorer_refuses_unusable_input(data, call, error, match):
+    X, J = data
+    with pytest.raises(error, match=match):
+        call(InteractionSparsityScorer(), X, J)
+
+
+def test_scorer_refuses_non_transformers(data):
+    from sklearn.linear_model import LinearRegression
+
+    X, J = data
+    with pytest.raises(TypeError, match="has none"):
+        InteractionSparsityScorer()(LinearRegression().fit(X, X[:, 0]), X, jacobians=J)
+
+
+@pytest.mark.parametrize("batch_size", [0, -3, 2.5])
+def test_scorer_refuses_bad_batch_size_when_built(batch_size):
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        InteractionSparsityScorer(batch_size=batch_size)
