@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 import uuid
 import warnings
 
@@ -192,11 +193,16 @@ def _writer_gone(tmp):
 def _remove_tree(path):
     """Delete a directory of ours; another process tidying at the same time may beat us to it."""
 
-    def ignore_missing(function, name, exc_info):
-        if not issubclass(exc_info[0], FileNotFoundError):
-            raise exc_info[1]
+    def ignore_missing(function, name, error):
+        # ``onexc`` passes the exception, the older ``onerror`` an exc_info triple.
+        error = error if isinstance(error, BaseException) else error[1]
+        if not isinstance(error, FileNotFoundError):
+            raise error
 
-    shutil.rmtree(path, onerror=ignore_missing)
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(path, onexc=ignore_missing)
+    else:
+        shutil.rmtree(path, onerror=ignore_missing)
 
 
 def _article(word):

@@ -636,14 +636,17 @@ class InteractionGraph(BaseEstimator):
         ``path/graph.json`` holds the parameters and per-layer scalars,
         ``path/arrays.npz`` the basis matrices and edges. The directory is
         written next to ``path`` and renamed into place, so a failed save leaves
-        no partial graph behind.
+        no partial graph behind, and ``path`` holds the old or the new graph at
+        every instant (a save killed between the two renames of a replacement
+        is undone by the next :meth:`load` or :meth:`save`).
 
         Parameters
         ----------
         path : str or os.PathLike
         overwrite : bool, default=False
             Replace an existing graph saved at ``path``. Anything else at
-            ``path`` is never replaced.
+            ``path``, and a symbolic link, is never replaced (pass the link's
+            target instead).
 
         Returns
         -------
@@ -668,5 +671,15 @@ class InteractionGraph(BaseEstimator):
         Returns
         -------
         graph : InteractionGraph
+
+        Raises
+        ------
+        FileNotFoundError
+            If nothing is at ``path``.
+        ValueError
+            If ``path`` is not a saved graph, or a file of it is damaged: every
+            parameter and the shape of every array are checked against the format
+            before anything is constructed, and the message names the file and
+            what does not match.
         """
         return load_graph(cls, path)
