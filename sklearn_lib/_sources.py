@@ -11,6 +11,8 @@ so that the backward chaining of :class:`~sklearn_lib.InteractionGraph` is
 written once.
 """
 
+from contextlib import contextmanager
+
 import numpy as np
 import torch
 from tqdm.auto import tqdm
@@ -28,13 +30,33 @@ def _shape(a):
 
 
 def _as_arraylike(a, name):
-    """Keep anything sliceable with a shape (ndarray, memmap, tensor, zarr array) as it is."""
+    """Keep anything sliceable with a shape (ndarray, memmap, tensor, zarr array) as it is.
+
+    Its dtype must be real numbers: a string or complex array would fail (or
+    lose its imaginary part) chunk by chunk, deep inside the statistics.
+    """
     if hasattr(a, "shape") and hasattr(a, "__getitem__"):
+        dtype = getattr(a, "dtype", None)
+        if isinstance(dtype, torch.dtype):
+            real = not (dtype.is_complex or dtype == torch.bool)
+        else:
+            real = dtype is not None and np.dtype(dtype).kind in "fiu"
+        if not real:
+            raise ValueError(f"{name} must hold real numbers, got dtype {dtype}.")
         return a
     try:
         return np.asarray(a, dtype=np.float64)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{name} must be an array-like of numbers: {exc}") from None
+
+
+@contextmanager
+def _chunk_of(what, rows):
+    """Say which array and rows a chunk came from when the statistics refuse it (NaN, inf)."""
+    try:
+        yield
+    except ValueError as exc:
+        raise ValueError(f"{what}, rows {rows.start}..{rows.stop - 1}: {exc}") from exc
 
 
 def _progress(iterable, *, total, desc, verbose):
@@ -80,6 +102,11 @@ class CachedSource:
                 )
         rows = [_shape(a)[0] for a in acts]
         widths = [_shape(a)[1] for a in acts]
+        for l, d in enumerate(widths):
+            if d == 0:
+                raise ValueError(
+                    f"X[{l}] has shape {_shape(acts[l])}: a layer needs at least one feature."
+                )
         positions = [1] * len(acts)
         for l, J in enumerate(jacs):
             expected = (rows[l], widths[l + 1], widths[l])
@@ -167,7 +194,9 @@ class CachedSource:
         stats = new_stats(l, None)
         per_sample = self.positions[l] * self.widths[l]
         for chunk in self._chunks(per_sample, f"layer {l}"):
-            stats.update(self.acts[l][self._rows(l, chunk)])
+            rows = self._rows(l, chunk)
+            with _chunk_of(f"X[{l}]", rows):
+                stats.update(self.acts[l][rows])
         return stats
 
     def jacobian_stats(self, l, V, new_stats):
@@ -176,7 +205,8 @@ class CachedSource:
         for chunk in self._chunks(self._jac_size(l) + projected, f"layer {l}"):
             rows = self._rows(l, chunk)
             J_hat = self._project(self._tensor(self.jacs[l][rows]), V, l)
-            stats.update(self.acts[l][rows], J_hat)
+            with _chunk_of(f"X[{l}] or jacobians[{l}]", rows):
+                stats.update(self.acts[l][rows], J_hat)
         return stats
 
     def global_stats(self, V, new_stats):
@@ -191,7 +221,8 @@ class CachedSource:
             b = chunk[1] - chunk[0]
             rows = self._rows(L - 1, chunk)
             G = self._project(self._tensor(self.jacs[L - 1][rows]), V, L - 1)
-            stats[L - 1].update(self.acts[L - 1][rows], G)
+            with _chunk_of(f"X[{L - 1}] or jacobians[{L - 1}]", rows):
+                stats[L - 1].update(self.acts[L - 1][rows], G)
             for l in range(L - 2, -1, -1):
                 rows = self._rows(l, chunk)
                 P0, P1 = self.positions[l], self.positions[l + 1]
@@ -199,7 +230,8 @@ class CachedSource:
                 J = self._tensor(self.jacs[l][rows]).reshape(b, P0, P1, d1, d0)
                 G = torch.einsum("btod,bstdi->bsoi", G.reshape(b, P1, k, d1), J)
                 G = G.reshape(b * P0, k, d0)
-                stats[l].update(self.acts[l][rows], G)
+                with _chunk_of(f"X[{l}] or jacobians[{l}:{L}]", rows):
+                    stats[l].update(self.acts[l][rows], G)
         return stats
 
     def edges(self, l, V, mean, C, C_pinv, **_):

@@ -164,3 +164,36 @@ def test_a_layer_that_overflows_is_named(X):
     net = nn.Sequential(Reciprocal(), nn.Linear(D, 2)).double()
     with pytest.raises(ValueError, match="layer '0' is NaN or infinite for finite inputs"):
         InteractionGraph(verbose=False).fit_model(net, [":input", "0"], X)
+
+
+# --------------------------------------------------------------------------- cached source
+@pytest.fixture
+def cached(rng):
+    n = 30
+    X = [rng.normal(size=(n, 3)), rng.normal(size=(n, 4)), rng.normal(size=(n, 2))]
+    J = [rng.normal(size=(n, 4, 3)), rng.normal(size=(n, 2, 4))]
+    return X, J
+
+
+@pytest.mark.parametrize("array, layer, value, match",
+                         [("X", 1, np.nan, r"X\[1\] or jacobians\[1\], rows 0\.\.9: X contains"),
+                          ("X", 0, np.inf, r"X\[0\] or jacobians\[0\], rows 0\.\.9: X contains"),
+                          ("J", 0, np.nan, r"X\[0\] or jacobians\[0\], rows 0\.\.9: jacobians")])
+def test_non_finite_cached_values_are_located(cached, array, layer, value, match):
+    X, J = ([a.copy() for a in arrays] for arrays in cached)
+    (X if array == "X" else J)[layer][7, 1] = value
+    with pytest.raises(ValueError, match=match):
+        InteractionGraph(verbose=False, batch_size=10).fit(X, jacobians=J)
+
+
+def test_cached_layers_without_features_or_numbers_are_refused(cached):
+    X, J = cached
+    empty = [X[0], X[1][:, :0], X[2]]
+    with pytest.raises(ValueError, match=r"X\[1\] has shape \(30, 0\): .*at least one feature"):
+        InteractionGraph(verbose=False).fit(empty, jacobians=[J[0][:, :0], J[1][:, :, :0]])
+    words = [X[0], np.full((30, 4), "a"), X[2]]
+    with pytest.raises(ValueError, match=r"X\[1\] must hold real numbers, got dtype <U1"):
+        InteractionGraph(verbose=False).fit(words, jacobians=J)
+    complex_J = [J[0] * 1j, J[1]]
+    with pytest.raises(ValueError, match=r"jacobians\[0\] must hold real numbers"):
+        InteractionGraph(verbose=False).fit(X, jacobians=complex_J)
