@@ -73,14 +73,14 @@ def check_target(path, overwrite, is_ours, what):
             f"{path!r} is a symbolic link (to {os.readlink(path)!r}); refusing to replace a "
             f"link. Pass the link's target {os.path.realpath(path)!r} to write there."
         )
-    if not overwrite:
-        raise FileExistsError(
-            f"{path!r} already exists; pass overwrite=True to replace an existing {what}."
-        )
     if not is_ours(path):
         raise FileExistsError(
             f"{path!r} exists and is not {_article(what)} {what}; refusing to replace it even "
             "with overwrite=True."
+        )
+    if not overwrite:
+        raise FileExistsError(
+            f"{path!r} already exists; pass overwrite=True to replace an existing {what}."
         )
 
 

@@ -12,17 +12,27 @@ from the cache, builds the same graph with PCA bases, and compares the two:
 * modularity of the Leiden modules of each graph,
 
 printing a table and writing figures and the table to an output folder.
+
+The output folder is written next to its path and moved into place at the end
+(:mod:`sklearn_lib._atomic`), and it carries a marker file: only a folder with
+that marker is ever replaced (``--overwrite``), and a second run without
+``--overwrite`` keeps the first run's folder and writes ``<output>-2`` (then
+``-3``, ...). Arguments are checked before any work.
 """
 
 import argparse
 import json
+import math
+import os
 import shutil
 import time
+from itertools import count
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ._atomic import check_target, make_temp_dir, replace_dir, tidy
 from .cluster import ModularityClustering
 from .collect import collect
 from .datasets import LAYERS, load_modular_addition_model, modular_addition_data
@@ -31,6 +41,77 @@ from .graph import InteractionGraph
 from .metrics import gini
 
 METHODS = ("LIB", "PCA")
+
+# Proves that a folder was written by the demo, so that --overwrite may replace it.
+_MARKER = ".sklearn_lib_demo.json"
+_MARKER_CONTENT = {"format": "sklearn_lib.demo", "format_version": 1}
+_WHAT = "sklearn_lib demo output folder"
+
+
+def _check_argument(name, value):
+    """``value`` if it is valid for the argument ``name`` of :func:`run`, else ValueError."""
+    if name in ("n_fit", "n_eval"):
+        X_train, X_test, _, _ = modular_addition_data()
+        available = len(X_train if name == "n_fit" else X_test)
+        pairs = "training" if name == "n_fit" else "held-out"
+        if (not isinstance(value, (int, np.integer)) or isinstance(value, bool)
+                or not 1 <= value <= available):
+            raise ValueError(
+                f"{name} must be an integer from 1 to {available} (the {pairs} pairs of "
+                f"the shipped data), got {value!r}."
+            )
+        return int(value)
+    valid = isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
+    if name == "tolerance" and not (valid and 0 <= value < 1):
+        raise ValueError(
+            f"tolerance must be an accuracy drop in [0, 1) (e.g. 0.001), got {value!r}."
+        )
+    if name == "resolution" and not (valid and 0 < value < math.inf):
+        raise ValueError(f"resolution must be a positive finite number, got {value!r}.")
+    return float(value)
+
+
+def _parse(name, convert):
+    """An argparse ``type`` that converts the text and checks it with :func:`_check_argument`."""
+
+    def parse(text):
+        try:
+            value = convert(text)
+        except ValueError:
+            kind = "an integer" if convert is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {kind}, got {text!r}.") from None
+        try:
+            return _check_argument(name, value)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc).removeprefix(f"{name} ")) from None
+
+    return parse
+
+
+def _is_demo_output(path):
+    try:
+        with open(os.path.join(path, _MARKER), encoding="utf-8") as f:
+            return json.load(f).get("format") == _MARKER_CONTENT["format"]
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _output_folder(output, overwrite):
+    """The folder this run writes: ``output``, or its next free ``output-<k>``.
+
+    ``output`` is replaced only with ``overwrite`` and only when the demo wrote
+    it; without ``overwrite`` a folder of an earlier run is kept and the next
+    free ``output-2``, ``output-3``, ... is used. Anything else is refused.
+    """
+    output = os.path.abspath(os.fspath(output))
+    tidy(output, _is_demo_output, _WHAT)
+    if overwrite or os.path.islink(output) or not _is_demo_output(output):
+        check_target(output, overwrite, _is_demo_output, _WHAT)
+        return Path(output)
+    for k in count(2):
+        candidate = f"{output}-{k}"
+        if not os.path.lexists(candidate):
+            return Path(candidate)
 
 
 def _sections(model):
@@ -53,18 +134,23 @@ def run(output="sklearn_lib_demo", *, n_fit=2000, n_eval=1000, tolerance=0.001,
     Parameters
     ----------
     output : str or path, default="sklearn_lib_demo"
-        Folder for the cache, the figures and ``comparison.json``. An existing
-        folder is refused unless ``overwrite=True``.
+        Folder for the cache, the figures and ``comparison.json``. If it holds
+        the output of an earlier run, that is kept and ``<output>-2`` (or the
+        next free ``-<k>``) is written instead, unless ``overwrite=True``. A
+        folder the demo did not write is never replaced.
     n_fit : int, default=2000
-        Training pairs whose activations and Jacobians are cached and fitted.
+        Training pairs whose activations and Jacobians are cached and fitted,
+        from 1 to the 3831 training pairs.
     n_eval : int, default=1000
-        Held-out pairs on which ablations are scored.
+        Held-out pairs on which ablations are scored, from 1 to 8938.
     tolerance : float, default=0.001
-        Accuracy drop allowed by the ablations (the reference work's 0.1%).
+        Accuracy drop allowed by the ablations (the reference work's 0.1%), in
+        [0, 1).
     resolution : float, default=1.0
-        Leiden resolution of the module search.
+        Leiden resolution of the module search, positive.
     overwrite : bool, default=False
-        Replace an existing output folder.
+        Replace ``output`` if an earlier run of the demo wrote it. The new
+        folder replaces it only once complete.
     plots : bool, default=True
         Write figures (needs matplotlib).
     verbose : bool, default=True
@@ -74,17 +160,40 @@ def run(output="sklearn_lib_demo", *, n_fit=2000, n_eval=1000, tolerance=0.001,
     -------
     dict of str to dict
         ``{"LIB": {...}, "PCA": {...}}`` with the figures of the table.
-    """
-    output = Path(output)
-    if output.exists():
-        if not overwrite:
-            raise FileExistsError(
-                f"{output} exists; pass --overwrite (overwrite=True) to replace it."
-            )
-        shutil.rmtree(output)
-    output.mkdir(parents=True)
-    start = time.perf_counter()
 
+    Raises
+    ------
+    ValueError
+        If an argument is out of range (before any work).
+    FileExistsError
+        If ``output`` exists and was not written by the demo, or is a symbolic
+        link (before any work).
+    """
+    n_fit, n_eval = _check_argument("n_fit", n_fit), _check_argument("n_eval", n_eval)
+    tolerance = _check_argument("tolerance", tolerance)
+    resolution = _check_argument("resolution", resolution)
+    target = _output_folder(output, overwrite)
+    start = time.perf_counter()
+    tmp = Path(make_temp_dir(str(target), "sklearn_lib demo"))
+    try:
+        (tmp / _MARKER).write_text(json.dumps(_MARKER_CONTENT))
+        results = _compare(tmp, n_fit=n_fit, n_eval=n_eval, tolerance=tolerance,
+                           resolution=resolution, plots=plots, verbose=verbose)
+        # Another run may have taken the folder meanwhile.
+        check_target(str(target), overwrite, _is_demo_output, _WHAT)
+        replace_dir(str(tmp), str(target))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if verbose:
+        print(format_table(results, tolerance))
+        print(f"\nwrote {target}{os.sep} in {time.perf_counter() - start:.1f} s")
+    return results
+
+
+def _compare(output, *, n_fit, n_eval, tolerance, resolution, plots, verbose):
+    """The work of :func:`run`, writing into the folder ``output``."""
+    start = time.perf_counter()
     model = load_modular_addition_model()
     X_train, X_test, _, y_test = modular_addition_data()
     rng = np.random.default_rng(0)
@@ -133,9 +242,6 @@ def run(output="sklearn_lib_demo", *, n_fit=2000, n_eval=1000, tolerance=0.001,
     if plots:
         _plot_curves(curves, graphs, output)
     (output / "comparison.json").write_text(json.dumps(results, indent=2))
-    if verbose:
-        print(format_table(results, tolerance))
-        print(f"\nwrote {output}/ in {time.perf_counter() - start:.1f} s")
     return results
 
 
@@ -210,14 +316,26 @@ def main(argv=None):
         prog="python -m sklearn_lib",
         description="Local interaction basis vs PCA on the shipped modular-addition network.",
     )
-    parser.add_argument("--output", default="sklearn_lib_demo", help="output folder")
-    parser.add_argument("--n-fit", type=int, default=2000, help="pairs to cache and fit")
-    parser.add_argument("--n-eval", type=int, default=1000, help="held-out pairs to score")
-    parser.add_argument("--tolerance", type=float, default=0.001,
-                        help="allowed accuracy drop (default 0.001)")
-    parser.add_argument("--overwrite", action="store_true", help="replace the output folder")
+    parser.add_argument("--output", default="sklearn_lib_demo",
+                        help="output folder; if an earlier run wrote it, <output>-2 (-3, ...) "
+                             "is written instead, unless --overwrite")
+    parser.add_argument("--n-fit", type=_parse("n_fit", int), default=2000,
+                        help="training pairs to cache and fit (1 to 3831, default 2000)")
+    parser.add_argument("--n-eval", type=_parse("n_eval", int), default=1000,
+                        help="held-out pairs to score (1 to 8938, default 1000)")
+    parser.add_argument("--tolerance", type=_parse("tolerance", float), default=0.001,
+                        help="allowed accuracy drop, in [0, 1) (default 0.001)")
+    parser.add_argument("--resolution", type=_parse("resolution", float), default=1.0,
+                        help="Leiden resolution, positive (default 1.0)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the output folder of an earlier run (never another folder)")
     parser.add_argument("--no-plots", dest="plots", action="store_false")
     parser.add_argument("--quiet", dest="verbose", action="store_false")
     args = parser.parse_args(argv)
+    try:
+        _output_folder(args.output, args.overwrite)
+    except (FileExistsError, NotADirectoryError) as exc:
+        parser.error(str(exc))
     run(args.output, n_fit=args.n_fit, n_eval=args.n_eval, tolerance=args.tolerance,
-        overwrite=args.overwrite, plots=args.plots, verbose=args.verbose)
+        resolution=args.resolution, overwrite=args.overwrite, plots=args.plots,
+        verbose=args.verbose)

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from sklearn_lib import demo
 from sklearn_lib.demo import format_table, main, run
 
 
@@ -30,8 +31,118 @@ def test_demo_writes_table_and_figures(demo_output):
     assert "edges to keep, total" in format_table(results, 0.001)
 
 
-def test_demo_refuses_to_overwrite(demo_output):
-    before = (demo_output / "comparison.json").read_text()
-    with pytest.raises(FileExistsError, match="overwrite"):
-        run(demo_output, n_fit=50, n_eval=50, verbose=False)
-    assert (demo_output / "comparison.json").read_text() == before
+def test_demo_marks_its_folder_and_leaves_no_siblings(demo_output):
+    assert json.loads((demo_output / ".sklearn_lib_demo.json").read_text())["format"] == (
+        "sklearn_lib.demo"
+    )
+    assert [p.name for p in demo_output.parent.iterdir()] == ["out"]
+
+
+@pytest.fixture
+def fake_work(monkeypatch):
+    """Replace the expensive comparison by one that writes a file; records its arguments."""
+    calls = []
+
+    def compare(output, **kwargs):
+        calls.append(kwargs)
+        (output / "comparison.json").write_text(json.dumps({"run": len(calls)}))
+        return {"run": len(calls)}
+
+    monkeypatch.setattr(demo, "_compare", compare)
+    return calls
+
+
+def run_number(folder):
+    return json.loads((folder / "comparison.json").read_text())["run"]
+
+
+def test_second_run_keeps_the_first_and_writes_a_fresh_folder(tmp_path, fake_work):
+    output = tmp_path / "out"
+    for _ in range(3):
+        main(["--output", str(output), "--quiet", "--no-plots"])
+    assert [run_number(tmp_path / name) for name in ("out", "out-2", "out-3")] == [1, 2, 3]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "out-2", "out-3"]
+
+
+def test_overwrite_replaces_only_the_demos_own_folder(tmp_path, fake_work, capsys):
+    output = tmp_path / "out"
+    main(["--output", str(output), "--quiet"])
+    (output / "leftover.txt").write_text("from run 1")
+    main(["--output", str(output), "--quiet", "--overwrite"])
+    assert run_number(output) == 2 and not (output / "leftover.txt").exists()
+
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    for extra in ([], ["--overwrite"]):
+        with pytest.raises(SystemExit) as info:
+            main(["--output", str(precious), "--quiet", *extra])
+        assert info.value.code == 2
+        assert f"{str(precious)!r} exists and is not a sklearn_lib demo output folder" in (
+            capsys.readouterr().err.replace("\n", " "))
+        with pytest.raises(FileExistsError, match="not a sklearn_lib demo output folder"):
+            run(precious, overwrite=bool(extra), verbose=False)
+    assert (precious / "notes.txt").read_text() == "keep me"
+    assert sorted(p.name for p in precious.iterdir()) == ["notes.txt"]
+    link = tmp_path / "link"
+    link.symlink_to(output, target_is_directory=True)
+    with pytest.raises(FileExistsError, match="symbolic link"):
+        run(link, overwrite=True, verbose=False)
+    assert len(fake_work) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "out", "precious"]
+
+
+def test_failed_run_keeps_the_previous_output(tmp_path, fake_work, monkeypatch):
+    output = tmp_path / "out"
+    run(output, verbose=False)
+
+    def broken(output, **kwargs):
+        (output / "comparison.json").write_text("half")
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(demo, "_compare", broken)
+    with pytest.raises(RuntimeError, match="boom"):
+        run(output, overwrite=True, verbose=False)
+    assert run_number(output) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--n-fit", "0"], "--n-fit: must be an integer from 1 to 3831"),
+        (["--n-fit", "-5"], "--n-fit: must be an integer from 1 to 3831"),
+        (["--n-fit", "5000"], "--n-fit: must be an integer from 1 to 3831"),
+        (["--n-fit", "ten"], "--n-fit: expected an integer, got 'ten'"),
+        (["--n-eval", "0"], "--n-eval: must be an integer from 1 to 8938"),
+        (["--n-eval", "1e3"], "--n-eval: expected an integer"),
+        (["--tolerance", "-0.1"], "--tolerance: must be an accuracy drop in [0, 1)"),
+        (["--tolerance", "nan"], "--tolerance: must be an accuracy drop in [0, 1)"),
+        (["--tolerance", "1"], "--tolerance: must be an accuracy drop in [0, 1)"),
+        (["--resolution", "0"], "--resolution: must be a positive finite number"),
+        (["--resolution", "inf"], "--resolution: must be a positive finite number"),
+    ],
+)
+def test_cli_rejects_bad_arguments_before_any_work(tmp_path, fake_work, capsys, argv, message):
+    with pytest.raises(SystemExit) as info:
+        main(["--output", str(tmp_path / "out"), "--quiet", *argv])
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not fake_work and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"n_fit": 0}, "n_fit must be an integer from 1"),
+        ({"n_fit": 2.5}, "n_fit must be an integer"),
+        ({"n_eval": True}, "n_eval must be an integer"),
+        ({"tolerance": float("nan")}, "tolerance must be"),
+        ({"tolerance": "0.1"}, "tolerance must be"),
+        ({"resolution": -1.0}, "resolution must be"),
+    ],
+)
+def test_run_rejects_bad_arguments_before_any_work(tmp_path, fake_work, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        run(tmp_path / "out", verbose=False, **kwargs)
+    assert not fake_work and list(tmp_path.iterdir()) == []
