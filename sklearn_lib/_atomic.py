@@ -158,14 +158,17 @@ def tidy(path, is_ours, what):
     if not os.path.islink(path) and is_ours(path):
         # The copies moved aside are superseded by the complete object at ``path``.
         for old in olds:
-            _remove_tree(old)
-    pending = []
-    for tmp in tmps:
-        if _writer_gone(tmp):
-            _remove_tree(tmp)
-        else:
-            pending.append(tmp)
-    return pending
+            _try_remove(old)
+    return [tmp for tmp in tmps if not (_writer_gone(tmp) and _try_remove(tmp))]
+
+
+def _try_remove(path):
+    """Remove a stale sibling if the file system lets us (reading must work on read-only ones)."""
+    try:
+        _remove_tree(path)
+    except OSError:
+        return False
+    return True
 
 
 def _writer_gone(tmp):

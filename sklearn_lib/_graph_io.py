@@ -62,19 +62,17 @@ def save_graph(graph, path, *, overwrite=False):
 
 def _encode(graph):
     """The JSON description and the arrays of a fitted graph."""
-    params = graph.get_params()
+    params = {k: _plain(v) for k, v in graph.get_params().items()}
     params["device"] = str(params["device"])
     if not (params["random_state"] is None or isinstance(params["random_state"], Integral)):
         params["random_state"] = None
-    if isinstance(params["n_components"], tuple):
-        params["n_components"] = list(params["n_components"])
     arrays = {f"edges_{l}": E for l, E in enumerate(graph.edges_)}
     layers = []
     for l, basis in enumerate(graph.bases_):
         for name in _BASIS_ARRAYS:
             arrays[f"basis_{l}_{name}"] = getattr(basis, name)
         layers.append({
-            "params": {k: (str(v) if k == "device" else v)
+            "params": {k: (str(v) if k == "device" else _plain(v))
                        for k, v in basis.get_params().items()},
             "n_components_": int(basis.n_components_),
             "n_samples_seen_": int(basis.n_samples_seen_),
@@ -92,6 +90,15 @@ def _encode(graph):
         "bases": layers,
     }
     return meta, arrays
+
+
+def _plain(value):
+    """``value`` with numpy scalars and tuples turned into what JSON holds."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def load_graph(cls, path):

@@ -202,3 +202,13 @@ def test_load_validates_before_constructing(fitted, tmp_path, damage, monkeypatc
         InteractionGraph.load(path)
     assert not constructed
     assert str(path) in str(info.value)
+
+
+def test_numpy_scalar_parameters_roundtrip(case, tmp_path):
+    graph = InteractionGraph(n_components=np.int64(3), n_alphas=np.int32(4),
+                             truncation_threshold=np.float64(1e-10))
+    graph.fit(case["acts"], jacobians=case["jacs"])
+    graph.save(tmp_path / "graph")
+    loaded = InteractionGraph.load(tmp_path / "graph")
+    assert loaded.get_params() == graph.get_params()
+    np.testing.assert_array_equal(loaded.n_components_, graph.n_components_)
