@@ -27,7 +27,7 @@ from ._backend import (
     resolve_dtype,
     to_output,
 )
-from ._linalg import interaction_basis
+from ._linalg import constant_feature_floor, interaction_basis
 from ._stats import InteractionStatistics
 from ._validation import (
     check_finite,
@@ -331,20 +331,19 @@ class InteractionBasis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
         """
         if stats.weight <= 0:
             raise ValueError("The total sample weight must be positive.")
-        gram, jacobian_gram = stats.gram, stats.jacobian_gram
+        # The statistics come scaled by powers of four, so that data of any
+        # magnitude fit; interaction_basis returns the basis in the data's units
+        # and raises, naming the cause, when no direction survives.
+        gram, jacobian_gram, gram_exponent, jacobian_exponent = stats.scaled_moments()
         result = interaction_basis(
             gram,
             jacobian_gram,
             threshold=self.truncation_threshold,
             n_components=self.n_components,
             n_terms=(stats.n_samples, stats.n_samples * (stats.n_outputs or 1)),
+            exponents=(gram_exponent, jacobian_exponent),
+            constant_floor=constant_feature_floor(stats.mean, gram_exponent),
         )
-        if result.n_available == 0:
-            raise ValueError(
-                "No direction survives truncation: the activations are constant "
-                f"(Gram eigenvalues kept: {result.n_kept_gram}) or the Jacobians are "
-                "zero on them. Check the data or lower truncation_threshold."
-            )
         if self.n_components is not None and self.n_components > result.n_available:
             warnings.warn(
                 f"n_components={self.n_components} is larger than the {result.n_available} "
@@ -359,8 +358,8 @@ class InteractionBasis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
         self.interaction_strengths_ = to_output(result.interaction_strengths, None)
         self.gram_eigenvalues_ = to_output(result.gram_eigenvalues, None)
         self.mean_ = to_output(stats.mean, None)
-        self.gram_ = to_output(gram, None)
-        self.jacobian_gram_ = to_output(jacobian_gram, None)
+        self.gram_ = to_output(stats.gram, None)
+        self.jacobian_gram_ = to_output(stats.jacobian_gram, None)
         self.n_components_ = self.components_.shape[0]
         self.n_samples_seen_ = stats.n_samples
         self.n_outputs_ = stats.n_outputs
