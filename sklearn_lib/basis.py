@@ -71,7 +71,9 @@ class InteractionBasis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
     truncation_threshold : "auto" or float, default="auto"
         Eigenvalue threshold of both truncations. A float is absolute
         (``tau_D = tau_Lambda = truncation_threshold``; the reference default is
-        1e-5); "auto" is the numerical-rank tolerance ``max * size * eps``.
+        1e-5); "auto" drops exactly the directions that are rounding noise
+        (see the user guide) and, when nothing survives, says whether the
+        activations are constant, the Jacobians vanish, or the precision ran out.
     batch_size : int, default=None
         Samples per chunk when accumulating statistics and transforming. None
         picks a size whose Jacobian chunk holds about 2**23 numbers, so memory
