@@ -29,7 +29,7 @@ from ._edges import path_quadrature
 from ._graph_io import load_graph, save_graph
 from ._linalg import sorted_eigh
 from ._sources import CachedSource, ModelSource
-from ._stats import InteractionStatistics
+from ._stats import InteractionStatistics, scale_by_power_of_two
 from .basis import InteractionBasis
 
 __all__ = ["InteractionGraph"]
@@ -325,7 +325,11 @@ class InteractionGraph(BaseEstimator):
         vector-Jacobian products with the columns of ``C_{l+1}`` as cotangents
         (or in closed form, see ``fast_path``), batch by batch on the model's
         device. The data are iterated twice per layer (statistics, then edges)
-        plus once for the final layer, so they must be re-iterable.
+        plus once for the final layer, so they must be re-iterable and yield the
+        same samples on every pass (in any order and batching): every pass counts
+        its samples and compares order-free sums with the first pass, and a
+        mismatch (random augmentation, sampling, ``drop_last`` with shuffling, a
+        one-shot iterator) raises instead of mixing sample sets.
 
         Parameters
         ----------
@@ -440,7 +444,11 @@ class InteractionGraph(BaseEstimator):
         basis.inverse_components_ = eye.copy()
         basis.mean_ = np.zeros(d, dtype=eye.dtype)
         basis.interaction_strengths_ = second_moment.cpu().numpy()
-        basis.gram_eigenvalues_ = sorted_eigh(gram)[0].cpu().numpy()
+        # From the scaled Gram matrix, as for every other layer: the Gram matrix of
+        # activations beyond 1e154 is infinite in data units, its eigenvalues are not.
+        scaled_gram, _, exponent, _ = stats.scaled_moments()
+        D = scale_by_power_of_two(sorted_eigh(scaled_gram)[0], 2 * exponent)
+        basis.gram_eigenvalues_ = D.cpu().numpy()
         basis.gram_ = gram.cpu().numpy()
         basis.jacobian_gram_ = eye.copy()
         basis.n_components_ = d

@@ -284,11 +284,32 @@ def test_identity_final_basis_is_consistent(mlp_case):
     case = mlp_case
     graph = InteractionGraph(**graph_params(case)).fit(case["acts"], jacobians=case["jacs"])
     final, X_L = graph.bases_[-1], case["acts"][-1]
+    # Exact: multiplying by an identity matrix adds only exact zeros to each entry.
     np.testing.assert_array_equal(graph.transform(-1, X_L), X_L)
     np.testing.assert_array_equal(graph.inverse_transform(-1, X_L), X_L)
     np.testing.assert_allclose(final.interaction_strengths_, (X_L ** 2).mean(0), rtol=1e-12)
     np.testing.assert_array_equal(final.jacobian_gram_, np.eye(4))
     assert final.n_outputs_ is None and final.n_components_ == 4
+
+
+def test_identity_final_layer_beyond_1e154_fits(mlp_case):
+    # The final layer's Gram matrix is infinite in data units (entries ~1e361);
+    # its eigendecomposition runs at a scale where it is not, and what lies beyond
+    # the float range is reported as inf, as InteractionBasis does.
+    case, scale = mlp_case, 2.0**600
+    params = dict(center=case["center"], truncation_threshold="auto")  # scale-free
+    graph = InteractionGraph(**params).fit(case["acts"], jacobians=case["jacs"])
+    acts = case["acts"][:-1] + [case["acts"][-1] * scale]
+    jacs = case["jacs"][:-1] + [case["jacs"][-1] * scale]
+    with pytest.warns(RuntimeWarning, match="beyond the float range"):
+        big = InteractionGraph(**params).fit(acts, jacobians=jacs)
+    assert np.isinf(big.bases_[-1].gram_eigenvalues_[0])
+    # The final layer's scale cancels in every other layer (SPEC 1(d) with A = c I).
+    for l, X in enumerate(case["acts"][:-1]):
+        Z = graph.transform(l, X)
+        np.testing.assert_allclose(np.ldexp(big.transform(l, X), -600), Z,
+                                   atol=1e-9 * np.abs(Z).max())
+
 
 
 @pytest.mark.parametrize("variant_source", ["cached", "model", "model-fast"])
