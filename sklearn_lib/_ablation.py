@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from sklearn.utils.validation import check_array, check_is_fitted
 
 from ._backend import as_tensor, eval_mode, gen_batches, is_tensor, model_device
-from ._validation import check_finite
+from ._validation import check_finite, check_tensor
 from .metrics import _affine_map
 
 
@@ -41,10 +41,10 @@ def _check_X(X):
     large tensor on the GPU is never scanned or copied up front.
     """
     if is_tensor(X):
-        if X.ndim != 2 or not X.dtype.is_floating_point or X.shape[0] == 0:
+        check_tensor(X, "X", ndim=2, shape="(n_samples, n_features)")
+        if X.shape[0] == 0:
             raise ValueError(
-                "X must be a 2-D floating tensor (n_samples, n_features) with at least one "
-                f"sample, got shape {tuple(X.shape)} and dtype {X.dtype}."
+                f"X must hold at least one sample, got shape {tuple(X.shape)}."
             )
         return X
     return check_array(X, dtype=[np.float64, np.float32], input_name="X")

@@ -27,6 +27,8 @@ import scipy.sparse as sp
 from sklearn.utils._param_validation import Interval, StrOptions, validate_params
 from sklearn.utils.validation import check_array
 
+from ._validation import check_edge_values
+
 __all__ = ["modularity", "normalize_edges", "select_log_eps"]
 
 _NORMS = ("identity", "sqrt", "log")
@@ -118,7 +120,7 @@ def normalize_edges(E, norm="identity", eps=None):
     else:
         E = check_array(E, dtype=np.float64, input_name="E", ensure_all_finite=True)
         values = E.ravel()
-    _check_finite_non_negative(values, "E")
+    check_edge_values(values, "E")
     out = _normalize_values(values, norm, eps)
     if sp.issparse(E):
         result = sp.csr_array((out, E.indices, E.indptr), shape=E.shape)
@@ -189,7 +191,7 @@ def select_log_eps(edge_matrices, keep_counts):
             E = check_array(E, dtype=np.float64, input_name=f"edge_matrices[{layer}]")
             size = E.size
             values = E.ravel()
-        _check_finite_non_negative(values, f"edge_matrices[{layer}]")
+        check_edge_values(values, f"edge_matrices[{layer}]")
         if not 0 <= k <= size:
             raise ValueError(
                 f"keep_counts[{layer}] must lie in [0, {size}] (the number of entries "
@@ -209,16 +211,6 @@ def select_log_eps(edge_matrices, keep_counts):
 # --------------------------------------------------------------------------- #
 # Adjacency checks and modularity
 # --------------------------------------------------------------------------- #
-
-
-def _check_finite_non_negative(values, name):
-    if values.size and not np.isfinite(values).all():
-        raise ValueError(f"{name} must be finite; got NaN or infinity.")
-    if values.size and values.min() < 0:
-        raise ValueError(
-            f"{name} must be non-negative (edge weights); got a minimum entry of "
-            f"{values.min():g}."
-        )
 
 
 def _row_indices(adj):
@@ -248,7 +240,7 @@ def _check_adjacency(A, *, symmetrize, name="A"):
     # not change. CSR keeps all later steps O(nnz) without COO's lexsort.
     adj = sp.csr_array(A.tocsr(copy=True) if sp.issparse(A) else A)
     adj.sum_duplicates()
-    _check_finite_non_negative(adj.data, name)
+    check_edge_values(adj.data, name)
     row = _row_indices(adj)
     keep = (row != adj.indices) & (adj.data != 0)
     if not keep.all():

@@ -164,6 +164,27 @@ def check_not_jacobians(y, method, usage=None):
         )
 
 
+def check_edge_values(values, name):
+    """Refuse NaN, infinite or negative entries of a float array of edge values.
+
+    Edges (and the graph weights made from them) are squared attributions: a
+    NaN, an infinity or a negative value means something upstream went wrong,
+    and sorting or clustering them would hide it.
+    """
+    expected = f"{name} must hold finite non-negative values (edges are squared attributions)"
+    if not values.size:
+        return values
+    bad = int(np.count_nonzero(~np.isfinite(values)))
+    if bad:
+        raise ValueError(f"{expected}; got {bad} NaN or infinite value(s) among {values.size}.")
+    if values.min() < 0:
+        raise ValueError(
+            f"{expected}; got {int(np.count_nonzero(values < 0))} negative value(s), "
+            f"the smallest {float(values.min())!r}."
+        )
+    return values
+
+
 def check_finite(t, name):
     """Raise if the tensor ``t`` holds NaN or inf (one reduction; one sync on GPU)."""
     if not bool(torch.isfinite(t).all()):

@@ -18,6 +18,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from ._backend import as_tensor, gen_batches, resolve_device
 from ._validation import (
+    check_edge_values,
     check_finite,
     check_jacobians,
     check_not_jacobians,
@@ -91,28 +92,12 @@ def edges_to_reach(values, fraction=0.9):
 
 
 def _check_edge_values(values, caller):
-    """The values as a flat float64 array, refused unless finite and non-negative.
-
-    Edges are squared attributions: a NaN, an infinity or a negative value means
-    something upstream went wrong, and sorting them would hide it.
-    """
+    """The values as a flat float64 array, refused unless finite and non-negative."""
     if isinstance(values, torch.Tensor):
         values = values.detach().cpu().numpy()
     v = np.asarray(check_real_values(values, f"the values passed to {caller}"),
                    dtype=np.float64).ravel()
-    bad = int(np.count_nonzero(~np.isfinite(v)))
-    if bad:
-        raise ValueError(
-            f"{caller} expects finite non-negative values (edges are squared "
-            f"attributions); got {bad} NaN or infinite value(s) among {v.size}."
-        )
-    if v.size and v.min() < 0:
-        raise ValueError(
-            f"{caller} expects finite non-negative values (edges are squared "
-            f"attributions); got {int(np.count_nonzero(v < 0))} negative value(s), "
-            f"the smallest {float(v.min())!r}."
-        )
-    return v
+    return check_edge_values(v, f"the values passed to {caller}")
 
 
 def _sparsity(E, metric):
