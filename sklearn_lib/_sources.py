@@ -240,7 +240,7 @@ class CachedSource:
             rows = self._rows(l, chunk)
             Z = (self._tensor(self.acts[l][rows]) - mean) @ C
             J_tilde = self._project(self._tensor(self.jacs[l][rows]), V, l) @ C_pinv.T
-            accumulate_edges(E, J_tilde, Z, self.positions[l + 1])
+            accumulate_edges(E, J_tilde, Z, self.positions[l + 1], self.positions[l])
         return E / (self.n_samples * self.positions[l])
 
 
@@ -545,7 +545,7 @@ class ModelSource:
                 n, rows, d = P_bar.shape
                 J_tilde = workspace.get("J_tilde", (n, rows, C.shape[1]), P_bar)
                 torch.matmul(P_bar.view(n * rows, d), C_pinv.T, out=J_tilde.view(n * rows, -1))
-                accumulate_edges(E, J_tilde, Z, self.positions[l + 1])
+                accumulate_edges(E, J_tilde, Z, self.positions[l + 1], self.positions[l])
             count += X.shape[0]
         return E / count
 

@@ -145,7 +145,11 @@ def brute_force_bases(acts, jacs, *, center=True, final="identity", variant="loc
 
 
 def brute_force_edges(acts, edge_jacs, bases, positions=None):
-    """``E_l[i, j] = mean_rows (J_tilde[i, j] z[j])^2``, one sample at a time."""
+    """``E_l[i, j] = mean_rows (J_tilde[i, j] z[j])^2``, one sample at a time.
+
+    With positions: ``sum_t (sum_s J_tilde[(t, i), (s, j)] z[s, j])^2`` per sample,
+    divided by the number of rows ``n P_in``.
+    """
     edges = []
     for l in range(len(bases) - 1):
         C_next = bases[l + 1][0]
@@ -155,11 +159,11 @@ def brute_force_edges(acts, edge_jacs, bases, positions=None):
         for x, J in enumerate(edge_jacs[l]):
             if positions is None:
                 E += (C_next.T @ J @ Cp.T * Z[x]) ** 2
-            else:  # J (P_out, o, P_in, d): rows (x, s); attribution summed over t
+            else:  # J (P_out, o, P_in, d): rows (x, s); SPEC 2, summed over s, then squared
                 P_in = J.shape[2]
-                for s in range(P_in):
-                    for t in range(J.shape[0]):
-                        E += (C_next.T @ J[t, :, s, :] @ Cp.T * Z[x * P_in + s]) ** 2
+                for t in range(J.shape[0]):
+                    E += sum(C_next.T @ J[t, :, s, :] @ Cp.T * Z[x * P_in + s]
+                             for s in range(P_in)) ** 2
         edges.append(E / len(acts[l]))
     return edges
 

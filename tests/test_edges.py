@@ -1,0 +1,180 @@
+"""Edges of sections that mix positions (SPEC section 2), against brute force.
+
+The reference definition attributes feature ``j`` of the input layer through all
+source positions before squaring::
+
+    E[i, j] = 1/(n P_in) sum_x sum_t ( sum_s J_tilde_x[(t, i), (s, j)] Z_x[s, j] )^2
+
+Every test below computes full per-sample Jacobians of a tiny attention model
+with ``torch.autograd.functional.jacobian`` on hand-written section functions
+(not the library's hooks) and evaluates that formula directly in numpy.
+"""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.autograd.functional import jacobian
+
+from sklearn_lib import InteractionGraph
+from sklearn_lib._edges import path_quadrature
+from sklearn_lib.collect import collect
+
+N, P, D_IN, D = 6, 3, 3, 4
+
+
+class TinyAttention(nn.Module):
+    """Embedding, one attention layer on a residual stream, a readout of the last position."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(2)
+        self.embed = nn.Linear(D_IN, D)
+        self.attn = nn.MultiheadAttention(D, 2, batch_first=True)
+        self.out = nn.Linear(D, D)
+        self.pool = nn.Identity()
+        self.head = nn.Linear(D, 2)
+
+    def mix(self, h):
+        return self.out(h + self.attn(h, h, h, need_weights=False)[0])
+
+    def forward(self, x):
+        y = self.mix(self.embed(x))
+        return self.head(self.pool(torch.tanh(y[:, -1])))
+
+
+LAYERS = ["embed", "out", "pool", "head"]
+
+
+def _sections(model):
+    """Hand-written sections between adjacent layers, on one sample (no batch axis)."""
+    return [
+        lambda h: model.mix(h[None])[0],
+        lambda y: torch.tanh(y[-1]),
+        lambda p: model.head(p),
+    ]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return TinyAttention().double().eval()
+
+
+@pytest.fixture(scope="module")
+def data():
+    return torch.randn(N, P, D_IN, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+
+
+def _activations(model, x):
+    with torch.no_grad():
+        h = model.embed(x)
+        y = model.mix(h)
+        p = torch.tanh(y[:, -1])
+        return [h, y, p, model.head(p)]
+
+
+def _as_positions(a):
+    """(n, P, d) view of a layer: flat layers have one position."""
+    return a[:, None, :] if a.ndim == 2 else a
+
+
+def brute_force_edges(section, X, basis_in, basis_out, *, edge_point="data", alphas=(1.0,),
+                      weights=(1.0,), per_position=False):
+    """SPEC section 2 written out: full Jacobians per sample, the sums in numpy."""
+    shape = X.shape[1:]
+    X = _as_positions(X)
+    n, p_in, _ = X.shape
+    C, C_pinv, mu = basis_in.components_.T, basis_in.inverse_components_, basis_in.mean_
+    C_out = basis_out.components_.T
+    Z = (X.numpy() - mu) @ C  # (n, P_in, r_in)
+    end = Z @ C_pinv + mu if edge_point == "reconstructed" else X.numpy()
+    E = 0.0
+    for x in range(n):
+        J_bar = 0.0
+        for alpha, w in zip(alphas, weights):
+            point = torch.as_tensor(mu + alpha * (end[x] - mu)).reshape(shape)
+            J = jacobian(section, point).numpy()
+            J_bar = J_bar + w * J.reshape(-1, C_out.shape[0], p_in, C.shape[0])
+        # J_tilde[t, i, s, j] = C_out^T J[(t, .), (s, .)] C_pinv^T
+        J_tilde = np.einsum("oi,tosd,rd->tisr", C_out, J_bar, C_pinv)
+        attributed = J_tilde * Z[x][None, None, :, :]  # (t, i, s, j)
+        if per_position:
+            E = E + np.square(attributed).sum(axis=(0, 2))
+        else:
+            E = E + np.square(attributed.sum(axis=2)).sum(axis=0)
+    return E / (n * p_in)
+
+
+def _check_against_brute_force(graph, model, data, **kwargs):
+    acts = _activations(model, data)
+    for l, section in enumerate(_sections(model)):
+        expected = brute_force_edges(section, acts[l], graph.bases_[l], graph.bases_[l + 1], **kwargs)
+        np.testing.assert_allclose(graph.edges_[l], expected, rtol=1e-9,
+                                   atol=1e-12 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("edge_point", ["data", "reconstructed"])
+def test_model_edges_follow_the_reference_definition(model, data, edge_point):
+    # Truncated bases make the reconstructed point differ from the data.
+    graph = InteractionGraph([2, 3, 2, None], edge_point=edge_point).fit_model(
+        model, LAYERS, data, sequence=True)
+    assert graph.n_components_.tolist() == [2, 3, 2, 2]
+    _check_against_brute_force(graph, model, data, edge_point=edge_point)
+
+
+@pytest.mark.parametrize("integration", ["trapezoid", "gauss-legendre"])
+def test_integrated_gradient_edges_sum_over_positions_before_squaring(model, data, integration):
+    graph = InteractionGraph([2, 3, 2, None], integration=integration, n_alphas=3).fit_model(
+        model, LAYERS, data, sequence=True)
+    alphas, weights = path_quadrature(integration, 3)
+    _check_against_brute_force(graph, model, data, edge_point="reconstructed",
+                               alphas=alphas, weights=weights)
+
+
+@pytest.mark.parametrize("batch_size", [None, 1, P + 1, 2 * P - 1])
+def test_cached_edges_follow_the_reference_definition(model, data, batch_size):
+    # Chunks of any size hold whole samples, so no sample's positions are split.
+    acts, jacs = collect(model, LAYERS, data, sequence=True, verbose=False)
+    graph = InteractionGraph(batch_size=batch_size).fit(acts, jacobians=jacs, sequence=True)
+    _check_against_brute_force(graph, model, data)
+    from_model = InteractionGraph(edge_point="data").fit_model(model, LAYERS, data,
+                                                                sequence=True)
+    for E, E_model in zip(graph.edges_, from_model.edges_):
+        np.testing.assert_allclose(E, E_model, rtol=1e-9, atol=1e-14)
+
+
+def test_the_reference_form_is_not_the_per_position_form(model, data):
+    # The check above could not fail if both forms agreed on this model.
+    graph = InteractionGraph(edge_point="data").fit_model(model, LAYERS, data, sequence=True)
+    acts = _activations(model, data)
+    # Attention mixes positions; the readout depends on the last position only.
+    for l, differ in ((0, True), (1, False)):
+        args = (_sections(model)[l], acts[l], graph.bases_[l], graph.bases_[l + 1])
+        reference = brute_force_edges(*args)
+        per_position = brute_force_edges(*args, per_position=True)
+        assert (np.max(np.abs(reference - per_position) / reference) > 0.2) == differ
+
+
+def test_row_wise_sections_have_one_form():
+    # A per-position MLP: only s = t contributes, so summing over source
+    # positions before squaring changes nothing, and the closed form (which
+    # squares each row) agrees with the generic products.
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 4))
+    x = torch.randn(7, P, 3, dtype=torch.float64)
+    layers = [":input", "1", "2"]
+    fast = InteractionGraph(edge_point="data").fit_model(net, layers, x, sequence=True)
+    generic = InteractionGraph(edge_point="data", fast_path=False).fit_model(
+        net, layers, x, sequence=True)
+    assert fast.fast_path_ == [True, True] and generic.fast_path_ == [False, False]
+    net = net.double()
+    with torch.no_grad():
+        acts = [x, net[1](net[0](x))]
+    sections = [lambda h: net[1](net[0](h)), net[2]]
+    for l in range(2):
+        args = (sections[l], acts[l], fast.bases_[l], fast.bases_[l + 1])
+        reference = brute_force_edges(*args)
+        np.testing.assert_allclose(brute_force_edges(*args, per_position=True), reference,
+                                   rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(fast.edges_[l], reference, rtol=1e-9, atol=1e-14)
+        np.testing.assert_allclose(generic.edges_[l], reference, rtol=1e-9, atol=1e-14)
