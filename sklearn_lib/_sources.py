@@ -449,7 +449,10 @@ class ModelSource:
 
     def _fits(self, st, l, m):
         """The closed form acts on rows: widths and positions must match the recording."""
-        if self.positions[l] != self.positions[m]:
+        # Rows pair up only where both layers see the same positions.
+        if self.positions[l] != self.positions[m] or (
+            self.specs[l].positions != self.specs[m].positions
+        ):
             return False
         # Flat layers must be vectors; sequence layers (position, feature) or vectors.
         allowed = (1, 2) if self.sequence else (1,)

@@ -335,7 +335,9 @@ class InteractionGraph(BaseEstimator):
         layers : list of str
             Layer names in forward order: ``model.named_modules()`` paths,
             optionally suffixed ``":input"`` / ``":output"`` (``":input"`` is the
-            model's input), as in :func:`sklearn_lib.collect.collect`.
+            model's input) and a selection of positions such as ``"[-1]"``
+            (``"attn_out[-1]"`` reads that layer at the last position only), as
+            in :func:`sklearn_lib.collect.collect`.
         data : tensor, ndarray or re-iterable of batches (e.g. a DataLoader)
             Model inputs; arrays are split into batches of ``batch_size``.
         sequence : bool, default=False

@@ -178,3 +178,41 @@ def test_row_wise_sections_have_one_form():
                                    rtol=1e-12, atol=1e-15)
         np.testing.assert_allclose(fast.edges_[l], reference, rtol=1e-9, atol=1e-14)
         np.testing.assert_allclose(generic.edges_[l], reference, rtol=1e-9, atol=1e-14)
+
+
+# --------------------------------------------------------------------------- chosen positions
+class LastPositionWrapper(TinyAttention):
+    """The hand-written way to read ``out`` at the last position: an extra module."""
+
+    def __init__(self):
+        super().__init__()
+        self.last = nn.Identity()
+
+    def forward(self, x):
+        y = self.mix(self.embed(x))
+        return self.head(self.pool(torch.tanh(self.last(y[:, -1:])[:, -1])))
+
+
+@pytest.mark.parametrize("edge_point", ["data", "reconstructed"])
+def test_restricted_layer_equals_the_wrapper_module(model, data, edge_point):
+    wrapper = LastPositionWrapper().double().eval()
+    params = dict(n_components=[2, 3, 2, None], edge_point=edge_point)
+    restricted = InteractionGraph(**params).fit_model(model, ["embed", "out[-1]", "pool", "head"],
+                                                      data, sequence=True)
+    wrapped = InteractionGraph(**params).fit_model(wrapper, ["embed", "last", "pool", "head"],
+                                                   data, sequence=True)
+    assert restricted.layer_names_[1] == "out[-1]"
+    for b, b_ref in zip(restricted.bases_, wrapped.bases_):
+        np.testing.assert_allclose(b.components_, b_ref.components_, rtol=1e-10, atol=1e-12)
+    for E, E_ref in zip(restricted.edges_, wrapped.edges_):
+        np.testing.assert_allclose(E, E_ref, rtol=1e-10, atol=1e-14 * E_ref.max())
+    # The attention section now ends at one position: E = 1/(n P_in) sum_x (sum_s ...)^2.
+    h, y = _activations(model, data)[:2]
+    expected = brute_force_edges(lambda t: model.mix(t[None])[0][-1:], h,
+                                 restricted.bases_[0], restricted.bases_[1],
+                                 edge_point=edge_point)
+    np.testing.assert_allclose(restricted.edges_[0], expected, rtol=1e-9)
+    # Activations from the cache path are the chosen positions too.
+    acts, jacs = collect(model, ["embed", "out[0, 2]"], data, sequence=True, verbose=False)
+    np.testing.assert_allclose(acts[1], y[:, [0, 2]].reshape(-1, D).numpy(), rtol=1e-12)
+    assert jacs[0].shape == (N * P, 2 * D, D)
