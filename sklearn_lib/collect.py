@@ -12,9 +12,9 @@ reads the residual stream after attention there only), ``"fc2:input[0, 2]"``,
 selected positions keep their axis, so ``"out[-1]"`` is ``(batch, 1, d)``, and a
 section replacing such a layer replaces those positions only.
 
-When a module returns a tuple (e.g.
-``nn.MultiheadAttention``), its first element is the activation, and when a
-section replaces it, the other elements are left as the module computed them.
+When a module returns a tuple (e.g. ``nn.MultiheadAttention``), its first
+element is the activation, and when a section replaces it, the other elements
+are left as the module computed them.
 
 A *section* ``(a, b)`` is the map from layer ``a``'s activations to layer
 ``b``'s: the model is run on the batch's inputs with ``a``'s activation replaced

@@ -34,6 +34,17 @@ from .basis import InteractionBasis
 
 __all__ = ["InteractionGraph"]
 
+def _per_position(method, X):
+    """Apply a row-wise basis method to rows or to (batch, position, feature) activations."""
+    if not hasattr(X, "reshape"):
+        X = np.asarray(X)
+    if X.ndim != 3:
+        return method(X)
+    n, P, d = X.shape
+    out = method(X.reshape(n * P, d))
+    return out.reshape(n, P, out.shape[-1])
+
+
 class InteractionGraph(BaseEstimator):
     """Interaction bases of all layers of a network and the edges between them.
 
@@ -550,13 +561,26 @@ class InteractionGraph(BaseEstimator):
         ----------
         layer : int or str
             Layer index (negative counts from the end) or name.
-        X : array-like or tensor of shape (n_rows, d_layer)
+        X : array-like or tensor of shape (n_rows, d_layer) or (n_samples, P, d_layer)
+            Rows, or the activations of a sequence layer with their position
+            axis (every position is transformed alike).
 
         Returns
         -------
-        Z : ndarray or tensor of shape (n_rows, r_layer)
+        Z : ndarray or tensor of shape (n_rows, r_layer) or (n_samples, P, r_layer)
+            In the layout of ``X``.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from sklearn_lib import InteractionGraph
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh())
+        >>> X = torch.randn(20, 5, 3)  # 20 sequences of 5 positions
+        >>> graph = InteractionGraph().fit_model(net, [":input", "1"], X, sequence=True)
+        >>> graph.transform(0, X.double()).shape
+        torch.Size([20, 5, 3])
         """
-        return self.bases_[self._layer_index(layer)].transform(X)
+        return _per_position(self.bases_[self._layer_index(layer)].transform, X)
 
     def inverse_transform(self, layer, Z):
         """Activations ``Z @ C_pinv_l + mean_l`` from basis coordinates of one layer.
@@ -564,13 +588,14 @@ class InteractionGraph(BaseEstimator):
         Parameters
         ----------
         layer : int or str
-        Z : array-like or tensor of shape (n_rows, r_layer)
+        Z : array-like or tensor of shape (n_rows, r_layer) or (n_samples, P, r_layer)
 
         Returns
         -------
-        X : ndarray or tensor of shape (n_rows, d_layer)
+        X : ndarray or tensor of shape (n_rows, d_layer) or (n_samples, P, d_layer)
+            In the layout of ``Z``.
         """
-        return self.bases_[self._layer_index(layer)].inverse_transform(Z)
+        return _per_position(self.bases_[self._layer_index(layer)].inverse_transform, Z)
 
     def adjacency(self, norm="identity", eps=None):
         """Symmetric sparse adjacency matrix over the nodes of all layers.

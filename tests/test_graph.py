@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
-from _reference import random_invertible, reference_basis
+from _reference import assert_same_up_to_rounding, random_invertible, reference_basis
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.base import clone
@@ -707,3 +707,23 @@ def test_estimator_api(mlp_case, capsys):
         graph.transform(4, mlp_case["acts"][1])
     InteractionGraph(verbose=True).fit(mlp_case["acts"], jacobians=mlp_case["jacs"])
     assert "InteractionGraph" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- sequence layouts
+def test_transform_keeps_the_sequence_layout():
+    model = attention_model(False)
+    X = torch.randn(6, 5, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    graph = InteractionGraph(n_components=[3, 2, None]).fit_model(
+        model, ["0:input", "0", "2"], X, sequence=True)
+    rows = X.reshape(30, 4)
+    Z_rows = graph.transform(0, rows)
+    Z = graph.transform(0, X)
+    assert Z.shape == (6, 5, 3) and isinstance(Z, torch.Tensor)
+    assert_same_up_to_rounding(Z.reshape(30, 3), Z_rows)
+    Z_np = graph.transform("0:input", X.numpy())
+    assert isinstance(Z_np, np.ndarray) and Z_np.shape == (6, 5, 3)
+    np.testing.assert_allclose(Z_np.reshape(30, 3), Z_rows.numpy(), rtol=1e-12, atol=1e-12)
+    back = graph.inverse_transform(0, Z)
+    assert back.shape == (6, 5, 4)
+    assert_same_up_to_rounding(back.reshape(30, 4), graph.inverse_transform(0, Z_rows))
+    assert graph.inverse_transform(0, Z_np.tolist()).shape == (6, 5, 4)
