@@ -56,7 +56,11 @@ class InteractionGraph(BaseEstimator):
     direction ``i`` of layer ``l+1`` is the squared gradient-times-activation
     attribution ``E_l[i, j] = (1/n) sum_x (J_tilde_x[i, j] Z_l[x, j])^2`` with
     ``J_tilde_x = C_{l+1}^T J_l(x) C_pinv_l^T`` and ``Z_l = transform_l(X_l)``
-    (SPEC section 2). The nodes (basis directions of all layers) and edges form
+    (SPEC section 2). For sequence layers, feature ``j`` is attributed through
+    all source positions ``s`` before squaring, ``E_l[i, j] = 1/(n P_in) sum_x
+    sum_t (sum_s J_tilde_x[(t, i), (s, j)] Z_x[s, j])^2``, the reference work's
+    definition for sections that mix positions (the per-row formula for
+    row-wise sections). The nodes (basis directions of all layers) and edges form
     an undirected weighted graph, see :meth:`adjacency`.
 
     Fit either from cached activations and adjacent-layer Jacobians
