@@ -16,7 +16,6 @@ products or the closed form of :mod:`sklearn_lib._fastpath` - is the job of the
 from numbers import Integral
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 from sklearn.base import BaseEstimator, _fit_context
 from sklearn.utils import check_random_state
@@ -24,6 +23,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 from tqdm.auto import tqdm
 
+from ._adjacency import layered_adjacency
 from ._backend import as_tensor, eval_mode, resolve_device, resolve_dtype
 from ._edges import path_quadrature
 from ._graph_io import load_graph, save_graph
@@ -624,41 +624,8 @@ class InteractionGraph(BaseEstimator):
         A : scipy.sparse.csr_array of shape (n_nodes, n_nodes)
             ``n_nodes = layer_offsets_[-1]``; explicit zeros are removed.
         """
-        from .cluster import normalize_edges
-
         check_is_fitted(self)
-        n_pairs = len(self.edges_)
-        if norm == "log":
-            if eps is None:
-                eps = [E[E > 0].min() / 10 if (E > 0).any() else 1.0 for E in self.edges_]
-            elif np.ndim(eps) == 0:
-                eps = [eps] * n_pairs
-            else:
-                eps = list(np.asarray(eps, dtype=np.float64).ravel())
-                if len(eps) != n_pairs:
-                    raise ValueError(
-                        f"eps must be a float or one value per pair of adjacent layers: "
-                        f"expected {n_pairs}, got {len(eps)}."
-                    )
-            eps = [float(e) for e in eps]
-        else:
-            eps = [None] * n_pairs
-        off = self.layer_offsets_
-        rows, cols, vals = [], [], []
-        for l, E in enumerate(self.edges_):
-            W = normalize_edges(E, norm, eps=eps[l])
-            i, j = np.nonzero(W)
-            rows.append(i + off[l + 1])
-            cols.append(j + off[l])
-            vals.append(W[i, j])
-        rows, cols, vals = (np.concatenate(a) for a in (rows, cols, vals))
-        n = int(off[-1])
-        A = sp.coo_array(
-            (np.concatenate([vals, vals]),
-             (np.concatenate([rows, cols]), np.concatenate([cols, rows]))),
-            shape=(n, n),
-        )
-        return A.tocsr()
+        return layered_adjacency(self.edges_, self.layer_offsets_, norm, eps)
 
     # ------------------------------------------------------------------ persistence
     def save(self, path, *, overwrite=False):
