@@ -94,7 +94,8 @@ def path_points(X, mean, components, inverse_components, edge_point, alphas):
         yield end if alpha == 1.0 else torch.lerp(mean.expand_as(end), end, alpha)
 
 
-def accumulate_edges(total, J_tilde, Z, n_positions=1, n_source_positions=1):
+def accumulate_edges(total, J_tilde, Z, n_positions=1, n_source_positions=1, *,
+                     constant=None, Z_out=None):
     """Add ``sum_x sum_t (sum_s J_tilde_x[(t, i), (s, j)] z_x[s, j])^2`` to ``total`` in place.
 
     ``J_tilde`` is (N, n_positions * r_out, r_in) with one row per (sample,
@@ -108,6 +109,11 @@ def accumulate_edges(total, J_tilde, Z, n_positions=1, n_source_positions=1):
     squared on its own: right for flat layers, and for row-wise sections whose
     rows hold only the diagonal blocks ``s = t`` (the closed forms), where the
     other source positions contribute nothing. ``J_tilde`` is consumed.
+
+    With ``constant`` (r_out,), the constant node's edges are accumulated too:
+    the squared part of the output coordinates ``Z_out`` (the next layer's basis
+    coordinates at the edge point, one row per (sample, output position) pair,
+    (N_out, r_out)) that the input directions' attributions leave unexplained.
     """
     n, rows, r_in = J_tilde.shape
     attribution = J_tilde.mul_(Z[:, None, :])
@@ -115,6 +121,9 @@ def accumulate_edges(total, J_tilde, Z, n_positions=1, n_source_positions=1):
         attribution = attribution.view(
             n // n_source_positions, n_source_positions, rows, r_in
         ).sum(1)
+    if constant is not None:
+        residual = Z_out.reshape(attribution.shape[0], rows) - attribution.sum(-1)
+        constant += residual.square_().reshape(-1, rows // n_positions).sum(0)
     attribution.square_()
     total += attribution.reshape(-1, rows // n_positions, r_in).sum(0)
     return total

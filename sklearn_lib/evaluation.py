@@ -358,9 +358,13 @@ class _EdgeAblation:
             matrix = matrix.detach().cpu().numpy()
         matrix = check_array(matrix, dtype=np.float64, input_name=name)
         if matrix.shape != self.shape:
+            r_out, r_in = self.shape
+            hint = (f"; with constant nodes (constant_node=True) pass "
+                    f"edges_[l][:{r_out}, :{r_in}], the directions' edges"
+                    if matrix.shape in ((r_out + 1, r_in + 1), (r_out, r_in + 1)) else "")
             raise ValueError(
                 f"{name} must have shape (r_out, r_in) = {self.shape} (basis_out's and "
-                f"basis_in's n_components), got {matrix.shape}."
+                f"basis_in's n_components), got {matrix.shape}{hint}."
             )
         return matrix
 

@@ -145,6 +145,31 @@ class InteractionGraph(BaseEstimator):
         ``"auto"`` uses it wherever it applies, ``False`` never, ``True``
         requires it for every pair of adjacent layers (ValueError otherwise).
         Only :meth:`fit_model` computes Jacobians, so :meth:`fit` ignores it.
+    constant_node : bool, default=False
+        Give every layer one more node, the last of the layer: the constant
+        coordinate of its affine coordinates ``(z, 1)``, in which activations
+        are ``x = z @ inverse_components_ + 1 * mean_`` (the mean path; with
+        biases folded into a constant-1 feature, the bias path). The reference
+        work keeps this node with ``center=True``, where it carries most of the
+        edge weight; set this to compare graphs node for node with its. Its edge
+        to direction ``i`` of the next layer is what the directions'
+        attributions leave unexplained of that coordinate,
+        ``E_l[i, c] = 1/(n P_in) sum_x sum_t (Z_{l+1,x}[t, i] - sum_{s, j}
+        J_tilde_x[(t, i), (s, j)] Z_x[s, j])^2``, with ``Z_{l+1}`` the next
+        layer's coordinates at the edge point. Once the section's biases are
+        folded into a constant-1 coordinate, a section positively homogeneous
+        in (activation, constant) - affine maps and ReLU - gives exactly the
+        squared gradient-times-activation attribution of that coordinate at the
+        reconstructed edge point (Euler's theorem); with integrated gradients
+        (completeness) it tends to the next layer's coordinates at the mean,
+        ``((f(mean_l) - mean_{l+1}) C_{l+1})^2``. With ``edge_point="data"`` and
+        truncated bases it also holds the truncated directions' share. The
+        constant node of layer ``l+1`` is fed by layer ``l``'s only, with weight
+        ``P_{l+1} / P_l`` (1 for flat layers): the constant of every position
+        is carried to the same position. An unrotated final layer
+        (``final_layer="identity"``) has no constant node. ``n_components_`` and
+        ``bases_`` count directions only; ``layer_offsets_`` and ``edges_``
+        include the constant nodes.
     random_state : int, RandomState instance or None, default=None
         Seed of the stochastic sources.
     verbose : bool, default=False
@@ -161,7 +186,9 @@ class InteractionGraph(BaseEstimator):
         ``jacobian_gram_`` is ``I`` and ``gram_`` / ``gram_eigenvalues_`` describe
         the data as usual.
     edges_ : list of ndarray of shape (r_{l+1}, r_l)
-        Edge matrices between adjacent layers.
+        Edge matrices between adjacent layers (one row and column more for
+        constant nodes, see ``constant_node``; ``edges_[l][:r_{l+1}, :r_l]``
+        are the directions' edges, e.g. for edge ablation).
     layer_offsets_ : ndarray of int64 of shape (n_layers + 1,)
         Cumulative node counts: the nodes of layer ``l`` are
         ``layer_offsets_[l]:layer_offsets_[l + 1]`` of :meth:`adjacency`.
@@ -220,6 +247,7 @@ class InteractionGraph(BaseEstimator):
         "n_alphas": [Interval(Integral, 1, None, closed="left")],
         "stochastic_sources": [Interval(Integral, 1, None, closed="left"), None],
         "fast_path": [StrOptions({"auto"}), "boolean"],
+        "constant_node": ["boolean"],
         "random_state": ["random_state"],
         "verbose": ["verbose"],
     }
@@ -241,6 +269,7 @@ class InteractionGraph(BaseEstimator):
         n_alphas=10,
         stochastic_sources=None,
         fast_path="auto",
+        constant_node=False,
         random_state=None,
         verbose=False,
     ):
@@ -258,6 +287,7 @@ class InteractionGraph(BaseEstimator):
         self.n_alphas = n_alphas
         self.stochastic_sources = stochastic_sources
         self.fast_path = fast_path
+        self.constant_node = constant_node
         self.random_state = random_state
         self.verbose = verbose
 
@@ -525,19 +555,36 @@ class InteractionGraph(BaseEstimator):
             edges = []
             for l in range(L):
                 mean, C_l, C_pinv = tensors(bases[l])
+                out_mean = tensors(bases[l + 1])[0] if self.constant_node else None
                 E = source.edges(l, C[l + 1], mean, C_l, C_pinv, edge_point=edge_point,
-                                 alphas=list(alphas), weights=list(weights))
-                edges.append(E.cpu().numpy())
+                                 alphas=list(alphas), weights=list(weights),
+                                 out_mean=out_mean).cpu().numpy()
+                if self.constant_node and self._has_constant_node(l + 1, n_layers):
+                    # The constant is carried from every position to itself.
+                    row = np.zeros((1, E.shape[1]), dtype=E.dtype)
+                    row[0, -1] = source.positions[l + 1] / source.positions[l]
+                    E = np.concatenate([E, row])
+                edges.append(E)
                 steps.update()
         r = np.array([b.n_components_ for b in bases], dtype=np.int64)
         return {
             "bases_": bases,
             "edges_": edges,
             "n_components_": r,
-            "layer_offsets_": np.concatenate([[0], np.cumsum(r)]).astype(np.int64),
+            "layer_offsets_": self._layer_offsets(r),
             "n_layers_": n_layers,
             "edge_point_": edge_point,
         }
+
+    def _has_constant_node(self, l, n_layers):
+        """Every layer has one with ``constant_node=True``, but an unrotated final layer."""
+        return self.constant_node and not (
+            l == n_layers - 1 and self.final_layer == "identity")
+
+    def _layer_offsets(self, n_components):
+        n_layers = len(n_components)
+        nodes = [r + self._has_constant_node(l, n_layers) for l, r in enumerate(n_components)]
+        return np.concatenate([[0], np.cumsum(nodes)]).astype(np.int64)
 
     def _set_fitted(self, result):
         for name, value in result.items():

@@ -57,8 +57,12 @@ def _as_positions(a):
 
 
 def brute_force_edges(section, X, basis_in, basis_out, *, edge_point="data", alphas=(1.0,),
-                      weights=(1.0,), per_position=False):
-    """SPEC section 2 written out: full Jacobians per sample, the sums in numpy."""
+                      weights=(1.0,), per_position=False, constant=False):
+    """SPEC section 2 written out: full Jacobians per sample, the sums in numpy.
+
+    ``constant=True`` appends the constant node's column: the squared part of
+    the output coordinates at the edge point that the attributions leave over.
+    """
     shape = X.shape[1:]
     X = _as_positions(X)
     n, p_in, _ = X.shape
@@ -66,7 +70,8 @@ def brute_force_edges(section, X, basis_in, basis_out, *, edge_point="data", alp
     C_out = basis_out.components_.T
     Z = (X.numpy() - mu) @ C  # (n, P_in, r_in)
     end = Z @ C_pinv + mu if edge_point == "reconstructed" else X.numpy()
-    E = 0.0
+    mu_out = basis_out.mean_
+    E, E_constant = 0.0, 0.0
     for x in range(n):
         J_bar = 0.0
         for alpha, w in zip(alphas, weights):
@@ -80,6 +85,12 @@ def brute_force_edges(section, X, basis_in, basis_out, *, edge_point="data", alp
             E = E + np.square(attributed).sum(axis=(0, 2))
         else:
             E = E + np.square(attributed.sum(axis=2)).sum(axis=0)
+        with torch.no_grad():
+            y = section(torch.as_tensor(end[x]).reshape(shape)).numpy()
+        z_out = (y.reshape(-1, C_out.shape[0]) - mu_out) @ C_out  # (t, i)
+        E_constant = E_constant + np.square(z_out - attributed.sum(axis=(2, 3))).sum(axis=0)
+    if constant:
+        return np.column_stack([E, E_constant]) / (n * p_in)
     return E / (n * p_in)
 
 
@@ -194,3 +205,32 @@ def test_restricted_layer_equals_the_wrapper_module(model, data, edge_point):
     acts, jacs = collect(model, ["embed", "out[0, 2]"], data, sequence=True, verbose=False)
     np.testing.assert_allclose(acts[1], y[:, [0, 2]].reshape(-1, D).numpy(), rtol=1e-12)
     assert jacs[0].shape == (N * P, 2 * D, D)
+
+
+# --------------------------------------------------------------------------- constant node
+@pytest.mark.parametrize("source", ["model", "cache"])
+def test_constant_node_across_positions(model, data, source):
+    # The constant node is what the attributions of the directions leave over,
+    # with the attributions summed over source positions as above.
+    params = dict(constant_node=True, edge_point="data")
+    if source == "model":
+        graph = InteractionGraph(**params).fit_model(model, LAYERS, data, sequence=True)
+    else:
+        acts, jacs = collect(model, LAYERS, data, sequence=True, verbose=False)
+        graph = InteractionGraph(**params, batch_size=P + 1).fit(acts, jacobians=jacs,
+                                                                  sequence=True)
+    acts = _activations(model, data)
+    positions = [P, P, 1, 1]
+    for l, section in enumerate(_sections(model)):
+        r_out = graph.n_components_[l + 1]
+        expected = brute_force_edges(section, acts[l], graph.bases_[l], graph.bases_[l + 1],
+                                     constant=True)
+        E = graph.edges_[l]
+        np.testing.assert_allclose(E[:r_out], expected, rtol=1e-9,
+                                   atol=1e-12 * np.abs(expected).max())
+        if l < 2:  # one constant per position, carried to the same position
+            expected_row = np.zeros(E.shape[1])
+            expected_row[-1] = positions[l + 1] / positions[l]
+            np.testing.assert_allclose(E[r_out], expected_row, rtol=1e-15)
+    assert graph.layer_offsets_.tolist() == np.cumsum(
+        [0, *(graph.n_components_[:3] + 1), graph.n_components_[3]]).tolist()

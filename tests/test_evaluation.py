@@ -665,3 +665,11 @@ def test_edge_ablation_across_positions(attention_case, pair):
                                 edges=graph.edges_[l], schedule=[result.n_edges])
     assert curve.score.iloc[0] == pytest.approx(result.score, abs=1e-12)
     assert result.reference - result.score <= 0.05 + 1e-12
+
+
+def test_edges_with_constant_nodes_are_refused_with_the_slice_to_pass(attention_case):
+    model, h, y, graph = attention_case
+    E = np.pad(graph.edges_[0], ((0, 1), (0, 1)))
+    with pytest.raises(ValueError, match=r"edges_\[l\]\[:\d+, :\d+\]"):
+        min_edges_to_keep(graph.bases_[0], graph.bases_[1], h, y, section=model.mix,
+                          forward=lambda Y: model.head(torch.tanh(Y[:, -1])), edges=E)
