@@ -35,23 +35,36 @@ _N_PROBE_ROWS = 8
 
 # --------------------------------------------------------------------------- inputs
 def _check_X(X):
-    """A 2-D float array (validated by sklearn, NaN included) or a 2-D floating tensor.
+    """A 2-D or 3-D float array (validated by sklearn, NaN included) or floating tensor.
 
-    Tensors are checked for NaN batch by batch as they are used, so that a
-    large tensor on the GPU is never scanned or copied up front.
+    3-D activations are (n_samples, n_positions, n_features) of a sequence
+    layer. Tensors are checked for NaN batch by batch as they are used, so that
+    a large tensor on the GPU is never scanned or copied up front.
     """
     if is_tensor(X):
-        check_tensor(X, "X", ndim=2, shape="(n_samples, n_features)")
+        check_tensor(X, "X", ndim=3 if X.ndim == 3 else 2,
+                     shape="(n_samples, n_features) or (n_samples, n_positions, n_features)")
         if X.shape[0] == 0:
             raise ValueError(
                 f"X must hold at least one sample, got shape {tuple(X.shape)}."
             )
         return X
-    return check_array(X, dtype=[np.float64, np.float32], input_name="X")
+    X = check_array(X, dtype=[np.float64, np.float32], allow_nd=True, input_name="X")
+    if X.ndim not in (2, 3):
+        raise ValueError(
+            "X must be 2-D (n_samples, n_features) or 3-D (n_samples, n_positions, "
+            f"n_features), got shape {X.shape}."
+        )
+    return X
+
+
+def _per_sample(X):
+    """Numbers per sample of activations ``X`` (features times positions)."""
+    return int(np.prod(X.shape[1:]))
 
 
 def _first_rows(X, n):
-    """The first ``n`` rows as a finite float64 array, to probe bases and sections with."""
+    """The first ``n`` samples as a finite float64 array, to probe bases and sections with."""
     rows = X[:n]
     rows = np.asarray(rows.detach().cpu().numpy() if is_tensor(rows) else rows, dtype=np.float64)
     if not np.isfinite(rows).all():
@@ -108,6 +121,8 @@ class _AffineBasis:
                     f"{type(basis).__name__} has no {method}."
                 )
         check_is_fitted(basis)
+        # The basis acts on the feature axis of every position alike.
+        sample = sample.reshape(-1, sample.shape[-1])
         n_features = sample.shape[1]
         expected = getattr(basis, "n_features_in_", n_features)
         if expected != n_features:
@@ -185,8 +200,8 @@ class _Network:
         if out.ndim == 0 or out.shape[0] != acts.shape[0]:
             raise ValueError(
                 f"{name} returned an output of shape {tuple(out.shape)} for {acts.shape[0]} "
-                f"rows of activations; its first axis must match the rows (one output "
-                "per sample, computed row-wise)."
+                f"samples of activations; its first axis must match the samples (one output "
+                "per sample, computed sample by sample)."
             )
         return out
 

@@ -1,6 +1,7 @@
 """Edges between the interaction bases of adjacent layers (SPEC section 2).
 
-``E_l[i, j] = (1/n) sum_x (J_tilde_x[i, j] * Z_l[x, j])^2`` with
+``E_l[i, j] = (1/n) sum_x (J_tilde_x[i, j] * Z_l[x, j])^2`` (for sequence
+layers ``(1/(n P_in)) sum_x sum_t (sum_s J_tilde_x[(t, i), (s, j)] Z_x[s, j])^2``) with
 ``J_tilde_x = C_{l+1}^T J_l(x) C_pinv_l^T`` the Jacobian between the two layers'
 basis coordinates and ``Z_l = transform_l(X_l)``. With integrated gradients,
 ``J_tilde_x`` is replaced by its average over the straight path from the mean
@@ -93,15 +94,36 @@ def path_points(X, mean, components, inverse_components, edge_point, alphas):
         yield end if alpha == 1.0 else torch.lerp(mean.expand_as(end), end, alpha)
 
 
-def accumulate_edges(total, J_tilde, Z, n_positions=1):
-    """Add ``sum_x (J_tilde_x * z_x)^2`` to ``total`` (r_out, r_in) in place.
+def accumulate_edges(total, J_tilde, Z, n_positions=1, n_source_positions=1, *,
+                     constant=None, Z_out=None):
+    """Add ``sum_x sum_t (sum_s J_tilde_x[(t, i), (s, j)] z_x[s, j])^2`` to ``total`` in place.
 
-    ``J_tilde`` is (N, n_positions * r_out, r_in) (output positions ``t``-major,
-    as in the row layout of :mod:`sklearn_lib.collect`) and ``Z`` (N, r_in). For
-    sequence models the attribution of an input row is summed over the output
-    positions, like the Jacobian second moment ``M'``. ``J_tilde`` is consumed.
+    ``J_tilde`` is (N, n_positions * r_out, r_in) with one row per (sample,
+    source position) pair, source positions ``s`` of a sample consecutive and
+    output positions ``t`` major in the second axis (the row layout of
+    :mod:`sklearn_lib.collect`); ``Z`` is (N, r_in) and ``total`` (r_out, r_in).
+    Feature ``j`` is attributed through all ``n_source_positions`` source
+    positions of a sample before squaring, as the reference work defines the
+    edges of a section that mixes positions (SPEC section 2); the squares are
+    summed over output positions. With ``n_source_positions=1`` every row is
+    squared on its own: right for flat layers, and for row-wise sections whose
+    rows hold only the diagonal blocks ``s = t`` (the closed forms), where the
+    other source positions contribute nothing. ``J_tilde`` is consumed.
+
+    With ``constant`` (r_out,), the constant node's edges are accumulated too:
+    the squared part of the output coordinates ``Z_out`` (the next layer's basis
+    coordinates at the edge point, one row per (sample, output position) pair,
+    (N_out, r_out)) that the input directions' attributions leave unexplained.
     """
     n, rows, r_in = J_tilde.shape
-    J_tilde.mul_(Z[:, None, :]).square_()
-    total += J_tilde.reshape(n * n_positions, rows // n_positions, r_in).sum(0)
+    attribution = J_tilde.mul_(Z[:, None, :])
+    if n_source_positions > 1:
+        attribution = attribution.view(
+            n // n_source_positions, n_source_positions, rows, r_in
+        ).sum(1)
+    if constant is not None:
+        residual = Z_out.reshape(attribution.shape[0], rows) - attribution.sum(-1)
+        constant += residual.square_().reshape(-1, rows // n_positions).sum(0)
+    attribution.square_()
+    total += attribution.reshape(-1, rows // n_positions, r_in).sum(0)
     return total

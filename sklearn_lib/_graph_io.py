@@ -131,7 +131,7 @@ def load_graph(cls, path):
     graph, bases = _decode_meta(cls, meta, problems)
     arrays = _read_arrays(os.path.join(path, "arrays.npz"))
     if not problems:
-        _check_arrays(meta, arrays, problems)
+        _check_arrays(meta, arrays, problems, graph)
     if problems:
         raise ValueError(
             f"the graph saved at {path!r} does not match its format (graph.json, "
@@ -146,7 +146,7 @@ def load_graph(cls, path):
         "bases_": bases,
         "edges_": [arrays[f"edges_{l}"] for l in range(n_layers - 1)],
         "n_components_": r,
-        "layer_offsets_": np.concatenate([[0], np.cumsum(r)]).astype(np.int64),
+        "layer_offsets_": graph._layer_offsets(r),
         "n_layers_": n_layers,
         "layer_names_": meta["layer_names_"],
         "n_samples_seen_": meta["n_samples_seen_"],
@@ -238,11 +238,12 @@ def _read_arrays(file):
         ) from None
 
 
-def _check_arrays(meta, arrays, problems):
+def _check_arrays(meta, arrays, problems, graph):
     """Every array present, of the shape the scalars imply, real and finite; none extra."""
     layers = meta["bases"]
     r = [layer["n_components_"] for layer in layers]
-    expected = {f"edges_{l}": (r[l + 1], r[l]) for l in range(len(layers) - 1)}
+    nodes = np.diff(graph._layer_offsets(r)).tolist()  # constant nodes included
+    expected = {f"edges_{l}": (nodes[l + 1], nodes[l]) for l in range(len(layers) - 1)}
     for l, layer in enumerate(layers):
         d, k = layer["n_features_in_"], layer["n_components_"]
         expected.update({

@@ -22,7 +22,10 @@ _MAX_NAMES_IN_ERROR = 200
 # Samples of the first batch run through the model to check that it takes them.
 _PROBE_SAMPLES = 2
 
-_Layer = namedtuple("_Layer", ["spec", "name", "kind", "module"])
+# ``positions`` selects positions of a (batch, position, ...) activation: None (all),
+# a tuple of ints, or a slice, from a layer name suffixed "[-1]", "[0, 2]" or "[1:]".
+_Layer = namedtuple("_Layer", ["spec", "name", "kind", "module", "positions"],
+                    defaults=[None])
 
 
 class _StopForward(Exception):
@@ -40,14 +43,17 @@ def _parse_layers(model, layers, hook):
     for spec in layers:
         if not isinstance(spec, str):
             raise TypeError(f"layer names must be strings, got {spec!r}.")
-        name, kind = spec, hook
-        head, sep, tail = spec.rpartition(":")
+        name, kind, positions = spec, hook, None
+        if spec.endswith("]") and "[" in spec and spec not in modules:
+            name, _, selector = spec[:-1].rpartition("[")
+            positions = _parse_positions(selector, spec)
+        head, sep, tail = name.rpartition(":")
         if sep and tail in _HOOK_KINDS:
             name, kind = head, tail
         if name not in modules:
             unknown.append(spec)
         else:
-            parsed.append(_Layer(spec, name, kind, modules[name]))
+            parsed.append(_Layer(spec, name, kind, modules[name], positions))
     if unknown:
         names = list(modules)
         shown = ", ".join(repr(n) for n in names[:_MAX_NAMES_IN_ERROR])
@@ -55,7 +61,8 @@ def _parse_layers(model, layers, hook):
         more = f", ... ({hidden} more)" if hidden > 0 else ""
         raise ValueError(
             f"unknown layer(s) {unknown}. Valid names are the model.named_modules() paths "
-            f"('' is the model itself), optionally suffixed ':input' or ':output': "
+            f"('' is the model itself), optionally suffixed ':input' or ':output' and "
+            f"then a selection of positions such as '[-1]', '[0, 2]' or '[1:]': "
             f"{shown}{more}."
         )
     resolved = [(layer.name, layer.kind) for layer in parsed]
@@ -64,8 +71,63 @@ def _parse_layers(model, layers, hook):
     return parsed
 
 
+def _parse_positions(selector, spec):
+    """``"-1"`` -> (-1,), ``"0, 2"`` -> (0, 2), ``"1:"`` -> slice(1, None); else ValueError."""
+    parts = [p.strip() for p in selector.split(":")]
+    try:
+        if len(parts) == 1:
+            positions = tuple(int(p) for p in selector.split(","))
+            if len(set(positions)) == len(positions):
+                return positions
+        elif len(parts) <= 3:
+            return slice(*(int(p) if p else None for p in parts))
+    except ValueError:
+        pass
+    raise ValueError(
+        f"layer {spec!r}: the positions in brackets must be distinct integers ('[-1]', "
+        f"'[0, 2]') or one slice ('[1:]', '[::2]'), got [{selector}]."
+    )
+
+
+def _position_index(layer, value):
+    """The positions ``layer`` selects from ``value`` (batch, position, ...) as a LongTensor."""
+    if value.ndim < 3:
+        raise ValueError(
+            f"layer {layer.spec!r} selects positions, but its activation has shape "
+            f"{tuple(value.shape)}: a selection needs (batch, position, feature) activations."
+        )
+    n_positions = int(value.shape[1])
+    if isinstance(layer.positions, slice):
+        index = list(range(n_positions))[layer.positions]
+    elif all(-n_positions <= i < n_positions for i in layer.positions):
+        index = [i % n_positions for i in layer.positions]
+    else:
+        index = []
+    if not index or len(set(index)) != len(index):
+        raise ValueError(
+            f"layer {layer.spec!r} must select distinct positions among the {n_positions} "
+            f"of its activation of shape {tuple(value.shape)}."
+        )
+    return torch.tensor(index, device=value.device)
+
+
+def _select(layer, fn):
+    """``fn`` applied to the positions ``layer`` selects; a result replaces only those."""
+    if layer.positions is None:
+        return fn
+
+    def selected(value):
+        index = _position_index(layer, value)
+        new = fn(value.index_select(1, index))
+        # Out of place, so that gradients flow from the replacement alone.
+        return None if new is None else value.index_copy(1, index, new)
+
+    return selected
+
+
 def _hook(layer, fn):
     """Call ``fn(activation)`` when ``layer`` fires; a non-None result replaces the activation."""
+    fn = _select(layer, fn)
     if layer.kind == "output":
 
         def forward_hook(module, args, output):

@@ -234,13 +234,19 @@ class CachedSource:
                     stats[l].update(self.acts[l][rows], G)
         return stats
 
-    def edges(self, l, V, mean, C, C_pinv, **_):
-        E = torch.zeros(V.shape[1], C.shape[1], device=self.device, dtype=self.dtype)
+    def edges(self, l, V, mean, C, C_pinv, *, out_mean=None, **_):
+        """Edges (r_out, r_in); with ``out_mean``, the constant node's column appended."""
+        E = torch.zeros(V.shape[1], C.shape[1] + (out_mean is not None), device=self.device,
+                        dtype=self.dtype)
+        constant, Z_out = (None, None) if out_mean is None else (E[:, -1], None)
         for chunk in self._chunks(self._jac_size(l), f"edges {l}"):
             rows = self._rows(l, chunk)
             Z = (self._tensor(self.acts[l][rows]) - mean) @ C
             J_tilde = self._project(self._tensor(self.jacs[l][rows]), V, l) @ C_pinv.T
-            accumulate_edges(E, J_tilde, Z, self.positions[l + 1])
+            if constant is not None:
+                Z_out = (self._tensor(self.acts[l + 1][self._rows(l + 1, chunk)]) - out_mean) @ V
+            accumulate_edges(E[:, :C.shape[1]], J_tilde, Z, self.positions[l + 1],
+                             self.positions[l], constant=constant, Z_out=Z_out)
         return E / (self.n_samples * self.positions[l])
 
 
@@ -449,7 +455,10 @@ class ModelSource:
 
     def _fits(self, st, l, m):
         """The closed form acts on rows: widths and positions must match the recording."""
-        if self.positions[l] != self.positions[m]:
+        # Rows pair up only where both layers see the same positions.
+        if self.positions[l] != self.positions[m] or (
+            self.specs[l].positions != self.specs[m].positions
+        ):
             return False
         # Flat layers must be vectors; sequence layers (position, feature) or vectors.
         allowed = (1, 2) if self.sequence else (1,)
@@ -510,10 +519,20 @@ class ModelSource:
         L = self.n_layers - 1
         return [self.jacobian_stats(l, V, new_stats, target=L) for l in range(L)]
 
-    def edges(self, l, V, mean, C, C_pinv, *, edge_point, alphas, weights):
+    def _output_at(self, x, l, point, shape):
+        """Layer l+1's activation (rows) with layer l's replaced by ``point`` (rows)."""
+        with torch.no_grad():
+            out = _collect._run_section(self.model, self.specs[l], self.specs[l + 1], x,
+                                        point.reshape(shape))
+        return self._rows(_model._cast(out, self.dtype), l + 1)
+
+    def edges(self, l, V, mean, C, C_pinv, *, edge_point, alphas, weights, out_mean=None):
+        """Edges (r_out, r_in); with ``out_mean``, the constant node's column appended."""
         st = self.structure(l, l + 1)
         a, b = self.specs[l], self.specs[l + 1]
-        E = torch.zeros(V.shape[1], C.shape[1], device=self.device, dtype=self.dtype)
+        E_all = torch.zeros(V.shape[1], C.shape[1] + (out_mean is not None), device=self.device,
+                            dtype=self.dtype)
+        E, constant = E_all[:, :C.shape[1]], (None if out_mean is None else E_all[:, -1])
         count, workspace = 0, Workspace()
         k, r = V.shape[1], C.shape[1]
         if st is not None:
@@ -527,12 +546,17 @@ class ModelSource:
             X = self._rows(act, l)
             Z = (X - mean) @ C
             points = path_points(X, mean, C, C_pinv, edge_point, alphas)
+            Z_out = None
+            if constant is not None:
+                end = next(path_points(X, mean, C, C_pinv, edge_point, [1.0]))
+                Z_out = (self._output_at(x, l, end, act.shape) - out_mean) @ V
             if st is not None:
                 s_bar = None
                 for w, p in zip(weights, points):
                     s = st.derivative(p)
                     s_bar = s.mul_(w) if s_bar is None else s_bar.add_(s, alpha=w)
-                accumulate_edges(E, st.edge_jacobians(s_bar, factors, workspace), Z)
+                accumulate_edges(E, st.edge_jacobians(s_bar, factors, workspace), Z,
+                                 constant=constant, Z_out=Z_out)
             else:
                 P_bar = None
                 for w, p in zip(weights, points):
@@ -545,9 +569,10 @@ class ModelSource:
                 n, rows, d = P_bar.shape
                 J_tilde = workspace.get("J_tilde", (n, rows, C.shape[1]), P_bar)
                 torch.matmul(P_bar.view(n * rows, d), C_pinv.T, out=J_tilde.view(n * rows, -1))
-                accumulate_edges(E, J_tilde, Z, self.positions[l + 1])
+                accumulate_edges(E, J_tilde, Z, self.positions[l + 1], self.positions[l],
+                                 constant=constant, Z_out=Z_out)
             count += X.shape[0]
-        return E / count
+        return E_all / count
 
 
 # --------------------------------------------------------------------------- estimator

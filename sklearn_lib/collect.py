@@ -4,9 +4,17 @@ Layers are named by their ``model.named_modules()`` path (``"encoder.layers.0"``
 the model itself is ``""``). By default a layer's activations are the module's
 *output*; ``hook="input"`` records inputs instead, and a single layer can
 override that with a suffix: ``"fc2:input"``, ``"fc2:output"``. The input of
-the whole model is therefore ``":input"``. When a module returns a tuple (e.g.
-``nn.MultiheadAttention``), its first element is the activation, and when a
-section replaces it, the other elements are left as the module computed them.
+the whole model is therefore ``":input"``. A final selection of positions in
+brackets restricts a layer with ``(batch, position, ...)`` activations to those
+positions: ``"blocks.0.attn_out[-1]"`` (the last position; the reference work
+reads the residual stream after attention there only), ``"fc2:input[0, 2]"``,
+``"out[1:]"`` (distinct integers, negative from the end, or one slice). The
+selected positions keep their axis, so ``"out[-1]"`` is ``(batch, 1, d)``, and a
+section replacing such a layer replaces those positions only.
+
+When a module returns a tuple (e.g. ``nn.MultiheadAttention``), its first
+element is the activation, and when a section replaces it, the other elements
+are left as the module computed them.
 
 A *section* ``(a, b)`` is the map from layer ``a``'s activations to layer
 ``b``'s: the model is run on the batch's inputs with ``a``'s activation replaced

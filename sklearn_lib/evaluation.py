@@ -20,11 +20,20 @@ Conventions shared by every function here:
   called with tensors in its own dtype and on its own device, in eval mode
   (restored afterwards) and without gradients; any other callable receives
   numpy arrays when ``X`` is numpy and float64 tensors on ``X``'s device when
-  ``X`` is a tensor. Both must act **row-wise**: row ``x`` of the output depends
-  on row ``x`` of the input only, for any number of rows (edge ablation stacks
-  ``r_out`` ablated copies of a batch into one call). A section bound to one
-  batch of model inputs (:func:`~sklearn_lib.collect.section_function` on a
-  residual network) does not qualify.
+  ``X`` is a tensor. Both must act **sample by sample**: sample ``x`` of the
+  output depends on sample ``x`` of the input only, for any number of samples
+  (edge ablation stacks ``r_out`` ablated copies of a batch into one call). A
+  section bound to one batch of model inputs
+  (:func:`~sklearn_lib.collect.section_function` on a residual network) does
+  not qualify.
+* **Sequence layers**: activations ``X`` may be ``(n_samples, n_positions,
+  n_features)``; bases act on the feature axis of every position alike, and
+  ``forward`` and ``section`` receive the whole ``(batch, positions, features)``
+  block, so a section may mix positions (attention) or pool them (a readout
+  returning ``(batch, features)``). Removing an edge ``(i, j)`` removes input
+  direction ``j`` at every position from output direction ``i`` at every
+  position, the ablation that matches the edges of a section that mixes
+  positions (SPEC section 2).
 * **Scores**: ``"accuracy"`` (argmax of the outputs against integer labels
   ``y``; higher is better), ``"loss"`` (mean cross-entropy of the outputs as
   logits against ``y``; lower is better), ``"mse"`` (mean squared difference to
@@ -58,6 +67,7 @@ from ._ablation import (
     _check_X,
     _first_rows,
     _Network,
+    _per_sample,
     _result,
     _Scorer,
     _threshold,
@@ -105,12 +115,12 @@ def _node_setup(bases, X, y, forward, schedule, score, greater_is_better, batch_
     for name, basis in bases.items():
         affine = _AffineBasis(basis, sample, net.device, name)
         plans[name] = affine, _check_schedule(schedule, affine.n_components, "n_directions")
-    scorer.set_reference(net.outputs(lambda batch: batch, X.shape[1]))
+    scorer.set_reference(net.outputs(lambda batch: batch, _per_sample(X)))
     return net, scorer, plans
 
 
 def _node_scores(net, scorer, affine, counts):
-    width = 2 * net.X.shape[1]
+    width = 2 * _per_sample(net.X)
     return [
         scorer(net.outputs(lambda batch, k=k: affine.inverse(affine.transform(batch, k)), width),
                f"with only the top {k} directions of {affine.name} kept")
@@ -136,8 +146,9 @@ def node_ablation_curve(
     basis : fitted affine transformer
         Has ``transform`` and ``inverse_transform`` (InteractionBasis, PCA, a
         Pipeline of affine steps).
-    X : array-like or tensor of shape (n_samples, n_features)
-        Activations of the layer the basis was fitted on.
+    X : array-like or tensor of shape (n_samples, n_features) or (n_samples, P, n_features)
+        Activations of the layer the basis was fitted on (with a position axis
+        for a sequence layer, see the module docstring).
     y : array-like of shape (n_samples,), default=None
         Integer class labels; needed for ``"accuracy"`` and ``"loss"``.
     forward : torch.nn.Module or callable
@@ -329,24 +340,31 @@ class _EdgeAblation:
         with net.running():
             probe = as_tensor(sample_in, device=net.device, dtype=torch.float64)
             sample_out = net.call("section", probe).cpu().numpy()
-        if sample_out.ndim != 2:
+        if sample_out.ndim not in (2, 3):
             raise ValueError(
-                "section must return activations of shape (n_samples, n_features), got "
+                "section must return activations of shape (n_samples, n_features) or "
+                "(n_samples, n_positions, n_features), got "
                 f"{sample_out.shape[1:]} per sample."
             )
         self.basis_out = _AffineBasis(basis_out, sample_out, net.device, "basis_out")
         self.shape = (self.basis_out.n_components, self.basis_in.n_components)
         # The stacked section input and output of one batch dominate memory.
-        self.width = self.shape[0] * max(X.shape[1], sample_out.shape[1], self.shape[1])
+        positions = X.shape[1] if X.ndim == 3 else 1
+        self.width = self.shape[0] * max(_per_sample(X), _per_sample(sample_out),
+                                         positions * self.shape[1])
 
     def check_matrix(self, matrix, name):
         if is_tensor(matrix):
             matrix = matrix.detach().cpu().numpy()
         matrix = check_array(matrix, dtype=np.float64, input_name=name)
         if matrix.shape != self.shape:
+            r_out, r_in = self.shape
+            hint = (f"; with constant nodes (constant_node=True) pass "
+                    f"edges_[l][:{r_out}, :{r_in}], the directions' edges"
+                    if matrix.shape in ((r_out + 1, r_in + 1), (r_out, r_in + 1)) else "")
             raise ValueError(
                 f"{name} must have shape (r_out, r_in) = {self.shape} (basis_out's and "
-                f"basis_in's n_components), got {matrix.shape}."
+                f"basis_in's n_components), got {matrix.shape}{hint}."
             )
         return matrix
 
@@ -361,13 +379,16 @@ class _EdgeAblation:
         def ablate(batch):
             z_in = basis_in.transform(batch)
             # One section call for all output directions: block i of the stacked
-            # rows is the batch with only the edges into direction i kept.
-            stacked = basis_in.inverse(mask[:, None, :] * z_in)
-            h = net.call("section", stacked.reshape(-1, stacked.shape[-1]))
-            h = h.reshape(self.shape[0], batch.shape[0], -1)
-            # Direction i is read from block i only: z_out[x, i] = h[i, x] @ A[:, i] + b[i].
-            z_out = torch.einsum("ixd,di->xi", h, basis_out.A) + basis_out.b
-            return basis_out.inverse(z_out)
+            # samples is the batch with only the edges into direction i kept (at
+            # every position of a sequence layer).
+            kept = mask.reshape(self.shape[0], *[1] * (z_in.ndim - 1), self.shape[1])
+            stacked = basis_in.inverse(kept * z_in)
+            h = net.call("section", stacked.reshape(-1, *stacked.shape[2:]))
+            per_sample = h.shape[1:]
+            h = h.reshape(self.shape[0], batch.shape[0], -1, per_sample[-1])
+            # Direction i is read from block i only: z_out[x, t, i] = h[i, x, t] @ A[:, i] + b[i].
+            z_out = torch.einsum("ixtd,di->xti", h, basis_out.A) + basis_out.b
+            return basis_out.inverse(z_out.reshape(batch.shape[0], *per_sample[:-1], -1))
 
         return net.outputs(ablate, self.width)
 
@@ -421,12 +442,13 @@ def edge_ablated_outputs(basis_in, basis_out, X, mask, *, section, forward, batc
     ----------
     basis_in, basis_out : fitted affine transformers
         Bases of layer l and layer l+1, with ``transform`` and ``inverse_transform``.
-    X : array-like or tensor of shape (n_samples, d_l)
+    X : array-like or tensor of shape (n_samples, d_l) or (n_samples, P_l, d_l)
         Activations of layer l.
     mask : array-like of shape (r_out, r_in)
         1 for kept edges, 0 for removed ones (other values scale the edge).
     section : torch.nn.Module or callable
-        Layer-l activations (n, d_l) -> layer-(l+1) activations (n, d_{l+1}), row-wise.
+        Layer-l activations (n, [P_l,] d_l) -> layer-(l+1) activations
+        (n, [P_{l+1},] d_{l+1}), sample by sample; it may mix or pool positions.
     forward : torch.nn.Module or callable
         Layer-(l+1) activations -> network outputs.
     batch_size : int, default=None
@@ -470,12 +492,12 @@ def edge_ablation_curve(
     ----------
     basis_in, basis_out : fitted affine transformers
         Bases of layer l and layer l+1 (InteractionBasis, PCA, ...).
-    X : array-like or tensor of shape (n_samples, d_l)
+    X : array-like or tensor of shape (n_samples, d_l) or (n_samples, P_l, d_l)
         Activations of layer l.
     y : array-like of shape (n_samples,), default=None
         Integer class labels; needed for ``"accuracy"`` and ``"loss"``.
     section : torch.nn.Module or callable
-        Layer-l activations -> layer-(l+1) activations, row-wise.
+        Layer-l activations -> layer-(l+1) activations, sample by sample.
     forward : torch.nn.Module or callable
         Layer-(l+1) activations -> network outputs.
     edges : array-like of shape (r_out, r_in)

@@ -16,7 +16,6 @@ products or the closed form of :mod:`sklearn_lib._fastpath` - is the job of the
 from numbers import Integral
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 from sklearn.base import BaseEstimator, _fit_context
 from sklearn.utils import check_random_state
@@ -24,6 +23,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 from tqdm.auto import tqdm
 
+from ._adjacency import layered_adjacency
 from ._backend import as_tensor, eval_mode, resolve_device, resolve_dtype
 from ._edges import path_quadrature
 from ._graph_io import load_graph, save_graph
@@ -33,6 +33,17 @@ from ._stats import InteractionStatistics, scale_by_power_of_two
 from .basis import InteractionBasis
 
 __all__ = ["InteractionGraph"]
+
+def _per_position(method, X):
+    """Apply a row-wise basis method to rows or to (batch, position, feature) activations."""
+    if not hasattr(X, "reshape"):
+        X = np.asarray(X)
+    if X.ndim != 3:
+        return method(X)
+    n, P, d = X.shape
+    out = method(X.reshape(n * P, d))
+    return out.reshape(n, P, out.shape[-1])
+
 
 class InteractionGraph(BaseEstimator):
     """Interaction bases of all layers of a network and the edges between them.
@@ -45,7 +56,11 @@ class InteractionGraph(BaseEstimator):
     direction ``i`` of layer ``l+1`` is the squared gradient-times-activation
     attribution ``E_l[i, j] = (1/n) sum_x (J_tilde_x[i, j] Z_l[x, j])^2`` with
     ``J_tilde_x = C_{l+1}^T J_l(x) C_pinv_l^T`` and ``Z_l = transform_l(X_l)``
-    (SPEC section 2). The nodes (basis directions of all layers) and edges form
+    (SPEC section 2). For sequence layers, feature ``j`` is attributed through
+    all source positions ``s`` before squaring, ``E_l[i, j] = 1/(n P_in) sum_x
+    sum_t (sum_s J_tilde_x[(t, i), (s, j)] Z_x[s, j])^2``, the reference work's
+    definition for sections that mix positions (the per-row formula for
+    row-wise sections). The nodes (basis directions of all layers) and edges form
     an undirected weighted graph, see :meth:`adjacency`.
 
     Fit either from cached activations and adjacent-layer Jacobians
@@ -130,6 +145,31 @@ class InteractionGraph(BaseEstimator):
         ``"auto"`` uses it wherever it applies, ``False`` never, ``True``
         requires it for every pair of adjacent layers (ValueError otherwise).
         Only :meth:`fit_model` computes Jacobians, so :meth:`fit` ignores it.
+    constant_node : bool, default=False
+        Give every layer one more node, the last of the layer: the constant
+        coordinate of its affine coordinates ``(z, 1)``, in which activations
+        are ``x = z @ inverse_components_ + 1 * mean_`` (the mean path; with
+        biases folded into a constant-1 feature, the bias path). The reference
+        work keeps this node with ``center=True``, where it carries most of the
+        edge weight; set this to compare graphs node for node with its. Its edge
+        to direction ``i`` of the next layer is what the directions'
+        attributions leave unexplained of that coordinate,
+        ``E_l[i, c] = 1/(n P_in) sum_x sum_t (Z_{l+1,x}[t, i] - sum_{s, j}
+        J_tilde_x[(t, i), (s, j)] Z_x[s, j])^2``, with ``Z_{l+1}`` the next
+        layer's coordinates at the edge point. Once the section's biases are
+        folded into a constant-1 coordinate, a section positively homogeneous
+        in (activation, constant) - affine maps and ReLU - gives exactly the
+        squared gradient-times-activation attribution of that coordinate at the
+        reconstructed edge point (Euler's theorem); with integrated gradients
+        (completeness) it tends to the next layer's coordinates at the mean,
+        ``((f(mean_l) - mean_{l+1}) C_{l+1})^2``. With ``edge_point="data"`` and
+        truncated bases it also holds the truncated directions' share. The
+        constant node of layer ``l+1`` is fed by layer ``l``'s only, with weight
+        ``P_{l+1} / P_l`` (1 for flat layers): the constant of every position
+        is carried to the same position. An unrotated final layer
+        (``final_layer="identity"``) has no constant node. ``n_components_`` and
+        ``bases_`` count directions only; ``layer_offsets_`` and ``edges_``
+        include the constant nodes.
     random_state : int, RandomState instance or None, default=None
         Seed of the stochastic sources.
     verbose : bool, default=False
@@ -146,7 +186,9 @@ class InteractionGraph(BaseEstimator):
         ``jacobian_gram_`` is ``I`` and ``gram_`` / ``gram_eigenvalues_`` describe
         the data as usual.
     edges_ : list of ndarray of shape (r_{l+1}, r_l)
-        Edge matrices between adjacent layers.
+        Edge matrices between adjacent layers (one row and column more for
+        constant nodes, see ``constant_node``; ``edges_[l][:r_{l+1}, :r_l]``
+        are the directions' edges, e.g. for edge ablation).
     layer_offsets_ : ndarray of int64 of shape (n_layers + 1,)
         Cumulative node counts: the nodes of layer ``l`` are
         ``layer_offsets_[l]:layer_offsets_[l + 1]`` of :meth:`adjacency`.
@@ -205,6 +247,7 @@ class InteractionGraph(BaseEstimator):
         "n_alphas": [Interval(Integral, 1, None, closed="left")],
         "stochastic_sources": [Interval(Integral, 1, None, closed="left"), None],
         "fast_path": [StrOptions({"auto"}), "boolean"],
+        "constant_node": ["boolean"],
         "random_state": ["random_state"],
         "verbose": ["verbose"],
     }
@@ -226,6 +269,7 @@ class InteractionGraph(BaseEstimator):
         n_alphas=10,
         stochastic_sources=None,
         fast_path="auto",
+        constant_node=False,
         random_state=None,
         verbose=False,
     ):
@@ -243,6 +287,7 @@ class InteractionGraph(BaseEstimator):
         self.n_alphas = n_alphas
         self.stochastic_sources = stochastic_sources
         self.fast_path = fast_path
+        self.constant_node = constant_node
         self.random_state = random_state
         self.verbose = verbose
 
@@ -339,7 +384,9 @@ class InteractionGraph(BaseEstimator):
         layers : list of str
             Layer names in forward order: ``model.named_modules()`` paths,
             optionally suffixed ``":input"`` / ``":output"`` (``":input"`` is the
-            model's input), as in :func:`sklearn_lib.collect.collect`.
+            model's input) and a selection of positions such as ``"[-1]"``
+            (``"attn_out[-1]"`` reads that layer at the last position only), as
+            in :func:`sklearn_lib.collect.collect`.
         data : tensor, ndarray or re-iterable of batches (e.g. a DataLoader)
             Model inputs; arrays are split into batches of ``batch_size``.
         sequence : bool, default=False
@@ -516,19 +563,36 @@ class InteractionGraph(BaseEstimator):
             edges = []
             for l in range(L):
                 mean, C_l, C_pinv = tensors(bases[l])
+                out_mean = tensors(bases[l + 1])[0] if self.constant_node else None
                 E = source.edges(l, C[l + 1], mean, C_l, C_pinv, edge_point=edge_point,
-                                 alphas=list(alphas), weights=list(weights))
-                edges.append(E.cpu().numpy())
+                                 alphas=list(alphas), weights=list(weights),
+                                 out_mean=out_mean).cpu().numpy()
+                if self.constant_node and self._has_constant_node(l + 1, n_layers):
+                    # The constant is carried from every position to itself.
+                    row = np.zeros((1, E.shape[1]), dtype=E.dtype)
+                    row[0, -1] = source.positions[l + 1] / source.positions[l]
+                    E = np.concatenate([E, row])
+                edges.append(E)
                 steps.update()
         r = np.array([b.n_components_ for b in bases], dtype=np.int64)
         return {
             "bases_": bases,
             "edges_": edges,
             "n_components_": r,
-            "layer_offsets_": np.concatenate([[0], np.cumsum(r)]).astype(np.int64),
+            "layer_offsets_": self._layer_offsets(r),
             "n_layers_": n_layers,
             "edge_point_": edge_point,
         }
+
+    def _has_constant_node(self, l, n_layers):
+        """Every layer has one with ``constant_node=True``, but an unrotated final layer."""
+        return self.constant_node and not (
+            l == n_layers - 1 and self.final_layer == "identity")
+
+    def _layer_offsets(self, n_components):
+        n_layers = len(n_components)
+        nodes = [r + self._has_constant_node(l, n_layers) for l, r in enumerate(n_components)]
+        return np.concatenate([[0], np.cumsum(nodes)]).astype(np.int64)
 
     def _set_fitted(self, result):
         for name, value in result.items():
@@ -556,13 +620,26 @@ class InteractionGraph(BaseEstimator):
         ----------
         layer : int or str
             Layer index (negative counts from the end) or name.
-        X : array-like or tensor of shape (n_rows, d_layer)
+        X : array-like or tensor of shape (n_rows, d_layer) or (n_samples, P, d_layer)
+            Rows, or the activations of a sequence layer with their position
+            axis (every position is transformed alike).
 
         Returns
         -------
-        Z : ndarray or tensor of shape (n_rows, r_layer)
+        Z : ndarray or tensor of shape (n_rows, r_layer) or (n_samples, P, r_layer)
+            In the layout of ``X``.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from sklearn_lib import InteractionGraph
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh())
+        >>> X = torch.randn(20, 5, 3)  # 20 sequences of 5 positions
+        >>> graph = InteractionGraph().fit_model(net, [":input", "1"], X, sequence=True)
+        >>> graph.transform(0, X.double()).shape
+        torch.Size([20, 5, 3])
         """
-        return self.bases_[self._layer_index(layer)].transform(X)
+        return _per_position(self.bases_[self._layer_index(layer)].transform, X)
 
     def inverse_transform(self, layer, Z):
         """Activations ``Z @ C_pinv_l + mean_l`` from basis coordinates of one layer.
@@ -570,13 +647,14 @@ class InteractionGraph(BaseEstimator):
         Parameters
         ----------
         layer : int or str
-        Z : array-like or tensor of shape (n_rows, r_layer)
+        Z : array-like or tensor of shape (n_rows, r_layer) or (n_samples, P, r_layer)
 
         Returns
         -------
-        X : ndarray or tensor of shape (n_rows, d_layer)
+        X : ndarray or tensor of shape (n_rows, d_layer) or (n_samples, P, d_layer)
+            In the layout of ``Z``.
         """
-        return self.bases_[self._layer_index(layer)].inverse_transform(Z)
+        return _per_position(self.bases_[self._layer_index(layer)].inverse_transform, Z)
 
     def adjacency(self, norm="identity", eps=None):
         """Symmetric sparse adjacency matrix over the nodes of all layers.
@@ -601,41 +679,8 @@ class InteractionGraph(BaseEstimator):
         A : scipy.sparse.csr_array of shape (n_nodes, n_nodes)
             ``n_nodes = layer_offsets_[-1]``; explicit zeros are removed.
         """
-        from .cluster import normalize_edges
-
         check_is_fitted(self)
-        n_pairs = len(self.edges_)
-        if norm == "log":
-            if eps is None:
-                eps = [E[E > 0].min() / 10 if (E > 0).any() else 1.0 for E in self.edges_]
-            elif np.ndim(eps) == 0:
-                eps = [eps] * n_pairs
-            else:
-                eps = list(np.asarray(eps, dtype=np.float64).ravel())
-                if len(eps) != n_pairs:
-                    raise ValueError(
-                        f"eps must be a float or one value per pair of adjacent layers: "
-                        f"expected {n_pairs}, got {len(eps)}."
-                    )
-            eps = [float(e) for e in eps]
-        else:
-            eps = [None] * n_pairs
-        off = self.layer_offsets_
-        rows, cols, vals = [], [], []
-        for l, E in enumerate(self.edges_):
-            W = normalize_edges(E, norm, eps=eps[l])
-            i, j = np.nonzero(W)
-            rows.append(i + off[l + 1])
-            cols.append(j + off[l])
-            vals.append(W[i, j])
-        rows, cols, vals = (np.concatenate(a) for a in (rows, cols, vals))
-        n = int(off[-1])
-        A = sp.coo_array(
-            (np.concatenate([vals, vals]),
-             (np.concatenate([rows, cols]), np.concatenate([cols, rows]))),
-            shape=(n, n),
-        )
-        return A.tocsr()
+        return layered_adjacency(self.edges_, self.layer_offsets_, norm, eps)
 
     # ------------------------------------------------------------------ persistence
     def save(self, path, *, overwrite=False):

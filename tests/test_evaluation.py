@@ -578,3 +578,98 @@ def test_empty_tensor_and_boolean_batch_size_are_refused(data):
         node_ablation_curve(basis, torch.as_tensor(X[:0]), y[:0], forward=forward)
     with pytest.raises(ValueError, match="batch_size must be a positive integer or None, got True"):
         node_ablation_curve(basis, X, y, forward=forward, batch_size=True)
+
+
+# --------------------------------------------------------------------------- sequence layers
+@pytest.fixture(scope="module")
+def attention_case():
+    """The tiny attention model, its embedding activations (n, P, d) and a fitted graph."""
+    from _attention import N, P, TinyAttention
+
+    from sklearn_lib import InteractionGraph
+
+    model = TinyAttention().double().eval()
+    x = torch.randn(4 * N, P, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    graph = InteractionGraph(edge_point="data").fit_model(
+        model, ["embed", "out", "pool", "head"], x, sequence=True)
+    with torch.no_grad():
+        h = model.embed(x)
+    y = run(model, x).argmax(1)
+    return model, h, y, graph
+
+
+def _project(basis, X, keep=None):
+    """Brute force: basis coordinates of every position, optionally only the first ``keep``."""
+    C, C_pinv, mu = (torch.as_tensor(a) for a in (
+        basis.components_.T, basis.inverse_components_, basis.mean_))
+    Z = (X - mu) @ C
+    if keep is not None:
+        Z[..., keep:] = 0
+    return Z, lambda Z: Z @ C_pinv + mu
+
+
+def test_node_ablation_of_a_sequence_layer(attention_case):
+    model, h, y, graph = attention_case
+    basis = graph.bases_[0]
+    readout = lambda H: model.head(torch.tanh(model.mix(H)[:, -1]))  # noqa: E731
+    curve = node_ablation_curve(basis, h, forward=readout, score="mse")
+    assert curve.n_directions.tolist() == list(range(1, basis.n_components_ + 1))
+    with torch.no_grad():
+        reference = readout(h)
+        for k, score in zip(curve.n_directions, curve.score):
+            Z, inverse = _project(basis, h, keep=k)
+            expected = ((readout(inverse(Z)) - reference) ** 2).mean().item()
+            assert score == pytest.approx(expected, rel=1e-9, abs=1e-15)
+    # numpy activations (n, P, d) and a numpy forward give the same curve.
+    numpy_curve = node_ablation_curve(
+        basis, h.numpy(), forward=lambda H: readout(torch.as_tensor(H)).numpy(), score="mse")
+    np.testing.assert_allclose(numpy_curve.score, curve.score, rtol=1e-9, atol=1e-15)
+
+
+def _brute_force_edge_ablation(basis_in, basis_out, X, mask, section, forward):
+    """One section run per output direction, with only its kept input directions."""
+    Z, inverse_in = _project(basis_in, X)
+    outputs = []
+    for i in range(mask.shape[0]):
+        h = section(inverse_in(Z * torch.as_tensor(mask[i])))
+        outputs.append(_project(basis_out, h)[0][..., i])
+    return forward(_project(basis_out, X)[1](torch.stack(outputs, -1)))
+
+
+@pytest.mark.parametrize("pair", ["attention", "readout"])
+def test_edge_ablation_across_positions(attention_case, pair):
+    model, h, y, graph = attention_case
+    with torch.no_grad():
+        out = model.mix(h)
+    # Sections and readouts of sequence layers, written as a user would: no reshaping.
+    if pair == "attention":  # (n, P, d) -> (n, P, d), mixing positions
+        l, X, section = 0, h, model.mix
+        forward = lambda Y: model.head(torch.tanh(Y[:, -1]))  # noqa: E731
+    else:  # (n, P, d) -> (n, d), the last position only
+        l, X, section, forward = 1, out, lambda Y: torch.tanh(Y[:, -1]), model.head
+    basis_in, basis_out = graph.bases_[l], graph.bases_[l + 1]
+    mask = np.random.default_rng(l).integers(0, 2, size=graph.edges_[l].shape).astype(float)
+    got = edge_ablated_outputs(basis_in, basis_out, X, mask, section=section, forward=forward)
+    with torch.no_grad():
+        expected = _brute_force_edge_ablation(basis_in, basis_out, X, mask, section, forward)
+        # Full bases and every edge: the network itself.
+        full = edge_ablated_outputs(basis_in, basis_out, X, np.ones_like(mask),
+                                    section=section, forward=forward)
+        torch.testing.assert_close(full, forward(section(X)), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(got, full)  # the mask matters
+    # The curve and the bisection run on the same pair without glue.
+    result = min_edges_to_keep(basis_in, basis_out, X, y, section=section, forward=forward,
+                               edges=graph.edges_[l], tolerance=0.05)
+    curve = edge_ablation_curve(basis_in, basis_out, X, y, section=section, forward=forward,
+                                edges=graph.edges_[l], schedule=[result.n_edges])
+    assert curve.score.iloc[0] == pytest.approx(result.score, abs=1e-12)
+    assert result.reference - result.score <= 0.05 + 1e-12
+
+
+def test_edges_with_constant_nodes_are_refused_with_the_slice_to_pass(attention_case):
+    model, h, y, graph = attention_case
+    E = np.pad(graph.edges_[0], ((0, 1), (0, 1)))
+    with pytest.raises(ValueError, match=r"edges_\[l\]\[:\d+, :\d+\]"):
+        min_edges_to_keep(graph.bases_[0], graph.bases_[1], h, y, section=model.mix,
+                          forward=lambda Y: model.head(torch.tanh(Y[:, -1])), edges=E)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
-from _reference import random_invertible, reference_basis
+from _reference import assert_same_up_to_rounding, random_invertible, reference_basis
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.base import clone
@@ -145,7 +145,11 @@ def brute_force_bases(acts, jacs, *, center=True, final="identity", variant="loc
 
 
 def brute_force_edges(acts, edge_jacs, bases, positions=None):
-    """``E_l[i, j] = mean_rows (J_tilde[i, j] z[j])^2``, one sample at a time."""
+    """``E_l[i, j] = mean_rows (J_tilde[i, j] z[j])^2``, one sample at a time.
+
+    With positions: ``sum_t (sum_s J_tilde[(t, i), (s, j)] z[s, j])^2`` per sample,
+    divided by the number of rows ``n P_in``.
+    """
     edges = []
     for l in range(len(bases) - 1):
         C_next = bases[l + 1][0]
@@ -155,11 +159,11 @@ def brute_force_edges(acts, edge_jacs, bases, positions=None):
         for x, J in enumerate(edge_jacs[l]):
             if positions is None:
                 E += (C_next.T @ J @ Cp.T * Z[x]) ** 2
-            else:  # J (P_out, o, P_in, d): rows (x, s); attribution summed over t
+            else:  # J (P_out, o, P_in, d): rows (x, s); SPEC 2, summed over s, then squared
                 P_in = J.shape[2]
-                for s in range(P_in):
-                    for t in range(J.shape[0]):
-                        E += (C_next.T @ J[t, :, s, :] @ Cp.T * Z[x * P_in + s]) ** 2
+                for t in range(J.shape[0]):
+                    E += sum(C_next.T @ J[t, :, s, :] @ Cp.T * Z[x * P_in + s]
+                             for s in range(P_in)) ** 2
         edges.append(E / len(acts[l]))
     return edges
 
@@ -724,3 +728,108 @@ def test_estimator_api(mlp_case, capsys):
         graph.transform(4, mlp_case["acts"][1])
     InteractionGraph(verbose=True).fit(mlp_case["acts"], jacobians=mlp_case["jacs"])
     assert "InteractionGraph" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- sequence layouts
+def test_transform_keeps_the_sequence_layout():
+    model = attention_model(False)
+    X = torch.randn(6, 5, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    graph = InteractionGraph(n_components=[3, 2, None]).fit_model(
+        model, ["0:input", "0", "2"], X, sequence=True)
+    rows = X.reshape(30, 4)
+    Z_rows = graph.transform(0, rows)
+    Z = graph.transform(0, X)
+    assert Z.shape == (6, 5, 3) and isinstance(Z, torch.Tensor)
+    assert_same_up_to_rounding(Z.reshape(30, 3), Z_rows)
+    Z_np = graph.transform("0:input", X.numpy())
+    assert isinstance(Z_np, np.ndarray) and Z_np.shape == (6, 5, 3)
+    np.testing.assert_allclose(Z_np.reshape(30, 3), Z_rows.numpy(), rtol=1e-12, atol=1e-12)
+    back = graph.inverse_transform(0, Z)
+    assert back.shape == (6, 5, 4)
+    assert_same_up_to_rounding(back.reshape(30, 4), graph.inverse_transform(0, Z_rows))
+    assert graph.inverse_transform(0, Z_np.tolist()).shape == (6, 5, 4)
+
+
+# --------------------------------------------------------------------------- constant node
+def _folded_edges(graph, sections, acts, l):
+    """Edges of layer l with the constant node, from the bias-folded network (SPEC 1, step 1).
+
+    ``sections[l](u)`` is section l with its bias multiplied by a constant-1 input
+    coordinate ``u[-1]``. In the affine coordinates ``(z, 1)`` of layer l the input
+    is ``u = (z C_pinv + c mu, c)``, and layer l+1's coordinates are
+    ``(y - c mu_out) C_out``; the constant node's Jacobian column is their
+    derivative in ``c``, by autograd, at the reconstructed point.
+    """
+    b_in, b_out = graph.bases_[l], graph.bases_[l + 1]
+    C_pinv, mu = torch.as_tensor(b_in.inverse_components_), torch.as_tensor(b_in.mean_)
+    C_out, mu_out = torch.as_tensor(b_out.components_.T), torch.as_tensor(b_out.mean_)
+    Z = (torch.as_tensor(acts[l]) - mu) @ torch.as_tensor(b_in.components_.T)
+
+    def coordinates(zc):
+        z, c = zc[:-1], zc[-1]
+        y = sections[l](torch.cat([z @ C_pinv + c * mu, c[None]]))
+        return (y - c * mu_out) @ C_out
+
+    E = 0
+    for z in Z:
+        zc = torch.cat([z, torch.ones(1, dtype=z.dtype)])
+        E = E + (jacobian(coordinates, zc) * zc) ** 2
+    return (E / len(Z)).numpy()
+
+
+@pytest.mark.parametrize("fast_path", ["auto", False])
+def test_constant_node_is_the_folded_bias_coordinate(fast_path, tmp_path):
+    torch.manual_seed(4)
+    net = nn.Sequential(nn.Linear(3, 6), nn.ReLU(), nn.Linear(6, 5), nn.ReLU(),
+                        nn.Linear(5, 2)).double()
+    X = torch.randn(40, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    # Positively homogeneous sections of (activation, constant): ReLU and affine maps.
+    W = [(net[i].weight.detach(), net[i].bias.detach()) for i in (0, 2, 4)]
+    sections = [
+        lambda u, w=w, act=act: act(u[:-1] @ w[0].T + u[-1] * w[1])
+        for w, act in zip(W, [torch.relu, torch.relu, lambda t: t])
+    ]
+    graph = InteractionGraph([2, 3, 2, None], constant_node=True, fast_path=fast_path).fit_model(
+        net, [":input", "1", "3", "4"], X)
+    assert graph.edge_point_ == "reconstructed" and graph.n_components_.tolist() == [2, 3, 2, 2]
+    # Each rotated layer gets one node more, the last; the unrotated logits do not.
+    assert graph.layer_offsets_.tolist() == [0, 3, 7, 10, 12]
+    with torch.no_grad():
+        acts = [X, net[1](net[0](X)), net[3](net[2](net[1](net[0](X))))]
+    for l in range(3):
+        expected = _folded_edges(graph, sections, acts, l)
+        E = graph.edges_[l]
+        r_out = graph.n_components_[l + 1]
+        # Rows of layer l+1's directions: the folded Jacobian, constant column included.
+        assert_close(E[:r_out], expected, rtol=1e-9)
+        if l < 2:  # the constant is carried to the next constant node, and only there
+            np.testing.assert_array_equal(E[r_out], np.eye(E.shape[1])[-1])
+        else:
+            assert E.shape[0] == r_out
+    A = graph.adjacency()
+    assert A.shape == (12, 12)
+    # A saved graph keeps its constant nodes.
+    graph.save(tmp_path / "graph")
+    loaded = InteractionGraph.load(tmp_path / "graph")
+    assert loaded.layer_offsets_.tolist() == graph.layer_offsets_.tolist()
+    for E, E_ref in zip(loaded.edges_, graph.edges_):
+        np.testing.assert_array_equal(E, E_ref)
+
+
+def test_constant_node_with_integrated_gradients_is_the_output_at_the_mean():
+    # Completeness: the path attributions from the mean add up to z_out(x) - z_out(mean),
+    # so what they leave over is the next layer's coordinates at the input mean.
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 4), nn.Tanh()).double()
+    X = torch.randn(30, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    graph = InteractionGraph(constant_node=True, integration="gauss-legendre", n_alphas=24,
+                             final_layer="pca").fit_model(net, [":input", "1", "3"], X)
+    sections = [lambda h: net[1](net[0](h)), lambda h: net[3](net[2](h))]
+    for l, section in enumerate(sections):
+        b_in, b_out = graph.bases_[l], graph.bases_[l + 1]
+        with torch.no_grad():
+            y_mean = section(torch.as_tensor(b_in.mean_)).numpy()
+        expected = ((y_mean - b_out.mean_) @ b_out.components_.T) ** 2
+        r_out = b_out.n_components_
+        np.testing.assert_allclose(graph.edges_[l][:r_out, -1], expected, rtol=1e-8,
+                                   atol=1e-12 * expected.max())
