@@ -1,13 +1,11 @@
 """The one-hidden-layer modular-addition MLP and the training run of its shipped weights."""
 
-import time
-
-import numpy as np
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
 from ._data import _check_p, _unseen_swap_mask, modular_addition_data
+from ._training import _accuracy, _train_full_batch, _training_info
 
 #: Layer names (``model.named_modules()`` paths) of :class:`ModularAdditionMLP`
 #: whose outputs are the embedding, the hidden activations and the logits.
@@ -19,7 +17,6 @@ _D_HIDDEN = 256
 _EPOCHS = 3000
 _LR = 3e-3
 _WEIGHT_DECAY = 1.0
-_BETAS = (0.9, 0.98)
 _TRAIN_FRACTION = 0.3
 
 
@@ -117,12 +114,6 @@ class _TiedHalves(nn.Module):
         return W[:, : W.shape[1] // 2]
 
 
-def _accuracy(model, X, y):
-    with torch.no_grad():
-        return float((model(X).argmax(dim=1) == y).double().mean())
-
-
-
 def train_modular_addition(
     p=113,
     *,
@@ -210,31 +201,16 @@ def train_modular_addition(
     unseen_swap = torch.from_numpy(_unseen_swap_mask(X_train, X_test, p))
     X_train, X_test, y_train, y_test = map(torch.from_numpy, (X_train, X_test, y_train, y_test))
 
-    start = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = ModularAdditionMLP(p, d_embed=d_embed, d_hidden=d_hidden)
     if tie_hidden:
         parametrize.register_parametrization(model.mlp[0], "weight", _TiedHalves())
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=lr, weight_decay=weight_decay, betas=_BETAS
+    data = (X_train, X_test, y_train, y_test)
+    loss, epochs, seconds = _train_full_batch(
+        model, model, data, epochs=epochs, lr=lr, weight_decay=weight_decay,
+        report_every=max(1, epochs // 10), target_accuracy=None, verbose=verbose,
     )
-    report_every = max(1, epochs // 10)
-    model.train()
-    for epoch in range(1, epochs + 1):
-        optimizer.zero_grad(set_to_none=True)
-        loss = nn.functional.cross_entropy(model(X_train), y_train)
-        loss.backward()
-        optimizer.step()
-        if verbose and (epoch % report_every == 0 or epoch == epochs):
-            model.eval()
-            print(
-                f"epoch {epoch:6d}  loss {loss.item():.3e}  "
-                f"train acc {_accuracy(model, X_train, y_train):.4f}  "
-                f"test acc {_accuracy(model, X_test, y_test):.4f}",
-                flush=True,
-            )
-            model.train()
     if tie_hidden:
         parametrize.remove_parametrizations(model.mlp[0], "weight", leave_parametrized=True)
         # A fresh module restores the canonical parameter order (weight before bias).
@@ -243,29 +219,11 @@ def train_modular_addition(
             model = ModularAdditionMLP(p, d_embed=d_embed, d_hidden=d_hidden)
         model.load_state_dict(trained)
     model.eval()
-    train_seconds = time.perf_counter() - start
-    model.training_info_ = {
-        "p": p,
-        "d_embed": model.d_embed,
-        "d_hidden": model.d_hidden,
-        "epochs": epochs,
-        "lr": float(lr),
-        "weight_decay": float(weight_decay),
-        "betas": list(_BETAS),
-        "optimizer": "AdamW, full batch, float32",
-        "train_fraction": float(train_fraction),
-        "tie_hidden": bool(tie_hidden),
-        "random_state": seed,
-        "n_train": int(len(y_train)),
-        "n_test": int(len(y_test)),
-        "final_loss": float(loss.item()),
-        "train_accuracy": _accuracy(model, X_train, y_train),
-        "test_accuracy": _accuracy(model, X_test, y_test),
-        "test_accuracy_unseen_swap": _accuracy(
-            model, X_test[unseen_swap], y_test[unseen_swap]
-        ),
-        "train_seconds": train_seconds,
-        "torch_version": torch.__version__,
-        "torch_num_threads": torch.get_num_threads(),
-    }
+    model.training_info_ = _training_info(
+        model, data, loss=loss, epochs=epochs, seconds=seconds,
+        p=p, d_embed=model.d_embed, d_hidden=model.d_hidden, lr=float(lr),
+        weight_decay=float(weight_decay), train_fraction=float(train_fraction),
+        tie_hidden=bool(tie_hidden), random_state=seed,
+        test_accuracy_unseen_swap=_accuracy(model, X_test[unseen_swap], y_test[unseen_swap]),
+    )
     return model
