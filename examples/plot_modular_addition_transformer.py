@@ -43,7 +43,7 @@ from sklearn_lib.evaluation import compare_node_ablation, directions_to_keep, mi
 from sklearn_lib.plotting import plot_ablation_curves, plot_spectrum
 
 QUICK = os.environ.get("SKLEARN_LIB_QUICK") == "1"
-N_FIT = 300 if QUICK else None  # training pairs the bases are fitted on; None: all 3,831
+N_FIT = 100 if QUICK else None  # training pairs the bases are fitted on; None: all 3,831
 N_EVAL = 100 if QUICK else 1000  # held-out pairs the ablations are scored on
 TOLERANCE = 0.001  # the reference work's 0.1% accuracy
 timings = {}
@@ -185,7 +185,7 @@ for l, name in enumerate(NAMES[:-1]):
     P = positions[name]
     bases = {g: layer_basis(graph, l) for g, graph in graphs.items()}
     r_max = max(graph.n_components_[l] for graph in graphs.values())
-    ks = np.unique(np.geomspace(1, r_max, 40 if not QUICK else 12).round().astype(int))
+    ks = np.unique(np.geomspace(1, r_max, 8 if QUICK else 40).round().astype(int))
     curves = {}
     for g, basis in bases.items():
         r = graphs[g].n_components_[l]
@@ -283,3 +283,34 @@ fig.colorbar(image, ax=axes, label="share of the direction's power")
 
 print("\ntime per stage: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
 print(f"done in {time.perf_counter() - start:.0f} s")
+
+# %%
+# What we find
+# ------------
+# At full size (bases fitted on all 3,831 training pairs, ablations scored on
+# 1,000 held-out pairs, so 0.1% allows one wrong answer) one run gave:
+#
+# ================================  ====  ====  ==========
+# within 0.1% of the accuracy        LIB   PCA  LIB vs PCA
+# ================================  ====  ====  ==========
+# directions, resid_pre               10    14        -29%
+# directions, resid_mid               12    12         +0%
+# directions, resid_post               8     9        -11%
+# edges, resid_pre -> resid_mid       73   233        -69%
+# edges, resid_mid -> resid_post      65   107        -39%
+# edges, resid_post -> logits        647   664         -3%
+# edges, total                       785  1004        -22%
+# ================================  ====  ====  ==========
+#
+# LIB needs fewer edges than PCA, more so than the reference work's 8%
+# (nearly all of the gap is across attention and the MLP), and as many or
+# fewer directions. The embedding layer's LIB directions 1 to 8 are the
+# cosine and sine of four frequencies (11, 39, 8, 37), each 97-99% pure;
+# direction 0 is no Fourier mode of the tokens (its strongest frequency has
+# 20% of the power), and from direction 9 on the directions mix frequencies.
+# PCA's top directions mix the same frequencies
+# (2 of its top 16 are 80% one frequency, against 8 of LIB's). The counts
+# of directions come from the sampled node-ablation curves (40 log-spaced
+# counts), the counts of edges from bisection, which assumes that keeping
+# more of the strongest edges never hurts.
+assert accuracy == 1.0
