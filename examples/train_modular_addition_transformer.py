@@ -13,7 +13,8 @@ later). Training stops at the first check (every 100 epochs) at which all
 held-out pairs are answered correctly.
 
 Run ``python examples/train_modular_addition_transformer.py`` to overwrite the
-packaged file (tens of minutes on one CPU thread), or pass ``--output
+packaged file (the shipped run reached 100% at epoch 2,200, after 13 minutes
+on one thread of a busy 2-core machine), or pass ``--output
 other.npz`` to write elsewhere and compare. The run is seeded and uses one
 thread; it repeats bit for bit with the same torch build and machine, and
 elsewhere up to float rounding (which can shift the epoch at which it groks).
