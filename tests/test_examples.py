@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-# Reproducing the shipped weights takes minutes; its training function is tested
+# Reproducing the shipped weights takes minutes; the training functions are tested
 # at a few epochs in test_datasets.py instead.
-SLOW = {"train_modular_addition.py"}
+SLOW = {"train_modular_addition.py", "train_modular_addition_transformer.py"}
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,135 @@
+"""Benchmark: the interaction graph of the shipped modular-addition transformer.
+
+Times ``InteractionGraph.from_model`` on the reference work's layers of
+:func:`sklearn_lib.datasets.load_modular_addition_transformer` (residual stream
+before attention at all three positions, before the MLP and before the
+unembedding at the last position, and the logits; ``sequence=True``, float64,
+training pairs of the default split), through the generic path (vectorised
+vector-Jacobian products). Each section's time is split into the statistics
+pass (the basis of layer ``l``) and the edges pass, by timing the source's
+``jacobian_stats`` / ``activation_stats`` and ``edges`` calls; the minimum of
+``--repeat`` rounds is reported for each. No reference implementation is
+available here, so the run also measures this machine's float64 GEMM rate and
+prints the build time in GEMM-seconds of the issue's ~120 GFLOP estimate for
+one well-batched full Jacobian of the attention section.
+
+Usage::
+
+    python benchmarks/bench_transformer.py               # all 3,831 training pairs, 3 rounds
+    python benchmarks/bench_transformer.py --n 500 --repeat 1
+"""
+
+import argparse
+import time
+from collections import defaultdict
+
+import torch
+
+from sklearn_lib import InteractionGraph
+from sklearn_lib._sources import ModelSource
+from sklearn_lib.datasets import load_modular_addition_transformer, modular_addition_data
+
+NAMES = ["resid_pre", "resid_mid", "resid_post", "logits"]
+LAYERS = ["transformer.hook_resid_pre", "transformer.hook_resid_mid",
+          "transformer.hook_resid_post", "transformer.unembed"]
+ATTENTION_FLOP = 120e9  # the issue's estimate for M' of the attention section at n = 3,830
+
+
+class LastPosition(torch.nn.Module):
+    """The transformer with attention and MLP at the last position (the reference's layers)."""
+
+    def __init__(self, transformer):
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, x):
+        return self.transformer(x, last_only=True)
+
+
+def gemm_rate(size=2048, repeat=5):
+    a = torch.randn(size, size, dtype=torch.float64)
+    b = torch.randn(size, size, dtype=torch.float64)
+    a @ b  # warm-up
+    best = min(_timed(lambda: a @ b) for _ in range(repeat))
+    return 2 * size**3 / best
+
+
+def _timed(fn):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def instrumented(times):
+    """Wrap the source's passes so each call's time lands in ``times[(stage, l)]``."""
+    originals = {}
+    for method, stage in (("activation_stats", "statistics"),
+                          ("jacobian_stats", "statistics"), ("edges", "edges")):
+        original = getattr(ModelSource, method)
+        originals[method] = original
+
+        def wrapped(self, l, *args, _original=original, _stage=stage, **kwargs):
+            start = time.perf_counter()
+            try:
+                return _original(self, l, *args, **kwargs)
+            finally:
+                times[_stage, l] += time.perf_counter() - start
+
+        setattr(ModelSource, method, wrapped)
+    return originals
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=None, help="training pairs (default: all)")
+    parser.add_argument("--repeat", type=int, default=3, help="rounds; the minimum is reported")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    net = LastPosition(load_modular_addition_transformer()).eval()
+    X = modular_addition_data()[0][: args.n]
+    rate = gemm_rate()
+    print(f"{len(X)} pairs, float64, {torch.get_num_threads()} threads; "
+          f"float64 GEMM rate {rate / 1e9:.1f} GFLOP/s")
+
+    rounds = []
+    for _ in range(args.repeat):
+        times = defaultdict(float)
+        originals = instrumented(times)
+        try:
+            start = time.perf_counter()
+            graph = InteractionGraph.from_model(net, LAYERS, X, sequence=True)
+            times["total", -1] = time.perf_counter() - start
+        finally:
+            for method, original in originals.items():
+                setattr(ModelSource, method, original)
+        rounds.append(times)
+    best = {key: min(r[key] for r in rounds) for key in rounds[0]}
+
+    total = best["total", -1]
+    print(f"directions per layer: {dict(zip(NAMES, graph.n_components_.tolist()))}")
+    print(f"\ngraph build (generic path), min of {args.repeat}: {total:.2f} s")
+    print(f"{'section':26s} {'statistics':>11s} {'edges':>8s} {'share':>6s}")
+    for l in range(len(NAMES) - 1):
+        stats, edges = best["statistics", l], best["edges", l]
+        print(f"{NAMES[l] + ' -> ' + NAMES[l + 1]:26s} {stats:10.2f}s {edges:7.2f}s "
+              f"{(stats + edges) / total:6.0%}")
+    final = best.get(("statistics", len(NAMES) - 1), 0.0)
+    print(f"{'logits (final layer)':26s} {final:10.2f}s")
+    passes = sum(value for (stage, _), value in best.items() if stage != "total")
+    print(f"{'other (bases, setup)':26s} {total - passes:10.2f}s  (sum of per-call minima vs "
+          "the minimal total)")
+    attention = best["statistics", 0] + best["edges", 0]
+    scale = len(X) / 3830
+    print(f"\nattention section: {attention:.2f} s = "
+          f"{attention / (ATTENTION_FLOP * scale / rate):.1f}x the GEMM time of the "
+          f"~{ATTENTION_FLOP * scale / 1e9:.0f} GFLOP full-Jacobian estimate "
+          f"({ATTENTION_FLOP * scale / rate:.2f} s at {rate / 1e9:.1f} GFLOP/s)")
+    print(f"statistics / edges over all sections: "
+          f"{sum(best['statistics', l] for l in range(len(NAMES))) / sum(best['edges', l] for l in range(len(NAMES) - 1)):.2f}")
+
+
+if __name__ == "__main__":
+    main()
