@@ -28,7 +28,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["ELEMENTWISE", "LinearElementwise", "detect_section"]
+from ._model import _positions as _row_layout
+
+__all__ = ["ELEMENTWISE", "LinearElementwise", "detect_section", "fits_rows"]
 
 #: Activation modules treated as elementwise maps ``y_i = f(x_i)``.
 ELEMENTWISE = (
@@ -96,6 +98,27 @@ class LinearElementwise:
         A, R = self.factors(V)
         return A, (right if R is None else R @ right)
 
+    def jacobians(self, s, out=None):
+        """The full Jacobians ``J_x`` (N, d_out, d_in) from the derivatives ``s`` (N, d_s).
+
+        ``diag(s_x) W`` (``linear_first``), ``W diag(s_x)`` or ``diag(s_x)``:
+        one broadcast product per batch, no matrix product at all.
+        """
+        n, d_s = s.shape
+        if self.weight is None:
+            if out is None:
+                out = s.new_zeros(n, d_s, d_s)
+            else:
+                out.zero_()
+            out.diagonal(dim1=1, dim2=2).copy_(s)
+            return out
+        d_out, d_in = self.weight.shape
+        if out is None:
+            out = s.new_empty(n, d_out, d_in)
+        if self.linear_first:
+            return torch.mul(s[:, :, None], self.weight[None], out=out)
+        return torch.mul(self.weight[None], s[:, None, :], out=out)
+
     def edge_jacobians(self, s, factors, workspace):
         """``A diag(s_x) B`` for each row ``s_x`` of ``s``: (N, k, r), in ``workspace``.
 
@@ -110,6 +133,26 @@ class LinearElementwise:
         out = workspace.get("out", (n, k, r), A)
         torch.matmul(left.view(n * k, d_s), B, out=out.view(n * k, r))
         return out
+
+
+def fits_rows(structure, shape_in, shape_out, sequence):
+    """Whether a closed form acts on the recorded rows of per-sample shapes ``shape_in/out``.
+
+    Both layers need the same number of positions; flat layers must be vectors,
+    sequence layers (position, feature) or vectors; the Linear's weight must be
+    ``(d_out, d_in)`` (without a Linear, ``d_in == d_out``).
+    """
+    allowed = (1, 2) if sequence else (1,)
+    if len(shape_in) not in allowed or len(shape_out) not in allowed:
+        return False
+    (p_in, d_in), (p_out, d_out) = (
+        _row_layout(shape, sequence, "") for shape in (shape_in, shape_out)
+    )
+    if p_in != p_out:
+        return False
+    if structure.weight is None:
+        return d_in == d_out
+    return tuple(structure.weight.shape) == (d_out, d_in)
 
 
 def _hooked(module):

@@ -21,7 +21,7 @@ from . import _model
 from . import collect as _collect
 from ._backend import as_tensor, eval_mode, model_device, resolve_dtype
 from ._edges import Workspace, accumulate_edges, path_points
-from ._fastpath import detect_section
+from ._fastpath import detect_section, fits_rows
 from .basis import _AUTO_CHUNK_NUMBERS
 
 
@@ -449,16 +449,7 @@ class ModelSource:
 
     def _fits(self, st, l, m):
         """The closed form acts on rows: widths and positions must match the recording."""
-        if self.positions[l] != self.positions[m]:
-            return False
-        # Flat layers must be vectors; sequence layers (position, feature) or vectors.
-        allowed = (1, 2) if self.sequence else (1,)
-        if len(self._shapes[l]) not in allowed or len(self._shapes[m]) not in allowed:
-            return False
-        d_in, d_out = self.widths[l], self.widths[m]
-        if st.weight is None:
-            return d_in == d_out
-        return tuple(st.weight.shape) == (d_out, d_in)
+        return fits_rows(st, self._shapes[l], self._shapes[m], self.sequence)
 
     def activation_stats(self, l, new_stats):
         stats = new_stats(l, None)

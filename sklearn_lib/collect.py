@@ -56,6 +56,7 @@ from ._backend import (
     resolve_dtype,
     to_output,
 )
+from ._fastpath import detect_section, fits_rows
 from ._model import (
     _as_rows,
     _cast,
@@ -521,6 +522,7 @@ def collect(
     cache=None,
     sequence=False,
     max_vectors=None,
+    fast_path=True,
 ):
     """Activations of several layers and the Jacobians between adjacent ones, in row layout.
 
@@ -559,6 +561,15 @@ def collect(
         as samples (see :func:`section_vjp_products`).
     max_vectors : int, optional
         Chunk size of the vectorised backward passes (memory bound).
+    fast_path : bool, default=True
+        Write the Jacobians of ``Linear`` + elementwise-activation sections in
+        closed form (``diag(s_x) W`` and the like, see
+        :class:`~sklearn_lib.InteractionGraph`'s ``fast_path``) instead of one
+        vector-Jacobian product per output; False always uses the products.
+
+    Memory: without ``cache`` the result arrays are allocated once (for array
+    data and DataLoaders with a ``dataset``) and filled batch by batch; with a
+    ``cache`` each batch goes to disk, so the memory held is a few batches.
 
     Returns
     -------
@@ -601,8 +612,8 @@ def collect(
             _check_target(os.path.abspath(os.fspath(cache)), overwrite=False)
 
     writer, created_here, seen = None, False, 0
-    act_parts = {layer.spec: [] for layer in specs}
-    jac_parts = {(a.spec, b.spec): [] for a, b in sections}
+    sink = None if cache is not None else _ArraySink(total)
+    structures = None
     try:
         with eval_mode(run_model), tqdm(
             total=total, disable=not verbose, unit="sample", desc="collect"
@@ -614,9 +625,15 @@ def collect(
                 with torch.no_grad():
                     recorded = _record_batch(run_model, specs, x)
                 acts = {s: _cast(t, dtype) for s, t in recorded.items()}
+                if structures is None:
+                    structures = {
+                        (a.spec, b.spec): _closed_form(run_model, a, b, acts, sequence)
+                        if fast_path else None
+                        for a, b in sections
+                    }
                 jac_rows = {
-                    (a.spec, b.spec): _section_rows(
-                        run_model, a, b, x, acts[a.spec], None,
+                    (a.spec, b.spec): _jacobian_rows(
+                        run_model, a, b, x, acts, structures[(a.spec, b.spec)],
                         sequence=sequence, max_vectors=max_vectors, check=i == 0,
                     )
                     for a, b in sections
@@ -625,16 +642,15 @@ def collect(
                 act_np = {s: _as_rows(t, sequence, repr(s)).cpu().numpy() for s, t in acts.items()}
                 jac_np = {pair: t.cpu().numpy() for pair, t in jac_rows.items()}
                 if cache is None:
-                    for s, array in act_np.items():
-                        act_parts[s].append(array)
-                    for pair, array in jac_np.items():
-                        jac_parts[pair].append(array)
+                    sink.append(int(x.shape[0]), act_np, jac_np)
                 else:
                     if writer is None:
                         writer, created_here = _writer_for(
                             cache, model, acts, jac_np, specs, sequence, dtype
                         )
                     writer.append(act_np, jac_np)
+                # Nothing of this batch outlives it: the next one reuses the memory.
+                del recorded, acts, jac_rows, act_np, jac_np
                 seen += int(x.shape[0])
                 bar.update(int(x.shape[0]))
         if not seen:
@@ -651,10 +667,82 @@ def collect(
             [writer.activations(layer.spec) for layer in specs],
             [writer.jacobians(a.spec, b.spec) for a, b in sections],
         )
+    act_arrays, jac_arrays = sink.result()
     return (
-        [np.concatenate(act_parts[layer.spec]) for layer in specs],
-        [np.concatenate(jac_parts[(a.spec, b.spec)]) for a, b in sections],
+        [act_arrays[layer.spec] for layer in specs],
+        [jac_arrays[(a.spec, b.spec)] for a, b in sections],
     )
+
+
+def _closed_form(model, a, b, acts, sequence):
+    """The closed form of section ``a -> b`` when it gives the Jacobian rows, else None.
+
+    Only one position per row: with several, a row's Jacobian also holds the
+    (zero) blocks of the other output positions, which the VJPs give directly.
+    """
+    structure = detect_section(model, a, b)
+    shape_in, shape_out = tuple(acts[a.spec].shape[1:]), tuple(acts[b.spec].shape[1:])
+    if structure is None or not fits_rows(structure, shape_in, shape_out, sequence):
+        return None
+    if _positions(shape_in, sequence, repr(a.spec))[0] != 1:
+        return None
+    return structure
+
+
+def _jacobian_rows(model, a, b, x, acts, structure, *, sequence, max_vectors, check):
+    """Full Jacobian rows of section ``a -> b``: in closed form, or one VJP per output."""
+    act_in = acts[a.spec]
+    if structure is None:
+        return _section_rows(
+            model, a, b, x, act_in, None,
+            sequence=sequence, max_vectors=max_vectors, check=check,
+        )
+    rows = _as_rows(act_in, sequence, repr(a.spec))
+    with torch.no_grad():
+        return structure.jacobians(structure.derivative(rows))
+
+
+class _ArraySink:
+    """Arrays filled batch by batch: preallocated for ``total`` samples when it is known.
+
+    Keeping per-batch parts and concatenating them at the end would hold every
+    array twice. Here each batch is written into its place; an iterable of
+    unknown length grows its arrays geometrically (amortised one copy per row),
+    and arrays larger than the rows seen are shrunk in place at the end.
+    """
+
+    def __init__(self, total):
+        self.total, self.arrays, self.rows = total, {}, {}
+
+    def append(self, n_samples, act_np, jac_np):
+        for key, part in (*act_np.items(), *jac_np.items()):
+            self._write(key, part, n_samples)
+
+    def _write(self, key, part, n_samples):
+        start = self.rows.get(key, 0)
+        stop = start + part.shape[0]
+        array = self.arrays.get(key)
+        if array is None:
+            capacity = stop
+            if self.total is not None:
+                # The first batch fixes the rows per sample (positions count as rows).
+                capacity = max(stop, stop * self.total // max(1, n_samples))
+            array = np.empty((capacity, *part.shape[1:]), dtype=part.dtype)
+        elif stop > array.shape[0]:
+            grown = np.empty((max(stop, 2 * array.shape[0]), *part.shape[1:]), dtype=part.dtype)
+            grown[:start] = array[:start]
+            array = grown
+        array[start:stop] = part
+        self.arrays[key], self.rows[key] = array, stop
+
+    def result(self):
+        act, jac = {}, {}
+        for key, array in self.arrays.items():
+            rows = self.rows[key]
+            if rows < array.shape[0]:
+                array.resize((rows, *array.shape[1:]), refcheck=False)
+            (jac if isinstance(key, tuple) else act)[key] = array
+        return act, jac
 
 
 def _writer_for(cache, model, acts, jac_np, specs, sequence, dtype):
