@@ -30,7 +30,14 @@ from torch import nn
 
 from ._model import _positions as _row_layout
 
-__all__ = ["ELEMENTWISE", "LinearElementwise", "detect_section", "fits_rows"]
+__all__ = [
+    "ELEMENTWISE",
+    "LinearElementwise",
+    "detect_section",
+    "fits_rows",
+    "run_leaves",
+    "section_leaves",
+]
 
 #: Activation modules treated as elementwise maps ``y_i = f(x_i)``.
 ELEMENTWISE = (
@@ -218,18 +225,12 @@ def _flatten(modules):
             yield module
 
 
-def detect_section(model, a, b):
-    """The closed form of section ``a -> b`` (parsed layers of ``collect``), or None.
-
-    Returns a :class:`LinearElementwise` when the rule of the module docstring
-    applies, None otherwise (the caller then uses generic vector-Jacobian
-    products). Shapes are not checked here; the caller compares the Linear's
-    widths with the recorded activations.
-    """
+def _candidate_leaves(model, a, b):
+    """Yield the flattened module lists that compute section ``a -> b`` (module docstring)."""
     if torch.nn.modules.module._global_forward_hooks or (
         torch.nn.modules.module._global_forward_pre_hooks
     ):
-        return None
+        return
     modules = dict(model.named_modules())
     starts = _positions(modules, a.name, a.kind)
     ends = _positions(modules, b.name, b.kind)
@@ -239,11 +240,44 @@ def detect_section(model, a, b):
                 continue
             seq = modules[container]
             if _hooked(seq):
-                return None
-            leaves = list(_flatten(list(seq.children())[pa:pb]))
-            structure = _classify(leaves)
-            if structure is not None:
-                return structure
+                return
+            yield list(_flatten(list(seq.children())[pa:pb]))
+
+
+def section_leaves(model, a, b):
+    """The modules that, run in order on ``a``'s activation, give ``b``'s; or None.
+
+    The same rule as :func:`detect_section` without the restriction to Linear
+    and elementwise modules: any section inside one plain ``nn.Sequential``
+    whose modules carry no hooks. Running only these modules, from a recorded
+    activation, replaces running the whole model from its input.
+    """
+    for leaves in _candidate_leaves(model, a, b):
+        if not any(_hooked(module) for module in leaves):
+            return leaves
+        return None
+    return None
+
+
+def run_leaves(leaves, t):
+    """Apply ``leaves`` in order (the forward of the ``nn.Sequential`` they came from)."""
+    for module in leaves:
+        t = module(t)
+    return t
+
+
+def detect_section(model, a, b):
+    """The closed form of section ``a -> b`` (parsed layers of ``collect``), or None.
+
+    Returns a :class:`LinearElementwise` when the rule of the module docstring
+    applies, None otherwise (the caller then uses generic vector-Jacobian
+    products). Shapes are not checked here; the caller compares the Linear's
+    widths with the recorded activations.
+    """
+    for leaves in _candidate_leaves(model, a, b):
+        structure = _classify(leaves)
+        if structure is not None:
+            return structure
     return None
 
 

@@ -21,7 +21,7 @@ from . import _model
 from . import collect as _collect
 from ._backend import as_tensor, eval_mode, model_device, resolve_dtype
 from ._edges import Workspace, accumulate_edges, path_points
-from ._fastpath import detect_section, fits_rows
+from ._fastpath import detect_section, fits_rows, section_leaves
 from .basis import _AUTO_CHUNK_NUMBERS
 
 
@@ -337,7 +337,7 @@ class ModelSource:
         self.positions = [p for p, _ in pw]
         self.widths = [d for _, d in pw]
         self._shapes = shapes
-        self._structures = {}
+        self._structures, self._leaves = {}, {}
         self.fast_path = fast_path
 
     @property
@@ -447,6 +447,15 @@ class ModelSource:
             self._structures[(l, m)] = found
         return self._structures[(l, m)]
 
+    def leaves(self, l, m):
+        """The modules of section l -> m to run from the recorded activation, or None.
+
+        Without them, every product reruns the model from its inputs.
+        """
+        if (l, m) not in self._leaves:
+            self._leaves[(l, m)] = section_leaves(self.model, self.specs[l], self.specs[m])
+        return self._leaves[(l, m)]
+
     def _fits(self, st, l, m):
         """The closed form acts on rows: widths and positions must match the recording."""
         return fits_rows(st, self._shapes[l], self._shapes[m], self.sequence)
@@ -484,6 +493,7 @@ class ModelSource:
             products = _collect._section_rows(
                 self.model, a, b, x, act, V,
                 sequence=self.sequence, max_vectors=None, check=i == 0,
+                leaves=self.leaves(l, m),
             )
             stats.update(self._rows(act, l))
             # One GEMM over all (row, output) pairs, accumulated in place; the
@@ -530,6 +540,7 @@ class ModelSource:
                     products = _collect._section_rows(
                         self.model, a, b, x, p.reshape(act.shape), V,
                         sequence=self.sequence, max_vectors=None, check=i == 0,
+                        leaves=self.leaves(l, l + 1),
                     )
                     P_bar = (products.mul_(w) if P_bar is None
                              else P_bar.add_(products, alpha=w))

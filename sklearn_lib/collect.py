@@ -56,7 +56,7 @@ from ._backend import (
     resolve_dtype,
     to_output,
 )
-from ._fastpath import detect_section, fits_rows
+from ._fastpath import detect_section, fits_rows, run_leaves, section_leaves
 from ._model import (
     _as_rows,
     _cast,
@@ -331,12 +331,16 @@ def _chunk_size(max_vectors, n_vectors, per_vector):
     return min(int(max_vectors), n_vectors)
 
 
-def _section_rows(model, a, b, x, act_in, cotangents, *, sequence, max_vectors, check):
+def _section_rows(model, a, b, x, act_in, cotangents, *, sequence, max_vectors, check,
+                  leaves=None):
     """Products ``V.T @ J`` for every sample (or every position), in the row layout.
 
     One ``torch.func.vjp`` per batch; ``torch.func.vmap`` over chunks of cotangent
     directions, each broadcast to all samples (valid because samples are
-    independent). Returns rows ``(B * P_in, P_out * k, d_in)``.
+    independent). With ``leaves`` (see :func:`~sklearn_lib._fastpath.section_leaves`)
+    only the section's modules run, from ``act_in``; otherwise the model runs
+    from its inputs ``x`` with ``a``'s activation replaced. Returns rows
+    ``(B * P_in, P_out * k, d_in)``.
     """
     if check:
         _check_differentiable(model, a, b, x, act_in)
@@ -349,7 +353,12 @@ def _section_rows(model, a, b, x, act_in, cotangents, *, sequence, max_vectors, 
     # "math" kernel here.
     with torch.no_grad():
         with _math_attention():
-            out, vjp_fn = torch.func.vjp(lambda t: _run_section(model, a, b, x, t), act_in)
+            if leaves is None:
+                section = lambda t: _run_section(model, a, b, x, t)  # noqa: E731
+            else:
+                # The clone shields act_in from in-place modules (ReLU(inplace=True)).
+                section = lambda t: run_leaves(leaves, t.clone())  # noqa: E731
+            out, vjp_fn = torch.func.vjp(section, act_in)
         out_shape = tuple(out.shape[1:])
         p_out, d_out = _positions(out_shape, sequence, f"{b.spec!r}")
         if cotangents is None:
@@ -627,13 +636,15 @@ def collect(
                 acts = {s: _cast(t, dtype) for s, t in recorded.items()}
                 if structures is None:
                     structures = {
-                        (a.spec, b.spec): _closed_form(run_model, a, b, acts, sequence)
-                        if fast_path else None
+                        (a.spec, b.spec): (
+                            _closed_form(run_model, a, b, acts, sequence) if fast_path else None,
+                            section_leaves(run_model, a, b),
+                        )
                         for a, b in sections
                     }
                 jac_rows = {
                     (a.spec, b.spec): _jacobian_rows(
-                        run_model, a, b, x, acts, structures[(a.spec, b.spec)],
+                        run_model, a, b, x, acts, *structures[(a.spec, b.spec)],
                         sequence=sequence, max_vectors=max_vectors, check=i == 0,
                     )
                     for a, b in sections
@@ -689,13 +700,13 @@ def _closed_form(model, a, b, acts, sequence):
     return structure
 
 
-def _jacobian_rows(model, a, b, x, acts, structure, *, sequence, max_vectors, check):
+def _jacobian_rows(model, a, b, x, acts, structure, leaves, *, sequence, max_vectors, check):
     """Full Jacobian rows of section ``a -> b``: in closed form, or one VJP per output."""
     act_in = acts[a.spec]
     if structure is None:
         return _section_rows(
             model, a, b, x, act_in, None,
-            sequence=sequence, max_vectors=max_vectors, check=check,
+            sequence=sequence, max_vectors=max_vectors, check=check, leaves=leaves,
         )
     rows = _as_rows(act_in, sequence, repr(a.spec))
     with torch.no_grad():

@@ -197,3 +197,61 @@ def test_cached_layers_without_features_or_numbers_are_refused(cached):
     complex_J = [J[0] * 1j, J[1]]
     with pytest.raises(ValueError, match=r"jacobians\[0\] must hold real numbers"):
         InteractionGraph(verbose=False).fit(X, jacobians=complex_J)
+
+
+# ----------------------------------------------------------------- sections run alone
+def _generic_graph(net, X, layers, **params):
+    return InteractionGraph(verbose=False, fast_path=False, truncation_threshold=1e-12,
+                            **params).fit_model(net, layers, X)
+
+
+@pytest.mark.parametrize("integration", [None, "gauss-legendre"])
+def test_sections_run_from_the_recorded_activation_give_the_same_graph(X, monkeypatch,
+                                                                       integration):
+    """Products of a section's modules alone equal those of the model run from its input."""
+    from sklearn_lib import _sources
+
+    torch.manual_seed(1)
+    net = nn.Sequential(
+        nn.Linear(D, 5), nn.LayerNorm(5), nn.ReLU(inplace=True),
+        nn.Sequential(nn.Linear(5, 4), nn.Tanh()), nn.Linear(4, 2),
+    ).double()
+    layers = [":input", "2", "3", "4"]
+    params = {"integration": integration}
+    if integration:
+        params["n_alphas"] = 3
+    source = _sources.ModelSource(net, layers, X, sequence=False, batch_size=None,
+                                  device=None, dtype="float64", fast_path=False,
+                                  verbose=False)
+    assert [len(source.leaves(l, l + 1)) for l in range(3)] == [3, 2, 1]
+    fast = _generic_graph(net, X, layers, **params)
+    monkeypatch.setattr(_sources, "section_leaves", lambda *args: None)
+    slow = _generic_graph(net, X, layers, **params)
+    for a, b in zip([*fast.edges_, *[b.components_ for b in fast.bases_]],
+                    [*slow.edges_, *[b.components_ for b in slow.bases_]]):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10 * np.abs(b).max())
+
+
+def test_hooked_or_unstructured_sections_run_the_whole_model(net):
+    """A hook inside the section, or a section outside a Sequential, is not run alone."""
+    from sklearn_lib import _fastpath, _model
+
+    a, b = _model._parse_layers(net, [":input", "2"], "output")
+    assert len(_fastpath.section_leaves(net, a, b)) == 3
+    handle = net[1].register_forward_hook(lambda *args: None)
+    try:
+        assert _fastpath.section_leaves(net, a, b) is None
+    finally:
+        handle.remove()
+
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.f = nn.Linear(D, D)
+
+        def forward(self, x):
+            return x + self.f(x)
+
+    model = Residual()
+    a, b = _model._parse_layers(model, ["f:input", ""], "output")
+    assert _fastpath.section_leaves(model, a, b) is None
