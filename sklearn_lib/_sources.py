@@ -493,7 +493,7 @@ class ModelSource:
             products = _collect._section_rows(
                 self.model, a, b, x, act, V,
                 sequence=self.sequence, max_vectors=None, check=i == 0,
-                leaves=self.leaves(l, m),
+                leaves=self.leaves(l, m), vector_major=True,
             )
             stats.update(self._rows(act, l))
             # One GEMM over all (row, output) pairs, accumulated in place; the
@@ -540,14 +540,16 @@ class ModelSource:
                     products = _collect._section_rows(
                         self.model, a, b, x, p.reshape(act.shape), V,
                         sequence=self.sequence, max_vectors=None, check=i == 0,
-                        leaves=self.leaves(l, l + 1),
+                        leaves=self.leaves(l, l + 1), vector_major=True,
                     )
                     P_bar = (products.mul_(w) if P_bar is None
                              else P_bar.add_(products, alpha=w))
-                n, rows, d = P_bar.shape
-                J_tilde = workspace.get("J_tilde", (n, rows, C.shape[1]), P_bar)
-                torch.matmul(P_bar.view(n * rows, d), C_pinv.T, out=J_tilde.view(n * rows, -1))
-                accumulate_edges(E, J_tilde, Z, self.positions[l + 1])
+                # Products come vector-major (outputs, rows, d); the edges see them
+                # through a transposed view, without a copy.
+                rows, n, d = P_bar.shape
+                J_tilde = workspace.get("J_tilde", (rows, n, C.shape[1]), P_bar)
+                torch.matmul(P_bar.view(rows * n, d), C_pinv.T, out=J_tilde.view(rows * n, -1))
+                accumulate_edges(E, J_tilde.transpose(0, 1), Z, self.positions[l + 1])
             count += X.shape[0]
         return E / count
 

@@ -332,7 +332,7 @@ def _chunk_size(max_vectors, n_vectors, per_vector):
 
 
 def _section_rows(model, a, b, x, act_in, cotangents, *, sequence, max_vectors, check,
-                  leaves=None):
+                  leaves=None, vector_major=False):
     """Products ``V.T @ J`` for every sample (or every position), in the row layout.
 
     One ``torch.func.vjp`` per batch; ``torch.func.vmap`` over chunks of cotangent
@@ -340,7 +340,10 @@ def _section_rows(model, a, b, x, act_in, cotangents, *, sequence, max_vectors, 
     independent). With ``leaves`` (see :func:`~sklearn_lib._fastpath.section_leaves`)
     only the section's modules run, from ``act_in``; otherwise the model runs
     from its inputs ``x`` with ``a``'s activation replaced. Returns rows
-    ``(B * P_in, P_out * k, d_in)``.
+    ``(B * P_in, P_out * k, d_in)``, or with ``vector_major`` the same products
+    as ``(P_out * k, B * P_in, d_in)``: the layout the vectorised products come
+    in, for callers that only sum over rows (scatters, edges), which saves a
+    transposing copy as large as the products.
     """
     if check:
         _check_differentiable(model, a, b, x, act_in)
@@ -373,16 +376,28 @@ def _section_rows(model, a, b, x, act_in, cotangents, *, sequence, max_vectors, 
         k = basis.shape[1]
         n_vectors = p_out * k
         step = _chunk_size(max_vectors, n_vectors, batch * (p_in * d_in + p_out * d_out))
-        rows = torch.empty(batch, p_in, n_vectors, d_in, device=act_in.device, dtype=act_in.dtype)
+        shape = (n_vectors, batch, p_in, d_in) if vector_major else (batch, p_in, n_vectors, d_in)
+        rows = None if step >= n_vectors else act_in.new_empty(shape)
         batched_vjp = torch.func.vmap(lambda v: vjp_fn(v)[0])
         for start in range(0, n_vectors, step):
             index = torch.arange(start, min(start + step, n_vectors), device=act_in.device)
             # Direction q = t * k + c is one-hot in output position t times column c of V.
             cot = torch.zeros(len(index), p_out, d_out, device=out.device, dtype=out.dtype)
             cot[torch.arange(len(index), device=act_in.device), index // k] = basis.T[index % k]
+            # Materialised, not expanded: a batch axis of stride 0 makes the
+            # backward produce its products in an order that vmap then copies.
             cot = cot.reshape(len(index), 1, *out_shape).expand(len(index), batch, *out_shape)
-            grads = batched_vjp(cot).reshape(len(index), batch, p_in, d_in)
-            rows[:, :, start : start + len(index)] = grads.permute(1, 2, 0, 3)
+            grads = batched_vjp(cot.contiguous()).reshape(len(index), batch, p_in, d_in)
+            if rows is None and vector_major:
+                rows = grads.contiguous()
+            elif rows is None:
+                rows = grads.permute(1, 2, 0, 3).contiguous()
+            elif vector_major:
+                rows[start : start + len(index)] = grads
+            else:
+                rows[:, :, start : start + len(index)] = grads.permute(1, 2, 0, 3)
+    if vector_major:
+        return rows.reshape(n_vectors, batch * p_in, d_in)
     return rows.reshape(batch * p_in, n_vectors, d_in)
 
 

@@ -206,10 +206,18 @@ def _generic_graph(net, X, layers, **params):
 
 
 @pytest.mark.parametrize("integration", [None, "gauss-legendre"])
-def test_sections_run_from_the_recorded_activation_give_the_same_graph(X, monkeypatch,
-                                                                       integration):
-    """Products of a section's modules alone equal those of the model run from its input."""
-    from sklearn_lib import _sources
+@pytest.mark.parametrize("vectors_per_chunk", [None, 3])
+def test_sections_run_from_the_recorded_activation_give_the_same_graph(
+    X, monkeypatch, integration, vectors_per_chunk
+):
+    """Products of a section's modules alone equal those of the model run from its input.
+
+    Either way the products come vector-major, in one chunk or in several.
+    """
+    from sklearn_lib import _sources, collect
+
+    if vectors_per_chunk:
+        monkeypatch.setattr(collect, "_VJP_ELEMENT_BUDGET", vectors_per_chunk * N * 10)
 
     torch.manual_seed(1)
     net = nn.Sequential(
