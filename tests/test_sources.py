@@ -263,3 +263,24 @@ def test_hooked_or_unstructured_sections_run_the_whole_model(net):
     model = Residual()
     a, b = _model._parse_layers(model, ["f:input", ""], "output")
     assert _fastpath.section_leaves(model, a, b) is None
+
+
+def test_arrays_copied_for_their_layout_are_named_once(net, X):
+    """A non-row-major cache warns once, naming the arrays, and fits the same graph."""
+    import warnings
+
+    from sklearn_lib.collect import collect
+
+    acts, jacs = collect(net, LAYERS, X, verbose=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ref = InteractionGraph(verbose=False, batch_size=7).fit(acts, jacobians=jacs)
+    jacs_f = [np.asfortranarray(J) for J in jacs]
+    acts_t = [torch.as_tensor(a).T.contiguous().T for a in acts]
+    with pytest.warns(UserWarning) as record:
+        graph = InteractionGraph(verbose=False, batch_size=7).fit(acts_t, jacobians=jacs_f)
+    messages = [str(w.message) for w in record if "row-major" in str(w.message)]
+    assert len(messages) == 1
+    assert "X[0], X[1], X[2], jacobians[0], jacobians[1] are not row-major" in messages[0]
+    for a, b in zip(graph.edges_, ref.edges_):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14 * np.abs(b).max())
