@@ -152,7 +152,7 @@ def collect_arrays(model, X, layers, cache=None):
 
 
 def gemm_rate(n, width, repeat=3):
-    """fp64 GEMM GFLOP/s of the shape the builds are made of: (n * width, width) @ (width, width)."""
+    """fp64 GEMM GFLOP/s of a shape of the builds: (n * width / 4, width) @ (width, width)."""
     rows = max(1, n * width // 4)
     A = torch.randn(rows, width, dtype=torch.float64)
     B = torch.randn(width, width, dtype=torch.float64)

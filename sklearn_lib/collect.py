@@ -58,6 +58,7 @@ from ._backend import (
 )
 from ._fastpath import detect_section, fits_rows, run_leaves, section_leaves
 from ._model import (
+    _ArraySink,
     _as_rows,
     _cast,
     _check_forward,
@@ -726,49 +727,6 @@ def _jacobian_rows(model, a, b, x, acts, structure, leaves, *, sequence, max_vec
     rows = _as_rows(act_in, sequence, repr(a.spec))
     with torch.no_grad():
         return structure.jacobians(structure.derivative(rows))
-
-
-class _ArraySink:
-    """Arrays filled batch by batch: preallocated for ``total`` samples when it is known.
-
-    Keeping per-batch parts and concatenating them at the end would hold every
-    array twice. Here each batch is written into its place; an iterable of
-    unknown length grows its arrays geometrically (amortised one copy per row),
-    and arrays larger than the rows seen are shrunk in place at the end.
-    """
-
-    def __init__(self, total):
-        self.total, self.arrays, self.rows = total, {}, {}
-
-    def append(self, n_samples, act_np, jac_np):
-        for key, part in (*act_np.items(), *jac_np.items()):
-            self._write(key, part, n_samples)
-
-    def _write(self, key, part, n_samples):
-        start = self.rows.get(key, 0)
-        stop = start + part.shape[0]
-        array = self.arrays.get(key)
-        if array is None:
-            capacity = stop
-            if self.total is not None:
-                # The first batch fixes the rows per sample (positions count as rows).
-                capacity = max(stop, stop * self.total // max(1, n_samples))
-            array = np.empty((capacity, *part.shape[1:]), dtype=part.dtype)
-        elif stop > array.shape[0]:
-            grown = np.empty((max(stop, 2 * array.shape[0]), *part.shape[1:]), dtype=part.dtype)
-            grown[:start] = array[:start]
-            array = grown
-        array[start:stop] = part
-        self.arrays[key], self.rows[key] = array, stop
-
-    def result(self):
-        act, jac = {}, {}
-        for key, array in self.arrays.items():
-            rows = self.rows[key]
-            if rows < array.shape[0]:
-                array.resize((rows, *array.shape[1:]), refcheck=False)
-            (jac if isinstance(key, tuple) else act)[key] = array
-        return act, jac
 
 
 def _writer_for(cache, model, acts, jac_np, specs, sequence, dtype):
