@@ -28,8 +28,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ._model import _positions as _row_layout
-
 __all__ = [
     "ELEMENTWISE",
     "LinearElementwise",
@@ -152,8 +150,9 @@ def fits_rows(structure, shape_in, shape_out, sequence):
     allowed = (1, 2) if sequence else (1,)
     if len(shape_in) not in allowed or len(shape_out) not in allowed:
         return False
+    # (positions, features); empty layers are refused by name where rows are made.
     (p_in, d_in), (p_out, d_out) = (
-        _row_layout(shape, sequence, "") for shape in (shape_in, shape_out)
+        tuple(shape) if len(shape) == 2 else (1, shape[0]) for shape in (shape_in, shape_out)
     )
     if p_in != p_out:
         return False

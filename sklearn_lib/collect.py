@@ -711,7 +711,7 @@ def _closed_form(model, a, b, acts, sequence):
     shape_in, shape_out = tuple(acts[a.spec].shape[1:]), tuple(acts[b.spec].shape[1:])
     if structure is None or not fits_rows(structure, shape_in, shape_out, sequence):
         return None
-    if _positions(shape_in, sequence, repr(a.spec))[0] != 1:
+    if len(shape_in) == 2 and shape_in[0] != 1:
         return None
     return structure
 
