@@ -317,7 +317,11 @@ def main():
             rates.append(_run_worker(args, "gemm", "after", os.devnull)["rate"])
             for method, variant in rows:
                 out = os.path.join(tmp, f"{method}-{variant}.npz")
-                results[(method, variant)].append(_run_worker(args, method, variant, out))
+                run = _run_worker(args, method, variant, out)
+                results[(method, variant)].append(run)
+                # Progress on stderr, so that a long run can be followed.
+                print(f"  {method} ({variant}): {run['time']:.2f} s, peak "
+                      f"{run['peak'] / 2**20:.0f} MiB", file=sys.stderr, flush=True)
                 with np.load(out) as npz:
                     outputs[(method, variant)] = [npz[k] for k in npz.files]
     rate = max(rates)
