@@ -28,7 +28,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["ELEMENTWISE", "LinearElementwise", "detect_section"]
+__all__ = [
+    "ELEMENTWISE",
+    "LinearElementwise",
+    "detect_section",
+    "fits_rows",
+    "run_leaves",
+    "section_leaves",
+]
 
 #: Activation modules treated as elementwise maps ``y_i = f(x_i)``.
 ELEMENTWISE = (
@@ -96,6 +103,27 @@ class LinearElementwise:
         A, R = self.factors(V)
         return A, (right if R is None else R @ right)
 
+    def jacobians(self, s, out=None):
+        """The full Jacobians ``J_x`` (N, d_out, d_in) from the derivatives ``s`` (N, d_s).
+
+        ``diag(s_x) W`` (``linear_first``), ``W diag(s_x)`` or ``diag(s_x)``:
+        one broadcast product per batch, no matrix product at all.
+        """
+        n, d_s = s.shape
+        if self.weight is None:
+            if out is None:
+                out = s.new_zeros(n, d_s, d_s)
+            else:
+                out.zero_()
+            out.diagonal(dim1=1, dim2=2).copy_(s)
+            return out
+        d_out, d_in = self.weight.shape
+        if out is None:
+            out = s.new_empty(n, d_out, d_in)
+        if self.linear_first:
+            return torch.mul(s[:, :, None], self.weight[None], out=out)
+        return torch.mul(self.weight[None], s[:, None, :], out=out)
+
     def edge_jacobians(self, s, factors, workspace):
         """``A diag(s_x) B`` for each row ``s_x`` of ``s``: (N, k, r), in ``workspace``.
 
@@ -110,6 +138,30 @@ class LinearElementwise:
         out = workspace.get("out", (n, k, r), A)
         torch.matmul(left.view(n * k, d_s), B, out=out.view(n * k, r))
         return out
+
+
+def fits_rows(structure, layer_in, layer_out, shape_in, shape_out, sequence):
+    """Whether a closed form acts on the recorded rows of per-sample shapes ``shape_in/out``.
+
+    Both layers need the same positions (the same selection, see
+    ``_model._parse_layers``, and as many of them); flat layers must be vectors,
+    sequence layers (position, feature) or vectors; the Linear's weight must be
+    ``(d_out, d_in)`` (without a Linear, ``d_in == d_out``).
+    """
+    if layer_in.positions != layer_out.positions:
+        return False
+    allowed = (1, 2) if sequence else (1,)
+    if len(shape_in) not in allowed or len(shape_out) not in allowed:
+        return False
+    # (positions, features); empty layers are refused by name where rows are made.
+    (p_in, d_in), (p_out, d_out) = (
+        tuple(shape) if len(shape) == 2 else (1, shape[0]) for shape in (shape_in, shape_out)
+    )
+    if p_in != p_out:
+        return False
+    if structure.weight is None:
+        return d_in == d_out
+    return tuple(structure.weight.shape) == (d_out, d_in)
 
 
 def _hooked(module):
@@ -175,18 +227,12 @@ def _flatten(modules):
             yield module
 
 
-def detect_section(model, a, b):
-    """The closed form of section ``a -> b`` (parsed layers of ``collect``), or None.
-
-    Returns a :class:`LinearElementwise` when the rule of the module docstring
-    applies, None otherwise (the caller then uses generic vector-Jacobian
-    products). Shapes are not checked here; the caller compares the Linear's
-    widths with the recorded activations.
-    """
+def _candidate_leaves(model, a, b):
+    """Yield the flattened module lists that compute section ``a -> b`` (module docstring)."""
     if torch.nn.modules.module._global_forward_hooks or (
         torch.nn.modules.module._global_forward_pre_hooks
     ):
-        return None
+        return
     modules = dict(model.named_modules())
     starts = _positions(modules, a.name, a.kind)
     ends = _positions(modules, b.name, b.kind)
@@ -196,11 +242,48 @@ def detect_section(model, a, b):
                 continue
             seq = modules[container]
             if _hooked(seq):
-                return None
-            leaves = list(_flatten(list(seq.children())[pa:pb]))
-            structure = _classify(leaves)
-            if structure is not None:
-                return structure
+                return
+            yield list(_flatten(list(seq.children())[pa:pb]))
+
+
+def section_leaves(model, a, b):
+    """The modules that, run in order on ``a``'s activation, give ``b``'s; or None.
+
+    The same rule as :func:`detect_section` without the restriction to Linear
+    and elementwise modules: any section inside one plain ``nn.Sequential``
+    whose modules carry no hooks. Running only these modules, from a recorded
+    activation, replaces running the whole model from its input. Not for layers
+    restricted to chosen positions: their recorded activation lacks the other
+    positions, which the section still reads.
+    """
+    if a.positions is not None or b.positions is not None:
+        return None
+    for leaves in _candidate_leaves(model, a, b):
+        if not any(_hooked(module) for module in leaves):
+            return leaves
+        return None
+    return None
+
+
+def run_leaves(leaves, t):
+    """Apply ``leaves`` in order (the forward of the ``nn.Sequential`` they came from)."""
+    for module in leaves:
+        t = module(t)
+    return t
+
+
+def detect_section(model, a, b):
+    """The closed form of section ``a -> b`` (parsed layers of ``collect``), or None.
+
+    Returns a :class:`LinearElementwise` when the rule of the module docstring
+    applies, None otherwise (the caller then uses generic vector-Jacobian
+    products). Shapes are not checked here; the caller compares the Linear's
+    widths with the recorded activations.
+    """
+    for leaves in _candidate_leaves(model, a, b):
+        structure = _classify(leaves)
+        if structure is not None:
+            return structure
     return None
 
 

@@ -4,8 +4,9 @@ The private machinery under :mod:`sklearn_lib.collect` and the model source of
 :class:`~sklearn_lib.InteractionGraph`: layer names are parsed against
 ``model.named_modules()`` (see :mod:`sklearn_lib.collect` for the conventions),
 forward hooks read or replace a layer's activation, data are cut into batches
-of model inputs, and activations are laid out as rows (positions count as
-samples with ``sequence=True``).
+of model inputs, activations are laid out as rows (positions count as
+samples with ``sequence=True``), and recorded batches are written into result
+arrays allocated once.
 """
 
 from collections import namedtuple
@@ -312,3 +313,47 @@ def _positions(shape, sequence, what):
 def _as_rows(act, sequence, what):
     n_pos, d = _positions(act.shape[1:], sequence, what)
     return act.reshape(act.shape[0] * n_pos, d)
+
+
+# --------------------------------------------------------------------------- results
+class _ArraySink:
+    """Arrays filled batch by batch: preallocated for ``total`` samples when it is known.
+
+    Keeping per-batch parts and concatenating them at the end would hold every
+    array twice. Here each batch is written into its place; an iterable of
+    unknown length grows its arrays geometrically (amortised one copy per row),
+    and arrays larger than the rows seen are shrunk in place at the end.
+    """
+
+    def __init__(self, total):
+        self.total, self.arrays, self.rows = total, {}, {}
+
+    def append(self, n_samples, act_np, jac_np):
+        for key, part in (*act_np.items(), *jac_np.items()):
+            self._write(key, part, n_samples)
+
+    def _write(self, key, part, n_samples):
+        start = self.rows.get(key, 0)
+        stop = start + part.shape[0]
+        array = self.arrays.get(key)
+        if array is None:
+            capacity = stop
+            if self.total is not None:
+                # The first batch fixes the rows per sample (positions count as rows).
+                capacity = max(stop, stop * self.total // max(1, n_samples))
+            array = np.empty((capacity, *part.shape[1:]), dtype=part.dtype)
+        elif stop > array.shape[0]:
+            grown = np.empty((max(stop, 2 * array.shape[0]), *part.shape[1:]), dtype=part.dtype)
+            grown[:start] = array[:start]
+            array = grown
+        array[start:stop] = part
+        self.arrays[key], self.rows[key] = array, stop
+
+    def result(self):
+        act, jac = {}, {}
+        for key, array in self.arrays.items():
+            rows = self.rows[key]
+            if rows < array.shape[0]:
+                array.resize((rows, *array.shape[1:]), refcheck=False)
+            (jac if isinstance(key, tuple) else act)[key] = array
+        return act, jac

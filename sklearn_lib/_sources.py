@@ -11,6 +11,7 @@ so that the backward chaining of :class:`~sklearn_lib.InteractionGraph` is
 written once.
 """
 
+import warnings
 from contextlib import contextmanager
 
 import numpy as np
@@ -21,7 +22,7 @@ from . import _model
 from . import collect as _collect
 from ._backend import as_tensor, eval_mode, model_device, resolve_dtype
 from ._edges import Workspace, accumulate_edges, path_points
-from ._fastpath import detect_section
+from ._fastpath import detect_section, fits_rows, section_leaves
 from .basis import _AUTO_CHUNK_NUMBERS
 
 
@@ -48,6 +49,34 @@ def _as_arraylike(a, name):
         return np.asarray(a, dtype=np.float64)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{name} must be an array-like of numbers: {exc}") from None
+
+
+def _row_major(a):
+    """Whether chunks of rows of ``a`` can be used without a copy into row-major order."""
+    if isinstance(a, torch.Tensor):
+        return a.is_contiguous()
+    flags = getattr(a, "flags", None)
+    if flags is not None:
+        return bool(flags.c_contiguous)
+    # zarr arrays are read in the memory order they were written in.
+    order = getattr(getattr(a, "metadata", None), "order", None) or getattr(a, "order", "C")
+    return order == "C"
+
+
+def _warn_if_copied(acts, jacs):
+    """Say once per fit which arrays are copied chunk by chunk because of their layout."""
+    named = [(f"X[{l}]", a) for l, a in enumerate(acts)]
+    named += [(f"jacobians[{l}]", J) for l, J in enumerate(jacs)]
+    copied = [name for name, a in named if not _row_major(a)]
+    if copied:
+        warnings.warn(
+            f"{', '.join(copied)} {'is' if len(copied) == 1 else 'are'} not row-major "
+            "(C-contiguous): every chunk is copied into row-major order before use, "
+            "which can take as long as the products themselves. Pass "
+            "np.ascontiguousarray(...) (or write the cache row-major) to avoid it.",
+            UserWarning,
+            stacklevel=4,
+        )
 
 
 @contextmanager
@@ -155,6 +184,7 @@ class CachedSource:
         if n_samples < 2:
             raise ValueError(f"need at least 2 samples, got {n_samples}.")
         self.acts, self.jacs = acts, jacs
+        _warn_if_copied(acts, jacs)
         self.widths, self.positions, self.n_samples = widths, positions, n_samples
         self.batch_size, self.device, self.dtype, self.verbose = (
             batch_size, device, dtype, verbose,
@@ -192,7 +222,8 @@ class CachedSource:
 
     def activation_stats(self, l, new_stats):
         stats = new_stats(l, None)
-        per_sample = self.positions[l] * self.widths[l]
+        # The chunk and the scaled and centred copies the statistics make.
+        per_sample = 4 * self.positions[l] * self.widths[l]
         for chunk in self._chunks(per_sample, f"layer {l}"):
             rows = self._rows(l, chunk)
             with _chunk_of(f"X[{l}]", rows):
@@ -239,7 +270,10 @@ class CachedSource:
         E = torch.zeros(V.shape[1], C.shape[1] + (out_mean is not None), device=self.device,
                         dtype=self.dtype)
         constant, Z_out = (None, None) if out_mean is None else (E[:, -1], None)
-        for chunk in self._chunks(self._jac_size(l), f"edges {l}"):
+        # The chunk of Jacobians, their projection and J_tilde.
+        k, r = self.positions[l] * self.positions[l + 1] * V.shape[1], C.shape[1]
+        per_sample = self._jac_size(l) + k * (self.widths[l] + r)
+        for chunk in self._chunks(per_sample, f"edges {l}"):
             rows = self._rows(l, chunk)
             Z = (self._tensor(self.acts[l][rows]) - mean) @ C
             J_tilde = self._project(self._tensor(self.jacs[l][rows]), V, l) @ C_pinv.T
@@ -343,8 +377,10 @@ class ModelSource:
         self.positions = [p for p, _ in pw]
         self.widths = [d for _, d in pw]
         self._shapes = shapes
-        self._structures = {}
+        self._structures, self._leaves = {}, {}
         self.fast_path = fast_path
+        # Numbers per sample of the recorded layers up to each layer (see _footprint).
+        self._forward = np.cumsum([p * d for p, d in zip(self.positions, self.widths)]).tolist()
 
     @property
     def n_layers(self):
@@ -355,13 +391,24 @@ class ModelSource:
         for batch in batches:
             yield _model._input_tensor(batch, self.device, self.dtype)
 
-    def _pass(self, desc, per_sample):
-        """Iterate over the data once; ``per_sample`` numbers of work memory per sample.
+    def _footprint(self, m, work):
+        """Numbers per sample a pass holds: the forward pass up to layer m plus ``work``.
 
-        With ``batch_size=None``, array data are cut into batches whose largest
-        work tensor holds about 2**23 numbers: a pass that only needs
-        activations runs in few large batches, one that forms products in
-        smaller ones. A DataLoader keeps its own batches.
+        The forward pass holds at least every recorded layer up to m, and
+        between two recorded layers usually one more tensor as wide (a
+        Linear's output before its activation): twice their sum. ``work``
+        counts the pass's own tensors (copies of the activation, derivatives,
+        products, cotangents, scatter inputs).
+        """
+        return 2 * self._forward[m] + work
+
+    def _pass(self, desc, per_sample):
+        """Iterate over the data once; ``per_sample`` numbers of memory per sample.
+
+        With ``batch_size=None``, array data are cut into batches that hold
+        about 2**23 numbers in all (``per_sample`` comes from
+        :meth:`_footprint`), so that memory stays flat in the number of
+        samples on every pass. A DataLoader keeps its own batches.
         """
         size = self.batch_size or max(1, _AUTO_CHUNK_NUMBERS // max(1, per_sample))
         batches, total = _model._iter_batches(self.data, size)
@@ -453,25 +500,26 @@ class ModelSource:
             self._structures[(l, m)] = found
         return self._structures[(l, m)]
 
+    def leaves(self, l, m):
+        """The modules of section l -> m to run from the recorded activation, or None.
+
+        Without them, every product reruns the model from its inputs.
+        """
+        if (l, m) not in self._leaves:
+            self._leaves[(l, m)] = section_leaves(self.model, self.specs[l], self.specs[m])
+        return self._leaves[(l, m)]
+
     def _fits(self, st, l, m):
         """The closed form acts on rows: widths and positions must match the recording."""
-        # Rows pair up only where both layers see the same positions.
-        if self.positions[l] != self.positions[m] or (
-            self.specs[l].positions != self.specs[m].positions
-        ):
-            return False
-        # Flat layers must be vectors; sequence layers (position, feature) or vectors.
-        allowed = (1, 2) if self.sequence else (1,)
-        if len(self._shapes[l]) not in allowed or len(self._shapes[m]) not in allowed:
-            return False
-        d_in, d_out = self.widths[l], self.widths[m]
-        if st.weight is None:
-            return d_in == d_out
-        return tuple(st.weight.shape) == (d_out, d_in)
+        return fits_rows(st, self.specs[l], self.specs[m], self._shapes[l], self._shapes[m],
+                         self.sequence)
 
     def activation_stats(self, l, new_stats):
         stats = new_stats(l, None)
-        for x in self._pass(f"layer {l}", self.positions[l] * self.widths[l]):
+        # The activation, its recorded copy, and the scaled and centred copies
+        # the statistics make.
+        work = 4 * self.positions[l] * self.widths[l]
+        for x in self._pass(f"layer {l}", self._footprint(l, work)):
             stats.update(self._rows(self._activation(x, l), l))
         return stats
 
@@ -488,20 +536,25 @@ class ModelSource:
         k = V.shape[1]
         if st is not None:
             SS = None
-            for x in self._pass(f"layer {l}", self.positions[l] * 2 * self.widths[l]):
+            # The activation's copies and the derivative with its autograd temporaries.
+            work = 8 * self.positions[l] * max(self.widths[l], self.widths[m])
+            for x in self._pass(f"layer {l}", self._footprint(l, work)):
                 X = self._rows(self._activation(x, l), l)
                 s = st.derivative(X)
                 stats.update(X)
                 SS = s.T @ s if SS is None else SS.addmm_(s.T, s)
             n_out = self.positions[m] * V.shape[1]
             return stats.add_jacobian_scatter_(st.jacobian_scatter(SS, V), n_outputs=n_out)
-        per_sample = self.positions[l] * self.positions[m] * k * self.widths[l]
+        # Products, cotangents and the backward's intermediates, each as large.
+        width = max(self.widths[l], self.widths[m])
+        work = 3 * self.positions[l] * self.positions[m] * k * width
         scatter = None
-        for i, x in enumerate(self._pass(f"layer {l}", per_sample)):
+        for i, x in enumerate(self._pass(f"layer {l}", self._footprint(m, work))):
             act = self._activation(x, l)
             products = _collect._section_rows(
                 self.model, a, b, x, act, V,
                 sequence=self.sequence, max_vectors=None, check=i == 0,
+                leaves=self.leaves(l, m), vector_major=True,
             )
             stats.update(self._rows(act, l))
             # One GEMM over all (row, output) pairs, accumulated in place; the
@@ -537,10 +590,14 @@ class ModelSource:
         k, r = V.shape[1], C.shape[1]
         if st is not None:
             factors = st.edge_factors(V, C_pinv.T)
-            per_sample = self.positions[l] * k * max(factors[0].shape[1], r)
+            # The two edge-GEMM buffers, plus the activation's copies and derivatives.
+            work = self.positions[l] * (k * (factors[0].shape[1] + r) + 8 * self.widths[l])
+            per_sample = self._footprint(l, work)
         else:
             P = self.positions[l] * self.positions[l + 1]
-            per_sample = P * k * max(self.widths[l], r)
+            # Products, cotangents, the backward's intermediates and J_tilde.
+            work = P * k * (3 * max(self.widths[l], self.widths[l + 1]) + r)
+            per_sample = self._footprint(l + 1, work)
         for i, x in enumerate(self._pass(f"edges {l}", per_sample)):
             act = self._activation(x, l)
             X = self._rows(act, l)
@@ -563,14 +620,17 @@ class ModelSource:
                     products = _collect._section_rows(
                         self.model, a, b, x, p.reshape(act.shape), V,
                         sequence=self.sequence, max_vectors=None, check=i == 0,
+                        leaves=self.leaves(l, l + 1), vector_major=True,
                     )
                     P_bar = (products.mul_(w) if P_bar is None
                              else P_bar.add_(products, alpha=w))
-                n, rows, d = P_bar.shape
-                J_tilde = workspace.get("J_tilde", (n, rows, C.shape[1]), P_bar)
-                torch.matmul(P_bar.view(n * rows, d), C_pinv.T, out=J_tilde.view(n * rows, -1))
-                accumulate_edges(E, J_tilde, Z, self.positions[l + 1], self.positions[l],
-                                 constant=constant, Z_out=Z_out)
+                # Products come vector-major (outputs, rows, d); the edges see them
+                # through a transposed view, without a copy.
+                rows, n, d = P_bar.shape
+                J_tilde = workspace.get("J_tilde", (rows, n, C.shape[1]), P_bar)
+                torch.matmul(P_bar.view(rows * n, d), C_pinv.T, out=J_tilde.view(rows * n, -1))
+                accumulate_edges(E, J_tilde.transpose(0, 1), Z, self.positions[l + 1],
+                                 self.positions[l], constant=constant, Z_out=Z_out)
             count += X.shape[0]
         return E_all / count
 

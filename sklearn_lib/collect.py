@@ -64,7 +64,9 @@ from ._backend import (
     resolve_dtype,
     to_output,
 )
+from ._fastpath import detect_section, fits_rows, run_leaves, section_leaves
 from ._model import (
+    _ArraySink,
     _as_rows,
     _cast,
     _check_forward,
@@ -338,12 +340,19 @@ def _chunk_size(max_vectors, n_vectors, per_vector):
     return min(int(max_vectors), n_vectors)
 
 
-def _section_rows(model, a, b, x, act_in, cotangents, *, sequence, max_vectors, check):
+def _section_rows(model, a, b, x, act_in, cotangents, *, sequence, max_vectors, check,
+                  leaves=None, vector_major=False):
     """Products ``V.T @ J`` for every sample (or every position), in the row layout.
 
     One ``torch.func.vjp`` per batch; ``torch.func.vmap`` over chunks of cotangent
     directions, each broadcast to all samples (valid because samples are
-    independent). Returns rows ``(B * P_in, P_out * k, d_in)``.
+    independent). With ``leaves`` (see :func:`~sklearn_lib._fastpath.section_leaves`)
+    only the section's modules run, from ``act_in``; otherwise the model runs
+    from its inputs ``x`` with ``a``'s activation replaced. Returns rows
+    ``(B * P_in, P_out * k, d_in)``, or with ``vector_major`` the same products
+    as ``(P_out * k, B * P_in, d_in)``: the layout the vectorised products come
+    in, for callers that only sum over rows (scatters, edges), which saves a
+    transposing copy as large as the products.
     """
     if check:
         _check_differentiable(model, a, b, x, act_in)
@@ -356,7 +365,12 @@ def _section_rows(model, a, b, x, act_in, cotangents, *, sequence, max_vectors, 
     # "math" kernel here.
     with torch.no_grad():
         with _math_attention():
-            out, vjp_fn = torch.func.vjp(lambda t: _run_section(model, a, b, x, t), act_in)
+            if leaves is None:
+                section = lambda t: _run_section(model, a, b, x, t)  # noqa: E731
+            else:
+                # The clone shields act_in from in-place modules (ReLU(inplace=True)).
+                section = lambda t: run_leaves(leaves, t.clone())  # noqa: E731
+            out, vjp_fn = torch.func.vjp(section, act_in)
         out_shape = tuple(out.shape[1:])
         p_out, d_out = _positions(out_shape, sequence, f"{b.spec!r}")
         if cotangents is None:
@@ -371,16 +385,28 @@ def _section_rows(model, a, b, x, act_in, cotangents, *, sequence, max_vectors, 
         k = basis.shape[1]
         n_vectors = p_out * k
         step = _chunk_size(max_vectors, n_vectors, batch * (p_in * d_in + p_out * d_out))
-        rows = torch.empty(batch, p_in, n_vectors, d_in, device=act_in.device, dtype=act_in.dtype)
+        shape = (n_vectors, batch, p_in, d_in) if vector_major else (batch, p_in, n_vectors, d_in)
+        rows = None if step >= n_vectors else act_in.new_empty(shape)
         batched_vjp = torch.func.vmap(lambda v: vjp_fn(v)[0])
         for start in range(0, n_vectors, step):
             index = torch.arange(start, min(start + step, n_vectors), device=act_in.device)
             # Direction q = t * k + c is one-hot in output position t times column c of V.
             cot = torch.zeros(len(index), p_out, d_out, device=out.device, dtype=out.dtype)
             cot[torch.arange(len(index), device=act_in.device), index // k] = basis.T[index % k]
+            # Materialised, not expanded: a batch axis of stride 0 makes the
+            # backward produce its products in an order that vmap then copies.
             cot = cot.reshape(len(index), 1, *out_shape).expand(len(index), batch, *out_shape)
-            grads = batched_vjp(cot).reshape(len(index), batch, p_in, d_in)
-            rows[:, :, start : start + len(index)] = grads.permute(1, 2, 0, 3)
+            grads = batched_vjp(cot.contiguous()).reshape(len(index), batch, p_in, d_in)
+            if rows is None and vector_major:
+                rows = grads.contiguous()
+            elif rows is None:
+                rows = grads.permute(1, 2, 0, 3).contiguous()
+            elif vector_major:
+                rows[start : start + len(index)] = grads
+            else:
+                rows[:, :, start : start + len(index)] = grads.permute(1, 2, 0, 3)
+    if vector_major:
+        return rows.reshape(n_vectors, batch * p_in, d_in)
     return rows.reshape(batch * p_in, n_vectors, d_in)
 
 
@@ -529,6 +555,7 @@ def collect(
     cache=None,
     sequence=False,
     max_vectors=None,
+    fast_path=True,
 ):
     """Activations of several layers and the Jacobians between adjacent ones, in row layout.
 
@@ -567,6 +594,15 @@ def collect(
         as samples (see :func:`section_vjp_products`).
     max_vectors : int, optional
         Chunk size of the vectorised backward passes (memory bound).
+    fast_path : bool, default=True
+        Write the Jacobians of ``Linear`` + elementwise-activation sections in
+        closed form (``diag(s_x) W`` and the like, see
+        :class:`~sklearn_lib.InteractionGraph`'s ``fast_path``) instead of one
+        vector-Jacobian product per output; False always uses the products.
+
+    Memory: without ``cache`` the result arrays are allocated once (for array
+    data and DataLoaders with a ``dataset``) and filled batch by batch; with a
+    ``cache`` each batch goes to disk, so the memory held is a few batches.
 
     Returns
     -------
@@ -609,8 +645,8 @@ def collect(
             _check_target(os.path.abspath(os.fspath(cache)), overwrite=False)
 
     writer, created_here, seen = None, False, 0
-    act_parts = {layer.spec: [] for layer in specs}
-    jac_parts = {(a.spec, b.spec): [] for a, b in sections}
+    sink = None if cache is not None else _ArraySink(total)
+    structures = None
     try:
         with eval_mode(run_model), tqdm(
             total=total, disable=not verbose, unit="sample", desc="collect"
@@ -622,9 +658,17 @@ def collect(
                 with torch.no_grad():
                     recorded = _record_batch(run_model, specs, x)
                 acts = {s: _cast(t, dtype) for s, t in recorded.items()}
+                if structures is None:
+                    structures = {
+                        (a.spec, b.spec): (
+                            _closed_form(run_model, a, b, acts, sequence) if fast_path else None,
+                            section_leaves(run_model, a, b),
+                        )
+                        for a, b in sections
+                    }
                 jac_rows = {
-                    (a.spec, b.spec): _section_rows(
-                        run_model, a, b, x, acts[a.spec], None,
+                    (a.spec, b.spec): _jacobian_rows(
+                        run_model, a, b, x, acts, *structures[(a.spec, b.spec)],
                         sequence=sequence, max_vectors=max_vectors, check=i == 0,
                     )
                     for a, b in sections
@@ -633,16 +677,15 @@ def collect(
                 act_np = {s: _as_rows(t, sequence, repr(s)).cpu().numpy() for s, t in acts.items()}
                 jac_np = {pair: t.cpu().numpy() for pair, t in jac_rows.items()}
                 if cache is None:
-                    for s, array in act_np.items():
-                        act_parts[s].append(array)
-                    for pair, array in jac_np.items():
-                        jac_parts[pair].append(array)
+                    sink.append(int(x.shape[0]), act_np, jac_np)
                 else:
                     if writer is None:
                         writer, created_here = _writer_for(
                             cache, model, acts, jac_np, specs, sequence, dtype
                         )
                     writer.append(act_np, jac_np)
+                # Nothing of this batch outlives it: the next one reuses the memory.
+                del recorded, acts, jac_rows, act_np, jac_np
                 seen += int(x.shape[0])
                 bar.update(int(x.shape[0]))
         if not seen:
@@ -659,10 +702,39 @@ def collect(
             [writer.activations(layer.spec) for layer in specs],
             [writer.jacobians(a.spec, b.spec) for a, b in sections],
         )
+    act_arrays, jac_arrays = sink.result()
     return (
-        [np.concatenate(act_parts[layer.spec]) for layer in specs],
-        [np.concatenate(jac_parts[(a.spec, b.spec)]) for a, b in sections],
+        [act_arrays[layer.spec] for layer in specs],
+        [jac_arrays[(a.spec, b.spec)] for a, b in sections],
     )
+
+
+def _closed_form(model, a, b, acts, sequence):
+    """The closed form of section ``a -> b`` when it gives the Jacobian rows, else None.
+
+    Only one position per row: with several, a row's Jacobian also holds the
+    (zero) blocks of the other output positions, which the VJPs give directly.
+    """
+    structure = detect_section(model, a, b)
+    shape_in, shape_out = tuple(acts[a.spec].shape[1:]), tuple(acts[b.spec].shape[1:])
+    if structure is None or not fits_rows(structure, a, b, shape_in, shape_out, sequence):
+        return None
+    if len(shape_in) == 2 and shape_in[0] != 1:
+        return None
+    return structure
+
+
+def _jacobian_rows(model, a, b, x, acts, structure, leaves, *, sequence, max_vectors, check):
+    """Full Jacobian rows of section ``a -> b``: in closed form, or one VJP per output."""
+    act_in = acts[a.spec]
+    if structure is None:
+        return _section_rows(
+            model, a, b, x, act_in, None,
+            sequence=sequence, max_vectors=max_vectors, check=check, leaves=leaves,
+        )
+    rows = _as_rows(act_in, sequence, repr(a.spec))
+    with torch.no_grad():
+        return structure.jacobians(structure.derivative(rows))
 
 
 def _writer_for(cache, model, acts, jac_np, specs, sequence, dtype):

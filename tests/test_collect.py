@@ -382,3 +382,51 @@ def test_in_place_modules_do_not_corrupt_results(X):
     h, J = section_vjp_products(model, "0", "2", X)
     expected = model[2].weight.detach() * (h > 0)[:, None, :]
     torch.testing.assert_close(J, expected, rtol=0, atol=1e-15)
+
+
+# --------------------------------------------------------------------------- streaming
+@pytest.mark.parametrize("activation", [nn.ReLU, nn.Tanh, nn.GELU])
+def test_closed_form_jacobians_equal_brute_force(X, activation):
+    """collect's closed-form Jacobians (act(xW+b), act(x)W+b, act, identity) equal autograd's."""
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Linear(4, 5), activation(), nn.Linear(5, 6), activation(),
+                        nn.Identity(), nn.Linear(6, 3)).double()
+    layers = [":input", "1", "2", "3", "4", "5"]
+    acts, jacs = collect(net, layers, X, batch_size=7, verbose=False)
+    _, generic = collect(net, layers, X, batch_size=7, verbose=False, fast_path=False)
+    sections = [net[0:2], net[2:3], net[3:4], net[4:5], net[5:6]]
+    for l, (f, J) in enumerate(zip(sections, jacs)):
+        x = torch.as_tensor(acts[l])
+        brute = torch.stack([jacobian(f, row) for row in x]).numpy()
+        assert_same_up_to_rounding(J, brute)
+        assert_same_up_to_rounding(J, generic[l])
+
+
+class _Stream:
+    """An iterable of batches without a length: collect cannot preallocate for it."""
+
+    def __init__(self, X, size):
+        self.X, self.size = X, size
+
+    def __iter__(self):
+        return (self.X[i:i + self.size] for i in range(0, len(self.X), self.size))
+
+
+@pytest.mark.parametrize("kind", ["array", "stream", "drop_last"])
+def test_collect_fills_arrays_in_place_for_any_data(X, kind):
+    """Preallocated (arrays, DataLoader), grown (unknown length) or shrunk (drop_last) alike."""
+    net = make_mlp().double()
+    layers = [":input", "1", "4", "5"]
+    ref_acts, ref_jacs = collect(net, layers, X, batch_size=len(X), verbose=False)
+    data = {
+        "array": X,
+        "stream": _Stream(X, 3),
+        "drop_last": DataLoader(TensorDataset(torch.as_tensor(X)), batch_size=4,
+                                drop_last=True),
+    }[kind]
+    n = len(X) // 4 * 4 if kind == "drop_last" else len(X)
+    acts, jacs = collect(net, layers, data, batch_size=5, verbose=False)
+    for got, want in zip([*acts, *jacs], [*ref_acts, *ref_jacs]):
+        assert got.shape == (n, *want.shape[1:])
+        assert got.flags.c_contiguous and got.flags.owndata
+        assert_same_up_to_rounding(got, want[:n])

@@ -137,3 +137,38 @@ def test_partial_fit_of_differently_scaled_chunks_equals_fit(scales):
     assert streamed.n_components_ == full.n_components_
     np.testing.assert_allclose(streamed.components_, full.components_, rtol=1e-9)
     np.testing.assert_allclose(streamed.mean_, full.mean_, rtol=1e-14)
+
+
+# ----------------------------------------------------------------------- thread count
+def test_small_eigh_runs_on_one_thread_and_restores_the_count(monkeypatch):
+    """Small LAPACK calls run single-threaded (robust when cores are shared), then restore."""
+    import torch
+
+    from sklearn_lib import _linalg
+
+    seen = []
+    real_eigh = torch.linalg.eigh
+
+    def spy(A):
+        seen.append((A.shape[0], torch.get_num_threads()))
+        return real_eigh(A)
+
+    monkeypatch.setattr(torch.linalg, "eigh", spy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        A = torch.eye(5, dtype=torch.float64)
+        values, _ = _linalg.sorted_eigh(A)
+        assert torch.equal(values, torch.ones(5, dtype=torch.float64))
+        assert seen[-1] == (5, 1)
+        assert torch.get_num_threads() == 2
+        # Above the size limit the user's thread count is kept.
+        with _linalg.lapack_threads(A, max_size=4):
+            assert torch.get_num_threads() == 2
+        # An error inside the block still restores the count.
+        with pytest.raises(RuntimeError, match="boom"):
+            with _linalg.lapack_threads(A):
+                raise RuntimeError("boom")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -197,3 +197,129 @@ def test_cached_layers_without_features_or_numbers_are_refused(cached):
     complex_J = [J[0] * 1j, J[1]]
     with pytest.raises(ValueError, match=r"jacobians\[0\] must hold real numbers"):
         InteractionGraph(verbose=False).fit(X, jacobians=complex_J)
+
+
+# ----------------------------------------------------------------- sections run alone
+def _generic_graph(net, X, layers, **params):
+    return InteractionGraph(verbose=False, fast_path=False, truncation_threshold=1e-12,
+                            **params).fit_model(net, layers, X)
+
+
+@pytest.mark.parametrize("integration", [None, "gauss-legendre"])
+@pytest.mark.parametrize("vectors_per_chunk", [None, 3])
+def test_sections_run_from_the_recorded_activation_give_the_same_graph(
+    X, monkeypatch, integration, vectors_per_chunk
+):
+    """Products of a section's modules alone equal those of the model run from its input.
+
+    Either way the products come vector-major, in one chunk or in several.
+    """
+    from sklearn_lib import _sources, collect
+
+    if vectors_per_chunk:
+        monkeypatch.setattr(collect, "_VJP_ELEMENT_BUDGET", vectors_per_chunk * N * 10)
+
+    torch.manual_seed(1)
+    net = nn.Sequential(
+        nn.Linear(D, 5), nn.LayerNorm(5), nn.ReLU(inplace=True),
+        nn.Sequential(nn.Linear(5, 4), nn.Tanh()), nn.Linear(4, 2),
+    ).double()
+    layers = [":input", "2", "3", "4"]
+    params = {"integration": integration}
+    if integration:
+        params["n_alphas"] = 3
+    source = _sources.ModelSource(net, layers, X, sequence=False, batch_size=None,
+                                  device=None, dtype="float64", fast_path=False,
+                                  verbose=False)
+    assert [len(source.leaves(l, l + 1)) for l in range(3)] == [3, 2, 1]
+    fast = _generic_graph(net, X, layers, **params)
+    monkeypatch.setattr(_sources, "section_leaves", lambda *args: None)
+    slow = _generic_graph(net, X, layers, **params)
+    for a, b in zip([*fast.edges_, *[b.components_ for b in fast.bases_]],
+                    [*slow.edges_, *[b.components_ for b in slow.bases_]]):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10 * np.abs(b).max())
+
+
+def test_hooked_or_unstructured_sections_run_the_whole_model(net):
+    """A hook inside the section, or a section outside a Sequential, is not run alone."""
+    from sklearn_lib import _fastpath, _model
+
+    a, b = _model._parse_layers(net, [":input", "2"], "output")
+    assert len(_fastpath.section_leaves(net, a, b)) == 3
+    handle = net[1].register_forward_hook(lambda *args: None)
+    try:
+        assert _fastpath.section_leaves(net, a, b) is None
+    finally:
+        handle.remove()
+
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.f = nn.Linear(D, D)
+
+        def forward(self, x):
+            return x + self.f(x)
+
+    model = Residual()
+    a, b = _model._parse_layers(model, ["f:input", ""], "output")
+    assert _fastpath.section_leaves(model, a, b) is None
+
+
+class _MixPositions(nn.Module):
+    """Adds the mean over positions: a section through it reads every position."""
+
+    def forward(self, x):
+        return x + x.mean(1, keepdim=True)
+
+
+def test_sections_between_chosen_positions_run_the_whole_model():
+    """A layer restricted to chosen positions records only those: its section cannot
+    start from the recording, since the section reads the other positions too."""
+    from sklearn_lib import _fastpath, _model
+
+    torch.manual_seed(2)
+    modules = [nn.Linear(3, 4), _MixPositions(), nn.Tanh(), nn.Linear(4, 4)]
+    net = nn.Sequential(*modules).double()
+
+    class Unrolled(nn.Module):  # the same network, never run section by section
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList(modules)
+
+        def forward(self, x):
+            for module in self.layers:
+                x = module(x)
+            return x
+
+    layers = ["0[-1]", "2[-1]", "3[-1]"]
+    a, b = _model._parse_layers(net, layers[:2], "output")
+    assert _fastpath.section_leaves(net, a, b) is None
+    X = torch.randn(12, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    params = dict(verbose=False, fast_path=False, truncation_threshold=1e-12)
+    seq = InteractionGraph(**params).fit_model(net, layers, X, sequence=True)
+    unrolled = InteractionGraph(**params).fit_model(
+        Unrolled().double(), [f"layers.{name}" for name in layers], X, sequence=True
+    )
+    for E, E_ref in zip(seq.edges_, unrolled.edges_):
+        np.testing.assert_allclose(E, E_ref, rtol=1e-10, atol=1e-12 * np.abs(E_ref).max())
+
+
+def test_arrays_copied_for_their_layout_are_named_once(net, X):
+    """A non-row-major cache warns once, naming the arrays, and fits the same graph."""
+    import warnings
+
+    from sklearn_lib.collect import collect
+
+    acts, jacs = collect(net, LAYERS, X, verbose=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ref = InteractionGraph(verbose=False, batch_size=7).fit(acts, jacobians=jacs)
+    jacs_f = [np.asfortranarray(J) for J in jacs]
+    acts_t = [torch.as_tensor(a).T.contiguous().T for a in acts]
+    with pytest.warns(UserWarning) as record:
+        graph = InteractionGraph(verbose=False, batch_size=7).fit(acts_t, jacobians=jacs_f)
+    messages = [str(w.message) for w in record if "row-major" in str(w.message)]
+    assert len(messages) == 1
+    assert "X[0], X[1], X[2], jacobians[0], jacobians[1] are not row-major" in messages[0]
+    for a, b in zip(graph.edges_, ref.edges_):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14 * np.abs(b).max())
