@@ -112,7 +112,8 @@ def prepare_model(model, *, device=None, dtype="float64"):
     Returns
     -------
     model : torch.nn.Module
-        ``model`` or a ``copy.deepcopy`` of it moved with ``.to(device, dtype)``.
+        ``model`` or a ``copy.deepcopy`` of it moved with ``torch.nn.Module.to``
+        (never the model's own ``to``, which some libraries override).
 
     Examples
     --------
@@ -125,6 +126,12 @@ def prepare_model(model, *, device=None, dtype="float64"):
     >>> prepare_model(net64) is net64
     True
     """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(
+            f"model must be a torch.nn.Module, got {type(model).__module__}."
+            f"{type(model).__qualname__}; wrappers such as nnsight's hold the module "
+            "itself (pass that)."
+        )
     dtype = resolve_dtype(dtype)
     tensors = [*model.parameters(), *model.buffers()]
     if device is None:
@@ -135,7 +142,9 @@ def prepare_model(model, *, device=None, dtype="float64"):
         t.device == device and (not t.is_floating_point() or t.dtype == dtype) for t in tensors
     ):
         return model
-    return copy.deepcopy(model).to(device=device, dtype=dtype)
+    # torch's own Module.to: libraries override it with other signatures
+    # (TransformerLens' HookedTransformer.to takes no dtype keyword).
+    return torch.nn.Module.to(copy.deepcopy(model), device=device, dtype=dtype)
 
 
 

@@ -10,6 +10,7 @@ from torch import nn
 from torch.autograd.functional import jacobian
 from torch.utils.data import DataLoader, TensorDataset
 
+from sklearn_lib import InteractionGraph
 from sklearn_lib.collect import (
     collect,
     prepare_model,
@@ -226,6 +227,29 @@ def test_non_differentiable_sections_raise():
 def test_layers_out_of_order_raise(X):
     with pytest.raises(ValueError, match="runs before"):
         section_vjp_products(make_mlp(), "3", "0", X)
+
+
+def test_models_overriding_to_are_converted_with_torchs_own():
+    class OwnTo(nn.Linear):  # like TransformerLens' HookedTransformer.to(device_or_dtype)
+        def to(self, device_or_dtype):
+            raise AssertionError("the model's own .to must not be called")
+
+    model = OwnTo(3, 2)
+    prepared = prepare_model(model, dtype="float64")
+    assert prepared is not model and prepared.weight.dtype == torch.float64
+    assert model.weight.dtype == torch.float32
+    x = torch.randn(4, 3, dtype=torch.float64)
+    assert_same_up_to_rounding(prepared(x), x @ model.weight.double().T + model.bias.double())
+
+
+@pytest.mark.parametrize("not_a_module", [lambda x: x, object(), "model"])
+def test_only_torch_modules_are_accepted(not_a_module, X):
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        prepare_model(not_a_module)
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        collect(not_a_module, ["0", "1"], X, verbose=False)
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        InteractionGraph(verbose=False).fit_model(not_a_module, ["0", "1"], X)
 
 
 def test_user_model_untouched(X):
