@@ -314,6 +314,11 @@ def plot_interaction_graph(edges, labels=None, ax=None, *, max_edges=500, node_s
     """
     if isinstance(edges, np.ndarray) and edges.ndim == 2:
         edges = [edges]
+    if not isinstance(edges, (list, tuple)):
+        raise TypeError(
+            "edges must be a list of edge matrices, e.g. a fitted InteractionGraph's "
+            f"edges_, got {type(edges).__name__}."
+        )
     if len(edges) == 0:
         raise ValueError("edges must be a non-empty list of edge matrices.")
     edges = [_check_edges(E, f"edges[{l}]") for l, E in enumerate(edges)]

@@ -15,7 +15,7 @@ from sklearn.exceptions import NotFittedError  # noqa: E402
 from sklearn.pipeline import Pipeline  # noqa: E402
 from sklearn.preprocessing import StandardScaler  # noqa: E402
 
-from sklearn_lib import InteractionBasis  # noqa: E402
+from sklearn_lib import InteractionBasis, InteractionGraph  # noqa: E402
 from sklearn_lib.evaluation import compare_node_ablation, edge_ablation_curve  # noqa: E402
 from sklearn_lib.plotting import (  # noqa: E402
     plot_ablation_curves,
@@ -198,6 +198,8 @@ def test_graph_errors(graph):
         plot_interaction_graph(edges, max_edges=0)
     with pytest.raises(ValueError, match="non-empty"):
         plot_interaction_graph([])
+    with pytest.raises(TypeError, match="list of edge matrices, e.g. a fitted InteractionGraph"):
+        plot_interaction_graph(InteractionGraph())
 
 
 # --------------------------------------------------------------------------- optional extra
