@@ -803,6 +803,7 @@ def test_constant_node_is_the_folded_bias_coordinate(fast_path, tmp_path):
         # Rows of layer l+1's directions: the folded Jacobian, constant column included.
         assert_close(E[:r_out], expected, rtol=1e-9)
         if l < 2:  # the constant is carried to the next constant node, and only there
+            # Exact: set, not computed (constant to constant, weight P_{l+1} / P_l = 1).
             np.testing.assert_array_equal(E[r_out], np.eye(E.shape[1])[-1])
         else:
             assert E.shape[0] == r_out
