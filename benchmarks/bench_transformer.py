@@ -3,7 +3,8 @@
 Times ``InteractionGraph.from_model`` on the reference work's layers of
 :func:`sklearn_lib.datasets.load_modular_addition_transformer` (residual stream
 before attention at all three positions, before the MLP and before the
-unembedding at the last position, and the logits; ``sequence=True``, float64,
+unembedding at the last position (``"hook_resid_mid[-1]"``,
+``"hook_resid_post[-1]"``), and the logits; ``sequence=True``, float64,
 training pairs of the default split), through the generic path (vectorised
 vector-Jacobian products). Each section's time is split into the statistics
 pass (the basis of layer ``l``) and the edges pass, by timing the source's
@@ -30,20 +31,10 @@ from sklearn_lib._sources import ModelSource
 from sklearn_lib.datasets import load_modular_addition_transformer, modular_addition_data
 
 NAMES = ["resid_pre", "resid_mid", "resid_post", "logits"]
-LAYERS = ["transformer.hook_resid_pre", "transformer.hook_resid_mid",
-          "transformer.hook_resid_post", "transformer.unembed"]
+# The reference work's layers: the residual stream after attention and after the MLP at
+# the last position only, where the answer is read out (the model runs its full forward).
+LAYERS = ["hook_resid_pre", "hook_resid_mid[-1]", "hook_resid_post[-1]", "unembed"]
 ATTENTION_FLOP = 120e9  # the issue's estimate for M' of the attention section at n = 3,830
-
-
-class LastPosition(torch.nn.Module):
-    """The transformer with attention and MLP at the last position (the reference's layers)."""
-
-    def __init__(self, transformer):
-        super().__init__()
-        self.transformer = transformer
-
-    def forward(self, x):
-        return self.transformer(x, last_only=True)
 
 
 def gemm_rate(size=2048, repeat=5):
@@ -88,7 +79,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    net = LastPosition(load_modular_addition_transformer()).eval()
+    net = load_modular_addition_transformer()
     X = modular_addition_data()[0][: args.n]
     rate = gemm_rate()
     print(f"{len(X)} pairs, float64, {torch.get_num_threads()} threads; "
