@@ -1,5 +1,6 @@
 """Degeneracy-invariant interaction bases, interaction graphs and modules for neural networks."""
 
+from ._fastpath import declare_residual_mlp
 from .basis import InteractionBasis
 from .cluster import ModularityClustering
 from .graph import InteractionGraph
@@ -12,6 +13,7 @@ __all__ = [
     "InteractionPipeline",
     "ModularityClustering",
     "PCA",
+    "declare_residual_mlp",
     "make_interaction_pipeline",
 ]
 __version__ = "0.1.0.dev0"

@@ -21,8 +21,15 @@ most one elementwise activation from :data:`ELEMENTWISE`, in either order
 (``act(x W + b)``: ``J = diag(s) W^T``; ``act(x) W + b``: ``J = W^T diag(s)``), or
 nothing at all (``J = I``). Exact types are required (a subclass may override
 ``forward``) and no module in the section may carry forward hooks.
+
+A residual MLP block ``x + act(x W_in + b_in) W_out + b_out`` (:class:`ResidualMLP`)
+is not recognised from its code: the user declares it with
+:func:`declare_residual_mlp`, and the section ``"M:input" -> "M:output"`` of the
+declared module ``M`` is then checked against the formula on the first recorded
+batch (``ResidualMLP.verify``) before the closed form is used.
 """
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +38,9 @@ from torch import nn
 __all__ = [
     "ELEMENTWISE",
     "LinearElementwise",
+    "ResidualMLP",
+    "check_declared",
+    "declare_residual_mlp",
     "detect_section",
     "fits_rows",
     "run_leaves",
@@ -92,8 +102,18 @@ class LinearElementwise:
             return V.T, self.weight
         return V.T @ self.weight, None
 
-    def jacobian_scatter(self, SS, V):
-        """``sum_x (V^T J_x)^T (V^T J_x)`` from ``SS = S^T S`` (d_s, d_s)."""
+    def fits(self, d_in, d_out):
+        """Whether the section maps rows of width ``d_in`` to rows of width ``d_out``."""
+        if self.weight is None:
+            return d_in == d_out
+        return tuple(self.weight.shape) == (d_out, d_in)
+
+    def jacobian_scatter(self, SS, V, s_sum=None, n=None):
+        """``sum_x (V^T J_x)^T (V^T J_x)`` from ``SS = S^T S`` (d_s, d_s).
+
+        ``s_sum`` and ``n`` (the sum of the rows ``s_x`` and their number) are
+        not needed here; :class:`ResidualMLP` takes them too.
+        """
         A, R = self.factors(V)
         inner = (A.T @ A) * SS
         return inner if R is None else R.T @ inner @ R
@@ -140,6 +160,184 @@ class LinearElementwise:
         return out
 
 
+#: The attribute :func:`declare_residual_mlp` sets: submodule names (in, activation, out).
+RESIDUAL_ATTRIBUTE = "__sklearn_lib_residual_mlp__"
+
+
+@dataclass
+class ResidualMLP:
+    """A residual MLP block ``x + act(x @ w_in.T + b_in) @ w_out.T + b_out``.
+
+    Weights in ``nn.Linear``'s layout: ``w_in`` (d_mlp, d), ``w_out`` (d, d_mlp).
+    With ``s_x = act'(x @ w_in.T + b_in)`` the Jacobian (rows: outputs) is
+    ``J_x = I + w_out diag(s_x) w_in``, so that with ``A = V^T w_out`` (k, d_mlp)
+
+    * ``V^T J_x = V^T + A diag(s_x) w_in`` and the Jacobian scatter over n rows is
+      ``n V V^T + P diag(sum_x s_x) w_in + (same)^T + w_in^T [(A^T A) * (S^T S)] w_in``
+      with ``P = V A``: from the Gram ``S^T S``, the sum of the rows ``s_x`` and n;
+    * the Jacobian between basis coordinates is
+      ``V^T J_x C_pinv^T = V^T C_pinv^T + A diag(s_x) (w_in C_pinv^T)``: a constant
+      plus the structured term of :class:`LinearElementwise`.
+
+    Rows are positions too (the block acts on the last axis only).
+    """
+
+    w_in: torch.Tensor
+    b_in: torch.Tensor | None
+    activation: nn.Module
+    w_out: torch.Tensor
+    b_out: torch.Tensor | None
+
+    def __post_init__(self):
+        self._hidden = LinearElementwise(self.w_in, self.b_in, self.activation, linear_first=True)
+
+    def derivative(self, X):
+        """``s`` (N, d_mlp): the activation's derivative at the rows ``X`` of the block's input."""
+        return self._hidden.derivative(X)
+
+    def forward(self, X):
+        """The block's formula on rows ``X`` (what the declared module must compute)."""
+        hidden = self.activation(torch.nn.functional.linear(X, self.w_in, self.b_in))
+        return X + torch.nn.functional.linear(hidden, self.w_out, self.b_out)
+
+    def verify(self, X, Y):
+        """Whether the recorded output rows ``Y`` are the formula at the input rows ``X``.
+
+        Equal to rounding: ``1e3 eps`` of the largest entry (at least 1).
+        """
+        if X.shape != Y.shape or X.shape[-1] != self.w_in.shape[1]:
+            return False
+        with torch.no_grad():
+            pred = self.forward(X.to(self.w_in.dtype)).to(Y.dtype)
+        eps = torch.finfo(Y.dtype).eps
+        scale = max(float(Y.abs().max()), float(X.abs().max()), 1.0) if Y.numel() else 1.0
+        return bool(torch.isfinite(pred).all()) and float((pred - Y).abs().max()) <= (
+            1e3 * eps * scale
+        )
+
+    def fits(self, d_in, d_out):
+        """Whether the block maps rows of width ``d_in`` to rows of width ``d_out``."""
+        return d_in == d_out == self.w_in.shape[1] == self.w_out.shape[0]
+
+    def jacobian_scatter(self, SS, V, s_sum, n):
+        """``sum_x (V^T J_x)^T (V^T J_x)`` from ``SS = S^T S``, ``s_sum = sum_x s_x``, n rows."""
+        A = V.T @ self.w_out
+        cross = ((V @ A) * s_sum) @ self.w_in
+        inner = self.w_in.T @ ((A.T @ A) * SS) @ self.w_in
+        return (V @ V.T).mul_(n).add_(cross).add_(cross.T).add_(inner)
+
+    def edge_factors(self, V, right):
+        """``(A, B, A0)`` with ``V^T J_x right = A0 + A diag(s_x) B``, computed once per layer."""
+        return V.T @ self.w_out, self.w_in @ right, V.T @ right
+
+    def edge_jacobians(self, s, factors, workspace):
+        """``A0 + A diag(s_x) B`` for each row ``s_x`` of ``s``: (N, k, r), in ``workspace``.
+
+        ``s`` may be a path average of derivatives with weights summing to 1
+        (``_edges.path_quadrature``): the constant term then enters once.
+        """
+        A, B, A0 = factors
+        return self._hidden.edge_jacobians(s, (A, B), workspace).add_(A0)
+
+    def jacobians(self, s, out=None):
+        """The Jacobians ``J_x = I + w_out diag(s_x) w_in`` (N, d, d) from ``s`` (N, d_mlp)."""
+        left = self.w_out[None] * s[:, None, :]
+        out = torch.matmul(left, self.w_in, out=out)
+        out.diagonal(dim1=1, dim2=2).add_(1)
+        return out
+
+
+def declare_residual_mlp(module, linear_in, activation, linear_out):
+    """Declare that ``module(x) == x + linear_out(activation(linear_in(x)))``.
+
+    Between the layers ``"<module>:input"`` and ``"<module>:output"`` the
+    interaction graph then computes the block's statistics and edges in closed
+    form (no per-sample Jacobians). The declaration is checked: the submodules
+    must be exactly ``nn.Linear``, an elementwise activation and ``nn.Linear``
+    of matching widths, and the recorded output of the first batch must equal
+    the formula to rounding; otherwise the generic path is used, with a warning.
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+        The block.
+    linear_in, activation, linear_out : str
+        Names of the block's submodules (as in ``module.get_submodule``).
+
+    Returns
+    -------
+    module : torch.nn.Module
+        The same module, marked.
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}.")
+    parts = []
+    for role, name, kinds in (("linear_in", linear_in, (nn.Linear,)),
+                              ("activation", activation, ELEMENTWISE),
+                              ("linear_out", linear_out, (nn.Linear,))):
+        if not isinstance(name, str):
+            raise TypeError(f"{role} must be the name of a submodule (a str), got {name!r}.")
+        try:
+            sub = module.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"{role}: the module has no submodule {name!r}.") from None
+        if type(sub) not in kinds:
+            raise ValueError(
+                f"{role} {name!r} must be exactly one of "
+                f"{', '.join(k.__name__ for k in kinds)}, got {type(sub).__name__}."
+            )
+        parts.append(sub)
+    lin_in, _, lin_out = parts
+    if lin_out.in_features != lin_in.out_features or lin_out.out_features != lin_in.in_features:
+        raise ValueError(
+            f"a residual block needs linear_in (d -> d_mlp) and linear_out (d_mlp -> d); got "
+            f"{lin_in.in_features} -> {lin_in.out_features} and "
+            f"{lin_out.in_features} -> {lin_out.out_features}."
+        )
+    setattr(module, RESIDUAL_ATTRIBUTE, (linear_in, activation, linear_out))
+    return module
+
+
+def check_declared(structure, X, Y, spec_in, spec_out):
+    """``structure.verify(X, Y)``, with a warning when the declared formula does not hold."""
+    if structure.verify(X, Y):
+        return True
+    warnings.warn(
+        f"the section {spec_in!r} -> {spec_out!r} was declared a residual MLP block "
+        "(declare_residual_mlp), but the module's output is not "
+        "x + linear_out(activation(linear_in(x))) on the first batch; using generic "
+        "vector-Jacobian products instead.",
+        UserWarning,
+        stacklevel=3,
+    )
+    return False
+
+
+def _residual_section(a, b):
+    """The :class:`ResidualMLP` of a declared module between its input and output, or None."""
+    if a.name != b.name or a.kind != "input" or b.kind != "output" or a.positions != b.positions:
+        return None
+    names = getattr(a.module, RESIDUAL_ATTRIBUTE, None)
+    if names is None:
+        return None
+    if any(_hooked(m) for m in a.module.modules()):
+        return None
+    try:
+        lin_in, act, lin_out = (a.module.get_submodule(name) for name in names)
+    except AttributeError:
+        return None
+    if type(lin_in) is not nn.Linear or type(lin_out) is not nn.Linear or (
+        type(act) not in ELEMENTWISE
+    ):
+        return None
+    return ResidualMLP(lin_in.weight.detach(), _detached(lin_in.bias), act,
+                       lin_out.weight.detach(), _detached(lin_out.bias))
+
+
+def _detached(t):
+    return None if t is None else t.detach()
+
+
 def fits_rows(structure, layer_in, layer_out, shape_in, shape_out, sequence):
     """Whether a closed form acts on the recorded rows of per-sample shapes ``shape_in/out``.
 
@@ -159,9 +357,7 @@ def fits_rows(structure, layer_in, layer_out, shape_in, shape_out, sequence):
     )
     if p_in != p_out:
         return False
-    if structure.weight is None:
-        return d_in == d_out
-    return tuple(structure.weight.shape) == (d_out, d_in)
+    return structure.fits(d_in, d_out)
 
 
 def _hooked(module):
@@ -275,11 +471,20 @@ def run_leaves(leaves, t):
 def detect_section(model, a, b):
     """The closed form of section ``a -> b`` (parsed layers of ``collect``), or None.
 
-    Returns a :class:`LinearElementwise` when the rule of the module docstring
-    applies, None otherwise (the caller then uses generic vector-Jacobian
-    products). Shapes are not checked here; the caller compares the Linear's
-    widths with the recorded activations.
+    Returns a :class:`ResidualMLP` for ``"M:input" -> "M:output"`` of a module
+    marked by :func:`declare_residual_mlp` (the caller checks the formula on
+    recorded rows with ``verify`` before using it), a :class:`LinearElementwise`
+    when the rule of the module docstring applies, None otherwise (the caller
+    then uses generic vector-Jacobian products). Shapes are not checked here;
+    the caller compares the Linear's widths with the recorded activations.
     """
+    if torch.nn.modules.module._global_forward_hooks or (
+        torch.nn.modules.module._global_forward_pre_hooks
+    ):
+        return None
+    residual = _residual_section(a, b)
+    if residual is not None:
+        return residual
     for leaves in _candidate_leaves(model, a, b):
         structure = _classify(leaves)
         if structure is not None:

@@ -22,8 +22,11 @@ from . import _model
 from . import collect as _collect
 from ._backend import as_tensor, eval_mode, model_device, resolve_dtype
 from ._edges import Workspace, accumulate_edges, path_points
-from ._fastpath import detect_section, fits_rows, section_leaves
+from ._fastpath import check_declared, detect_section, fits_rows, section_leaves
 from .basis import _AUTO_CHUNK_NUMBERS
+
+#: Samples of the first batch a declared closed form is checked on (batch_size=None).
+_VERIFY_SAMPLES = 256
 
 
 def _shape(a):
@@ -497,6 +500,8 @@ class ModelSource:
             found = detect_section(self.model, self.specs[l], self.specs[m])
             if found is not None and not self._fits(found, l, m):
                 found = None
+            if found is not None and hasattr(found, "verify") and not self._verified(found, l, m):
+                found = None
             self._structures[(l, m)] = found
         return self._structures[(l, m)]
 
@@ -508,6 +513,14 @@ class ModelSource:
         if (l, m) not in self._leaves:
             self._leaves[(l, m)] = section_leaves(self.model, self.specs[l], self.specs[m])
         return self._leaves[(l, m)]
+
+    def _verified(self, st, l, m):
+        """Whether a declared closed form computes layer m from layer l on the first batch."""
+        x = next(iter(self._batches(self.batch_size or _VERIFY_SAMPLES)))
+        with eval_mode(self.model), torch.no_grad():
+            rec = _model._record_batch(self.model, [self.specs[l], self.specs[m]], x)
+        X, Y = (self._rows(_model._cast(rec[self.specs[i].spec], self.dtype), i) for i in (l, m))
+        return check_declared(st, X, Y, self.specs[l].spec, self.specs[m].spec)
 
     def _fits(self, st, l, m):
         """The closed form acts on rows: widths and positions must match the recording."""
@@ -535,7 +548,7 @@ class ModelSource:
         a, b = self.specs[l], self.specs[m]
         k = V.shape[1]
         if st is not None:
-            SS = None
+            SS, s_sum, n_rows = None, None, 0
             # The activation's copies and the derivative with its autograd temporaries.
             work = 8 * self.positions[l] * max(self.widths[l], self.widths[m])
             for x in self._pass(f"layer {l}", self._footprint(l, work)):
@@ -543,8 +556,11 @@ class ModelSource:
                 s = st.derivative(X)
                 stats.update(X)
                 SS = s.T @ s if SS is None else SS.addmm_(s.T, s)
+                s_sum = s.sum(0) if s_sum is None else s_sum.add_(s.sum(0))
+                n_rows += s.shape[0]
             n_out = self.positions[m] * V.shape[1]
-            return stats.add_jacobian_scatter_(st.jacobian_scatter(SS, V), n_outputs=n_out)
+            scatter = st.jacobian_scatter(SS, V, s_sum=s_sum, n=n_rows)
+            return stats.add_jacobian_scatter_(scatter, n_outputs=n_out)
         # Products, cotangents and the backward's intermediates, each as large.
         width = max(self.widths[l], self.widths[m])
         work = 3 * self.positions[l] * self.positions[m] * k * width

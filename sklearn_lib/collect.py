@@ -64,7 +64,7 @@ from ._backend import (
     resolve_dtype,
     to_output,
 )
-from ._fastpath import detect_section, fits_rows, run_leaves, section_leaves
+from ._fastpath import check_declared, detect_section, fits_rows, run_leaves, section_leaves
 from ._model import (
     _ArraySink,
     _as_rows,
@@ -729,6 +729,11 @@ def _closed_form(model, a, b, acts, sequence):
     if structure is None or not fits_rows(structure, a, b, shape_in, shape_out, sequence):
         return None
     if len(shape_in) == 2 and shape_in[0] != 1:
+        return None
+    if hasattr(structure, "verify") and not check_declared(
+        structure, _as_rows(acts[a.spec], sequence, repr(a.spec)),
+        _as_rows(acts[b.spec], sequence, repr(b.spec)), a.spec, b.spec,
+    ):
         return None
     return structure
 
