@@ -268,6 +268,25 @@ def declare_residual_mlp(module, linear_in, activation, linear_out):
     -------
     module : torch.nn.Module
         The same module, marked.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> from sklearn_lib import InteractionGraph, declare_residual_mlp
+    >>> class Block(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.fc_in, self.act, self.fc_out = nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 4)
+    ...     def forward(self, x):
+    ...         return x + self.fc_out(self.act(self.fc_in(x)))
+    >>> block = declare_residual_mlp(Block(), "fc_in", "act", "fc_out")
+    >>> model = nn.Sequential(nn.Linear(3, 4), block)
+    >>> X = torch.randn(50, 3, generator=torch.Generator().manual_seed(0))
+    >>> graph = InteractionGraph(fast_path=True, verbose=False)  # closed form or an error
+    >>> graph = graph.fit_model(model, ["1:input", "1:output"], X)
+    >>> graph.edges_[0].shape  # 3 directions of the block's input reach its 4 outputs
+    (4, 3)
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}.")
