@@ -262,14 +262,14 @@ def test_damaged_chunk_refused_when_read(finalized):
     cache = ActivationCache.open(path)
     handle = cache.activations("blocks.0.mlp")
     expected = np.concatenate([acts["blocks.0.mlp"] for acts, _ in batches])
-    np.testing.assert_array_equal(np.asarray(handle), expected)
+    np.testing.assert_array_equal(np.asarray(handle), expected)  # exact: stored bytes read back
     chunk = chunk_files(path, array_dir(path, "activations").relative_to(path))[2]
     data = bytearray(chunk.read_bytes())
     data[-1] ^= 0xFF
     chunk.write_bytes(bytes(data))
     with pytest.raises(ValueError, match=r"layer 'blocks.0.mlp', chunk \(2, 0\) .*corrupted"):
         handle[8:]
-    np.testing.assert_array_equal(handle[:8], expected[:8])  # intact chunks still read
+    np.testing.assert_array_equal(handle[:8], expected[:8])  # exact: intact chunks still read back
     chunk.unlink()
     with pytest.raises(ValueError, match=r"chunk \(2, 0\) .* is missing"):
         handle[8:]
