@@ -336,6 +336,8 @@ def _residual_section(a, b):
     """The :class:`ResidualMLP` of a declared module between its input and output, or None."""
     if a.name != b.name or a.kind != "input" or b.kind != "output" or a.positions != b.positions:
         return None
+    if a.axes is not None or b.axes is not None:
+        return None
     names = getattr(a.module, RESIDUAL_ATTRIBUTE, None)
     if names is None:
         return None
@@ -366,6 +368,9 @@ def fits_rows(structure, layer_in, layer_out, shape_in, shape_out, sequence):
     ``(d_out, d_in)`` (without a Linear, ``d_in == d_out``).
     """
     if layer_in.positions != layer_out.positions:
+        return False
+    # Declared axes need not be the axis a Linear acts on (channels of a conv).
+    if layer_in.axes is not None or layer_out.axes is not None:
         return False
     allowed = (1, 2) if sequence else (1,)
     if len(shape_in) not in allowed or len(shape_out) not in allowed:
@@ -469,9 +474,10 @@ def section_leaves(model, a, b):
     whose modules carry no hooks. Running only these modules, from a recorded
     activation, replaces running the whole model from its input. Not for layers
     restricted to chosen positions: their recorded activation lacks the other
-    positions, which the section still reads.
+    positions, which the section still reads. Nor for layers with declared axes:
+    their recorded (batch, P, d) view is not what the section's modules take.
     """
-    if a.positions is not None or b.positions is not None:
+    if a.positions is not None or b.positions is not None or a.axes or b.axes:
         return None
     for leaves in _candidate_leaves(model, a, b):
         if not any(_hooked(module) for module in leaves):

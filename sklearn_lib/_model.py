@@ -16,6 +16,7 @@ from math import prod
 import numpy as np
 import torch
 
+from ._axes import Layer, view_axes
 from ._backend import as_tensor, gen_batches
 
 _HOOK_KINDS = ("input", "output")
@@ -25,8 +26,9 @@ _PROBE_SAMPLES = 2
 
 # ``positions`` selects positions of a (batch, position, ...) activation: None (all),
 # a tuple of ints, or a slice, from a layer name suffixed "[-1]", "[0, 2]" or "[1:]".
-_Layer = namedtuple("_Layer", ["spec", "name", "kind", "module", "positions"],
-                    defaults=[None])
+# ``axes`` are the feature axes a ``Layer`` declares (None: the default layout).
+_Layer = namedtuple("_Layer", ["spec", "name", "kind", "module", "positions", "axes"],
+                    defaults=[None, None])
 
 
 class _StopForward(Exception):
@@ -41,9 +43,10 @@ def _parse_layers(model, layers, hook):
         layers = [layers]
     modules = dict(model.named_modules())
     parsed, unknown = [], []
-    for spec in layers:
+    for entry in layers:
+        spec, axes = (entry.name, entry.feature_axes) if isinstance(entry, Layer) else (entry, None)
         if not isinstance(spec, str):
-            raise TypeError(f"layer names must be strings, got {spec!r}.")
+            raise TypeError(f"layers must be names (strings) or Layer objects, got {entry!r}.")
         name, kind, positions = spec, hook, None
         if spec.endswith("]") and "[" in spec and spec not in modules:
             name, _, selector = spec[:-1].rpartition("[")
@@ -54,7 +57,7 @@ def _parse_layers(model, layers, hook):
         if name not in modules:
             unknown.append(spec)
         else:
-            parsed.append(_Layer(spec, name, kind, modules[name], positions))
+            parsed.append(_Layer(spec, name, kind, modules[name], positions, axes))
     if unknown:
         names = list(modules)
         shown = ", ".join(repr(n) for n in names[:_MAX_NAMES_IN_ERROR])
@@ -127,8 +130,12 @@ def _select(layer, fn):
 
 
 def _hook(layer, fn):
-    """Call ``fn(activation)`` when ``layer`` fires; a non-None result replaces the activation."""
-    fn = _select(layer, fn)
+    """Call ``fn(activation)`` when ``layer`` fires; a non-None result replaces the activation.
+
+    ``fn`` sees the activation through the layer's declared axes (``_axes``), then
+    its selection of positions.
+    """
+    fn = view_axes(layer.spec, layer.axes, _select(layer, fn))
     if layer.kind == "output":
 
         def forward_hook(module, args, output):
@@ -284,13 +291,15 @@ def _cast(t, dtype):
     return t.to(dtype) if t.is_floating_point() else t
 
 
-def _positions(shape, sequence, what):
-    """(P, d) of a per-sample activation shape under the row-layout convention.
+def _positions(shape, sequence, layer):
+    """(P, d) of ``layer``'s per-sample activation shape under the row-layout convention.
 
+    A layer with declared axes is (position, feature) whatever ``sequence`` says.
     A layer without features (or positions) has no basis: it is refused here,
-    where every recorded shape passes, naming the layer ``what``.
+    where every recorded shape passes.
     """
-    if not sequence:
+    what = repr(layer.spec)
+    if not (sequence or layer.axes is not None):
         n_pos, d = 1, prod(shape)
     elif len(shape) == 1:
         n_pos, d = 1, shape[0]
@@ -310,8 +319,8 @@ def _positions(shape, sequence, what):
     return n_pos, d
 
 
-def _as_rows(act, sequence, what):
-    n_pos, d = _positions(act.shape[1:], sequence, what)
+def _as_rows(act, sequence, layer):
+    n_pos, d = _positions(act.shape[1:], sequence, layer)
     return act.reshape(act.shape[0] * n_pos, d)
 
 

@@ -376,7 +376,7 @@ class ModelSource:
             _model._check_forward(self.model, first)
             probe = _model._record_batch(self.model, self.specs, first[:_model._PROBE_SAMPLES])
         shapes = [tuple(probe[s.spec].shape[1:]) for s in self.specs]
-        pw = [_model._positions(sh, sequence, repr(s.spec)) for sh, s in zip(shapes, self.specs)]
+        pw = [_model._positions(sh, sequence, s) for sh, s in zip(shapes, self.specs)]
         self.positions = [p for p, _ in pw]
         self.widths = [d for _, d in pw]
         self._shapes = shapes
@@ -490,7 +490,7 @@ class ModelSource:
         return act
 
     def _rows(self, act, l):
-        return _model._as_rows(act, self.sequence, repr(self.specs[l].spec))
+        return _model._as_rows(act, self.sequence, self.specs[l])
 
     def structure(self, l, m):
         """The closed form of section l -> m, or None (generic products)."""

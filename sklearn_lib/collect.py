@@ -366,7 +366,7 @@ def _section_rows(model, a, b, x, act_in, cotangents, *, sequence, max_vectors, 
     if check:
         _check_differentiable(model, a, b, x, act_in)
     batch = act_in.shape[0]
-    p_in, d_in = _positions(act_in.shape[1:], sequence, f"{a.spec!r}")
+    p_in, d_in = _positions(act_in.shape[1:], sequence, a)
     # The outer no_grad stops parameters from recording an autograd graph;
     # torch.func.vjp differentiates with respect to its primal regardless.
     # Fused attention kernels have no vmap batching rule for their backward
@@ -381,7 +381,7 @@ def _section_rows(model, a, b, x, act_in, cotangents, *, sequence, max_vectors, 
                 section = lambda t: run_leaves(leaves, t.clone())  # noqa: E731
             out, vjp_fn = torch.func.vjp(section, act_in)
         out_shape = tuple(out.shape[1:])
-        p_out, d_out = _positions(out_shape, sequence, f"{b.spec!r}")
+        p_out, d_out = _positions(out_shape, sequence, b)
         if cotangents is None:
             basis = torch.eye(d_out, device=out.device, dtype=out.dtype)
         else:
@@ -508,7 +508,7 @@ def section_vjp_products(
             run_model, a, b, x, act_in, cotangents,
             sequence=sequence, max_vectors=max_vectors, check=True,
         )
-    act_rows = _as_rows(act_in, sequence, f"{a.spec!r}")
+    act_rows = _as_rows(act_in, sequence, a)
     return to_output(act_rows, inputs), to_output(products, inputs)
 
 
@@ -683,7 +683,7 @@ def collect(
                     for a, b in sections
                 }
                 # The only host copies: one per array per batch.
-                act_np = {s: _as_rows(t, sequence, repr(s)).cpu().numpy() for s, t in acts.items()}
+                act_np = {a.spec: _as_rows(acts[a.spec], sequence, a).cpu().numpy() for a in specs}
                 jac_np = {pair: t.cpu().numpy() for pair, t in jac_rows.items()}
                 if cache is None:
                     sink.append(int(x.shape[0]), act_np, jac_np)
@@ -731,8 +731,8 @@ def _closed_form(model, a, b, acts, sequence):
     if len(shape_in) == 2 and shape_in[0] != 1:
         return None
     if hasattr(structure, "verify") and not check_declared(
-        structure, _as_rows(acts[a.spec], sequence, repr(a.spec)),
-        _as_rows(acts[b.spec], sequence, repr(b.spec)), a.spec, b.spec,
+        structure, _as_rows(acts[a.spec], sequence, a),
+        _as_rows(acts[b.spec], sequence, b), a.spec, b.spec,
     ):
         return None
     return structure
@@ -746,7 +746,7 @@ def _jacobian_rows(model, a, b, x, acts, structure, leaves, *, sequence, max_vec
             model, a, b, x, act_in, None,
             sequence=sequence, max_vectors=max_vectors, check=check, leaves=leaves,
         )
-    rows = _as_rows(act_in, sequence, repr(a.spec))
+    rows = _as_rows(act_in, sequence, a)
     with torch.no_grad():
         return structure.jacobians(structure.derivative(rows))
 
@@ -759,7 +759,7 @@ def _writer_for(cache, model, acts, jac_np, specs, sequence, dtype):
         return cache, False
     row_shapes, rows_per_sample = {}, {}
     for layer in specs:
-        n_pos, d = _positions(acts[layer.spec].shape[1:], sequence, repr(layer.spec))
+        n_pos, d = _positions(acts[layer.spec].shape[1:], sequence, layer)
         row_shapes[layer.spec] = (d,)
         rows_per_sample[layer.spec] = n_pos
     writer = ActivationCache.create(
@@ -771,7 +771,7 @@ def _writer_for(cache, model, acts, jac_np, specs, sequence, dtype):
         metadata={
             "collect": {
                 "layers": [layer.spec for layer in specs],
-                "sequence": bool(sequence),
+                "sequence": bool(sequence) or any(s.axes is not None for s in specs),
                 "jacobians": bool(jac_np),
                 "model": type(model).__name__,
             }
