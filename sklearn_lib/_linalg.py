@@ -33,6 +33,7 @@ import math
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
+from numbers import Integral
 
 import torch
 
@@ -168,8 +169,10 @@ def interaction_basis(
     threshold : "auto" or float
         A float is SPEC's absolute threshold on ``D`` and ``Lambda`` (in the
         units of the data).
-    n_components : int or None
-        Upper bound on the number of directions; the caller clamps and warns.
+    n_components : int, float in (0, 1) or None
+        Upper bound on the number of directions (the caller warns when it
+        exceeds what survives), or the share of the summed interaction
+        strengths of the surviving directions to keep (:func:`kept_count`).
     n_terms : (int, int)
         Number of outer products accumulated into ``gram`` and ``jacobian_gram``
         (rows of X; rows of X times outputs), for the "auto" tolerance.
@@ -224,7 +227,7 @@ def interaction_basis(
         raise ValueError(
             _nothing_survives(threshold, gram, jacobian_gram, D_all, m, Lambda, exponents)
         )
-    r = n_available if n_components is None else min(n_components, n_available)
+    r = kept_count(Lambda[:n_available], n_components)
     Lambda, V = Lambda[:r], V[:, :r]
     sqrt_Lambda = Lambda.sqrt()
     # C = U D^-1/2 V Lambda^1/2 and its left inverse, each as one product. With the
@@ -255,6 +258,21 @@ def interaction_basis(
         n_kept_gram=m,
         n_available=n_available,
     )
+
+
+def kept_count(strengths, n_components):
+    """How many of the descending ``strengths`` ``n_components`` keeps.
+
+    None keeps all, an int at most that many, and a share ``0 < f < 1`` the
+    fewest leading ones whose sum is at least ``f`` times the total.
+    """
+    n = len(strengths)
+    if n_components is None:
+        return n
+    if isinstance(n_components, Integral):
+        return min(int(n_components), n)
+    share = torch.cumsum(strengths, 0) / strengths.sum()
+    return min(n, int((share < n_components).sum()) + 1)
 
 
 def _nothing_survives(threshold, gram, jacobian_gram, D_all, m, Lambda, exponents):

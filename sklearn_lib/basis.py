@@ -11,7 +11,7 @@ from sklearn.base import (
     TransformerMixin,
     _fit_context,
 )
-from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils._param_validation import Interval, RealNotInt, StrOptions
 from sklearn.utils.validation import (
     _check_sample_weight,
     check_array,
@@ -60,10 +60,13 @@ class InteractionBasis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
 
     Parameters
     ----------
-    n_components : int, default=None
+    n_components : int or float, default=None
         Largest number of directions to keep after both truncations. None keeps
         all that survive. If larger than what survives, a warning is issued and
-        the surviving count is used.
+        the surviving count is used. A float in (0, 1) keeps the fewest leading
+        directions whose interaction strengths sum to at least that share of
+        the sum over all surviving directions (``0.99``: the directions that
+        carry 99% of ``Lambda``).
     center : bool, default=True
         Subtract the (weighted) mean before computing the Gram matrix. With
         ``center=False`` and a constant-1 column in ``X`` this is the reference
@@ -138,7 +141,11 @@ class InteractionBasis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
     __metadata_request__score = {"jacobians": True}
 
     _parameter_constraints: dict = {
-        "n_components": [Interval(Integral, 1, None, closed="left"), None],
+        "n_components": [
+            Interval(Integral, 1, None, closed="left"),
+            Interval(RealNotInt, 0, 1, closed="neither"),
+            None,
+        ],
         "center": ["boolean"],
         "truncation_threshold": [
             StrOptions({"auto"}),
@@ -194,7 +201,7 @@ class InteractionBasis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
         )
         stats = self._new_statistics(X, jacobians)
         self._accumulate(stats, X, jacobians, sample_weight)
-        return self._fit_statistics(stats)
+        return self._fit_statistics(stats, name="X")
 
     @_fit_context(prefer_skip_nested_validation=True)
     def partial_fit(self, X, y=None, *, jacobians=None, sample_weight=None):
@@ -237,7 +244,8 @@ class InteractionBasis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
             check_jacobians(jacobians, X.shape, n_outputs=stats.n_outputs)
         chunk = self._new_statistics(X, jacobians)
         self._accumulate(chunk, X, jacobians, sample_weight)
-        return self._fit_statistics(stats + chunk)
+        # No warning about few samples: early chunks have few by design.
+        return self._fit_statistics(stats + chunk, name=None)
 
     def _check_fit_input(self, X, jacobians, sample_weight, *, reset):
         """Validate X (numpy via sklearn, tensors by hand) and the metadata's shapes."""
@@ -324,15 +332,18 @@ class InteractionBasis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
                 None if sample_weight is None else sample_weight[rows],
             )
 
-    def _fit_statistics(self, stats):
+    def _fit_statistics(self, stats, *, name):
         """Compute the basis from accumulated statistics and set fitted attributes.
 
         This is the one entry point from statistics to a fitted basis; it is
         also what :class:`~sklearn_lib.InteractionGraph` calls with statistics
-        it accumulated itself.
+        it accumulated itself. ``name`` (e.g. ``"layer 'conv1'"``) is what a
+        warning about too few samples calls the data; None warns not.
         """
         if stats.weight <= 0:
             raise ValueError("The total sample weight must be positive.")
+        if name is not None:
+            _warn_few_samples(stats, self.center, name)
         # The statistics come scaled by powers of four, so that data of any
         # magnitude fit; interaction_basis returns the basis in the data's units
         # and raises, naming the cause, when no direction survives.
@@ -346,7 +357,7 @@ class InteractionBasis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
             exponents=(gram_exponent, jacobian_exponent),
             constant_floor=constant_feature_floor(stats.mean, gram_exponent),
         )
-        if self.n_components is not None and self.n_components > result.n_available:
+        if isinstance(self.n_components, Integral) and self.n_components > result.n_available:
             warnings.warn(
                 f"n_components={self.n_components} is larger than the {result.n_available} "
                 "directions that survive truncation; keeping "
@@ -548,3 +559,20 @@ class InteractionBasis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
         tags.transformer_tags.preserves_dtype = [self.dtype]
         return tags
 
+
+
+def _warn_few_samples(stats, center, name):
+    """Warn when the samples, not the data, cap the number of directions (rank <= n - 1)."""
+    n, d = stats.n_samples, stats.n_features
+    rank = n - 1 if center else n
+    if rank < d:
+        warnings.warn(
+            f"{name} has {d} features but only {n} samples (rows; positions count as "
+            f"samples): its basis can have at most {rank} directions "
+            f"({'n - 1 after centring' if center else 'n'}), so the other directions are "
+            "missing, not unimportant. Fit on more samples, or, for a layer with channels, "
+            "heads or positions, declare them with sklearn_lib.Layer(feature_axes=...).",
+            UserWarning,
+            # Past _fit_statistics, fit and scikit-learn's _fit_context: the caller.
+            stacklevel=5,
+        )

@@ -13,7 +13,7 @@ products or the closed form of :mod:`sklearn_lib._fastpath` - is the job of the
 :meth:`InteractionGraph._build` is written once.
 """
 
-from numbers import Integral
+from numbers import Integral, Real
 
 import numpy as np
 import torch
@@ -75,8 +75,9 @@ class InteractionGraph(BaseEstimator):
 
     Parameters
     ----------
-    n_components : int, list of (int or None), or None, default=None
-        Largest number of directions per layer. An int applies to every layer
+    n_components : int, float, list of (int, float or None), or None, default=None
+        Largest number of directions per layer, or a share of the interaction
+        strength in (0, 1) (as in :class:`InteractionBasis`). One applies to every layer
         that is rotated (all but the final one when ``final_layer="identity"``);
         a list gives one entry per layer (with ``final_layer="identity"`` the
         last must be None). None keeps every direction that survives truncation.
@@ -235,7 +236,7 @@ class InteractionGraph(BaseEstimator):
     """
 
     _parameter_constraints: dict = {
-        "n_components": [Interval(Integral, 1, None, closed="left"), list, tuple, None],
+        "n_components": [*InteractionBasis._parameter_constraints["n_components"], list, tuple],
         "basis": [StrOptions({"interaction", "pca"})],
         "final_layer": [StrOptions({"identity", "pca"})],
         "variant": [StrOptions({"local", "global"})],
@@ -359,7 +360,7 @@ class InteractionGraph(BaseEstimator):
         )
         if names is None:
             names = [str(l) for l in range(source.n_layers)]
-        result = self._build(source, edge_point="data")
+        result = self._build(source, names, edge_point="data")
         result.update(layer_names_=list(names), n_samples_seen_=source.n_samples,
                       fast_path_=[False] * (source.n_layers - 1))
         return self._set_fitted(result)
@@ -421,7 +422,8 @@ class InteractionGraph(BaseEstimator):
                 f"not: {', '.join(slow)}. Use fast_path='auto'."
             )
         with eval_mode(source.model):
-            result = self._build(source, edge_point=edge_point, alphas=alphas, weights=weights)
+            result = self._build(source, [s.spec for s in source.specs], edge_point=edge_point,
+                                 alphas=alphas, weights=weights)
         result.update(layer_names_=[s.spec for s in source.specs],
                       n_samples_seen_=source.n_samples, fast_path_=fast)
         return self._set_fitted(result)
@@ -449,7 +451,7 @@ class InteractionGraph(BaseEstimator):
     def _layer_n_components(self, n_layers):
         nc = self.n_components
         identity = self.final_layer == "identity"
-        if nc is None or isinstance(nc, Integral):
+        if nc is None or isinstance(nc, Real):
             per_layer = [nc] * n_layers
             if identity:
                 per_layer[-1] = None
@@ -461,9 +463,11 @@ class InteractionGraph(BaseEstimator):
                 f"{len(per_layer)} ({per_layer})."
             )
         for entry in per_layer:
-            if entry is not None and (not isinstance(entry, Integral) or entry < 1):
+            if entry is not None and not (isinstance(entry, Integral) and entry >= 1 or (
+                    isinstance(entry, Real) and 0 < entry < 1)):
                 raise ValueError(
-                    f"n_components entries must be positive ints or None, got {per_layer}."
+                    f"n_components entries must be positive ints, shares in (0, 1) or None, "
+                    f"got {per_layer}."
                 )
         if identity and per_layer[-1] is not None:
             raise ValueError(
@@ -515,13 +519,14 @@ class InteractionGraph(BaseEstimator):
         R = rng.choice(np.array([-1.0, 1.0]), size=(C.shape[1], k))
         return C @ torch.as_tensor(R, device=C.device, dtype=C.dtype) / np.sqrt(k)
 
-    def _build(self, source, *, edge_point, alphas=(1.0,), weights=(1.0,)):
+    def _build(self, source, names, *, edge_point, alphas=(1.0,), weights=(1.0,)):
         """Backward chaining of SPEC section 2 over any source; returns the fitted state."""
         n_layers = source.n_layers
         L = n_layers - 1
         n_components = self._layer_n_components(n_layers)
         rng = check_random_state(self.random_state)
         device, dtype = source.device, source.dtype
+        what = lambda l: f"layer {names[l]!r}"  # noqa: E731
 
         def new_stats(l, n_outputs):
             return InteractionStatistics(
@@ -539,28 +544,29 @@ class InteractionGraph(BaseEstimator):
             if self.final_layer == "identity":
                 bases[L] = self._identity_basis(stats_L)
             else:
-                bases[L] = self._new_basis(n_components[L])._fit_statistics(stats_L)
+                bases[L] = self._new_basis(n_components[L])._fit_statistics(stats_L, name=what(L))
             steps.update()
             C = [None] * n_layers
             C[L] = tensors(bases[L])[1]
             if self.basis == "pca":
                 for l in range(L - 1, -1, -1):
                     stats = source.activation_stats(l, new_stats)
-                    bases[l] = self._new_basis(n_components[l])._fit_statistics(stats)
+                    bases[l] = self._new_basis(n_components[l])._fit_statistics(stats, name=what(l))
                     C[l] = tensors(bases[l])[1]
                     steps.update()
             elif self.variant == "local":
                 for l in range(L - 1, -1, -1):
                     V = self._cotangents(C[l + 1], rng)
                     stats = source.jacobian_stats(l, V, new_stats)
-                    bases[l] = self._new_basis(n_components[l])._fit_statistics(stats)
+                    bases[l] = self._new_basis(n_components[l])._fit_statistics(stats, name=what(l))
                     C[l] = tensors(bases[l])[1]
                     steps.update()
             else:
                 V = self._cotangents(C[L], rng)
                 all_stats = source.global_stats(V, new_stats)
                 for l in range(L):
-                    bases[l] = self._new_basis(n_components[l])._fit_statistics(all_stats[l])
+                    bases[l] = self._new_basis(n_components[l])._fit_statistics(
+                        all_stats[l], name=what(l))
                     C[l] = tensors(bases[l])[1]
                     steps.update()
             edges = []
