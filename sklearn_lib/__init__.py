@@ -1,5 +1,6 @@
 """Degeneracy-invariant interaction bases, interaction graphs and modules for neural networks."""
 
+from ._axes import Layer
 from ._fastpath import declare_residual_mlp
 from .basis import InteractionBasis
 from .cluster import ModularityClustering
@@ -11,6 +12,7 @@ __all__ = [
     "InteractionBasis",
     "InteractionGraph",
     "InteractionPipeline",
+    "Layer",
     "ModularityClustering",
     "PCA",
     "declare_residual_mlp",
