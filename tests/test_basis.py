@@ -550,3 +550,83 @@ def test_cuda_device_object_without_cuda_is_clear(rng):
     X, _ = make_layer(rng)
     with pytest.raises(ValueError, match="CUDA is not available"):
         InteractionBasis(device=torch.device("cuda")).fit(X)
+
+
+# --- shares of Lambda ----------------------------------------------------------------
+def _known_spectrum(rng, D, n=200):
+    """X with Gram eigenvalues exactly ``D`` (centred columns, orthonormal then rotated)."""
+    d = len(D)
+    A = rng.normal(size=(n, d))
+    Q, _ = np.linalg.qr(A - A.mean(0))
+    rotation, _ = np.linalg.qr(rng.normal(size=(d, d)))
+    return np.sqrt(n) * (Q * np.sqrt(D)) @ rotation
+
+
+# Shares 0.5, 0.75, 0.875, 0.9375, 1: each fraction lies strictly between two of them.
+SPECTRUM = np.array([8.0, 4.0, 2.0, 1.0, 1.0])
+
+
+@pytest.mark.parametrize("share, expected", [(0.3, 1), (0.6, 2), (0.8, 3), (0.9, 4), (0.99, 5)])
+def test_fractional_n_components_keeps_that_share_of_lambda(rng, share, expected):
+    X = _known_spectrum(rng, SPECTRUM)
+    fractional = InteractionBasis(n_components=share).fit(X)
+    # Without Jacobians Lambda = D (identity (a)), known in closed form.
+    assert fractional.n_components_ == expected
+    np.testing.assert_allclose(fractional.interaction_strengths_, SPECTRUM[:expected],
+                               rtol=1e-10)
+    counted = InteractionBasis(n_components=expected).fit(X)
+    np.testing.assert_allclose(fractional.transform(X), counted.transform(X), rtol=0,
+                               atol=1e-12 * np.abs(X).max())
+
+
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(share=st.floats(0.01, 0.99), seed=st.integers(0, 2**16))
+def test_fractional_n_components_is_the_fewest_reaching_the_share(share, seed):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(40, 6)) * rng.uniform(0.1, 3, size=6)
+    W = rng.normal(size=(6, 4))
+    J = np.broadcast_to(W.T, (40, 4, 6))
+    all_directions = InteractionBasis().fit(X, jacobians=J).interaction_strengths_
+    cumulative = np.cumsum(all_directions) / all_directions.sum()
+    r = InteractionBasis(n_components=share).fit(X, jacobians=J).n_components_
+    assert cumulative[r - 1] >= share * (1 - 1e-12)
+    assert r == 1 or cumulative[r - 2] < share * (1 + 1e-12)
+
+
+@pytest.mark.parametrize("n_components", [0.0, 1.0, 1.5, -0.5])
+def test_fractional_n_components_outside_the_open_interval_is_refused(rng, n_components):
+    with pytest.raises(ValueError, match="n_components"):
+        InteractionBasis(n_components=n_components).fit(rng.normal(size=(10, 3)))
+
+
+# --- few samples ---------------------------------------------------------------------
+@pytest.mark.parametrize("center, n, warns", [(True, 6, True), (True, 7, False),
+                                              (False, 5, True), (False, 6, False)])
+def test_more_features_than_samples_warns(rng, center, n, warns):
+    X = rng.normal(size=(n, 6))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        basis = InteractionBasis(center=center).fit(X)
+    messages = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    if warns:
+        assert messages == [
+            f"X has 6 features but only {n} samples (rows; positions count as samples): its "
+            f"basis can have at most {n - center} directions "
+            f"({'n - 1 after centring' if center else 'n'}), so the other directions are "
+            "missing, not unimportant. Fit on more samples, or, for a layer with channels, "
+            "heads or positions, declare them with sklearn_lib.Layer(feature_axes=...)."
+        ]
+        assert caught[0].filename == __file__
+        assert basis.n_components_ == n - center
+    else:
+        assert messages == []
+
+
+def test_partial_fit_does_not_warn_about_its_early_chunks(rng):
+    X = rng.normal(size=(40, 6))
+    basis = InteractionBasis()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for chunk in np.array_split(X, 10):
+            basis.partial_fit(chunk)
+    assert basis.n_components_ == 6

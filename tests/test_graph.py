@@ -834,3 +834,41 @@ def test_constant_node_with_integrated_gradients_is_the_output_at_the_mean():
         r_out = b_out.n_components_
         np.testing.assert_allclose(graph.edges_[l][:r_out, -1], expected, rtol=1e-8,
                                    atol=1e-12 * expected.max())
+
+
+# --------------------------------------------------------------------------- shares of Lambda
+@pytest.mark.parametrize("share", [0.5, 0.9, 0.999])
+def test_fractional_n_components_per_layer(share):
+    net, X = make_mlp(), make_data()
+    full = InteractionGraph(verbose=False).fit_model(net, LAYERS, X)
+    # Only the first layer truncated: its Jacobians, hence its Lambda, are the full graph's.
+    lam = full.bases_[0].interaction_strengths_
+    k = int(np.searchsorted(np.cumsum(lam) / lam.sum(), share)) + 1
+    first = InteractionGraph(verbose=False, n_components=[share, None, None, None]).fit_model(
+        net, LAYERS, X)
+    counted = InteractionGraph(verbose=False, n_components=[k, None, None, None]).fit_model(
+        net, LAYERS, X)
+    assert first.n_components_[0] == k <= full.n_components_[0]
+    assert_close(first.edges_[0], counted.edges_[0])
+    # A share for every layer: the graph of the counts it implies.
+    every = InteractionGraph(verbose=False, n_components=share).fit_model(net, LAYERS, X)
+    implied = [*map(int, every.n_components_[:-1]), None]
+    again = InteractionGraph(verbose=False, n_components=implied).fit_model(net, LAYERS, X)
+    for e1, e2 in zip(every.edges_, again.edges_):
+        assert_close(e1, e2)
+
+
+@pytest.mark.parametrize("entry", [0.0, 1.0, -1, "0.5"])
+def test_bad_per_layer_n_components_are_refused(entry):
+    with pytest.raises(ValueError, match=r"positive ints, shares in \(0, 1\) or None"):
+        InteractionGraph(verbose=False, n_components=[entry, None, None, None]).fit_model(
+            make_mlp(), LAYERS, make_data())
+
+
+def test_few_samples_warn_naming_the_layer():
+    net, X = make_mlp(), make_data(n=8)
+    with pytest.warns(UserWarning) as record:
+        InteractionGraph(verbose=False).fit_model(net, LAYERS, X)
+    few = sorted(str(w.message).split(" has ")[0] for w in record if "samples" in str(w.message))
+    # 8 samples of the 8-unit hidden layers; the identity final layer (4 units) is never cut.
+    assert few == ["layer '1'", "layer '3'"]
