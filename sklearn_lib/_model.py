@@ -39,7 +39,7 @@ class _StopForward(Exception):
 def _parse_layers(model, layers, hook):
     if hook not in _HOOK_KINDS:
         raise ValueError(f"hook must be 'input' or 'output', got {hook!r}.")
-    if isinstance(layers, str):
+    if isinstance(layers, (str, Layer)):
         layers = [layers]
     modules = dict(model.named_modules())
     parsed, unknown = [], []

@@ -166,9 +166,9 @@ def record_activations(
     model : torch.nn.Module
         The model; it is run in eval mode, under ``torch.no_grad``, and left
         unchanged (its modules' train/eval flags are restored).
-    layers : str or list of str
+    layers : str, Layer or list of them
         ``model.named_modules()`` paths, optionally suffixed ``":input"`` or
-        ``":output"`` to override ``hook`` for that layer.
+        ``":output"`` to override ``hook`` for that layer; a ``Layer`` is (batch, P, d).
     data : torch.Tensor, numpy.ndarray or iterable of batches
         Model inputs. Arrays and tensors are split into batches of ``batch_size``
         along axis 0; an iterable (e.g. a ``DataLoader``) is used with its own
@@ -577,9 +577,9 @@ def collect(
     ----------
     model : torch.nn.Module
         The model; never modified (see :func:`prepare_model`).
-    layers : list of str
+    layers : list of str or Layer
         Layer names in forward order (module paths, optional ``":input"`` /
-        ``":output"`` suffix; outputs by default).
+        ``":output"`` suffix; outputs by default), or :class:`~sklearn_lib.Layer`.
     data : torch.Tensor, numpy.ndarray or iterable of batches
         Model inputs, as in :func:`record_activations`.
     jacobians : bool, default=True

@@ -384,12 +384,13 @@ class InteractionGraph(BaseEstimator):
         model : torch.nn.Module
             The network; never modified (it runs in eval mode, converted to
             ``dtype`` and ``device`` in a copy when needed).
-        layers : list of str
+        layers : list of str or Layer
             Layer names in forward order: ``model.named_modules()`` paths,
             optionally suffixed ``":input"`` / ``":output"`` (``":input"`` is the
             model's input) and a selection of positions such as ``"[-1]"``
             (``"attn_out[-1]"`` reads that layer at the last position only), as
-            in :func:`sklearn_lib.collect.collect`.
+            in :func:`sklearn_lib.collect.collect`; a :class:`~sklearn_lib.Layer`
+            declares which axes are features (a conv's channels, heads).
         data : tensor, ndarray or re-iterable of batches (e.g. a DataLoader)
             Model inputs; arrays are split into batches of ``batch_size``.
         sequence : bool, default=False
@@ -435,7 +436,7 @@ class InteractionGraph(BaseEstimator):
         Parameters
         ----------
         model : torch.nn.Module
-        layers : list of str
+        layers : list of str or Layer
         data : tensor, ndarray or re-iterable of batches
         sequence : bool, default=False
         **params
