@@ -77,18 +77,17 @@ class Layer:
     """
 
     def __init__(self, name, *, feature_axes):
-        self.name = name
-        self.feature_axes = (feature_axes,) if isinstance(feature_axes, Integral) else (
-            tuple(feature_axes) if isinstance(feature_axes, (tuple, list)) else feature_axes
-        )
         if not isinstance(name, str):
             raise TypeError(f"Layer: name must be a string, got {name!r}.")
-        axes = self.feature_axes
-        if not (isinstance(axes, tuple) and axes and all(isinstance(a, Integral) for a in axes)):
+        axes = (feature_axes,) if isinstance(feature_axes, Integral) else feature_axes
+        if not (isinstance(axes, (tuple, list)) and axes
+                and all(isinstance(a, Integral) for a in axes)):
             raise TypeError(
                 f"Layer {name!r}: feature_axes must be an int or a non-empty tuple of ints, "
                 f"got {feature_axes!r}."
             )
+        self.name = name
+        self.feature_axes = tuple(int(a) for a in axes)
 
     def __repr__(self):
         return f"Layer({self.name!r}, feature_axes={self.feature_axes!r})"

@@ -477,7 +477,9 @@ def section_leaves(model, a, b):
     positions, which the section still reads. Nor for layers with declared axes:
     their recorded (batch, P, d) view is not what the section's modules take.
     """
-    if a.positions is not None or b.positions is not None or a.axes or b.axes:
+    if a.positions is not None or b.positions is not None:
+        return None
+    if a.axes is not None or b.axes is not None:
         return None
     for leaves in _candidate_leaves(model, a, b):
         if not any(_hooked(module) for module in leaves):
