@@ -579,7 +579,7 @@ def test_fractional_n_components_keeps_that_share_of_lambda(rng, share, expected
                                atol=1e-12 * np.abs(X).max())
 
 
-@settings(max_examples=25, deadline=None, derandomize=True)
+@settings(max_examples=15, deadline=None, derandomize=True)
 @given(share=st.floats(0.01, 0.99), seed=st.integers(0, 2**16))
 def test_fractional_n_components_is_the_fewest_reaching_the_share(share, seed):
     rng = np.random.default_rng(seed)
