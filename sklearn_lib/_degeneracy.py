@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from . import _model
-from ._backend import as_tensor, eval_mode
+from ._backend import as_tensor, eval_mode, model_device
 from ._fastpath import ELEMENTWISE, LinearElementwise
 from ._linalg import constant_feature_floor, gram_spectrum, rounding_tolerance, sorted_eigh
 from ._stats import scale_by_power_of_two
@@ -36,7 +36,8 @@ class LayerSpectra:
 
     ``jacobian_eigenvalues`` is None when the layer has no Jacobians (the final
     layer, read whole by definition); ``jacobian_gram`` is ``M'`` scaled by a
-    power of four (only its null space is used).
+    power of four and ``scaled_gradient_tolerance`` its rank tolerance in the
+    same units (for ranks of its blocks).
     """
 
     gram_eigenvalues: np.ndarray
@@ -46,8 +47,7 @@ class LayerSpectra:
     gradient_rank: int
     gradient_tolerance: float
     jacobian_gram: torch.Tensor | None
-    n_rows: int
-    n_terms: int
+    scaled_gradient_tolerance: float
 
 
 def layer_spectra(basis):
@@ -83,17 +83,15 @@ def layer_spectra(basis):
         tau_M = rounding_tolerance(float(values[0]), d, n_terms, jac.dtype)
         gradient_rank = int((values > tau_M).sum())
         jac_values = scale_by_power_of_two(values, 2 * e_jac).cpu().numpy()
-        tau_M = float(scale_by_power_of_two(torch.tensor(tau_M), 2 * e_jac))
     return LayerSpectra(
         gram_eigenvalues=scale_by_power_of_two(D, 2 * e_gram).cpu().numpy(),
         activation_rank=activation_rank,
-        activation_tolerance=float(scale_by_power_of_two(torch.tensor(tau_D), 2 * e_gram)),
+        activation_tolerance=scale_by_power_of_two(tau_D, 2 * e_gram),
         jacobian_eigenvalues=jac_values,
         gradient_rank=gradient_rank,
-        gradient_tolerance=tau_M,
+        gradient_tolerance=scale_by_power_of_two(tau_M, 2 * e_jac),
         jacobian_gram=jac,
-        n_rows=n_rows,
-        n_terms=n_terms,
+        scaled_gradient_tolerance=tau_M,
     )
 
 
@@ -104,11 +102,8 @@ def gradient_rank_of(spectra, neurons):
     if len(neurons) == 0:
         return 0
     index = torch.as_tensor(np.asarray(neurons), device=spectra.jacobian_gram.device)
-    block = spectra.jacobian_gram[index][:, index]
-    values, _ = sorted_eigh(block)
-    top = float(sorted_eigh(spectra.jacobian_gram)[0][0])
-    tol = rounding_tolerance(top, spectra.jacobian_gram.shape[0], spectra.n_terms, block.dtype)
-    return int((values > tol).sum())
+    values, _ = sorted_eigh(spectra.jacobian_gram[index][:, index])
+    return int((values > spectra.scaled_gradient_tolerance).sum())
 
 
 # --------------------------------------------------------------------------- patterns
@@ -227,7 +222,7 @@ def record_patterns(model, layers, data, *, sequence, tol, batch_size, device, d
     batches, _ = _model._iter_batches(data, batch_size or _PATTERN_BATCH)
     with eval_mode(model), torch.no_grad():
         for batch in batches:
-            x = _model._input_tensor(batch, _device_of(model), dtype)
+            x = _model._input_tensor(batch, model_device(model), dtype)
             seen = {}
 
             def recorder(l):
@@ -246,12 +241,6 @@ def record_patterns(model, layers, data, *, sequence, tol, batch_size, device, d
                     patterns[l] = FiringPatterns(z.shape[1], tol)
                 patterns[l].update(z, spec.module)
     return patterns
-
-
-def _device_of(model):
-    for t in [*model.parameters(), *model.buffers()]:
-        return t.device
-    return torch.device("cpu")
 
 
 # --------------------------------------------------------------------------- parameters

@@ -197,6 +197,18 @@ def test_patterns_from_arrays_match_the_model():
         from_model.to_frame()[cols].set_axis(["0", "1", "2"]).rename_axis("layer"))
 
 
+def test_sequence_model_counts_positions_as_rows():
+    net = _mlp(3, 6, 8)
+    with torch.no_grad():
+        net[0].bias[4] = -100.0
+    X = torch.randn(50, 4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    report = DegeneracyReport().fit_model(net, LAYERS, X, sequence=True)
+    assert report.graph_.bases_[1].n_samples_seen_ == 200
+    assert report.dead_neurons_[1].tolist() == [4]
+    flat = DegeneracyReport().fit_model(net, LAYERS, X.reshape(200, 3))
+    assert report.to_frame().equals(flat.to_frame())
+
+
 # --------------------------------------------------------------------------- hashing
 @pytest.mark.parametrize("batch", [7, 64, 1000])
 def test_hashed_groups_equal_brute_force_grouping(rng, batch):
@@ -252,8 +264,9 @@ def test_fit_graph_and_a_loaded_graph_agree(tmp_path):
     X = torch.randn(300, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     graph = InteractionGraph().fit_model(net, LAYERS, X)
     fitted = DegeneracyReport().fit_graph(graph)
-    loaded = DegeneracyReport().fit_graph(InteractionGraph.load(graph.save(tmp_path / "g") and
-                                                                tmp_path / "g"))
+    graph.save(tmp_path / "graph")
+    # A loaded graph has no running statistics: the ranks come from gram_ and jacobian_gram_.
+    loaded = DegeneracyReport().fit_graph(InteractionGraph.load(tmp_path / "graph"))
     assert loaded.to_frame().equals(fitted.to_frame())
     assert fitted.dead_neurons_ == [None, None, None]  # no pre-activations given
     with torch.no_grad():
