@@ -109,7 +109,8 @@ class DegeneracyReport(BaseEstimator):
     Parameters
     ----------
     center : bool, default=True
-        Centre the activations, as :class:`~sklearn_lib.InteractionGraph` does.
+        Centre the activations, as :class:`~sklearn_lib.InteractionGraph` does
+        (:meth:`fit_graph` follows the graph's own setting).
     final_layer : {"identity", "pca"}, default="identity"
         Basis of the final layer of the graph fitted by :meth:`fit` and
         :meth:`fit_model` (see :class:`~sklearn_lib.InteractionGraph`).
@@ -149,6 +150,9 @@ class DegeneracyReport(BaseEstimator):
         pattern, largest first.
     synchronised_directions_ : ndarray of float64 of shape (n_layers,)
         ``sync_l``; NaN without patterns or when ``act(z) != act'(z) z``.
+    section_parameters_ : ndarray of float64 of shape (n_layers,)
+        ``(d_{l-1} + 1) d_l`` (``d_{l-1} d_l`` for a graph fitted with
+        ``center=False``); NaN for layer 0.
     degenerate_parameters_ : ndarray of float64 of shape (n_layers,)
         The count above; NaN for layer 0.
 
@@ -340,14 +344,16 @@ class DegeneracyReport(BaseEstimator):
             dead[l], on[l], groups[l] = p.groups()
             if p.piecewise_linear:
                 sync[l] = synchronised_directions(groups[l], on[l])
-        free = np.full(n_layers, np.nan)
+        free, section = np.full(n_layers, np.nan), np.full(n_layers, np.nan)
         for l in range(1, n_layers):
             live = np.arange(d[l]) if dead[l] is None else np.setdiff1d(np.arange(d[l]), dead[l])
             rank_live = gradient_rank_of(spectra[l], live)
+            # The graph's centring decides whether a bias is counted, not this report's.
             free[l] = parameter_directions(
                 int(d[l - 1]), spectra[l - 1].activation_rank, int(d[l]), rank_live,
-                0.0 if np.isnan(sync[l]) else sync[l], center=self.center,
+                0.0 if np.isnan(sync[l]) else sync[l], center=graph.center,
             )
+            section[l] = (d[l - 1] + graph.center) * d[l]
         self.graph_ = graph
         self.layer_names_ = list(graph.layer_names_)
         self.n_features_ = d
@@ -361,13 +367,13 @@ class DegeneracyReport(BaseEstimator):
         self.dead_neurons_, self.always_on_neurons_ = dead, on
         self.synchronised_groups_ = groups
         self.synchronised_directions_ = sync
+        self.section_parameters_ = section
         self.degenerate_parameters_ = free
         return self
 
     # ------------------------------------------------------------------ results
     def _rows(self):
         check_is_fitted(self)
-        bias = 1 if self.center else 0
         for l, name in enumerate(self.layer_names_):
             d, groups = int(self.n_features_[l]), self.synchronised_groups_[l]
             has = groups is not None
@@ -384,7 +390,7 @@ class DegeneracyReport(BaseEstimator):
                 "sync_groups": len(groups) if has else None,
                 "sync_group_sizes": tuple(len(g) for g in groups) if has else None,
                 "sync_directions": _int_or_none(self.synchronised_directions_[l]),
-                "section_parameters": (int(self.n_features_[l - 1]) + bias) * d if l else None,
+                "section_parameters": _int_or_none(self.section_parameters_[l]),
                 "degenerate_parameters": _int_or_none(self.degenerate_parameters_[l]),
             }
 

@@ -78,20 +78,30 @@ def test_layer_ignoring_half_its_inputs(rng):
     assert report.n_components_.tolist() == [3, 3, 5]
 
 
-def test_parameter_count_of_linear_chain_matches_brute_force(rng):
-    """Affine sections: the count is the null space of d outputs / d parameters."""
+@pytest.mark.parametrize("center", [True, False])
+def test_parameter_count_of_linear_chain_matches_brute_force(rng, center):
+    """Affine sections: the count is the null space of d outputs / d parameters.
+
+    With ``center=False`` the maps have no bias of their own (it is folded into a
+    constant-1 input feature, the reference implementation's convention).
+    """
     d0, d1, d2 = 4, 6, 5
-    net = torch.nn.Sequential(torch.nn.Linear(d0, d1), torch.nn.Linear(d1, d2)).double()
+    net = torch.nn.Sequential(torch.nn.Linear(d0, d1, bias=center),
+                              torch.nn.Linear(d1, d2, bias=center)).double()
     with torch.no_grad():
         net[1].weight[:, 4:] = 0  # features 4, 5 of layer 1 unread
-    X = torch.as_tensor(rng.normal(size=(200, 2)) @ rng.normal(size=(2, d0)))  # rank 2 input
-    report = DegeneracyReport().fit_model(net, [":input", "0", "1"], X)
-    assert report.activation_rank_.tolist() == [2, 2, 2]
+    X = rng.normal(size=(200, 2)) @ rng.normal(size=(2, d0))  # rank 2 input
+    if not center:
+        X[:, 0] = 1.0
+    X = torch.as_tensor(X)
+    report = DegeneracyReport(center=center).fit_model(net, [":input", "0", "1"], X)
     assert report.gradient_rank_.tolist()[1] == 4
-    assert report.degenerate_parameters_[1] == _parameter_null_space(
-        net, X, ["0.weight", "0.bias"])
-    assert report.degenerate_parameters_[2] == _parameter_null_space(
-        net, X, ["1.weight", "1.bias"])
+    for l in (1, 2):
+        names = [name for name, _ in net[l - 1].named_parameters()]
+        assert report.degenerate_parameters_[l] == _parameter_null_space(
+            net, X, [f"{l - 1}.{name}" for name in names])
+        assert report.section_parameters_[l] == sum(
+            p.numel() for p in net[l - 1].parameters())
     assert np.isnan(report.degenerate_parameters_[0])
 
 
