@@ -260,7 +260,7 @@ def _degeneracy(graph, model, X_fit, output, verbose):
         _log(verbose, f"degeneracy table skipped: {error}")
         return
     frame.to_csv(output / "degeneracy.csv")
-    _log(verbose, "degeneracy per layer:\n" + frame.to_string())
+    _log(verbose, "degeneracy per layer (DegeneracyReport):\n" + frame.T.to_string())
 
 
 def format_table(results, tolerance):
