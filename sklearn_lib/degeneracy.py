@@ -236,6 +236,7 @@ class DegeneracyReport(BaseEstimator):
         -------
         self : DegeneracyReport
         """
+        self._check_pattern_inputs(preactivations, activation)
         graph = self._graph().fit(X, jacobians=jacobians, sequence=sequence)
         return self._measure(graph, self._array_patterns(graph, preactivations, activation))
 
@@ -298,17 +299,22 @@ class DegeneracyReport(BaseEstimator):
         return self._measure(graph, patterns)
 
     # ------------------------------------------------------------------ measuring
-    def _array_patterns(self, graph, preactivations, activation):
-        if preactivations is None:
-            return {}
-        if not isinstance(preactivations, dict):
+    @staticmethod
+    def _check_pattern_inputs(preactivations, activation):
+        """Refuse the wrong kinds of ``preactivations`` and ``activation`` before any fit."""
+        if preactivations is not None and not isinstance(preactivations, dict):
             raise TypeError(
                 "preactivations must be a dict mapping layer indices or names to arrays of "
                 f"shape (n_rows, d_layer), got {type(preactivations).__name__}."
             )
-        activation = torch.relu if activation is None else activation
-        if not callable(activation):
+        if activation is not None and not callable(activation):
             raise TypeError(f"activation must be callable, got {activation!r}.")
+
+    def _array_patterns(self, graph, preactivations, activation):
+        self._check_pattern_inputs(preactivations, activation)
+        if preactivations is None:
+            return {}
+        activation = torch.relu if activation is None else activation
         patterns = {}
         for key, z in preactivations.items():
             l = graph._layer_index(key)
