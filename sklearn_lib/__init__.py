@@ -4,11 +4,13 @@ from ._axes import Layer
 from ._fastpath import declare_residual_mlp
 from .basis import InteractionBasis
 from .cluster import ModularityClustering
+from .degeneracy import DegeneracyReport
 from .graph import InteractionGraph
 from .pca import PCA
 from .pipeline import InteractionPipeline, make_interaction_pipeline
 
 __all__ = [
+    "DegeneracyReport",
     "InteractionBasis",
     "InteractionGraph",
     "InteractionPipeline",

@@ -142,6 +142,33 @@ def constant_feature_floor(mean, exponent):
     return scale_by_power_of_two(_CENTRING_ULPS * eps * mean.abs(), -exponent).square()
 
 
+def rounding_tolerance(largest, size, n_terms, dtype):
+    """``eps * max(size, sqrt(n_terms)) * largest``: the "auto" floor of rounding noise.
+
+    ``largest`` is the scale of the matrix's errors (its largest eigenvalue, or
+    ``D_max |M'|_F`` for the whitened ``M``), ``size`` its order and ``n_terms``
+    the number of outer products summed into it (module docstring).
+    """
+    return float(largest) * max(size, n_terms**0.5) * torch.finfo(dtype).eps if size else 0.0
+
+
+def gram_spectrum(gram, n_rows, constant_floor=None):
+    """``(G, D, U, tau_D)``: the Gram matrix with constant features zeroed, its sorted
+    eigendecomposition and the "auto" tolerance of its numerical rank (``D > tau_D``).
+
+    The first truncation of :func:`interaction_basis` and the activation rank of
+    :class:`~sklearn_lib.degeneracy.DegeneracyReport` are this one rule.
+    """
+    if constant_floor is not None:
+        # Features that vary by no more than the rounding of their mean are
+        # constant: their rows of G are centring residue, not directions.
+        varying = (gram.diagonal() > constant_floor).to(gram.dtype)
+        gram = gram * torch.outer(varying, varying)
+    D_all, U_all = sorted_eigh(gram)
+    largest = float(D_all[0]) if len(D_all) else 0.0
+    return gram, D_all, U_all, rounding_tolerance(largest, gram.shape[0], n_rows, gram.dtype)
+
+
 def interaction_basis(
     gram,
     jacobian_gram,
@@ -194,17 +221,9 @@ def interaction_basis(
     """
     auto = threshold == "auto"
     d = gram.shape[0]
-    eps = torch.finfo(gram.dtype).eps
     gram_exponent, jacobian_exponent = exponents
-    if constant_floor is not None:
-        # Features that vary by no more than the rounding of their mean are
-        # constant: their rows of G are centring residue, not directions.
-        varying = (gram.diagonal() > constant_floor).to(gram.dtype)
-        gram = gram * torch.outer(varying, varying)
-    D_all, U_all = sorted_eigh(gram)
-    if auto:
-        tau_D = float(D_all[0]) * max(d, n_terms[0] ** 0.5) * eps if d else 0.0
-    else:
+    gram, D_all, U_all, tau_D = gram_spectrum(gram, n_terms[0], constant_floor)
+    if not auto:
         tau_D = scale_by_power_of_two(float(threshold), -2 * gram_exponent)
     m = int((D_all > tau_D).sum())
     D, U = D_all[:m], U_all[:, :m]
@@ -216,7 +235,8 @@ def interaction_basis(
     if auto:
         # M carries M''s absolute rounding errors times D (module docstring).
         scale = float(D[0] * torch.linalg.matrix_norm(jacobian_gram)) if m else 0.0
-        tau = max(scale, float(Lambda[0]) if m else 0.0) * max(m, n_terms[1] ** 0.5) * eps
+        tau = rounding_tolerance(max(scale, float(Lambda[0]) if m else 0.0), m, n_terms[1],
+                                 gram.dtype)
     else:
         tau = scale_by_power_of_two(float(threshold), -2 * (gram_exponent + jacobian_exponent))
     # SPEC: the second truncation keeps Lambda >= tau (the first keeps D > tau);

@@ -11,7 +11,9 @@ from the cache, builds the same graph with PCA bases, and compares the two:
 * interaction sparsity (Gini coefficient of the edges),
 * modularity of the Leiden modules of each graph,
 
-printing a table and writing figures and the table to an output folder.
+printing a table and writing figures and the table to an output folder, and
+the degeneracy of each layer (:class:`~sklearn_lib.DegeneracyReport` of the
+LIB graph, ``degeneracy.csv``).
 
 The output folder is written next to its path and moved into place at the end
 (:mod:`sklearn_lib._atomic`), and it carries a marker file: only a folder with
@@ -36,6 +38,7 @@ from ._atomic import check_target, make_temp_dir, replace_dir, tidy
 from .cluster import ModularityClustering
 from .collect import collect
 from .datasets import LAYERS, load_modular_addition_model, modular_addition_data
+from .degeneracy import DegeneracyReport
 from .evaluation import compare_node_ablation, directions_to_keep, min_edges_to_keep
 from .graph import InteractionGraph
 from .metrics import gini
@@ -214,6 +217,7 @@ def _compare(output, *, n_fit, n_eval, tolerance, resolution, plots, verbose):
     }
     _log(verbose, "interaction graphs built in "
                   f"{time.perf_counter() - start:.1f} s; evaluating ...")
+    _degeneracy(graphs["LIB"], model, X_fit, output, verbose)
 
     eval_acts, _ = collect(model, list(LAYERS), X_eval, jacobians=False, verbose=False)
     section, rest = _sections(model)
@@ -243,6 +247,20 @@ def _compare(output, *, n_fit, n_eval, tolerance, resolution, plots, verbose):
         _plot_curves(curves, graphs, output)
     (output / "comparison.json").write_text(json.dumps(results, indent=2))
     return results
+
+
+def _degeneracy(graph, model, X_fit, output, verbose):
+    """Print and save the per-layer degeneracy table of ``graph`` (needs pandas)."""
+    with torch.no_grad():  # the pre-activations of the ReLU layer mlp.1
+        z = model.mlp[0](model.embed(torch.from_numpy(X_fit)))
+    report = DegeneracyReport().fit_graph(graph, preactivations={LAYERS.index("mlp.1"): z})
+    try:
+        frame = report.to_frame().rename(index=dict(zip(report.layer_names_, LAYERS)))
+    except ImportError as error:
+        _log(verbose, f"degeneracy table skipped: {error}")
+        return
+    frame.to_csv(output / "degeneracy.csv")
+    _log(verbose, "degeneracy per layer (DegeneracyReport):\n" + frame.T.to_string())
 
 
 def format_table(results, tolerance):

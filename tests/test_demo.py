@@ -30,6 +30,8 @@ def test_demo_writes_table_and_figures(demo_output):
     for name in ("ablation.png", "graph_LIB.png", "graph_PCA.png", "edges_LIB.png"):
         assert (demo_output / name).stat().st_size > 0
     assert "edges to keep, total" in format_table(results, 0.001)
+    degeneracy = (demo_output / "degeneracy.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in degeneracy] == ["layer", "embed", "mlp.1", "mlp.2"]
 
 
 def test_demo_marks_its_folder_and_leaves_no_siblings(demo_output):
