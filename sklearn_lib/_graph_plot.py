@@ -20,7 +20,7 @@ __all__ = ["plot_interaction_graph"]
 # Default log threshold, relative to the strongest edge of a layer pair: edges
 # weaker than a thousandth of it are not drawn (the figure shows three decades).
 _LOG_DECADES = 3
-_EDGE_GREY = (0.25, 0.25, 0.25)
+_EDGE_GREY = (0.45, 0.45, 0.45)
 _OTHER_GREY = (0.75, 0.75, 0.75)
 
 
@@ -260,8 +260,8 @@ def plot_interaction_graph(graph, labels=None, ax=None, *, layer_names=None, str
     segments = np.stack([np.column_stack([x[sources], y[sources]]),
                          np.column_stack([x[targets], y[targets]])], axis=1)
     ax.add_collection(LineCollection(
-        segments, colors=np.column_stack([edge_rgb, 0.15 + 0.85 * strength]),
-        linewidths=0.3 + 2.2 * strength, zorder=1))
+        segments, colors=np.column_stack([edge_rgb, 0.1 + 0.9 * strength ** 2]),
+        linewidths=0.2 + 1.8 * strength, zorder=1))
     area = _node_sizes(view, sizes)
     for constant, marker in ((False, "o"), (True, "s")):
         nodes = view.constant == constant

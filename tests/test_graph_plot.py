@@ -129,7 +129,7 @@ def test_log_threshold_and_top_edges_per_pair(graph):
         l = 0 if s < 4 else 1
         E = edges[l]
         share = np.log10(E[t - offsets[l + 1], s - offsets[l]] / (E.max() / 1e3)) / 3
-        assert width == pytest.approx(0.3 + 2.2 * share)
+        assert width == pytest.approx(0.2 + 1.8 * share)
     # Drawn weakest first: the last segments are fully opaque.
     alphas = ax.collections[0].get_colors()[:, 3]
     assert np.all(np.diff(alphas) >= 0) and alphas[-1] == pytest.approx(1.0)
@@ -200,7 +200,7 @@ def test_largest_modules_coloured_and_named(rng):
     segments = drawn_edges(ax)
     line_colors = ax.collections[0].get_colors()[:, :3]
     for (s, t), color in zip(segments, line_colors):
-        expected = colors[s, :3] if labels[s] == labels[t] and big[s] else [0.25] * 3
+        expected = colors[s, :3] if labels[s] == labels[t] and big[s] else [0.45] * 3
         np.testing.assert_allclose(color, expected)
 
 
