@@ -85,4 +85,7 @@ sphinx_gallery_conf = {
     "download_all_examples": False,
     "remove_config_comments": True,
     "within_subsection_order": "FileNameSortKey",
+    # The timing page loads jQuery and DataTables from CDNs: not offline, and its
+    # machine-dependent times say nothing about the examples.
+    "write_computation_times": False,
 }

@@ -82,10 +82,11 @@ def _selected_edges(view, norm, eps, max_edges, min_share):
 
 
 def _module_colors(labels, max_modules, cmap):
-    """RGBA of every node, and legend entries ``(label, colour, count)`` of the modules.
+    """RGBA of every node, its module's rank by size, and the legend's entries.
 
     The ``max_modules`` largest modules get the colormap's colours, all others one
-    grey, so that a graph of many small modules stays legible.
+    grey, so that a graph of many small modules stays legible. Legend entries are
+    ``(label, colour, count)``, largest module first.
     """
     import matplotlib as mpl
 
@@ -107,7 +108,7 @@ def _module_colors(labels, max_modules, cmap):
     if others.any():
         entries.append((f"{others.sum()} other modules ({counts[others].sum()})",
                         colors[others][0], counts[others].sum()))
-    return colors[inverse], inverse, entries
+    return colors[inverse], rank[inverse], entries
 
 
 def _node_sizes(view, sizes):
@@ -200,8 +201,9 @@ def plot_interaction_graph(graph, labels=None, ax=None, *, layer_names=None, str
         Modules coloured and named in the legend, largest first; the others
         share one grey.
     node_order : {"index", "module"}, default="index"
-        Order of the nodes within a layer: by direction, or grouped by module
-        (then by direction), which shows modules as bands.
+        Order of the nodes within a layer: by direction, or grouped by module,
+        largest module at the top as in the legend (then by direction), which
+        shows modules as bands.
     cmap : str or Colormap, default="tab10"
         Colours of the modules.
     legend : bool, default=True

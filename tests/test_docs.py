@@ -32,11 +32,13 @@ def test_docs_build_without_warnings(tmp_path):
     assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
     assert (html / "user_guide.html").exists()
     assert (html / "generated" / "sklearn_lib.InteractionBasis.html").exists()
-    # Maths use the bundled MathJax and its fonts; no page loads a script from the web.
+    # Maths use the bundled MathJax and its fonts; no page loads a script or a
+    # stylesheet from the web.
     assert 'src="_static/mathjax/tex-chtml.js' in (html / "user_guide.html").read_text()
     assert len(list((html / "_static/mathjax/output/chtml/fonts/woff-v2").glob("*.woff"))) == 23
     for page in html.rglob("*.html"):
-        assert not re.search(r"<script[^>]*src=\"https?:", page.read_text()), page
+        assert not re.search(r"<script[^>]*src=\"https?:|<link[^>]*href=\"https?:",
+                             page.read_text()), page
     # The gallery shows the graph figure and the per-layer spectra.
     images = {p.name for p in (html / "_images").glob("sphx_glr_plot_modules_*.png")}
     assert len(images) >= 2, images

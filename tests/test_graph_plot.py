@@ -204,14 +204,14 @@ def test_largest_modules_coloured_and_named(rng):
         np.testing.assert_allclose(color, expected)
 
 
-def test_module_order_groups_modules_top_down():
-    labels = np.array([1, 0, 1, 0, 2, 0, 1])  # layers of 3 and 4 nodes
+def test_module_order_groups_modules_top_down_largest_first():
+    labels = np.array([2, 0, 2, 1, 2, 0, 2])  # layers of 3 and 4 nodes
     ax = plot_interaction_graph([np.ones((4, 3))], labels, node_order="module")
     y = ax.collections[1].get_offsets()[:, 1]
-    codes = np.unique(labels, return_inverse=True)[1]
+    rank = {2: 0, 0: 1, 1: 2}  # modules by size: 4, 2 and 1 nodes
     for layer in (np.arange(3), np.arange(3, 7)):
         top_down = layer[np.argsort(-y[layer])]
-        assert list(top_down) == sorted(layer, key=lambda k: (codes[k], k))
+        assert list(top_down) == sorted(layer, key=lambda k: (rank[labels[k]], k))
 
 
 def test_drawing_stays_bounded_at_512_nodes_per_layer(rng):
