@@ -39,7 +39,8 @@ def _check_options(norm, eps, n_pairs, max_edges, min_share, node_size, max_modu
     if min_share is not None and not (isinstance(min_share, Real) and 0 <= min_share < 1):
         raise ValueError(f"min_share must be a float in [0, 1) or None, got {min_share!r}.")
     sizes = np.atleast_1d(np.asarray(node_size, dtype=np.float64))
-    if sizes.shape not in ((1,), (2,)) or (sizes < 0).any() or sizes[0] > sizes[-1]:
+    if (sizes.shape not in ((1,), (2,)) or not np.isfinite(sizes).all() or (sizes < 0).any()
+            or sizes[0] > sizes[-1]):
         raise ValueError("node_size must be a non-negative area or a pair (smallest, largest) "
                          f"with smallest <= largest, got {node_size!r}.")
     if not isinstance(max_modules, Integral) or max_modules < 1:

@@ -257,6 +257,7 @@ def test_graph_errors(graph, fitted):
     (dict(min_share=1.0), "min_share"),
     (dict(node_size=(10, 1)), "node_size"),
     (dict(node_size=-1), "node_size"),
+    (dict(node_size=(1, np.nan)), "node_size"),
     (dict(max_modules=0), "max_modules"),
     (dict(node_order="size"), "node_order"),
     (dict(norm="log2"), "norm"),
