@@ -5,14 +5,17 @@ import scipy.sparse as sp
 
 from ._modularity import normalize_edges
 
-__all__ = ["layered_adjacency"]
+__all__ = ["layered_adjacency", "layered_edges"]
 
 
-def layered_adjacency(edges, offsets, norm, eps):
-    """Blocks ``(l+1, l)`` and ``(l, l+1)`` hold ``normalize_edges(edges[l])`` and its transpose.
+def layered_edges(edges, offsets, norm, eps):
+    """The non-zero normalised edges of all layer pairs as ``(targets, sources, weights)``.
 
-    ``offsets`` are the cumulative node counts of the layers; ``norm`` and
-    ``eps`` are those of :meth:`sklearn_lib.InteractionGraph.adjacency`.
+    Node ``offsets[l] + j`` is direction ``j`` of layer ``l``; an edge joins
+    ``sources`` (layer ``l``) to ``targets`` (layer ``l+1``) with weight
+    ``normalize_edges(edges[l], norm, eps_l)[i, j]``. ``offsets`` are the cumulative
+    node counts of the layers; ``norm`` and ``eps`` are those of
+    :meth:`sklearn_lib.InteractionGraph.adjacency`.
     """
     n_pairs = len(edges)
     if norm == "log":
@@ -37,7 +40,15 @@ def layered_adjacency(edges, offsets, norm, eps):
         rows.append(i + offsets[l + 1])
         cols.append(j + offsets[l])
         vals.append(W[i, j])
-    rows, cols, vals = (np.concatenate(a) for a in (rows, cols, vals))
+    return tuple(np.concatenate(a) for a in (rows, cols, vals))
+
+
+def layered_adjacency(edges, offsets, norm, eps):
+    """Blocks ``(l+1, l)`` and ``(l, l+1)`` hold ``normalize_edges(edges[l])`` and its transpose.
+
+    The arguments are those of :func:`layered_edges`.
+    """
+    rows, cols, vals = layered_edges(edges, offsets, norm, eps)
     n = int(offsets[-1])
     A = sp.coo_array(
         (np.concatenate([vals, vals]),

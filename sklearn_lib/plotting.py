@@ -3,40 +3,27 @@
 matplotlib is an optional extra (``pip install sklearn_lib[plot]``); it is
 imported when a function here is called, not when the module is imported. Every
 function draws on ``ax`` (a new figure's axes when None) and returns the axes,
-so figures compose and can be styled further.
+so figures compose and can be styled further; :func:`plot_layer_spectra` draws
+one panel per layer on ``axes`` and returns them. The graph figure lives in
+:mod:`sklearn_lib._graph_plot`.
 """
 
-from numbers import Integral
-
 import numpy as np
-from sklearn.utils.validation import check_array, check_is_fitted
+from sklearn.utils.validation import check_is_fitted
+
+from ._graph_plot import plot_interaction_graph
+from ._graph_view import check_edges
+from ._mpl import axes, pyplot
 
 __all__ = [
     "plot_ablation_curves",
     "plot_edges",
     "plot_interaction_graph",
+    "plot_layer_spectra",
     "plot_spectrum",
 ]
 
 _COUNT_LABELS = {"n_directions": "directions kept", "n_edges": "edges kept"}
-
-
-def _pyplot():
-    try:
-        import matplotlib.pyplot as plt
-    except ImportError as error:
-        raise ImportError(
-            "sklearn_lib.plotting needs matplotlib, an optional extra: "
-            "pip install sklearn_lib[plot]"
-        ) from error
-    return plt
-
-
-def _axes(ax):
-    plt = _pyplot()
-    if ax is None:
-        _, ax = plt.subplots()
-    return ax
 
 
 def _is_curve(obj):
@@ -123,7 +110,7 @@ def plot_ablation_curves(curves, ax=None, *, reference=True, logx=False, ylabel=
     >>> matplotlib.pyplot.close(ax.figure)
     """
     split = _split_curves(curves)
-    ax = _axes(ax)
+    ax = axes(ax)
     line_kwargs = {"marker": "o", "markersize": 3, **line_kwargs}
     for label, _, counts, scores, _ in split:
         ax.plot(counts, scores, label=label, **line_kwargs)
@@ -198,7 +185,7 @@ def plot_spectrum(bases, ax=None, *, log=True):
     if not isinstance(bases, dict) or not bases:
         raise ValueError("bases must be a non-empty dict mapping names to fitted bases.")
     spectra = {name: _strengths(basis, name) for name, basis in bases.items()}
-    ax = _axes(ax)
+    ax = axes(ax)
     for name, values in spectra.items():
         ax.plot(np.arange(1, len(values) + 1), values, marker="o", markersize=3, label=name)
     if log:
@@ -209,11 +196,116 @@ def plot_spectrum(bases, ax=None, *, log=True):
     return ax
 
 
-def _check_edges(E, name="E"):
-    E = check_array(E, dtype=np.float64, input_name=name)
-    if (E < 0).any():
-        raise ValueError(f"{name} must be non-negative (edge strengths).")
-    return E
+def _check_graphs(graphs):
+    """``{name: fitted graph}`` from one graph or a dict; every graph has the same layers."""
+    if not isinstance(graphs, dict):
+        graphs = {None: graphs}
+    if not graphs:
+        raise ValueError("graphs must be a fitted InteractionGraph or a non-empty dict of them.")
+    for name, graph in graphs.items():
+        if not hasattr(graph, "bases_") and not hasattr(graph, "adjacency"):
+            raise TypeError(
+                "graphs must be fitted InteractionGraphs (or a dict of them), got "
+                f"{type(graph).__name__}" + ("" if name is None else f" for {name!r}") + "."
+            )
+        check_is_fitted(graph)
+    names = {tuple(g.layer_names_) for g in graphs.values()}
+    if len(names) > 1:
+        raise ValueError(f"the graphs must have the same layers, got {sorted(names)}.")
+    return graphs, list(next(iter(graphs.values())).layer_names_)
+
+
+def plot_layer_spectra(graphs, axes=None, *, layers=None, log=True, ncols=4):
+    """The Lambdas of every layer of one or several graphs, one panel per layer.
+
+    Panel ``l`` is :func:`plot_spectrum` of ``bases_[l]`` of every graph,
+    titled with the layer's name and number of directions. Comparing an
+    interaction graph with a PCA graph (``basis="pca"``) of the same layers
+    shows, layer by layer, how fast each basis concentrates its strength.
+
+    Parameters
+    ----------
+    graphs : InteractionGraph or dict of str to InteractionGraph
+        Fitted graph(s), all with the same ``layer_names_``.
+    axes : array-like of matplotlib Axes, default=None
+        At least one axes per layer shown; None makes a new figure with
+        ``ncols`` panels per row.
+    layers : list of int or str, default=None
+        Layers shown (indices or names); None shows all.
+    log : bool, default=True
+        Logarithmic strength axes.
+    ncols : int, default=4
+        Panels per row of a new figure.
+
+    Returns
+    -------
+    axes : ndarray of matplotlib Axes
+        One per layer shown, in order (unused panels of a new figure are hidden).
+
+    See Also
+    --------
+    plot_spectrum : One panel, any bases.
+
+    Examples
+    --------
+    >>> import matplotlib
+    >>> matplotlib.use("Agg")
+    >>> import torch
+    >>> from sklearn_lib import InteractionGraph
+    >>> from sklearn_lib.plotting import plot_layer_spectra
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3))
+    >>> X = torch.randn(200, 4)
+    >>> graphs = {b: InteractionGraph(basis=b).fit_model(net, [":input", "1", "2"], X)
+    ...           for b in ("interaction", "pca")}
+    >>> axes = plot_layer_spectra(graphs)  # the titles give r per graph
+    >>> [ax.get_title() for ax in axes]
+    [':input (4)', '1 (3 / 6)', '2 (3)']
+    >>> matplotlib.pyplot.close(axes[0].figure)
+    """
+    graphs, names = _check_graphs(graphs)
+    if layers is None:
+        layers = list(range(len(names)))
+    indices = []
+    for layer in layers:
+        if isinstance(layer, str) and layer in names:
+            indices.append(names.index(layer))
+        elif isinstance(layer, (int, np.integer)) and -len(names) <= layer < len(names):
+            indices.append(int(layer) % len(names))
+        else:
+            raise ValueError(f"layers must be names from {names} or indices in "
+                             f"[-{len(names)}, {len(names)}), got {layer!r}.")
+    if not indices:
+        raise ValueError("layers must name at least one layer.")
+    if axes is None:
+        if not isinstance(ncols, (int, np.integer)) or ncols < 1:
+            raise ValueError(f"ncols must be a positive integer, got {ncols!r}.")
+        ncols = min(ncols, len(indices))
+        nrows = -(-len(indices) // ncols)
+        _, grid = pyplot().subplots(nrows, ncols, figsize=(3.2 * ncols, 2.6 * nrows),
+                                    squeeze=False, constrained_layout=True)
+        grid = grid.ravel()
+        for unused in grid[len(indices):]:
+            unused.set_visible(False)
+        axes = grid[:len(indices)]
+    else:
+        axes = np.ravel(np.asarray(axes, dtype=object))
+        if len(axes) < len(indices):
+            raise ValueError(f"axes must hold one axes per layer shown ({len(indices)}), "
+                             f"got {len(axes)}.")
+        axes = axes[:len(indices)]
+    for panel, (ax, l) in enumerate(zip(axes, indices)):
+        bases = {("strength" if name is None else name): graph.bases_[l]
+                 for name, graph in graphs.items()}
+        plot_spectrum(bases, ax=ax, log=log)
+        counts = dict.fromkeys(str(len(b.interaction_strengths_)) for b in bases.values())
+        ax.set_title(f"{names[l]} ({' / '.join(counts)})")
+        ax.set_ylabel("Lambda" if panel == 0 else "")
+        # One legend is enough: every panel shows the same graphs.
+        if panel > 0 or len(graphs) == 1:
+            ax.get_legend().remove()
+    return axes
 
 
 def plot_edges(E, ax=None, *, log=True, cmap="viridis", colorbar=True):
@@ -248,8 +340,8 @@ def plot_edges(E, ax=None, *, log=True, cmap="viridis", colorbar=True):
     (1, 1e-06)
     >>> matplotlib.pyplot.close(ax.figure)
     """
-    E = _check_edges(E)
-    ax = _axes(ax)
+    E = check_edges(E)
+    ax = axes(ax)
     from matplotlib.colors import LogNorm
 
     positive = E[E > 0]
@@ -263,120 +355,4 @@ def plot_edges(E, ax=None, *, log=True, cmap="viridis", colorbar=True):
         ax.figure.colorbar(image, ax=ax, label="edge strength")
     ax.set_xlabel("input direction j (layer l)")
     ax.set_ylabel("output direction i (layer l+1)")
-    return ax
-
-
-def plot_interaction_graph(edges, labels=None, ax=None, *, max_edges=500, node_size=20,
-                           cmap="tab10"):
-    """The layered interaction graph: basis directions as nodes, strongest edges as lines.
-
-    Layer ``l`` is the column ``x = l``; its directions are spread over the
-    height in order of importance (direction 0 at the top). Each layer pair's
-    edges are divided by that pair's strongest edge, and the ``max_edges``
-    strongest of these normalised strengths are drawn as one
-    :class:`~matplotlib.collections.LineCollection` with opacity and width
-    growing with the strength (strong edges on top). Pass log-normalised edges
-    (SPEC section 3) to show a wide dynamic range.
-
-    Parameters
-    ----------
-    edges : list of array-like, element l of shape (r_{l+1}, r_l)
-        Edge matrices of consecutive layer pairs, e.g. ``InteractionGraph.edges_``.
-    labels : array-like of shape (sum_l r_l,), default=None
-        Module of every node, layer by layer (e.g. ``ModularityClustering.labels_``
-        on the graph's adjacency); nodes are coloured by it.
-    ax : matplotlib Axes, default=None
-        Axes to draw on; None makes a new figure.
-    max_edges : int or None, default=500
-        Number of strongest edges drawn; None draws every non-zero edge.
-    node_size : float, default=20
-        Marker area of the nodes.
-    cmap : str or Colormap, default="tab10"
-        Colours of the modules (cycled when there are more modules than colours).
-
-    Returns
-    -------
-    ax : matplotlib Axes
-
-    Examples
-    --------
-    >>> import matplotlib
-    >>> matplotlib.use("Agg")
-    >>> import numpy as np
-    >>> from sklearn_lib.plotting import plot_interaction_graph
-    >>> rng = np.random.default_rng(0)
-    >>> edges = [rng.random((3, 4)), rng.random((2, 3))]  # layers of 4, 3 and 2 directions
-    >>> ax = plot_interaction_graph(edges, labels=[0, 0, 1, 1, 0, 1, 1, 0, 1], max_edges=10)
-    >>> lines, nodes = ax.collections
-    >>> len(lines.get_segments()), len(nodes.get_offsets())
-    (10, 9)
-    >>> matplotlib.pyplot.close(ax.figure)
-    """
-    if isinstance(edges, np.ndarray) and edges.ndim == 2:
-        edges = [edges]
-    if not isinstance(edges, (list, tuple)):
-        raise TypeError(
-            "edges must be a list of edge matrices, e.g. a fitted InteractionGraph's "
-            f"edges_, got {type(edges).__name__}."
-        )
-    if len(edges) == 0:
-        raise ValueError("edges must be a non-empty list of edge matrices.")
-    edges = [_check_edges(E, f"edges[{l}]") for l, E in enumerate(edges)]
-    for l in range(1, len(edges)):
-        if edges[l].shape[1] != edges[l - 1].shape[0]:
-            raise ValueError(
-                f"edges[{l}] has {edges[l].shape[1]} input directions but edges[{l - 1}] "
-                f"has {edges[l - 1].shape[0]} output directions; consecutive matrices must "
-                "chain as (r_{l+1}, r_l)."
-            )
-    if max_edges is not None and (not isinstance(max_edges, Integral) or max_edges < 1):
-        raise ValueError(f"max_edges must be a positive integer or None, got {max_edges!r}.")
-    widths = [edges[0].shape[1]] + [E.shape[0] for E in edges]
-    offsets = np.concatenate([[0], np.cumsum(widths)])
-    x = np.concatenate([np.full(r, l, dtype=np.float64) for l, r in enumerate(widths)])
-    y = np.concatenate([1 - (np.arange(r) + 0.5) / r for r in widths])
-
-    sources, targets, strengths = [], [], []
-    for l, E in enumerate(edges):
-        i, j = np.nonzero(E)
-        sources.append(offsets[l] + j)
-        targets.append(offsets[l + 1] + i)
-        strengths.append(E[i, j] / E.max())  # empty (no warning) when E is all zero
-    sources, targets, strengths = map(np.concatenate, (sources, targets, strengths))
-    # Strongest max_edges, then drawn weakest first so that strong edges lie on top.
-    keep = np.argsort(-strengths, kind="stable")[:max_edges][::-1]
-    sources, targets, strengths = sources[keep], targets[keep], strengths[keep]
-
-    ax = _axes(ax)
-    import matplotlib as mpl
-    from matplotlib.collections import LineCollection
-
-    segments = np.stack([np.column_stack([x[sources], y[sources]]),
-                         np.column_stack([x[targets], y[targets]])], axis=1)
-    colors = np.zeros((len(strengths), 4))
-    colors[:, :3] = 0.2
-    colors[:, 3] = 0.1 + 0.9 * strengths
-    ax.add_collection(LineCollection(segments, colors=colors,
-                                     linewidths=0.3 + 2.7 * strengths, zorder=1))
-
-    n_nodes = offsets[-1]
-    if labels is None:
-        node_colors = "C0"
-    else:
-        labels = np.asarray(labels)
-        if labels.shape != (n_nodes,):
-            raise ValueError(
-                f"labels must hold one module per node ({n_nodes} = {' + '.join(map(str, widths))} "
-                f"directions, layer by layer), got shape {labels.shape}."
-            )
-        colormap = mpl.colormaps[cmap] if isinstance(cmap, str) else cmap
-        codes = np.unique(labels, return_inverse=True)[1]
-        node_colors = colormap(codes % colormap.N)
-    ax.scatter(x, y, c=node_colors, s=node_size, edgecolors="k", linewidths=0.3, zorder=2)
-
-    ax.set_xlim(-0.5, len(widths) - 0.5)
-    ax.set_ylim(0, 1)
-    ax.set_xticks(range(len(widths)), [f"layer {l}" for l in range(len(widths))])
-    ax.set_yticks([])
-    ax.set_xlabel("layer")
     return ax

@@ -1,14 +1,15 @@
 """Tests for sklearn_lib.plotting, headless (Agg backend)."""
 
 import builtins
+import copy
 
 import numpy as np
 import pytest
+import torch
 
 matplotlib = pytest.importorskip("matplotlib")
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.collections import LineCollection, PathCollection  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 from sklearn.decomposition import PCA  # noqa: E402
 from sklearn.exceptions import NotFittedError  # noqa: E402
@@ -20,7 +21,7 @@ from sklearn_lib.evaluation import compare_node_ablation, edge_ablation_curve  #
 from sklearn_lib.plotting import (  # noqa: E402
     plot_ablation_curves,
     plot_edges,
-    plot_interaction_graph,
+    plot_layer_spectra,
     plot_spectrum,
 )
 
@@ -146,60 +147,63 @@ def test_edges_errors():
         plot_edges(np.array([[1.0, np.nan]]))
 
 
-# --------------------------------------------------------------------------- graph
-@pytest.fixture
-def graph(rng):
-    widths = [4, 5, 3]
-    edges = [rng.random((widths[l + 1], widths[l])) for l in range(2)]
-    edges[0][0, :] = 0.0  # 4 missing edges
-    labels = np.array([0, 0, 1, 1, 0, 1, 2, 2, 1, 0, 1, 2])
-    return edges, labels
+# --------------------------------------------------------------------------- layer spectra
+@pytest.fixture(scope="module")
+def graphs():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3))
+    X = torch.randn(200, 4)
+    return {b: InteractionGraph(basis=b).fit_model(net, [":input", "1", "2"], X)
+            for b in ("interaction", "pca")}
 
 
-def test_graph_artists(graph):
-    edges, labels = graph
-    ax = plot_interaction_graph(edges, labels, max_edges=7)
-    lines, nodes = ax.collections
-    assert isinstance(lines, LineCollection) and isinstance(nodes, PathCollection)
-    assert len(lines.get_segments()) == 7
-    offsets = nodes.get_offsets()
-    np.testing.assert_array_equal(offsets[:, 0], [0] * 4 + [1] * 5 + [2] * 3)
-    assert len(np.unique(nodes.get_facecolors(), axis=0)) == 3  # one colour per module
-    assert [t.get_text() for t in ax.get_xticklabels()] == ["layer 0", "layer 1", "layer 2"]
-    # Drawn weakest first: the last segment is a layer's strongest edge (opacity 1).
-    alphas = lines.get_colors()[:, 3]
-    assert np.all(np.diff(alphas) >= 0) and alphas[-1] == pytest.approx(1.0)
+def test_layer_spectra_one_panel_per_layer(graphs):
+    axes = plot_layer_spectra(graphs, ncols=2)
+    assert len(axes) == 3
+    figure_axes = axes[0].figure.axes
+    assert len(figure_axes) == 4 and not figure_axes[3].get_visible()
+    for l, ax in enumerate(axes):
+        lines = ax.get_lines()
+        for line, graph in zip(lines, graphs.values()):
+            np.testing.assert_allclose(line.get_ydata(), graph.bases_[l].interaction_strengths_)
+        counts = [str(len(g.bases_[l].interaction_strengths_)) for g in graphs.values()]
+        expected = " / ".join(dict.fromkeys(counts))
+        assert ax.get_title() == f"{graphs['pca'].layer_names_[l]} ({expected})"
+    assert legend_labels(axes[0]) == ["interaction", "pca"]
+    assert axes[1].get_legend() is None and axes[0].get_yscale() == "log"
 
 
-def test_graph_draws_every_nonzero_edge_and_single_matrix(graph):
-    edges, _ = graph
-    ax = plot_interaction_graph(edges, max_edges=None)
-    assert len(ax.collections[0].get_segments()) == 20 + 15 - 4
-    single = plot_interaction_graph(edges[1])
-    assert len(single.collections[1].get_offsets()) == 8
+def test_layer_spectra_chosen_layers_on_given_axes(graphs):
+    graph = graphs["interaction"]
+    fig, grid = plt.subplots(1, 2)
+    axes = plot_layer_spectra(graph, grid, layers=["1", -1], log=False)
+    assert list(axes) == list(grid)
+    assert [ax.get_title() for ax in axes] == ["1 (3)", "2 (3)"]
+    assert axes[0].get_legend() is None and axes[0].get_yscale() == "linear"
+    np.testing.assert_allclose(axes[1].get_lines()[0].get_ydata(),
+                               graph.bases_[2].interaction_strengths_)
 
 
-def test_graph_segments_join_the_right_nodes():
-    E = np.zeros((2, 3))
-    E[1, 2] = 1.0  # input direction 2 of layer 0 -> output direction 1 of layer 1
-    ax = plot_interaction_graph([E])
-    (segment,) = ax.collections[0].get_segments()
-    nodes = ax.collections[1].get_offsets()
-    np.testing.assert_allclose(segment, [nodes[2], nodes[3 + 1]])
-
-
-def test_graph_errors(graph):
-    edges, labels = graph
-    with pytest.raises(ValueError, match="must chain"):
-        plot_interaction_graph([edges[0], edges[0]])
-    with pytest.raises(ValueError, match=r"one module per node \(12 = 4 \+ 5 \+ 3"):
-        plot_interaction_graph(edges, labels[:-1])
-    with pytest.raises(ValueError, match="max_edges"):
-        plot_interaction_graph(edges, max_edges=0)
-    with pytest.raises(ValueError, match="non-empty"):
-        plot_interaction_graph([])
-    with pytest.raises(TypeError, match="list of edge matrices, e.g. a fitted InteractionGraph"):
-        plot_interaction_graph(InteractionGraph())
+def test_layer_spectra_errors(graphs):
+    graph = graphs["interaction"]
+    with pytest.raises(ValueError, match=r"layers must be names from \[':input', '1', '2'\]"):
+        plot_layer_spectra(graph, layers=["3"])
+    with pytest.raises(ValueError, match="at least one layer"):
+        plot_layer_spectra(graph, layers=[])
+    with pytest.raises(ValueError, match=r"one axes per layer shown \(3\), got 2"):
+        plot_layer_spectra(graph, plt.subplots(1, 2)[1])
+    with pytest.raises(ValueError, match="ncols"):
+        plot_layer_spectra(graph, ncols=0)
+    with pytest.raises(TypeError, match="fitted InteractionGraphs"):
+        plot_layer_spectra({"edges": graph.edges_})
+    with pytest.raises(NotFittedError):
+        plot_layer_spectra(InteractionGraph())
+    with pytest.raises(ValueError, match="non-empty dict"):
+        plot_layer_spectra({})
+    renamed = copy.copy(graph)
+    renamed.layer_names_ = ["x", "h", "y"]
+    with pytest.raises(ValueError, match="same layers"):
+        plot_layer_spectra({"a": graph, "b": renamed})
 
 
 # --------------------------------------------------------------------------- optional extra
