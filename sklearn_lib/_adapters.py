@@ -18,6 +18,7 @@ TransformerLens and nnsight lives here, without importing them:
   (:func:`first_tensor`), ``logits`` for a language model without labels.
 """
 
+import copy
 from collections.abc import Mapping
 
 import torch
@@ -45,6 +46,31 @@ def unwrap_model(model):
         f"model must be a torch.nn.Module (or an nnsight wrapper of one), got "
         f"{type(model).__module__}.{type(model).__qualname__}."
     )
+
+
+def copy_module(model):
+    """A deep copy of ``model`` that shares the tensors it keeps besides parameters and buffers.
+
+    Libraries keep the last activations as attributes (TransformerLens after
+    ``run_with_cache``); such tensors are results of autograd or of
+    ``torch.func`` transforms, which ``copy.deepcopy`` refuses to copy. They
+    are state of a past run, never read by the copy's conversion, so the copy
+    shares them (containers up to three levels deep are searched).
+    """
+    memo = {}
+
+    def share(obj, depth):
+        if isinstance(obj, torch.Tensor):
+            memo[id(obj)] = obj
+        elif depth and isinstance(obj, (dict, list, tuple, set)):
+            for value in obj.values() if isinstance(obj, dict) else obj:
+                share(value, depth - 1)
+
+    for module in model.modules():
+        for key, value in vars(module).items():
+            if key not in ("_parameters", "_buffers", "_modules"):
+                share(value, 3)
+    return copy.deepcopy(model, memo)
 
 
 def resolve_alias(model, name, modules):

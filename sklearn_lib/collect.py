@@ -47,7 +47,6 @@ d_in)``. Then ``(1 / (n P_in)) sum_rows R.T @ R`` is the SPEC's ``M'`` for seque
 models, and the rows feed :class:`~sklearn_lib.InteractionBasis` unchanged.
 """
 
-import copy
 import numbers
 import os
 from contextlib import nullcontext
@@ -56,7 +55,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ._adapters import n_samples, padding_mask, take, unwrap_model
+from ._adapters import copy_module, n_samples, padding_mask, take, unwrap_model
 from ._backend import (
     as_tensor,
     eval_mode,
@@ -114,7 +113,7 @@ def prepare_model(model, *, device=None, dtype="float64"):
     Returns
     -------
     model : torch.nn.Module
-        ``model`` or a ``copy.deepcopy`` of it moved with ``torch.nn.Module.to``
+        ``model`` or a deep copy of it moved with ``torch.nn.Module.to``
         (never the model's own ``to``, which some libraries override).
 
     Examples
@@ -141,7 +140,7 @@ def prepare_model(model, *, device=None, dtype="float64"):
         return model
     # torch's own Module.to: libraries override it with other signatures
     # (TransformerLens' HookedTransformer.to takes no dtype keyword).
-    return torch.nn.Module.to(copy.deepcopy(model), device=device, dtype=dtype)
+    return torch.nn.Module.to(copy_module(model), device=device, dtype=dtype)
 
 
 
