@@ -123,12 +123,12 @@ def test_bridge_graph_from_the_model_equals_the_graph_from_collect(bridge, token
 def test_padded_batch_gives_the_graph_of_the_unpadded_sequences(gpt2, tokens, padded):
     """Padding enters neither statistics nor edges: the graph of the sequences pooled."""
     pooled = [{"input_ids": tokens[:10]}, {"input_ids": tokens[10:, :4]}]
-    for params in ({}, {"constant_node": True}):
-        graph = InteractionGraph(verbose=False, **params).fit_model(
-            gpt2, LAYERS, padded, sequence=True)
-        reference = InteractionGraph(verbose=False, **params).fit_model(
-            gpt2, LAYERS, pooled, sequence=True)
-        _assert_same_graph(graph, reference)
+    # The constant node's edges cover the output rows too.
+    graph = InteractionGraph(verbose=False, constant_node=True).fit_model(
+        gpt2, LAYERS, padded, sequence=True)
+    reference = InteractionGraph(verbose=False, constant_node=True).fit_model(
+        gpt2, LAYERS, pooled, sequence=True)
+    _assert_same_graph(graph, reference)
     # The means are those of the real positions alone (brute force).
     real = np.concatenate([
         record_activations(gpt2, LAYERS[:1], batch["input_ids"], verbose=False)[LAYERS[0]]
@@ -141,7 +141,7 @@ def test_padded_batch_gives_the_graph_of_the_unpadded_sequences(gpt2, tokens, pa
     assert np.abs(other.bases_[0].mean_ - real.mean(0)).max() > 1e-3
 
 
-@settings(max_examples=4, deadline=None, derandomize=True)
+@settings(max_examples=3, deadline=None, derandomize=True)
 @given(junk=st.integers(0, 49), length=st.integers(2, 5))
 def test_padded_tokens_do_not_matter(gpt2, tokens, junk, length):
     mask = torch.ones_like(tokens[:6])
