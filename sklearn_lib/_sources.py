@@ -318,7 +318,7 @@ class _Fingerprint:
               "input magnitudes")
 
     def __init__(self):
-        self.n_samples, self.n_numbers, self.sums = 0, 0, None
+        self.n_samples, self.n_numbers, self.sums, self.width = 0, 0, None, 0
 
     def add(self, x):
         v = _adapters.flat_numbers(x)
@@ -329,7 +329,7 @@ class _Fingerprint:
         self.n_samples += int(v.shape[0])
         self.n_numbers += v.numel()
         # Batches of sequences of different lengths have different widths.
-        self.width = max(getattr(self, "width", 0), int(v.shape[1]))
+        self.width = max(self.width, int(v.shape[1]))
 
     def difference(self, other, first, this):
         """How pass ``this`` (``other``) differs from pass ``first`` (self); None if not at all.

@@ -18,6 +18,9 @@ The output folder is written next to its path and moved into place at the end
 that marker is ever replaced (``--overwrite``), and a second run without
 ``--overwrite`` keeps the first run's folder and writes ``<output>-2`` (then
 ``-3``, ...). Arguments are checked before any work.
+
+``python -m sklearn_lib --model module:factory --layers ... --data inputs.npy`` prints
+the same table for a user's model (:mod:`sklearn_lib._demo_model`).
 """
 
 import argparse
