@@ -197,3 +197,14 @@ def padding_mask(x):
             "values."
         )
     return None if bool(real.all()) else real
+
+
+def check_unpadded(x):
+    """Refuse a batch with padded positions where every position is kept (collect)."""
+    if padding_mask(x) is not None:
+        raise ValueError(
+            "collect keeps every position of every sample (the row layout has P rows per "
+            "sample), so padded positions (attention_mask 0) would enter the statistics; "
+            "fit the graph with InteractionGraph.fit_model, which leaves them out, or pass "
+            "sequences of one length per batch without padding."
+        )

@@ -55,7 +55,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ._adapters import copy_module, n_samples, padding_mask, take, unwrap_model
+from ._adapters import check_unpadded, copy_module, n_samples, take, unwrap_model
 from ._backend import (
     as_tensor,
     eval_mode,
@@ -661,14 +661,7 @@ def collect(
                 x = _input_tensor(batch, device, dtype)
                 if i == 0:
                     _check_forward(run_model, x)
-                if padding_mask(x) is not None:
-                    raise ValueError(
-                        "collect keeps every position of every sample (the row layout has "
-                        "P rows per sample), so padded positions (attention_mask 0) would "
-                        "enter the statistics; fit the graph with InteractionGraph.fit_model, "
-                        "which leaves them out, or pass sequences of one length per batch "
-                        "without padding."
-                    )
+                check_unpadded(x)
                 with torch.no_grad():
                     recorded = _record_batch(run_model, specs, x)
                 acts = {s: _cast(t, dtype) for s, t in recorded.items()}
