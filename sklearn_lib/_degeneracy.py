@@ -236,7 +236,7 @@ def record_patterns(model, layers, data, *, sequence, tol, batch_size, device, d
             for l, spec in watched.items():
                 if l not in seen:
                     raise ValueError(f"layer {spec.spec!r} was not called in the forward pass.")
-                z = _model._as_rows(seen[l], sequence, repr(specs[l].spec))
+                z = _model._as_rows(seen[l], sequence, specs[l])
                 if l not in patterns:
                     patterns[l] = FiringPatterns(z.shape[1], tol)
                 patterns[l].update(z, spec.module)

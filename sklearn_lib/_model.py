@@ -16,6 +16,7 @@ from math import prod
 import numpy as np
 import torch
 
+from . import _adapters
 from ._axes import Layer, view_axes
 from ._backend import as_tensor, gen_batches
 
@@ -55,6 +56,9 @@ def _parse_layers(model, layers, hook):
         if sep and tail in _HOOK_KINDS:
             name, kind = head, tail
         if name not in modules:
+            # A TransformerLens hook alias names the hook point it stands for.
+            name, _ = _adapters.resolve_alias(model, name, modules) or (name, None)
+        if name not in modules:
             unknown.append(spec)
         else:
             parsed.append(_Layer(spec, name, kind, modules[name], positions, axes))
@@ -65,7 +69,8 @@ def _parse_layers(model, layers, hook):
         more = f", ... ({hidden} more)" if hidden > 0 else ""
         raise ValueError(
             f"unknown layer(s) {unknown}. Valid names are the model.named_modules() paths "
-            f"('' is the model itself), optionally suffixed ':input' or ':output' and "
+            f"('' is the model itself) or the names of its hook registry (TransformerLens' "
+            f"model.hook_dict), optionally suffixed ':input' or ':output' and "
             f"then a selection of positions such as '[-1]', '[0, 2]' or '[1:]': "
             f"{shown}{more}."
         )
@@ -100,7 +105,12 @@ def _position_index(layer, value):
             f"layer {layer.spec!r} selects positions, but its activation has shape "
             f"{tuple(value.shape)}: a selection needs (batch, position, feature) activations."
         )
-    n_positions = int(value.shape[1])
+    return torch.tensor(_selected(layer, int(value.shape[1]), tuple(value.shape)),
+                        device=value.device)
+
+
+def _selected(layer, n_positions, shape):
+    """The indices among ``n_positions`` that ``layer`` selects (a list of distinct ints)."""
     if isinstance(layer.positions, slice):
         index = list(range(n_positions))[layer.positions]
     elif all(-n_positions <= i < n_positions for i in layer.positions):
@@ -110,9 +120,9 @@ def _position_index(layer, value):
     if not index or len(set(index)) != len(index):
         raise ValueError(
             f"layer {layer.spec!r} must select distinct positions among the {n_positions} "
-            f"of its activation of shape {tuple(value.shape)}."
+            f"of its activation of shape {shape}."
         )
-    return torch.tensor(index, device=value.device)
+    return index
 
 
 def _select(layer, fn):
@@ -139,14 +149,10 @@ def _hook(layer, fn):
     if layer.kind == "output":
 
         def forward_hook(module, args, output):
-            value = output[0] if isinstance(output, (tuple, list)) else output
+            value, rebuild = _adapters.first_tensor(output)
             _check_tensor(layer, value)
             new = fn(value)
-            if new is None:
-                return None
-            if isinstance(output, (tuple, list)):
-                return type(output)([new, *output[1:]])
-            return new
+            return None if new is None else rebuild(new)
 
         return layer.module.register_forward_hook(forward_hook)
 
@@ -185,13 +191,18 @@ def _hooks(pairs):
 
 def _run_until_stopped(model, x):
     try:
-        model(x)
+        _adapters.call(model, x)
     except _StopForward:
         pass
 
 
 def _input_tensor(batch, device, dtype):
-    """Move a batch of model inputs to ``device``; floating inputs are cast, token ids are not."""
+    """Move a batch of model inputs to ``device``; floating inputs are cast, token ids are not.
+
+    A dict batch (keyword inputs) becomes a dict of such tensors.
+    """
+    if _adapters.is_dict_batch(batch):
+        return {key: _input_tensor(value, device, dtype) for key, value in batch.items()}
     if isinstance(batch, torch.Tensor):
         batch = batch.detach()
         if batch.is_floating_point():
@@ -200,8 +211,8 @@ def _input_tensor(batch, device, dtype):
     array = np.asarray(batch)
     if array.dtype == object:
         raise TypeError(
-            f"model inputs must be tensors or numeric arrays, got {type(batch).__name__}; "
-            "multi-input and dict batches are not supported."
+            f"model inputs must be tensors, numeric arrays or dicts of them (keyword "
+            f"inputs), got {type(batch).__name__}."
         )
     if np.issubdtype(array.dtype, np.floating):
         return as_tensor(array, device=device, dtype=dtype)
@@ -221,9 +232,13 @@ def _iter_batches(data, batch_size):
     if _is_array(data):
         n = int(data.shape[0])
         return (data[s] for s in gen_batches(n, batch_size)), n
-    if isinstance(data, (str, bytes, dict)):
+    if _adapters.is_dict_batch(data):
+        n = _adapters.check_dict_data(data)
+        return (_adapters.take(data, s) for s in gen_batches(n, batch_size)), n
+    if isinstance(data, (str, bytes)):
         raise TypeError(
-            f"data must be a tensor, an array or a DataLoader, got {type(data).__name__}."
+            "data must be a tensor, an array, a dict of arrays (keyword inputs) or a "
+            f"DataLoader, got {type(data).__name__}."
         )
     try:
         total = len(data.dataset)
@@ -259,7 +274,7 @@ def _record_batch(model, layers, x):
     # The whole forward runs (no early stop) so that a module reused after the
     # last recorded layer is still reported as ambiguous.
     with _hooks([(layer, recorder(layer)) for layer in layers]):
-        model(x)
+        _adapters.call(model, x)
     missing = [layer.spec for layer in layers if layer.spec not in captured]
     if missing:
         raise ValueError(f"layer(s) {missing} were not called in the model's forward pass.")
@@ -274,16 +289,17 @@ def _check_forward(model, x):
     inputs we passed. Hooks are left out so that our own errors are not
     mistaken for the model's.
     """
-    probe = x[:_PROBE_SAMPLES]
+    probe = _adapters.take(x, slice(0, _PROBE_SAMPLES))
     try:
         with torch.no_grad():
-            model(probe)
+            _adapters.call(model, probe)
     except Exception as exc:
         raise ValueError(
-            f"the model rejected its inputs: we passed the first {len(probe)} sample(s) of "
-            f"data as a batch of shape {tuple(probe.shape)} and dtype {probe.dtype}, and "
-            f"its forward raised {type(exc).__name__}: {exc}. Check that data holds inputs "
-            "of the shape and dtype the model expects (one sample per row of axis 0)."
+            f"the model rejected its inputs: we passed the first {_adapters.n_samples(probe)} "
+            f"sample(s) of data as {_adapters.describe(probe)}, and its forward raised "
+            f"{type(exc).__name__}: {exc}. Check that data holds inputs of the shape and "
+            "dtype the model expects (one sample per row of axis 0; a dict of arrays is "
+            "passed as keyword inputs)."
         ) from exc
 
 
@@ -317,6 +333,39 @@ def _positions(shape, sequence, layer):
             "whose activations are not empty."
         )
     return n_pos, d
+
+
+def _row_mask(layer, mask, shape, sequence):
+    """Which rows of ``layer``'s activation (of ``shape``) are real positions (bool), or None.
+
+    ``mask`` is the batch's (batch, position) padding mask (None: no padding).
+    A layer with as many positions as the mask has its rows masked (after the
+    layer's own selection of positions); a layer of one position per sample
+    (pooled, or flat) has only real rows. Without ``sequence`` positions are
+    features, and padding cannot be left out of them.
+    """
+    if mask is None:
+        return None
+    spec = repr(layer.spec)
+    if not sequence:
+        raise ValueError(
+            f"the batch has padded positions (attention_mask 0), which only sequence=True "
+            f"can leave out (positions as samples); without it layer {spec} flattens "
+            "positions into features. Pass sequence=True, or inputs without padding."
+        )
+    n_pos, _ = _positions(tuple(shape[1:]), sequence, layer)
+    width = int(mask.shape[1])
+    if layer.positions is not None and len(shape) >= 3:
+        mask = mask[:, _selected(layer, width, (shape[0], width))]
+    elif n_pos == 1:
+        return None
+    if n_pos != mask.shape[1]:
+        raise ValueError(
+            f"layer {spec} has {n_pos} positions per sample, but the batch's attention_mask "
+            f"has {width}: padded positions of this layer cannot be told apart. Choose "
+            "layers with one position per token, or a selection of positions."
+        )
+    return mask.reshape(-1)
 
 
 def _as_rows(act, sequence, layer):

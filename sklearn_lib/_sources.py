@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import _model
+from . import _adapters, _model
 from . import collect as _collect
 from ._backend import as_tensor, eval_mode, model_device, resolve_dtype
 from ._edges import Workspace, accumulate_edges, path_points
@@ -288,6 +288,16 @@ class CachedSource:
 
 
 # --------------------------------------------------------------------------- model source
+def _keep(rows, keep):
+    """The rows marked real by ``keep`` (all rows when it is None)."""
+    return rows if keep is None else rows[keep]
+
+
+def _zero_padded(rows, keep):
+    """``rows`` with the rows not marked real by ``keep`` set to 0 (in place)."""
+    return rows if keep is None else rows.mul_(keep[:, None].to(rows.dtype))
+
+
 def _describe(data):
     """``data`` in a few words for error messages: its type, and its shape if it has one."""
     shape = getattr(data, "shape", None)
@@ -308,17 +318,18 @@ class _Fingerprint:
               "input magnitudes")
 
     def __init__(self):
-        self.n_samples, self.n_numbers, self.sums = 0, 0, None
+        self.n_samples, self.n_numbers, self.sums, self.width = 0, 0, None, 0
 
     def add(self, x):
-        v = x.reshape(x.shape[0], -1).to(torch.float64)
+        v = _adapters.flat_numbers(x)
         w = torch.cos(torch.arange(v.shape[1], device=v.device, dtype=v.dtype))
         p = v @ w
         sums = torch.stack([v.sum(), p.sum(), v.square().sum(), p.square().sum(), v.abs().sum()])
         self.sums = sums if self.sums is None else self.sums.add_(sums)
         self.n_samples += int(v.shape[0])
         self.n_numbers += v.numel()
-        self.width = int(v.shape[1])
+        # Batches of sequences of different lengths have different widths.
+        self.width = max(self.width, int(v.shape[1]))
 
     def difference(self, other, first, this):
         """How pass ``this`` (``other``) differs from pass ``first`` (self); None if not at all.
@@ -369,12 +380,14 @@ class ModelSource:
 
         # A probe on two samples gives every layer's shape (and fails early).
         first = next(iter(self._batches(self.batch_size or _model._PROBE_SAMPLES)), None)
-        self._probe_samples = 0 if first is None else int(first.shape[0])
+        self._probe_samples = 0 if first is None else _adapters.n_samples(first)
         if self._probe_samples == 0:
             raise ValueError(f"fit_model needs at least 2 samples, got 0 ({_describe(data)}).")
         with eval_mode(self.model), torch.no_grad():
             _model._check_forward(self.model, first)
-            probe = _model._record_batch(self.model, self.specs, first[:_model._PROBE_SAMPLES])
+            probe = _model._record_batch(
+                self.model, self.specs, _adapters.take(first, slice(0, _model._PROBE_SAMPLES))
+            )
         shapes = [tuple(probe[s.spec].shape[1:]) for s in self.specs]
         pw = [_model._positions(sh, sequence, s) for sh, s in zip(shapes, self.specs)]
         self.positions = [p for p, _ in pw]
@@ -422,7 +435,7 @@ class ModelSource:
                 x = _model._input_tensor(batch, self.device, self.dtype)
                 yield x
                 fingerprint.add(x)
-                bar.update(int(x.shape[0]))
+                bar.update(_adapters.n_samples(x))
         self._check_pass(desc, fingerprint)
 
     def _check_pass(self, desc, fingerprint):
@@ -479,15 +492,28 @@ class ModelSource:
         # Checked here, where the layer and the inputs are known (the statistics
         # would only say "X"); one reduction per batch, as the statistics do.
         if act.is_floating_point() and not bool(torch.isfinite(act).all()):
-            if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            if not bool(torch.isfinite(_adapters.flat_numbers(x)).all()):
                 raise ValueError(
-                    f"the data contain NaN or infinity (in a batch of shape {_shape(x)})."
+                    f"the data contain NaN or infinity (in {_adapters.describe(x)})."
                 )
             raise ValueError(
-                f"layer {spec.spec!r} is NaN or infinite for finite inputs (in a batch of "
-                f"shape {_shape(x)}): the model overflows or divides by zero there."
+                f"layer {spec.spec!r} is NaN or infinite for finite inputs (in "
+                f"{_adapters.describe(x)}): the model overflows or divides by zero there."
             )
         return act
+
+    def _real_rows(self, x, l, shape):
+        """Rows of layer l (activation ``shape``) that are real positions (bool), or None.
+
+        Positions where a dict batch's ``attention_mask`` is 0 are padding: they
+        enter neither the statistics nor the edges.
+        """
+        return _model._row_mask(self.specs[l], _adapters.padding_mask(x), shape, self.sequence)
+
+    def _output_shape(self, l, n, n_positions):
+        """Layer l's activation shape for ``n`` samples of ``n_positions`` positions."""
+        shape = self._shapes[l]
+        return (n, n_positions, *shape[1:]) if len(shape) >= 2 else (n, *shape)
 
     def _rows(self, act, l):
         return _model._as_rows(act, self.sequence, self.specs[l])
@@ -533,7 +559,8 @@ class ModelSource:
         # the statistics make.
         work = 4 * self.positions[l] * self.widths[l]
         for x in self._pass(f"layer {l}", self._footprint(l, work)):
-            stats.update(self._rows(self._activation(x, l), l))
+            act = self._activation(x, l)
+            stats.update(_keep(self._rows(act, l), self._real_rows(x, l, act.shape)))
         return stats
 
     def jacobian_stats(self, l, V, new_stats, target=None):
@@ -552,7 +579,9 @@ class ModelSource:
             # The activation's copies and the derivative with its autograd temporaries.
             work = 8 * self.positions[l] * max(self.widths[l], self.widths[m])
             for x in self._pass(f"layer {l}", self._footprint(l, work)):
-                X = self._rows(self._activation(x, l), l)
+                act = self._activation(x, l)
+                # The closed form acts row by row: padded rows are simply left out.
+                X = _keep(self._rows(act, l), self._real_rows(x, l, act.shape))
                 s = st.derivative(X)
                 stats.update(X)
                 SS = s.T @ s if SS is None else SS.addmm_(s.T, s)
@@ -572,7 +601,8 @@ class ModelSource:
                 sequence=self.sequence, max_vectors=None, check=i == 0,
                 leaves=self.leaves(l, m), vector_major=True,
             )
-            stats.update(self._rows(act, l))
+            keep_in, keep_out = self._mask_products(products, x, l, m, act, k)
+            stats.update(_keep(self._rows(act, l), keep_in))
             # One GEMM over all (row, output) pairs, accumulated in place; the
             # finished scatter is checked for NaN/inf once instead of every batch.
             P = products.reshape(-1, self.widths[l])
@@ -583,6 +613,24 @@ class ModelSource:
                 "infinity."
             )
         return stats.add_jacobian_scatter_(scatter, n_outputs=self.positions[m] * k)
+
+    def _mask_products(self, products, x, l, m, act, k):
+        """Zero the products of padded input rows and padded output positions, in place.
+
+        Returns the real rows of layers l and m (None where nothing is padded).
+        Products are vector-major, ``(P_m * k, B * P_l, d_l)`` with output
+        position ``t`` major in the first axis.
+        """
+        n = _adapters.n_samples(x)
+        keep_in = self._real_rows(x, l, act.shape)
+        p_out = products.shape[0] // k
+        keep_out = self._real_rows(x, m, self._output_shape(m, n, p_out))
+        view = products.view(p_out, k, n, -1, products.shape[-1])
+        if keep_out is not None:
+            view.mul_(keep_out.view(n, p_out).T.to(products.dtype)[:, None, :, None, None])
+        if keep_in is not None:
+            view.mul_(keep_in.view(n, -1).to(products.dtype)[None, None, :, :, None])
+        return keep_in, keep_out
 
     def global_stats(self, V, new_stats):
         L = self.n_layers - 1
@@ -617,12 +665,17 @@ class ModelSource:
         for i, x in enumerate(self._pass(f"edges {l}", per_sample)):
             act = self._activation(x, l)
             X = self._rows(act, l)
-            Z = (X - mean) @ C
+            n_x = _adapters.n_samples(x)
+            # Padded rows are attributed nothing: their coordinates count as 0.
+            keep_in = self._real_rows(x, l, act.shape)
+            Z = _zero_padded((X - mean) @ C, keep_in)
             points = path_points(X, mean, C, C_pinv, edge_point, alphas)
             Z_out = None
             if constant is not None:
                 end = next(path_points(X, mean, C, C_pinv, edge_point, [1.0]))
-                Z_out = (self._output_at(x, l, end, act.shape) - out_mean) @ V
+                out = self._output_at(x, l, end, act.shape)
+                out_shape = self._output_shape(l + 1, n_x, out.shape[0] // n_x)
+                Z_out = _zero_padded((out - out_mean) @ V, self._real_rows(x, l + 1, out_shape))
             if st is not None:
                 s_bar = None
                 for w, p in zip(weights, points):
@@ -638,6 +691,7 @@ class ModelSource:
                         sequence=self.sequence, max_vectors=None, check=i == 0,
                         leaves=self.leaves(l, l + 1), vector_major=True,
                     )
+                    self._mask_products(products, x, l, l + 1, act, k)
                     P_bar = (products.mul_(w) if P_bar is None
                              else P_bar.add_(products, alpha=w))
                 # Products come vector-major (outputs, rows, d); the edges see them
@@ -645,9 +699,10 @@ class ModelSource:
                 rows, n, d = P_bar.shape
                 J_tilde = workspace.get("J_tilde", (rows, n, C.shape[1]), P_bar)
                 torch.matmul(P_bar.view(rows * n, d), C_pinv.T, out=J_tilde.view(rows * n, -1))
-                accumulate_edges(E, J_tilde.transpose(0, 1), Z, self.positions[l + 1],
-                                 self.positions[l], constant=constant, Z_out=Z_out)
-            count += X.shape[0]
+                # Positions of this batch: sequences may differ in length between batches.
+                accumulate_edges(E, J_tilde.transpose(0, 1), Z, rows // k, X.shape[0] // n_x,
+                                 constant=constant, Z_out=Z_out)
+            count += X.shape[0] if keep_in is None else int(keep_in.sum())
         return E_all / count
 
 

@@ -47,7 +47,6 @@ d_in)``. Then ``(1 / (n P_in)) sum_rows R.T @ R`` is the SPEC's ``M'`` for seque
 models, and the rows feed :class:`~sklearn_lib.InteractionBasis` unchanged.
 """
 
-import copy
 import numbers
 import os
 from contextlib import nullcontext
@@ -56,6 +55,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ._adapters import check_unpadded, copy_module, n_samples, take, unwrap_model
 from ._backend import (
     as_tensor,
     eval_mode,
@@ -102,7 +102,8 @@ def prepare_model(model, *, device=None, dtype="float64"):
     Parameters
     ----------
     model : torch.nn.Module
-        The model; it is never modified.
+        The model; it is never modified. An nnsight wrapper (``NNsight``,
+        ``LanguageModel``, any ``Envoy``) stands for the module it wraps.
     device : str or torch.device, optional
         Target device; None keeps the model's (that of its first parameter or
         buffer; the CPU for a model without any).
@@ -112,7 +113,7 @@ def prepare_model(model, *, device=None, dtype="float64"):
     Returns
     -------
     model : torch.nn.Module
-        ``model`` or a ``copy.deepcopy`` of it moved with ``torch.nn.Module.to``
+        ``model`` or a deep copy of it moved with ``torch.nn.Module.to``
         (never the model's own ``to``, which some libraries override).
 
     Examples
@@ -126,12 +127,7 @@ def prepare_model(model, *, device=None, dtype="float64"):
     >>> prepare_model(net64) is net64
     True
     """
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(
-            f"model must be a torch.nn.Module, got {type(model).__module__}."
-            f"{type(model).__qualname__}; wrappers such as nnsight's hold the module "
-            "itself (pass that)."
-        )
+    model = unwrap_model(model)
     dtype = resolve_dtype(dtype)
     tensors = [*model.parameters(), *model.buffers()]
     if device is None:
@@ -144,7 +140,7 @@ def prepare_model(model, *, device=None, dtype="float64"):
         return model
     # torch's own Module.to: libraries override it with other signatures
     # (TransformerLens' HookedTransformer.to takes no dtype keyword).
-    return torch.nn.Module.to(copy.deepcopy(model), device=device, dtype=dtype)
+    return torch.nn.Module.to(copy_module(model), device=device, dtype=dtype)
 
 
 
@@ -222,7 +218,7 @@ def record_activations(
             acts = _record_batch(run_model, specs, x)
             for spec, act in acts.items():
                 parts[spec].append(_cast(act, dtype).cpu().numpy())
-            bar.update(int(x.shape[0]))
+            bar.update(n_samples(x))
     if not next(iter(parts.values())):
         raise ValueError("data yielded no samples.")
     return {spec: np.concatenate(chunks) for spec, chunks in parts.items()}
@@ -303,6 +299,7 @@ def section_function(model, in_layer, out_layer, inputs):
     >>> torch.equal(f(h), torch.tanh(h))
     True
     """
+    model = unwrap_model(model)
     a, b = _parse_layers(model, [in_layer, out_layer], "output")
     return lambda act_in: _run_section(model, a, b, inputs, act_in)
 
@@ -318,7 +315,7 @@ def _check_differentiable(model, a, b, x, act_in):
         raise ValueError(f"{where}: the activations of {a.spec!r} have dtype {act_in.dtype}.")
     probe = act_in[:1].detach().clone().requires_grad_(True)
     with torch.enable_grad():
-        out = _run_section(model, a, b, x[:1], probe)
+        out = _run_section(model, a, b, take(x, slice(0, 1)), probe)
         if not out.is_floating_point():
             raise ValueError(f"{where}: {b.spec!r} has dtype {out.dtype}.")
         grad = (
@@ -664,6 +661,7 @@ def collect(
                 x = _input_tensor(batch, device, dtype)
                 if i == 0:
                     _check_forward(run_model, x)
+                check_unpadded(x)
                 with torch.no_grad():
                     recorded = _record_batch(run_model, specs, x)
                 acts = {s: _cast(t, dtype) for s, t in recorded.items()}
@@ -686,7 +684,7 @@ def collect(
                 act_np = {a.spec: _as_rows(acts[a.spec], sequence, a).cpu().numpy() for a in specs}
                 jac_np = {pair: t.cpu().numpy() for pair, t in jac_rows.items()}
                 if cache is None:
-                    sink.append(int(x.shape[0]), act_np, jac_np)
+                    sink.append(n_samples(x), act_np, jac_np)
                 else:
                     if writer is None:
                         writer, created_here = _writer_for(
@@ -695,8 +693,8 @@ def collect(
                     writer.append(act_np, jac_np)
                 # Nothing of this batch outlives it: the next one reuses the memory.
                 del recorded, acts, jac_rows, act_np, jac_np
-                seen += int(x.shape[0])
-                bar.update(int(x.shape[0]))
+                seen += n_samples(x)
+                bar.update(n_samples(x))
         if not seen:
             raise ValueError("data yielded no samples.")
         if writer is not None:

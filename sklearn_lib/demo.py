@@ -20,6 +20,9 @@ The output folder is written next to its path and moved into place at the end
 that marker is ever replaced (``--overwrite``), and a second run without
 ``--overwrite`` keeps the first run's folder and writes ``<output>-2`` (then
 ``-3``, ...). Arguments are checked before any work.
+
+``python -m sklearn_lib --model module:factory --layers ... --data inputs.npy`` prints
+the same table for a user's model (:mod:`sklearn_lib._demo_model`).
 """
 
 import argparse
@@ -27,6 +30,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from itertools import count
 from pathlib import Path
@@ -263,22 +267,24 @@ def _degeneracy(graph, model, X_fit, output, verbose):
     _log(verbose, "degeneracy per layer (DegeneracyReport):\n" + frame.T.to_string())
 
 
-def format_table(results, tolerance):
-    """The comparison as a fixed-width text table."""
-    hidden = LAYERS[:-1]
+def format_table(results, tolerance, layers=LAYERS):
+    """The comparison as a fixed-width text table (``layers``: those of the graphs)."""
+    hidden = layers[:-1]
+    # Wide enough for the longest row label (a user's layer names can be long).
+    w = max(28, *(len(f"edges to keep {a}->{b}") + 2 for a, b in zip(layers[:-1], layers[1:])))
     lines = [
-        f"{'':<28}" + "".join(f"{m:>12}" for m in results),
-        *(f"{'directions to keep ' + layer:<28}"
+        f"{'':<{w}}" + "".join(f"{m:>12}" for m in results),
+        *(f"{'directions to keep ' + layer:<{w}}"
           + "".join(f"{str(r['directions'][i]):>12}" for r in results.values())
           for i, layer in enumerate(hidden)),
-        *(f"{'edges to keep ' + a + '->' + b:<28}"
+        *(f"{'edges to keep ' + a + '->' + b:<{w}}"
           + "".join(f"{r['edges'][i]:>12}" for r in results.values())
-          for i, (a, b) in enumerate(zip(LAYERS[:-1], LAYERS[1:]))),
-        f"{'edges to keep, total':<28}"
+          for i, (a, b) in enumerate(zip(layers[:-1], layers[1:]))),
+        f"{'edges to keep, total':<{w}}"
         + "".join(f"{sum(r['edges']):>12}" for r in results.values()),
-        f"{'interaction sparsity (Gini)':<28}"
+        f"{'interaction sparsity (Gini)':<{w}}"
         + "".join(f"{r['gini']:>12.3f}" for r in results.values()),
-        f"{'modularity Q (modules)':<28}"
+        f"{'modularity Q (modules)':<{w}}"
         + "".join(f"{r['modularity']:>7.3f} ({r['n_modules']:>2})" for r in results.values()),
     ]
     return (f"\nwithin {tolerance:.1%} accuracy of the unablated network:\n"
@@ -329,7 +335,12 @@ def _plot_curves(curves, graphs, output):
 
 
 def main(argv=None):
-    """Command-line entry point (``python -m sklearn_lib``)."""
+    """Command-line entry point (``python -m sklearn_lib``; with ``--model``, your model)."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    if any(a == "--model" or a.startswith("--model=") for a in args):
+        from ._demo_model import main as main_model
+
+        return main_model(args)
     parser = argparse.ArgumentParser(
         prog="python -m sklearn_lib",
         description="Local interaction basis vs PCA on the shipped modular-addition network.",

@@ -387,7 +387,8 @@ def test_collect_into_open_writer_and_bad_batches(tmp_path, X):
     np.testing.assert_allclose(np.asarray(jacs_c[0]), jacs[0], rtol=0, atol=1e-13)
     reopened = ActivationCache.open(tmp_path / "w").activations("1")
     np.testing.assert_allclose(np.asarray(reopened), acts[0], rtol=0, atol=1e-13)
-    with pytest.raises(TypeError, match="dict batches"):
+    # A dict batch is passed as keyword inputs, which a Sequential does not take.
+    with pytest.raises(ValueError, match="rejected its inputs.*a dict batch"):
         record_activations(model, ["1"], [{"x": X}], verbose=False)
     with pytest.raises(ValueError, match="no samples"):
         collect(model, ["1", "5"], [], verbose=False, cache=tmp_path / "empty")
