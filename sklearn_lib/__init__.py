@@ -1,5 +1,6 @@
 """Degeneracy-invariant interaction bases, interaction graphs and modules for neural networks."""
 
+from ._attention import declare_attention
 from ._fastpath import declare_residual_mlp
 from .basis import InteractionBasis
 from .cluster import ModularityClustering
@@ -13,6 +14,7 @@ __all__ = [
     "InteractionPipeline",
     "ModularityClustering",
     "PCA",
+    "declare_attention",
     "declare_residual_mlp",
     "make_interaction_pipeline",
 ]
