@@ -15,10 +15,10 @@ prints the build time in GEMM-seconds of the issue's ~120 GFLOP estimate for
 one well-batched full Jacobian of the attention section.
 
 ``--paths generic,declared`` also builds, in the same interleaved rounds, the graph
-with the MLP half declared a residual block on the model
-(``declare_residual_mlp(net, "mlp.0", "mlp.1", "mlp.2", input="hook_resid_mid",
-output="hook_resid_post")``), so that section runs in closed form, and prints
-the largest relative difference of its edges from the generic path's.
+with the attention half declared a residual attention and the MLP half a residual
+block on the model (:func:`declare_shipped`), so that both sections run in closed
+form, and prints the largest relative difference of its edges from the generic
+path's.
 
 Usage::
 
@@ -34,7 +34,7 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from sklearn_lib import InteractionGraph, declare_residual_mlp
+from sklearn_lib import InteractionGraph, declare_attention, declare_residual_mlp
 from sklearn_lib._sources import ModelSource
 from sklearn_lib.datasets import load_modular_addition_transformer, modular_addition_data
 
@@ -51,6 +51,14 @@ def gemm_rate(size=2048, repeat=5):
     a @ b  # warm-up
     best = min(_timed(lambda: a @ b) for _ in range(repeat))
     return 2 * size**3 / best
+
+
+def declare_shipped(model):
+    """Declare the shipped transformer's attention and MLP halves (residual adds in forward)."""
+    declare_attention(model, "attn.W_Q", "attn.W_K", "attn.W_V", "attn.W_O",
+                      input="hook_resid_pre", output="hook_resid_mid", n_heads=model.n_heads)
+    return declare_residual_mlp(model, "mlp.0", "mlp.1", "mlp.2", input="hook_resid_mid",
+                                output="hook_resid_post")
 
 
 def _timed(fn):
@@ -84,8 +92,8 @@ def main(argv=None):
     parser.add_argument("--repeat", type=int, default=3, help="rounds; the minimum is reported")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--paths", default="generic",
-                        help="comma-separated: generic (products everywhere), declared (the "
-                             "MLP half declared a residual block)")
+                        help="comma-separated: generic (products everywhere), declared "
+                             "(attention and MLP halves declared, closed forms)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -105,8 +113,7 @@ def main(argv=None):
         for path in paths:
             model = load_modular_addition_transformer()
             if path == "declared":
-                declare_residual_mlp(model, "mlp.0", "mlp.1", "mlp.2",
-                                     input="hook_resid_mid", output="hook_resid_post")
+                declare_shipped(model)
             times = defaultdict(float)
             originals = instrumented(times)
             try:
