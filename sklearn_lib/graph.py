@@ -139,9 +139,11 @@ class InteractionGraph(BaseEstimator):
         elementwise activation (ReLU, Tanh, Sigmoid, GELU, LeakyReLU, ...,
         optionally with ``nn.Identity`` / ``nn.Dropout``) between two recorded
         layers of an ``nn.Sequential`` (nested plain Sequentials are followed),
-        and between ``"M:input"`` and ``"M:output"`` of a residual MLP block ``M``
-        declared with :func:`~sklearn_lib.declare_residual_mlp`. ``"auto"`` uses
-        it wherever it applies, ``False`` never, ``True``
+        between ``"M:input"`` and ``"M:output"`` of a residual MLP block ``M``
+        declared with :func:`~sklearn_lib.declare_residual_mlp` (or the two
+        layers a parent declared), and the formula's products for a residual
+        attention declared with :func:`~sklearn_lib.declare_attention`.
+        ``"auto"`` uses it wherever it applies, ``False`` never, ``True``
         requires it for every pair of adjacent layers (ValueError otherwise).
         Only :meth:`fit_model` computes Jacobians, so :meth:`fit` ignores it.
     constant_node : bool, default=False
@@ -414,7 +416,8 @@ class InteractionGraph(BaseEstimator):
             raise ValueError(
                 "fast_path=True needs every pair of adjacent layers to be one nn.Linear "
                 "and/or one elementwise activation of an nn.Sequential, or the input and "
-                "output of a block declared with declare_residual_mlp; these sections are "
+                "output of a block declared with declare_residual_mlp, or a section "
+                "declared with declare_attention; these sections are "
                 f"not: {', '.join(slow)}. Use fast_path='auto'."
             )
         with eval_mode(source.model):
