@@ -241,24 +241,29 @@ class CausalAttention:
         P, k = len(index), V.shape[1]
         q, keys, v, a, z = self._attend(X)
         a, q, z = (t.index_select(2, index) for t in (a, q, z))  # rows: selected t
-        w_o = self.w_o.reshape(d, H, e)
-        OV = torch.einsum("dhe,dk->hek", w_o, V)  # W_O^h V
-        VOV = torch.einsum("hed,hek->hdk", self._heads(self.w_v), OV)  # W_V^h W_O^h V
-        # Value path: a_ts W_V^h W_O^h V for every (t, s).
-        # Contiguous: the callers view the products as (vectors * rows, d).
-        G = torch.einsum("bhps,hdk->pkbsd", a, VOV).contiguous()
-        # Key path: (W_K^h q_t) outer (a_ts (v_s - z_t) W_O^h V) * scale.
+        OV = torch.einsum("dhe,dk->hek", self.w_o.reshape(d, H, e), V)  # W_O^h V
+        VOV = torch.einsum("hed,hek->hkd", self._heads(self.w_v), OV)  # (W_V^h W_O^h V)^T
+        # Built row-major, (sample, source s, output p, column c, feature), where every
+        # term is one GEMM or batched GEMM; one copy turns it vector-major at the end.
+        # Value path: a_ts W_V^h W_O^h V for every (t, s), a GEMM over the heads.
+        R = (a.permute(0, 3, 2, 1).reshape(B * T * P, H) @ VOV.reshape(H, k * d)).view(
+            B, T, P, k, d)
+        # Key path: (W_K^h q_t) outer (a_ts (v_s - z_t) W_O^h V) * scale, summed over h.
         dv = v[:, :, None] - z[:, :, :, None]  # (B, H, P, T, e)
-        r = torch.einsum("bhpse,hek->bhpsk", a[..., None] * dv, OV) * scale
-        wkq = torch.einsum("hed,bhpe->bhpd", self._heads(self.w_k), q)
-        G += torch.einsum("bhpd,bhpsk->pkbsd", wkq, r)
-        # Query path at s = t: W_Q^h K_t W_O^h V, K_t = scale sum_u a_tu k_u^T (v_u - z_t).
+        r = torch.einsum("bhpse,hek->bpskh", a[..., None] * dv, OV) * scale
+        wkq = torch.einsum("hed,bhpe->bphd", self._heads(self.w_k), q)
+        key = torch.bmm(r.reshape(B * P, T * k, H), wkq.reshape(B * P, H, d))
+        R += key.view(B, P, T, k, d).transpose(1, 2)
+        # Query path at s = t: W_Q^h K_t W_O^h V, K_t = scale sum_u a_tu k_u^T (v_u - z_t),
+        # and the residual delta_ts V.
         K_t = torch.einsum("bhpu,bhue,bhpuf->bhpef", a, keys, dv) * scale
-        KOV = torch.einsum("bhpef,hfk->bhpek", K_t, OV)
-        query = torch.einsum("hed,bhpek->pkbd", self._heads(self.w_q), KOV)
-        query += V.T[None, :, None, :]  # the residual: delta_ts V
-        G[torch.arange(P, device=X.device), :, :, index] += query
-        return G.reshape(P * k, B * T, d)
+        KOV = torch.einsum("bhpef,hfk->bpkhe", K_t, OV).reshape(B * P * k, H * e)
+        query = (KOV @ self._heads(self.w_q).reshape(H * e, d)).view(B, P, k, d)
+        query += V.T
+        for p, t in enumerate(index.tolist()):  # a few positions: views, no gather
+            R[:, t, p] += query[:, p]
+        # Contiguous: the callers view the products as (vectors * rows, d).
+        return R.permute(2, 3, 0, 1, 4).contiguous().view(P * k, B * T, d)
 
 
 def check_attention(structure, X, Y, spec_in, spec_out):
