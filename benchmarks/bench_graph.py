@@ -152,8 +152,11 @@ def collect_arrays(model, X, layers, cache=None):
 
 
 def gemm_rate(n, width, repeat=3):
-    """fp64 GEMM GFLOP/s of a shape of the builds: (n * width / 4, width) @ (width, width)."""
-    rows = max(1, n * width // 4)
+    """fp64 GEMM GFLOP/s of a shape of the builds: (n * width / 4, width) @ (width, width).
+
+    At most n = 2,000 rows of samples: the rate does not change beyond, the memory would.
+    """
+    rows = max(1, min(n, 2000) * width // 4)
     A = torch.randn(rows, width, dtype=torch.float64)
     B = torch.randn(width, width, dtype=torch.float64)
     best = float("inf")

@@ -14,19 +14,27 @@ available here, so the run also measures this machine's float64 GEMM rate and
 prints the build time in GEMM-seconds of the issue's ~120 GFLOP estimate for
 one well-batched full Jacobian of the attention section.
 
+``--paths generic,declared`` also builds, in the same interleaved rounds, the graph
+with the attention half declared a residual attention and the MLP half a residual
+block on the model (:func:`declare_shipped`), so that both sections run in closed
+form, and prints the largest relative difference of its edges from the generic
+path's.
+
 Usage::
 
     python benchmarks/bench_transformer.py               # all 3,831 training pairs, 3 rounds
     python benchmarks/bench_transformer.py --n 500 --repeat 1
+    python benchmarks/bench_transformer.py --n 500 --paths generic,declared --threads 1
 """
 
 import argparse
 import time
 from collections import defaultdict
 
+import numpy as np
 import torch
 
-from sklearn_lib import InteractionGraph
+from sklearn_lib import InteractionGraph, declare_attention, declare_residual_mlp
 from sklearn_lib._sources import ModelSource
 from sklearn_lib.datasets import load_modular_addition_transformer, modular_addition_data
 
@@ -43,6 +51,14 @@ def gemm_rate(size=2048, repeat=5):
     a @ b  # warm-up
     best = min(_timed(lambda: a @ b) for _ in range(repeat))
     return 2 * size**3 / best
+
+
+def declare_shipped(model):
+    """Declare the shipped transformer's attention and MLP halves (residual adds in forward)."""
+    declare_attention(model, "attn.W_Q", "attn.W_K", "attn.W_V", "attn.W_O",
+                      input="hook_resid_pre", output="hook_resid_mid", n_heads=model.n_heads)
+    return declare_residual_mlp(model, "mlp.0", "mlp.1", "mlp.2", input="hook_resid_mid",
+                                output="hook_resid_post")
 
 
 def _timed(fn):
@@ -75,33 +91,58 @@ def main(argv=None):
     parser.add_argument("--n", type=int, default=None, help="training pairs (default: all)")
     parser.add_argument("--repeat", type=int, default=3, help="rounds; the minimum is reported")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--paths", default="generic",
+                        help="comma-separated: generic (products everywhere), declared "
+                             "(attention and MLP halves declared, closed forms)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    net = load_modular_addition_transformer()
     X = modular_addition_data()[0][: args.n]
+    # The first torch.func call imports torch._dynamo (seconds): not part of any build.
+    torch.func.vjp(torch.sin, torch.zeros(1))
     rate = gemm_rate()
     print(f"{len(X)} pairs, float64, {torch.get_num_threads()} threads; "
           f"float64 GEMM rate {rate / 1e9:.1f} GFLOP/s")
 
-    rounds = []
+    paths = args.paths.split(",")
+    rounds = {path: [] for path in paths}
+    graphs = {}
     for _ in range(args.repeat):
-        times = defaultdict(float)
-        originals = instrumented(times)
-        try:
-            start = time.perf_counter()
-            graph = InteractionGraph.from_model(net, LAYERS, X, sequence=True)
-            times["total", -1] = time.perf_counter() - start
-        finally:
-            for method, original in originals.items():
-                setattr(ModelSource, method, original)
-        rounds.append(times)
-    best = {key: min(r[key] for r in rounds) for key in rounds[0]}
+        # Interleaved: every round builds every path, so load changes hit all alike.
+        for path in paths:
+            model = load_modular_addition_transformer()
+            if path == "declared":
+                declare_shipped(model)
+            times = defaultdict(float)
+            originals = instrumented(times)
+            try:
+                start = time.perf_counter()
+                graphs[path] = InteractionGraph.from_model(model, LAYERS, X, sequence=True)
+                times["total", -1] = time.perf_counter() - start
+            finally:
+                for method, original in originals.items():
+                    setattr(ModelSource, method, original)
+            rounds[path].append(times)
+    for path in paths:
+        report(path, rounds[path], graphs[path], len(X), rate, args.repeat)
+    if len(paths) > 1:
+        ref = graphs[paths[0]]
+        for path in paths[1:]:
+            diff = max(np.abs(E - E_ref).max() / np.abs(E_ref).max()
+                       for E, E_ref in zip(graphs[path].edges_, ref.edges_))
+            total = {p: min(r["total", -1] for r in rounds[p]) for p in (paths[0], path)}
+            print(f"\n{path} vs {paths[0]}: {total[paths[0]] / total[path]:.2f}x faster, "
+                  f"edges equal to {diff:.1e} (largest relative difference)")
 
+
+def report(path, rounds, graph, n, rate, repeat):
+    best = {key: min(r[key] for r in rounds) for key in rounds[0]}
     total = best["total", -1]
-    print(f"directions per layer: {dict(zip(NAMES, graph.n_components_.tolist()))}")
-    print(f"\ngraph build (generic path), min of {args.repeat}: {total:.2f} s")
+    print(f"\n[{path}] directions per layer: "
+          f"{dict(zip(NAMES, graph.n_components_.tolist()))}, closed form per section: "
+          f"{graph.fast_path_}")
+    print(f"graph build, min of {repeat}: {total:.2f} s")
     print(f"{'section':26s} {'statistics':>11s} {'edges':>8s} {'share':>6s}")
     for l in range(len(NAMES) - 1):
         stats, edges = best["statistics", l], best["edges", l]
@@ -113,13 +154,11 @@ def main(argv=None):
     print(f"{'other (bases, setup)':26s} {total - passes:10.2f}s  (sum of per-call minima vs "
           "the minimal total)")
     attention = best["statistics", 0] + best["edges", 0]
-    scale = len(X) / 3830
-    print(f"\nattention section: {attention:.2f} s = "
+    scale = n / 3830
+    print(f"attention section: {attention:.2f} s = "
           f"{attention / (ATTENTION_FLOP * scale / rate):.1f}x the GEMM time of the "
           f"~{ATTENTION_FLOP * scale / 1e9:.0f} GFLOP full-Jacobian estimate "
           f"({ATTENTION_FLOP * scale / rate:.2f} s at {rate / 1e9:.1f} GFLOP/s)")
-    print(f"statistics / edges over all sections: "
-          f"{sum(best['statistics', l] for l in range(len(NAMES))) / sum(best['edges', l] for l in range(len(NAMES) - 1)):.2f}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Degeneracy-invariant interaction bases, interaction graphs and modules for neural networks."""
 
+from ._attention import declare_attention
 from ._axes import Layer
 from ._fastpath import declare_residual_mlp
 from .basis import InteractionBasis
@@ -17,6 +18,7 @@ __all__ = [
     "Layer",
     "ModularityClustering",
     "PCA",
+    "declare_attention",
     "declare_residual_mlp",
     "make_interaction_pipeline",
 ]

@@ -26,7 +26,10 @@ A residual MLP block ``x + act(x W_in + b_in) W_out + b_out`` (:class:`ResidualM
 is not recognised from its code: the user declares it with
 :func:`declare_residual_mlp`, and the section ``"M:input" -> "M:output"`` of the
 declared module ``M`` is then checked against the formula on the first recorded
-batch (``ResidualMLP.verify``) before the closed form is used.
+batch (``ResidualMLP.verify``) before the closed form is used. When the residual add
+lives in a parent's ``forward`` (``resid_mid + self.mlp(resid_mid)``), the parent
+declares the section between two of its submodules' outputs (``input=``,
+``output=``), checked the same way.
 """
 
 import warnings
@@ -162,6 +165,9 @@ class LinearElementwise:
 
 #: The attribute :func:`declare_residual_mlp` sets: submodule names (in, activation, out).
 RESIDUAL_ATTRIBUTE = "__sklearn_lib_residual_mlp__"
+#: The attribute of a parent declaring residual sections between two of its submodules'
+#: outputs: a tuple of ``(input, output, linear_in, activation, linear_out)`` names.
+RESIDUAL_SECTIONS_ATTRIBUTE = "__sklearn_lib_residual_sections__"
 
 
 @dataclass
@@ -247,7 +253,8 @@ class ResidualMLP:
         return out
 
 
-def declare_residual_mlp(module, linear_in, activation, linear_out):
+def declare_residual_mlp(module, linear_in, activation, linear_out, *, input=None,
+                         output=None):
     """Declare that ``module(x) == x + linear_out(activation(linear_in(x)))``.
 
     Between the layers ``"<module>:input"`` and ``"<module>:output"`` the
@@ -257,12 +264,25 @@ def declare_residual_mlp(module, linear_in, activation, linear_out):
     of matching widths, and the recorded output of the first batch must equal
     the formula to rounding; otherwise the generic path is used, with a warning.
 
+    When the residual add is written in a parent's ``forward`` (a transformer's
+    ``resid_post = hook_resid_post(resid_mid + self.mlp(resid_mid))``), declare
+    it on the parent with ``input`` and ``output``: the outputs of those two
+    submodules are ``x`` and ``x + linear_out(activation(linear_in(x)))``, and
+    the section between the layers ``"<input>"`` and ``"<output>"`` (outputs,
+    with the same selection of positions, e.g. ``"[-1]"`` on both) is computed
+    in closed form, checked in the same way. A parent may declare several
+    such sections.
+
     Parameters
     ----------
     module : torch.nn.Module
-        The block.
+        The block, or with ``input`` and ``output`` the module whose
+        ``forward`` adds the residual.
     linear_in, activation, linear_out : str
         Names of the block's submodules (as in ``module.get_submodule``).
+    input, output : str or None, default=None
+        Both None: ``module`` is the block. Both set: names of ``module``'s
+        submodules whose outputs are the block's input and output.
 
     Returns
     -------
@@ -287,6 +307,24 @@ def declare_residual_mlp(module, linear_in, activation, linear_out):
     >>> graph = graph.fit_model(model, ["1:input", "1:output"], X)
     >>> graph.edges_[0].shape  # 3 directions of the block's input reach its 4 outputs
     (4, 3)
+
+    The residual add in the parent's ``forward``:
+
+    >>> class Parent(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.mid, self.post = nn.Identity(), nn.Identity()
+    ...         self.mlp = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 4))
+    ...     def forward(self, x):
+    ...         mid = self.mid(x)
+    ...         return self.post(mid + self.mlp(mid))
+    >>> parent = declare_residual_mlp(Parent(), "mlp.0", "mlp.1", "mlp.2",
+    ...                               input="mid", output="post")
+    >>> X = torch.randn(50, 6, 4, generator=torch.Generator().manual_seed(0))
+    >>> graph = InteractionGraph(fast_path=True, verbose=False).fit_model(
+    ...     parent, ["mid[-1]", "post[-1]"], X, sequence=True)
+    >>> graph.fast_path_
+    [True]
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}.")
@@ -313,7 +351,25 @@ def declare_residual_mlp(module, linear_in, activation, linear_out):
             f"{lin_in.in_features} -> {lin_in.out_features} and "
             f"{lin_out.in_features} -> {lin_out.out_features}."
         )
-    setattr(module, RESIDUAL_ATTRIBUTE, (linear_in, activation, linear_out))
+    if input is None and output is None:
+        setattr(module, RESIDUAL_ATTRIBUTE, (linear_in, activation, linear_out))
+        return module
+    for role, name in (("input", input), ("output", output)):
+        if not isinstance(name, str):
+            raise TypeError(
+                "input and output must both be None (module is the block) or both name "
+                f"submodules of module; got {role}={name!r}."
+            )
+        try:
+            module.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"{role}: the module has no submodule {name!r}.") from None
+    if input == output:
+        raise ValueError(f"input and output must be different submodules, got {input!r} twice.")
+    declared = getattr(module, RESIDUAL_SECTIONS_ATTRIBUTE, ())
+    entry = (input, output, linear_in, activation, linear_out)
+    declared = tuple(d for d in declared if d[:2] != entry[:2]) + (entry,)
+    setattr(module, RESIDUAL_SECTIONS_ATTRIBUTE, declared)
     return module
 
 
@@ -332,20 +388,45 @@ def check_declared(structure, X, Y, spec_in, spec_out):
     return False
 
 
-def _residual_section(a, b):
-    """The :class:`ResidualMLP` of a declared module between its input and output, or None."""
-    if a.name != b.name or a.kind != "input" or b.kind != "output" or a.positions != b.positions:
+def _declared_in_parent(model, a, b):
+    """``(parent, names of linear_in, activation, linear_out)`` declaring ``a -> b``, or None.
+
+    ``a`` and ``b`` must be the outputs, with the same positions, of the
+    submodules a parent named as ``input`` and ``output``; nothing in
+    between may carry hooks (they could change the values the formula sees).
+    """
+    if a.kind != "output" or b.kind != "output" or a.positions != b.positions:
         return None
+    for path, parent in model.named_modules():
+        prefix = f"{path}." if path else ""
+        for entry in getattr(parent, RESIDUAL_SECTIONS_ATTRIBUTE, ()):
+            if (prefix + entry[0], prefix + entry[1]) != (a.name, b.name):
+                continue
+            if _hooked(a.module) or _hooked(b.module):
+                return None
+            return parent, entry[2:]
+    return None
+
+
+def _residual_section(model, a, b):
+    """The :class:`ResidualMLP` of a declared block or parent section, or None."""
     if a.axes is not None or b.axes is not None:
         return None
-    names = getattr(a.module, RESIDUAL_ATTRIBUTE, None)
-    if names is None:
-        return None
-    if any(_hooked(m) for m in a.module.modules()):
-        return None
+    declared = _declared_in_parent(model, a, b)
+    if declared is not None:
+        owner, names = declared
+    else:
+        if (a.name != b.name or a.kind != "input" or b.kind != "output"
+                or a.positions != b.positions):
+            return None
+        owner, names = a.module, getattr(a.module, RESIDUAL_ATTRIBUTE, None)
+        if names is None or any(_hooked(m) for m in owner.modules()):
+            return None
     try:
-        lin_in, act, lin_out = (a.module.get_submodule(name) for name in names)
+        lin_in, act, lin_out = (owner.get_submodule(name) for name in names)
     except AttributeError:
+        return None
+    if any(_hooked(m) for part in (lin_in, act, lin_out) for m in part.modules()):
         return None
     if type(lin_in) is not nn.Linear or type(lin_out) is not nn.Linear or (
         type(act) not in ELEMENTWISE
@@ -499,7 +580,8 @@ def detect_section(model, a, b):
     """The closed form of section ``a -> b`` (parsed layers of ``collect``), or None.
 
     Returns a :class:`ResidualMLP` for ``"M:input" -> "M:output"`` of a module
-    marked by :func:`declare_residual_mlp` (the caller checks the formula on
+    marked by :func:`declare_residual_mlp`, or between the two submodules a parent
+    declared with ``input``/``output`` (the caller checks the formula on
     recorded rows with ``verify`` before using it), a :class:`LinearElementwise`
     when the rule of the module docstring applies, None otherwise (the caller
     then uses generic vector-Jacobian products). Shapes are not checked here;
@@ -509,7 +591,7 @@ def detect_section(model, a, b):
         torch.nn.modules.module._global_forward_pre_hooks
     ):
         return None
-    residual = _residual_section(a, b)
+    residual = _residual_section(model, a, b)
     if residual is not None:
         return residual
     for leaves in _candidate_leaves(model, a, b):

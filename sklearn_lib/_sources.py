@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from . import _adapters, _model
 from . import collect as _collect
+from ._attention import check_attention, detect_attention
 from ._backend import as_tensor, eval_mode, model_device, resolve_dtype
 from ._edges import Workspace, accumulate_edges, path_points
 from ._fastpath import check_declared, detect_section, fits_rows, section_leaves
@@ -523,13 +524,43 @@ class ModelSource:
         if self.fast_path is False:
             return None
         if (l, m) not in self._structures:
-            found = detect_section(self.model, self.specs[l], self.specs[m])
-            if found is not None and not self._fits(found, l, m):
-                found = None
-            if found is not None and hasattr(found, "verify") and not self._verified(found, l, m):
-                found = None
+            found = self._attention(l, m)
+            if found is None:
+                found = detect_section(self.model, self.specs[l], self.specs[m])
+                if found is not None and not self._fits(found, l, m):
+                    found = None
+                if found is not None and hasattr(found, "verify") and not self._verified(
+                    found, l, m
+                ):
+                    found = None
             self._structures[(l, m)] = found
         return self._structures[(l, m)]
+
+    def _attention(self, l, m):
+        """A declared attention section l -> m checked on the first batch, or None.
+
+        It gives products (``products``) instead of a row-wise closed form.
+        """
+        a, b = self.specs[l], self.specs[m]
+        found = detect_attention(self.model, a, b) if self.sequence else None
+        if found is None or not found.fits(self._shapes[l], self._shapes[m]):
+            return None
+        x = next(iter(self._batches(self.batch_size or _VERIFY_SAMPLES)))
+        with eval_mode(self.model), torch.no_grad():
+            rec = _model._record_batch(self.model, [a, b], x)
+        X, Y = (_model._cast(rec[spec.spec], self.dtype) for spec in (a, b))
+        return found if check_attention(found, X, Y, a.spec, b.spec) else None
+
+    def _products(self, l, m, x, act, V, *, check):
+        """``V^T J`` of section l -> m at ``act``, vector-major (P_m k, rows, d_l)."""
+        st = self.structure(l, m)
+        if st is not None:
+            return st.products(act, V)
+        return _collect._section_rows(
+            self.model, self.specs[l], self.specs[m], x, act, V,
+            sequence=self.sequence, max_vectors=None, check=check,
+            leaves=self.leaves(l, m), vector_major=True,
+        )
 
     def leaves(self, l, m):
         """The modules of section l -> m to run from the recorded activation, or None.
@@ -574,7 +605,7 @@ class ModelSource:
         st = self.structure(l, m)
         a, b = self.specs[l], self.specs[m]
         k = V.shape[1]
-        if st is not None:
+        if st is not None and not hasattr(st, "products"):
             SS, s_sum, n_rows = None, None, 0
             # The activation's copies and the derivative with its autograd temporaries.
             work = 8 * self.positions[l] * max(self.widths[l], self.widths[m])
@@ -596,11 +627,7 @@ class ModelSource:
         scatter = None
         for i, x in enumerate(self._pass(f"layer {l}", self._footprint(m, work))):
             act = self._activation(x, l)
-            products = _collect._section_rows(
-                self.model, a, b, x, act, V,
-                sequence=self.sequence, max_vectors=None, check=i == 0,
-                leaves=self.leaves(l, m), vector_major=True,
-            )
+            products = self._products(l, m, x, act, V, check=i == 0)
             keep_in, keep_out = self._mask_products(products, x, l, m, act, k)
             stats.update(_keep(self._rows(act, l), keep_in))
             # One GEMM over all (row, output) pairs, accumulated in place; the
@@ -652,6 +679,8 @@ class ModelSource:
         E, constant = E_all[:, :C.shape[1]], (None if out_mean is None else E_all[:, -1])
         count, workspace = 0, Workspace()
         k, r = V.shape[1], C.shape[1]
+        if st is not None and hasattr(st, "products"):
+            st = None  # products in closed form, used like the generic ones below
         if st is not None:
             factors = st.edge_factors(V, C_pinv.T)
             # The two edge-GEMM buffers, plus the activation's copies and derivatives.
@@ -686,11 +715,8 @@ class ModelSource:
             else:
                 P_bar = None
                 for w, p in zip(weights, points):
-                    products = _collect._section_rows(
-                        self.model, a, b, x, p.reshape(act.shape), V,
-                        sequence=self.sequence, max_vectors=None, check=i == 0,
-                        leaves=self.leaves(l, l + 1), vector_major=True,
-                    )
+                    products = self._products(l, l + 1, x, p.reshape(act.shape), V,
+                                              check=i == 0)
                     self._mask_products(products, x, l, l + 1, act, k)
                     P_bar = (products.mul_(w) if P_bar is None
                              else P_bar.add_(products, alpha=w))

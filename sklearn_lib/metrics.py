@@ -17,6 +17,7 @@ from sklearn.utils.metadata_routing import MetadataRequest
 from sklearn.utils.validation import check_is_fitted
 
 from ._backend import as_tensor, gen_batches, resolve_device
+from ._linalg import lapack_threads
 from ._validation import (
     check_edge_values,
     check_finite,
@@ -180,7 +181,9 @@ def _affine_map(estimator, sample, *, name="estimator"):
         )
         c, P = back[0], back[1:] - back[0]
     else:
-        c, P = np.zeros(n_features), np.linalg.pinv(A)
+        # Small dense LAPACK calls on one thread: see _linalg.lapack_threads.
+        with lapack_threads(A):
+            c, P = np.zeros(n_features), np.linalg.pinv(A)
     rows = sample[np.unique(np.linspace(0, len(sample) - 1, 64).astype(int))]
     expected = rows @ A + b
     actual = np.asarray(estimator.transform(rows), dtype=np.float64)
@@ -192,7 +195,8 @@ def _affine_map(estimator, sample, *, name="estimator"):
         )
     # x @ A + b = (x - mean) @ A with mean solving mean @ A = -b; any such mean
     # gives the same Z, and least squares finds one.
-    mean = -np.linalg.lstsq(A.T, b, rcond=None)[0]
+    with lapack_threads(A):
+        mean = -np.linalg.lstsq(A.T, b, rcond=None)[0]
     return AffineMap(mean, A, b, P, c)
 
 

@@ -182,3 +182,106 @@ def test_declaration_is_checked():
     with pytest.raises(TypeError, match="name of a submodule"):
         declare_residual_mlp(block, block.fc_in, "act", "fc_out")
     assert declare_residual_mlp(block, "fc_in", "act", "fc_out") is block
+
+
+# ------------------------------------------------------- residual add in a parent's forward
+class Parent(nn.Module):
+    """A transformer's MLP half: ``post = mid + mlp(mid)``, the add in this forward."""
+
+    def __init__(self, act=nn.GELU, scale=1.0, d0=3, d=5, d_mlp=7, d_out=4):
+        super().__init__()
+        self.embed = nn.Linear(d0, d)
+        self.mid, self.post = nn.Identity(), nn.Identity()
+        self.mlp = nn.Sequential(nn.Linear(d, d_mlp), act(), nn.Linear(d_mlp, d))
+        self.head = nn.Linear(d, d_out)
+        self.scale = scale
+
+    def forward(self, x):
+        mid = self.mid(self.embed(x))
+        return self.head(self.post(mid + self.scale * self.mlp(mid)))
+
+
+def _parent(act=nn.GELU, scale=1.0, seed=0):
+    torch.manual_seed(seed)
+    net = Parent(act, scale).double()
+    return declare_residual_mlp(net, "mlp.0", "mlp.1", "mlp.2", input="mid", output="post")
+
+
+@pytest.mark.parametrize("act", [nn.ReLU, nn.GELU])
+@pytest.mark.parametrize("positions", ["", "[-1]", "[0, 2]"])
+def test_parent_declared_section_matches_generic_path(act, positions):
+    net, X = _parent(act), _data(True)
+    layers = [f"mid{positions}", f"post{positions}", "head"]
+    auto, generic = _graphs(net, X, True, layers)
+    assert auto.fast_path_ == [True, False] and generic.fast_path_ == [False, False]
+    _assert_same(auto, generic)
+
+
+@pytest.mark.parametrize("params", [
+    dict(integration="gauss-legendre", n_alphas=3, edge_point="reconstructed", n_components=3),
+    dict(constant_node=True),
+])
+def test_parent_declared_section_variants_match_generic_path(params):
+    net, X = _parent(), _data(False)
+    layers = ["mid", "post", "head"]
+    auto = InteractionGraph.from_model(net, layers, X, **params)
+    generic = InteractionGraph.from_model(net, layers, X, fast_path=False, **params)
+    assert auto.fast_path_[0] is True
+    _assert_same(auto, generic)
+
+
+def test_parent_declared_section_is_checked_on_the_first_batch():
+    net, X = _parent(scale=2.0), _data(True)
+    layers = ["mid[-1]", "post[-1]"]
+    with pytest.warns(UserWarning, match="declared a residual MLP block"):
+        auto = InteractionGraph.from_model(net, layers, X, sequence=True, edge_point="data")
+    generic = InteractionGraph.from_model(net, layers, X, sequence=True, edge_point="data",
+                                          fast_path=False)
+    assert auto.fast_path_ == [False]
+    _assert_same(auto, generic)
+
+
+def test_parent_declaration_applies_to_its_section_only():
+    net, X = _parent(), _data(True)
+    kwargs = dict(sequence=True, edge_point="data")
+    # Other selections at the two ends, other layers, hooks: the generic path.
+    for layers in (["mid[-1]", "post"], ["embed", "post"], ["mid:input", "post"]):
+        assert InteractionGraph.from_model(net, layers, X, **kwargs).fast_path_ == [False]
+    handle = net.mlp[1].register_forward_hook(lambda m, a, o: None)
+    try:
+        assert InteractionGraph.from_model(net, ["mid", "post"], X, **kwargs).fast_path_ == [
+            False]
+    finally:
+        handle.remove()
+    # Declared on a submodule, the names are relative to it.
+    outer = nn.Sequential(net)
+    graph = InteractionGraph.from_model(outer, ["0.mid", "0.post"], X, **kwargs)
+    assert graph.fast_path_ == [True]
+
+
+def test_parent_declaration_is_checked():
+    net = Parent()
+    with pytest.raises(TypeError, match="both be None"):
+        declare_residual_mlp(net, "mlp.0", "mlp.1", "mlp.2", input="mid")
+    with pytest.raises(ValueError, match="output: the module has no submodule 'postt'"):
+        declare_residual_mlp(net, "mlp.0", "mlp.1", "mlp.2", input="mid", output="postt")
+    with pytest.raises(ValueError, match="different submodules"):
+        declare_residual_mlp(net, "mlp.0", "mlp.1", "mlp.2", input="mid", output="mid")
+    # Declaring the same section again replaces it; another section is added.
+    for _ in range(2):
+        declare_residual_mlp(net, "mlp.0", "mlp.1", "mlp.2", input="mid", output="post")
+    declare_residual_mlp(net, "mlp.0", "mlp.1", "mlp.2", input="embed", output="post")
+    assert len(getattr(net, "__sklearn_lib_residual_sections__")) == 2
+
+
+def test_shipped_transformer_mlp_section_matches_generic_path():
+    from sklearn_lib.datasets import load_modular_addition_transformer, modular_addition_data
+
+    net = load_modular_addition_transformer()
+    declare_residual_mlp(net, "mlp.0", "mlp.1", "mlp.2", input="hook_resid_mid",
+                         output="hook_resid_post")
+    X = modular_addition_data()[0][:30]
+    layers = ["hook_resid_mid[-1]", "hook_resid_post[-1]"]
+    auto, generic = _graphs(net, X, True, layers)
+    assert auto.fast_path_ == [True]
+    _assert_same(auto, generic)
