@@ -280,7 +280,7 @@ def test_shipped_transformer_mlp_section_matches_generic_path():
     net = load_modular_addition_transformer()
     declare_residual_mlp(net, "mlp.0", "mlp.1", "mlp.2", input="hook_resid_mid",
                          output="hook_resid_post")
-    X = modular_addition_data()[0][:30]
+    X = modular_addition_data()[0][:160]  # more rows than the 128 features: no capped basis
     layers = ["hook_resid_mid[-1]", "hook_resid_post[-1]"]
     auto, generic = _graphs(net, X, True, layers)
     assert auto.fast_path_ == [True]
