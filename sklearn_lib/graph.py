@@ -9,27 +9,23 @@ activations with the Jacobians of the next layer's basis coordinates
 
 Where the Jacobians come from - a cache, or a live model through vector-Jacobian
 products or the closed form of :mod:`sklearn_lib._fastpath` - is the job of the
-*sources* of :mod:`sklearn_lib._sources`, so the backward chaining in
-:meth:`InteractionGraph._build` is written once.
+*sources* of :mod:`sklearn_lib._sources`, so the backward chaining
+(:func:`sklearn_lib._chaining.build`) is written once.
 """
 
 from numbers import Integral
 
 import numpy as np
-import torch
 from sklearn.base import BaseEstimator, _fit_context
-from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
-from tqdm.auto import tqdm
 
 from ._adjacency import layered_adjacency
-from ._backend import as_tensor, eval_mode, resolve_device, resolve_dtype
+from ._backend import eval_mode, resolve_device, resolve_dtype
+from ._chaining import build
 from ._edges import path_quadrature
 from ._graph_io import load_graph, save_graph
-from ._linalg import sorted_eigh
 from ._sources import CachedSource, ModelSource
-from ._stats import InteractionStatistics, scale_by_power_of_two
 from .basis import InteractionBasis
 
 __all__ = ["InteractionGraph"]
@@ -359,7 +355,7 @@ class InteractionGraph(BaseEstimator):
         )
         if names is None:
             names = [str(l) for l in range(source.n_layers)]
-        result = self._build(source, edge_point="data")
+        result = build(self, source, edge_point="data")
         result.update(layer_names_=list(names), n_samples_seen_=source.n_samples,
                       fast_path_=[False] * (source.n_layers - 1))
         return self._set_fitted(result)
@@ -421,7 +417,7 @@ class InteractionGraph(BaseEstimator):
                 f"not: {', '.join(slow)}. Use fast_path='auto'."
             )
         with eval_mode(source.model):
-            result = self._build(source, edge_point=edge_point, alphas=alphas, weights=weights)
+            result = build(self, source, edge_point=edge_point, alphas=alphas, weights=weights)
         result.update(layer_names_=[s.spec for s in source.specs],
                       n_samples_seen_=source.n_samples, fast_path_=fast)
         return self._set_fitted(result)
@@ -446,32 +442,6 @@ class InteractionGraph(BaseEstimator):
         """
         return cls(**params).fit_model(model, layers, data, sequence=sequence)
 
-    def _layer_n_components(self, n_layers):
-        nc = self.n_components
-        identity = self.final_layer == "identity"
-        if nc is None or isinstance(nc, Integral):
-            per_layer = [nc] * n_layers
-            if identity:
-                per_layer[-1] = None
-            return per_layer
-        per_layer = list(nc)
-        if len(per_layer) != n_layers:
-            raise ValueError(
-                f"n_components must have one entry per layer: expected {n_layers}, got "
-                f"{len(per_layer)} ({per_layer})."
-            )
-        for entry in per_layer:
-            if entry is not None and (not isinstance(entry, Integral) or entry < 1):
-                raise ValueError(
-                    f"n_components entries must be positive ints or None, got {per_layer}."
-                )
-        if identity and per_layer[-1] is not None:
-            raise ValueError(
-                "final_layer='identity' keeps every direction of the final layer; "
-                f"n_components[-1] must be None, got {per_layer[-1]}."
-            )
-        return per_layer
-
     def _new_basis(self, n_components):
         return InteractionBasis(
             n_components,
@@ -481,111 +451,6 @@ class InteractionGraph(BaseEstimator):
             device=self.device,
             dtype=self.dtype,
         )
-
-    def _identity_basis(self, stats):
-        """An InteractionBasis fitted to the identity map (C = C_pinv = I, mean 0)."""
-        basis = self._new_basis(None)
-        d = stats.n_features
-        gram = stats.gram
-        second_moment = torch.diagonal(gram) + stats.mean.square()
-        eye = np.eye(d, dtype=np.dtype(self.dtype))
-        basis._statistics = stats
-        basis.components_ = eye.copy()
-        basis.inverse_components_ = eye.copy()
-        basis.mean_ = np.zeros(d, dtype=eye.dtype)
-        basis.interaction_strengths_ = second_moment.cpu().numpy()
-        # From the scaled Gram matrix, as for every other layer: the Gram matrix of
-        # activations beyond 1e154 is infinite in data units, its eigenvalues are not.
-        scaled_gram, _, exponent, _ = stats.scaled_moments()
-        D = scale_by_power_of_two(sorted_eigh(scaled_gram)[0], 2 * exponent)
-        basis.gram_eigenvalues_ = D.cpu().numpy()
-        basis.gram_ = gram.cpu().numpy()
-        basis.jacobian_gram_ = eye.copy()
-        basis.n_components_ = d
-        basis.n_samples_seen_ = stats.n_samples
-        basis.n_outputs_ = None
-        basis.n_features_in_ = d
-        return basis
-
-    def _cotangents(self, C, rng):
-        """``C`` or, with stochastic sources, ``C R / sqrt(k)`` with ``R`` random ±1."""
-        k = self.stochastic_sources
-        if k is None:
-            return C
-        R = rng.choice(np.array([-1.0, 1.0]), size=(C.shape[1], k))
-        return C @ torch.as_tensor(R, device=C.device, dtype=C.dtype) / np.sqrt(k)
-
-    def _build(self, source, *, edge_point, alphas=(1.0,), weights=(1.0,)):
-        """Backward chaining of SPEC section 2 over any source; returns the fitted state."""
-        n_layers = source.n_layers
-        L = n_layers - 1
-        n_components = self._layer_n_components(n_layers)
-        rng = check_random_state(self.random_state)
-        device, dtype = source.device, source.dtype
-
-        def new_stats(l, n_outputs):
-            return InteractionStatistics(
-                source.widths[l], n_outputs, center=self.center, device=device, dtype=dtype
-            )
-
-        def tensors(basis):
-            t = lambda a: as_tensor(a, device=device, dtype=dtype)  # noqa: E731
-            return t(basis.mean_), t(basis.components_.T), t(basis.inverse_components_)
-
-        steps = tqdm(total=2 * n_layers - 1, desc="InteractionGraph", disable=not self.verbose)
-        with steps:
-            bases = [None] * n_layers
-            stats_L = source.activation_stats(L, new_stats)
-            if self.final_layer == "identity":
-                bases[L] = self._identity_basis(stats_L)
-            else:
-                bases[L] = self._new_basis(n_components[L])._fit_statistics(stats_L)
-            steps.update()
-            C = [None] * n_layers
-            C[L] = tensors(bases[L])[1]
-            if self.basis == "pca":
-                for l in range(L - 1, -1, -1):
-                    stats = source.activation_stats(l, new_stats)
-                    bases[l] = self._new_basis(n_components[l])._fit_statistics(stats)
-                    C[l] = tensors(bases[l])[1]
-                    steps.update()
-            elif self.variant == "local":
-                for l in range(L - 1, -1, -1):
-                    V = self._cotangents(C[l + 1], rng)
-                    stats = source.jacobian_stats(l, V, new_stats)
-                    bases[l] = self._new_basis(n_components[l])._fit_statistics(stats)
-                    C[l] = tensors(bases[l])[1]
-                    steps.update()
-            else:
-                V = self._cotangents(C[L], rng)
-                all_stats = source.global_stats(V, new_stats)
-                for l in range(L):
-                    bases[l] = self._new_basis(n_components[l])._fit_statistics(all_stats[l])
-                    C[l] = tensors(bases[l])[1]
-                    steps.update()
-            edges = []
-            for l in range(L):
-                mean, C_l, C_pinv = tensors(bases[l])
-                out_mean = tensors(bases[l + 1])[0] if self.constant_node else None
-                E = source.edges(l, C[l + 1], mean, C_l, C_pinv, edge_point=edge_point,
-                                 alphas=list(alphas), weights=list(weights),
-                                 out_mean=out_mean).cpu().numpy()
-                if self.constant_node and self._has_constant_node(l + 1, n_layers):
-                    # The constant is carried from every position to itself.
-                    row = np.zeros((1, E.shape[1]), dtype=E.dtype)
-                    row[0, -1] = source.positions[l + 1] / source.positions[l]
-                    E = np.concatenate([E, row])
-                edges.append(E)
-                steps.update()
-        r = np.array([b.n_components_ for b in bases], dtype=np.int64)
-        return {
-            "bases_": bases,
-            "edges_": edges,
-            "n_components_": r,
-            "layer_offsets_": self._layer_offsets(r),
-            "n_layers_": n_layers,
-            "edge_point_": edge_point,
-        }
 
     def _has_constant_node(self, l, n_layers):
         """Every layer has one with ``constant_node=True``, but an unrotated final layer."""
