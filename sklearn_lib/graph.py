@@ -23,12 +23,17 @@ from sklearn.utils.validation import check_is_fitted
 from ._adjacency import layered_adjacency
 from ._backend import eval_mode, resolve_device, resolve_dtype
 from ._chaining import build
+from ._dask import is_dask_array
 from ._edges import path_quadrature
 from ._graph_io import load_graph, save_graph
 from ._sources import CachedSource, ModelSource
 from .basis import InteractionBasis
 
 __all__ = ["InteractionGraph"]
+
+def _listed(arrays):
+    return arrays if isinstance(arrays, (list, tuple)) else []
+
 
 def _per_position(method, X):
     """Apply a row-wise basis method to rows or to (batch, position, feature) activations."""
@@ -304,6 +309,10 @@ class InteractionGraph(BaseEstimator):
             (ndarrays, memmaps, tensors or zarr arrays, read lazily chunk by
             chunk). An :class:`~sklearn_lib.cache.ActivationCache` supplies its
             layers, the Jacobians of adjacent layers and ``sequence`` itself.
+            With dask arrays (e.g. ``ActivationCache.activations(name,
+            dask=True)``) every layer's statistics and every section's edges are
+            one Dask reduction over blocks of whole samples, on Dask's threads
+            or a ``dask.distributed`` cluster.
         y : None
             Ignored.
         jacobians : list of arrays of shape (n_rows_l, d_{l+1}, d_l)
@@ -349,7 +358,10 @@ class InteractionGraph(BaseEstimator):
                 "needs a model; use fit_model, or integration=None with cached Jacobians."
             )
         device, dtype = resolve_device(self.device), resolve_dtype(self.dtype)
-        source = CachedSource(
+        source_class = CachedSource
+        if any(is_dask_array(a) for a in [*_listed(X), *_listed(jacobians)]):
+            from ._dask_source import DaskSource as source_class
+        source = source_class(
             X, jacobians, sequence=sequence, batch_size=self.batch_size,
             device=device, dtype=dtype, verbose=self.verbose,
         )
