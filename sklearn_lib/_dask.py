@@ -180,7 +180,9 @@ def basis_statistics(basis, X, jacobians, sample_weight):
         if is_dask_array(a):
             check_known_chunks(a, name)
     if not is_dask_array(X):
-        X = dask.array.from_array(np.asarray(check_real_values(X, "X")))
+        # Blocked as the Jacobians are (only they can be a dask array here).
+        X = np.asarray(check_real_values(X, "X"))
+        X = dask.array.from_array(X, chunks=(jacobians.chunks[0], *X.shape[1:]))
     check_real_values(X, "X")
     if X.ndim != 2:
         raise ValueError(
@@ -279,4 +281,5 @@ def cache_array(cache, node, shape, rows_per_sample, samples_per_block):
     source = CacheNode(cache.path, cache._desc["generation"], node, shape, cache.dtype)
     return dask.array.from_array(source, chunks=chunks, name=f"sklearn_lib-{node}-"
                                  f"{cache._desc['generation']}", lock=False,
-                                 inline_array=True, asarray=True)
+                                 inline_array=True, asarray=True,
+                                 meta=np.empty((0,) * len(shape), dtype=cache.dtype))
