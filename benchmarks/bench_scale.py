@@ -17,7 +17,7 @@ libraries). The cache is deleted at the end unless ``--keep``.
 
 Usage::
 
-    python benchmarks/bench_scale.py                 # 4 GB, 2 workers
+    python benchmarks/bench_scale.py                 # 4.3 GB, 2 workers
     python benchmarks/bench_scale.py --gb 0.2        # a quick check
 """
 
@@ -96,7 +96,8 @@ def fit_dask(client, cache):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--gb", type=float, default=4.0, help="size of the cache")
+    parser.add_argument("--gb", type=float, default=4.3,
+                        help="size of the cache in GB (10**9 bytes)")
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=1)

@@ -65,6 +65,11 @@ def _block(state, method, slots, samples, call, *arrays):
     return _to_cpu(result, rows)
 
 
+def _sample_blocks(a, positions):
+    """Samples per row block of ``a`` (fractions where a block cuts a sample apart)."""
+    return tuple(rows / positions for rows in a.chunks[0])
+
+
 class DaskSource(CachedSource):
     """Cached activations and Jacobians given as dask arrays (any other array is wrapped)."""
 
@@ -77,15 +82,20 @@ class DaskSource(CachedSource):
                 check_known_chunks(a, name)
         super().__init__(activations, jacobians, sequence=sequence, batch_size=batch_size,
                          device=device, dtype=dtype, verbose=verbose)
-        # Blocks of S whole samples in every array, S from the array whose dask
-        # blocks hold the fewest samples: no block is larger than one given.
+        # Every array is cut into the same blocks of whole samples: those of the
+        # dask arrays if they agree, else those of the array whose blocks hold
+        # the fewest samples (no block is larger than one given), made of whole
+        # samples if its own are not.
         P = self.positions
         arrays = [(name, a, P[i if i < len(P) else i - len(P)]) for i, (name, a) in
                   enumerate(named)]
-        given = [(name, max(a.chunks[0]) // P) for name, a, P in arrays if is_dask_array(a)]
-        reference, S = min(given, key=lambda t: t[1])
-        S = max(1, S)
-        samples = [min(S, self.n_samples - s) for s in range(0, self.n_samples, S)]
+        given = {name: _sample_blocks(a, p) for name, a, p in arrays if is_dask_array(a)}
+        reference = min(given, key=lambda name: max(given[name]))
+        samples = given[reference]
+        if any(not float(b).is_integer() for b in samples):
+            S = max(1, int(max(samples)))
+            samples = [min(S, self.n_samples - s) for s in range(0, self.n_samples, S)]
+        samples = [int(b) for b in samples]
         self._starts = np.concatenate([[0], np.cumsum(samples)]).astype(int).tolist()
         misaligned = []
 

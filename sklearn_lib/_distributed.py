@@ -210,3 +210,44 @@ class DistributedSource:
         total = self.n_samples * self._source.positions[l]
         # Each rank's mean edge times its rows is its sum over rows.
         return _all_reduce((E * rows).contiguous(), self._group) / total
+
+
+def collect_shard(distributed, collect_shard_to, cache, layers):
+    """``collect`` on this rank's shard; ranks agree on what they recorded or all raise.
+
+    ``collect_shard_to(cache)`` runs the local collect. A ``cache`` path must
+    name every rank's cache with ``"{rank}"``.
+    """
+    import os
+    import shutil
+
+    import torch.distributed as dist
+
+    group = resolve_group(distributed)
+    rank = dist.get_rank(group)
+    path = None
+    if cache is not None and isinstance(cache, (str, os.PathLike)):
+        path = os.fspath(cache)
+
+    def local():
+        if path is not None and "{rank}" not in path:
+            raise ValueError(
+                f"collect(distributed=True) writes one cache per rank: the cache path must "
+                f"contain '{{rank}}' (e.g. 'acts-{{rank}}.zarr'), got {path!r}."
+            )
+        return collect_shard_to(cache if path is None else path.format(rank=rank))
+
+    acts, jacs = collective(group, "collect", local)
+    try:
+        check_same(group, {
+            "layers": [str(layer) for layer in layers],
+            "activation shapes": [tuple(a.shape[1:]) for a in acts],
+            "jacobian shapes": [tuple(J.shape[1:]) for J in jacs],
+            "dtype": str(acts[0].dtype),
+        }, "collect(distributed=True)")
+    except ValueError:
+        if path is not None:
+            # Complete caches of shards that do not fit together are no result.
+            shutil.rmtree(path.format(rank=rank), ignore_errors=True)
+        raise
+    return acts, jacs

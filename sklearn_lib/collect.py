@@ -180,6 +180,7 @@ def collect(
     sequence=False,
     max_vectors=None,
     fast_path=True,
+    distributed=False,
 ):
     """Activations of several layers and the Jacobians between adjacent ones, in row layout.
 
@@ -223,6 +224,15 @@ def collect(
         closed form (``diag(s_x) W`` and the like, see
         :class:`~sklearn_lib.InteractionGraph`'s ``fast_path``) instead of one
         vector-Jacobian product per output; False always uses the products.
+    distributed : bool or torch.distributed.ProcessGroup, default=False
+        ``True`` (the default group) or a process group: every rank calls
+        ``collect`` with its own shard of ``data`` and gets the arrays of its
+        shard; a ``cache`` path must contain ``"{rank}"``, which is replaced by
+        the rank, so that every rank writes its own cache (fit them together
+        with Dask, see the page "Larger than memory and multi-GPU"). The ranks
+        check that they recorded the same layers, shapes and dtype; a mismatch
+        or a failure on any rank raises on every rank, and caches created by
+        this call are then removed.
 
     Memory: without ``cache`` the result arrays are allocated once (for array
     data and DataLoaders with a ``dataset``) and filled batch by batch; with a
@@ -254,6 +264,15 @@ def collect(
     >>> np.allclose(acts_c[1][:], acts[1]), type(acts_c[1]).__name__
     (True, 'Array')
     """
+    if distributed is not False:
+        from ._distributed import collect_shard
+
+        def shard(cache):
+            return collect(model, layers, data, jacobians=jacobians, batch_size=batch_size,
+                           device=device, dtype=dtype, verbose=verbose, cache=cache,
+                           sequence=sequence, max_vectors=max_vectors, fast_path=fast_path)
+
+        return collect_shard(distributed, shard, cache, layers)
     run_model = prepare_model(model, device=device, dtype=dtype)
     device, dtype = model_device(run_model), resolve_dtype(dtype)
     specs = _parse_layers(run_model, layers, "output")

@@ -89,6 +89,17 @@ def main(rank, world, port, out):
         bad[3, 1] = float("nan")
     _run("nan", lambda: InteractionGraph().fit_model(model(), LAYERS, bad, distributed=True),
          errors)
+    # collect: one cache per rank (fitted together with Dask by the test) ...
+    from sklearn_lib.collect import collect
+
+    _run("collect", lambda: collect(model(), LAYERS, x, verbose=False, distributed=True,
+                                    cache=os.path.join(out, "shard-{rank}.zarr")), errors)
+    # ... refused without "{rank}" in the path, and on shards that do not fit together.
+    _run("collect_path", lambda: collect(model(), LAYERS, x, verbose=False, distributed=True,
+                                         cache=os.path.join(out, "one.zarr")), errors)
+    _run("collect_width", lambda: collect(
+        model(6 if rank == 1 else 5), LAYERS, x, verbose=False, distributed=True,
+        cache=os.path.join(out, "width-{rank}.zarr")), errors)
     np.savez(os.path.join(out, f"rank{rank}.npz"), **arrays)
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(errors, f)

@@ -52,7 +52,8 @@ def ranks(tmp_path_factory):
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    results = []
+    results = _Ranks()
+    results.out = out
     for r in range(WORLD):
         if not (out / f"rank{r}.json").exists():
             pytest.fail(f"rank {r} wrote no results:\n" + "\n".join(logs))
@@ -61,6 +62,10 @@ def ranks(tmp_path_factory):
         died = out / f"rank{r}-died.json"
         results.append((arrays, errors, json.loads(died.read_text()) if died.exists() else None))
     return results
+
+
+class _Ranks(list):
+    """Per-rank results, and ``out``: where the ranks wrote."""
 
 
 def _single_fit(params):
@@ -123,6 +128,32 @@ def test_a_dead_rank_raises_instead_of_hanging(ranks):
     for died in survivors:
         kind, message = died["died"]
         assert kind == "RuntimeError" and "another rank died" in message, message
+
+
+def test_shard_caches_fit_together_with_dask(ranks):
+    da = pytest.importorskip("dask.array")
+    from sklearn_lib.cache import ActivationCache
+
+    assert all(errors["collect"] is None for _, errors, _ in ranks)
+    caches = [ActivationCache.open(ranks.out / f"shard-{r}.zarr") for r in range(WORLD)]
+    assert [c.n_samples for c in caches] == list(worker.N_PER_RANK)
+    X = [da.concatenate([c.activations(n, dask=True) for c in caches])
+         for n in caches[0].layers]
+    J = [da.concatenate([c.jacobians(a, b, dask=True) for c in caches])
+         for a, b in caches[0].jacobian_pairs]
+    got = InteractionGraph(edge_point="data").fit(X, jacobians=J)
+    want = _single_fit({"edge_point": "data"})
+    for E, E_ref in zip(got.edges_, want.edges_):
+        assert np.abs(E - E_ref).max() <= 1e-10 * np.abs(E_ref).max()
+
+
+def test_collect_refuses_a_shared_path_and_mismatched_shards(ranks):
+    for _, errors, _ in ranks:
+        kind, message = errors["collect_path"]
+        assert kind == "ValueError" and "'{rank}'" in message
+        kind, message = errors["collect_width"]
+        assert kind == "ValueError" and "disagree" in message
+    assert not list(ranks.out.glob("width-*")) and not list(ranks.out.glob("one.zarr"))
 
 
 def test_all_reduce_statistics_without_a_group_is_refused():
