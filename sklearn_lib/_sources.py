@@ -673,7 +673,6 @@ class ModelSource:
     def edges(self, l, V, mean, C, C_pinv, *, edge_point, alphas, weights, out_mean=None):
         """Edges (r_out, r_in); with ``out_mean``, the constant node's column appended."""
         st = self.structure(l, l + 1)
-        a, b = self.specs[l], self.specs[l + 1]
         E_all = torch.zeros(V.shape[1], C.shape[1] + (out_mean is not None), device=self.device,
                             dtype=self.dtype)
         E, constant = E_all[:, :C.shape[1]], (None if out_mean is None else E_all[:, -1])

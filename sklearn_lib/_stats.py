@@ -296,6 +296,19 @@ class InteractionStatistics:
         new.jacobian_exponent = self.jacobian_exponent
         return new
 
+    def to(self, device):
+        """A copy on ``device`` (statistics cross processes and ranks on the CPU)."""
+        new = InteractionStatistics(
+            self.n_features, self.n_outputs, center=self.center, device=device, dtype=self.dtype
+        )
+        new.weight, new.n_samples = self.weight, self.n_samples
+        new.mean = self.mean.to(device)
+        new.scatter, new.scatter_exponent = self.scatter.to(device), self.scatter_exponent
+        if self.jacobian_scatter is not None:
+            new.jacobian_scatter = self.jacobian_scatter.to(device)
+        new.jacobian_exponent = self.jacobian_exponent
+        return new
+
     def _check_compatible(self, other):
         if not isinstance(other, InteractionStatistics):
             raise TypeError(

@@ -27,6 +27,7 @@ from ._backend import (
     resolve_dtype,
     to_output,
 )
+from ._dask import is_dask_array
 from ._linalg import constant_feature_floor, interaction_basis
 from ._stats import InteractionStatistics
 from ._validation import (
@@ -179,13 +180,18 @@ class InteractionBasis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
 
         Parameters
         ----------
-        X : array-like, memmap or tensor of shape (n_samples, n_features)
-            Activations of the layer.
+        X : array-like, memmap, tensor or dask array of shape (n_samples, n_features)
+            Activations of the layer. With a dask array (``X`` or ``jacobians``)
+            the statistics of every block of rows are computed and merged by
+            Dask, on its threads or the cluster of a ``dask.distributed`` client,
+            so nothing larger than a block is ever in memory at once.
         y : None
             Ignored. A 3-D ``y`` (Jacobians passed positionally) is refused.
-        jacobians : array-like, memmap or tensor of shape (n_samples, n_outputs, n_features), default=None
+        jacobians : array-like, memmap, tensor or dask array of shape (n_samples, n_outputs, n_features), default=None
             Per-sample Jacobian of the downstream quantity with respect to ``X``.
-            None means the identity map, which makes the basis PCA's.
+            None means the identity map, which makes the basis PCA's. Dask
+            Jacobians blocked differently from ``X`` are rechunked to ``X``'s
+            row blocks (with a warning).
         sample_weight : array-like or tensor of shape (n_samples,), default=None
             Non-negative finite weights, at least two of them positive; weight 2
             is the same as repeating a sample.
@@ -196,6 +202,12 @@ class InteractionBasis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
             Fitted estimator.
         """
         check_not_jacobians(y, "fit")
+        if is_dask_array(X) or is_dask_array(jacobians):
+            from ._dask import basis_statistics
+
+            if hasattr(self, "feature_names_in_"):
+                del self.feature_names_in_
+            return self._fit_statistics(basis_statistics(self, X, jacobians, sample_weight))
         X, jacobians, sample_weight = self._check_fit_input(
             X, jacobians, sample_weight, reset=True
         )

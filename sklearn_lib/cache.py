@@ -567,29 +567,53 @@ class ActivationCache:
             raise ValueError("this activation cache was discarded.")
         return self._group[node]
 
-    def activations(self, name):
+    def activations(self, name, *, dask=False):
         """Lazily readable array of layer ``name``: ``(n_rows, *shapes[name])``.
 
         Slicing reads only the chunks needed; ``np.asarray`` reads everything.
         Every read checks the chunks against the cache's inventory, and raises
         once the cache at :attr:`path` is no longer the one this cache was opened
         on (it was overwritten, moved or deleted): an array never mixes two caches.
+
+        With ``dask=True`` the result is a lazy ``dask.array.Array`` instead,
+        for fits that run on Dask (see the page "Larger than memory and
+        multi-GPU"): its blocks hold whole samples, the same samples in every
+        array of this cache (as many as the smallest zarr chunk of the cache
+        holds), so that activations and Jacobians line up without rechunking.
+        Only the path travels to workers; each process opens the cache itself
+        and verifies every read as above.
         """
         for e in self._desc["layers"]:
             if e["name"] == name:
-                return self._readable_node(e["node"])
+                return self._node(e["node"], self.rows_per_sample[name], dask)
         raise KeyError(f"no layer {name!r} in the cache; layers: {self.layers}.")
 
-    def jacobians(self, a, b):
+    def jacobians(self, a, b, *, dask=False):
         """Lazily readable Jacobians of section ``(a, b)``.
 
         Shape ``(n_rows_a, *jacobian_shapes[(a, b)])``, one row per row of ``a``.
-        Reads are checked as for :meth:`activations`.
+        Reads are checked as for :meth:`activations`; ``dask=True`` gives a
+        dask array in the blocks of :meth:`activations`.
         """
         for e in self._desc["jacobians"]:
             if (e["in"], e["out"]) == (a, b):
-                return self._readable_node(e["node"])
+                return self._node(e["node"], self.rows_per_sample[a], dask)
         raise KeyError(f"no Jacobians for section ({a!r}, {b!r}); stored: {self.jacobian_pairs}.")
+
+    def _node(self, node, rows_per_sample, dask):
+        array = self._readable_node(node)
+        if not dask:
+            return array
+        from ._dask import cache_array
+
+        return cache_array(self, node, array.shape, rows_per_sample, self._samples_per_block())
+
+    def _samples_per_block(self):
+        """Whole samples in the smallest zarr chunk of any array of the cache (at least 1)."""
+        rows = self.rows_per_sample
+        entries = [(e["node"], rows[e["name"]]) for e in self._desc["layers"]]
+        entries += [(e["node"], rows[e["in"]]) for e in self._desc["jacobians"]]
+        return max(1, min(self._group[node].chunks[0] // r for node, r in entries))
 
     def __repr__(self):
         state = "writing" if self._writing else "complete"

@@ -23,12 +23,17 @@ from sklearn.utils.validation import check_is_fitted
 from ._adjacency import layered_adjacency
 from ._backend import eval_mode, resolve_device, resolve_dtype
 from ._chain import build
+from ._dask import is_dask_array
+from ._distributed import DistributedSource, collective, resolve_group
 from ._edges import path_quadrature
 from ._graph_io import load_graph, save_graph
 from ._sources import CachedSource, ModelSource
 from .basis import InteractionBasis
 
 __all__ = ["InteractionGraph"]
+
+def _listed(arrays):
+    return arrays if isinstance(arrays, (list, tuple)) else []
 
 
 def _per_position(method, X):
@@ -308,6 +313,10 @@ class InteractionGraph(BaseEstimator):
             (ndarrays, memmaps, tensors or zarr arrays, read lazily chunk by
             chunk). An :class:`~sklearn_lib.cache.ActivationCache` supplies its
             layers, the Jacobians of adjacent layers and ``sequence`` itself.
+            With dask arrays (e.g. ``ActivationCache.activations(name,
+            dask=True)``) every layer's statistics and every section's edges are
+            one Dask reduction over blocks of whole samples, on Dask's threads
+            or a ``dask.distributed`` cluster.
         y : None
             Ignored.
         jacobians : list of arrays of shape (n_rows_l, d_{l+1}, d_l)
@@ -353,7 +362,10 @@ class InteractionGraph(BaseEstimator):
                 "needs a model; use fit_model, or integration=None with cached Jacobians."
             )
         device, dtype = resolve_device(self.device), resolve_dtype(self.dtype)
-        source = CachedSource(
+        source_class = CachedSource
+        if any(is_dask_array(a) for a in [*_listed(X), *_listed(jacobians)]):
+            from ._dask_source import DaskSource as source_class
+        source = source_class(
             X, jacobians, sequence=sequence, batch_size=self.batch_size,
             device=device, dtype=dtype, verbose=self.verbose,
         )
@@ -365,7 +377,7 @@ class InteractionGraph(BaseEstimator):
         return self._set_fitted(result)
 
     @_fit_context(prefer_skip_nested_validation=True)
-    def fit_model(self, model, layers, data, *, sequence=False):
+    def fit_model(self, model, layers, data, *, sequence=False, distributed=False):
         """Fit from a torch model, never forming full per-sample Jacobians.
 
         For each layer, ``C_{l+1}^T J_l`` is computed directly by vectorised
@@ -395,6 +407,14 @@ class InteractionGraph(BaseEstimator):
         sequence : bool, default=False
             Activations are (batch, position, feature) and positions count as
             samples (SPEC section 2).
+        distributed : bool or torch.distributed.ProcessGroup, default=False
+            ``True`` (the default group) or a process group: ``data`` is this
+            rank's shard, and every rank calls ``fit_model`` with its own. The
+            statistics of all shards are merged exactly (all-reduces of Chan's
+            update) and the edges summed, so every rank ends with the graph of
+            all shards together, equal to a single fit on their concatenation
+            to rounding. Ranks that disagree on layers, shapes or dtype, and a
+            failure on any rank, raise on every rank.
 
         Returns
         -------
@@ -403,25 +423,40 @@ class InteractionGraph(BaseEstimator):
         """
         alphas, weights = path_quadrature(self.integration, self.n_alphas)
         edge_point = "reconstructed" if self.edge_point == "auto" else self.edge_point
-        source = ModelSource(
-            model, layers, data, sequence=sequence, batch_size=self.batch_size,
-            device=resolve_device(self.device), dtype=self.dtype,
-            fast_path=self.fast_path,
-            verbose=self.verbose,
-        )
-        fast = [source.structure(l, l + 1) is not None for l in range(source.n_layers - 1)]
-        if self.fast_path is True and not all(fast):
-            slow = [
-                f"{source.specs[l].spec!r} -> {source.specs[l + 1].spec!r}"
-                for l, ok in enumerate(fast) if not ok
-            ]
-            raise ValueError(
-                "fast_path=True needs every pair of adjacent layers to be one nn.Linear "
-                "and/or one elementwise activation of an nn.Sequential, or the input and "
-                "output of a block declared with declare_residual_mlp, or a section "
-                "declared with declare_attention; these sections are "
-                f"not: {', '.join(slow)}. Use fast_path='auto'."
+
+        def model_source():
+            return ModelSource(
+                model, layers, data, sequence=sequence, batch_size=self.batch_size,
+                device=resolve_device(self.device), dtype=self.dtype,
+                fast_path=self.fast_path,
+                verbose=self.verbose,
             )
+
+        def prepare():
+            source = model_source()
+            fast = [source.structure(l, l + 1) is not None for l in range(source.n_layers - 1)]
+            if self.fast_path is True and not all(fast):
+                slow = [
+                    f"{source.specs[l].spec!r} -> {source.specs[l + 1].spec!r}"
+                    for l, ok in enumerate(fast) if not ok
+                ]
+                raise ValueError(
+                    "fast_path=True needs every pair of adjacent layers to be one nn.Linear "
+                    "and/or one elementwise activation of an nn.Sequential, or the input and "
+                    "output of a block declared with declare_residual_mlp, or a section "
+                    "declared with declare_attention; these sections "
+                    f"are not: {', '.join(slow)}. Use fast_path='auto'."
+                )
+            return source, fast
+
+        if distributed is False:
+            source, fast = prepare()
+        else:
+            # A rank that fails to start must not leave the others waiting.
+            group = resolve_group(distributed)
+            source, fast = collective(group, "fit_model", prepare)
+            source = DistributedSource(source, group, {"layers": [s.spec for s in source.specs],
+                                                       "fast_path": fast})
         with eval_mode(source.model):
             result = build(self, source, [s.spec for s in source.specs],
                            edge_point=edge_point, alphas=alphas, weights=weights)

@@ -214,10 +214,10 @@ def test_sections_run_from_the_recorded_activation_give_the_same_graph(
 
     Either way the products come vector-major, in one chunk or in several.
     """
-    from sklearn_lib import _sources, collect
+    from sklearn_lib import _sources, _vjp
 
     if vectors_per_chunk:
-        monkeypatch.setattr(collect, "_VJP_ELEMENT_BUDGET", vectors_per_chunk * N * 10)
+        monkeypatch.setattr(_vjp, "_VJP_ELEMENT_BUDGET", vectors_per_chunk * N * 10)
 
     torch.manual_seed(1)
     net = nn.Sequential(
