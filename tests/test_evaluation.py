@@ -358,8 +358,9 @@ def test_bisection_matches_linear_scan_on_a_monotone_curve(rng, tolerance, expec
 @pytest.mark.parametrize("score, tolerance", [("accuracy", 0.001), ("accuracy", 0.02),
                                               ("loss", 0.001), ("mse", 1e-3)])
 def test_bisection_brackets_the_answer(layer_pair, score, tolerance):
-    """On a noisy curve bisection finds a k that passes while k - 1 fails, never fewer
-    than the linear scan, within the promised number of evaluations."""
+    """On a noisy curve the search finds a k that passes while k - 1 fails, never fewer
+    than the linear scan, within the promised number of evaluations, and every count it
+    evaluated below k fails and every one above passes."""
     p = layer_pair
     n_edges = p["edges"].size
     curve = edge_ablation_curve(**p, score=score, schedule=range(1, n_edges + 1))
@@ -370,7 +371,10 @@ def test_bisection_brackets_the_answer(layer_pair, score, tolerance):
     assert k >= directions_to_keep(curve, tolerance)
     assert result.score == pytest.approx(curve.score.iloc[k - 1], rel=1e-12)
     assert result.reference == pytest.approx(curve.reference.iloc[0])
-    assert len(result.evaluations) <= 2 + math.ceil(math.log2(n_edges))
+    assert len(result.evaluations) <= 1 + 2 * math.ceil(math.log2(n_edges))
+    sign = -1 if score == "accuracy" else 1
+    for count, value in result.evaluations.items():
+        assert (sign * (value - result.reference) <= tolerance + 1e-12) == (count >= k)
     assert result.evaluations[n_edges] == pytest.approx(curve.score.iloc[-1])
 
 
