@@ -122,12 +122,33 @@ def _node_setup(bases, X, y, forward, schedule, score, greater_is_better, batch_
 
 
 def _node_scores(net, scorer, affine, counts):
+    """Scores of keeping the top ``k`` directions, for each ``k`` in ``counts``.
+
+    Several counts share a forward call: their ablated copies of a batch are
+    stacked, so the rest of the network runs on large blocks of samples.
+    """
     width = 2 * _per_sample(net.X)
-    return [
-        scorer(net.outputs(lambda batch, k=k: affine.inverse(affine.transform(batch, k)), width),
-               f"with only the top {k} directions of {affine.name} kept")
-        for k in counts
-    ]
+    n = net.X.shape[0]
+    batch_size = min(n, net.batch_size_for(width))
+    # forward sees batch_size samples per call when the user chose it, else up to
+    # the automatic size.
+    per_call = 1 if net.batch_size else max(1, net.batch_size_for(batch_size * width))
+    scores = []
+    for start in range(0, len(counts), per_call):
+        chunk = counts[start:start + per_call]
+        keep = torch.as_tensor(np.arange(affine.n_components) < np.reshape(chunk, (-1, 1)),
+                               dtype=torch.float64, device=net.device)
+        parts = []
+        with net.running():
+            for _, batch in net.batches(batch_size):
+                z = affine.transform(batch)
+                stacked = affine.inverse(keep.reshape(len(chunk), *[1] * (z.ndim - 1), -1) * z)
+                out = net.call("forward", stacked.reshape(-1, *stacked.shape[2:]))
+                parts.append(out.reshape(len(chunk), batch.shape[0], *out.shape[1:]))
+        outputs = torch.cat(parts, dim=1)
+        scores += [scorer(outputs[c], f"with only the top {k} directions of {affine.name} kept")
+                   for c, k in enumerate(chunk)]
+    return scores
 
 
 def node_ablation_curve(
