@@ -159,14 +159,17 @@ fig.tight_layout()
 # Edge ablation
 # -------------
 # Between adjacent layers keep only the ``k`` strongest edges of the graph
-# (``edges_[l]``) and score the network; ``min_edges_to_keep`` bisects for the
+# (``edges_[l]``) and score the network; ``min_edges_to_keep`` searches for the
 # fewest within tolerance. Across attention, removing the edge from direction
 # ``j`` of ``resid_pre`` to direction ``i`` of ``resid_mid`` removes ``j`` at
-# all three positions, the ablation that matches the graph's edge. Bisection
-# assumes that keeping more of the strongest edges never hurts; when the
-# curve is not monotone it reports a count ``k`` that passes while ``k - 1``
-# fails (the bisection keeps a failing lower and a passing upper count and
-# returns the upper one), not necessarily the smallest passing count.
+# all three positions, the ablation that matches the graph's edge. The search
+# doubles the count from 1 until one passes, then bisects; it reports a count
+# ``k`` that passes while ``k - 1`` fails, with every count it tried below
+# ``k`` failing and every one above passing. That is the fewest edges when
+# keeping more of the strongest edges never hurts; when the curve is not
+# monotone, a smaller count may pass in isolation (scoring every count up to
+# ``k`` with ``edge_ablation_curve`` finds it, cheaply: the section runs only on
+# the rows of the mask that change from one count to the next).
 pairs = [f"{a}->{b}" for a, b in zip(NAMES[:-1], NAMES[1:])]
 n_edges, searches = {}, {}
 for g, graph in graphs.items():
