@@ -90,6 +90,7 @@ def instrumented(times):
 EVALUATION = r"""
 import json, sys, time
 import numpy as np, torch
+import sklearn_lib
 from sklearn_lib import InteractionGraph
 from sklearn_lib.collect import record_activations
 from sklearn_lib.datasets import load_modular_addition_transformer, modular_addition_data
@@ -127,6 +128,7 @@ for l in range(3):
                                edges=graph.edges_[l], tolerance=0.001)
     out[f"edges {names[l]}->{names[l + 1]}"] = [time.perf_counter() - start, result.n_edges,
                                                 len(result.evaluations)]
+out["checkout"] = sklearn_lib.__file__
 print(json.dumps(out))
 """
 
@@ -148,13 +150,22 @@ def evaluation(args):
             for name, checkout in checkouts.items():
                 print(f"evaluation round {r + 1}: {name}", file=sys.stderr, flush=True)
                 env = {**os.environ, "PYTHONPATH": checkout}
+                if args.threads:  # numpy's BLAS too: its idle threads spin on a busy machine
+                    env.update({v: str(args.threads) for v in (
+                        "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")})
+                # Run in the checkout: ``python -c`` puts the working directory first on
+                # the path, before PYTHONPATH.
                 done = subprocess.run(
                     [sys.executable, "-c", EVALUATION, path, str(args.n_eval),
                      str(args.threads or 0)],
-                    env=env, capture_output=True, text=True, check=True)
+                    env=env, cwd=checkout, capture_output=True, text=True, check=True)
                 runs[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
     print(f"\nevaluation: LIB graph fitted on {len(X_fit)} training pairs, scored on "
           f"{args.n_eval} held-out pairs, min of {args.eval_repeat} interleaved rounds")
+    for name, rs in runs.items():
+        print(f"{name}: {rs[0].pop('checkout')}")
+        for run in rs[1:]:
+            run.pop("checkout")
     stages = list(runs["after"][0])
     best = {name: {stage: min(run[stage][0] for run in rs) for stage in stages}
             for name, rs in runs.items()}

@@ -132,7 +132,8 @@ class _EdgeAblation:
         sizes = [len(o) for o in outputs]
         starts = np.concatenate([[0], np.cumsum(sizes)])
         job = torch.as_tensor(np.repeat(np.arange(len(rows)), sizes), device=net.device)
-        cols = torch.as_tensor(np.concatenate(outputs), device=net.device)
+        directions = np.concatenate(outputs)
+        cols = torch.as_tensor(directions, device=net.device)
         A, b = self.basis_out.A[:, cols], self.basis_out.b[cols]
         z = torch.empty(len(cols), n, *self.out_shape[:-1], dtype=torch.float64,
                         device=net.device)
@@ -156,7 +157,7 @@ class _EdgeAblation:
                     z[o, samples] = read + b[o].reshape(-1, *[1] * (read.ndim - 1))
         for r, key in enumerate(keys):
             for k in range(starts[r], starts[r + 1]):
-                self._columns[int(cols[k]), key] = z[k]
+                self._columns[int(directions[k]), key] = z[k]
 
 
 class _TopEdges:

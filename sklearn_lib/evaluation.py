@@ -22,7 +22,8 @@ Conventions shared by every function here:
   numpy arrays when ``X`` is numpy and float64 tensors on ``X``'s device when
   ``X`` is a tensor. Both must act **sample by sample**: sample ``x`` of the
   output depends on sample ``x`` of the input only, for any number of samples
-  (edge ablation stacks ``r_out`` ablated copies of a batch into one call). A
+  (ablations stack several ablated copies of a batch into one call, and edge
+  ablation runs a row of the mask without edges on one sample). A
   section bound to one batch of model inputs
   (:func:`~sklearn_lib.collect.section_function` on a residual network) does
   not qualify.
@@ -357,8 +358,11 @@ def edge_ablated_outputs(basis_in, basis_out, X, mask, *, section, forward, batc
 
         z_out[:, i] = basis_out.transform(section(basis_in.inverse_transform(z_in * mask[i])))[:, i]
 
-    and the outputs are ``forward(basis_out.inverse_transform(z_out))``. The
-    ``r_out`` ablated copies of a batch go through ``section`` in one stacked call.
+    and the outputs are ``forward(basis_out.inverse_transform(z_out))``. Rows
+    of ``mask`` that are equal run through ``section`` once for all their output
+    directions, a row without edges on one sample (its input is ``c`` below for
+    every sample), and the ablated copies of a batch for several rows in one
+    stacked call. ``z_out`` is held for all samples before ``forward`` runs.
 
     Keeping every edge gives ``forward(section(X))`` exactly when both bases
     keep all directions (otherwise both layers are projected onto their bases).
@@ -380,8 +384,9 @@ def edge_ablated_outputs(basis_in, basis_out, X, mask, *, section, forward, batc
     forward : torch.nn.Module or callable
         Layer-(l+1) activations -> network outputs.
     batch_size : int, default=None
-        Samples per batch (the section sees ``r_out`` times as many rows). None
-        picks a size whose stacked activations hold about 2**22 numbers.
+        Samples per batch (the section sees at most ``r_out`` times as many
+        rows). None picks a size whose stacked activations hold about 2**22
+        numbers.
 
     Returns
     -------
