@@ -8,9 +8,12 @@ import numpy as np
 import pytest
 import torch
 from _attention import TinyAttention
+from hypothesis import given
+from hypothesis import strategies as st
 from sklearn.decomposition import PCA
 from torch import nn
 
+from sklearn_lib._ablation import _fewest_passing
 from sklearn_lib._edge_ablation import _EdgeAblation
 from sklearn_lib.evaluation import (
     directions_to_keep,
@@ -238,11 +241,32 @@ def test_non_monotone_curve_reports_the_documented_boundary(non_monotone):
 
 @pytest.mark.parametrize("n_edges", [1, 2, 5, 64, 1000, 4097])
 def test_search_stays_within_the_documented_number_of_evaluations(n_edges):
-    from sklearn_lib._ablation import _fewest_passing
-
     for answer in {1, min(2, n_edges), n_edges // 3 + 1, max(1, n_edges - 1), n_edges}:
         evaluated = []
         k = _fewest_passing(lambda k: evaluated.append(k) or k >= answer, n_edges,
                             lambda low, high: None)
         assert k == answer
         assert len(evaluated) + 1 <= 1 + 2 * math.ceil(math.log2(max(n_edges, 2)))
+
+
+@given(st.lists(st.booleans(), min_size=1, max_size=300))
+def test_search_reports_a_boundary_consistent_with_every_evaluation(outcomes):
+    """Any pass/fail curve whose last count passes: the result passes, the count below it
+    fails, every evaluated count below fails and every one above passes; on a monotone
+    curve it is the smallest passing count."""
+    outcomes[-1] = True
+    high = len(outcomes)
+    evaluated = {}
+
+    def passes(k):
+        assert 1 <= k <= high and k not in evaluated
+        evaluated[k] = outcomes[k - 1]
+        return evaluated[k]
+
+    k = _fewest_passing(passes, high, lambda low, up: None)
+    assert outcomes[k - 1] and (k == 1 or not outcomes[k - 2])
+    assert all(passed == (count >= k) for count, passed in evaluated.items())
+    assert len(evaluated) <= 2 * math.ceil(math.log2(max(high, 2)))
+    monotone = sorted(outcomes) == outcomes
+    if monotone:
+        assert k == outcomes.index(True) + 1
