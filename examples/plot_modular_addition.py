@@ -122,10 +122,10 @@ fig.tight_layout()
 # -------------
 # Between layer ``l`` and ``l + 1`` keep only the ``k`` strongest edges of the
 # graph (``edges_[l]``, squared gradient times activation) and score the
-# network; :func:`~sklearn_lib.evaluation.min_edges_to_keep` bisects for the
-# fewest edges within tolerance. The section from ``embed`` to ``mlp.1`` is
-# ``model.mlp[:2]`` (Linear, ReLU), from ``mlp.1`` to ``mlp.2`` it is
-# ``model.mlp[2]``.
+# network; :func:`~sklearn_lib.evaluation.min_edges_to_keep` searches for the
+# fewest edges within tolerance (doubling from 1, then bisecting). The section
+# from ``embed`` to ``mlp.1`` is ``model.mlp[:2]`` (Linear, ReLU), from
+# ``mlp.1`` to ``mlp.2`` it is ``model.mlp[2]``.
 pairs = [f"{a}->{b}" for a, b in zip(LAYERS[:-1], LAYERS[1:])]
 n_edges, searches = {}, {}
 for name, graph in graphs.items():
@@ -154,7 +154,7 @@ print(f"in total LIB keeps {lib_total} edges and PCA {pca_total}: LIB needs {cha
       f"{'fewer' if lib_total < pca_total else 'more'} (reference work: about 8% fewer)")
 
 # %%
-# The points are the counts the bisection tried, with their accuracy: samples
+# The points are the counts the search tried, with their accuracy: samples
 # of the edge ablation curve, dense near the threshold (the dashed line is the
 # unablated network, the dotted lines the counts in the table). Beneath, the
 # edges from the embedding to the hidden layer: LIB's strength is concentrated

@@ -109,6 +109,36 @@ def _threshold(tolerance, relative, reference):
     return threshold + 4 * np.finfo(np.float64).eps * (abs(reference) + threshold)
 
 
+def _fewest_passing(passes, high, bracket):
+    """Doubling from 1, then bisection: a count ``k`` that passes while ``k - 1`` fails.
+
+    ``passes(k)`` evaluates count ``k``; ``high`` must pass already. Every count
+    evaluated below the result fails and every one above it passes, so on a
+    monotone curve the result is the smallest passing count. Doubling first
+    keeps the evaluations near small counts, where the answer usually lies and
+    an ablation is cheapest; it takes ``ceil(log2(k))`` steps up to the answer and
+    fewer than that to bisect back. ``bracket(low, high)`` is called before each
+    further evaluation with the failing and passing counts that enclose it.
+    """
+    if high == 1 or passes(1):
+        return 1
+    low, step = 1, 2
+    while step < high:  # invariant: low fails, high passes
+        bracket(low, high)
+        if passes(step):
+            high = step
+            break
+        low, step = step, 2 * step
+    while high - low > 1:
+        bracket(low, high)
+        mid = (low + high) // 2
+        if passes(mid):
+            high = mid
+        else:
+            low = mid
+    return high
+
+
 # --------------------------------------------------------------------------- bases
 class _AffineBasis:
     """A fitted basis as tensors: ``transform(x) = x @ A + b``, ``inverse(z) = z @ P + c``."""
@@ -205,20 +235,35 @@ class _Network:
             )
         return out
 
+    def batch_size_for(self, width):
+        """Samples per batch when each sample holds ``width`` numbers at once."""
+        return self.batch_size or max(1, _AUTO_CHUNK_NUMBERS // max(1, width))
+
+    def batches(self, batch_size):
+        """``(rows, batch)`` over X: float64 batches on the device, checked for NaN.
+
+        Call inside :meth:`running`.
+        """
+        for rows in gen_batches(self.X.shape[0], batch_size):
+            batch = as_tensor(self.X[rows], device=self.device, dtype=torch.float64)
+            check_finite(batch, "X")
+            yield rows, batch
+
     def outputs(self, prepare, width):
         """``forward(prepare(batch))`` over all batches of X, concatenated.
 
         ``width`` is the largest number of numbers per sample that ``prepare``
         holds at once; it sets the automatic batch size.
         """
-        batch_size = self.batch_size or max(1, _AUTO_CHUNK_NUMBERS // max(1, width))
-        parts = []
         with self.running():
-            for rows in gen_batches(self.X.shape[0], batch_size):
-                batch = as_tensor(self.X[rows], device=self.device, dtype=torch.float64)
-                check_finite(batch, "X")
-                parts.append(self.call("forward", prepare(batch)))
-        return torch.cat(parts)
+            return torch.cat([self.call("forward", prepare(batch))
+                              for _, batch in self.batches(self.batch_size_for(width))])
+
+    def forward_rows(self, acts, prepare, width):
+        """``forward(prepare(acts[rows]))`` batch by batch, for activations computed already."""
+        with self.running():
+            return torch.cat([self.call("forward", prepare(acts[rows])) for rows in
+                              gen_batches(acts.shape[0], self.batch_size_for(width))])
 
 
 # --------------------------------------------------------------------------- scores

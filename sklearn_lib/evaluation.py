@@ -22,7 +22,8 @@ Conventions shared by every function here:
   numpy arrays when ``X`` is numpy and float64 tensors on ``X``'s device when
   ``X`` is a tensor. Both must act **sample by sample**: sample ``x`` of the
   output depends on sample ``x`` of the input only, for any number of samples
-  (edge ablation stacks ``r_out`` ablated copies of a batch into one call). A
+  (ablations stack several ablated copies of a batch into one call, and edge
+  ablation runs a row of the mask without edges on one sample). A
   section bound to one batch of model inputs
   (:func:`~sklearn_lib.collect.section_function` on a residual network) does
   not qualify.
@@ -65,6 +66,7 @@ from ._ablation import (
     _as_frame,
     _check_schedule,
     _check_X,
+    _fewest_passing,
     _first_rows,
     _Network,
     _per_sample,
@@ -72,7 +74,8 @@ from ._ablation import (
     _Scorer,
     _threshold,
 )
-from ._backend import as_tensor, is_tensor, to_output
+from ._backend import to_output
+from ._edge_ablation import _EdgeAblation, _TopEdges
 
 __all__ = [
     "MinEdgesResult",
@@ -120,12 +123,33 @@ def _node_setup(bases, X, y, forward, schedule, score, greater_is_better, batch_
 
 
 def _node_scores(net, scorer, affine, counts):
+    """Scores of keeping the top ``k`` directions, for each ``k`` in ``counts``.
+
+    Several counts share a forward call: their ablated copies of a batch are
+    stacked, so the rest of the network runs on large blocks of samples.
+    """
     width = 2 * _per_sample(net.X)
-    return [
-        scorer(net.outputs(lambda batch, k=k: affine.inverse(affine.transform(batch, k)), width),
-               f"with only the top {k} directions of {affine.name} kept")
-        for k in counts
-    ]
+    n = net.X.shape[0]
+    batch_size = min(n, net.batch_size_for(width))
+    # forward sees batch_size samples per call when the user chose it, else up to
+    # the automatic size.
+    per_call = 1 if net.batch_size else max(1, net.batch_size_for(batch_size * width))
+    scores = []
+    for start in range(0, len(counts), per_call):
+        chunk = counts[start:start + per_call]
+        keep = torch.as_tensor(np.arange(affine.n_components) < np.reshape(chunk, (-1, 1)),
+                               dtype=torch.float64, device=net.device)
+        parts = []
+        with net.running():
+            for _, batch in net.batches(batch_size):
+                z = affine.transform(batch)
+                stacked = affine.inverse(keep.reshape(len(chunk), *[1] * (z.ndim - 1), -1) * z)
+                out = net.call("forward", stacked.reshape(-1, *stacked.shape[2:]))
+                parts.append(out.reshape(len(chunk), batch.shape[0], *out.shape[1:]))
+        outputs = torch.cat(parts, dim=1)
+        scores += [scorer(outputs[c], f"with only the top {k} directions of {affine.name} kept")
+                   for c, k in enumerate(chunk)]
+    return scores
 
 
 def node_ablation_curve(
@@ -326,101 +350,6 @@ def directions_to_keep(curve, tolerance=0.001, *, relative=False):
 
 
 # --------------------------------------------------------------------------- edges
-class _EdgeAblation:
-    """A layer pair (bases, section, forward) on data X, validated once, ablated per mask."""
-
-    def __init__(self, basis_in, basis_out, X, *, section, forward, batch_size):
-        if section is None:
-            raise TypeError("section must be a callable or a torch.nn.Module, got None.")
-        X = _check_X(X)
-        self.net = net = _Network(X, forward, section, batch_size)
-        sample_in = _first_rows(X, _N_PROBE_ROWS)
-        self.basis_in = _AffineBasis(basis_in, sample_in, net.device, "basis_in")
-        # A few section outputs tell the width of layer l+1 and probe basis_out there.
-        with net.running():
-            probe = as_tensor(sample_in, device=net.device, dtype=torch.float64)
-            sample_out = net.call("section", probe).cpu().numpy()
-        if sample_out.ndim not in (2, 3):
-            raise ValueError(
-                "section must return activations of shape (n_samples, n_features) or "
-                "(n_samples, n_positions, n_features), got "
-                f"{sample_out.shape[1:]} per sample."
-            )
-        self.basis_out = _AffineBasis(basis_out, sample_out, net.device, "basis_out")
-        self.shape = (self.basis_out.n_components, self.basis_in.n_components)
-        # The stacked section input and output of one batch dominate memory.
-        positions = X.shape[1] if X.ndim == 3 else 1
-        self.width = self.shape[0] * max(_per_sample(X), _per_sample(sample_out),
-                                         positions * self.shape[1])
-
-    def check_matrix(self, matrix, name):
-        if is_tensor(matrix):
-            matrix = matrix.detach().cpu().numpy()
-        matrix = check_array(matrix, dtype=np.float64, input_name=name)
-        if matrix.shape != self.shape:
-            r_out, r_in = self.shape
-            hint = (f"; with constant nodes (constant_node=True) pass "
-                    f"edges_[l][:{r_out}, :{r_in}], the directions' edges"
-                    if matrix.shape in ((r_out + 1, r_in + 1), (r_out, r_in + 1)) else "")
-            raise ValueError(
-                f"{name} must have shape (r_out, r_in) = {self.shape} (basis_out's and "
-                f"basis_in's n_components), got {matrix.shape}{hint}."
-            )
-        return matrix
-
-    def reference_outputs(self):
-        return self.net.outputs(lambda batch: self.net.call("section", batch), self.width)
-
-    def outputs(self, mask):
-        """Outputs with input direction j feeding output direction i scaled by mask[i, j]."""
-        net, basis_in, basis_out = self.net, self.basis_in, self.basis_out
-        mask = torch.as_tensor(mask, dtype=torch.float64, device=net.device)
-
-        def ablate(batch):
-            z_in = basis_in.transform(batch)
-            # One section call for all output directions: block i of the stacked
-            # samples is the batch with only the edges into direction i kept (at
-            # every position of a sequence layer).
-            kept = mask.reshape(self.shape[0], *[1] * (z_in.ndim - 1), self.shape[1])
-            stacked = basis_in.inverse(kept * z_in)
-            h = net.call("section", stacked.reshape(-1, *stacked.shape[2:]))
-            per_sample = h.shape[1:]
-            h = h.reshape(self.shape[0], batch.shape[0], -1, per_sample[-1])
-            # Direction i is read from block i only: z_out[x, t, i] = h[i, x, t] @ A[:, i] + b[i].
-            z_out = torch.einsum("ixtd,di->xti", h, basis_out.A) + basis_out.b
-            return basis_out.inverse(z_out.reshape(batch.shape[0], *per_sample[:-1], -1))
-
-        return net.outputs(ablate, self.width)
-
-
-class _TopEdges:
-    """Scores of keeping the top-k edges by value, against the unablated network."""
-
-    def __init__(self, basis_in, basis_out, X, y, *, section, forward, edges, score,
-                 greater_is_better, batch_size):
-        self.ablation = _EdgeAblation(basis_in, basis_out, X, section=section,
-                                      forward=forward, batch_size=batch_size)
-        edges = self.ablation.check_matrix(edges, "edges")
-        if edges.min() < 0:
-            i, j = np.unravel_index(np.argmin(edges), edges.shape)
-            raise ValueError(
-                "edges must be non-negative (squared attributions, as in an "
-                f"InteractionGraph's edges_), got edges[{i}, {j}] = {edges[i, j]:.6g}; "
-                "rank signed values by their magnitude or square instead."
-            )
-        self.n_edges = edges.size
-        # Strongest first; a stable sort breaks ties in row-major order, reproducibly.
-        self.order = np.argsort(-edges.ravel(), kind="stable")
-        self.scorer = _Scorer(score, y, greater_is_better, self.ablation.net.X.shape[0])
-        self.scorer.set_reference(self.ablation.reference_outputs())
-
-    def __call__(self, k):
-        mask = np.zeros(self.n_edges)
-        mask[self.order[:k]] = 1.0
-        return self.scorer(self.ablation.outputs(mask.reshape(self.ablation.shape)),
-                           f"with only the top {k} of {self.n_edges} edges kept")
-
-
 def edge_ablated_outputs(basis_in, basis_out, X, mask, *, section, forward, batch_size=None):
     """Network outputs when only the edges selected by ``mask`` between two layers are kept.
 
@@ -429,8 +358,11 @@ def edge_ablated_outputs(basis_in, basis_out, X, mask, *, section, forward, batc
 
         z_out[:, i] = basis_out.transform(section(basis_in.inverse_transform(z_in * mask[i])))[:, i]
 
-    and the outputs are ``forward(basis_out.inverse_transform(z_out))``. The
-    ``r_out`` ablated copies of a batch go through ``section`` in one stacked call.
+    and the outputs are ``forward(basis_out.inverse_transform(z_out))``. Rows
+    of ``mask`` that are equal run through ``section`` once for all their output
+    directions, a row without edges on one sample (its input is ``c`` below for
+    every sample), and the ablated copies of a batch for several rows in one
+    stacked call. ``z_out`` is held for all samples before ``forward`` runs.
 
     Keeping every edge gives ``forward(section(X))`` exactly when both bases
     keep all directions (otherwise both layers are projected onto their bases).
@@ -452,8 +384,9 @@ def edge_ablated_outputs(basis_in, basis_out, X, mask, *, section, forward, batc
     forward : torch.nn.Module or callable
         Layer-(l+1) activations -> network outputs.
     batch_size : int, default=None
-        Samples per batch (the section sees ``r_out`` times as many rows). None
-        picks a size whose stacked activations hold about 2**22 numbers.
+        Samples per batch (the section sees at most ``r_out`` times as many
+        rows). None picks a size whose stacked activations hold about 2**22
+        numbers.
 
     Returns
     -------
@@ -518,7 +451,7 @@ def edge_ablation_curve(
 
     See Also
     --------
-    min_edges_to_keep : Bisection for the fewest edges within a tolerance.
+    min_edges_to_keep : Search for the fewest edges within a tolerance.
 
     Examples
     --------
@@ -538,7 +471,10 @@ def edge_ablation_curve(
     top = _TopEdges(basis_in, basis_out, X, y, section=section, forward=forward, edges=edges,
                     score=score, greater_is_better=greater_is_better, batch_size=batch_size)
     counts = _check_schedule(schedule, top.n_edges, "n_edges")
-    scores = [top(k) for k in counts]
+    scores = []
+    for k in counts:  # ascending: later counts can reuse only the columns of this one
+        scores.append(top(k))
+        top.retain(k)
     return _as_frame(_result("n_edges", counts, scores, top.scorer), as_frame)
 
 
@@ -546,17 +482,32 @@ def min_edges_to_keep(
     basis_in, basis_out, X, y=None, *, section, forward, edges, tolerance=0.001,
     relative=False, score="accuracy", greater_is_better=None, batch_size=None,
 ):
-    """Fewest top edges between two layers whose ablation stays within tolerance, by bisection.
+    """Fewest top edges between two layers whose ablation stays within tolerance.
 
-    Assumes the score degrades **monotonically** as edges are removed (keeping
-    more of the strongest edges never hurts). That is what makes bisection
-    valid; it is usual but not guaranteed, so on a non-monotone curve the
-    result is *a* count ``k`` that passes while ``k - 1`` fails, not
-    necessarily the smallest passing one (compare with
-    :func:`edge_ablation_curve` and :func:`directions_to_keep` when in doubt).
-    Both endpoints are verified: keeping all edges must pass (else
-    ``ValueError``), and one edge is returned if it already passes. At most
-    ``2 + ceil(log2(n_edges))`` ablations are evaluated, plus one unablated run.
+    Keeping all edges must pass (else ``ValueError``). The search then doubles
+    the count from 1 (1, 2, 4, ...) until one passes and bisects between it and
+    the last failing count. It reports a count ``k`` that passes while ``k - 1``
+    fails; every count it evaluated below ``k`` failed and every one above
+    passed (``evaluations`` lists them).
+
+    **Which count, on a non-monotone curve.** When keeping more of the
+    strongest edges never hurts, ``k`` is the smallest passing count. Ablation
+    curves are not always monotone (a curve may pass at 77 edges, fail at 78
+    and 79 and pass again at 80); then ``k`` is the first pass/fail boundary
+    the search meets, found in ``O(log k)`` evaluations: a smaller count may
+    pass in isolation below a failing one (77 when the search evaluated 78),
+    and a count above ``k`` that the search skipped may fail. We report this
+    boundary because it costs ``O(log k)`` ablations where the smallest passing
+    count needs every count below it, and because doubling from 1 meets the
+    lowest boundary among the counts it evaluates. For the smallest passing
+    count, score every count up to ``k`` with :func:`edge_ablation_curve`
+    (``schedule=range(1, k + 1)``) and :func:`directions_to_keep`: consecutive
+    counts differ in one row of the mask, so such a scan runs the section on
+    one row per count.
+
+    Each ablation runs the section only for rows of the mask (one output
+    direction's kept inputs) that it has not run before; at most ``1 + 2
+    ceil(log2(n_edges))`` ablations are evaluated, plus one unablated run.
 
     Parameters
     ----------
@@ -615,14 +566,6 @@ def min_edges_to_keep(
             f"the tolerance {threshold:.3g} from the unablated {scorer.reference:.6g}; "
             "the bases are probably truncated."
         )
-    low = 1
-    if low == high or passes(low):
-        return result(low)
-    # Invariant: low fails, high passes.
-    while high - low > 1:
-        mid = (low + high) // 2
-        if passes(mid):
-            high = mid
-        else:
-            low = mid
-    return result(high)
+    # Later counts lie between a failing and a passing count evaluated already, and a
+    # row of the top-k mask only grows with k: no other count's columns can be reused.
+    return result(_fewest_passing(passes, high, top.retain))

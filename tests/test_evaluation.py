@@ -358,8 +358,9 @@ def test_bisection_matches_linear_scan_on_a_monotone_curve(rng, tolerance, expec
 @pytest.mark.parametrize("score, tolerance", [("accuracy", 0.001), ("accuracy", 0.02),
                                               ("loss", 0.001), ("mse", 1e-3)])
 def test_bisection_brackets_the_answer(layer_pair, score, tolerance):
-    """On a noisy curve bisection finds a k that passes while k - 1 fails, never fewer
-    than the linear scan, within the promised number of evaluations."""
+    """On a noisy curve the search finds a k that passes while k - 1 fails, never fewer
+    than the linear scan, within the promised number of evaluations, and every count it
+    evaluated below k fails and every one above passes."""
     p = layer_pair
     n_edges = p["edges"].size
     curve = edge_ablation_curve(**p, score=score, schedule=range(1, n_edges + 1))
@@ -370,7 +371,10 @@ def test_bisection_brackets_the_answer(layer_pair, score, tolerance):
     assert k >= directions_to_keep(curve, tolerance)
     assert result.score == pytest.approx(curve.score.iloc[k - 1], rel=1e-12)
     assert result.reference == pytest.approx(curve.reference.iloc[0])
-    assert len(result.evaluations) <= 2 + math.ceil(math.log2(n_edges))
+    assert len(result.evaluations) <= 1 + 2 * math.ceil(math.log2(n_edges))
+    sign = -1 if score == "accuracy" else 1
+    for count, value in result.evaluations.items():
+        assert (sign * (value - result.reference) <= tolerance + 1e-12) == (count >= k)
     assert result.evaluations[n_edges] == pytest.approx(curve.score.iloc[-1])
 
 
@@ -673,3 +677,31 @@ def test_edges_with_constant_nodes_are_refused_with_the_slice_to_pass(attention_
     with pytest.raises(ValueError, match=r"edges_\[l\]\[:\d+, :\d+\]"):
         min_edges_to_keep(graph.bases_[0], graph.bases_[1], h, y, section=model.mix,
                           forward=lambda Y: model.head(torch.tanh(Y[:, -1])), edges=E)
+
+
+@pytest.mark.parametrize("batch_size", [None, 7])
+@pytest.mark.parametrize("sequence", [False, True])
+def test_node_ablation_outputs_match_one_forward_per_count(attention_case, data, net,
+                                                           batch_size, sequence):
+    """Counts stacked into one forward call give the outputs of one call per count."""
+    if sequence:
+        model, X, _, graph = attention_case
+        basis = graph.bases_[0]
+        forward = lambda H: model.head(torch.tanh(model.mix(H)[:, -1]))  # noqa: E731
+    else:
+        X, forward = torch.as_tensor(data[0]), nn.Sequential(*net)
+        basis = make_basis("lib", data[0], net[0])
+    seen = []
+
+    def score(outputs, y, reference):
+        seen.append(outputs)
+        return 0.0
+
+    curve = node_ablation_curve(basis, X, forward=forward, score=score, batch_size=batch_size)
+    assert len(seen) == len(curve) + 1  # the reference first
+    with torch.no_grad():
+        np.testing.assert_allclose(seen[0], forward(X).numpy(), rtol=1e-10, atol=1e-12)
+        for k, outputs in zip(curve.n_directions, seen[1:]):
+            Z, inverse = _project(basis, X, keep=k)
+            np.testing.assert_allclose(outputs, forward(inverse(Z)).numpy(), rtol=1e-10,
+                                       atol=1e-12)
