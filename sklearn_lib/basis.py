@@ -207,7 +207,8 @@ class InteractionBasis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
 
             if hasattr(self, "feature_names_in_"):
                 del self.feature_names_in_
-            return self._fit_statistics(basis_statistics(self, X, jacobians, sample_weight))
+            return self._fit_statistics(basis_statistics(self, X, jacobians, sample_weight),
+                                        name="X")
         X, jacobians, sample_weight = self._check_fit_input(
             X, jacobians, sample_weight, reset=True
         )
