@@ -83,7 +83,7 @@ def declare_attention(module, W_Q, W_K, W_V, W_O, *, input, output, n_heads, cau
     >>> net = declare_attention(load_modular_addition_transformer(), "attn.W_Q", "attn.W_K",
     ...                         "attn.W_V", "attn.W_O", input="hook_resid_pre",
     ...                         output="hook_resid_mid", n_heads=4)
-    >>> X = modular_addition_data()[0][:20]
+    >>> X = modular_addition_data()[0][:160]  # more rows than the 128 features
     >>> graph = InteractionGraph(verbose=False).fit_model(
     ...     net, ["hook_resid_pre", "hook_resid_mid[-1]"], X, sequence=True)
     >>> graph.fast_path_
