@@ -276,12 +276,12 @@ print(f"done in {time.perf_counter() - start:.0f} s")
 # direction 9 on the directions mix frequencies. PCA's top directions mix the
 # same frequencies (2 of its top 16 are 80% one frequency, against 8 of
 # LIB's). The counts of directions come from the sampled node-ablation curves
-# (40 log-spaced counts), the counts of edges from the plain bisection of an
-# earlier version (the search now doubles from 1 before bisecting; see above
-# for what it reports on a non-monotone curve, where the two may report
-# different boundaries). On a 2-core machine the run took about 7 minutes,
-# nearly all of it the two graphs (LIB 247 s, PCA 75 s, with other work on the
-# machine); the node ablations took 2 s and the six edge bisections 98 s, which
-# ``benchmarks/bench_transformer.py`` now measures at several times less (see
-# the developer notes, Performance).
+# (40 log-spaced counts), the counts of edges from the search of
+# :func:`~sklearn_lib.evaluation.min_edges_to_keep` (see above for what it
+# reports on a non-monotone curve). On a 2-core machine the whole run took
+# 32 s: the LIB graph 14.8 s and the PCA graph 7.0 s (attention and MLP
+# declared; about three times as long through vector-Jacobian products), the
+# node ablations 2.3 s and the six edge searches 7.6 s
+# (``benchmarks/bench_transformer.py`` measures both; see the developer notes,
+# Performance).
 assert accuracy == 1.0
