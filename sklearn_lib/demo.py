@@ -28,7 +28,7 @@ that marker is ever replaced (``--overwrite``), and a second run without
 ``-3``, ...). Arguments are checked before any work.
 
 ``python -m sklearn_lib --model module:factory --layers ... --data inputs.npy`` prints
-the same table for a user's model (:mod:`sklearn_lib._demo_model`).
+the MLP comparison's table for a user's model (:mod:`sklearn_lib._demo_model`).
 """
 
 import argparse
