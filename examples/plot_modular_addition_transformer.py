@@ -21,6 +21,9 @@ layers and ask, on held-out pairs, as the reference work does:
    reports LIB needing about 8% fewer edges than PCA in total, and the same
    number of directions), and
 3. which Fourier frequencies the embedding-layer directions carry.
+
+The main job, ``python -m sklearn_lib``, runs the same comparison and writes
+its table, figures and timings to a folder (:func:`sklearn_lib.demo.run`).
 """
 
 import os

@@ -1,8 +1,14 @@
 """The main job: the local interaction basis of a trained network beside PCA, end to end.
 
-``python -m sklearn_lib`` (or the ``sklearn-lib-demo`` console script) loads the
-modular-addition network the package ships (:mod:`sklearn_lib.datasets`),
-caches its activations and Jacobians on disk
+``python -m sklearn_lib`` (or the ``sklearn-lib-demo`` console script) runs, by
+default (``--network transformer``), the reference work's headline comparison
+on the one-layer modular-addition transformer the package ships
+(:mod:`sklearn_lib._demo_transformer`): LIB and PCA graphs over its residual
+stream, the directions and edges needed to keep accuracy per layer and in
+total, the Fourier frequencies of the embedding-layer directions and timings.
+
+``--network mlp`` loads the modular-addition MLP the package ships
+(:mod:`sklearn_lib.datasets`), caches its activations and Jacobians on disk
 (:class:`~sklearn_lib.cache.ActivationCache`), builds the interaction graph
 from the cache, builds the same graph with PCA bases, and compares the two:
 
@@ -22,7 +28,7 @@ that marker is ever replaced (``--overwrite``), and a second run without
 ``-3``, ...). Arguments are checked before any work.
 
 ``python -m sklearn_lib --model module:factory --layers ... --data inputs.npy`` prints
-the same table for a user's model (:mod:`sklearn_lib._demo_model`).
+the MLP comparison's table for a user's model (:mod:`sklearn_lib._demo_model`).
 """
 
 import argparse
@@ -38,6 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import _demo_transformer
 from ._atomic import check_target, make_temp_dir, replace_dir, tidy
 from .cluster import ModularityClustering
 from .collect import collect
@@ -48,6 +55,10 @@ from .graph import InteractionGraph
 from .metrics import gini
 
 METHODS = ("LIB", "PCA")
+NETWORKS = ("transformer", "mlp")
+# Training pairs fitted by default: all of them for the transformer (its full-size
+# run takes well under a minute), 2000 for the MLP.
+_DEFAULT_N_FIT = {"transformer": 3831, "mlp": 2000}
 
 # Proves that a folder was written by the demo, so that --overwrite may replace it.
 _MARKER = ".sklearn_lib_demo.json"
@@ -57,6 +68,10 @@ _WHAT = "sklearn_lib demo output folder"
 
 def _check_argument(name, value):
     """``value`` if it is valid for the argument ``name`` of :func:`run`, else ValueError."""
+    if name == "network":
+        if value not in NETWORKS:
+            raise ValueError(f"network must be one of {NETWORKS}, got {value!r}.")
+        return value
     if name in ("n_fit", "n_eval"):
         X_train, X_test, _, _ = modular_addition_data()
         available = len(X_train if name == "n_fit" else X_test)
@@ -134,8 +149,8 @@ def _log(verbose, *args):
         print(*args, flush=True)
 
 
-def run(output="sklearn_lib_demo", *, n_fit=2000, n_eval=1000, tolerance=0.001,
-        resolution=1.0, overwrite=False, plots=True, verbose=True):
+def run(output="sklearn_lib_demo", *, network="transformer", n_fit=None, n_eval=1000,
+        tolerance=0.001, resolution=1.0, overwrite=False, plots=True, verbose=True):
     """Run the demo and return the comparison as a dict of rows (one per method).
 
     Parameters
@@ -145,16 +160,21 @@ def run(output="sklearn_lib_demo", *, n_fit=2000, n_eval=1000, tolerance=0.001,
         the output of an earlier run, that is kept and ``<output>-2`` (or the
         next free ``-<k>``) is written instead, unless ``overwrite=True``. A
         folder the demo did not write is never replaced.
-    n_fit : int, default=2000
-        Training pairs whose activations and Jacobians are cached and fitted,
-        from 1 to the 3831 training pairs.
+    network : {"transformer", "mlp"}, default="transformer"
+        The shipped network compared: the one-layer transformer (directions
+        and edges to keep, embedding frequencies, timings) or the MLP
+        (directions and edges to keep, Gini, modularity, degeneracy).
+    n_fit : int, default=None
+        Training pairs whose activations and Jacobians are fitted (and, for
+        the MLP, cached on disk), from 1 to the 3831 training pairs; None:
+        all 3831 for the transformer, 2000 for the MLP.
     n_eval : int, default=1000
         Held-out pairs on which ablations are scored, from 1 to 8938.
     tolerance : float, default=0.001
         Accuracy drop allowed by the ablations (the reference work's 0.1%), in
         [0, 1).
     resolution : float, default=1.0
-        Leiden resolution of the module search, positive.
+        Leiden resolution of the module search (MLP only), positive.
     overwrite : bool, default=False
         Replace ``output`` if an earlier run of the demo wrote it. The new
         folder replaces it only once complete.
@@ -176,6 +196,9 @@ def run(output="sklearn_lib_demo", *, n_fit=2000, n_eval=1000, tolerance=0.001,
         If ``output`` exists and was not written by the demo, or is a symbolic
         link (before any work).
     """
+    network = _check_argument("network", network)
+    if n_fit is None:
+        n_fit = _DEFAULT_N_FIT[network]
     n_fit, n_eval = _check_argument("n_fit", n_fit), _check_argument("n_eval", n_eval)
     tolerance = _check_argument("tolerance", tolerance)
     resolution = _check_argument("resolution", resolution)
@@ -184,7 +207,7 @@ def run(output="sklearn_lib_demo", *, n_fit=2000, n_eval=1000, tolerance=0.001,
     tmp = Path(make_temp_dir(str(target), "sklearn_lib demo"))
     try:
         (tmp / _MARKER).write_text(json.dumps(_MARKER_CONTENT))
-        results = _compare(tmp, n_fit=n_fit, n_eval=n_eval, tolerance=tolerance,
+        results = _compare(tmp, network=network, n_fit=n_fit, n_eval=n_eval, tolerance=tolerance,
                            resolution=resolution, plots=plots, verbose=verbose)
         # Another run may have taken the folder meanwhile.
         check_target(str(target), overwrite, _is_demo_output, _WHAT)
@@ -193,20 +216,31 @@ def run(output="sklearn_lib_demo", *, n_fit=2000, n_eval=1000, tolerance=0.001,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if verbose:
-        print(format_table(results, tolerance))
+        table = _demo_transformer.format_table if network == "transformer" else format_table
+        print(table(results, tolerance))
         print(f"\nwrote {target}{os.sep} in {time.perf_counter() - start:.1f} s")
     return results
 
 
-def _compare(output, *, n_fit, n_eval, tolerance, resolution, plots, verbose):
+def _compare(output, *, network, n_fit, n_eval, tolerance, resolution, plots, verbose):
     """The work of :func:`run`, writing into the folder ``output``."""
-    start = time.perf_counter()
-    model = load_modular_addition_model()
     X_train, X_test, _, y_test = modular_addition_data()
     rng = np.random.default_rng(0)
     X_fit = X_train[rng.permutation(len(X_train))[:n_fit]]
     eval_rows = rng.permutation(len(X_test))[:n_eval]
     X_eval, y_eval = X_test[eval_rows], y_test[eval_rows]
+    if network == "transformer":
+        return _demo_transformer.compare(output, X_fit=X_fit, X_eval=X_eval, y_eval=y_eval,
+                                         tolerance=tolerance, plots=plots, verbose=verbose)
+    return _compare_mlp(output, X_fit=X_fit, X_eval=X_eval, y_eval=y_eval,
+                        tolerance=tolerance, resolution=resolution, plots=plots,
+                        verbose=verbose)
+
+
+def _compare_mlp(output, *, X_fit, X_eval, y_eval, tolerance, resolution, plots, verbose):
+    """The MLP comparison (with its degeneracy table), writing into ``output``."""
+    start = time.perf_counter()
+    model = load_modular_addition_model()
     with torch.no_grad():
         accuracy = float((model(torch.from_numpy(X_eval)).argmax(1).numpy() == y_eval).mean())
     _log(verbose, f"modular addition (p = {model.p}): held-out accuracy {accuracy:.4f}")
@@ -343,19 +377,24 @@ def main(argv=None):
         return main_model(args)
     parser = argparse.ArgumentParser(
         prog="python -m sklearn_lib",
-        description="Local interaction basis vs PCA on the shipped modular-addition network.",
+        description="Local interaction basis vs PCA on the shipped modular-addition "
+                    "transformer (or MLP, --network mlp).",
     )
+    parser.add_argument("--network", choices=NETWORKS, default="transformer",
+                        help="the shipped network: the 1-layer transformer (default) or the "
+                             "MLP (adds Gini, modularity and the degeneracy table)")
     parser.add_argument("--output", default="sklearn_lib_demo",
                         help="output folder; if an earlier run wrote it, <output>-2 (-3, ...) "
                              "is written instead, unless --overwrite")
-    parser.add_argument("--n-fit", type=_parse("n_fit", int), default=2000,
-                        help="training pairs to cache and fit (1 to 3831, default 2000)")
+    parser.add_argument("--n-fit", type=_parse("n_fit", int), default=None,
+                        help="training pairs to fit (1 to 3831; default all 3831 for the "
+                             "transformer, 2000 for the MLP)")
     parser.add_argument("--n-eval", type=_parse("n_eval", int), default=1000,
                         help="held-out pairs to score (1 to 8938, default 1000)")
     parser.add_argument("--tolerance", type=_parse("tolerance", float), default=0.001,
                         help="allowed accuracy drop, in [0, 1) (default 0.001)")
     parser.add_argument("--resolution", type=_parse("resolution", float), default=1.0,
-                        help="Leiden resolution, positive (default 1.0)")
+                        help="Leiden resolution of the MLP's modules, positive (default 1.0)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the output folder of an earlier run (never another folder)")
     parser.add_argument("--no-plots", dest="plots", action="store_false")
@@ -365,6 +404,6 @@ def main(argv=None):
         _output_folder(args.output, args.overwrite)
     except (FileExistsError, NotADirectoryError) as exc:
         parser.error(str(exc))
-    run(args.output, n_fit=args.n_fit, n_eval=args.n_eval, tolerance=args.tolerance,
+    run(args.output, network=args.network, n_fit=args.n_fit, n_eval=args.n_eval, tolerance=args.tolerance,
         resolution=args.resolution, overwrite=args.overwrite, plots=args.plots,
         verbose=args.verbose)

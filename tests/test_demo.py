@@ -6,13 +6,67 @@ import os
 import pytest
 
 from sklearn_lib import demo
+from sklearn_lib._demo_transformer import format_table as format_transformer_table
 from sklearn_lib.demo import format_table, main, run
+
+
+@pytest.fixture(scope="module")
+def transformer_output(tmp_path_factory):
+    output = tmp_path_factory.mktemp("transformer") / "out"
+    main(["--output", str(output), "--n-fit", "150", "--n-eval", "100", "--quiet"])
+    return output
+
+
+def test_default_run_compares_lib_and_pca_on_the_transformer(transformer_output):
+    written = json.loads((transformer_output / "comparison.json").read_text())
+    assert written["layers"] == ["hook_resid_pre", "hook_resid_mid[-1]",
+                                 "hook_resid_post[-1]", "unembed"]
+    assert written["accuracy"] == 1.0
+    results = {m: written[m] for m in ("LIB", "PCA")}
+    for row in results.values():
+        assert len(row["directions"]) == len(row["edges"]) == 3
+        fitted = row["n_directions_fitted"]
+        assert len(fitted) == 4 and fitted[-1] <= 113
+        # A count of directions is one the graph has; a count of edges fits the section.
+        for k, r in zip(row["directions"], fitted):
+            assert k is None or 1 <= k <= r
+        for k, r_in, r_out in zip(row["edges"], fitted[:-1], fitted[1:]):
+            assert 1 <= k <= r_in * r_out
+        assert len(row["frequencies"]) == len(row["frequency_shares"]) == 16
+        assert all(1 <= f <= 56 for f in row["frequencies"])
+        assert row["single_frequency"] == sum(s >= 0.8 for s in row["frequency_shares"])
+        assert set(row["seconds"]) == {"graph", "node ablation", "edge search"}
+    # The embedding layer's LIB directions are Fourier modes of the token (the
+    # reference work's finding): most of its top 16 carry one frequency.
+    assert results["LIB"]["single_frequency"] >= 4
+    table = format_transformer_table(results, 0.001)
+    for label in ("directions to keep resid_pre", "directions to keep, total",
+                  "edges to keep resid_pre->resid_mid", "edges to keep, total",
+                  "LIB embedding frequencies", "PCA time"):
+        assert label in table
+    lines = {line[:36].strip(): line[36:].split() for line in table.splitlines()}
+    lib, pca = (sum(results[m]["edges"]) for m in ("LIB", "PCA"))
+    assert lines["edges to keep, total"] == [str(lib), str(pca), f"{lib / pca - 1:+.0%}"]
+    for name in ("ablation.png", "fourier.png"):
+        assert (transformer_output / name).stat().st_size > 0
+    assert [p.name for p in transformer_output.parent.iterdir()] == ["out"]
+
+
+def test_format_transformer_table_marks_counts_never_within_tolerance():
+    row = {"directions": [3, None, 2], "edges": [4, 5, 6], "frequencies": [1] * 16,
+           "single_frequency": 0, "seconds": {"graph": 1.0}}
+    table = format_transformer_table({"LIB": row, "PCA": dict(row, edges=[2, 5, 6])}, 0.01)
+    lines = {line[:36].strip(): line[36:].split() for line in table.splitlines()}
+    assert lines["directions to keep, total"] == ["-", "-", "-"]
+    assert lines["edges to keep resid_pre->resid_mid"] == ["4", "2", "+100%"]
+    assert lines["edges to keep, total"] == ["15", "13", "+15%"]
 
 
 @pytest.fixture(scope="module")
 def demo_output(tmp_path_factory):
     output = tmp_path_factory.mktemp("demo") / "out"
-    main(["--output", str(output), "--n-fit", "300", "--n-eval", "200", "--quiet"])
+    main(["--output", str(output), "--network", "mlp", "--n-fit", "300", "--n-eval", "200",
+          "--quiet"])
     return output
 
 
@@ -53,6 +107,16 @@ def fake_work(monkeypatch):
 
     monkeypatch.setattr(demo, "_compare", compare)
     return calls
+
+
+@pytest.mark.parametrize("extra, network, n_fit", [
+    ([], "transformer", 3831),
+    (["--network", "mlp"], "mlp", 2000),
+    (["--network", "mlp", "--n-fit", "10"], "mlp", 10),
+])
+def test_transformer_is_the_default_network(tmp_path, fake_work, extra, network, n_fit):
+    main(["--output", str(tmp_path / "out"), "--quiet", *extra])
+    assert [(call["network"], call["n_fit"]) for call in fake_work] == [(network, n_fit)]
 
 
 def run_number(folder):
@@ -125,6 +189,7 @@ def test_failed_run_keeps_the_previous_output(tmp_path, fake_work, monkeypatch):
         (["--tolerance", "1"], "--tolerance: must be an accuracy drop in [0, 1)"),
         (["--resolution", "0"], "--resolution: must be a positive finite number"),
         (["--resolution", "inf"], "--resolution: must be a positive finite number"),
+        (["--network", "cnn"], "--network: invalid choice: 'cnn'"),
     ],
 )
 def test_cli_rejects_bad_arguments_before_any_work(tmp_path, fake_work, capsys, argv, message):
@@ -144,6 +209,7 @@ def test_cli_rejects_bad_arguments_before_any_work(tmp_path, fake_work, capsys, 
         ({"tolerance": float("nan")}, "tolerance must be"),
         ({"tolerance": "0.1"}, "tolerance must be"),
         ({"resolution": -1.0}, "resolution must be"),
+        ({"network": "cnn"}, "network must be one of"),
     ],
 )
 def test_run_rejects_bad_arguments_before_any_work(tmp_path, fake_work, kwargs, match):
