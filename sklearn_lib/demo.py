@@ -334,9 +334,9 @@ def _plot_graph(graph, modules, name, output):
     from .plotting import plot_edges, plot_interaction_graph
 
     fig, ax = plt.subplots(figsize=(7, 5))
-    plot_interaction_graph(graph.edges_, labels=modules.labels_, ax=ax)
+    plot_interaction_graph(graph, labels=modules.labels_, ax=ax, layer_names=LAYERS)
     ax.set_title(f"{name} interaction graph, {modules.n_clusters_} modules")
-    fig.savefig(output / f"graph_{name}.png", dpi=120)
+    fig.savefig(output / f"graph_{name}.png", dpi=120, bbox_inches="tight")  # the legend sits outside
     plt.close(fig)
     fig, axes = plt.subplots(1, len(graph.edges_), figsize=(5 * len(graph.edges_), 4))
     for l, ax in enumerate(np.atleast_1d(axes)):
