@@ -137,6 +137,10 @@ def detect_attention(model, a, b):
     """
     if a.kind != "output" or b.kind != "output" or a.positions is not None:
         return None
+    # A declared view of the axes may reorder what the formula reads as positions
+    # and features.
+    if a.axes is not None or b.axes is not None:
+        return None
     for path, parent in model.named_modules():
         prefix = f"{path}." if path else ""
         for entry in getattr(parent, ATTENTION_ATTRIBUTE, ()):

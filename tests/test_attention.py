@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from sklearn_lib import InteractionGraph, declare_attention
+from sklearn_lib import InteractionGraph, Layer, declare_attention
 from sklearn_lib import _model
 from sklearn_lib._attention import detect_attention
 from sklearn_lib.collect import _section_rows
@@ -141,6 +141,19 @@ def test_declaration_applies_to_its_section_only():
         handle.remove()
     assert InteractionGraph.from_model(net, ["pre", "mid"], X, sequence=True,
                                        fast_path=False).fast_path_ == [False]
+
+
+@pytest.mark.parametrize("feature_axes", [2, 1])
+def test_declared_axes_never_use_the_formula(feature_axes):
+    # Layers read through a declared view of their axes go through the products,
+    # which see the view; the formula would read positions and features as the
+    # module computes them.
+    net, X = _net(), _data()
+    layers = [Layer("pre", feature_axes=feature_axes), Layer("mid", feature_axes=feature_axes)]
+    declared = InteractionGraph.from_model(net, layers, X, sequence=True)
+    assert declared.fast_path_ == [False]
+    undeclared = InteractionGraph.from_model(_net(declare=False), layers, X, sequence=True)
+    _assert_same(declared, undeclared)
 
 
 def test_declaration_is_checked():
