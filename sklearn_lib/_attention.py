@@ -54,7 +54,10 @@ def declare_attention(module, W_Q, W_K, W_V, W_O, *, input, output, n_heads, cau
     formula instead of vector-Jacobian products. The declaration is checked:
     the four maps must be exactly bias-free ``nn.Linear`` of matching widths,
     and the recorded output of the first batch must equal the formula to
-    rounding; otherwise the generic path is used, with a warning.
+    rounding; otherwise the generic path is used, with a warning. A batch
+    with padded positions (a dict batch whose ``attention_mask`` has zeros)
+    takes its products from the model, which leaves padding out of its
+    attention where the formula would not.
 
     Parameters
     ----------

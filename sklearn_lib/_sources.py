@@ -554,7 +554,10 @@ class ModelSource:
     def _products(self, l, m, x, act, V, *, check):
         """``V^T J`` of section l -> m at ``act``, vector-major (P_m k, rows, d_l)."""
         st = self.structure(l, m)
-        if st is not None:
+        # A declared attention formula attends to every (earlier) position; the
+        # model leaves padded positions out of its attention, so the products of
+        # a padded batch come from the model itself.
+        if st is not None and _adapters.padding_mask(x) is None:
             return st.products(act, V)
         return _collect._section_rows(
             self.model, self.specs[l], self.specs[m], x, act, V,
