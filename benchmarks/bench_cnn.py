@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from _memory import peak as peak_rss, reset_peak
+
 N_TRAIN = 1400
 
 
@@ -66,29 +68,19 @@ def layers(method):
     return ["1", "3", "6"]
 
 
-def _status(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def worker(args):
     import warnings
 
     from sklearn_lib import InteractionGraph
 
     net, images, accuracy = trained_net(args.threads)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    base = _status("VmRSS")
+    base = reset_peak()
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         graph = InteractionGraph(verbose=False).fit_model(net, layers(args.worker), images)
     elapsed = time.perf_counter() - start
-    peak = _status("VmHWM")
+    peak = peak_rss()
     kept = [int(r) for r in graph.n_components_]
     share99 = []
     for basis in graph.bases_:

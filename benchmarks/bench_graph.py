@@ -43,6 +43,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from _memory import peak as peak_rss, reset_peak
+
 METHODS = ("naive", "fast", "generic", "cached", "collect")
 ALL_METHODS = (*METHODS, "collect_zarr")
 # An absolute truncation threshold for all three methods. The relative "auto"
@@ -194,14 +196,6 @@ def gemm_flops(method, n, dims, ranks):
 
 
 # --------------------------------------------------------------------------- worker
-def _status(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def _fit_collected(acts, jacs):
     acts = [a[:] for a in acts]
     jacs = [j[:] for j in jacs]
@@ -235,13 +229,11 @@ def worker(args):
         # The other core busy: a process that spins for the whole build.
         busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        base = _status("VmRSS")
+        base = reset_peak()
         start = time.perf_counter()
         result = run()
         elapsed = time.perf_counter() - start
-        peak = _status("VmHWM")
+        peak = peak_rss()
     finally:
         if busy is not None:
             busy.kill()

@@ -21,6 +21,7 @@ import time
 import numpy as np
 import torch
 
+from _memory import peak, reset_peak
 from sklearn_lib import InteractionBasis
 
 
@@ -60,23 +61,12 @@ def throughput(n, d, o, batch_size):
     return fit_flops(n, d, o) / seconds / 1e9, seconds
 
 
-def _status_bytes(field):
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def memory_child(n, d, o, batch_size):
     X, J = make_data(n, d, o)
-    # Reset the high-water mark (Linux >= 4.0) so that data generation's own
-    # temporaries do not hide what the fit allocates.
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")
-    baseline = _status_bytes("VmRSS")
+    # Data generation's own temporaries must not hide what the fit allocates.
+    baseline = reset_peak()
     InteractionBasis(batch_size=batch_size).fit(X, jacobians=J)
-    extra = _status_bytes("VmHWM") - baseline
+    extra = peak() - baseline
     print(json.dumps({"n": n, "input_bytes": X.nbytes + J.nbytes, "extra_bytes": extra}))
 
 

@@ -28,26 +28,15 @@ import sys
 import tempfile
 import time
 
+import cloudpickle
 import numpy as np
 
+import _memory
+from _memory import peak, reset_peak
 
-def _status(key):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(key)
-
-
-def reset_peak():
-    """Reset this process's peak RSS; return its resident size now (bytes)."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return _status("VmRSS")
-
-
-def peak():
-    return _status("VmHWM")
+# The workers measure themselves with these functions; they travel by value, since
+# the workers' path need not hold this folder.
+cloudpickle.register_pickle_by_value(_memory)
 
 
 def write_cache(path, n_rows, width, batch):
