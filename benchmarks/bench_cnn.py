@@ -29,7 +29,6 @@ import time
 
 import numpy as np
 import torch
-from torch import nn
 
 from _memory import peak as peak_rss, reset_peak
 
@@ -38,23 +37,10 @@ N_TRAIN = 1400
 
 def trained_net(threads):
     """The conv net after 400 full-batch AdamW steps, and the train/test images (float32)."""
-    from sklearn.datasets import load_digits
+    from sklearn_lib.datasets import train_digits_conv_net
 
     torch.set_num_threads(threads)
-    digits = load_digits()
-    images = torch.tensor(digits.images / 16.0, dtype=torch.float32)[:, None]
-    labels = torch.tensor(digits.target)
-    torch.manual_seed(0)
-    net = nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(8, 16, 3, padding=1, stride=2), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
-    )
-    optimiser = torch.optim.AdamW(net.parameters(), lr=1e-2, weight_decay=1e-3)
-    for _ in range(400):
-        optimiser.zero_grad()
-        nn.functional.cross_entropy(net(images[:N_TRAIN]), labels[:N_TRAIN]).backward()
-        optimiser.step()
+    net, images, labels = train_digits_conv_net(N_TRAIN)
     with torch.no_grad():
         accuracy = (net(images[N_TRAIN:]).argmax(1) == labels[N_TRAIN:]).float().mean()
     return net, images[:N_TRAIN], float(accuracy)

@@ -20,11 +20,10 @@ import time
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from sklearn.datasets import load_digits
-from torch import nn
 
 from sklearn_lib import InteractionGraph, Layer
 from sklearn_lib.collect import record_activations
+from sklearn_lib.datasets import train_digits_conv_net
 from sklearn_lib.plotting import plot_spectrum
 
 QUICK = os.environ.get("SKLEARN_LIB_QUICK") == "1"
@@ -32,24 +31,11 @@ QUICK = os.environ.get("SKLEARN_LIB_QUICK") == "1"
 # %%
 # Train the net
 # -------------
-digits = load_digits()
-images = torch.tensor(digits.images / 16.0, dtype=torch.float32)[:, None]
-labels = torch.tensor(digits.target)
 n_train = 1400
 n_graph = 150 if QUICK else n_train
-torch.manual_seed(0)
-net = nn.Sequential(
-    nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(),
-    nn.Conv2d(8, 16, 3, padding=1, stride=2), nn.ReLU(),
-    nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
-)
-optimiser = torch.optim.AdamW(net.parameters(), lr=1e-2, weight_decay=1e-3)
-for _ in range(100 if QUICK else 400):
-    optimiser.zero_grad()
-    nn.functional.cross_entropy(net(images[:n_train]), labels[:n_train]).backward()
-    optimiser.step()
+net, images, labels = train_digits_conv_net(n_train, n_steps=100 if QUICK else 400)
 with torch.no_grad():
-    accuracy = (net(images[1400:]).argmax(1) == labels[1400:]).float().mean()
+    accuracy = (net(images[n_train:]).argmax(1) == labels[n_train:]).float().mean()
 print(f"held-out accuracy: {accuracy:.3f}")
 
 # %%

@@ -265,3 +265,19 @@ def test_shipped_embedding_is_fourier_sparse(shipped):
     U, S, _ = np.linalg.svd(E - E.mean(axis=0), full_matrices=False)
     freqs, fractions = dominant_frequency(U[:, :2] * S[:2])
     assert freqs[0] == freqs[1] and (fractions > 0.9).all()
+
+
+def test_digits_conv_net_learns_and_exposes_its_channel_layers():
+    from sklearn_lib.datasets import train_digits_conv_net
+
+    net, images, labels = train_digits_conv_net(n_train=1000, n_steps=60)
+    assert images.shape == (1797, 1, 8, 8) and labels.shape == (1797,)
+    with torch.no_grad():
+        held_out = (net(images[1000:]).argmax(1) == labels[1000:]).float().mean()
+        # The module names the docstring promises: ReLUs of 8 and 16 channels.
+        assert net[:2](images[:3]).shape == (3, 8, 8, 8)
+        assert net[:4](images[:3]).shape == (3, 16, 4, 4)
+    assert held_out > 0.5  # ten classes: chance is 0.1
+    again, _, _ = train_digits_conv_net(n_train=1000, n_steps=60)
+    for p, q in zip(net.parameters(), again.parameters()):
+        torch.testing.assert_close(p, q)  # the seed fixes the run

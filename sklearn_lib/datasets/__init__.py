@@ -21,7 +21,9 @@ provides everything needed to reproduce such a comparison offline:
   :func:`train_modular_addition_transformer` is the run that produced them
   (``examples/train_modular_addition_transformer.py``);
 * :func:`dominant_frequency` - the dominant Fourier frequency of a function of
-  one token, used to label interaction-basis directions with frequencies.
+  one token, used to label interaction-basis directions with frequencies;
+* :func:`train_digits_conv_net` - a small conv net on scikit-learn's 8x8 digits,
+  trained in seconds, whose channels can be read as features.
 
 Layer names
 -----------
@@ -49,9 +51,10 @@ The code lives in private modules by responsibility: ``_data`` (the pairs and
 their split), ``_mlp`` (the MLP and its training), ``_storage`` (the
 ``.npz`` format and the shipped files), ``_transformer`` (the transformer and its
 training), ``_training`` (the full-batch loop both share) and ``_fourier``
-(frequency labels).
+(frequency labels), ``_conv`` (the digits conv net).
 """
 
+from ._conv import train_digits_conv_net
 from ._data import modular_addition_data
 from ._fourier import dominant_frequency
 from ._mlp import LAYERS, ModularAdditionMLP, PairEmbedding, train_modular_addition
@@ -79,6 +82,7 @@ __all__ = [
     "load_modular_addition_transformer",
     "modular_addition_data",
     "save_modular_addition_model",
+    "train_digits_conv_net",
     "train_modular_addition",
     "train_modular_addition_transformer",
 ]
