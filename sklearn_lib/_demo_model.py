@@ -33,11 +33,8 @@ import torch
 from . import _adapters
 from ._atomic import check_target, make_temp_dir, replace_dir
 from ._model import _hooks, _parse_layers, _run_until_stopped, _StopForward
-from .cluster import ModularityClustering
 from .collect import prepare_model, record_activations
-from .evaluation import compare_node_ablation, directions_to_keep, min_edges_to_keep
 from .graph import InteractionGraph
-from .metrics import gini
 
 METHODS = ("LIB", "PCA")
 
@@ -156,26 +153,12 @@ def _compare(model, layers, X_fit, X_eval, y, *, sequence, tolerance, resolution
     n = _n(X_eval)
     rest = [_Downstream(model, s, X_eval) for s in specs]
     section = [_Downstream(model, a, X_eval, stop=b) for a, b in zip(specs[:-1], specs[1:])]
-    results = {}
-    for name, graph in graphs.items():
-        row = {"directions": [], "edges": []}
-        for l in range(len(layers) - 1):
-            X = eval_acts[layers[l]]
-            curve = compare_node_ablation({name: graph.bases_[l]}, X, y, forward=rest[l],
-                                          batch_size=n)
-            row["directions"].append(directions_to_keep(curve, tolerance))
-            kept = min_edges_to_keep(graph.bases_[l], graph.bases_[l + 1], X, y,
-                                     section=section[l], forward=rest[l + 1],
-                                     edges=graph.edges_[l], tolerance=tolerance, batch_size=n)
-            row["edges"].append(kept.n_edges)
-        row["gini"] = gini(np.concatenate([E.ravel() for E in graph.edges_]))
-        modules = ModularityClustering(resolution=resolution, normalization="log",
-                                       random_state=0).fit(graph)
-        row["modularity"] = modules.modularity_
-        row["n_modules"] = modules.n_clusters_
-        row["n_directions_fitted"] = [int(b.n_components_) for b in graph.bases_]
-        results[name] = row
-    return results
+    from .demo import _score_graph
+
+    acts = [eval_acts[layer] for layer in layers]
+    return {name: _score_graph(name, graph, acts, y, section, rest, tolerance=tolerance,
+                               resolution=resolution, batch_size=n)[0]
+            for name, graph in graphs.items()}
 
 
 def _parser():

@@ -261,23 +261,11 @@ def _compare_mlp(output, *, X_fit, X_eval, y_eval, tolerance, resolution, plots,
     section, rest = _sections(model)
     results, curves = {}, {}
     for name, graph in graphs.items():
-        row = {"directions": [], "edges": []}
-        for l in range(len(LAYERS) - 1):
-            curve = compare_node_ablation({name: graph.bases_[l]}, eval_acts[l], y_eval,
-                                          forward=rest[l])
-            curves.setdefault(LAYERS[l], []).append(curve)
-            row["directions"].append(directions_to_keep(curve, tolerance))
-            kept = min_edges_to_keep(graph.bases_[l], graph.bases_[l + 1], eval_acts[l], y_eval,
-                                     section=section[l], forward=rest[l + 1],
-                                     edges=graph.edges_[l], tolerance=tolerance)
-            row["edges"].append(kept.n_edges)
-        row["gini"] = gini(np.concatenate([E.ravel() for E in graph.edges_]))
-        modules = ModularityClustering(resolution=resolution, normalization="log",
-                                       random_state=0).fit(graph)
-        row["modularity"] = modules.modularity_
-        row["n_modules"] = modules.n_clusters_
-        row["n_directions_fitted"] = [b.n_components_ for b in graph.bases_]
-        results[name] = row
+        results[name], graph_curves, modules = _score_graph(
+            name, graph, eval_acts, y_eval, section, rest, tolerance=tolerance,
+            resolution=resolution)
+        for layer, curve in zip(LAYERS, graph_curves):
+            curves.setdefault(layer, []).append(curve)
         if plots:
             _plot_graph(graph, modules, name, output)
 
@@ -285,6 +273,35 @@ def _compare_mlp(output, *, X_fit, X_eval, y_eval, tolerance, resolution, plots,
         _plot_curves(curves, graphs, output)
     (output / "comparison.json").write_text(json.dumps(results, indent=2))
     return results
+
+
+def _score_graph(name, graph, acts, y, section, rest, *, tolerance, resolution,
+                 batch_size=None):
+    """One column of the table: what ``graph`` needs to stay within ``tolerance``.
+
+    ``acts[l]`` are layer l's evaluation activations, ``section[l]`` maps layer l
+    to l + 1 and ``rest[l]`` layer l to the output. Returns the row (directions
+    and edges to keep per layer, Gini, modularity and modules, directions
+    fitted), the node-ablation curve of every layer but the last, and the modules.
+    """
+    row, curves = {"directions": [], "edges": []}, []
+    for l in range(len(graph.bases_) - 1):
+        curve = compare_node_ablation({name: graph.bases_[l]}, acts[l], y, forward=rest[l],
+                                      batch_size=batch_size)
+        curves.append(curve)
+        row["directions"].append(directions_to_keep(curve, tolerance))
+        kept = min_edges_to_keep(graph.bases_[l], graph.bases_[l + 1], acts[l], y,
+                                 section=section[l], forward=rest[l + 1],
+                                 edges=graph.edges_[l], tolerance=tolerance,
+                                 batch_size=batch_size)
+        row["edges"].append(kept.n_edges)
+    row["gini"] = gini(np.concatenate([E.ravel() for E in graph.edges_]))
+    modules = ModularityClustering(resolution=resolution, normalization="log",
+                                   random_state=0).fit(graph)
+    row["modularity"] = modules.modularity_
+    row["n_modules"] = modules.n_clusters_
+    row["n_directions_fitted"] = [int(b.n_components_) for b in graph.bases_]
+    return row, curves, modules
 
 
 def _degeneracy(graph, model, X_fit, output, verbose):
