@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 from sklearn_lib import InteractionGraph, declare_attention, declare_residual_mlp
-from sklearn_lib._sources import ModelSource
+from sklearn_lib._model_source import ModelSource
 from sklearn_lib.datasets import load_modular_addition_transformer, modular_addition_data
 
 NAMES = ["resid_pre", "resid_mid", "resid_post", "logits"]

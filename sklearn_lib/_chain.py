@@ -3,8 +3,8 @@
 :func:`build` fits layer ``L``'s basis, then every earlier layer's from the
 Jacobians of the next layer's basis coordinates (or the final layer's), and
 finally the edges of every section, asking a *source* of
-:mod:`sklearn_lib._sources` (cached arrays or a live model) for statistics and
-edges. The functions take the :class:`~sklearn_lib.InteractionGraph` whose
+:mod:`sklearn_lib._sources` or :mod:`sklearn_lib._model_source` (cached arrays or a
+live model) for statistics and edges. The functions take the :class:`~sklearn_lib.InteractionGraph` whose
 parameters they follow; the estimator itself only validates, picks the source
 and stores the result.
 """

@@ -9,8 +9,8 @@ activations with the Jacobians of the next layer's basis coordinates
 
 Where the Jacobians come from - a cache, or a live model through vector-Jacobian
 products or the closed form of :mod:`sklearn_lib._fastpath` - is the job of the
-*sources* of :mod:`sklearn_lib._sources`, so the backward chaining of
-:func:`sklearn_lib._chain.build` is written once.
+*sources* of :mod:`sklearn_lib._sources` and :mod:`sklearn_lib._model_source`, so the
+backward chaining of :func:`sklearn_lib._chain.build` is written once.
 """
 
 from numbers import Integral
@@ -27,7 +27,8 @@ from ._dask import is_dask_array
 from ._distributed import DistributedSource, collective, resolve_group
 from ._edges import path_quadrature
 from ._graph_io import load_graph, save_graph
-from ._sources import CachedSource, ModelSource
+from ._model_source import ModelSource
+from ._sources import CachedSource
 from .basis import InteractionBasis
 
 __all__ = ["InteractionGraph"]

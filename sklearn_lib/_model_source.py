@@ -1,0 +1,470 @@
+"""Statistics and edges from a live torch model (:class:`ModelSource`).
+
+The source runs the model once per pass over the data and computes
+``C_{l+1}^T J_l`` with vectorised vector-Jacobian products, never forming full
+Jacobians, or in closed form for the sections :mod:`sklearn_lib._fastpath` and
+:mod:`sklearn_lib._attention` recognise. It exposes the operations of
+:class:`~sklearn_lib._sources.CachedSource`, so the backward chaining of
+:class:`~sklearn_lib.InteractionGraph` is written once.
+"""
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import _adapters, _model
+from . import collect as _collect
+from ._attention import check_attention, detect_attention
+from ._backend import eval_mode, model_device, resolve_dtype
+from ._edges import Workspace, accumulate_edges, path_points
+from ._fastpath import check_declared, detect_section, fits_rows, section_leaves
+from ._sources import _shape
+from .basis import _AUTO_CHUNK_NUMBERS
+
+#: Samples of the first batch a declared closed form is checked on (batch_size=None).
+_VERIFY_SAMPLES = 256
+
+
+def _keep(rows, keep):
+    """The rows marked real by ``keep`` (all rows when it is None)."""
+    return rows if keep is None else rows[keep]
+
+
+def _zero_padded(rows, keep):
+    """``rows`` with the rows not marked real by ``keep`` set to 0 (in place)."""
+    return rows if keep is None else rows.mul_(keep[:, None].to(rows.dtype))
+
+
+def _describe(data):
+    """``data`` in a few words for error messages: its type, and its shape if it has one."""
+    shape = getattr(data, "shape", None)
+    return type(data).__name__ + ("" if shape is None else f" of shape {_shape(data)}")
+
+
+class _Fingerprint:
+    """The sample count and order-free sums of the inputs seen by one pass over the data.
+
+    The sums (of the inputs, of their projections on a fixed direction ``w``
+    with ``|w_i| <= 1``, of the squares of both, and of the magnitudes) are
+    accumulated in float64 on the device, with no host sync per batch. They do
+    not depend on the order of samples or batches beyond rounding, so a
+    shuffling DataLoader passes, and two passes over other samples differ.
+    """
+
+    _NAMES = ("inputs", "projected inputs", "squared inputs", "squared projections",
+              "input magnitudes")
+
+    def __init__(self):
+        self.n_samples, self.n_numbers, self.sums, self.width = 0, 0, None, 0
+
+    def add(self, x):
+        v = _adapters.flat_numbers(x)
+        w = torch.cos(torch.arange(v.shape[1], device=v.device, dtype=v.dtype))
+        p = v @ w
+        sums = torch.stack([v.sum(), p.sum(), v.square().sum(), p.square().sum(), v.abs().sum()])
+        self.sums = sums if self.sums is None else self.sums.add_(sums)
+        self.n_samples += int(v.shape[0])
+        self.n_numbers += v.numel()
+        # Batches of sequences of different lengths have different widths.
+        self.width = max(self.width, int(v.shape[1]))
+
+    def difference(self, other, first, this):
+        """How pass ``this`` (``other``) differs from pass ``first`` (self); None if not at all.
+
+        Sums of the same numbers in another order differ by rounding only:
+        at most ``n_numbers * eps`` times the sum of the magnitudes of the
+        terms (the bound of any summation order), for each of the two passes.
+        """
+        if other.n_samples != self.n_samples:
+            return f"{this} saw {other.n_samples} samples, but {first} saw {self.n_samples}"
+        a, b = self.sums.tolist(), other.sums.tolist()
+        s1, s2 = max(a[4], b[4]), max(a[2], b[2])
+        # |p| <= ||v||_1 and p^2 <= d ||v||^2 bound the projected terms.
+        scales = (s1, s1, s2, self.width * s2, s1)
+        bound = 2 * max(self.n_numbers, other.n_numbers) * np.finfo(np.float64).eps
+        for name, x, y, scale in zip(self._NAMES, a, b, scales):
+            if not abs(x - y) <= bound * scale:
+                return (
+                    f"{this} saw as many samples as {first} ({self.n_samples}) but other "
+                    f"values: the sum of the {name} is {y:.17g}, not {x:.17g}"
+                )
+        return None
+
+class ModelSource:
+    """Activations from a live model; ``V^T J`` by vector-Jacobian products or closed forms."""
+
+    def __init__(self, model, layers, data, *, sequence, batch_size, device, dtype,
+                 fast_path, verbose):
+        if isinstance(layers, str) or not hasattr(layers, "__len__") or len(layers) < 2:
+            raise ValueError(
+                f"layers must be a list of at least 2 layer names in forward order, got "
+                f"{layers!r}."
+            )
+        if iter(data) is data:
+            raise ValueError(
+                "data must be re-iterable (a tensor, an array or a DataLoader): the graph "
+                "iterates it twice per layer; got a one-shot iterator "
+                f"({type(data).__name__})."
+            )
+        self.model = _collect.prepare_model(model, device=device, dtype=dtype)
+        self.device = model_device(self.model)
+        self.dtype = resolve_dtype(dtype)
+        self.specs = _model._parse_layers(self.model, list(layers), "output")
+        self.data, self.sequence, self.verbose = data, sequence, verbose
+        self.batch_size = batch_size
+        # What every pass over the data must see again (set by the first pass).
+        self.n_samples, self._first_pass, self._n_passes = None, None, 0
+
+        # A probe on two samples gives every layer's shape (and fails early).
+        first = next(iter(self._batches(self.batch_size or _model._PROBE_SAMPLES)), None)
+        self._probe_samples = 0 if first is None else _adapters.n_samples(first)
+        if self._probe_samples == 0:
+            raise ValueError(f"fit_model needs at least 2 samples, got 0 ({_describe(data)}).")
+        with eval_mode(self.model), torch.no_grad():
+            _model._check_forward(self.model, first)
+            probe = _model._record_batch(
+                self.model, self.specs, _adapters.take(first, slice(0, _model._PROBE_SAMPLES))
+            )
+        shapes = [tuple(probe[s.spec].shape[1:]) for s in self.specs]
+        pw = [_model._positions(sh, sequence, s) for sh, s in zip(shapes, self.specs)]
+        self.positions = [p for p, _ in pw]
+        self.widths = [d for _, d in pw]
+        self._shapes = shapes
+        self._structures, self._leaves = {}, {}
+        self.fast_path = fast_path
+        # Numbers per sample of the recorded layers up to each layer (see _footprint).
+        self._forward = np.cumsum([p * d for p, d in zip(self.positions, self.widths)]).tolist()
+
+    @property
+    def n_layers(self):
+        return len(self.specs)
+
+    def _batches(self, batch_size):
+        batches, _ = _model._iter_batches(self.data, batch_size)
+        for batch in batches:
+            yield _model._input_tensor(batch, self.device, self.dtype)
+
+    def _footprint(self, m, work):
+        """Numbers per sample a pass holds: the forward pass up to layer m plus ``work``.
+
+        The forward pass holds at least every recorded layer up to m, and
+        between two recorded layers usually one more tensor as wide (a
+        Linear's output before its activation): twice their sum. ``work``
+        counts the pass's own tensors (copies of the activation, derivatives,
+        products, cotangents, scatter inputs).
+        """
+        return 2 * self._forward[m] + work
+
+    def _pass(self, desc, per_sample):
+        """Iterate over the data once; ``per_sample`` numbers of memory per sample.
+
+        With ``batch_size=None``, array data are cut into batches that hold
+        about 2**23 numbers in all (``per_sample`` comes from
+        :meth:`_footprint`), so that memory stays flat in the number of
+        samples on every pass. A DataLoader keeps its own batches.
+        """
+        size = self.batch_size or max(1, _AUTO_CHUNK_NUMBERS // max(1, per_sample))
+        batches, total = _model._iter_batches(self.data, size)
+        bar = tqdm(total=total, desc=desc, disable=not self.verbose, leave=False, unit="sample")
+        fingerprint = _Fingerprint()
+        with bar:
+            for batch in batches:
+                x = _model._input_tensor(batch, self.device, self.dtype)
+                yield x
+                fingerprint.add(x)
+                bar.update(_adapters.n_samples(x))
+        self._check_pass(desc, fingerprint)
+
+    def _check_pass(self, desc, fingerprint):
+        """Refuse a pass that did not see the samples of the first pass.
+
+        Every layer's statistics and edges come from a separate pass over the
+        data, so a pass over other samples would mix sample sets silently.
+        """
+        self._n_passes += 1
+        this = f"pass {self._n_passes} over the data ({desc})"
+        if self._first_pass is None:
+            n = fingerprint.n_samples
+            if n == 0 and self._probe_samples:
+                raise ValueError(
+                    f"{this} yielded no samples, although the data yielded "
+                    f"{self._probe_samples} when first probed: data must yield the same "
+                    f"samples every time it is iterated ({_describe(self.data)} returns an "
+                    "exhausted iterator). Pass a tensor, an array or a DataLoader."
+                )
+            if n < 2:
+                raise ValueError(
+                    f"fit_model needs at least 2 samples, got {n} ({_describe(self.data)})."
+                )
+            self.n_samples, self._first_pass = n, (desc, fingerprint)
+            return
+        first_desc, first = self._first_pass
+        changed = first.difference(fingerprint, f"pass 1 ({first_desc})", this)
+        if changed is None:
+            return
+        if fingerprint.n_samples == 0:
+            changed += (" (an iterable whose __iter__ returns the same iterator every time "
+                        "can be iterated only once)")
+        raise ValueError(
+            f"the data changed between passes: {changed}. fit_model iterates the data twice "
+            "per layer and needs the same samples every time (their order may change); "
+            "random augmentation, sampling, or drop_last with shuffling give other samples "
+            "on every pass. Pass a tensor, an array or a deterministic DataLoader."
+        )
+
+    def _activation(self, x, l):
+        """Layer l's activation for inputs ``x``; the forward pass stops right there."""
+        spec, captured = self.specs[l], []
+
+        def grab(value):
+            # A copy: a following in-place op must not change the recorded value.
+            captured.append(value.detach().clone())
+            raise _model._StopForward
+
+        with torch.no_grad(), _model._hooks([(spec, grab)]):
+            _model._run_until_stopped(self.model, x)
+        if not captured:
+            raise ValueError(f"layer {spec.spec!r} was not called in the forward pass.")
+        act = _model._cast(captured[0], self.dtype)
+        # Checked here, where the layer and the inputs are known (the statistics
+        # would only say "X"); one reduction per batch, as the statistics do.
+        if act.is_floating_point() and not bool(torch.isfinite(act).all()):
+            if not bool(torch.isfinite(_adapters.flat_numbers(x)).all()):
+                raise ValueError(
+                    f"the data contain NaN or infinity (in {_adapters.describe(x)})."
+                )
+            raise ValueError(
+                f"layer {spec.spec!r} is NaN or infinite for finite inputs (in "
+                f"{_adapters.describe(x)}): the model overflows or divides by zero there."
+            )
+        return act
+
+    def _real_rows(self, x, l, shape):
+        """Rows of layer l (activation ``shape``) that are real positions (bool), or None.
+
+        Positions where a dict batch's ``attention_mask`` is 0 are padding: they
+        enter neither the statistics nor the edges.
+        """
+        return _model._row_mask(self.specs[l], _adapters.padding_mask(x), shape, self.sequence)
+
+    def _output_shape(self, l, n, n_positions):
+        """Layer l's activation shape for ``n`` samples of ``n_positions`` positions."""
+        shape = self._shapes[l]
+        return (n, n_positions, *shape[1:]) if len(shape) >= 2 else (n, *shape)
+
+    def _rows(self, act, l):
+        return _model._as_rows(act, self.sequence, self.specs[l])
+
+    def structure(self, l, m):
+        """The closed form of section l -> m, or None (generic products)."""
+        if self.fast_path is False:
+            return None
+        if (l, m) not in self._structures:
+            found = self._attention(l, m)
+            if found is None:
+                found = detect_section(self.model, self.specs[l], self.specs[m])
+                if found is not None and not self._fits(found, l, m):
+                    found = None
+                if found is not None and hasattr(found, "verify") and not self._verified(
+                    found, l, m
+                ):
+                    found = None
+            self._structures[(l, m)] = found
+        return self._structures[(l, m)]
+
+    def _attention(self, l, m):
+        """A declared attention section l -> m checked on the first batch, or None.
+
+        It gives products (``products``) instead of a row-wise closed form.
+        """
+        a, b = self.specs[l], self.specs[m]
+        found = detect_attention(self.model, a, b) if self.sequence else None
+        if found is None or not found.fits(self._shapes[l], self._shapes[m]):
+            return None
+        x = next(iter(self._batches(self.batch_size or _VERIFY_SAMPLES)))
+        with eval_mode(self.model), torch.no_grad():
+            rec = _model._record_batch(self.model, [a, b], x)
+        X, Y = (_model._cast(rec[spec.spec], self.dtype) for spec in (a, b))
+        return found if check_attention(found, X, Y, a.spec, b.spec) else None
+
+    def _products(self, l, m, x, act, V, *, check):
+        """``V^T J`` of section l -> m at ``act``, vector-major (P_m k, rows, d_l)."""
+        st = self.structure(l, m)
+        # A declared attention formula attends to every (earlier) position; the
+        # model leaves padded positions out of its attention, so the products of
+        # a padded batch come from the model itself.
+        if st is not None and _adapters.padding_mask(x) is None:
+            return st.products(act, V)
+        return _collect._section_rows(
+            self.model, self.specs[l], self.specs[m], x, act, V,
+            sequence=self.sequence, max_vectors=None, check=check,
+            leaves=self.leaves(l, m), vector_major=True,
+        )
+
+    def leaves(self, l, m):
+        """The modules of section l -> m to run from the recorded activation, or None.
+
+        Without them, every product reruns the model from its inputs.
+        """
+        if (l, m) not in self._leaves:
+            self._leaves[(l, m)] = section_leaves(self.model, self.specs[l], self.specs[m])
+        return self._leaves[(l, m)]
+
+    def _verified(self, st, l, m):
+        """Whether a declared closed form computes layer m from layer l on the first batch."""
+        x = next(iter(self._batches(self.batch_size or _VERIFY_SAMPLES)))
+        with eval_mode(self.model), torch.no_grad():
+            rec = _model._record_batch(self.model, [self.specs[l], self.specs[m]], x)
+        X, Y = (self._rows(_model._cast(rec[self.specs[i].spec], self.dtype), i) for i in (l, m))
+        return check_declared(st, X, Y, self.specs[l].spec, self.specs[m].spec)
+
+    def _fits(self, st, l, m):
+        """The closed form acts on rows: widths and positions must match the recording."""
+        return fits_rows(st, self.specs[l], self.specs[m], self._shapes[l], self._shapes[m],
+                         self.sequence)
+
+    def activation_stats(self, l, new_stats):
+        stats = new_stats(l, None)
+        # The activation, its recorded copy, and the scaled and centred copies
+        # the statistics make.
+        work = 4 * self.positions[l] * self.widths[l]
+        for x in self._pass(f"layer {l}", self._footprint(l, work)):
+            act = self._activation(x, l)
+            stats.update(_keep(self._rows(act, l), self._real_rows(x, l, act.shape)))
+        return stats
+
+    def jacobian_stats(self, l, V, new_stats, target=None):
+        """Statistics of layer l with ``V^T J`` of section l -> target (default l + 1).
+
+        The Jacobian scatter is accumulated here (in closed form or from the
+        products) and added to Jacobian-free statistics at the end.
+        """
+        m = l + 1 if target is None else target
+        stats = new_stats(l, None)
+        st = self.structure(l, m)
+        a, b = self.specs[l], self.specs[m]
+        k = V.shape[1]
+        if st is not None and not hasattr(st, "products"):
+            SS, s_sum, n_rows = None, None, 0
+            # The activation's copies and the derivative with its autograd temporaries.
+            work = 8 * self.positions[l] * max(self.widths[l], self.widths[m])
+            for x in self._pass(f"layer {l}", self._footprint(l, work)):
+                act = self._activation(x, l)
+                # The closed form acts row by row: padded rows are simply left out.
+                X = _keep(self._rows(act, l), self._real_rows(x, l, act.shape))
+                s = st.derivative(X)
+                stats.update(X)
+                SS = s.T @ s if SS is None else SS.addmm_(s.T, s)
+                s_sum = s.sum(0) if s_sum is None else s_sum.add_(s.sum(0))
+                n_rows += s.shape[0]
+            n_out = self.positions[m] * V.shape[1]
+            scatter = st.jacobian_scatter(SS, V, s_sum=s_sum, n=n_rows)
+            return stats.add_jacobian_scatter_(scatter, n_outputs=n_out)
+        # Products, cotangents and the backward's intermediates, each as large.
+        width = max(self.widths[l], self.widths[m])
+        work = 3 * self.positions[l] * self.positions[m] * k * width
+        scatter = None
+        for i, x in enumerate(self._pass(f"layer {l}", self._footprint(m, work))):
+            act = self._activation(x, l)
+            products = self._products(l, m, x, act, V, check=i == 0)
+            keep_in, _ = self._mask_products(products, x, l, m, act, k)
+            stats.update(_keep(self._rows(act, l), keep_in))
+            # One GEMM over all (row, output) pairs, accumulated in place; the
+            # finished scatter is checked for NaN/inf once instead of every batch.
+            P = products.reshape(-1, self.widths[l])
+            scatter = P.T @ P if scatter is None else scatter.addmm_(P.T, P)
+        if not bool(torch.isfinite(scatter).all()):
+            raise ValueError(
+                f"the Jacobian products of section {a.spec!r} -> {b.spec!r} contain NaN or "
+                "infinity."
+            )
+        return stats.add_jacobian_scatter_(scatter, n_outputs=self.positions[m] * k)
+
+    def _mask_products(self, products, x, l, m, act, k):
+        """Zero the products of padded input rows and padded output positions, in place.
+
+        Returns the real rows of layers l and m (None where nothing is padded).
+        Products are vector-major, ``(P_m * k, B * P_l, d_l)`` with output
+        position ``t`` major in the first axis.
+        """
+        n = _adapters.n_samples(x)
+        keep_in = self._real_rows(x, l, act.shape)
+        p_out = products.shape[0] // k
+        keep_out = self._real_rows(x, m, self._output_shape(m, n, p_out))
+        view = products.view(p_out, k, n, -1, products.shape[-1])
+        if keep_out is not None:
+            view.mul_(keep_out.view(n, p_out).T.to(products.dtype)[:, None, :, None, None])
+        if keep_in is not None:
+            view.mul_(keep_in.view(n, -1).to(products.dtype)[None, None, :, :, None])
+        return keep_in, keep_out
+
+    def global_stats(self, V, new_stats):
+        L = self.n_layers - 1
+        return [self.jacobian_stats(l, V, new_stats, target=L) for l in range(L)]
+
+    def _output_at(self, x, l, point, shape):
+        """Layer l+1's activation (rows) with layer l's replaced by ``point`` (rows)."""
+        with torch.no_grad():
+            out = _collect._run_section(self.model, self.specs[l], self.specs[l + 1], x,
+                                        point.reshape(shape))
+        return self._rows(_model._cast(out, self.dtype), l + 1)
+
+    def edges(self, l, V, mean, C, C_pinv, *, edge_point, alphas, weights, out_mean=None):
+        """Edges (r_out, r_in); with ``out_mean``, the constant node's column appended."""
+        st = self.structure(l, l + 1)
+        E_all = torch.zeros(V.shape[1], C.shape[1] + (out_mean is not None), device=self.device,
+                            dtype=self.dtype)
+        E, constant = E_all[:, :C.shape[1]], (None if out_mean is None else E_all[:, -1])
+        count, workspace = 0, Workspace()
+        k, r = V.shape[1], C.shape[1]
+        if st is not None and hasattr(st, "products"):
+            st = None  # products in closed form, used like the generic ones below
+        if st is not None:
+            factors = st.edge_factors(V, C_pinv.T)
+            # The two edge-GEMM buffers, plus the activation's copies and derivatives.
+            work = self.positions[l] * (k * (factors[0].shape[1] + r) + 8 * self.widths[l])
+            per_sample = self._footprint(l, work)
+        else:
+            P = self.positions[l] * self.positions[l + 1]
+            # Products, cotangents, the backward's intermediates and J_tilde.
+            work = P * k * (3 * max(self.widths[l], self.widths[l + 1]) + r)
+            per_sample = self._footprint(l + 1, work)
+        for i, x in enumerate(self._pass(f"edges {l}", per_sample)):
+            act = self._activation(x, l)
+            X = self._rows(act, l)
+            n_x = _adapters.n_samples(x)
+            # Padded rows are attributed nothing: their coordinates count as 0.
+            keep_in = self._real_rows(x, l, act.shape)
+            Z = _zero_padded((X - mean) @ C, keep_in)
+            points = path_points(X, mean, C, C_pinv, edge_point, alphas)
+            Z_out = None
+            if constant is not None:
+                end = next(path_points(X, mean, C, C_pinv, edge_point, [1.0]))
+                out = self._output_at(x, l, end, act.shape)
+                out_shape = self._output_shape(l + 1, n_x, out.shape[0] // n_x)
+                Z_out = _zero_padded((out - out_mean) @ V, self._real_rows(x, l + 1, out_shape))
+            if st is not None:
+                s_bar = None
+                for w, p in zip(weights, points):
+                    s = st.derivative(p)
+                    s_bar = s.mul_(w) if s_bar is None else s_bar.add_(s, alpha=w)
+                accumulate_edges(E, st.edge_jacobians(s_bar, factors, workspace), Z,
+                                 constant=constant, Z_out=Z_out)
+            else:
+                P_bar = None
+                for w, p in zip(weights, points):
+                    products = self._products(l, l + 1, x, p.reshape(act.shape), V,
+                                              check=i == 0)
+                    self._mask_products(products, x, l, l + 1, act, k)
+                    P_bar = (products.mul_(w) if P_bar is None
+                             else P_bar.add_(products, alpha=w))
+                # Products come vector-major (outputs, rows, d); the edges see them
+                # through a transposed view, without a copy.
+                rows, n, d = P_bar.shape
+                J_tilde = workspace.get("J_tilde", (rows, n, C.shape[1]), P_bar)
+                torch.matmul(P_bar.view(rows * n, d), C_pinv.T, out=J_tilde.view(rows * n, -1))
+                # Positions of this batch: sequences may differ in length between batches.
+                accumulate_edges(E, J_tilde.transpose(0, 1), Z, rows // k, X.shape[0] // n_x,
+                                 constant=constant, Z_out=Z_out)
+            count += X.shape[0] if keep_in is None else int(keep_in.sum())
+        return E_all / count
