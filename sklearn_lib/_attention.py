@@ -1,4 +1,4 @@
-"""Attention sections in closed form: products ``V^T J`` of a declared residual attention.
+"""Attention sections in closed form: statistics and edges of a declared residual attention.
 
 A section ``y = x + attn(x)[selected positions]`` whose ``attn`` is multi-head
 softmax attention without biases (``q = x W_Q``, ``k = x W_K``, ``v = x W_V``
@@ -14,10 +14,13 @@ product of output position ``t`` with source position ``s`` is
 
 with ``K_t = scale sum_u a_tu k_u^T (v_u - z_t)`` (``d_head x d_head``): the
 value path, the query path (only at ``s = t``) and the key path (rank one per
-head). It costs a few GEMMs of ``d x d_head x k`` per sample and output
-position, where vector-Jacobian products run the whole model backwards ``k``
-times over every position. Products come in the layout of the generic path,
-so statistics and edges (including sums over source positions) are shared.
+head). Vector-Jacobian products run the whole model backwards ``k`` times over
+every position; the formula needs a few GEMMs of ``d x d_head x k`` per sample
+and output position, and the statistics and edges need less than the products
+themselves: :meth:`CausalAttention.jacobian_scatter` forms the
+product only at ``s = t`` and gets the other source positions from per-head
+Grams, and :meth:`CausalAttention.attributions` sums the edges' attributions
+over source positions before projecting.
 
 Like residual MLP blocks, the section is declared, never inferred from code
 (:func:`declare_attention`), and checked against the recorded output of the
@@ -235,42 +238,91 @@ class CausalAttention:
             1e3 * eps * scale
         )
 
-    def products(self, X, V):
-        """``V^T J`` for inputs ``X`` (B, T, d): (P k, B T, d), vector-major like the VJPs.
+    def jacobian_scatter(self, X, V):
+        """``sum (V^T J_ts)^T (V^T J_ts)`` over samples, selected ``t`` and all ``s``: (d, d).
 
-        Vector ``p k + c`` is column c of ``V`` at the p-th selected output
-        position; rows are (sample, source position) pairs.
+        Written ``V^T J_ts = delta_ts A_t + sum_h a_ts F^h + sum_h rho^h_s beta^T``
+        with ``A_t = V^T + sum_h U^h K_t W_Q^h``, the constant ``F^h = U^h W_V^h``
+        and ``rho^h_s = U^h alpha_s`` (``U^h = V^T W_O^h``, the rest as in
+        :meth:`attributions`), the product at ``s = t`` is formed (one per
+        sample and output position) and the others never are: their scatter is
+        ``sum_{h,g} [N_hg F^h^T F^g + (F^h^T U^g Xi^hg + (.)^T)] + sum B^T C B``
+        with the ``H x H`` Gram ``N`` of the attention weights, ``Xi^hg = sum
+        (sum_s a^h_s alpha^g_s) beta^g^T`` and ``C_hg = sum_s rho^h_s . rho^g_s``
+        (sums over ``s != t``), which cost ``O(H^2 d_head d)`` per sample instead
+        of the ``T k d^2`` of a scatter of every product.
         """
         B, T, d = X.shape
         H, e = self.n_heads, self.d_head
-        scale = 1 / math.sqrt(e)
         index = _position_index(self.positions, T, X.device)
         P, k = len(index), V.shape[1]
         q, keys, v, a, z = self._attend(X)
-        a, q, z = (t.index_select(2, index) for t in (a, q, z))  # rows: selected t
-        OV = torch.einsum("dhe,dk->hek", self.w_o.reshape(d, H, e), V)  # W_O^h V
-        VOV = torch.einsum("hed,hek->hkd", self._heads(self.w_v), OV)  # (W_V^h W_O^h V)^T
-        # Built row-major, (sample, source s, output p, column c, feature), where every
-        # term is one GEMM or batched GEMM; one copy turns it vector-major at the end.
-        # Value path: a_ts W_V^h W_O^h V for every (t, s), a GEMM over the heads.
-        R = (a.permute(0, 3, 2, 1).reshape(B * T * P, H) @ VOV.reshape(H, k * d)).view(
-            B, T, P, k, d)
-        # Key path: (W_K^h q_t) outer (a_ts (v_s - z_t) W_O^h V) * scale, summed over h.
-        dv = v[:, :, None] - z[:, :, :, None]  # (B, H, P, T, e)
-        r = torch.einsum("bhpse,hek->bpskh", a[..., None] * dv, OV) * scale
-        wkq = torch.einsum("hed,bhpe->bphd", self._heads(self.w_k), q)
-        key = torch.bmm(r.reshape(B * P, T * k, H), wkq.reshape(B * P, H, d))
-        R += key.view(B, P, T, k, d).transpose(1, 2)
-        # Query path at s = t: W_Q^h K_t W_O^h V, K_t = scale sum_u a_tu k_u^T (v_u - z_t),
-        # and the residual delta_ts V.
-        K_t = torch.einsum("bhpu,bhue,bhpuf->bhpef", a, keys, dv) * scale
-        KOV = torch.einsum("bhpef,hfk->bpkhe", K_t, OV).reshape(B * P * k, H * e)
-        query = (KOV @ self._heads(self.w_q).reshape(H * e, d)).view(B, P, k, d)
-        query += V.T
-        for p, t in enumerate(index.tolist()):  # a few positions: views, no gather
-            R[:, t, p] += query[:, p]
-        # Contiguous: the callers view the products as (vectors * rows, d).
-        return R.permute(2, 3, 0, 1, 4).contiguous().view(P * k, B * T, d)
+        a, q, z = (t.index_select(2, index) for t in (a, q, z))  # (B, H, P, ...)
+        U = torch.einsum("dhe,dk->hke", self.w_o.reshape(d, H, e), V)  # (H, k, e)
+        F = U @ self._heads(self.w_v)  # (H, k, d)
+        dv = v[:, :, None] - z[:, :, :, None]  # v_s - z_t: (B, H, P, T, e)
+        alpha = a[..., None] * dv / math.sqrt(e)
+        beta = torch.einsum("hed,bhpe->bhpd", self._heads(self.w_k), q)
+        K_t = torch.einsum("bhpu,bhpuf,bhue->bhpfe", a, dv, keys) / math.sqrt(e)
+        # s = t: the whole product (B, P, k, d), and its scatter as one GEMM.
+        at_t = torch.arange(P, device=X.device), index
+        UK = torch.einsum("hke,bhpef->bpkhf", U, K_t).reshape(B * P, k, H * e)
+        product = (UK @ self.w_q).view(B, P, k, d).add_(V.T)
+        product += torch.einsum("bhp,hkd->bpkd", a[:, :, at_t[0], at_t[1]], F)
+        rho_t = torch.einsum("hke,bhpe->bphk", U, alpha[:, :, at_t[0], at_t[1]])
+        product += torch.einsum("bphk,bhpd->bpkd", rho_t, beta)
+        product = product.view(-1, d)
+        S = product.T @ product
+        # s != t: the three structured terms, from weights with the s = t entries zeroed.
+        a_o = a.clone()
+        a_o[:, :, at_t[0], at_t[1]] = 0
+        alpha_o = a_o[..., None] * dv / math.sqrt(e)
+        N = torch.einsum("bhps,bgps->hg", a_o, a_o)
+        S += torch.einsum("hg,hkd,gkf->df", N, F, F)
+        Xi = torch.einsum("bhps,bgpse,bgpd->hged", a_o, alpha_o, beta)
+        cross = torch.einsum("hkd,gke,hgef->df", F, U, Xi)
+        S += cross + cross.T
+        rho = torch.einsum("gke,bgpse->bpsgk", U, alpha_o)
+        C = torch.einsum("bpshk,bpsgk->bphg", rho, rho)
+        S += torch.einsum("bhpd,bphg,bgpf->df", beta, C, beta)
+        return S
+
+    def attributions(self, X, V, right, Z):
+        """``sum_s (V^T J_ts right)[i, j] z_s[j]`` at inputs ``X`` (B, T, d): (B, P, k, r).
+
+        ``right`` is ``C_pinv^T`` (d, r) and ``Z`` (B, T, r) the input layer's
+        basis coordinates: the attributions the edges square (SPEC section 2),
+        without forming the products. With ``U^h = V^T W_O^h`` and the head's
+        part of ``J_ts``, ``G^h_s = a_ts W_V^h + alpha_s beta^T + delta_ts K_t
+        W_Q^h`` (``alpha_s = scale a_ts (v_s - z_t)``, ``beta = W_K^h^T q_t``),
+        the sum over source positions is ``V^T right diag(z_t) + sum_h U^h B^h``
+        with the ``d_head x r`` matrix ``B^h = sum_s G^h_s right diag(z_s)``,
+        whose three terms need ``W_V^h right`` and ``W_Q^h right`` once per
+        layer: per sample, ``k d r`` flops instead of the ``T k d r`` of
+        projecting the products, which are never written.
+        """
+        B, T, d = X.shape
+        H, e = self.n_heads, self.d_head
+        index = _position_index(self.positions, T, X.device)
+        q, keys, v, a, z = self._attend(X)
+        a, q, z = (t.index_select(2, index) for t in (a, q, z))  # (B, H, P, ...)
+        Z_t = Z.index_select(1, index)  # (B, P, r)
+        VC, QC = (self._heads(w) @ right for w in (self.w_v, self.w_q))  # (H, e, r)
+        dv = v[:, :, None] - z[:, :, :, None]  # v_s - z_t: (B, H, P, T, e)
+        # Value path: W_V^h right times sum_s a_ts z_s.
+        Bh = VC[None, :, None] * torch.einsum("bhps,bsr->bhpr", a, Z)[:, :, :, None]
+        # Key path: (sum_s alpha_s z_s) times beta^T right, summed over source positions.
+        beta = torch.einsum("hed,bhpe->bhpd", self._heads(self.w_k), q) @ right
+        alpha_z = torch.einsum("bhpse,bsr->bhper", a[..., None] * dv, Z)
+        Bh += alpha_z.mul_(beta[:, :, :, None] / math.sqrt(e))
+        # Query path at s = t: K_t (value x key dims) times W_Q^h right, times z_t.
+        K_t = torch.einsum("bhpu,bhpuf,bhue->bhpfe", a, dv, keys) / math.sqrt(e)
+        Bh += (K_t @ QC[None, :, None]).mul_(Z_t[:, None, :, None])
+        U = torch.einsum("dhe,dk->khe", self.w_o.reshape(d, H, e), V).reshape(-1, H * e)
+        # One GEMM over every (sample, position, column): (B P r, H e) @ (H e, k).
+        Y = Bh.permute(0, 2, 4, 1, 3).reshape(-1, H * e) @ U.T
+        Y = Y.view(B, len(index), -1, U.shape[0]).transpose(2, 3)
+        return Y.add_((V.T @ right)[None, None] * Z_t[:, :, None])
 
 
 def check_attention(structure, X, Y, spec_in, spec_out):

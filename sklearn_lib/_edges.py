@@ -13,7 +13,13 @@ Jacobians (cached arrays, generic vector-Jacobian products, closed forms).
 import numpy as np
 import torch
 
-__all__ = ["Workspace", "accumulate_edges", "path_points", "path_quadrature"]
+__all__ = [
+    "Workspace",
+    "accumulate_attributions",
+    "accumulate_edges",
+    "path_points",
+    "path_quadrature",
+]
 
 
 class Workspace:
@@ -110,10 +116,8 @@ def accumulate_edges(total, J_tilde, Z, n_positions=1, n_source_positions=1, *,
     rows hold only the diagonal blocks ``s = t`` (the closed forms), where the
     other source positions contribute nothing. ``J_tilde`` is consumed.
 
-    With ``constant`` (r_out,), the constant node's edges are accumulated too:
-    the squared part of the output coordinates ``Z_out`` (the next layer's basis
-    coordinates at the edge point, one row per (sample, output position) pair,
-    (N_out, r_out)) that the input directions' attributions leave unexplained.
+    With ``constant`` (r_out,), the constant node's edges are accumulated too
+    (see :func:`accumulate_attributions`).
     """
     n, rows, r_in = J_tilde.shape
     attribution = J_tilde.mul_(Z[:, None, :])
@@ -121,9 +125,26 @@ def accumulate_edges(total, J_tilde, Z, n_positions=1, n_source_positions=1, *,
         attribution = attribution.view(
             n // n_source_positions, n_source_positions, rows, r_in
         ).sum(1)
+    return accumulate_attributions(
+        total, attribution.view(-1, n_positions, rows // n_positions, r_in),
+        constant=constant, Z_out=Z_out,
+    )
+
+
+def accumulate_attributions(total, attribution, *, constant=None, Z_out=None):
+    """Add the squared ``attribution`` (N, P_out, r_out, r_in) to ``total`` (r_out, r_in).
+
+    ``attribution[x, t, i, j] = sum_s J_tilde_x[(t, i), (s, j)] z_x[s, j]``, the
+    part of output coordinate ``i`` at position ``t`` that input direction
+    ``j`` accounts for; it may be any strided view and is consumed.
+
+    With ``constant`` (r_out,), the constant node's edges are accumulated too:
+    the squared part of the output coordinates ``Z_out`` (the next layer's basis
+    coordinates at the edge point, one row per (sample, output position) pair,
+    (N P_out, r_out)) that the input directions' attributions leave unexplained.
+    """
     if constant is not None:
-        residual = Z_out.reshape(attribution.shape[0], rows) - attribution.sum(-1)
-        constant += residual.square_().reshape(-1, rows // n_positions).sum(0)
-    attribution.square_()
-    total += attribution.reshape(-1, rows // n_positions, r_in).sum(0)
+        residual = Z_out.reshape(attribution.shape[:3]) - attribution.sum(-1)
+        constant += residual.square_().sum((0, 1))
+    total += attribution.square_().sum((0, 1))
     return total

@@ -46,6 +46,7 @@ __all__ = [
     "declare_residual_mlp",
     "detect_section",
     "fits_rows",
+    "readout_section",
     "run_leaves",
     "section_leaves",
 ]
@@ -473,6 +474,12 @@ def _hooked(module):
     )
 
 
+def _global_hooks():
+    """Whether hooks registered for every module could change what a section computes."""
+    return bool(torch.nn.modules.module._global_forward_hooks
+                or torch.nn.modules.module._global_forward_pre_hooks)
+
+
 def _is_plain_sequential(module):
     return type(module) is nn.Sequential
 
@@ -530,9 +537,7 @@ def _flatten(modules):
 
 def _candidate_leaves(model, a, b):
     """Yield the flattened module lists that compute section ``a -> b`` (module docstring)."""
-    if torch.nn.modules.module._global_forward_hooks or (
-        torch.nn.modules.module._global_forward_pre_hooks
-    ):
+    if _global_hooks():
         return
     modules = dict(model.named_modules())
     starts = _positions(modules, a.name, a.kind)
@@ -587,9 +592,7 @@ def detect_section(model, a, b):
     then uses generic vector-Jacobian products). Shapes are not checked here;
     the caller compares the Linear's widths with the recorded activations.
     """
-    if torch.nn.modules.module._global_forward_hooks or (
-        torch.nn.modules.module._global_forward_pre_hooks
-    ):
+    if _global_hooks():
         return None
     residual = _residual_section(model, a, b)
     if residual is not None:
@@ -599,6 +602,19 @@ def detect_section(model, a, b):
         if structure is not None:
             return structure
     return None
+
+
+def readout_section(module):
+    """The closed form of a module applied to a recorded layer, or None.
+
+    A readout (``logits = unembed(resid[:, -1])`` in a parent's ``forward``) is
+    recognised by the source from the values it reads (``ModelSource.readout``);
+    here only its type counts: an exact ``nn.Linear`` or elementwise activation
+    without hooks.
+    """
+    if _global_hooks() or _hooked(module) or type(module) not in (nn.Linear, *ELEMENTWISE):
+        return None
+    return _classify([module])
 
 
 def _classify(leaves):

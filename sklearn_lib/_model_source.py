@@ -14,10 +14,16 @@ from tqdm.auto import tqdm
 
 from . import _adapters, _model
 from . import collect as _collect
-from ._attention import check_attention, detect_attention
+from ._attention import CausalAttention, check_attention, detect_attention
 from ._backend import eval_mode, model_device, resolve_dtype
-from ._edges import Workspace, accumulate_edges, path_points
-from ._fastpath import check_declared, detect_section, fits_rows, section_leaves
+from ._edges import Workspace, accumulate_attributions, accumulate_edges, path_points
+from ._fastpath import (
+    check_declared,
+    detect_section,
+    fits_rows,
+    readout_section,
+    section_leaves,
+)
 from ._sources import _shape
 from .basis import _AUTO_CHUNK_NUMBERS
 
@@ -39,6 +45,27 @@ def _describe(data):
     """``data`` in a few words for error messages: its type, and its shape if it has one."""
     shape = getattr(data, "shape", None)
     return type(data).__name__ + ("" if shape is None else f" of shape {_shape(data)}")
+
+
+def _unit_free(shape):
+    return tuple(s for s in shape if s != 1)
+
+
+def _same_values(a, b):
+    """Whether two recorded tensors hold the same numbers, up to unit axes of a sample.
+
+    Exact on purpose: a readout's input is the very value of the layer (a copy
+    or a view), not a recomputation, so any difference means the module reads
+    something else. A layer selected at one position (``"resid[-1]"``, per
+    sample ``(1, d)``) is the module's ``(d,)`` input.
+    """
+    return (a.shape[0] == b.shape[0] and _unit_free(a.shape[1:]) == _unit_free(b.shape[1:])
+            and a.dtype == b.dtype and torch.equal(a.reshape(b.shape), b))
+
+
+def _reshaper(shape):
+    """A leaf giving a batch of activations the per-sample ``shape`` a readout module takes."""
+    return lambda t: t.reshape(t.shape[0], *shape)
 
 
 class _Fingerprint:
@@ -130,7 +157,9 @@ class ModelSource:
         self.positions = [p for p, _ in pw]
         self.widths = [d for _, d in pw]
         self._shapes = shapes
-        self._structures, self._leaves = {}, {}
+        self._structures, self._leaves, self._readouts = {}, {}, {}
+        # Per-sample input shape of each readout module (see readout).
+        self._readout_shapes = {}
         self.fast_path = fast_path
         # Numbers per sample of the recorded layers up to each layer (see _footprint).
         self._forward = np.cumsum([p * d for p, d in zip(self.positions, self.widths)]).tolist()
@@ -212,16 +241,35 @@ class ModelSource:
             "on every pass. Pass a tensor, an array or a deterministic DataLoader."
         )
 
-    def _activation(self, x, l):
-        """Layer l's activation for inputs ``x``; the forward pass stops right there."""
+    def _activation(self, x, l, m=None):
+        """Layer l's activation for inputs ``x``; the forward pass stops right there.
+
+        When section l -> m is a readout (:meth:`readout`), the pass runs on to
+        the readout module and checks that it still reads exactly this value.
+        """
         spec, captured = self.specs[l], []
+        readout = None if m is None else self.readout(l, m)
+        check = readout is not None and readout.spec != spec.spec
 
         def grab(value):
             # A copy: a following in-place op must not change the recorded value.
             captured.append(value.detach().clone())
+            if not check:
+                raise _model._StopForward
+
+        def compare(value):
+            if captured and not _same_values(captured[0], value):
+                raise ValueError(
+                    f"section {spec.spec!r} -> {self.specs[m].spec!r} was taken for module "
+                    f"{readout.name!r} applied to layer {spec.spec!r}, as it was on the first "
+                    f"batch, but in {_adapters.describe(x)} the module's input is not that "
+                    "layer's value; pass fast_path=False if the model computes it otherwise "
+                    "for some inputs."
+                )
             raise _model._StopForward
 
-        with torch.no_grad(), _model._hooks([(spec, grab)]):
+        hooks = [(spec, grab)] + ([(readout, compare)] if check else [])
+        with torch.no_grad(), _model._hooks(hooks):
             _model._run_until_stopped(self.model, x)
         if not captured:
             raise ValueError(f"layer {spec.spec!r} was not called in the forward pass.")
@@ -261,7 +309,14 @@ class ModelSource:
             return None
         if (l, m) not in self._structures:
             found = self._attention(l, m)
-            if found is None:
+            if found is None and self.readout(l, m) is not None:
+                found = readout_section(self.specs[m].module)
+                if found is not None and not (
+                    self.positions[l] == self.positions[m]
+                    and found.fits(self.widths[l], self.widths[m])
+                ):
+                    found = None
+            elif found is None:
                 found = detect_section(self.model, self.specs[l], self.specs[m])
                 if found is not None and not self._fits(found, l, m):
                     found = None
@@ -289,12 +344,6 @@ class ModelSource:
 
     def _products(self, l, m, x, act, V, *, check):
         """``V^T J`` of section l -> m at ``act``, vector-major (P_m k, rows, d_l)."""
-        st = self.structure(l, m)
-        # A declared attention formula attends to every (earlier) position; the
-        # model leaves padded positions out of its attention, so the products of
-        # a padded batch come from the model itself.
-        if st is not None and _adapters.padding_mask(x) is None:
-            return st.products(act, V)
         return _collect._section_rows(
             self.model, self.specs[l], self.specs[m], x, act, V,
             sequence=self.sequence, max_vectors=None, check=check,
@@ -307,8 +356,52 @@ class ModelSource:
         Without them, every product reruns the model from its inputs.
         """
         if (l, m) not in self._leaves:
-            self._leaves[(l, m)] = section_leaves(self.model, self.specs[l], self.specs[m])
+            readout = self.readout(l, m)
+            if readout is None:
+                leaves = section_leaves(self.model, self.specs[l], self.specs[m])
+            elif self._readout_shapes[readout.spec] == self._shapes[l]:
+                leaves = [readout.module]
+            else:
+                leaves = [_reshaper(self._readout_shapes[readout.spec]), readout.module]
+            self._leaves[(l, m)] = leaves
         return self._leaves[(l, m)]
+
+    def readout(self, l, m):
+        """The input of layer m's module (a parsed layer) when it is layer l's value; or None.
+
+        A module applied to a recorded layer in a parent's ``forward``, like an
+        unembedding ``logits = unembed(resid[:, -1])``, lies in no
+        ``nn.Sequential``, so the section is recognised by the values instead:
+        layer m is the whole output of an exact ``nn.Linear`` or elementwise
+        module without hooks, whose input equals layer l's recorded activation
+        on the first batch. Every pass that uses it checks the same again
+        (:meth:`_activation`). The section is then that module alone, run from
+        the recorded activation, or its closed form. ``fast_path=False`` turns
+        this off like every other recognised section: the model then runs whole.
+        """
+        if self.fast_path is False:
+            return None
+        if (l, m) not in self._readouts:
+            self._readouts[(l, m)] = self._find_readout(self.specs[l], self.specs[m])
+        return self._readouts[(l, m)]
+
+    def _find_readout(self, a, b):
+        if (b.kind != "output" or b.positions is not None or a.axes is not None
+                or b.axes is not None or readout_section(b.module) is None):
+            return None
+        module_input = _model._Layer(f"{b.name}:input", b.name, "input", b.module)
+        if a.spec == module_input.spec:
+            self._readout_shapes[a.spec] = self._shapes[self.specs.index(a)]
+            return module_input
+        x = next(iter(self._batches(self.batch_size or _VERIFY_SAMPLES)), None)
+        if x is None:  # data that ran dry: the pass says so
+            return None
+        with eval_mode(self.model), torch.no_grad():
+            rec = _model._record_batch(self.model, [a, module_input], x)
+        if not _same_values(rec[a.spec], rec[module_input.spec]):
+            return None
+        self._readout_shapes[module_input.spec] = tuple(rec[module_input.spec].shape[1:])
+        return module_input
 
     def _verified(self, st, l, m):
         """Whether a declared closed form computes layer m from layer l on the first batch."""
@@ -344,12 +437,12 @@ class ModelSource:
         st = self.structure(l, m)
         a, b = self.specs[l], self.specs[m]
         k = V.shape[1]
-        if st is not None and not hasattr(st, "products"):
+        if st is not None and not isinstance(st, CausalAttention):
             SS, s_sum, n_rows = None, None, 0
             # The activation's copies and the derivative with its autograd temporaries.
             work = 8 * self.positions[l] * max(self.widths[l], self.widths[m])
             for x in self._pass(f"layer {l}", self._footprint(l, work)):
-                act = self._activation(x, l)
+                act = self._activation(x, l, m)
                 # The closed form acts row by row: padded rows are simply left out.
                 X = _keep(self._rows(act, l), self._real_rows(x, l, act.shape))
                 s = st.derivative(X)
@@ -360,12 +453,26 @@ class ModelSource:
             n_out = self.positions[m] * V.shape[1]
             scatter = st.jacobian_scatter(SS, V, s_sum=s_sum, n=n_rows)
             return stats.add_jacobian_scatter_(scatter, n_outputs=n_out)
-        # Products, cotangents and the backward's intermediates, each as large.
         width = max(self.widths[l], self.widths[m])
-        work = 3 * self.positions[l] * self.positions[m] * k * width
+        attention = st  # None here, or a declared attention section
+        if attention is not None:
+            # The product at s = t, U K_t and the attention's per-head temporaries.
+            H_e = attention.w_q.shape[0]
+            work = self.positions[m] * (3 * k * width + 4 * self.positions[l] * H_e)
+        else:
+            # Products, cotangents and the backward's intermediates, each as large.
+            work = 3 * self.positions[l] * self.positions[m] * k * width
         scatter = None
         for i, x in enumerate(self._pass(f"layer {l}", self._footprint(m, work))):
-            act = self._activation(x, l)
+            act = self._activation(x, l, m)
+            # A declared attention formula attends to every (earlier) position; the
+            # model leaves padded positions out of its attention, so a padded batch
+            # takes the model's own products.
+            if attention is not None and _adapters.padding_mask(x) is None:
+                stats.update(self._rows(act, l))
+                part = attention.jacobian_scatter(act, V)
+                scatter = part if scatter is None else scatter.add_(part)
+                continue
             products = self._products(l, m, x, act, V, check=i == 0)
             keep_in, _ = self._mask_products(products, x, l, m, act, k)
             stats.update(_keep(self._rows(act, l), keep_in))
@@ -417,9 +524,15 @@ class ModelSource:
         E, constant = E_all[:, :C.shape[1]], (None if out_mean is None else E_all[:, -1])
         count, workspace = 0, Workspace()
         k, r = V.shape[1], C.shape[1]
-        if st is not None and hasattr(st, "products"):
-            st = None  # products in closed form, used like the generic ones below
-        if st is not None:
+        attention = None
+        if isinstance(st, CausalAttention):
+            attention, st = st, None
+        if attention is not None:
+            # The d_head x r matrices of every head, their three terms, and the result.
+            H_e = attention.w_q.shape[0]
+            work = self.positions[l + 1] * (4 * H_e * r + 2 * k * r + 2 * self.positions[l] * H_e)
+            per_sample = self._footprint(l, work)
+        elif st is not None:
             factors = st.edge_factors(V, C_pinv.T)
             # The two edge-GEMM buffers, plus the activation's copies and derivatives.
             work = self.positions[l] * (k * (factors[0].shape[1] + r) + 8 * self.widths[l])
@@ -430,7 +543,7 @@ class ModelSource:
             work = P * k * (3 * max(self.widths[l], self.widths[l + 1]) + r)
             per_sample = self._footprint(l + 1, work)
         for i, x in enumerate(self._pass(f"edges {l}", per_sample)):
-            act = self._activation(x, l)
+            act = self._activation(x, l, l + 1)
             X = self._rows(act, l)
             n_x = _adapters.n_samples(x)
             # Padded rows are attributed nothing: their coordinates count as 0.
@@ -443,7 +556,13 @@ class ModelSource:
                 out = self._output_at(x, l, end, act.shape)
                 out_shape = self._output_shape(l + 1, n_x, out.shape[0] // n_x)
                 Z_out = _zero_padded((out - out_mean) @ V, self._real_rows(x, l + 1, out_shape))
-            if st is not None:
+            if attention is not None and _adapters.padding_mask(x) is None:
+                Y, Z_seq = None, Z.view(n_x, -1, r)
+                for w, p in zip(weights, points):
+                    Y_w = attention.attributions(p.reshape(act.shape), V, C_pinv.T, Z_seq)
+                    Y = Y_w.mul_(w) if Y is None else Y.add_(Y_w, alpha=w)
+                accumulate_attributions(E, Y, constant=constant, Z_out=Z_out)
+            elif st is not None:
                 s_bar = None
                 for w, p in zip(weights, points):
                     s = st.derivative(p)

@@ -70,26 +70,34 @@ def _data(n=24, seed=1):
 @pytest.mark.parametrize("causal, positions", [
     (True, ""), (True, "[-1]"), (False, "[0, 2]"), (False, "[1:]"),
 ])
-def test_products_match_brute_force_jacobians(causal, positions):
+def test_scatter_and_attributions_match_brute_force_jacobians(causal, positions):
     net, x = _net(causal), _data(6)
     a, b = _model._parse_layers(net, ["pre", "mid" + positions], "output")
     st = detect_attention(net, a, b)
     rec = _model._record_batch(net, [a, b], x)
     X, Y = rec["pre"], rec["mid" + positions]
     assert st.fits(tuple(X.shape[1:]), tuple(Y.shape[1:])) and st.verify(X, Y)
-    V = torch.randn(D, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    g = torch.Generator().manual_seed(2)
+    V = torch.randn(D, 4, generator=g, dtype=torch.float64)
 
     def section(x_one):  # one sample (T, D) -> the selected outputs (P, D)
         return st.forward(x_one[None])[0]
 
     J = torch.stack([torch.func.jacrev(section)(xi) for xi in X])  # (B, P, D, T, D)
-    P = J.shape[1]
-    expected = torch.einsum("bpotd,ok->pkbtd", J, V).reshape(P * 4, -1, D)
-    torch.testing.assert_close(st.products(X, V), expected, rtol=1e-12, atol=1e-12)
+    products = torch.einsum("bpotd,ok->pkbtd", J, V).reshape(-1, D)
+    torch.testing.assert_close(st.jacobian_scatter(X, V), products.T @ products,
+                               rtol=1e-12, atol=1e-12)
     # The generic vector-Jacobian products through the model agree as well.
     generic = _section_rows(net, a, b, x, X, V, sequence=True, max_vectors=None, check=True,
-                            vector_major=True)
-    torch.testing.assert_close(st.products(X, V), generic, rtol=1e-12, atol=1e-12)
+                            vector_major=True).reshape(-1, D)
+    torch.testing.assert_close(st.jacobian_scatter(X, V), generic.T @ generic,
+                               rtol=1e-12, atol=1e-12)
+    # The edges' attributions, summed over source positions without forming products.
+    right = torch.randn(D, 3, generator=g, dtype=torch.float64)
+    Z = torch.randn(len(X), T, 3, generator=g, dtype=torch.float64)
+    expected = torch.einsum("bpotd,ok,dr,btr->bpkr", J, V, right, Z)
+    torch.testing.assert_close(st.attributions(X, V, right, Z), expected, rtol=1e-12,
+                               atol=1e-12)
 
 
 def _assert_same(auto, generic, tol=1e-10):
@@ -105,11 +113,15 @@ def _assert_same(auto, generic, tol=1e-10):
     dict(edge_point="data", constant_node=True),
     dict(integration="gauss-legendre", n_alphas=3, n_components=2),
     dict(variant="global"),
+    dict(causal=False, positions="[0, 2]", constant_node=True),
+    dict(causal=False, positions="", integration="trapezoid", n_alphas=2),
 ])
 def test_graph_matches_generic_path(params):
-    net, X = _net(), _data()
-    layers = ["pre", "mid[-1]", "head"] if params.get("variant") != "global" else [
-        "pre", "mid[-1]"]
+    params = dict(params)
+    causal, positions = params.pop("causal", True), params.pop("positions", "[-1]")
+    net, X = _net(causal), _data()
+    layers = ["pre", "mid" + positions, "head"] if params.get("variant") != "global" else [
+        "pre", "mid" + positions]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         auto = InteractionGraph.from_model(net, layers, X, sequence=True, **params)

@@ -100,7 +100,8 @@ LAYERS = ["block:input", "block:output", "head"]
 def test_graph_matches_generic_path(act, sequence):
     net, X = _net(act), _data(sequence)
     auto, generic = _graphs(net, X, sequence, LAYERS)
-    assert auto.fast_path_ == [True, False] and generic.fast_path_ == [False, False]
+    # The head reads the block's output in the parent's forward: a readout.
+    assert auto.fast_path_ == [True, True] and generic.fast_path_ == [False, False]
     _assert_same(auto, generic)
 
 
@@ -145,7 +146,7 @@ def test_misdeclared_module_falls_back_with_a_warning():
     with pytest.warns(UserWarning, match="declared a residual MLP block"):
         auto = InteractionGraph.from_model(net, LAYERS, X, edge_point="data")
     generic = InteractionGraph.from_model(net, LAYERS, X, edge_point="data", fast_path=False)
-    assert auto.fast_path_ == [False, False]
+    assert auto.fast_path_ == [False, True]  # the head is a readout (test_model_source)
     _assert_same(auto, generic)
     with pytest.warns(UserWarning, match="declared a residual MLP block"):
         with pytest.raises(ValueError, match="fast_path=True needs"):
@@ -158,7 +159,7 @@ def test_misdeclared_module_falls_back_with_a_warning():
 
 def test_undeclared_block_and_other_sections_use_the_generic_path():
     net, X = _net(nn.ReLU, declare=False), _data(False)
-    assert InteractionGraph.from_model(net, LAYERS, X).fast_path_ == [False, False]
+    assert InteractionGraph.from_model(net, LAYERS, X).fast_path_ == [False, True]
     net = _net(nn.ReLU)
     # Not the block's own input -> output.
     graph = InteractionGraph.from_model(net, ["embed:input", "block:output"], X)
@@ -166,7 +167,7 @@ def test_undeclared_block_and_other_sections_use_the_generic_path():
     # A hook on a submodule may change the output: no closed form.
     handle = net.block.fc_in.register_forward_hook(lambda m, a, o: None)
     try:
-        assert InteractionGraph.from_model(net, LAYERS, X).fast_path_ == [False, False]
+        assert InteractionGraph.from_model(net, LAYERS, X).fast_path_ == [False, True]
     finally:
         handle.remove()
 
@@ -213,7 +214,8 @@ def test_parent_declared_section_matches_generic_path(act, positions):
     net, X = _parent(act), _data(True)
     layers = [f"mid{positions}", f"post{positions}", "head"]
     auto, generic = _graphs(net, X, True, layers)
-    assert auto.fast_path_ == [True, False] and generic.fast_path_ == [False, False]
+    # The head reads the whole "post" layer: a readout unless positions are selected.
+    assert auto.fast_path_ == [True, not positions] and generic.fast_path_ == [False, False]
     _assert_same(auto, generic)
 
 
