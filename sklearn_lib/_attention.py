@@ -241,11 +241,11 @@ class CausalAttention:
     def jacobian_scatter(self, X, V):
         """``sum (V^T J_ts)^T (V^T J_ts)`` over samples, selected ``t`` and all ``s``: (d, d).
 
-        Written ``V^T J_ts = delta_ts A_t + sum_h a_ts F^h + sum_h rho^h_s beta^T``
-        with ``A_t = V^T + sum_h U^h K_t W_Q^h``, the constant ``F^h = U^h W_V^h``
-        and ``rho^h_s = U^h alpha_s`` (``U^h = V^T W_O^h``, the rest as in
-        :meth:`attributions`), the product at ``s = t`` is formed (one per
-        sample and output position) and the others never are: their scatter is
+        Written ``V^T J_ts = delta_ts V^T + sum_h U^h G^h_s = delta_ts (V^T + sum_h
+        U^h K_t W_Q^h) + sum_h a_ts F^h + sum_h rho^h_s beta^T`` with the constant
+        ``F^h = U^h W_V^h`` and ``rho^h_s = U^h alpha_s`` (``U^h = V^T W_O^h``, the
+        rest as in :meth:`attributions`), the product at ``s = t`` is formed (one
+        per sample and output position) and the others never are: their scatter is
         ``sum_{h,g} [N_hg F^h^T F^g + (F^h^T U^g Xi^hg + (.)^T)] + sum B^T C B``
         with the ``H x H`` Gram ``N`` of the attention weights, ``Xi^hg = sum
         (sum_s a^h_s alpha^g_s) beta^g^T`` and ``C_hg = sum_s rho^h_s . rho^g_s``
@@ -264,14 +264,22 @@ class CausalAttention:
         alpha = a[..., None] * dv / math.sqrt(e)
         beta = torch.einsum("hed,bhpe->bhpd", self._heads(self.w_k), q)
         K_t = torch.einsum("bhpu,bhpuf,bhue->bhpfe", a, dv, keys) / math.sqrt(e)
-        # s = t: the whole product (B, P, k, d), and its scatter as one GEMM.
+        # s = t: the whole product V^T + U G_t, with the head blocks of G_t
+        # (H d_head, d) = a_tt W_V^h + alpha_t beta^T + K_t W_Q^h laid out (H, e, B P, d)
+        # so that the product is one GEMM, (k, H e) @ (H e, B P d), and its scatter
+        # another, over (column, sample, position) rows.
         at_t = torch.arange(P, device=X.device), index
-        UK = torch.einsum("hke,bhpef->bpkhf", U, K_t).reshape(B * P, k, H * e)
-        product = (UK @ self.w_q).view(B, P, k, d).add_(V.T)
-        product += torch.einsum("bhp,hkd->bpkd", a[:, :, at_t[0], at_t[1]], F)
-        rho_t = torch.einsum("hke,bhpe->bphk", U, alpha[:, :, at_t[0], at_t[1]])
-        product += torch.einsum("bphk,bhpd->bpkd", rho_t, beta)
-        product = product.view(-1, d)
+        n = B * P
+        G = torch.empty(H, e, n, d, dtype=X.dtype, device=X.device)
+        K_rows = K_t.permute(1, 3, 0, 2, 4).reshape(H, e * n, e)  # (h, (f, b, p), key dim)
+        torch.matmul(K_rows, self._heads(self.w_q), out=G.view(H, e * n, d))
+        # In place, from broadcast views: no temporaries as large as G.
+        a_tt = a[:, :, at_t[0], at_t[1]].permute(1, 0, 2).reshape(H, 1, n, 1)
+        G.addcmul_(a_tt, self._heads(self.w_v)[:, :, None, :])
+        alpha_t = alpha[:, :, at_t[0], at_t[1]].permute(1, 3, 0, 2).reshape(H, e, n, 1)
+        G.addcmul_(alpha_t, beta.permute(1, 0, 2, 3).reshape(H, 1, n, d))
+        product = (U.permute(1, 0, 2).reshape(k, H * e) @ G.view(H * e, n * d)).view(k, n, d)
+        product = product.add_(V.T[:, None, :]).view(k * n, d)
         S = product.T @ product
         # s != t: the three structured terms, from weights with the s = t entries zeroed.
         a_o = a.clone()
