@@ -91,12 +91,17 @@ class LinearElementwise:
             X = torch.nn.functional.linear(X, self.weight, self.bias)
         if self.activation is None:
             return torch.ones_like(X)
-        act = self.activation
         # The derivative through autograd's own backward formula, so that it
         # equals what a vector-Jacobian product gives, kinks included (ReLU'(0)).
-        # The clone shields X from in-place activations (ReLU(inplace=True)).
-        _, vjp_fn = torch.func.vjp(lambda t: act(t.clone()), X)
-        return vjp_fn(torch.ones_like(X))[0]
+        # torch.autograd rather than torch.func: the first torch.func transform
+        # of a process imports torch._dynamo (about a second), which the closed
+        # forms need nowhere else. The clone shields X from in-place activations
+        # (ReLU(inplace=True)).
+        t = X.detach().requires_grad_(True)
+        with torch.enable_grad():
+            y = self.activation(t.clone())
+            (s,) = torch.autograd.grad(y, t, torch.ones_like(y))
+        return s
 
     def factors(self, V):
         """``(A, R)`` with ``V^T J_x = A diag(s_x) R``; ``R`` None means the identity."""
