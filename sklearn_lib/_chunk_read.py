@@ -13,14 +13,16 @@ reads are, and the result, into which zstd decompresses every chunk in place.
 Anything else (another layout or codec, rows that cut a chunk, a zstd frame
 that does not say it holds exactly one chunk) returns None and the caller reads
 through zarr: this path exists for memory, never to read differently.
+:class:`CacheArray`, the array type a finished cache hands out, reads so.
 """
 
 import struct
 import sys
 
 import numpy as np
+import zarr
 
-__all__ = ["read_rows"]
+__all__ = ["CacheArray", "read_rows"]
 
 _ZSTD_MAGIC = 0xFD2FB528
 
@@ -66,14 +68,25 @@ def _frame_content_size(data):
     return size + 256 if width == 2 else size
 
 
+def _slices(key, ndim):
+    """``key`` as one slice per axis, or None if it is not made of slices (and one ``...``)."""
+    key = key if isinstance(key, tuple) else (key,)
+    if key.count(Ellipsis) == 1:
+        at = key.index(Ellipsis)
+        key = key[:at] + (slice(None),) * (ndim - len(key) + 1) + key[at + 1 :]
+    key += (slice(None),) * (ndim - len(key))
+    if len(key) != ndim or not all(isinstance(k, slice) for k in key):
+        return None
+    return key
+
+
 def _whole_chunks(key, shape, chunk_rows):
     """``(first chunk, number of chunks, rows)`` if ``key`` selects whole chunks, else None.
 
     The array's last chunk may be partial (zarr stores it at full size).
     """
-    if not isinstance(key, tuple) or len(key) != len(shape):
-        return None
-    if not all(isinstance(k, slice) for k in key):
+    key = _slices(key, len(shape))
+    if key is None:
         return None
     if any(k.indices(n) != (0, n, 1) for k, n in zip(key[1:], shape[1:])):
         return None
@@ -95,8 +108,8 @@ def read_rows(array, store, key):
     store : VerifiedStore
         The cache's store: it verifies the bytes and raises on a damaged,
         missing or foreign chunk file with the cache's own message.
-    key : tuple of slice
-        One slice per axis, as ``dask.array.from_array`` passes.
+    key : slice, tuple of slices or Ellipsis
+        The selection; any other (integers, lists, masks) returns None.
     """
     chunk_rows = _chunk_rows(array)
     if chunk_rows is None:
@@ -125,3 +138,15 @@ def read_rows(array, store, key):
             return None
         del data
     return out[:rows]
+
+
+class CacheArray(zarr.Array):
+    """A zarr array of a finished cache whose reads of whole chunks go through :func:`read_rows`.
+
+    It is the zarr array (metadata, store, every other selection); only
+    selections of whole chunks are decoded in place, with the same checks.
+    """
+
+    def __getitem__(self, selection):
+        rows = read_rows(self, self.store, selection)
+        return super().__getitem__(selection) if rows is None else rows

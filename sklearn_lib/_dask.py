@@ -27,7 +27,6 @@ import numpy as np
 import torch
 
 from ._backend import gen_batches
-from ._chunk_read import read_rows
 from ._stats import InteractionStatistics
 
 #: Parts merged by one node of the reduction tree.
@@ -288,8 +287,8 @@ class CacheNode:
 
     Only the path, the cache's generation and the node name travel to workers;
     each process opens the cache itself (once) and every read is verified as
-    :meth:`ActivationCache.activations` verifies it. Blocks of whole zarr chunks
-    are read by :func:`sklearn_lib._chunk_read.read_rows`.
+    :meth:`ActivationCache.activations` verifies it (blocks of whole zarr chunks
+    decoded in place, :mod:`sklearn_lib._chunk_read`).
     """
 
     def __init__(self, path, generation, node, shape, dtype):
@@ -297,12 +296,7 @@ class CacheNode:
         self.shape, self.dtype, self.ndim = tuple(shape), np.dtype(dtype), len(shape)
 
     def __getitem__(self, key):
-        group = _open_cache(self.path, self.generation)._group
-        array = group[self.node]
-        # Whole chunks are decoded straight into the block (a third less memory
-        # per worker than zarr's read); anything else is read by zarr.
-        rows = read_rows(array, group.store, key)
-        return array[key] if rows is None else rows
+        return _open_cache(self.path, self.generation)._readable_node(self.node)[key]
 
 
 class CacheBlock:

@@ -565,7 +565,10 @@ class ActivationCache:
             )
         if self._group is None:
             raise ValueError("this activation cache was discarded.")
-        return self._group[node]
+        from ._chunk_read import CacheArray
+
+        # zarr's array, but whole chunks are decoded into the result in place.
+        return CacheArray(self._group[node]._async_array)
 
     def activations(self, name, *, dask=False):
         """Lazily readable array of layer ``name``: ``(n_rows, *shapes[name])``.

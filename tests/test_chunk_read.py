@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import sklearn_lib._dask
+from sklearn_lib import _chunk_read
 from sklearn_lib._cache_store import VerifiedStore
 from sklearn_lib._chunk_read import _frame_content_size, read_rows
 from sklearn_lib.cache import ActivationCache
@@ -82,6 +82,35 @@ def test_any_whole_chunk_range_equals_zarr(tmp_path_factory, n_rows, chunk_size,
         assert got.tobytes() == array[key].tobytes()  # exact: stored bytes
 
 
+@pytest.mark.parametrize("key", [slice(0, 8), slice(8, None), (slice(4, 12), ...), ...])
+def test_short_selections_of_whole_chunks_equal_zarr(tmp_path, key):
+    cache = write(tmp_path / "c.zarr", 14, chunk_size=4)
+    (_, jacs), store = arrays(cache)
+    got = read_rows(jacs, store, key)
+    assert got is not None
+    assert got.tobytes() == jacs[key].tobytes()  # exact: stored bytes
+
+
+def test_cache_arrays_read_whole_chunks_in_place(tmp_path, monkeypatch):
+    """What activations()/jacobians() return is zarr's array; whole chunks take the direct path."""
+    cache = write(tmp_path / "c.zarr", 14, chunk_size=4)
+    direct = []
+
+    def counted(array, store, key):
+        rows = read_rows(array, store, key)
+        direct.append(rows is not None)
+        return rows
+
+    monkeypatch.setattr(_chunk_read, "read_rows", counted)
+    handle = cache.jacobians("a", "b")
+    assert isinstance(handle, zarr.Array)
+    plain = cache._group[cache._desc["jacobians"][0]["node"]]  # zarr's own reads
+    assert np.asarray(handle).tobytes() == np.asarray(plain).tobytes()  # exact: stored bytes
+    assert handle[4:8].tobytes() == plain[4:8].tobytes()
+    assert handle[2:6].tobytes() == plain[2:6].tobytes()  # cuts chunks: zarr reads it
+    assert direct == [True, True, False]
+
+
 def test_unwritten_chunk_reads_as_zeros(tmp_path):
     """zarr writes no file for a chunk of fill values; both paths read zeros."""
     cache = write(tmp_path / "c.zarr", 12, chunk_size=4, zero_rows=range(4, 8))
@@ -98,7 +127,9 @@ def test_unwritten_chunk_reads_as_zeros(tmp_path):
     lambda n: (slice(0, 6), slice(0, 2), slice(0, 3)),      # ends inside a chunk
     lambda n: (slice(0, 8, 2), slice(0, 2), slice(0, 3)),   # a step
     lambda n: (slice(0, 8), slice(0, 1), slice(0, 3)),      # part of a row
-    lambda n: (slice(0, 8), slice(0, 2)),                   # too few axes
+    lambda n: (slice(0, 8), slice(0, 2), slice(0, 3), 0),   # too many axes
+    lambda n: (..., slice(0, 2), ...),                      # two ellipses
+    lambda n: [0, 1, 2, 3],                                 # a list
     lambda n: (0, slice(0, 2), slice(0, 3)),                # an integer
     lambda n: (slice(4, 4), slice(0, 2), slice(0, 3)),      # no rows
 ])
@@ -208,7 +239,7 @@ def test_dask_fit_through_the_direct_read_equals_in_memory(tmp_path, monkeypatch
         direct.append(rows is not None)
         return rows
 
-    monkeypatch.setattr(sklearn_lib._dask, "read_rows", counted)
+    monkeypatch.setattr(_chunk_read, "read_rows", counted)
     X, J = cache.activations("a", dask=True), cache.jacobians("a", "b", dask=True)
     with dask.config.set(scheduler="synchronous"):
         got = InteractionBasis().fit(X, jacobians=J)
