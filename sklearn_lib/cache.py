@@ -574,6 +574,8 @@ class ActivationCache:
         """Lazily readable array of layer ``name``: ``(n_rows, *shapes[name])``.
 
         Slicing reads only the chunks needed; ``np.asarray`` reads everything.
+        The array is a ``zarr.Array`` whose reads of whole chunks decode each
+        chunk straight into the result (no intermediate copies).
         Every read checks the chunks against the cache's inventory, and raises
         once the cache at :attr:`path` is no longer the one this cache was opened
         on (it was overwritten, moved or deleted): an array never mixes two caches.
