@@ -93,11 +93,12 @@ def row_blocks(a):
     separate read tasks, measured: two Jacobian blocks at a time, a third more
     memory per worker).
     """
-    source = getattr(a, _CACHE_SOURCE, None)
-    if source is None:
+    name, chunks, source = getattr(a, _CACHE_SOURCE, (None, None, None))
+    # Operations make new arrays without the attribute (a rechunk to the same
+    # chunks returns the array itself), but ``a[mask] = v`` changes the array in
+    # place, and its name with it: only the unchanged array reads the cache.
+    if source is None or a.name != name or a.chunks != chunks:
         return list(a.to_delayed().ravel())
-    # The attribute survives only on the array cache_array made (a rechunk to
-    # the same chunks returns it unchanged): its blocks are the cache's.
     starts = np.cumsum((0, *a.chunks[0])).tolist()
     whole = tuple(slice(0, int(n)) for n in a.shape[1:])
     return [CacheBlock(source, (slice(b, e), *whole)) for b, e in itertools.pairwise(starts)]
@@ -309,7 +310,7 @@ class CacheBlock:
         return self.source[self.key]
 
 
-#: The attribute by which a dask array of a cache names its :class:`CacheNode`.
+#: The attribute by which a dask array of a cache holds its name, chunks and :class:`CacheNode`.
 _CACHE_SOURCE = "_sklearn_lib_cache_node"
 
 
@@ -327,5 +328,5 @@ def cache_array(cache, node, shape, rows_per_sample, samples_per_block):
                                   meta=np.empty((0,) * len(shape), dtype=cache.dtype))
     # Our reductions read its blocks inside their tasks (row_blocks); for
     # anything else it is an ordinary dask array.
-    setattr(array, _CACHE_SOURCE, source)
+    setattr(array, _CACHE_SOURCE, (array.name, array.chunks, source))
     return array
