@@ -21,6 +21,7 @@ import sys
 
 import numpy as np
 import zarr
+from numcodecs import Zstd
 
 __all__ = ["CacheArray", "read_rows"]
 
@@ -118,8 +119,6 @@ def read_rows(array, store, key):
     if plan is None:
         return None
     first, n_chunks, rows = plan
-    from numcodecs import Zstd
-
     zstd = Zstd()  # decoding reads level and checksum from each frame
     # Room for whole chunks: a partial last chunk decodes at full size and
     # only its rows are returned (a view, no copy).
