@@ -8,13 +8,16 @@ verifies existence and sizes when a cache is opened (one ``stat`` per file);
 :class:`VerifiedStore` verifies the checksum of every file zarr reads (CRC-32
 costs far less than the zstd decoding that follows it), refuses files the
 inventory does not list, and raises once the cache at the path is no longer the
-one the array was opened on.
+one the array was opened on. :meth:`VerifiedStore.verified_bytes` applies the
+same checks for readers that decode chunks themselves
+(:mod:`sklearn_lib._chunk_read`).
 """
 
 import json
 import os
 import zlib
 
+import numpy as np
 from zarr.storage import LocalStore, WrapperStore
 
 from ._atomic import WRITER_FILE
@@ -121,31 +124,67 @@ class VerifiedStore(WrapperStore):
             )
         return _corrupt(self._root, key, self._labels, problem)
 
-    async def get(self, key, prototype, byte_range=None):
+    def _check_root(self, key):
+        """Raise if the directory at the path is no longer the one opened."""
         try:
             stat = os.stat(self._root)
         except OSError:
             stat = None
         if stat is None or (stat.st_dev, stat.st_ino) != self._identity:
             raise self._fail(key, "could not be read")
+
+    def _check_size(self, key, found):
+        size = self._description["inventory"][key][0]
+        if found != size:
+            raise self._fail(
+                key, f"has {found} bytes where the cache wrote {size} (truncated or replaced)"
+            )
+
+    def _verified(self, key, data):
+        """Whether the bytes ``data`` of file ``key`` (None: no file) are content, else raise.
+
+        False means the file was never written, so zarr's fill value is the content.
+        """
+        expected = self._description["inventory"].get(key)
+        if expected is None:
+            if data is None:
+                return False
+            raise self._fail(key, "is not in the inventory written when the cache was finalized")
+        if data is None:
+            raise self._fail(key, "is missing")
+        self._check_size(key, data.size)
+        if zlib.crc32(data) != expected[1]:
+            raise self._fail(key, "does not match the checksum the cache wrote (corrupted)")
+        return True
+
+    def verified_bytes(self, key):
+        """The bytes of file ``key`` (uint8 array), verified as zarr's reads are; None if unwritten.
+
+        For readers that decode a chunk themselves (:mod:`sklearn_lib._chunk_read`):
+        the same checks and messages as :meth:`get`, without zarr's buffers.
+        """
+        self._check_root(key)
+        file = os.path.join(self._root, *key.split("/"))
+        try:
+            with open(file, "rb") as f:
+                found = os.fstat(f.fileno()).st_size
+                if key in self._description["inventory"]:
+                    self._check_size(key, found)  # before reading a file of any size
+                data = np.empty(found, dtype=np.uint8)
+                data = data[: f.readinto(data)]
+                if f.read(1):
+                    raise self._fail(key, "grew while it was read (replaced)")
+        except FileNotFoundError:
+            data = None
+        return data if self._verified(key, data) else None
+
+    async def get(self, key, prototype, byte_range=None):
+        self._check_root(key)
         if key == _ROOT_METADATA:
             return await self._store.get(key, prototype, byte_range)
-        expected = self._description["inventory"].get(key)
         buffer = await self._store.get(key, prototype)
-        if expected is None:
-            if buffer is None:
-                return None  # never written: zarr's fill value is the content
-            raise self._fail(key, "is not in the inventory written when the cache was finalized")
-        if buffer is None:
-            raise self._fail(key, "is missing")
-        data = buffer.as_numpy_array()
-        size, crc = expected
-        if data.size != size:
-            raise self._fail(
-                key, f"has {data.size} bytes where the cache wrote {size} (truncated or replaced)"
-            )
-        if zlib.crc32(data) != crc:
-            raise self._fail(key, "does not match the checksum the cache wrote (corrupted)")
+        if not self._verified(key, None if buffer is None else buffer.as_numpy_array()):
+            return None  # never written: zarr's fill value is the content
         if byte_range is None:
             return buffer
         return await self._store.get(key, prototype, byte_range)

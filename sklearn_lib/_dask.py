@@ -16,6 +16,7 @@ input's before anything is returned: a block lost or counted twice raises
 instead of fitting on other data than the user's.
 """
 
+import itertools
 import math
 import os
 import sys
@@ -80,6 +81,32 @@ def as_row_blocks(a, row_chunks, name, misaligned):
     if tuple(a.chunks[0]) != tuple(row_chunks):
         misaligned.append(name)
     return a.rechunk((tuple(row_chunks), *whole))
+
+
+def row_blocks(a):
+    """One argument per row block of the dask array ``a`` for the reduction's tasks.
+
+    The blocks of an array of a cache (:func:`cache_array`) are :class:`CacheBlock`
+    that the task needing them reads itself (:func:`read_block`); those of any
+    other array are its delayed blocks. Reading in the task keeps a worker from
+    holding a block that waits for its task while it reads the next one (with
+    separate read tasks, measured: two Jacobian blocks at a time, a third more
+    memory per worker).
+    """
+    name, chunks, source = getattr(a, _CACHE_SOURCE, (None, None, None))
+    # Operations make new arrays without the attribute (a rechunk to the same
+    # chunks returns the array itself), but ``a[mask] = v`` changes the array in
+    # place, and its name with it: only the unchanged array reads the cache.
+    if source is None or a.name != name or a.chunks != chunks:
+        return list(a.to_delayed().ravel())
+    starts = np.cumsum((0, *a.chunks[0])).tolist()
+    whole = tuple(slice(0, int(n)) for n in a.shape[1:])
+    return [CacheBlock(source, (slice(b, e), *whole)) for b, e in itertools.pairwise(starts)]
+
+
+def read_block(part):
+    """The array of a part from :func:`row_blocks` (a block computed by Dask is one already)."""
+    return part.read() if isinstance(part, CacheBlock) else part
 
 
 def warn_misaligned(misaligned, reference):
@@ -153,8 +180,10 @@ def check_rows(seen, expected, what):
 
 # --------------------------------------------------------------------------- basis
 def _basis_block(X, jacobians, sample_weight, config):
-    """The statistics of one block of rows, on the CPU."""
+    """The statistics of one block of rows (arrays or :func:`row_blocks` parts), on the CPU."""
     n_features, n_outputs, center, device, dtype, chunk = config
+    X = read_block(X)
+    jacobians = read_block(jacobians)
     stats = InteractionStatistics(n_features, n_outputs, center=center, device=device,
                                   dtype=dtype)
     for rows in gen_batches(X.shape[0], chunk):
@@ -210,8 +239,8 @@ def basis_statistics(basis, X, jacobians, sample_weight):
     device, dtype = basis._torch_config()
     chunk = basis.batch_size or _auto_chunk(d, n_outputs)
     config = (d, n_outputs, basis.center, device, dtype, chunk)
-    X_blocks = X.to_delayed().ravel()
-    J_blocks = [None] * len(X_blocks) if jacobians is None else jacobians.to_delayed().ravel()
+    X_blocks = row_blocks(X)
+    J_blocks = [None] * len(X_blocks) if jacobians is None else row_blocks(jacobians)
     starts = np.concatenate([[0], np.cumsum(row_chunks)]).astype(int)
     parts = [
         dask.delayed(_basis_block, pure=False)(
@@ -259,7 +288,8 @@ class CacheNode:
 
     Only the path, the cache's generation and the node name travel to workers;
     each process opens the cache itself (once) and every read is verified as
-    :meth:`ActivationCache.activations` verifies it.
+    :meth:`ActivationCache.activations` verifies it (blocks of whole zarr chunks
+    decoded in place, :mod:`sklearn_lib._chunk_read`).
     """
 
     def __init__(self, path, generation, node, shape, dtype):
@@ -267,8 +297,21 @@ class CacheNode:
         self.shape, self.dtype, self.ndim = tuple(shape), np.dtype(dtype), len(shape)
 
     def __getitem__(self, key):
-        group = _open_cache(self.path, self.generation)._group
-        return group[self.node][key]
+        return _open_cache(self.path, self.generation)._readable_node(self.node)[key]
+
+
+class CacheBlock:
+    """Rows ``key`` of a cache array, read by the task that needs them (:func:`row_blocks`)."""
+
+    def __init__(self, source, key):
+        self.source, self.key = source, key
+
+    def read(self):
+        return self.source[self.key]
+
+
+#: The attribute by which a dask array of a cache holds its name, chunks and :class:`CacheNode`.
+_CACHE_SOURCE = "_sklearn_lib_cache_node"
 
 
 def cache_array(cache, node, shape, rows_per_sample, samples_per_block):
@@ -279,7 +322,11 @@ def cache_array(cache, node, shape, rows_per_sample, samples_per_block):
     chunks = (tuple(min(step, rows - s) for s in range(0, rows, step)) or (0,),
               *shape[1:])
     source = CacheNode(cache.path, cache._desc["generation"], node, shape, cache.dtype)
-    return dask.array.from_array(source, chunks=chunks, name=f"sklearn_lib-{node}-"
-                                 f"{cache._desc['generation']}", lock=False,
-                                 inline_array=True, asarray=True,
-                                 meta=np.empty((0,) * len(shape), dtype=cache.dtype))
+    array = dask.array.from_array(source, chunks=chunks, name=f"sklearn_lib-{node}-"
+                                  f"{cache._desc['generation']}", lock=False,
+                                  inline_array=True, asarray=True,
+                                  meta=np.empty((0,) * len(shape), dtype=cache.dtype))
+    # Our reductions read its blocks inside their tasks (row_blocks); for
+    # anything else it is an ordinary dask array.
+    setattr(array, _CACHE_SOURCE, (array.name, array.chunks, source))
+    return array

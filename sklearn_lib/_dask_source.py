@@ -20,6 +20,8 @@ from ._dask import (
     compute,
     import_dask,
     is_dask_array,
+    read_block,
+    row_blocks,
     tree_reduce,
     warn_misaligned,
 )
@@ -55,7 +57,7 @@ def _block(state, method, slots, samples, call, *arrays):
     source.acts = [None] * len(state["widths"])
     source.jacs = [None] * (len(state["widths"]) - 1)
     for (kind, l), array in zip(slots, arrays):
-        getattr(source, kind)[l] = array
+        getattr(source, kind)[l] = read_block(array)
     source.n_samples = samples[1] - samples[0]
     try:
         result = getattr(source, method)(*args, **kwargs)
@@ -115,7 +117,7 @@ class DaskSource(CachedSource):
         # The arguments (cotangents, bases) are one node of the graph, not a copy per task.
         shared = dask.delayed((args, kwargs), name=f"sklearn_lib-args-{uuid.uuid4().hex}",
                               traverse=False)
-        columns = [getattr(self, kind)[l].to_delayed().ravel() for kind, l in slots]
+        columns = [row_blocks(getattr(self, kind)[l]) for kind, l in slots]
         parts = [
             dask.delayed(_block, pure=False)(state, method, slots,
                                              (a, b), shared, *(c[i] for c in columns))

@@ -565,12 +565,17 @@ class ActivationCache:
             )
         if self._group is None:
             raise ValueError("this activation cache was discarded.")
-        return self._group[node]
+        from ._chunk_read import CacheArray
+
+        # zarr's array, but whole chunks are decoded into the result in place.
+        return CacheArray(self._group[node]._async_array)
 
     def activations(self, name, *, dask=False):
         """Lazily readable array of layer ``name``: ``(n_rows, *shapes[name])``.
 
         Slicing reads only the chunks needed; ``np.asarray`` reads everything.
+        The array is a ``zarr.Array`` whose reads of whole chunks decode each
+        chunk straight into the result (no intermediate copies).
         Every read checks the chunks against the cache's inventory, and raises
         once the cache at :attr:`path` is no longer the one this cache was opened
         on (it was overwritten, moved or deleted): an array never mixes two caches.

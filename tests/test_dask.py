@@ -248,6 +248,32 @@ def test_cache_dask_arrays_are_aligned_and_lazy(cached):
     np.testing.assert_array_equal(X[1][50:60].compute(), np.asarray(cached.activations("hidden")[50:60]))
 
 
+def test_cache_blocks_are_read_in_the_task(cached):
+    """A cache array's blocks reach the tasks as reads; a derived array's as Dask's blocks."""
+    from sklearn_lib._dask import CacheBlock, read_block, row_blocks
+
+    X = cached.activations("hidden", dask=True)
+    parts = row_blocks(X)
+    assert all(isinstance(p, CacheBlock) for p in parts)
+    # Exact: both are the stored values, copied.
+    np.testing.assert_array_equal(np.concatenate([read_block(p) for p in parts]),
+                                  np.asarray(cached.activations("hidden")))
+    derived = row_blocks(X.rechunk((40, 6)))
+    assert not any(isinstance(p, CacheBlock) for p in derived)
+    assert len(derived) == 5
+
+
+def test_cache_array_changed_in_place_is_not_read_from_the_cache(cached):
+    """``X[mask] = v`` keeps the array object: the fit must see the change, not the cache."""
+    X, J = _cache_lists(cached)
+    X[1][X[1] > 0.5] = 0.5
+    assert X[1].name != _cache_lists(cached)[0][1].name
+    want = [np.asarray(cached.activations(n)) for n in cached.layers]
+    want[1] = np.minimum(want[1], 0.5)
+    assert_same_graph(InteractionGraph().fit(X, jacobians=J),
+                      InteractionGraph().fit(want, jacobians=[np.asarray(j) for j in J]))
+
+
 def test_graph_from_cache_dask_arrays(cached):
     X, J = _cache_lists(cached)
     assert_same_graph(InteractionGraph().fit(X, jacobians=J), InteractionGraph().fit(cached))
