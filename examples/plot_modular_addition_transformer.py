@@ -96,12 +96,14 @@ lap("load")
 # reference work does.
 #
 # The two halves of the block add their result to the residual stream in the
-# model's ``forward``. Declaring them lets the graph compute their Jacobian
-# products from their formulas instead of vector-Jacobian products through the
-# model (several times faster, equal to rounding): attention without biases with
-# a causal mask, and a ReLU MLP. Each declaration is checked on the first batch
+# model's ``forward``. Declaring them lets the graph compute their statistics and
+# edges from their formulas instead of vector-Jacobian products through the
+# model (ten times faster, equal to rounding): attention without biases with a
+# causal mask, and a ReLU MLP. Each declaration is checked on the first batch
 # (a model computing something else falls back to the generic path, with a
-# warning).
+# warning). The unembedding needs no declaration: a ``Linear`` reading
+# ``resid_post[:, -1]``, which is the layer ``hook_resid_post[-1]``, is
+# recognised from the values it reads and taken in closed form.
 declare_attention(model, "attn.W_Q", "attn.W_K", "attn.W_V", "attn.W_O",
                   input="hook_resid_pre", output="hook_resid_mid", n_heads=model.n_heads)
 declare_residual_mlp(model, "mlp.0", "mlp.1", "mlp.2",

@@ -91,17 +91,23 @@ def test_short_selections_of_whole_chunks_equal_zarr(tmp_path, key):
     assert got.tobytes() == jacs[key].tobytes()  # exact: stored bytes
 
 
-def test_cache_arrays_read_whole_chunks_in_place(tmp_path, monkeypatch):
-    """What activations()/jacobians() return is zarr's array; whole chunks take the direct path."""
-    cache = write(tmp_path / "c.zarr", 14, chunk_size=4)
-    direct = []
+@pytest.fixture
+def direct(monkeypatch):
+    """Whether each chunk read took the direct path (True) or fell back to zarr (False)."""
+    taken = []
 
     def counted(array, store, key):
         rows = read_rows(array, store, key)
-        direct.append(rows is not None)
+        taken.append(rows is not None)
         return rows
 
     monkeypatch.setattr(_chunk_read, "read_rows", counted)
+    return taken
+
+
+def test_cache_arrays_read_whole_chunks_in_place(tmp_path, direct):
+    """What activations()/jacobians() return is zarr's array; whole chunks take the direct path."""
+    cache = write(tmp_path / "c.zarr", 14, chunk_size=4)
     handle = cache.jacobians("a", "b")
     assert isinstance(handle, zarr.Array)
     plain = cache._group[cache._desc["jacobians"][0]["node"]]  # zarr's own reads
@@ -225,21 +231,13 @@ def test_chunk_not_in_inventory_raises(tmp_path):
         read_rows(jacs, store, rows_key(jacs, 0, 12))
 
 
-def test_dask_fit_through_the_direct_read_equals_in_memory(tmp_path, monkeypatch):
+def test_dask_fit_through_the_direct_read_equals_in_memory(tmp_path, direct):
     pytest.importorskip("dask")
     import dask
 
     from sklearn_lib import InteractionBasis
 
     cache = write(tmp_path / "c.zarr", 30, chunk_size=8)  # a partial last chunk of 6 rows
-    direct = []
-
-    def counted(array, store, key):
-        rows = read_rows(array, store, key)
-        direct.append(rows is not None)
-        return rows
-
-    monkeypatch.setattr(_chunk_read, "read_rows", counted)
     X, J = cache.activations("a", dask=True), cache.jacobians("a", "b", dask=True)
     with dask.config.set(scheduler="synchronous"):
         got = InteractionBasis().fit(X, jacobians=J)
