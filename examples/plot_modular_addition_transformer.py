@@ -284,9 +284,9 @@ print(f"done in {time.perf_counter() - start:.0f} s")
 # (40 log-spaced counts), the counts of edges from the search of
 # :func:`~sklearn_lib.evaluation.min_edges_to_keep` (see above for what it
 # reports on a non-monotone curve). On a 2-core machine the whole run took
-# 32 s: the LIB graph 14.8 s and the PCA graph 7.0 s (attention and MLP
-# declared; about three times as long through vector-Jacobian products), the
-# node ablations 2.3 s and the six edge searches 7.6 s
+# 13 s: the LIB graph 3.9 s and the PCA graph 3.0 s (attention and MLP
+# declared; about ten times as long through vector-Jacobian products), the
+# node ablations 1.5 s and the six edge searches 4.6 s
 # (``benchmarks/bench_transformer.py`` measures both; see the developer notes,
 # Performance).
 assert accuracy == 1.0
