@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from ._backend import as_tensor
 from ._linalg import sorted_eigh
 from ._stats import InteractionStatistics, scale_by_power_of_two
+from ._vjp import PositionSources
 from .basis import InteractionBasis
 
 __all__ = ["build"]
@@ -101,6 +102,12 @@ def cotangents(graph, C, rng):
     return C @ torch.as_tensor(R, device=C.device, dtype=C.dtype) / np.sqrt(k)
 
 
+def position_sources(graph, rng, device):
+    """Stochastic sources over output positions for one layer's statistics, or None."""
+    m = graph.stochastic_positions
+    return None if m is None else PositionSources(m, rng.randint(2**31 - 1), device)
+
+
 def build(graph, source, names, *, edge_point, alphas=(1.0,), weights=(1.0,)):
     """Backward chaining of SPEC section 2 over any source; returns the fitted state."""
     n_layers = source.n_layers
@@ -139,13 +146,15 @@ def build(graph, source, names, *, edge_point, alphas=(1.0,), weights=(1.0,)):
         elif graph.variant == "local":
             for l in range(L - 1, -1, -1):
                 V = cotangents(graph, C[l + 1], rng)
-                stats = source.jacobian_stats(l, V, new_stats)
+                stats = source.jacobian_stats(
+                    l, V, new_stats, position_sources=position_sources(graph, rng, device))
                 bases[l] = new_basis(graph, n_components[l])._fit_statistics(stats, name=what(l))
                 C[l] = tensors(bases[l])[1]
                 steps.update()
         else:
             V = cotangents(graph, C[L], rng)
-            all_stats = source.global_stats(V, new_stats)
+            all_stats = source.global_stats(
+                V, new_stats, position_sources=position_sources(graph, rng, device))
             for l in range(L):
                 bases[l] = new_basis(graph, n_components[l])._fit_statistics(
                     all_stats[l], name=what(l))
@@ -156,8 +165,9 @@ def build(graph, source, names, *, edge_point, alphas=(1.0,), weights=(1.0,)):
             mean, C_l, C_pinv = tensors(bases[l])
             out_mean = tensors(bases[l + 1])[0] if graph.constant_node else None
             E = source.edges(l, C[l + 1], mean, C_l, C_pinv, edge_point=edge_point,
-                             alphas=list(alphas), weights=list(weights),
-                             out_mean=out_mean).cpu().numpy()
+                             alphas=list(alphas), weights=list(weights), out_mean=out_mean,
+                             position_sources=position_sources(graph, rng, device)
+                             ).cpu().numpy()
             if graph.constant_node and graph._has_constant_node(l + 1, n_layers):
                 # The constant is carried from every position to itself.
                 row = np.zeros((1, E.shape[1]), dtype=E.dtype)

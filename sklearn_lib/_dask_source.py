@@ -139,13 +139,15 @@ class DaskSource(CachedSource):
                              (l, self._stats_args(new_stats)), what)
         return self._checked(stats, l, what)
 
-    def jacobian_stats(self, l, V, new_stats):
+    def jacobian_stats(self, l, V, new_stats, position_sources=None):
+        # Cached Jacobians hold every position: stochastic sources over positions
+        # would save nothing (as in CachedSource).
         what = f"statistics of layer {l}"
         stats = self._reduce("jacobian_stats", [("acts", l), ("jacs", l)],
                              (l, V, self._stats_args(new_stats)), what)
         return self._checked(stats, l, what)
 
-    def global_stats(self, V, new_stats):
+    def global_stats(self, V, new_stats, position_sources=None):
         L = self.n_layers - 1
         slots = [("acts", l) for l in range(L)] + [("jacs", l) for l in range(L)]
         what = "statistics of the global variant"

@@ -191,19 +191,31 @@ class DistributedSource:
                             lambda: self._source.activation_stats(l, new_stats))
         return all_reduce_statistics(stats, self._group)
 
-    def jacobian_stats(self, l, V, new_stats):
-        V = self._shared(V)
+    def _rank_sources(self, position_sources):
+        """Each rank's own signs: the same seed on every rank would correlate them."""
+        import torch.distributed as dist
+
+        if position_sources is None:
+            return None
+        return position_sources.offset(dist.get_rank(self._group))
+
+    def jacobian_stats(self, l, V, new_stats, position_sources=None):
+        V, sources = self._shared(V), self._rank_sources(position_sources)
         stats = self._local(f"the statistics of layer {l}",
-                            lambda: self._source.jacobian_stats(l, V, new_stats))
+                            lambda: self._source.jacobian_stats(l, V, new_stats,
+                                                                position_sources=sources))
         return all_reduce_statistics(stats, self._group)
 
-    def global_stats(self, V, new_stats):
-        V = self._shared(V)
+    def global_stats(self, V, new_stats, position_sources=None):
+        V, sources = self._shared(V), self._rank_sources(position_sources)
         stats = self._local("the statistics of the global variant",
-                            lambda: self._source.global_stats(V, new_stats))
+                            lambda: self._source.global_stats(V, new_stats,
+                                                              position_sources=sources))
         return [all_reduce_statistics(s, self._group) for s in stats]
 
     def edges(self, l, V, mean, C, C_pinv, **kwargs):
+        if kwargs.get("position_sources") is not None:
+            kwargs["position_sources"] = self._rank_sources(kwargs["position_sources"])
         E = self._local(f"the edges of section {l}",
                         lambda: self._source.edges(l, V, mean, C, C_pinv, **kwargs))
         rows = self._source.n_samples * self._source.positions[l]

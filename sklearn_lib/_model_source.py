@@ -342,13 +342,27 @@ class ModelSource:
         X, Y = (_model._cast(rec[spec.spec], self.dtype) for spec in (a, b))
         return found if check_attention(found, X, Y, a.spec, b.spec) else None
 
-    def _products(self, l, m, x, act, V, *, check):
-        """``V^T J`` of section l -> m at ``act``, vector-major (P_m k, rows, d_l)."""
+    def _products(self, l, m, x, act, V, *, check, signs=None):
+        """``V^T J`` of section l -> m at ``act``, vector-major (P_m k, rows, d_l).
+
+        With ``signs`` (:meth:`_signs`), ``(m k, rows, d_l)`` instead: random
+        combinations of the output positions.
+        """
         return _collect._section_rows(
             self.model, self.specs[l], self.specs[m], x, act, V,
             sequence=self.sequence, max_vectors=None, check=check,
-            leaves=self.leaves(l, m), vector_major=True,
+            leaves=self.leaves(l, m), vector_major=True, position_signs=signs,
         )
+
+    def _signs(self, position_sources, x):
+        """The position signs of batch ``x`` (:meth:`PositionSources.batch`), or None.
+
+        Output padding is masked on the products, one output position each, so
+        a padded batch takes no random combinations of positions.
+        """
+        if position_sources is None or _adapters.padding_mask(x) is not None:
+            return None
+        return position_sources.batch(_adapters.n_samples(x), self.dtype)
 
     def leaves(self, l, m):
         """The modules of section l -> m to run from the recorded activation, or None.
@@ -426,11 +440,15 @@ class ModelSource:
             stats.update(_keep(self._rows(act, l), self._real_rows(x, l, act.shape)))
         return stats
 
-    def jacobian_stats(self, l, V, new_stats, target=None):
+    def jacobian_stats(self, l, V, new_stats, target=None, position_sources=None):
         """Statistics of layer l with ``V^T J`` of section l -> target (default l + 1).
 
         The Jacobian scatter is accumulated here (in closed form or from the
-        products) and added to Jacobian-free statistics at the end.
+        products) and added to Jacobian-free statistics at the end. With
+        ``position_sources``, the vector-Jacobian products of batches without
+        padding combine the output positions at random (an unbiased estimate of
+        the scatter); closed forms, declared attention and padded batches stay
+        exact.
         """
         m = l + 1 if target is None else target
         stats = new_stats(l, None)
@@ -473,7 +491,8 @@ class ModelSource:
                 part = attention.jacobian_scatter(act, V)
                 scatter = part if scatter is None else scatter.add_(part)
                 continue
-            products = self._products(l, m, x, act, V, check=i == 0)
+            products = self._products(l, m, x, act, V, check=i == 0,
+                                      signs=self._signs(position_sources, x))
             keep_in, _ = self._mask_products(products, x, l, m, act, k)
             stats.update(_keep(self._rows(act, l), keep_in))
             # One GEMM over all (row, output) pairs, accumulated in place; the
@@ -505,9 +524,10 @@ class ModelSource:
             view.mul_(keep_in.view(n, -1).to(products.dtype)[None, None, :, :, None])
         return keep_in, keep_out
 
-    def global_stats(self, V, new_stats):
+    def global_stats(self, V, new_stats, position_sources=None):
         L = self.n_layers - 1
-        return [self.jacobian_stats(l, V, new_stats, target=L) for l in range(L)]
+        return [self.jacobian_stats(l, V, new_stats, target=L, position_sources=position_sources)
+                for l in range(L)]
 
     def _output_at(self, x, l, point, shape):
         """Layer l+1's activation (rows) with layer l's replaced by ``point`` (rows)."""
@@ -516,8 +536,15 @@ class ModelSource:
                                         point.reshape(shape))
         return self._rows(_model._cast(out, self.dtype), l + 1)
 
-    def edges(self, l, V, mean, C, C_pinv, *, edge_point, alphas, weights, out_mean=None):
-        """Edges (r_out, r_in); with ``out_mean``, the constant node's column appended."""
+    def edges(self, l, V, mean, C, C_pinv, *, edge_point, alphas, weights, out_mean=None,
+              position_sources=None):
+        """Edges (r_out, r_in); with ``out_mean``, the constant node's column appended.
+
+        With ``position_sources``, the vector-Jacobian products of unpadded batches
+        combine output positions at random, as in :meth:`jacobian_stats`: the sum
+        of squares over output positions is then estimated without bias
+        (``E[(sum_t s_t a_t)^2] = sum_t a_t^2``), the constant node's too.
+        """
         st = self.structure(l, l + 1)
         E_all = torch.zeros(V.shape[1], C.shape[1] + (out_mean is not None), device=self.device,
                             dtype=self.dtype)
@@ -550,12 +577,18 @@ class ModelSource:
             keep_in = self._real_rows(x, l, act.shape)
             Z = _zero_padded((X - mean) @ C, keep_in)
             points = path_points(X, mean, C, C_pinv, edge_point, alphas)
+            signs = None if attention is not None or st is not None else self._signs(
+                position_sources, x)
             Z_out = None
             if constant is not None:
                 end = next(path_points(X, mean, C, C_pinv, edge_point, [1.0]))
                 out = self._output_at(x, l, end, act.shape)
-                out_shape = self._output_shape(l + 1, n_x, out.shape[0] // n_x)
+                p_out = out.shape[0] // n_x
+                out_shape = self._output_shape(l + 1, n_x, p_out)
                 Z_out = _zero_padded((out - out_mean) @ V, self._real_rows(x, l + 1, out_shape))
+                if signs is not None and p_out > 1:
+                    # The output coordinates combined like the products' positions.
+                    Z_out = (signs(p_out) @ Z_out.view(n_x, p_out, -1)).view(-1, Z_out.shape[1])
             if attention is not None and _adapters.padding_mask(x) is None:
                 Y, Z_seq = None, Z.view(n_x, -1, r)
                 for w, p in zip(weights, points):
@@ -573,7 +606,7 @@ class ModelSource:
                 P_bar = None
                 for w, p in zip(weights, points):
                     products = self._products(l, l + 1, x, p.reshape(act.shape), V,
-                                              check=i == 0)
+                                              check=i == 0, signs=signs)
                     self._mask_products(products, x, l, l + 1, act, k)
                     P_bar = (products.mul_(w) if P_bar is None
                              else P_bar.add_(products, alpha=w))

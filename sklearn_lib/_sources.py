@@ -225,7 +225,9 @@ class CachedSource:
                 stats.update(self.acts[l][rows])
         return stats
 
-    def jacobian_stats(self, l, V, new_stats):
+    def jacobian_stats(self, l, V, new_stats, position_sources=None):
+        # Stochastic sources over positions save vector-Jacobian products; the
+        # cached Jacobians hold every position already, so they are not used.
         stats = new_stats(l, self.positions[l + 1] * V.shape[1])
         projected = self.positions[l] * self.positions[l + 1] * V.shape[1] * self.widths[l]
         for chunk in self._chunks(self._jac_size(l) + projected, f"layer {l}"):
@@ -235,7 +237,7 @@ class CachedSource:
                 stats.update(self.acts[l][rows], J_hat)
         return stats
 
-    def global_stats(self, V, new_stats):
+    def global_stats(self, V, new_stats, position_sources=None):
         """Statistics of every layer with ``V^T J_{L-1} ... J_l``, chained per chunk of samples."""
         L = self.n_layers - 1
         k = V.shape[1] * self.positions[L]

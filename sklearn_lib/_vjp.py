@@ -9,6 +9,7 @@ independence of samples that the products rely on are described in
 :mod:`sklearn_lib.collect`, which re-exports the public functions.
 """
 
+import math
 import numbers
 from contextlib import nullcontext
 
@@ -213,8 +214,61 @@ def _chunk_size(max_vectors, n_vectors, per_vector):
     return min(int(max_vectors), n_vectors)
 
 
+class PositionSources:
+    """``m`` random combinations of a section's output positions per sample.
+
+    Stochastic sources over positions: with signs ``s_j`` uniform in
+    ``{-1, 1}^P`` (independent for every sample and source),
+    ``E[s_j s_j^T] = I``, so ``(1/m) sum_j (sum_t s_jt A_t)^T (sum_t s_jt A_t)``
+    estimates ``sum_t A_t^T A_t`` (``A_t = V^T J_t``, the products of output
+    position ``t``, with a sample's input positions as rows) without bias, from
+    ``m k`` vector-Jacobian products instead of ``P k``. Its squared Frobenius
+    error has expectation ``(1/m) sum_{t<u} ||A_t^T A_u + A_u^T A_t||_F^2`` per
+    sample (``tests/test_model_source.py`` checks it against brute force).
+
+    Parameters
+    ----------
+    m : int
+        Sources per sample.
+    seed : int
+        Seed of the generator the signs are drawn from, on ``device``.
+    device : torch.device
+    """
+
+    def __init__(self, m, seed, device):
+        self.m, self.seed, self.device = int(m), int(seed), device
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(self.seed)
+
+    def offset(self, k):
+        """Sources like these with an independent stream of signs (``k``: a rank)."""
+        return PositionSources(self.m, self.seed + int(k) * 7919 + 1, self.device)
+
+    def draw(self, n, n_positions, dtype):
+        """Signs ``(n, m, n_positions)`` divided by ``sqrt(m)``, as ``dtype``."""
+        bits = torch.randint(0, 2, (n, self.m, n_positions), generator=self.generator,
+                             device=self.device)
+        return (2 * bits - 1).to(dtype) / math.sqrt(self.m)
+
+    def batch(self, n, dtype):
+        """The signs of one batch of ``n`` samples: a function of its number of positions.
+
+        Every call with the same number returns the same signs, so that the
+        products at several points of an integration path, and the output
+        coordinates the constant node compares with, combine positions alike.
+        """
+        drawn = {}
+
+        def signs(n_positions):
+            if n_positions not in drawn:
+                drawn[n_positions] = self.draw(n, n_positions, dtype)
+            return drawn[n_positions]
+
+        return signs
+
+
 def _section_rows(model, a, b, x, act_in, cotangents, *, sequence, max_vectors, check,
-                  leaves=None, vector_major=False):
+                  leaves=None, vector_major=False, position_signs=None):
     """Products ``V.T @ J`` for every sample (or every position), in the row layout.
 
     One ``torch.func.vjp`` per batch; ``torch.func.vmap`` over chunks of cotangent
@@ -226,6 +280,12 @@ def _section_rows(model, a, b, x, act_in, cotangents, *, sequence, max_vectors, 
     as ``(P_out * k, B * P_in, d_in)``: the layout the vectorised products come
     in, for callers that only sum over rows (scatters, edges), which saves a
     transposing copy as large as the products.
+
+    With ``position_signs`` (a function of the number of output positions giving
+    signs ``(B, m, P_out)``, see :meth:`PositionSources.batch`) and more than one
+    output position, the ``P_out k`` directions (one output position times one
+    column of ``V``) become ``m k``: source ``j`` times column ``c`` is ``sum_t
+    s_jt e_t V[:, c]``, with signs of every sample its own.
     """
     if check:
         _check_differentiable(model, a, b, x, act_in)
@@ -256,20 +316,31 @@ def _section_rows(model, a, b, x, act_in, cotangents, *, sequence, max_vectors, 
                     f"{a.spec!r} -> {b.spec!r}, got shape {tuple(basis.shape)}."
                 )
         k = basis.shape[1]
-        n_vectors = p_out * k
+        signs = None
+        if position_signs is not None and p_out > 1 and len(out_shape) == 2:
+            signs = position_signs(p_out)  # (B, m, P_out)
+        n_vectors = p_out * k if signs is None else signs.shape[1] * k
         step = _chunk_size(max_vectors, n_vectors, batch * (p_in * d_in + p_out * d_out))
         shape = (n_vectors, batch, p_in, d_in) if vector_major else (batch, p_in, n_vectors, d_in)
         rows = None if step >= n_vectors else act_in.new_empty(shape)
         batched_vjp = torch.func.vmap(lambda v: vjp_fn(v)[0])
         for start in range(0, n_vectors, step):
             index = torch.arange(start, min(start + step, n_vectors), device=act_in.device)
-            # Direction q = t * k + c is one-hot in output position t times column c of V.
-            cot = torch.zeros(len(index), p_out, d_out, device=out.device, dtype=out.dtype)
-            cot[torch.arange(len(index), device=act_in.device), index // k] = basis.T[index % k]
-            # Materialised, not expanded: a batch axis of stride 0 makes the
-            # backward produce its products in an order that vmap then copies.
-            cot = cot.reshape(len(index), 1, *out_shape).expand(len(index), batch, *out_shape)
-            grads = batched_vjp(cot.contiguous()).reshape(len(index), batch, p_in, d_in)
+            if signs is None:
+                # Direction q = t * k + c is one-hot in output position t times column c.
+                cot = torch.zeros(len(index), p_out, d_out, device=out.device, dtype=out.dtype)
+                cot[torch.arange(len(index), device=act_in.device), index // k] = (
+                    basis.T[index % k])
+                # Materialised, not expanded: a batch axis of stride 0 makes the
+                # backward produce its products in an order that vmap then copies.
+                cot = cot.reshape(len(index), 1, *out_shape).expand(
+                    len(index), batch, *out_shape).contiguous()
+            else:
+                # Direction q = j * k + c: source j's signs over positions times column c.
+                cot = (signs[:, index // k].transpose(0, 1)[..., None]
+                       * basis.T[index % k][:, None, None, :]).reshape(len(index), batch,
+                                                                      *out_shape)
+            grads = batched_vjp(cot).reshape(len(index), batch, p_in, d_in)
             if rows is None and vector_major:
                 rows = grads.contiguous()
             elif rows is None:

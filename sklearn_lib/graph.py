@@ -141,6 +141,24 @@ class InteractionGraph(BaseEstimator):
         ``k`` instead of ``r_{l+1}`` vector-Jacobian products per sample. It
         affects only ``M'`` and hence the bases (and, through them, everything
         downstream); edges are always computed with the exact ``C_{l+1}``.
+    stochastic_positions : int or None, default=None
+        If set to ``m``, a section whose output layer has ``P > 1`` positions
+        (``sequence=True``) takes ``m`` random ±1 combinations of its output
+        positions per sample instead of every position, drawn from
+        ``random_state``: ``m k`` vector-Jacobian products instead of ``P k``
+        (``k`` cotangents). The Jacobian second moment stays unbiased (random
+        signs average the cross terms of positions out). With ``A_ts`` the
+        products ``C_{l+1}^T J`` of output position ``t`` at input position
+        ``s`` of a sample ``x``, ``S_tu(x) = sum_s A_ts^T A_us`` and ``N``
+        rows, its squared Frobenius error has expectation ``(1/(m N^2)) sum_x
+        sum_{t<u} ||S_tu(x) + S_tu(x)^T||_F^2``: it shrinks as ``1 / m`` and
+        as ``1 / n`` in the number of samples. The edges, sums of squares over
+        output positions, are estimated from such combinations as well and
+        stay unbiased (``E[(sum_t s_t a_t)^2] = sum_t a_t^2``), the constant
+        node's too.
+        It applies to vector-Jacobian products of live models (``fit_model``)
+        on batches without padding; closed forms, declared attention, padded
+        batches and cached Jacobians (``fit``) are exact.
     fast_path : "auto" or bool, default="auto"
         Use the closed form for sections that are one ``nn.Linear`` and/or one
         elementwise activation (ReLU, Tanh, Sigmoid, GELU, LeakyReLU, ...,
@@ -254,6 +272,7 @@ class InteractionGraph(BaseEstimator):
         "integration": [StrOptions({"trapezoid", "gauss-legendre"}), None],
         "n_alphas": [Interval(Integral, 1, None, closed="left")],
         "stochastic_sources": [Interval(Integral, 1, None, closed="left"), None],
+        "stochastic_positions": [Interval(Integral, 1, None, closed="left"), None],
         "fast_path": [StrOptions({"auto"}), "boolean"],
         "constant_node": ["boolean"],
         "random_state": ["random_state"],
@@ -276,6 +295,7 @@ class InteractionGraph(BaseEstimator):
         integration=None,
         n_alphas=10,
         stochastic_sources=None,
+        stochastic_positions=None,
         fast_path="auto",
         constant_node=False,
         random_state=None,
@@ -294,6 +314,7 @@ class InteractionGraph(BaseEstimator):
         self.integration = integration
         self.n_alphas = n_alphas
         self.stochastic_sources = stochastic_sources
+        self.stochastic_positions = stochastic_positions
         self.fast_path = fast_path
         self.constant_node = constant_node
         self.random_state = random_state
