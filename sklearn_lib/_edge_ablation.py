@@ -110,7 +110,7 @@ class _EdgeAblation:
 
     def _constant_columns(self, outputs):
         """Columns of outputs fed by no edge: the section at ``c_in``, run on one sample."""
-        net, (r_out, r_in) = self.net, self.shape
+        net, r_in = self.net, self.shape[1]
         with net.running():
             c_in = self.basis_in.inverse(torch.zeros(1, *net.X.shape[1:-1], r_in,
                                                      dtype=torch.float64, device=net.device))

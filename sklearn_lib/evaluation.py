@@ -58,7 +58,6 @@ from collections import namedtuple
 
 import numpy as np
 import torch
-from sklearn.utils.validation import check_array
 
 from ._ablation import (
     _N_PROBE_ROWS,
