@@ -63,11 +63,6 @@ def _same_values(a, b):
             and a.dtype == b.dtype and torch.equal(a.reshape(b.shape), b))
 
 
-def _reshaper(shape):
-    """A leaf giving a batch of activations the per-sample ``shape`` a readout module takes."""
-    return lambda t: t.reshape(t.shape[0], *shape)
-
-
 class _Fingerprint:
     """The sample count and order-free sums of the inputs seen by one pass over the data.
 
@@ -158,8 +153,6 @@ class ModelSource:
         self.widths = [d for _, d in pw]
         self._shapes = shapes
         self._structures, self._leaves, self._readouts = {}, {}, {}
-        # Per-sample input shape of each readout module (see readout).
-        self._readout_shapes = {}
         self.fast_path = fast_path
         # Numbers per sample of the recorded layers up to each layer (see _footprint).
         self._forward = np.cumsum([p * d for p, d in zip(self.positions, self.widths)]).tolist()
@@ -371,13 +364,12 @@ class ModelSource:
         """
         if (l, m) not in self._leaves:
             readout = self.readout(l, m)
-            if readout is None:
-                leaves = section_leaves(self.model, self.specs[l], self.specs[m])
-            elif self._readout_shapes[readout.spec] == self._shapes[l]:
-                leaves = [readout.module]
-            else:
-                leaves = [_reshaper(self._readout_shapes[readout.spec]), readout.module]
-            self._leaves[(l, m)] = leaves
+            # A Linear or elementwise module acts on the last axis, so the recorded
+            # activation may differ from its input by unit axes ("resid[-1]").
+            self._leaves[(l, m)] = (
+                section_leaves(self.model, self.specs[l], self.specs[m]) if readout is None
+                else [readout.module]
+            )
         return self._leaves[(l, m)]
 
     def readout(self, l, m):
@@ -405,17 +397,13 @@ class ModelSource:
             return None
         module_input = _model._Layer(f"{b.name}:input", b.name, "input", b.module)
         if a.spec == module_input.spec:
-            self._readout_shapes[a.spec] = self._shapes[self.specs.index(a)]
             return module_input
         x = next(iter(self._batches(self.batch_size or _VERIFY_SAMPLES)), None)
         if x is None:  # data that ran dry: the pass says so
             return None
         with eval_mode(self.model), torch.no_grad():
             rec = _model._record_batch(self.model, [a, module_input], x)
-        if not _same_values(rec[a.spec], rec[module_input.spec]):
-            return None
-        self._readout_shapes[module_input.spec] = tuple(rec[module_input.spec].shape[1:])
-        return module_input
+        return module_input if _same_values(rec[a.spec], rec[module_input.spec]) else None
 
     def _verified(self, st, l, m):
         """Whether a declared closed form computes layer m from layer l on the first batch."""

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from sklearn_lib import InteractionGraph
+from sklearn_lib._fastpath import run_leaves as _fastpath_run_leaves
 from sklearn_lib.collect import collect
 
 T, D_IN, D = 3, 2, 4
@@ -56,10 +57,10 @@ def _assert_graphs_equal(a, b, tol=1e-10):
         np.testing.assert_allclose(G, G_ref, rtol=0, atol=tol * np.abs(G_ref).max())
 
 
-def _reference(net, layers, X, **params):
-    acts, jacs = collect(net, layers, X, sequence=True, fast_path=False, verbose=False)
+def _reference(net, layers, X, sequence=True, **params):
+    acts, jacs = collect(net, layers, X, sequence=sequence, fast_path=False, verbose=False)
     return InteractionGraph(edge_point="data", **params).fit(acts, jacobians=jacs,
-                                                            sequence=True)
+                                                            sequence=sequence)
 
 
 @pytest.mark.parametrize("read, layers", [
@@ -82,6 +83,34 @@ def test_elementwise_readout_takes_the_closed_form():
     graph = InteractionGraph.from_model(net, layers, X, sequence=True, edge_point="data")
     assert graph.fast_path_[-1] is True
     _assert_graphs_equal(graph, _reference(net, layers, X))
+
+
+@pytest.mark.parametrize("read, layers", [("all", ["resid", "head"]),
+                                         ("last", ["resid[-1]", "head"])])
+def test_readout_without_closed_form_runs_alone(read, layers, monkeypatch):
+    """A readout without its closed form runs alone, from the recorded activation.
+
+    Flat rows of several positions are no rows of the head (``"all"``: no closed
+    form); for ``"last"`` the closed form is switched off here, and the recorded
+    ``resid[-1]``, (n, 1, d), is what the head, which reads (n, d), runs on.
+    """
+    from sklearn_lib import _model_source, _vjp
+
+    net, X = _net(read=read), _data()
+    if read == "last":
+        monkeypatch.setattr(_model_source.ModelSource, "structure", lambda self, l, m: None)
+    ran = []
+
+    def run_leaves(leaves, t):
+        ran.append(leaves)
+        return _fastpath_run_leaves(leaves, t)
+
+    monkeypatch.setattr(_vjp, "run_leaves", run_leaves)
+    graph = InteractionGraph.from_model(net, layers, X, edge_point="data")
+    monkeypatch.undo()
+    assert graph.fast_path_ == [False]
+    assert ran and all(leaves == [net.head] for leaves in ran)
+    _assert_graphs_equal(graph, _reference(net, layers, X, sequence=False))
 
 
 def test_module_reading_another_value_is_no_readout():
