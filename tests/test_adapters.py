@@ -8,9 +8,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 from sklearn_lib import InteractionGraph
-from sklearn_lib._adapters import padding_mask, unwrap_model
-from sklearn_lib._model import _Layer, _parse_layers, _row_mask
 from sklearn_lib.collect import collect, prepare_model, record_activations
+from sklearn_lib.models._adapters import padding_mask, unwrap_model
+from sklearn_lib.models._model import _Layer, _parse_layers, _row_mask
 
 LAYERS = ["transformer.h.0:input", "transformer.h.0", "lm_head"]
 

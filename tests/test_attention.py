@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from sklearn_lib import InteractionGraph, Layer, declare_attention
-from sklearn_lib import _model
-from sklearn_lib._attention import detect_attention
-from sklearn_lib.collect import _section_rows
+from sklearn_lib.models import _model
+from sklearn_lib.models._attention import detect_attention
+from sklearn_lib.models._collect import _section_rows
 
 D, HEADS, D_HEAD, T = 5, 2, 3, 4
 

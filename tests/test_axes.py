@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from sklearn_lib import InteractionGraph, Layer
-from sklearn_lib._axes import from_rows_view, to_rows_view
 from sklearn_lib.collect import collect, record_activations
+from sklearn_lib.models._axes import from_rows_view, to_rows_view
 
 N = 12
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from sklearn_lib._backend import resolve_device
+from sklearn_lib.utils._backend import resolve_device
 
 
 @pytest.mark.parametrize("device", ["cpu", "cpu:0", torch.device("cpu"), "auto"])

@@ -18,7 +18,7 @@ from sklearn.exceptions import NotFittedError
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from sklearn_lib import InteractionBasis
-from sklearn_lib._stats import InteractionStatistics
+from sklearn_lib.basis._stats import InteractionStatistics
 
 
 def make_layer(rng, n=300, d=6, o=4, rank=None):

@@ -394,8 +394,8 @@ class Killed(BaseException):
 
 
 def kill_after_renames(monkeypatch, n_allowed):
-    """Let ``n_allowed`` renames of sklearn_lib._atomic happen, then 'kill' the process."""
-    import sklearn_lib._atomic
+    """Let ``n_allowed`` renames of sklearn_lib.utils._atomic happen, then 'kill' the process."""
+    import sklearn_lib.utils._atomic
 
     calls = []
     real_rename = os.rename
@@ -406,7 +406,7 @@ def kill_after_renames(monkeypatch, n_allowed):
             raise Killed
         real_rename(src, dst)
 
-    monkeypatch.setattr(sklearn_lib._atomic.os, "rename", rename)
+    monkeypatch.setattr(sklearn_lib.utils._atomic.os, "rename", rename)
 
 
 def dead_pid():
@@ -435,7 +435,7 @@ def test_kill_between_the_two_renames_recovers_old_cache(finalized, monkeypatch)
 
 
 def test_kill_after_the_second_rename_keeps_new_cache_and_tidies(finalized, monkeypatch):
-    import sklearn_lib._atomic
+    import sklearn_lib.utils._atomic
 
     path, _ = finalized
     new, _ = write_cache(path, [3], overwrite=True)
@@ -443,7 +443,7 @@ def test_kill_after_the_second_rename_keeps_new_cache_and_tidies(finalized, monk
     def killed(path):
         raise Killed
 
-    monkeypatch.setattr(sklearn_lib._atomic, "_remove_tree", killed)
+    monkeypatch.setattr(sklearn_lib.utils._atomic, "_remove_tree", killed)
     with pytest.raises(Killed):
         new.finalize()
     monkeypatch.undo()

@@ -1,4 +1,4 @@
-"""Tests for sklearn_lib._chunk_read: whole cache chunks decoded in place equal zarr's reads.
+"""Tests for sklearn_lib.cache._chunk_read: whole cache chunks decoded in place equal zarr's reads.
 
 The direct read copies stored bytes; nothing is computed, so its result is
 compared with zarr's exactly (bit for bit), on every machine.
@@ -11,10 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sklearn_lib import _chunk_read
-from sklearn_lib._cache_store import VerifiedStore
-from sklearn_lib._chunk_read import _frame_content_size, read_rows
-from sklearn_lib.cache import ActivationCache
+from sklearn_lib.cache import ActivationCache, _chunk_read
+from sklearn_lib.cache._chunk_read import _frame_content_size, read_rows
+from sklearn_lib.cache._store import VerifiedStore
 
 zarr = pytest.importorskip("zarr", minversion="3")
 numcodecs = pytest.importorskip("numcodecs")

@@ -1,4 +1,4 @@
-"""Fits from dask arrays (sklearn_lib._dask, sklearn_lib._dask_source) equal in-memory fits.
+"""Fits from dask arrays (sklearn_lib.basis._dask, sklearn_lib.sources._dask_source) equal in-memory fits.
 
 Most tests use Dask's synchronous scheduler (the same graph, no threads); one
 module-scoped ``distributed.LocalCluster`` of 2 worker processes checks the
@@ -139,7 +139,7 @@ def test_nan_in_a_block_is_refused(layer):
 
 def test_a_lost_block_is_refused(layer, monkeypatch):
     """The root's row count is checked: a reduction that drops a block raises."""
-    import sklearn_lib._dask as glue
+    import sklearn_lib.basis._dask as glue
 
     reduce = glue.tree_reduce
     monkeypatch.setattr(glue, "tree_reduce", lambda parts: reduce(parts[:-1]))
@@ -149,7 +149,7 @@ def test_a_lost_block_is_refused(layer, monkeypatch):
 
 def test_a_worker_lost_too_often_is_a_clear_error(layer, monkeypatch):
     distributed = pytest.importorskip("distributed")
-    import sklearn_lib._dask as glue
+    import sklearn_lib.basis._dask as glue
 
     def killed(parts):
         return dask.delayed(lambda: (_ for _ in ()).throw(
@@ -250,7 +250,7 @@ def test_cache_dask_arrays_are_aligned_and_lazy(cached):
 
 def test_cache_blocks_are_read_in_the_task(cached):
     """A cache array's blocks reach the tasks as reads; a derived array's as Dask's blocks."""
-    from sklearn_lib._dask import CacheBlock, read_block, row_blocks
+    from sklearn_lib.basis._dask import CacheBlock, read_block, row_blocks
 
     X = cached.activations("hidden", dask=True)
     parts = row_blocks(X)

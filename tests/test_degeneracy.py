@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 from scipy.stats import ortho_group
 
 from sklearn_lib import InteractionGraph
-from sklearn_lib._degeneracy import FiringPatterns
 from sklearn_lib.degeneracy import DegeneracyReport
+from sklearn_lib.degeneracy._counts import FiringPatterns
 
 LAYERS = [":input", "1", "2"]
 

@@ -5,9 +5,9 @@ import os
 
 import pytest
 
-from sklearn_lib import demo
-from sklearn_lib._demo_transformer import format_table as format_transformer_table
-from sklearn_lib.demo import format_table, main, run
+from sklearn_lib.demo import _main as demo
+from sklearn_lib.demo._main import format_table, main, run
+from sklearn_lib.demo._transformer import format_table as format_transformer_table
 
 
 @pytest.fixture(scope="module")

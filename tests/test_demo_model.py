@@ -6,9 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from sklearn_lib import InteractionGraph, _demo_model
+from sklearn_lib import InteractionGraph
+from sklearn_lib.demo import _user_model as _demo_model
 from sklearn_lib.demo import main
-from sklearn_lib.evaluation import compare_node_ablation, directions_to_keep, min_edges_to_keep
+from sklearn_lib.evaluation import (
+    compare_node_ablation,
+    directions_to_keep,
+    min_edges_to_keep,
+)
 
 FACTORY = '''
 import torch

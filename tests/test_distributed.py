@@ -12,15 +12,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import _distributed_worker as worker
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 
-import _distributed_worker as worker
-from sklearn_lib._distributed import all_reduce_statistics, resolve_group
-from sklearn_lib._stats import InteractionStatistics
+from sklearn_lib.basis._stats import InteractionStatistics
 from sklearn_lib.graph import InteractionGraph
+from sklearn_lib.sources._distributed import all_reduce_statistics, resolve_group
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed missing")
 WORLD = len(worker.N_PER_RANK)

@@ -1,4 +1,4 @@
-"""Tests for sklearn_lib._edge_ablation: the row-wise edge ablation against the straightforward
+"""Tests for sklearn_lib.evaluation._edge_ablation: the row-wise edge ablation against the straightforward
 computation (one section run per output direction and mask), its reuse of work, and the
 fewest-edges search on monotone and non-monotone curves."""
 
@@ -13,14 +13,14 @@ from hypothesis import strategies as st
 from sklearn.decomposition import PCA
 from torch import nn
 
-from sklearn_lib._ablation import _fewest_passing
-from sklearn_lib._edge_ablation import _EdgeAblation
 from sklearn_lib.evaluation import (
     directions_to_keep,
     edge_ablated_outputs,
     edge_ablation_curve,
     min_edges_to_keep,
 )
+from sklearn_lib.evaluation._ablation import _fewest_passing
+from sklearn_lib.evaluation._edge_ablation import _EdgeAblation
 
 N, D_IN, D_OUT = 40, 4, 5
 

@@ -13,13 +13,13 @@ with ``torch.autograd.functional.jacobian`` on hand-written section functions
 import numpy as np
 import pytest
 import torch
-from _attention import D, D_IN, N, P, TinyAttention
+from _attention import D_IN, D, N, P, TinyAttention
 from torch import nn
 from torch.autograd.functional import jacobian
 
 from sklearn_lib import InteractionGraph
-from sklearn_lib._edges import path_quadrature
 from sklearn_lib.collect import collect
+from sklearn_lib.sources._edges import path_quadrature
 
 LAYERS = ["embed", "out", "pool", "head"]
 

@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from sklearn_lib import InteractionGraph, declare_residual_mlp
-from sklearn_lib._fastpath import ResidualMLP
-from sklearn_lib._edges import Workspace
 from sklearn_lib.collect import collect
+from sklearn_lib.models._fastpath import ResidualMLP
+from sklearn_lib.sources._edges import Workspace
 
 ACTIVATIONS = [nn.ReLU, nn.GELU, nn.Tanh]
 
@@ -277,7 +277,10 @@ def test_parent_declaration_is_checked():
 
 
 def test_shipped_transformer_mlp_section_matches_generic_path():
-    from sklearn_lib.datasets import load_modular_addition_transformer, modular_addition_data
+    from sklearn_lib.datasets import (
+        load_modular_addition_transformer,
+        modular_addition_data,
+    )
 
     net = load_modular_addition_transformer()
     declare_residual_mlp(net, "mlp.0", "mlp.1", "mlp.2", input="hook_resid_mid",

@@ -1,4 +1,4 @@
-"""Saving and loading InteractionGraph (sklearn_lib._graph_io): roundtrips, atomic replace."""
+"""Saving and loading InteractionGraph (sklearn_lib.graph._io): roundtrips, atomic replace."""
 
 import json
 import os
@@ -71,7 +71,7 @@ class Killed(BaseException):
 
 
 def test_kill_between_the_two_renames_recovers_old_graph(fitted, case, tmp_path, monkeypatch):
-    import sklearn_lib._atomic
+    import sklearn_lib.utils._atomic
 
     path = tmp_path / "graph"
     fitted.save(path)
@@ -84,7 +84,7 @@ def test_kill_between_the_two_renames_recovers_old_graph(fitted, case, tmp_path,
             raise Killed
         real_rename(src, dst)
 
-    monkeypatch.setattr(sklearn_lib._atomic.os, "rename", rename)
+    monkeypatch.setattr(sklearn_lib.utils._atomic.os, "rename", rename)
     with pytest.raises(Killed):
         other.save(path, overwrite=True)
     monkeypatch.undo()
@@ -98,7 +98,7 @@ def test_kill_between_the_two_renames_recovers_old_graph(fitted, case, tmp_path,
 
 def test_kill_after_the_second_rename_keeps_new_graph_and_tidies(fitted, case, tmp_path,
                                                                 monkeypatch):
-    import sklearn_lib._atomic
+    import sklearn_lib.utils._atomic
 
     path = tmp_path / "graph"
     fitted.save(path)
@@ -107,7 +107,7 @@ def test_kill_after_the_second_rename_keeps_new_graph_and_tidies(fitted, case, t
     def killed(path):
         raise Killed
 
-    monkeypatch.setattr(sklearn_lib._atomic, "_remove_tree", killed)
+    monkeypatch.setattr(sklearn_lib.utils._atomic, "_remove_tree", killed)
     with pytest.raises(Killed):
         other.save(path, overwrite=True)
     monkeypatch.undo()

@@ -1,4 +1,4 @@
-"""Tests for the interaction-graph figure (sklearn_lib._graph_plot), headless (Agg backend)."""
+"""Tests for the interaction-graph figure (sklearn_lib.plotting._graph_plot), headless (Agg backend)."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""Tests for sklearn_lib._linalg: "auto" truncation (SPEC section 1) and its messages."""
+"""Tests for sklearn_lib.basis._linalg: "auto" truncation (SPEC section 1) and its messages."""
 
 import numpy as np
 import pytest
@@ -144,7 +144,7 @@ def test_small_eigh_runs_on_one_thread_and_restores_the_count(monkeypatch):
     """Small LAPACK calls run single-threaded (robust when cores are shared), then restore."""
     import torch
 
-    from sklearn_lib import _linalg
+    from sklearn_lib.basis import _linalg
 
     seen = []
     real_eigh = torch.linalg.eigh
@@ -181,7 +181,7 @@ def _blas_threads():
 
 def test_numpy_lapack_runs_on_one_blas_thread():
     """np.linalg calls (numpy's own BLAS) are limited too, and only small ones."""
-    from sklearn_lib import _linalg
+    from sklearn_lib.basis import _linalg
 
     threadpoolctl = pytest.importorskip("threadpoolctl")
     A = np.eye(5)

@@ -1,4 +1,4 @@
-"""Tests for sklearn_lib._model: models that reject their inputs, layers without features.
+"""Tests for sklearn_lib.models._model: models that reject their inputs, layers without features.
 
 The checks live in _model.py and serve every function that runs a live model;
 these tests go through the public entry points of sklearn_lib.collect.
@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from sklearn_lib import _model
 from sklearn_lib.collect import collect, record_activations, section_vjp_products
+from sklearn_lib.models import _model
 
 N, D = 12, 3
 

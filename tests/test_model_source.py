@@ -1,4 +1,4 @@
-"""Tests for sklearn_lib._model_source: sections the live-model source recognises itself.
+"""Tests for sklearn_lib.sources._model_source: sections the live-model source recognises itself.
 
 A readout (a Linear or elementwise module applied to a recorded layer in a
 parent's ``forward``, like an unembedding) is recognised by the values it reads;
@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from sklearn_lib import InteractionGraph
-from sklearn_lib._fastpath import run_leaves as _fastpath_run_leaves
 from sklearn_lib.collect import collect
+from sklearn_lib.models._fastpath import run_leaves as _fastpath_run_leaves
 
 T, D_IN, D = 3, 2, 4
 
@@ -94,7 +94,8 @@ def test_readout_without_closed_form_runs_alone(read, layers, monkeypatch):
     form); for ``"last"`` the closed form is switched off here, and the recorded
     ``resid[-1]``, (n, 1, d), is what the head, which reads (n, d), runs on.
     """
-    from sklearn_lib import _model_source, _vjp
+    from sklearn_lib.models import _vjp
+    from sklearn_lib.sources import _model_source
 
     net, X = _net(read=read), _data()
     if read == "last":
@@ -187,9 +188,9 @@ def test_position_sources_are_unbiased_with_the_documented_error():
     sum_s A_ts^T A_us`` over the input positions ``s`` of sample ``x``, computed
     from the exact products of every output position.
     """
-    from sklearn_lib._model_source import ModelSource
-    from sklearn_lib._stats import InteractionStatistics
-    from sklearn_lib._vjp import PositionSources, _section_rows
+    from sklearn_lib.basis._stats import InteractionStatistics
+    from sklearn_lib.models._vjp import PositionSources, _section_rows
+    from sklearn_lib.sources._model_source import ModelSource
 
     net, X, m = _mixer(), _data(12), 2
     source = ModelSource(net, ["resid", "mid"], X, sequence=True, batch_size=None,
@@ -262,7 +263,7 @@ def test_position_sources_repeat_with_their_random_state():
 
 def test_position_sources_of_each_rank_draw_their_own_signs():
     """``offset`` (one per rank of a distributed fit) gives another stream of signs."""
-    from sklearn_lib._vjp import PositionSources
+    from sklearn_lib.models._vjp import PositionSources
 
     cpu = torch.device("cpu")
     base = PositionSources(3, 11, cpu)
@@ -281,9 +282,9 @@ def test_position_sources_estimate_the_edges_without_bias(integration, constant)
     same signs (the cross terms of two points would be lost otherwise), and the
     constant node's output coordinates with them: both would show as a bias.
     """
-    from sklearn_lib._edges import path_quadrature
-    from sklearn_lib._model_source import ModelSource
-    from sklearn_lib._vjp import PositionSources
+    from sklearn_lib.models._vjp import PositionSources
+    from sklearn_lib.sources._edges import path_quadrature
+    from sklearn_lib.sources._model_source import ModelSource
 
     net, X = _mixer(), _data(12)
     graph = InteractionGraph.from_model(net, ["resid", "mid"], X, sequence=True)

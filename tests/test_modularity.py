@@ -1,4 +1,4 @@
-"""Tests for sklearn_lib._modularity: edge normalisation and the modularity function.
+"""Tests for sklearn_lib.cluster._modularity: edge normalisation and the modularity function.
 
 Exact comparisons are of values the functions select or copy from their input
 (``select_log_eps``, ``norm="identity"``) or of booleans from comparing those

@@ -1,4 +1,4 @@
-"""Tests for sklearn_lib._sources: what InteractionGraph.fit_model accepts as data.
+"""Tests for sklearn_lib.sources._cached: what InteractionGraph.fit_model accepts as data.
 
 fit_model passes over the data once per statistic (twice per layer, plus the
 final layer), so every pass must see the same samples; these tests feed it data
@@ -214,7 +214,8 @@ def test_sections_run_from_the_recorded_activation_give_the_same_graph(
 
     Either way the products come vector-major, in one chunk or in several.
     """
-    from sklearn_lib import _model_source, _vjp
+    from sklearn_lib.models import _vjp
+    from sklearn_lib.sources import _model_source
 
     if vectors_per_chunk:
         monkeypatch.setattr(_vjp, "_VJP_ELEMENT_BUDGET", vectors_per_chunk * N * 10)
@@ -242,7 +243,7 @@ def test_sections_run_from_the_recorded_activation_give_the_same_graph(
 
 def test_hooked_or_unstructured_sections_run_the_whole_model(net):
     """A hook inside the section, or a section outside a Sequential, is not run alone."""
-    from sklearn_lib import _fastpath, _model
+    from sklearn_lib.models import _fastpath, _model
 
     a, b = _model._parse_layers(net, [":input", "2"], "output")
     assert len(_fastpath.section_leaves(net, a, b)) == 3
@@ -275,7 +276,7 @@ class _MixPositions(nn.Module):
 def test_sections_between_chosen_positions_run_the_whole_model():
     """A layer restricted to chosen positions records only those: its section cannot
     start from the recording, since the section reads the other positions too."""
-    from sklearn_lib import _fastpath, _model
+    from sklearn_lib.models import _fastpath, _model
 
     torch.manual_seed(2)
     modules = [nn.Linear(3, 4), _MixPositions(), nn.Tanh(), nn.Linear(4, 4)]

@@ -1,10 +1,10 @@
-"""Tests for sklearn_lib._stats: mergeable statistics at any magnitude."""
+"""Tests for sklearn_lib.basis._stats: mergeable statistics at any magnitude."""
 
 import numpy as np
 import pytest
 import torch
 
-from sklearn_lib._stats import InteractionStatistics, scale_by_power_of_two
+from sklearn_lib.basis._stats import InteractionStatistics, scale_by_power_of_two
 
 
 def new_stats(d=3, o=2):

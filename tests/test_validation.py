@@ -3,7 +3,7 @@ import pytest
 import scipy.sparse
 import torch
 
-from sklearn_lib._validation import (
+from sklearn_lib.utils._validation import (
     check_jacobians,
     check_not_jacobians,
     check_real_values,
