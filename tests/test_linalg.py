@@ -145,6 +145,7 @@ def test_small_eigh_runs_on_one_thread_and_restores_the_count(monkeypatch):
     import torch
 
     from sklearn_lib.basis import _linalg
+    from sklearn_lib.utils._threads import lapack_threads
 
     seen = []
     real_eigh = torch.linalg.eigh
@@ -163,11 +164,11 @@ def test_small_eigh_runs_on_one_thread_and_restores_the_count(monkeypatch):
         assert seen[-1] == (5, 1)
         assert torch.get_num_threads() == 2
         # Above the size limit the user's thread count is kept.
-        with _linalg.lapack_threads(A, max_size=4):
+        with lapack_threads(A, max_size=4):
             assert torch.get_num_threads() == 2
         # An error inside the block still restores the count.
         with pytest.raises(RuntimeError, match="boom"):
-            with _linalg.lapack_threads(A):
+            with lapack_threads(A):
                 raise RuntimeError("boom")
         assert torch.get_num_threads() == 2
     finally:
@@ -181,19 +182,19 @@ def _blas_threads():
 
 def test_numpy_lapack_runs_on_one_blas_thread():
     """np.linalg calls (numpy's own BLAS) are limited too, and only small ones."""
-    from sklearn_lib.basis import _linalg
+    from sklearn_lib.utils._threads import lapack_threads
 
     threadpoolctl = pytest.importorskip("threadpoolctl")
     A = np.eye(5)
     with threadpoolctl.threadpool_limits(2, user_api="blas"):
         if not _blas_threads() or max(_blas_threads()) < 2:
             pytest.skip("numpy's BLAS does not run on 2 threads here")
-        with _linalg.lapack_threads(A):
+        with lapack_threads(A):
             assert set(_blas_threads()) == {1}
         assert max(_blas_threads()) == 2
-        with _linalg.lapack_threads(A, max_size=4):
+        with lapack_threads(A, max_size=4):
             assert max(_blas_threads()) == 2
         with pytest.raises(RuntimeError, match="boom"):
-            with _linalg.lapack_threads(A):
+            with lapack_threads(A):
                 raise RuntimeError("boom")
         assert max(_blas_threads()) == 2

@@ -16,8 +16,8 @@ import torch
 from sklearn.utils.metadata_routing import MetadataRequest
 from sklearn.utils.validation import check_is_fitted
 
-from ..basis._linalg import lapack_threads
 from ..utils._backend import as_tensor, gen_batches, resolve_device
+from ..utils._threads import lapack_threads
 from ..utils._validation import (
     check_edge_values,
     check_finite,
@@ -181,7 +181,7 @@ def _affine_map(estimator, sample, *, name="estimator"):
         )
         c, P = back[0], back[1:] - back[0]
     else:
-        # Small dense LAPACK calls on one thread: see _linalg.lapack_threads.
+        # Small dense LAPACK calls on one thread: see utils._threads.lapack_threads.
         with lapack_threads(A):
             c, P = np.zeros(n_features), np.linalg.pinv(A)
     rows = sample[np.unique(np.linspace(0, len(sample) - 1, 64).astype(int))]
