@@ -37,12 +37,7 @@ from ..utils._validation import (
 )
 from ._dask import is_dask_array
 from ._linalg import constant_feature_floor, interaction_basis
-from ._stats import InteractionStatistics
-
-# A chunk of Jacobians holds about this many numbers when batch_size=None
-# (64 MiB in float64): large enough for GEMM to run at full speed, small enough
-# that fitting never holds a copy of a whole Jacobian cache.
-_AUTO_CHUNK_NUMBERS = 2**23
+from ._stats import AUTO_CHUNK_NUMBERS, InteractionStatistics
 
 
 class InteractionBasis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
@@ -335,7 +330,7 @@ class InteractionBasis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
         if self.batch_size is not None:
             return self.batch_size
         width = (n_outputs or 1) * self.n_features_in_
-        return max(1, _AUTO_CHUNK_NUMBERS // width)
+        return max(1, AUTO_CHUNK_NUMBERS // width)
 
     def _accumulate(self, stats, X, jacobians, sample_weight):
         for rows in gen_batches(X.shape[0], self._chunk_size(stats.n_outputs)):
@@ -429,7 +424,7 @@ class InteractionBasis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
         else:
             out = np.empty((n, A.shape[1]), dtype=str(dtype).removeprefix("torch."))
         width = max(A.shape)
-        for rows in gen_batches(n, self.batch_size or max(1, _AUTO_CHUNK_NUMBERS // width)):
+        for rows in gen_batches(n, self.batch_size or max(1, AUTO_CHUNK_NUMBERS // width)):
             chunk = as_tensor(X[rows], device=device, dtype=dtype)
             check_finite(chunk, "X")
             chunk = (chunk - a) @ A + b

@@ -18,16 +18,14 @@ instead of fitting on other data than the user's.
 
 import itertools
 import math
-import os
 import sys
-import threading
 import warnings
 
 import numpy as np
 import torch
 
 from ..utils._backend import gen_batches
-from ._stats import InteractionStatistics
+from ._stats import AUTO_CHUNK_NUMBERS, InteractionStatistics
 
 #: Parts merged by one node of the reduction tree.
 SPLIT_EVERY = 8
@@ -83,6 +81,21 @@ def as_row_blocks(a, row_chunks, name, misaligned):
     return a.rechunk((tuple(row_chunks), *whole))
 
 
+class CacheBlock:
+    """Rows ``key`` of a cache array, read by the task that needs them (:func:`row_blocks`)."""
+
+    def __init__(self, source, key):
+        self.source, self.key = source, key
+
+    def read(self):
+        return self.source[self.key]
+
+
+#: The attribute by which a dask array of a cache holds its name, chunks and source
+#: (:func:`sklearn_lib.cache._dask.cache_array` sets it).
+CACHE_SOURCE = "_sklearn_lib_cache_node"
+
+
 def row_blocks(a):
     """One argument per row block of the dask array ``a`` for the reduction's tasks.
 
@@ -93,7 +106,7 @@ def row_blocks(a):
     separate read tasks, measured: two Jacobian blocks at a time, a third more
     memory per worker).
     """
-    name, chunks, source = getattr(a, _CACHE_SOURCE, (None, None, None))
+    name, chunks, source = getattr(a, CACHE_SOURCE, (None, None, None))
     # Operations make new arrays without the attribute (a rechunk to the same
     # chunks returns the array itself), but ``a[mask] = v`` changes the array in
     # place, and its name with it: only the unchanged array reads the cache.
@@ -254,79 +267,4 @@ def basis_statistics(basis, X, jacobians, sample_weight):
 
 
 def _auto_chunk(n_features, n_outputs):
-    from ._basis import _AUTO_CHUNK_NUMBERS
-
-    return max(1, _AUTO_CHUNK_NUMBERS // ((n_outputs or 1) * n_features))
-
-
-# --------------------------------------------------------------------------- caches
-_OPEN_CACHES = {}
-_OPEN_LOCK = threading.Lock()
-
-
-def _open_cache(path, generation):
-    """The cache at ``path``, opened once per process, refused if it is another cache now."""
-    from ..cache._cache import ActivationCache
-
-    key = (path, generation, os.getpid())
-    with _OPEN_LOCK:
-        cache = _OPEN_CACHES.get(key)
-        if cache is None:
-            cache = ActivationCache.open(path)
-            if cache._desc["generation"] != generation:
-                raise ValueError(
-                    f"the activation cache at {path!r} is no longer the one this dask "
-                    "array was made from (it was overwritten or replaced); an array never "
-                    "mixes two caches. Open the cache again."
-                )
-            _OPEN_CACHES[key] = cache
-    return cache
-
-
-class CacheNode:
-    """A picklable stand-in for one array of a finished cache, for ``dask.array.from_array``.
-
-    Only the path, the cache's generation and the node name travel to workers;
-    each process opens the cache itself (once) and every read is verified as
-    :meth:`ActivationCache.activations` verifies it (blocks of whole zarr chunks
-    decoded in place, :mod:`sklearn_lib.cache._chunk_read`).
-    """
-
-    def __init__(self, path, generation, node, shape, dtype):
-        self.path, self.generation, self.node = path, generation, node
-        self.shape, self.dtype, self.ndim = tuple(shape), np.dtype(dtype), len(shape)
-
-    def __getitem__(self, key):
-        return _open_cache(self.path, self.generation)._readable_node(self.node)[key]
-
-
-class CacheBlock:
-    """Rows ``key`` of a cache array, read by the task that needs them (:func:`row_blocks`)."""
-
-    def __init__(self, source, key):
-        self.source, self.key = source, key
-
-    def read(self):
-        return self.source[self.key]
-
-
-#: The attribute by which a dask array of a cache holds its name, chunks and :class:`CacheNode`.
-_CACHE_SOURCE = "_sklearn_lib_cache_node"
-
-
-def cache_array(cache, node, shape, rows_per_sample, samples_per_block):
-    """A lazy dask array of one node of ``cache``, in blocks of whole samples."""
-    dask = import_dask()
-    rows = shape[0]
-    step = samples_per_block * rows_per_sample
-    chunks = (tuple(min(step, rows - s) for s in range(0, rows, step)) or (0,),
-              *shape[1:])
-    source = CacheNode(cache.path, cache._desc["generation"], node, shape, cache.dtype)
-    array = dask.array.from_array(source, chunks=chunks, name=f"sklearn_lib-{node}-"
-                                  f"{cache._desc['generation']}", lock=False,
-                                  inline_array=True, asarray=True,
-                                  meta=np.empty((0,) * len(shape), dtype=cache.dtype))
-    # Our reductions read its blocks inside their tasks (row_blocks); for
-    # anything else it is an ordinary dask array.
-    setattr(array, _CACHE_SOURCE, (array.name, array.chunks, source))
-    return array
+    return max(1, AUTO_CHUNK_NUMBERS // ((n_outputs or 1) * n_features))

@@ -23,6 +23,11 @@ import torch
 from ..utils._backend import as_tensor
 from ..utils._validation import check_finite
 
+# A chunk of Jacobians holds about this many numbers when batch_size=None
+# (64 MiB in float64): large enough for GEMM to run at full speed, small enough
+# that fitting never holds a copy of a whole Jacobian cache.
+AUTO_CHUNK_NUMBERS = 2**23
+
 
 def scale_by_power_of_two(t, k):
     """``t * 2**k``, exactly, for any integer ``k``.

@@ -609,7 +609,7 @@ class ActivationCache:
         array = self._readable_node(node)
         if not dask:
             return array
-        from ..basis._dask import cache_array
+        from ._dask import cache_array
 
         return cache_array(self, node, array.shape, rows_per_sample, self._samples_per_block())
 

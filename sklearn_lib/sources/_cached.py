@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..basis._basis import _AUTO_CHUNK_NUMBERS
+from ..basis._stats import AUTO_CHUNK_NUMBERS
 from ..utils._backend import as_tensor
 from ._edges import accumulate_edges
 
@@ -197,7 +197,7 @@ class CachedSource:
         if self.batch_size is not None:
             step = max(1, self.batch_size // max(self.positions))
         else:
-            step = max(1, _AUTO_CHUNK_NUMBERS // max(1, per_sample))
+            step = max(1, AUTO_CHUNK_NUMBERS // max(1, per_sample))
         starts = range(0, self.n_samples, step)
         for start in _progress(starts, total=len(starts), desc=desc, verbose=self.verbose):
             yield start, min(start + step, self.n_samples)

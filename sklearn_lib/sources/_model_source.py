@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..basis._basis import _AUTO_CHUNK_NUMBERS
+from ..basis._stats import AUTO_CHUNK_NUMBERS
 from ..models import _adapters, _collect, _model
 from ..models._attention import CausalAttention, check_attention, detect_attention
 from ..models._fastpath import (
@@ -184,7 +184,7 @@ class ModelSource:
         :meth:`_footprint`), so that memory stays flat in the number of
         samples on every pass. A DataLoader keeps its own batches.
         """
-        size = self.batch_size or max(1, _AUTO_CHUNK_NUMBERS // max(1, per_sample))
+        size = self.batch_size or max(1, AUTO_CHUNK_NUMBERS // max(1, per_sample))
         batches, total = _model._iter_batches(self.data, size)
         bar = tqdm(total=total, desc=desc, disable=not self.verbose, leave=False, unit="sample")
         fingerprint = _Fingerprint()
