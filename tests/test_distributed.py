@@ -20,7 +20,8 @@ import torch.distributed as dist
 
 from sklearn_lib.basis._stats import InteractionStatistics
 from sklearn_lib.graph import InteractionGraph
-from sklearn_lib.sources._distributed import all_reduce_statistics, resolve_group
+from sklearn_lib.sources._distributed import all_reduce_statistics
+from sklearn_lib.utils._distributed import resolve_group
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed missing")
 WORLD = len(worker.N_PER_RANK)

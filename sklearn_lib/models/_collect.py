@@ -54,6 +54,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..utils._backend import eval_mode, model_device, resolve_dtype
+from ..utils._distributed import check_same, collective, resolve_group
 from ._adapters import check_unpadded, n_samples
 from ._fastpath import check_declared, detect_section, fits_rows, section_leaves
 from ._model import (
@@ -267,14 +268,13 @@ def collect(
     (True, True)
     """
     if distributed is not False:
-        from ..sources._distributed import collect_shard
 
         def shard(cache):
             return collect(model, layers, data, jacobians=jacobians, batch_size=batch_size,
                            device=device, dtype=dtype, verbose=verbose, cache=cache,
                            sequence=sequence, max_vectors=max_vectors, fast_path=fast_path)
 
-        return collect_shard(distributed, shard, cache, layers)
+        return _collect_shard(distributed, shard, cache, layers)
     run_model = prepare_model(model, device=device, dtype=dtype)
     device, dtype = model_device(run_model), resolve_dtype(dtype)
     specs = _parse_layers(run_model, layers, "output")
@@ -415,3 +415,43 @@ def _writer_for(cache, model, acts, jac_np, specs, sequence, dtype):
         },
     )
     return writer, True
+
+
+def _collect_shard(distributed, collect_shard_to, cache, layers):
+    """``collect`` on this rank's shard; ranks agree on what they recorded or all raise.
+
+    ``collect_shard_to(cache)`` runs the local collect. A ``cache`` path must
+    name every rank's cache with ``"{rank}"``.
+    """
+    import shutil
+
+    import torch.distributed as dist
+
+    group = resolve_group(distributed)
+    rank = dist.get_rank(group)
+    path = None
+    if cache is not None and isinstance(cache, (str, os.PathLike)):
+        path = os.fspath(cache)
+
+    def local():
+        if path is not None and "{rank}" not in path:
+            raise ValueError(
+                f"collect(distributed=True) writes one cache per rank: the cache path must "
+                f"contain '{{rank}}' (e.g. 'acts-{{rank}}.zarr'), got {path!r}."
+            )
+        return collect_shard_to(cache if path is None else path.format(rank=rank))
+
+    acts, jacs = collective(group, "collect", local)
+    try:
+        check_same(group, {
+            "layers": [str(layer) for layer in layers],
+            "activation shapes": [tuple(a.shape[1:]) for a in acts],
+            "jacobian shapes": [tuple(J.shape[1:]) for J in jacs],
+            "dtype": str(acts[0].dtype),
+        }, "collect(distributed=True)")
+    except ValueError:
+        if path is not None:
+            # Complete caches of shards that do not fit together are no result.
+            shutil.rmtree(path.format(rank=rank), ignore_errors=True)
+        raise
+    return acts, jacs
