@@ -17,17 +17,15 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_array, check_is_fitted
 
+from ..graph._normalize import NORMS, normalize_edges, normalize_values
 from ..utils._backend import is_tensor
 from ..utils._validation import check_finite
 from ._modularity import (
-    _NORMS,
     _check_adjacency,
     _modularity_csr,
-    _normalize_values,
     _row_indices,
     _symmetrized,
     modularity,
-    normalize_edges,
     select_log_eps,
 )
 
@@ -231,7 +229,7 @@ class ModularityClustering(ClusterMixin, BaseEstimator):
         "resolution": [Interval(numbers.Real, 0, None, closed="left")],
         "n_iterations": [Interval(numbers.Integral, 1, None, closed="left")],
         "random_state": ["random_state"],
-        "normalization": [StrOptions(set(_NORMS))],
+        "normalization": [StrOptions(set(NORMS))],
         "eps": [Interval(numbers.Real, 0, np.inf, closed="right"), "array-like", None],
         "symmetrize": ["boolean"],
     }
@@ -309,7 +307,7 @@ class ModularityClustering(ClusterMixin, BaseEstimator):
                 None if layer_sizes is None else _check_layer_sizes(layer_sizes, n_nodes)
             )
             self.eps_ = self._matrix_eps(adj)
-            adj.data = _normalize_values(adj.data, self.normalization, self.eps_)
+            adj.data = normalize_values(adj.data, self.normalization, self.eps_)
         adj = _symmetrized(adj, is_symmetric)
 
         if adj.nnz == 0:

@@ -3,7 +3,7 @@
 import numpy as np
 import scipy.sparse as sp
 
-from ..cluster._modularity import normalize_edges
+from ._normalize import normalize_edges
 
 __all__ = ["layered_adjacency", "layered_edges"]
 

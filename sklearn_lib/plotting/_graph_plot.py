@@ -11,7 +11,7 @@ from numbers import Integral, Real
 
 import numpy as np
 
-from ..cluster._modularity import normalize_edges
+from ..graph._normalize import normalize_edges
 from ..graph._view import graph_view, module_labels
 from ._mpl import axes
 
