@@ -6,7 +6,8 @@ import os
 import pytest
 
 from sklearn_lib.demo import _main as demo
-from sklearn_lib.demo._main import format_table, main, run
+from sklearn_lib.demo import main, run
+from sklearn_lib.demo._main import format_table
 from sklearn_lib.demo._transformer import format_table as format_transformer_table
 
 

@@ -3,6 +3,7 @@
 The outermost room: may import every other subpackage; nothing imports it.
 """
 
-from ._main import main, run
+from ._cli import main
+from ._main import run
 
 __all__ = ["main", "run"]
