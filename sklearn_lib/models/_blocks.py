@@ -489,8 +489,9 @@ def _mlp(mlp, where):
     d_hidden = w_in.shape[0] // (2 if gated else 1)
     if any(w.shape[1] != w_in.shape[1] for w, _ in inputs) or w_out.shape[1] != d_hidden:
         return None, f"{where}'s projections have widths that do not chain"
-    return dict(w_in=w_in, b_in=b_in, activation=activation, w_out=w_out, b_out=b_out,
-                gated=gated), None
+    parts = {"w_in": w_in, "b_in": b_in, "activation": activation, "w_out": w_out,
+             "b_out": b_out, "gated": gated}
+    return parts, None
 
 
 def detect_block(module):

@@ -16,9 +16,9 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
-from sklearn_lib.models._blocks import BlockState, accumulator, detect_block  # noqa: E402
-from sklearn_lib.models._norms import Norm  # noqa: E402
-from sklearn_lib.sources._edges import Workspace  # noqa: E402
+from sklearn_lib.models._blocks import BlockState, accumulator, detect_block
+from sklearn_lib.models._norms import Norm
+from sklearn_lib.sources._edges import Workspace
 
 D = 12
 TOL = 1e-12
