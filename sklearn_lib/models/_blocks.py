@@ -49,6 +49,7 @@ __all__ = [
     "NormMLP",
     "ScatterAccumulator",
     "accumulator",
+    "block_section",
     "detect_block",
 ]
 
@@ -577,3 +578,28 @@ def detect_block(module):
     return _refuse(
         f"{name} is not a recognised block: expected one of "
         f"{', '.join(n for _, n in (*_BLOCKS, *_MLPS))} as transformers defines them")
+
+
+def block_section(model, a, b):
+    """The :class:`NormMLP` of section ``a -> b`` (layers parsed by ``_model._parse_layers``).
+
+    ``b`` must be the output of a module that :func:`detect_block` recognises and
+    ``a`` the layer its match names as input (``"<block>.ln_2:input"`` for a
+    GPT-2 block, ``"<mlp>:input"`` for an MLP alone), both with the same
+    selection of positions (the section acts row by row) and no declared axes.
+    None otherwise. The caller still checks widths (``fits``) and the formula
+    on recorded rows (``verify``).
+    """
+    if a.axes is not None or b.axes is not None or a.positions != b.positions:
+        return None
+    if b.kind != "output":
+        return None
+    match = detect_block(b.module)
+    if not match:
+        return None
+    name, _, kind = match.input.rpartition(":")
+    if name:
+        name = f"{b.name}.{name}" if b.name else name
+    else:
+        name = b.name
+    return match.section if (a.name, a.kind) == (name, kind) else None

@@ -377,3 +377,27 @@ def test_global_hook_refused():
         handle.remove()
     assert not match and "global" in match.reason
     assert detect_block(gpt2_block())
+
+
+def _gpt2_model():
+    config = transformers.GPT2Config(n_layer=2, n_embd=D, n_head=2, vocab_size=30,
+                                     n_positions=8)
+    return transformers.GPT2LMHeadModel(config).double().eval()
+
+
+@pytest.mark.parametrize("layers, found", [
+    (["transformer.h.1.ln_2:input", "transformer.h.1"], True),
+    (["transformer.h.1.ln_2:input[-1]", "transformer.h.1[-1]"], True),
+    (["transformer.h.0.mlp:input", "transformer.h.0.mlp"], True),
+    (["transformer.h.1:input", "transformer.h.1"], False),  # attention in between
+    (["transformer.h.0.ln_2:input", "transformer.h.1"], False),  # another block's output
+    (["transformer.h.1.ln_2:input[-1]", "transformer.h.1"], False),  # other positions
+    (["transformer.h.1.ln_2", "transformer.h.1"], False),  # the norm's output
+])
+def test_block_section_from_layer_names(layers, found):
+    from sklearn_lib.models._blocks import block_section
+    from sklearn_lib.models._model import _parse_layers
+
+    model = _gpt2_model()
+    a, b = _parse_layers(model, layers, "output")
+    assert (block_section(model, a, b) is not None) is found
