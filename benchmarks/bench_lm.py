@@ -58,7 +58,8 @@ from _memory import reset_peak
 
 from sklearn_lib import InteractionGraph
 from sklearn_lib.collect import record_activations
-from sklearn_lib.models._blocks import accumulator, detect_block
+from sklearn_lib.models._block_detect import detect_block
+from sklearn_lib.models._blocks import accumulator
 from sklearn_lib.sources._edges import Workspace, accumulate_edges
 from sklearn_lib.sources._model_source import ModelSource
 
@@ -275,8 +276,10 @@ def closed_form(args, device, rate):
     print(f"{'pass':>11s} {'generic [s]':>12s} {'closed [s]':>11s} {'speed-up':>9s} "
           f"{'closed tok/s':>13s} {'closed GEMM share':>18s}")
     d, d_s = D_MODEL, 4 * D_MODEL
-    flops = {"statistics": tokens_n * (2 * d * d_s + 6 * d_s * d_s + 6 * d * d_s),
-             "edges": tokens_n * 2 * k * d_s * k}
+    # Per token: the hidden layer, S^T S, w K and the d x d_s sums; edges: one GEMM
+    # (k, d_s) x (d_s, r) with r the input layer's directions.
+    flops = {"statistics": tokens_n * (2 * d * d_s + 4 * d_s * d_s + 6 * d * d_s),
+             "edges": tokens_n * 2 * k * d_s * C.shape[1]}
     for name, gen, closed in (("statistics", ts, t_stats), ("edges", te, t_edges)):
         print(f"{name:>11s} {gen:12.2f} {closed:11.3f} {gen / closed:8.1f}x "
               f"{tokens_n / closed:13.1f} {flops[name] / closed / rate:18.1%}")

@@ -16,7 +16,8 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
-from sklearn_lib.models._blocks import BlockState, accumulator, detect_block
+from sklearn_lib.models._block_detect import detect_block
+from sklearn_lib.models._blocks import BlockState, accumulator
 from sklearn_lib.models._norms import Norm
 from sklearn_lib.sources._edges import Workspace
 
@@ -177,7 +178,7 @@ NORMS = {
 
 @pytest.mark.parametrize("name", list(NORMS))
 def test_norm_jacobian_matches_jacrev(name):
-    from sklearn_lib.models._blocks import _norm
+    from sklearn_lib.models._block_detect import _norm
 
     module = _randomize(NORMS[name]().double(), seed=3)
     norm = _norm(module)
@@ -197,7 +198,7 @@ def test_norm_eps_and_gain_matter():
 
 
 def test_llama_rmsnorm_alone():
-    from sklearn_lib.models._blocks import _norm
+    from sklearn_lib.models._block_detect import _norm
 
     module = llama_layer().post_attention_layernorm
     norm = _norm(module)
@@ -395,7 +396,7 @@ def _gpt2_model():
     (["transformer.h.1.ln_2", "transformer.h.1"], False),  # the norm's output
 ])
 def test_block_section_from_layer_names(layers, found):
-    from sklearn_lib.models._blocks import block_section
+    from sklearn_lib.models._block_detect import block_section
     from sklearn_lib.models._model import _parse_layers
 
     model = _gpt2_model()
