@@ -341,6 +341,9 @@ def main(argv=None):
         print(f"\ncost law c(P) = a + b P per token and product, fitted to {len(rows)} "
               f"sections: a = {a * 1e3:.3f} ms, b = {b * 1e6:.3f} us, rms relative error "
               f"{err:.0%}; GEMM share {share:.1%}")
+        if len(np.unique(rows[:, 0])) < 2:
+            print("(one length only: c(P) taken constant, and at small k the per-pass "
+                  "overheads dominate it; --fit with several lengths gives the law)")
         P = args.project_positions
         for label, n_tok in (("4 sequences", 4 * P), ("1,000,000 tokens", TOKENS)):
             here, flops, gpu = project(a, b, share, args.gpu_rate, P, tokens=n_tok)
