@@ -42,11 +42,16 @@ def _affine_fn(x, A, b):
     return np.asarray(x) @ A + b
 
 
+def _affine_inverse(z, A, b):
+    return (np.asarray(z) - b) @ np.linalg.inv(A)
+
+
 def _lin(seed, log_cond=np.log(10.0)):
     """An invertible affine step whose map the reference reads from ``kw_args``."""
     A = random_invertible(seed, D, log_cond)
-    return FunctionTransformer(_affine_fn, kw_args={"A": A, "b": np.arange(D) - 1.5},
-                               feature_names_out="one-to-one")
+    b = np.arange(D) - 1.5
+    return FunctionTransformer(_affine_fn, inverse_func=_affine_inverse, kw_args={"A": A, "b": b},
+                               inv_kw_args={"A": A, "b": b}, feature_names_out="one-to-one")
 
 
 def _bilinear(x, w):
@@ -210,8 +215,7 @@ def test_ill_scaled_features_are_not_refused(routing, rng):
     J = rng.normal(size=(N, O, D))
     pipe = make_interaction_pipeline(StandardScaler(), InteractionBasis()).fit(X, jacobians=J)
     A = np.diag(1 / pipe[0].scale_)
-    np.testing.assert_allclose(pipe[-1].interaction_strengths_,
-                               _reference_lambda(X, J, (A, -pipe[0].mean_ @ A)), rtol=1e-6)
+    _assert_lambda(pipe[-1].interaction_strengths_, _reference_lambda(X, J, (A, -pipe[0].mean_ @ A)))
 
 
 def test_float32_data_through_a_scaler_are_not_refused(routing, data):
@@ -298,8 +302,8 @@ REFUSED_STEPS = {
 def test_non_affine_step_before_the_basis_is_refused_by_name(routing, data, case):
     X, J = data
     X, step = REFUSED_STEPS[case](X)
-    pipe = make_interaction_pipeline(StandardScaler(), step, InteractionBasis())
-    name = pipe.steps[1][0]
+    pipe = make_interaction_pipeline(step, StandardScaler(), InteractionBasis())
+    name = pipe.steps[0][0]
     with pytest.raises(ValueError, match=rf"(?s){name}.*not affine.*InteractionBasis"):
         pipe.fit(X, jacobians=J)
 
@@ -440,3 +444,91 @@ def test_scorer_refuses_a_pipeline_that_is_not_affine_on_the_scored_rows(routing
     pipe = make_pipeline(step, RoutedPCA()).fit(X_clipped[3:40], jacobians=J[3:40])
     with pytest.raises(ValueError, match="not affine"):
         InteractionSparsityScorer()(pipe, X_clipped, jacobians=J)
+
+
+def test_scorer_refuses_an_inverse_transform_that_does_not_undo_the_transform(routing, data):
+    """A FunctionTransformer without inverse_func has the identity as inverse: J @ P.T would lie."""
+    X, J = data
+    lin = _lin(17)
+    lin.set_params(inverse_func=None, inv_kw_args=None)
+    pipe = make_interaction_pipeline(lin, InteractionBasis()).fit(X, jacobians=J)
+    with pytest.raises(ValueError, match="(?s)inverse_transform.*does not undo.*inverse_func"):
+        InteractionSparsityScorer()(pipe, X, jacobians=J)
+
+
+# --------------------------------------------------------------------------- more nesting and inputs
+def test_nested_plain_pipeline_with_memory_is_carried(routing, data, tmp_path):
+    """With memory, scikit-learn fits clones of the steps: the clones must carry too."""
+    X, J = data
+    pipe = make_interaction_pipeline(
+        StandardScaler(), make_pipeline(_lin(18), InteractionBasis(), memory=str(tmp_path / "in")),
+        memory=str(tmp_path / "out"))
+    pipe.fit(X, jacobians=J)
+    basis, affine = _basis_and_map(pipe, [1, 1])
+    _assert_lambda(basis.interaction_strengths_, _reference_lambda(X, J, affine))
+
+
+def test_nested_plain_pipeline_with_pandas_output(routing, data, no_foreign_warnings):
+    X, J = data
+    Xdf = pd.DataFrame(X, columns=["a", "b", "c", "d"])
+    pipe = make_interaction_pipeline(StandardScaler(), make_pipeline(_lin(19), InteractionBasis()))
+    pipe.set_output(transform="pandas").fit(Xdf, jacobians=J)
+    basis, affine = _basis_and_map(pipe, [1, 1])
+    _assert_lambda(basis.interaction_strengths_, _reference_lambda(X, J, affine))
+
+
+def test_torch_jacobians_are_carried(routing, data):
+    torch = pytest.importorskip("torch")
+    X, J = data
+    pipe = make_interaction_pipeline(StandardScaler(), make_pipeline(_lin(20), InteractionBasis()))
+    pipe.fit(X, jacobians=torch.from_numpy(J))
+    basis, affine = _basis_and_map(pipe, [1, 1])
+    _assert_lambda(basis.interaction_strengths_, _reference_lambda(X, J, affine))
+
+
+@pytest.mark.parametrize("oddity", ["outlier-row", "constant-column", "float32-basis"])
+def test_unusual_but_affine_inputs_are_not_refused(routing, data, oddity):
+    X, J = data
+    X = X.copy()
+    basis = InteractionBasis(dtype="float32") if oddity == "float32-basis" else InteractionBasis()
+    if oddity == "outlier-row":
+        X[17] = 1e4
+    if oddity == "constant-column":
+        X[:, 2] = 5.0
+    pipe = make_interaction_pipeline(StandardScaler(), _lin(21), basis).fit(X, jacobians=J)
+    affine = _compose(_affine_of(pipe[0]), _affine_of(pipe[1]))
+    expected = _reference_lambda(X, J, affine)
+    if oddity == "float32-basis":  # float32 rounding, relative to the largest strength
+        np.testing.assert_allclose(pipe[-1].interaction_strengths_, expected, rtol=1e-4,
+                                   atol=1e-6 * expected.max())
+    else:
+        _assert_lambda(pipe[-1].interaction_strengths_, expected)
+
+
+def test_log_step_is_refused_without_numpy_warnings(routing, data, no_foreign_warnings):
+    """Probes off the data leave log's domain; the warnings that causes are not the user's."""
+    X, J = data
+    pipe = make_interaction_pipeline(FunctionTransformer(np.log), InteractionBasis())
+    with pytest.raises(ValueError, match="(?s)functiontransformer.*not affine"):
+        pipe.fit(np.abs(X) + 1.0, jacobians=J)
+
+
+def test_feature_union_before_the_basis_cannot_be_undone(routing, data):
+    X, J = data
+    pipe = make_interaction_pipeline(FeatureUnion([("a", StandardScaler()), ("b", _lin(22))]),
+                                     InteractionBasis())
+    with pytest.raises(ValueError, match="map 4 features to 8"):
+        pipe.fit(X, jacobians=J)
+
+
+@pytest.mark.parametrize("inner", ["interaction-pipeline", "feature-union"])
+def test_scorer_refuses_bases_a_plain_outer_pipeline_fed_unconverted(routing, data, inner):
+    """A plain Pipeline around them passed the Jacobians unchanged past its scaler."""
+    X, J = data
+    if inner == "interaction-pipeline":
+        part = make_interaction_pipeline(_lin(23), InteractionBasis())
+    else:
+        part = FeatureUnion([("ib", InteractionBasis())])
+    pipe = Pipeline([("scale", StandardScaler()), ("inner", part)]).fit(X, jacobians=J)
+    with pytest.raises(ValueError, match="(?s)'inner'.*make_interaction_pipeline"):
+        InteractionSparsityScorer()(pipe, X, jacobians=J)
