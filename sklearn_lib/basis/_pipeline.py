@@ -282,7 +282,10 @@ class InteractionPipeline(Pipeline):
             return jacobians @ torch.as_tensor(
                 inverse_T, dtype=jacobians.dtype, device=jacobians.device
             )
-        return np.asarray(jacobians) @ inverse_T
+        # One (n * o, d) GEMM: numpy runs a 3-D @ 2-D product as n small ones,
+        # 25x slower at d = 256.
+        jacobians = np.asarray(jacobians)
+        return (jacobians.reshape(-1, d_in) @ inverse_T).reshape(jacobians.shape)
 
 
 def _takes(estimator, method, parameter):

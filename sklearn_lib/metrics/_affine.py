@@ -3,7 +3,7 @@
 The scorer, :class:`~sklearn_lib.InteractionPipeline` (which carries Jacobians
 through the steps before a basis as ``J @ inv(A).T``) and the ablation curves
 all need the linear map of a fitted transformer. It is read off ``transform``
-at the origin and one point along each axis, then verified, because a map that
+at the data's mean and a step along each axis, then verified, because a map that
 is affine where it was looked at but not elsewhere would be silently
 misrepresented, and with it every Jacobian carried through it: a clip that only
 a few rows reach, a step that is the identity on the data's subspace but not
@@ -29,6 +29,8 @@ from ..utils._validation import check_real_values, check_tensor
 _CHUNK_NUMBERS = 2**21
 # Points of each kind beside the data (pushed out, reflected, midpoints, random).
 _N_BESIDE = 16
+# Random directions of the output along which departures are measured.
+_N_DIRECTIONS = 4
 
 _NEED = ("A linear basis is needed here: an affine transformer such as InteractionBasis, "
          "PCA or StandardScaler, or a Pipeline of them.")
@@ -103,11 +105,10 @@ def _transform(estimator, sample, points, n_outputs=None, method="transform"):
     return out, np.finfo(dtype).eps
 
 
-def _beside(values, spread):
+def _beside(values, mean, spread):
     """Points beside the data, deterministic: rows pushed out and reflected, midpoints, random."""
     rng = np.random.default_rng(0)
     n, d = values.shape
-    mean = values.mean(0)
     outlying = np.argsort(-np.abs((values - mean) / spread).max(1))[: _N_BESIDE // 2]
     rows = values[np.r_[outlying, rng.integers(n, size=_N_BESIDE - len(outlying))]]
     pairs = rng.integers(n, size=(_N_BESIDE, 2))
@@ -119,20 +120,30 @@ def _beside(values, spread):
     ])
 
 
-def _excess(actual, points, center, at_center, A, b, reach, eps):
+def _excess(actual, points, center, at_center, A, b, steps, eps, directions):
     """Per point, the departure from the affine map in units of what rounding allows, and relative.
 
     The map is predicted from the data's centre, ``T(center) + (x - center) @ A``,
     whose terms have the size of the output. Allowed: ``sqrt(eps)`` of that size,
     plus many times the rounding of ``x @ A + b`` computed from raw coordinates
-    (a scaler on data far from the origin rounds at the size of its offset
-    ``|b|``, and ``A`` read off over ``reach`` is off by ``eps |b| / reach``).
+    (a step that does not centre first rounds at the size of ``|center| @ |A| + |b|``,
+    and then ``A``, read off over ``steps``, is off by that much over the steps).
+    Departures are compared along a few fixed random ``directions`` of the
+    output, not entry by entry: a product with ``A @ directions`` (d, k) per row
+    instead of with ``A`` (d, r) keeps the check at about the cost of one
+    ``transform``, and a departure (or NaN) is missed by all of them with
+    probability zero. Sizes are bounded with ``|A| @ |directions|``, and
+    ``|x|`` by ``|x - center| + |center|``.
     """
-    out_size = np.abs(points - center) @ np.abs(A) + np.abs(at_center)
-    raw_size = (np.abs(points) @ np.abs(A)
-                + np.abs(b) * (1 + 2 * (np.abs(points) / reach).sum(1))[:, None])
+    abs_A, abs_dirs = np.abs(A), np.abs(directions)
+    shifted = points - center
+    spread_size = np.abs(shifted) @ (abs_A @ abs_dirs)
+    out_size = spread_size + np.abs(at_center) @ abs_dirs
+    raw_size = spread_size + (np.abs(center) @ abs_A + np.abs(b)) @ abs_dirs * (
+        1 + 2 * (np.abs(shifted) / steps).sum(1)
+    )[:, None]
     allowed = np.sqrt(eps) * out_size + 64 * (16 + A.shape[0]) * eps * raw_size
-    departure = np.abs(actual - (at_center + (points - center) @ A))
+    departure = np.abs(actual @ directions - (at_center @ directions + shifted @ (A @ directions)))
     tiny = np.finfo(np.float64).tiny
     with np.errstate(all="ignore"):
         excess = departure / np.maximum(allowed, tiny)
@@ -145,10 +156,11 @@ def _excess(actual, points, center, at_center, A, b, reach, eps):
 def _affine_map(estimator, sample, *, name="estimator", need=_NEED, inverse=True):
     """Read a fitted transformer as ``x @ A + b`` and refuse it unless it is affine around ``sample``.
 
-    ``A`` and ``b`` are read off ``transform`` at the origin and at one point
-    along each axis, as far out as the data reach (so offsets as large as the
-    data's cost no precision); the left inverse ``P`` (and offset ``c``) comes
-    from ``inverse_transform`` when the estimator has one (so that PCA and
+    ``A`` and ``b`` are read off ``transform`` at the data's mean and one
+    standard deviation beyond it along each axis (inside the region the map is
+    used on, and, for maps that centre first as scalers, PCA and bases do,
+    without losing digits to the data's offset); the left inverse ``P`` (and
+    offset ``c``) comes from ``inverse_transform`` when the estimator has one (so that PCA and
     InteractionBasis are used with their own reconstructions), else it is the
     pseudo-inverse. Then the map is checked on every row of ``sample`` and on
     points beside it (see the module description). Probes are passed in the
@@ -173,11 +185,15 @@ def _affine_map(estimator, sample, *, name="estimator", need=_NEED, inverse=True
     """
     values = _as_float_matrix(sample)
     n_features = values.shape[1]
-    reach = np.abs(values).max(0, initial=0.0)
-    reach[~(reach > 0)] = 1.0
     center = values.mean(0)
+    spread = values.std(0)
+    # A constant feature is stepped along as far as the data reach.
+    spread[~(spread > 0)] = max(1.0, np.abs(values).max(initial=0.0))
+    # Steps of at least 1e3 ulps of the centre, and their size as represented.
+    ahead = center + np.maximum(spread, 1e3 * np.finfo(np.float64).eps * np.abs(center))
+    steps = ahead - center
     probe, eps = _transform(estimator, sample,
-                            np.vstack([center, np.zeros(n_features), np.diag(reach)]))
+                            np.vstack([center, center + np.diag(steps)]))
 
     def refuse(reason):
         if isinstance(estimator, Pipeline):
@@ -185,16 +201,17 @@ def _affine_map(estimator, sample, *, name="estimator", need=_NEED, inverse=True
         raise ValueError(f"{name} ({type(estimator).__name__}) is not affine: {reason} {need}")
 
     if not np.isfinite(probe).all():
-        refuse("its transform is not finite at the data's mean, the origin or along the axes.")
-    at_center, b, A = probe[0], probe[1], (probe[2:] - probe[1]) / reach[:, None]
-    spread = values.std(0)
-    spread[~(spread > 0)] = np.mean(reach)
-    step = max(1, _CHUNK_NUMBERS // max(n_features, A.shape[1]))
-    checks = [(start, values[start:start + step]) for start in range(0, len(values), step)]
-    checks.append((None, _beside(values, spread)))
+        refuse("its transform is not finite at the data's mean or a step beside it.")
+    at_center, A = probe[0], (probe[1:] - probe[0]) / steps[:, None]
+    b = at_center - center @ A
+    chunk = max(1, _CHUNK_NUMBERS // max(n_features, A.shape[1]))
+    checks = [(start, values[start:start + chunk]) for start in range(0, len(values), chunk)]
+    checks.append((None, _beside(values, center, spread)))
+    directions = np.random.default_rng(0).standard_normal((A.shape[1], _N_DIRECTIONS))
     for start, points in checks:
         actual, _ = _transform(estimator, sample, points, n_outputs=A.shape[1])
-        excess, relative = _excess(actual, points, center, at_center, A, b, reach, eps)
+        excess, relative = _excess(actual, points, center, at_center, A, b, steps, eps,
+                                   directions)
         worst = int(np.argmax(excess))
         if excess[worst] > 1:
             where = "beside the data" if start is None else f"at X[{start + worst}]"
@@ -205,15 +222,22 @@ def _affine_map(estimator, sample, *, name="estimator", need=_NEED, inverse=True
         c = P = None
     elif hasattr(estimator, "inverse_transform"):
         r = A.shape[1]
-        back, inverse_eps = _transform(estimator, None, np.vstack([np.zeros(r), np.eye(r)]),
-                                       n_outputs=n_features, method="inverse_transform")
-        c, P = back[0], back[1:] - back[0]
+        c, P, inverse_eps = _read_inverse(estimator, np.ones(r), n_features)
+        # Differences over unit steps lose the digits of a large offset c (data
+        # far from the origin): read P again over steps that reach as far as c.
+        size = np.abs(P).max(1)
+        far = np.maximum(1.0, np.abs(c).max(initial=0.0) / np.where(size > 0, size, 1.0))
+        if np.isfinite(far).all() and np.any(far > 1):
+            c, P, inverse_eps = _read_inverse(estimator, far, n_features)
         # The scorer's J @ P.T and the ablation's reconstructions need a left
         # inverse, transform(inverse_transform(z)) = z: P @ A = I, c @ A + b = 0.
         # A FunctionTransformer without inverse_func says the identity is one.
+        # Sizes bound the rounding of each side; b = T(center) - center @ A
+        # carries that of its two terms, however small b itself.
         tolerance = np.sqrt(max(eps, inverse_eps))
         product = np.vstack([P, c]) @ A + np.vstack([-np.eye(r), b])
-        size = np.vstack([np.abs(P) @ np.abs(A) + 1, np.abs(c) @ np.abs(A) + np.abs(b)])
+        size = np.vstack([np.abs(P) @ np.abs(A) + 1,
+                          (np.abs(c) + np.abs(center)) @ np.abs(A) + np.abs(at_center)])
         if not np.all(np.abs(product) <= tolerance * size):
             raise ValueError(
                 f"{name} ({type(estimator).__name__}) has an inverse_transform that does not "
@@ -231,6 +255,14 @@ def _affine_map(estimator, sample, *, name="estimator", need=_NEED, inverse=True
     with lapack_threads(A):
         mean = -np.linalg.lstsq(A.T, b, rcond=None)[0]
     return AffineMap(mean, A, b, P, c)
+
+
+def _read_inverse(estimator, steps, n_features):
+    """Offset ``c`` and matrix ``P`` of ``inverse_transform``, by differences over ``steps``."""
+    r = len(steps)
+    back, eps = _transform(estimator, None, np.vstack([np.zeros(r), np.diag(steps)]),
+                           n_outputs=n_features, method="inverse_transform")
+    return back[0], (back[1:] - back[0]) / steps[:, None], eps
 
 
 def _refuse_first_non_affine_step(pipeline, sample, name, need):
