@@ -339,12 +339,18 @@ def _at(owner, path):
 
 
 def _put(owner, path, value):
-    """Replace the part at ``path`` by ``value`` in a new list (the user's list is left alone)."""
+    """Replace the part at ``path`` by ``value`` in a new list; return the old list and the new.
+
+    The user's list is left alone, and put back afterwards if nothing (a fit)
+    replaced the new one meanwhile.
+    """
     parent = _at(owner, path[:-1])
     attribute, index = path[-1]
-    parts = list(getattr(parent, attribute))
+    old = getattr(parent, attribute)
+    parts = list(old)
     parts[index] = (parts[index][0], value)
     setattr(parent, attribute, parts)
+    return old, parts
 
 
 @contextmanager
@@ -364,14 +370,18 @@ def _nested_pipelines_carry(owner):
             original = _at(owner, path)
             carrying = InteractionPipeline.__new__(InteractionPipeline)
             carrying.__dict__.update(original.__dict__)
-            _put(owner, path, carrying)
-            swapped.append((path, original))
+            swapped.append((path, original, *_put(owner, path, carrying)))
         yield
     finally:
-        for path, original in reversed(swapped):
+        for path, original, old, new in reversed(swapped):
             # The part at the path is the stand-in, or its fitted clone (with memory).
             original.__dict__.update(_at(owner, path).__dict__)
-            _put(owner, path, original)
+            parent = _at(owner, path[:-1])
+            attribute = path[-1][0]
+            if getattr(parent, attribute) is new:
+                setattr(parent, attribute, old)
+            else:
+                _put(owner, path, original)
 
 
 def make_interaction_pipeline(*steps, memory=None, verbose=False, transform_input=None):

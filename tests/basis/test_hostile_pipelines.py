@@ -46,9 +46,9 @@ def _affine_inverse(z, A, b):
     return (np.asarray(z) - b) @ np.linalg.inv(A)
 
 
-def _lin(seed, log_cond=np.log(10.0)):
+def _lin(seed, cond=10.0):
     """An invertible affine step whose map the reference reads from ``kw_args``."""
-    A = random_invertible(seed, D, log_cond)
+    A = random_invertible(seed, D, np.log(cond))
     b = np.arange(D) - 1.5
     return FunctionTransformer(_affine_fn, inverse_func=_affine_inverse, kw_args={"A": A, "b": b},
                                inv_kw_args={"A": A, "b": b}, feature_names_out="one-to-one")
@@ -179,7 +179,7 @@ FIT_CASES = {
                                           InteractionBasis()),
         [4], "interactionbasis__jacobians"),
     "pca-whiten-then-rotation": (
-        lambda: make_interaction_pipeline(PCA(whiten=True), _lin(11, np.log(1e3)), InteractionBasis()),
+        lambda: make_interaction_pipeline(PCA(whiten=True), _lin(11, 1e3), InteractionBasis()),
         [2], "interactionbasis__jacobians"),
 }
 
@@ -401,8 +401,8 @@ def test_grid_search_over_nested_candidates_matches_brute_force(routing, data):
         {"pipeline__interactionbasis": [RoutedPCA(), InteractionBasis()]},
         scoring=InteractionSparsityScorer(), cv=KFold(3), error_score="raise",
     ).fit(X, jacobians=J)
-    cell = [i for i, p in enumerate(grid.cv_results_["params"])
-            if isinstance(p["pipeline__interactionbasis"], InteractionBasis)][0]
+    cell = next(i for i, p in enumerate(grid.cv_results_["params"])
+                if isinstance(p["pipeline__interactionbasis"], InteractionBasis))
     train, test = next(KFold(3).split(X))
     scaler = StandardScaler().fit(X[train])
     A = np.diag(1 / scaler.scale_)

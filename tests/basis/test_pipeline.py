@@ -139,6 +139,10 @@ def test_nested_plain_pipeline_is_fitted_in_place_and_stays_plain(routing, data)
     Z = pipe.fit_transform(X, jacobians=J)
     np.testing.assert_allclose(Z, pipe.transform(X), atol=1e-10 * np.abs(Z).max())
     assert np.linalg.cond(total) > 1  # the nested basis really is behind a non-trivial map
+    # Scoring changes nothing: the very same lists and objects afterwards.
+    outer_list, inner_list = pipe.steps, inner.steps
+    assert np.isfinite(pipe.score(X, jacobians=J))
+    assert pipe.steps is outer_list and inner.steps is inner_list and pipe.steps[1][1] is inner
 
 
 def test_score_takes_jacobians_without_routing(data):
