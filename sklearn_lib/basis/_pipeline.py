@@ -265,7 +265,7 @@ class InteractionPipeline(Pipeline):
         if not before:
             return jacobians
         name = self.steps[step_idx][0]
-        jacobians = check_jacobians(jacobians, tuple(X.shape))
+        jacobians = check_jacobians(jacobians, tuple(np.shape(X)))
         A = _affine_map(self[:step_idx], X, name=f"the steps before {name!r}", need=_NEED,
                         inverse=False).A
         d_in, d_out = A.shape
