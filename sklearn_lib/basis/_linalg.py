@@ -325,6 +325,12 @@ def interaction_basis(factors, *, threshold="auto", n_components=None, name=None
     sqrt_w = math.sqrt(w)
     C = (V_m * (sqrt_w / S_m)) @ (W_r * sqrt_Lambda) / scale[:, None]
     C_pinv = ((W_r / sqrt_Lambda).T @ (V_m * (S_m / sqrt_w)).T) * scale
+    if m < d and bool((scale != scale[0]).any()):
+        # Equilibration moved C's columns off the span of the activations (the
+        # range of G, where SPEC's C = U D^-1/2 ... lies) by a null-space part that
+        # no training row sees; project it away. C_pinv's rows lie in that span.
+        span = _qr_q(V_m * scale[:, None])
+        C = span @ (span.T @ C)
     C = scale_by_power_of_two(C, e_M)
     C_pinv = scale_by_power_of_two(C_pinv, -e_M)
     if not bool(torch.isfinite(C).all() and torch.isfinite(C_pinv).all()):
@@ -353,6 +359,12 @@ def interaction_basis(factors, *, threshold="auto", n_components=None, name=None
         n_kept_gram=m,
         n_available=n_available,
     )
+
+
+def _qr_q(A):
+    """An orthonormal basis of the columns of ``A`` (reduced QR)."""
+    with lapack_threads(A):
+        return torch.linalg.qr(A)[0]
 
 
 def _frame_inverse(frame, like):

@@ -428,9 +428,9 @@ class InteractionStatistics:
         self.n_features = n_features
         self.n_outputs = n_outputs
         self.center = center
-        self.weight = 0.0
+        self._weight = 0.0
         self.n_samples = 0
-        self.mean = torch.zeros(n_features, device=torch.device(device), dtype=dtype)
+        self._mean = torch.zeros(n_features, device=torch.device(device), dtype=dtype)
         self._factor = torch.zeros(n_features, n_features, device=self.device, dtype=dtype)
         self._factor_exponent = 0
         self._pending = []
@@ -440,11 +440,23 @@ class InteractionStatistics:
     # ------------------------------------------------------------------ basics
     @property
     def device(self):
-        return self.mean.device
+        return self._mean.device
 
     @property
     def dtype(self):
-        return self.mean.dtype
+        return self._mean.dtype
+
+    @property
+    def weight(self):
+        """Sum of sample weights (buffered rows included)."""
+        self._flush()
+        return self._weight
+
+    @property
+    def mean(self):
+        """Weighted mean (buffered rows included; zeros when ``center=False``)."""
+        self._flush()
+        return self._mean
 
     def _new_jacobian_part(self):
         return _JacobianPart(self.n_features, self.device, self.dtype)
@@ -466,8 +478,8 @@ class InteractionStatistics:
         new = InteractionStatistics(self.n_features, self.n_outputs, center=self.center,
                                     device=self.device if device is None else device,
                                     dtype=self.dtype)
-        new.weight, new.n_samples = self.weight, self.n_samples
-        new.mean, new._factor = move(self.mean), move(self._factor)
+        new._weight, new.n_samples = self._weight, self.n_samples
+        new._mean, new._factor = move(self._mean), move(self._factor)
         new._factor_exponent = self._factor_exponent
         if self._jacobians is not None:
             new._jacobians = self._jacobians.copy(device)
@@ -496,7 +508,7 @@ class InteractionStatistics:
             return self
         J = as_tensor(jacobians, device=self.device, dtype=self.dtype)
         jac = self._jacobians
-        weight = self.weight + (0.0 if part is None else part[3])
+        weight = self._weight + (0.0 if part is None else part[3])
         frame, merged = jac.frame, None
         if jac.empty or weight >= 2 * jac.frame_weight:
             # The frame of every activation so far, this chunk's included: the
@@ -509,9 +521,9 @@ class InteractionStatistics:
             self._commit_rows(X.shape[0], part)
         else:
             self.n_samples += X.shape[0]
-            self._factor, self._factor_exponent, self.mean, self.weight = merged
+            self._factor, self._factor_exponent, self._mean, self._weight = merged
             self._pending, self._pending_rows = [], 0
-            jac.reframe(frame, self.weight)
+            jac.reframe(frame, self._weight)
         jac.add(*gram_part)
         return self
 
@@ -532,8 +544,8 @@ class InteractionStatistics:
         jac = self._jacobians
         if jac.empty:
             self._flush()
-            jac.reframe(whitening_frame(self._factor, self._factor_exponent, self.mean,
-                                        self.weight, self.n_samples), self.weight)
+            jac.reframe(whitening_frame(self._factor, self._factor_exponent, self._mean,
+                                        self._weight, self.n_samples), self._weight)
         jac.add(*self._jacobian_gram(J, self._weights(sample_weight), jac.frame))
         return self
 
@@ -571,19 +583,19 @@ class InteractionStatistics:
 
     def _merged_with(self, part=None):
         """``merge_factors`` of the R factor, the buffered rows and ``part`` (nothing changes)."""
-        parts = [(self._factor, self._factor_exponent, self.mean, self.weight), *self._pending]
+        parts = [(self._factor, self._factor_exponent, self._mean, self._weight), *self._pending]
         if part is not None:
             parts.append(part)
         merged = merge_factors(parts, center=self.center, n_features=self.n_features,
                                device=self.device, dtype=self.dtype)
         if merged is None:
-            return self._factor, self._factor_exponent, self.mean, self.weight
+            return self._factor, self._factor_exponent, self._mean, self._weight
         return merged
 
     def _flush(self):
         """Fold the buffered rows into the R factor."""
         if self._pending:
-            self._factor, self._factor_exponent, self.mean, self.weight = self._merged_with()
+            self._factor, self._factor_exponent, self._mean, self._weight = self._merged_with()
             self._pending, self._pending_rows = [], 0
 
     def _jacobian_gram(self, J, w, frame):
@@ -617,7 +629,7 @@ class InteractionStatistics:
             sums = torch.einsum("bod,ok->dk", J, scale_by_power_of_two(U, -e))
         return sums, e
 
-    def add_jacobian_scatter_(self, scatter, n_outputs):
+    def add_jacobian_scatter_(self, scatter, n_outputs, signed_sums=None):
         """Add a Jacobian scatter ``sum_x w_x J_x^T J_x`` computed elsewhere; return ``self``.
 
         For downstream maps with structure (e.g. ``J_x = diag(s_x) W^T``) the
@@ -626,14 +638,18 @@ class InteractionStatistics:
         it passed to :meth:`update` (without ``jacobians``) and adds it here.
         Statistics created with ``n_outputs=None`` take ``n_outputs`` from this
         call; otherwise it must match. The scatter is already a square, so it is
-        only as accurate as the Gram route, and it carries no signed sums: such
-        a basis is oriented by ``svd_flip``'s rule (see ``_linalg``).
+        only as accurate as the Gram route.
 
         Parameters
         ----------
         scatter : array-like or tensor of shape (d, d)
         n_outputs : int
             Number of rows of each ``J_x`` (informational; used by merges).
+        signed_sums : array-like or tensor of shape (d, 2), default=None
+            ``sum_x w_x J_x^T U`` over the same samples, ``U`` from
+            :func:`output_weights` (outputs in the order of the scatter's rows);
+            without them the basis is oriented by ``svd_flip``'s rule, which is not
+            invariant under reparameterisation (see ``_linalg``).
         """
         scatter = as_tensor(scatter, device=self.device, dtype=self.dtype)
         d = self.n_features
@@ -653,8 +669,8 @@ class InteractionStatistics:
         jac = self._jacobians
         if jac.empty:
             self._flush()
-            jac.reframe(whitening_frame(self._factor, self._factor_exponent, self.mean,
-                                        self.weight, self.n_samples), self.weight)
+            jac.reframe(whitening_frame(self._factor, self._factor_exponent, self._mean,
+                                        self._weight, self.n_samples), self._weight)
         P, k = _normalised((scatter + scatter.T) / 2, 0)
         # Its own rounding is unknown: bound it by its diagonal, as if it had been
         # squared here without a frame.
@@ -662,7 +678,16 @@ class InteractionStatistics:
         if jac.frame is not None:
             T = jac.frame.matrix()
             P, k, bound = _change_frame(P, k, bound, T)
-        jac.add(P, k, bound, None)
+        sums = None
+        if signed_sums is not None:
+            sums = as_tensor(signed_sums, device=self.device, dtype=self.dtype)
+            if tuple(sums.shape) != (d, 2):
+                raise ValueError(
+                    f"the signed Jacobian sums must be ({d}, 2), got {tuple(sums.shape)}."
+                )
+            check_finite(sums, "signed Jacobian sums")
+            sums = (sums, 0)
+        jac.add(P, k, bound, sums)
         return self
 
     # -------------------------------------------------------------------- merges
@@ -694,10 +719,10 @@ class InteractionStatistics:
         self._flush()
         jac = self._jacobians
         return Factors(
-            weight=self.weight, n_samples=self.n_samples, n_outputs=self.n_outputs,
-            mean=self.mean, factor=self._factor, factor_exponent=self._factor_exponent,
-            varying=varying_features(self._factor, self._factor_exponent, self.mean,
-                                     self.weight),
+            weight=self._weight, n_samples=self.n_samples, n_outputs=self.n_outputs,
+            mean=self._mean, factor=self._factor, factor_exponent=self._factor_exponent,
+            varying=varying_features(self._factor, self._factor_exponent, self._mean,
+                                     self._weight),
             frame=None if jac is None else jac.frame,
             jacobian_gram=None if jac is None else jac.gram,
             jacobian_exponent=0 if jac is None else jac.exponent,
@@ -745,11 +770,11 @@ class InteractionStatistics:
         :meth:`factors`, which never forms them.
         """
         scatter, e_gram = self._scatter_scaled()
-        gram = scatter / self.weight
+        gram = scatter / self._weight
         if self._jacobians is None:
             return gram, None, e_gram, 0
         jscatter, e_jac = self._jacobian_scatter_scaled()
-        return gram, jscatter / self.weight, e_gram, e_jac
+        return gram, jscatter / self._weight, e_gram, e_jac
 
     @property
     def gram(self):
@@ -759,7 +784,7 @@ class InteractionStatistics:
         for computations.
         """
         scatter, e = self._scatter_scaled()
-        return scale_by_power_of_two(scatter / self.weight, 2 * e)
+        return scale_by_power_of_two(scatter / self._weight, 2 * e)
 
     @property
     def jacobian_gram(self):
@@ -767,7 +792,7 @@ class InteractionStatistics:
         if self._jacobians is None:
             return torch.eye(self.n_features, device=self.device, dtype=self.dtype)
         jscatter, e = self._jacobian_scatter_scaled()
-        return scale_by_power_of_two(jscatter / self.weight, 2 * e)
+        return scale_by_power_of_two(jscatter / self._weight, 2 * e)
 
 
 class Factors:
@@ -801,11 +826,11 @@ def merge_statistics(parts):
     total = first._empty_like()
     total.n_samples = sum(p.n_samples for p in parts)
     merged = merge_factors(
-        [(p._factor, p._factor_exponent, p.mean, p.weight) for p in parts],
+        [(p._factor, p._factor_exponent, p._mean, p._weight) for p in parts],
         center=first.center, n_features=first.n_features, device=total.device,
         dtype=total.dtype)
     if merged is not None:
-        total._factor, total._factor_exponent, total.mean, total.weight = merged
+        total._factor, total._factor_exponent, total._mean, total._weight = merged
     if first._jacobians is None:
         return total
     filled = [p._jacobians for p in parts if not p._jacobians.empty]
@@ -813,13 +838,13 @@ def merge_statistics(parts):
     if len(frames) <= 1:
         frame = filled[0].frame if filled else None
     else:
-        frame = whitening_frame(total._factor, total._factor_exponent, total.mean,
-                                total.weight, total.n_samples)
+        frame = whitening_frame(total._factor, total._factor_exponent, total._mean,
+                                total._weight, total.n_samples)
     jac = total._jacobians
     for other in filled:
         other = other.copy(total.device)
-        other.reframe(frame, total.weight)
+        other.reframe(frame, total._weight)
         sums = None if other.sums is None else (other.sums, other.sums_exponent)
         jac.add(other.gram, other.exponent, other.bound, sums)
-    jac.frame, jac.frame_weight = frame, total.weight
+    jac.frame, jac.frame_weight = frame, total._weight
     return total

@@ -83,7 +83,7 @@ def all_reduce_statistics(stats, group):
     means = _gather(stats.mean.contiguous(), group)
     total = stats._empty_like()
     total.n_samples = int(sum(c[1] for c in counts))
-    total.weight = float(sum(c[0] for c in counts))
+    total._weight = float(sum(c[0] for c in counts))
     # Rank 0 merges the R factors and makes the frame; every rank receives both.
     R, e_R, mean, frame = total._factor, 0, total.mean, None
     if dist.get_rank(group) == 0:
@@ -96,7 +96,7 @@ def all_reduce_statistics(stats, group):
             frame = whitening_frame(R, e_R, mean, total.weight, total.n_samples)
     R, mean = _from_rank_0(R, group), _from_rank_0(mean, group)
     e_R = int(_from_rank_0(torch.tensor([e_R], dtype=torch.int64, device=device), group))
-    total._factor, total._factor_exponent, total.mean = R, e_R, mean
+    total._factor, total._factor_exponent, total._mean = R, e_R, mean
     if stats._jacobians is None:
         return total
     flag = torch.tensor([0.0 if frame is None else 1.0], dtype=dtype, device=device)
