@@ -50,9 +50,10 @@ Rounding that a perfectly whitened computation would also make,
 directions below it are exact zeros to the working precision (a Jacobian map of
 rank k, a duplicated feature) and are dropped silently. A direction dropped
 above it was lost to the conditioning of the coordinates, not to the
-precision, and a ``UserWarning`` says how many and why; so does a direction the
-first truncation dropped although the Jacobians are large enough there to give
-it a strength above ``Lambda_0``. When nothing survives, the error names the
+precision, and a ``UserWarning`` says how many and why when its strength is
+above ``sqrt(eps)`` times the largest (weaker ones carry less than half the
+digits of the precision); so does a direction the first truncation dropped
+although the Jacobians are large enough there to give it such a strength. When nothing survives, the error names the
 cause: constant activations, Jacobians that vanish where the activations vary,
 or a precision that cannot resolve these coordinates (naming the dtype and the
 condition number).
@@ -428,11 +429,16 @@ def _tolerances(f, N, E, B, V, S, m, tau_S, c_x, Lambda):
 
 
 def _warn_precision(context, Lambda, n_available, r):
-    """Warn when "auto" dropped what well-conditioned coordinates would have resolved."""
-    lost = Lambda[n_available:]
-    lost = lost[lost > context.floor] if r == n_available else lost[:0]
+    """Warn when "auto" dropped what well-conditioned coordinates would have resolved.
+
+    Only strengths above ``sqrt(eps)`` times the largest are worth a warning:
+    below, a direction carries less than half the digits of the precision.
+    """
     top = float(Lambda[0])
-    hidden = context.hidden > context.floor and (
+    floor = max(context.floor, math.sqrt(torch.finfo(context.dtype).eps) * top)
+    lost = Lambda[n_available:]
+    lost = lost[lost > floor] if r == n_available else lost[:0]
+    hidden = context.hidden > floor and (
         r == n_available or context.hidden > float(Lambda[r - 1]))
     if not len(lost) and not hidden:
         return
@@ -451,13 +457,14 @@ def _warn_precision(context, Lambda, n_available, r):
             "own rounding, in which the Jacobians are large enough to give strengths of "
             f"up to {context.hidden / top:.1e} times the largest"
         )
+    fix = "Decorrelate the features (e.g. whiten them with PCA) before fitting"
+    if context.dtype != torch.float64:
+        fix = "Fit with dtype='float64', or decorrelate the features before fitting"
     warnings.warn(
         f"truncation_threshold='auto' dropped {' and '.join(parts)} from {what}: the "
         f"precision of {context.precision} resolves them in well-conditioned coordinates, "
         f"but these activations have condition number {context.condition:.1e} (after "
-        "scaling every feature to unit norm), which amplifies rounding beyond them. Fit "
-        "with dtype='float64', or decorrelate the features (e.g. whiten them with PCA) "
-        "before fitting.",
+        f"scaling every feature to unit norm), which amplifies rounding beyond them. {fix}.",
         UserWarning,
         stacklevel=4,
     )

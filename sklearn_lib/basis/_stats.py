@@ -743,6 +743,24 @@ class InteractionStatistics:
         Finv = jac.frame.inverse()
         return _normalised(Finv.T @ jac.gram @ Finv, jac.exponent)
 
+    def jacobian_rounding(self):
+        """Bound ``rho`` on the rounding of ``M''`` (of :meth:`scaled_moments`), or None.
+
+        ``M'`` formed from a Gram matrix squared in a whitening frame carries the
+        rounding of that Gram matrix back through the frame: its spectral norm is
+        at most ``c eps rho`` (``c`` the usual count factor), which can exceed
+        ``c eps |M'|`` when the activations are ill-conditioned. None without a
+        frame, where the Gram route's ``c eps |M'|`` holds.
+        """
+        jac = self._jacobians
+        if jac is None or jac.frame is None:
+            return None
+        Finv = jac.frame.inverse()
+        b = Finv.abs().T @ jac.bound.clamp(min=0).sqrt()
+        _, e = self._jacobian_scatter_scaled()
+        return float(scale_by_power_of_two(b.square().sum(), 2 * (jac.exponent - e))) \
+            / self.weight
+
     @property
     def scatter(self):
         """``sum_x w_x (x - mean)(x - mean)^T / 4**scatter_exponent``, formed from R."""

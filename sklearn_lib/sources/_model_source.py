@@ -491,7 +491,9 @@ class ModelSource:
             # finished scatter is checked for NaN/inf once instead of every batch.
             P = products.reshape(-1, self.widths[l])
             scatter = P.T @ P if scatter is None else scatter.addmm_(P.T, P)
-            if sums is not None:
+            if products.shape[0] != U.shape[0]:
+                sums = None  # random combinations of positions: no sums of outputs
+            elif sums is not None:
                 # Signed sums that orient the basis (output position t major).
                 sums += torch.einsum("ord,ok->dk", products, U)
         if not bool(torch.isfinite(scatter).all()):
