@@ -41,7 +41,7 @@ random-walk growth of rounding summed over that many terms):
 * Second truncation: ``Lambda > max(tau_M, tau_in)``, where ``tau_M`` bounds the
   rounding of ``Y^T Y`` carried into ``M`` (``|err_ij| <= c_M eps b_i b_j``, ``b``
   the column scales of ``Y``; bounded by ``c_M eps || |B|^T b ||^2 / w^2``) and
-  ``tau_in = (eps c_x)^2 |G| |M'|`` in equilibrated coordinates is the
+  ``tau_in = (eps c_x)^2 |G| |M'|_F`` in equilibrated coordinates is the
   rounding of the activations and Jacobians as given (``eps`` relative per
   entry, amplified by their conditioning).
 
@@ -217,12 +217,9 @@ def gram_eigenvalues(factors):
     return scale_by_power_of_two(S.square() / factors.weight, 2 * factors.factor_exponent)
 
 
-def _spectral_norm(A):
-    """Largest eigenvalue of the symmetric PSD matrix ``A`` (0 for an empty one)."""
-    if A.numel() == 0:
-        return 0.0
-    with lapack_threads(A):
-        return float(torch.linalg.eigvalsh((A + A.T) / 2)[-1].clamp(min=0))
+def _norm_bound(A):
+    """An upper bound of the spectral norm of ``A`` without a decomposition (Frobenius)."""
+    return float(torch.linalg.matrix_norm(A)) if A.numel() else 0.0
 
 
 def interaction_basis(factors, *, threshold="auto", n_components=None, name=None):
@@ -411,8 +408,8 @@ def _tolerances(f, N, E, B, V, S, m, tau_S, c_x, Lambda):
     c_M = max(m, math.sqrt(f.n_samples * (f.n_outputs or 1)))
     b = f.jacobian_bound.clamp(min=0).sqrt()
     columnwise = float(torch.linalg.vector_norm(B.abs().T @ b).square())
-    normwise = float(b.square().sum()) * (float(torch.linalg.matrix_norm(B, ord=2)) ** 2
-                                          if m else 0.0)
+    # Frobenius norms bound spectral ones and cost no decomposition.
+    normwise = float(b.square().sum()) * float(torch.linalg.matrix_norm(B)) ** 2
     tau_M = eps * c_M * min(columnwise, normwise) / (w * w)
     floor = eps * c_M * float(Lambda.sum())
     # M' in equilibrated coordinates, constant features left out: the rounding
@@ -420,11 +417,11 @@ def _tolerances(f, N, E, B, V, S, m, tau_S, c_x, Lambda):
     # |G|^1/2 |M'|^1/2.
     E = E * f.varying[None, :]
     M_eq = E.T @ N @ E / w
-    tau_in = (eps * c_x) ** 2 * float(S[0]) ** 2 / w * _spectral_norm(M_eq)
+    tau_in = (eps * c_x) ** 2 * float(S[0]) ** 2 / w * _norm_bound(M_eq)
     hidden = 0.0
     if m < d:
         null = V[:, m:] * f.varying[:, None]
-        hidden = tau_S**2 / w * _spectral_norm(null.T @ M_eq @ null)
+        hidden = tau_S**2 / w * _norm_bound(null.T @ M_eq @ null)
     return max(tau_M, tau_in), floor, hidden
 
 

@@ -495,7 +495,7 @@ class ModelSource:
                 sums = None  # random combinations of positions: no sums of outputs
             elif sums is not None:
                 # Signed sums that orient the basis (output position t major).
-                sums += torch.einsum("ord,ok->dk", products, U)
+                sums += products.sum(1).T @ U
         if not bool(torch.isfinite(scatter).all()):
             raise ValueError(
                 f"the Jacobian products of section {a.spec!r} -> {b.spec!r} contain NaN or "
