@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..basis._stats import AUTO_CHUNK_NUMBERS
+from ..basis._stats import AUTO_CHUNK_NUMBERS, output_weights
 from ..models import _adapters, _collect, _model
 from ..models._attention import CausalAttention, check_attention, detect_attention
 from ..models._fastpath import (
@@ -457,7 +457,9 @@ class ModelSource:
                 n_rows += s.shape[0]
             n_out = self.positions[m] * V.shape[1]
             scatter = st.jacobian_scatter(SS, V, s_sum=s_sum, n=n_rows)
-            return stats.add_jacobian_scatter_(scatter, n_outputs=n_out)
+            return stats.add_jacobian_scatter_(scatter, n_outputs=n_out,
+                                               signed_sums=_closed_form_sums(
+                                                   st, V, s_sum, n_rows, n_out))
         width = max(self.widths[l], self.widths[m])
         attention = st  # None here, or a declared attention section
         if attention is not None:
@@ -468,6 +470,8 @@ class ModelSource:
             # Products, cotangents and the backward's intermediates, each as large.
             work = 3 * self.positions[l] * self.positions[m] * k * width
         scatter = None
+        sums = torch.zeros(self.widths[l], 2, device=self.device, dtype=self.dtype)
+        U = output_weights(self.positions[m] * k, device=self.device, dtype=self.dtype)
         for i, x in enumerate(self._pass(f"layer {l}", self._footprint(m, work))):
             act = self._activation(x, l, m)
             # A declared attention formula attends to every (earlier) position; the
@@ -477,6 +481,7 @@ class ModelSource:
                 stats.update(self._rows(act, l))
                 part = attention.jacobian_scatter(act, V)
                 scatter = part if scatter is None else scatter.add_(part)
+                sums = None  # the closed form has no signed sums (see add_jacobian_scatter_)
                 continue
             products = self._products(l, m, x, act, V, check=i == 0,
                                       signs=self._signs(position_sources, x))
@@ -486,12 +491,18 @@ class ModelSource:
             # finished scatter is checked for NaN/inf once instead of every batch.
             P = products.reshape(-1, self.widths[l])
             scatter = P.T @ P if scatter is None else scatter.addmm_(P.T, P)
+            if products.shape[0] != U.shape[0]:
+                sums = None  # random combinations of positions: no sums of outputs
+            elif sums is not None:
+                # Signed sums that orient the basis (output position t major).
+                sums += products.sum(1).T @ U
         if not bool(torch.isfinite(scatter).all()):
             raise ValueError(
                 f"the Jacobian products of section {a.spec!r} -> {b.spec!r} contain NaN or "
                 "infinity."
             )
-        return stats.add_jacobian_scatter_(scatter, n_outputs=self.positions[m] * k)
+        return stats.add_jacobian_scatter_(scatter, n_outputs=self.positions[m] * k,
+                                           signed_sums=sums)
 
     def _mask_products(self, products, x, l, m, act, k):
         """Zero the products of padded input rows and padded output positions, in place.
@@ -607,3 +618,24 @@ class ModelSource:
                                  constant=constant, Z_out=Z_out)
             count += X.shape[0] if keep_in is None else int(keep_in.sum())
         return E_all / count
+
+
+def _closed_form_sums(structure, V, s_sum, n_rows, n_outputs):
+    """``sum_x (V^T J_x)^T U`` of a closed form (None without rows).
+
+    ``J_x`` is affine in the derivative ``s_x`` (``jacobians`` of the
+    structures), so the sum over n rows is ``J(s_sum) + (n - 1) J(0)``. A row
+    of a sequence model has outputs only at its own position, so the sum of
+    the outputs (``U``'s first column) is the same; their alternating sum depends
+    on the positions, which are not recorded, and is left at zero (undecided:
+    the orientation rule then falls back to ``svd_flip``'s).
+    """
+    k = V.shape[1]
+    if s_sum is None or n_rows == 0:
+        return None
+    total = structure.jacobians(s_sum[None])[0]
+    total = total + (n_rows - 1) * structure.jacobians(torch.zeros_like(s_sum)[None])[0]
+    sums = (V.T @ total).T @ output_weights(k, device=V.device, dtype=V.dtype)
+    if n_outputs != k:
+        sums[:, 1] = 0.0
+    return sums
