@@ -11,25 +11,28 @@ needs no per-sample Jacobians at all:
   GEMM for a whole batch.
 
 :func:`detect_section` recognises such sections on ``nn.Sequential``
-sub-sequences between two recorded layers. The rule: map each layer to its
-positions "between two children" of (possibly nested) plain ``nn.Sequential``
-containers; if both layers have a position in the same container, flatten the
-children between them (expanding nested plain Sequentials) and drop
-``nn.Identity`` and ``nn.Dropout`` (the identity in eval mode, which is how the
-collectors run models). What is left must be at most one ``nn.Linear`` and at
-most one elementwise activation from :data:`ELEMENTWISE`, in either order
-(``act(x W + b)``: ``J = diag(s) W^T``; ``act(x) W + b``: ``J = W^T diag(s)``), or
-nothing at all (``J = I``). Exact types are required (a subclass may override
-``forward``) and no module in the section may carry forward hooks.
+sub-sequences between two recorded layers (:mod:`~sklearn_lib.models._sequential`
+finds the modules between them) and drops ``nn.Identity`` and ``nn.Dropout``
+(the identity in eval mode, which is how the collectors run models). What is
+left must be at most one ``nn.Linear`` and at most one elementwise activation
+from :data:`ELEMENTWISE`, in either order (``act(x W + b)``: ``J = diag(s) W^T``;
+``act(x) W + b``: ``J = W^T diag(s)``), or nothing at all (``J = I``). Exact
+types are required (a subclass may override ``forward``; a parametrized
+``nn.Linear`` is one, see :mod:`~sklearn_lib.models._overrides`) and no module
+of the section may compute something else than its class (an instance-level
+``forward``, hooks).
 
 A residual MLP block ``x + act(x W_in + b_in) W_out + b_out`` (:class:`ResidualMLP`)
 is not recognised from its code: the user declares it with
-:func:`declare_residual_mlp`, and the section ``"M:input" -> "M:output"`` of the
-declared module ``M`` is then checked against the formula on the first recorded
-batch (``ResidualMLP.verify``) before the closed form is used. When the residual add
-lives in a parent's ``forward`` (``resid_mid + self.mlp(resid_mid)``), the parent
-declares the section between two of its submodules' outputs (``input=``,
-``output=``), checked the same way.
+:func:`declare_residual_mlp`. When the residual add lives in a parent's
+``forward`` (``resid_mid + self.mlp(resid_mid)``), the parent declares the
+section between two of its submodules' outputs (``input=``, ``output=``).
+
+Types and declarations only say what a section *should* compute. Every closed
+form is therefore compared with what the model computes, on every batch the
+statistics and edges use (:func:`formula_mismatch`; the callers run the check),
+and a section whose model output differs from its formula anywhere takes the
+generic path, with a warning (:func:`warn_formula`).
 """
 
 import warnings
@@ -38,17 +41,22 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ._overrides import first_override, global_hooks, is_linear, linear_type, override
+from ._sequential import candidate_leaves, run_leaves, section_leaves
+
 __all__ = [
     "ELEMENTWISE",
     "LinearElementwise",
     "ResidualMLP",
-    "check_declared",
     "declare_residual_mlp",
     "detect_section",
     "fits_rows",
+    "formula_mismatch",
     "readout_section",
     "run_leaves",
     "section_leaves",
+    "warn_formula",
+    "why_generic",
 ]
 
 #: Activation modules treated as elementwise maps ``y_i = f(x_i)``.
@@ -102,6 +110,41 @@ class LinearElementwise:
             y = self.activation(t.clone())
             (s,) = torch.autograd.grad(y, t, torch.ones_like(y))
         return s
+
+    def forward(self, X):
+        """The section's formula at the rows ``X`` (what the model must compute)."""
+        linear = None if self.weight is None else (
+            lambda t: torch.nn.functional.linear(t, self.weight, self.bias))
+        if linear is not None and self.linear_first:
+            X = linear(X)
+        if self.activation is not None:
+            # A fresh tensor: an in-place activation (ReLU(inplace=True)) must not
+            # overwrite the rows it is compared with.
+            X = self.activation(X if linear is not None and self.linear_first else X.clone())
+        if linear is not None and not self.linear_first:
+            X = linear(X)
+        return X
+
+    @property
+    def claim(self):
+        """What the section's module types say it computes (for messages)."""
+        act = "act" if self.activation is None else type(self.activation).__name__
+        if self.weight is None:
+            formula = "x" if self.activation is None else f"{act}(x)"
+        elif self.activation is None:
+            formula = "x W^T + b"
+        else:
+            formula = f"{act}(x W^T + b)" if self.linear_first else f"{act}(x) W^T + b"
+        return (f"is {formula} by the types of its modules (an nn.Linear and/or an "
+                "elementwise activation of an nn.Sequential, or a readout)")
+
+    def mismatch(self, X, Y):
+        """None if the rows ``Y`` are the formula at the rows ``X``, else ``(error, allowed)``."""
+        return formula_mismatch(self.forward, X, Y)
+
+    def verify(self, X, Y):
+        """Whether the rows ``Y`` are the formula at the rows ``X`` (to rounding)."""
+        return self.mismatch(X, Y) is None
 
     def factors(self, V):
         """``(A, R)`` with ``V^T J_x = A diag(s_x) R``; ``R`` None means the identity."""
@@ -212,20 +255,20 @@ class ResidualMLP:
         hidden = self.activation(torch.nn.functional.linear(X, self.w_in, self.b_in))
         return X + torch.nn.functional.linear(hidden, self.w_out, self.b_out)
 
-    def verify(self, X, Y):
-        """Whether the recorded output rows ``Y`` are the formula at the input rows ``X``.
+    #: What the declaration says the section computes (for messages).
+    claim = ("was declared a residual MLP block (declare_residual_mlp), "
+             "x + linear_out(activation(linear_in(x)))")
 
-        Equal to rounding: ``1e3 eps`` of the largest entry (at least 1).
-        """
-        if X.shape != Y.shape or X.shape[-1] != self.w_in.shape[1]:
-            return False
-        with torch.no_grad():
-            pred = self.forward(X.to(self.w_in.dtype)).to(Y.dtype)
-        eps = torch.finfo(Y.dtype).eps
-        scale = max(float(Y.abs().max()), float(X.abs().max()), 1.0) if Y.numel() else 1.0
-        return bool(torch.isfinite(pred).all()) and float((pred - Y).abs().max()) <= (
-            1e3 * eps * scale
-        )
+    def mismatch(self, X, Y):
+        """None if the output rows ``Y`` are the formula at the input rows ``X``, else
+        ``(error, allowed)`` (:func:`formula_mismatch`)."""
+        if X.shape[-1] != self.w_in.shape[1]:
+            return (float("inf"), 0.0)
+        return formula_mismatch(self.forward, X, Y)
+
+    def verify(self, X, Y):
+        """Whether the recorded output rows ``Y`` are the formula at the input rows ``X``."""
+        return self.mismatch(X, Y) is None
 
     def fits(self, d_in, d_out):
         """Whether the block maps rows of width ``d_in`` to rows of width ``d_out``."""
@@ -266,9 +309,11 @@ def declare_residual_mlp(module, linear_in, activation, linear_out, *, input=Non
     Between the layers ``"<module>:input"`` and ``"<module>:output"`` the
     interaction graph then computes the block's statistics and edges in closed
     form (no per-sample Jacobians). The declaration is checked: the submodules
-    must be exactly ``nn.Linear``, an elementwise activation and ``nn.Linear``
-    of matching widths, and the recorded output of the first batch must equal
-    the formula to rounding; otherwise the generic path is used, with a warning.
+    must be exactly ``nn.Linear`` (or a parametrized one), an elementwise
+    activation and ``nn.Linear`` of matching widths, none with hooks or an
+    instance-level ``forward``, and the recorded output of every batch must
+    equal the formula to rounding; otherwise the generic path is used, with a
+    warning where the formula fails.
 
     When the residual add is written in a parent's ``forward`` (a transformer's
     ``resid_post = hook_resid_post(resid_mid + self.mlp(resid_mid))``), declare
@@ -344,7 +389,7 @@ def declare_residual_mlp(module, linear_in, activation, linear_out, *, input=Non
             sub = module.get_submodule(name)
         except AttributeError:
             raise ValueError(f"{role}: the module has no submodule {name!r}.") from None
-        if type(sub) not in kinds:
+        if type(sub) not in kinds and not (kinds == (nn.Linear,) and linear_type(sub)):
             raise ValueError(
                 f"{role} {name!r} must be exactly one of "
                 f"{', '.join(k.__name__ for k in kinds)}, got {type(sub).__name__}."
@@ -379,39 +424,71 @@ def declare_residual_mlp(module, linear_in, activation, linear_out, *, input=Non
     return module
 
 
-def check_declared(structure, X, Y, spec_in, spec_out):
-    """``structure.verify(X, Y)``, with a warning when the declared formula does not hold."""
-    if structure.verify(X, Y):
-        return True
+def formula_mismatch(formula, X, Y):
+    """None if ``Y == formula(X)`` to rounding, else ``(largest difference, allowed)``.
+
+    Rounding allows ``1e3 eps`` of the largest entry of ``X`` or ``Y`` (at least
+    1): the formula and the model compute the same operations, possibly in
+    another order or with other kernels. Non-finite differences never pass.
+    One host synchronisation per call.
+    """
+    with torch.no_grad():
+        pred = formula(X)
+        if pred.shape != Y.shape:
+            return (float("inf"), 0.0)
+        if Y.numel() == 0:
+            return None
+        pred = pred.to(Y.dtype)
+        err, scale = torch.stack([
+            (pred - Y).abs().max(), torch.maximum(Y.abs().max(), X.abs().max().to(Y.dtype))
+        ]).tolist()
+    allowed = 1e3 * torch.finfo(Y.dtype).eps * max(scale, 1.0)
+    if err <= allowed:  # False for NaN
+        return None
+    return (err if err == err else float("inf"), allowed)
+
+
+def warn_formula(structure, spec_in, spec_out, where, mismatch, *, stacklevel=3):
+    """Warn that ``structure``'s formula does not hold for section ``spec_in -> spec_out``.
+
+    ``where`` says which inputs (``"the batch of samples 256 to 511"``), ``mismatch``
+    is ``(error, allowed)`` from :func:`formula_mismatch`.
+    """
+    err, allowed = mismatch
     warnings.warn(
-        f"the section {spec_in!r} -> {spec_out!r} was declared a residual MLP block "
-        "(declare_residual_mlp), but the module's output is not "
-        "x + linear_out(activation(linear_in(x))) on the first batch; using generic "
-        "vector-Jacobian products instead.",
+        f"the section {spec_in!r} -> {spec_out!r} {structure.claim}, but in {where} the "
+        f"model's output differs from that formula by up to {err:.3g} (rounding allows "
+        f"{allowed:.3g}): a module computes something else there (code that depends on "
+        "the inputs, a patched class, modules that change). Using generic "
+        "vector-Jacobian products for this section instead.",
         UserWarning,
-        stacklevel=3,
+        stacklevel=stacklevel,
     )
-    return False
 
 
-def _declared_in_parent(model, a, b):
+def _declared_entry(model, a, b):
     """``(parent, names of linear_in, activation, linear_out)`` declaring ``a -> b``, or None.
 
     ``a`` and ``b`` must be the outputs, with the same positions, of the
-    submodules a parent named as ``input`` and ``output``; nothing in
-    between may carry hooks (they could change the values the formula sees).
+    submodules a parent named as ``input`` and ``output``.
     """
     if a.kind != "output" or b.kind != "output" or a.positions != b.positions:
         return None
     for path, parent in model.named_modules():
         prefix = f"{path}." if path else ""
         for entry in getattr(parent, RESIDUAL_SECTIONS_ATTRIBUTE, ()):
-            if (prefix + entry[0], prefix + entry[1]) != (a.name, b.name):
-                continue
-            if _hooked(a.module) or _hooked(b.module):
-                return None
-            return parent, entry[2:]
+            if (prefix + entry[0], prefix + entry[1]) == (a.name, b.name):
+                return parent, entry[2:]
     return None
+
+
+def _declared_in_parent(model, a, b):
+    """:func:`_declared_entry`, unless ``a`` or ``b`` may compute something else than their
+    class (an instance-level forward or hooks could change the values the formula sees)."""
+    declared = _declared_entry(model, a, b)
+    if declared is None or override(a.module) or override(b.module):
+        return None
+    return declared
 
 
 def _residual_section(model, a, b):
@@ -426,17 +503,15 @@ def _residual_section(model, a, b):
                 or a.positions != b.positions):
             return None
         owner, names = a.module, getattr(a.module, RESIDUAL_ATTRIBUTE, None)
-        if names is None or any(_hooked(m) for m in owner.modules()):
+        if names is None or any(override(m) for m in owner.modules()):
             return None
     try:
         lin_in, act, lin_out = (owner.get_submodule(name) for name in names)
     except AttributeError:
         return None
-    if any(_hooked(m) for part in (lin_in, act, lin_out) for m in part.modules()):
+    if any(override(m) for part in (lin_in, act, lin_out) for m in part.modules()):
         return None
-    if type(lin_in) is not nn.Linear or type(lin_out) is not nn.Linear or (
-        type(act) not in ELEMENTWISE
-    ):
+    if not is_linear(lin_in) or not is_linear(lin_out) or type(act) not in ELEMENTWISE:
         return None
     return ResidualMLP(lin_in.weight.detach(), _detached(lin_in.bias), act,
                        lin_out.weight.detach(), _detached(lin_out.bias))
@@ -471,121 +546,6 @@ def fits_rows(structure, layer_in, layer_out, shape_in, shape_out, sequence):
     return structure.fits(d_in, d_out)
 
 
-def _hooked(module):
-    return bool(
-        module._forward_hooks
-        or module._forward_pre_hooks
-        or getattr(module, "_forward_hooks_with_kwargs", None)
-    )
-
-
-def _global_hooks():
-    """Whether hooks registered for every module could change what a section computes."""
-    return bool(torch.nn.modules.module._global_forward_hooks
-                or torch.nn.modules.module._global_forward_pre_hooks)
-
-
-def _is_plain_sequential(module):
-    return type(module) is nn.Sequential
-
-
-def _positions(modules, name, kind):
-    """All ``(container, index)`` naming the value between children ``index-1`` and ``index``.
-
-    ``name``/``kind`` is a recorded layer (module path, "input" or "output").
-    Equivalent positions are followed up (the start or end of a nested
-    Sequential is a position in its parent) and down (a position next to a
-    Sequential child is also that child's start or end).
-    """
-    found = set()
-    todo = []
-    module = modules[name]
-    if _is_plain_sequential(module):
-        todo.append((name, 0 if kind == "input" else len(module)))
-    if name:
-        parent_name, _, key = name.rpartition(".")
-        parent = modules[parent_name]
-        if _is_plain_sequential(parent):
-            index = list(parent._modules).index(key)
-            todo.append((parent_name, index if kind == "input" else index + 1))
-    while todo:
-        container, pos = todo.pop()
-        if (container, pos) in found:
-            continue
-        found.add((container, pos))
-        seq = modules[container]
-        children = list(seq._modules.items())
-        prefix = f"{container}." if container else ""
-        # Down: the start of the next child / the end of the previous one.
-        if pos < len(children) and _is_plain_sequential(children[pos][1]):
-            todo.append((prefix + children[pos][0], 0))
-        if pos > 0 and _is_plain_sequential(children[pos - 1][1]):
-            child = children[pos - 1][1]
-            todo.append((prefix + children[pos - 1][0], len(child)))
-        # Up: the boundary of this container is a position in its parent.
-        if container and pos in (0, len(children)):
-            parent_name, _, key = container.rpartition(".")
-            parent = modules[parent_name]
-            if _is_plain_sequential(parent):
-                index = list(parent._modules).index(key)
-                todo.append((parent_name, index + (pos == len(children))))
-    return found
-
-
-def _flatten(modules):
-    for module in modules:
-        if _is_plain_sequential(module) and not _hooked(module):
-            yield from _flatten(module.children())
-        else:
-            yield module
-
-
-def _candidate_leaves(model, a, b):
-    """Yield the flattened module lists that compute section ``a -> b`` (module docstring)."""
-    if _global_hooks():
-        return
-    modules = dict(model.named_modules())
-    starts = _positions(modules, a.name, a.kind)
-    ends = _positions(modules, b.name, b.kind)
-    for container, pa in sorted(starts):
-        for other, pb in sorted(ends):
-            if other != container or pb < pa:
-                continue
-            seq = modules[container]
-            if _hooked(seq):
-                return
-            yield list(_flatten(list(seq.children())[pa:pb]))
-
-
-def section_leaves(model, a, b):
-    """The modules that, run in order on ``a``'s activation, give ``b``'s; or None.
-
-    The same rule as :func:`detect_section` without the restriction to Linear
-    and elementwise modules: any section inside one plain ``nn.Sequential``
-    whose modules carry no hooks. Running only these modules, from a recorded
-    activation, replaces running the whole model from its input. Not for layers
-    restricted to chosen positions: their recorded activation lacks the other
-    positions, which the section still reads. Nor for layers with declared axes:
-    their recorded (batch, P, d) view is not what the section's modules take.
-    """
-    if a.positions is not None or b.positions is not None:
-        return None
-    if a.axes is not None or b.axes is not None:
-        return None
-    for leaves in _candidate_leaves(model, a, b):
-        if not any(_hooked(module) for module in leaves):
-            return leaves
-        return None
-    return None
-
-
-def run_leaves(leaves, t):
-    """Apply ``leaves`` in order (the forward of the ``nn.Sequential`` they came from)."""
-    for module in leaves:
-        t = module(t)
-    return t
-
-
 def detect_section(model, a, b):
     """The closed form of section ``a -> b`` (parsed layers of ``collect``), or None.
 
@@ -597,16 +557,52 @@ def detect_section(model, a, b):
     then uses generic vector-Jacobian products). Shapes are not checked here;
     the caller compares the Linear's widths with the recorded activations.
     """
-    if _global_hooks():
+    if global_hooks():
         return None
-    residual = _residual_section(model, a, b)
-    if residual is not None:
-        return residual
-    for leaves in _candidate_leaves(model, a, b):
-        structure = _classify(leaves)
-        if structure is not None:
-            return structure
+    # A parametrized weight is evaluated once here, not recorded by autograd.
+    with torch.no_grad():
+        residual = _residual_section(model, a, b)
+        if residual is not None:
+            return residual
+        for leaves in candidate_leaves(model, a, b):
+            structure = _classify(leaves)
+            if structure is not None:
+                return structure
     return None
+
+
+def why_generic(model, a, b):
+    """Why section ``a -> b`` is not taken in closed form although its types have one.
+
+    The first module involved (a module of its ``nn.Sequential`` run, an
+    ``nn.Sequential`` containing the layers, a declared block's modules) that
+    computes something else than its class (:func:`~._overrides.override`);
+    None when there is none.
+    """
+    modules = [m for leaves in candidate_leaves(model, a, b) for m in leaves]
+    named = dict(model.named_modules())
+    for layer in (a, b):
+        parts = layer.name.split(".") if layer.name else []
+        containers = [named[".".join(parts[:i])] for i in range(len(parts))]
+        modules += [c for c in containers if type(c) is nn.Sequential]
+    declared = _declared_entry(model, a, b)
+    if declared is not None:
+        parent, names = declared
+        modules += [a.module, b.module, *_submodules(parent, names)]
+    names = getattr(a.module, RESIDUAL_ATTRIBUTE, None)
+    if names is not None and a.name == b.name:
+        modules += list(a.module.modules())
+    return first_override(model, modules)
+
+
+def _submodules(module, names):
+    found = []
+    for name in names:
+        try:
+            found.extend(module.get_submodule(name).modules())
+        except AttributeError:
+            pass
+    return found
 
 
 def readout_section(module):
@@ -617,19 +613,20 @@ def readout_section(module):
     here only its type counts: an exact ``nn.Linear`` or elementwise activation
     without hooks.
     """
-    if _global_hooks() or _hooked(module) or type(module) not in (nn.Linear, *ELEMENTWISE):
+    if global_hooks() or not (is_linear(module) or type(module) in ELEMENTWISE):
         return None
-    return _classify([module])
+    with torch.no_grad():
+        return _classify([module])
 
 
 def _classify(leaves):
     linear, activation, order = None, None, []
     for module in leaves:
-        if _hooked(module):
+        if override(module):
             return None
         if type(module) in _TRANSPARENT:
             continue
-        if type(module) is nn.Linear and linear is None:
+        if is_linear(module) and linear is None:
             linear = module
             order.append("linear")
         elif type(module) in ELEMENTWISE and activation is None:
