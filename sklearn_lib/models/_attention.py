@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ._fastpath import formula_mismatch
+from ._elementwise import formula_mismatch
 from ._overrides import first_override, is_linear, linear_type, override
 
 __all__ = [

@@ -87,7 +87,7 @@ def check_independent(model, layers, x):
         for part in (slice(0, h), slice(h, 2 * h)):
             try:
                 halves.append(_record(model, layers, take(batch, part)))
-            except Exception as exc:  # noqa: BLE001 - reported with the model's own words
+            except Exception as exc:  # reported with the model's own words
                 raise ValueError(
                     f"the model takes a batch of {2 * h} samples but fails on {h} of them "
                     f"alone ({type(exc).__name__}: {exc}): it depends on the size of its "

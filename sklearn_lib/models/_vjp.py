@@ -26,7 +26,6 @@ from ..utils._backend import (
 )
 from ._adapters import copy_module, take, unwrap_model
 from ._independence import check_independent
-from ._sequential import run_leaves
 from ._model import (
     _as_rows,
     _cast,
@@ -39,6 +38,7 @@ from ._model import (
     _run_until_stopped,
     _StopForward,
 )
+from ._sequential import run_leaves
 
 # Cotangent chunks are sized so that the cotangents plus the products of one chunk
 # hold about this many elements (512 MiB in float64); the section's intermediate

@@ -41,10 +41,18 @@ class Fingerprint:
 
     def add(self, x):
         """Add a batch (a tensor or a dict of tensors, samples on axis 0)."""
-        v = _adapters.flat_numbers(x)
-        w = torch.cos(torch.arange(v.shape[1], device=v.device, dtype=v.dtype))
-        p = v @ w
-        sums = torch.stack([v.sum(), p.sum(), v.square().sum(), p.square().sum(), v.abs().sum()])
+        if isinstance(x, torch.Tensor) and x.is_floating_point():
+            # A view, and reductions that accumulate in float64 without a copy: a
+            # layer's values are fingerprinted in every pass.
+            v = x.reshape(x.shape[0], -1)
+        else:
+            v = _adapters.flat_numbers(x)
+        f64 = torch.float64
+        w = torch.cos(torch.arange(v.shape[1], device=v.device, dtype=f64)).to(v.dtype)
+        p = (v @ w).to(f64)
+        norm = torch.linalg.vector_norm
+        sums = torch.stack([v.sum(dtype=f64), p.sum(), norm(v, 2, dtype=f64).square(),
+                            p.square().sum(), norm(v, 1, dtype=f64)])
         self.sums = sums if self.sums is None else self.sums.add_(sums)
         self.n_samples += int(v.shape[0])
         self.n_numbers += v.numel()

@@ -86,7 +86,7 @@ def _brute_force(model, layers, data, sequence):
         for l in range(len(layers) - 1):
             f = section_function(model, layers[l], layers[l + 1], x)
             with eval_mode(model):
-                J = torch.autograd.functional.jacobian(lambda t: f(t).sum(0), A[l],
+                J = torch.autograd.functional.jacobian(lambda t, f=f: f(t).sum(0), A[l],
                                                        vectorize=True)
             n = len(x)
             if not sequence:
@@ -131,9 +131,8 @@ def _same_graph(graph, ref):
 
 
 def _same_jacobians(model, layers, data, sequence):
-    acts, jacs = collect(model, layers, data, sequence=sequence, verbose=False,
-                         batch_size=100)
-    ref_acts, ref_jacs, _ = _brute_force(model, layers, data, sequence)
+    _, jacs = collect(model, layers, data, sequence=sequence, verbose=False, batch_size=100)
+    _, ref_jacs, _ = _brute_force(model, layers, data, sequence)
     return all(np.allclose(J, R, rtol=0, atol=1e-10 * max(1.0, np.abs(R).max()))
                for J, R in zip(jacs, ref_jacs))
 
@@ -153,7 +152,7 @@ def classify(case):
     except (ValueError, TypeError) as exc:
         if os.environ.get("HOSTILE_DEBUG"):
             print("   ", type(exc).__name__, str(exc)[:300].replace("\n", " "))
-        if case.expect == "refuse" and re.search(case.match, str(exc), re.S):
+        if case.expect == "refuse" and re.search(case.match, str(exc), re.DOTALL):
             return "ok"
         return "cryptic-error"
     except Exception as exc:  # noqa: BLE001 - the verdict says what happened
@@ -871,7 +870,7 @@ CASES = {
                                sequence=True),
     "changing-readout": Case(changing_readout, "refuse", "changed between passes"),
     # Class 2: samples coupled within a batch.
-    "batch-mean": Case(batch_mean, "refuse", COUPLED, params=dict(batch_size=20)),
+    "batch-mean": Case(batch_mean, "refuse", COUPLED, params={"batch_size": 20}),
     "batchnorm-batch-statistics": Case(batchnorm_batch_statistics, "refuse",
                                        COUPLED + ".*track_running_stats"),
     "batchnorm-functional-training": Case(batchnorm_functional_training, "refuse", COUPLED),
