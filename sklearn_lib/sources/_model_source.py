@@ -84,10 +84,8 @@ class ModelSource:
         self.data, self.sequence, self.verbose = data, sequence, verbose
         self.batch_size = batch_size
 
-        # The first batch: the model must take it, treat its samples independently
-        # and compute the same values every time; two samples give every layer's
-        # shape.
-        first = next(iter(self._batches(self.batch_size or PROBE_SAMPLES)), None)
+        # A probe on two samples gives every layer's shape (and fails early).
+        first = next(iter(self._batches(self.batch_size or _model._PROBE_SAMPLES)), None)
         probe_samples = 0 if first is None else _adapters.n_samples(first)
         if probe_samples == 0:
             raise ValueError(f"fit_model needs at least 2 samples, got 0 ({_describe(data)}).")
@@ -96,7 +94,6 @@ class ModelSource:
                                                                            self.device))
         with eval_mode(self.model), torch.no_grad():
             _model._check_forward(self.model, first)
-            check_independent(self.model, self.specs, first)
             probe = _model._record_batch(
                 self.model, self.specs, _adapters.take(first, slice(0, _model._PROBE_SAMPLES))
             )
@@ -111,6 +108,17 @@ class ModelSource:
         self.fast_path = fast_path
         # Numbers per sample of the recorded layers up to each layer (see _footprint).
         self._forward = np.cumsum([p * d for p, d in zip(self.positions, self.widths)]).tolist()
+
+        # Samples must be independent and the model deterministic: probed on up to 64
+        # samples, no more than a pass's batch holds (a DataLoader's first batch).
+        batch = first
+        if self.batch_size is None and (_model._is_array(data) or _adapters.is_dict_batch(data)):
+            size = AUTO_CHUNK_NUMBERS // max(1, self._footprint(self.n_layers - 1, 0))
+            size = min(PROBE_SAMPLES, max(_model._PROBE_SAMPLES, size))
+            batch = next(iter(self._batches(size)), None)
+            batch = first if batch is None else batch
+        with eval_mode(self.model), torch.no_grad():
+            check_independent(self.model, self.specs, batch)
 
     @property
     def n_layers(self):
