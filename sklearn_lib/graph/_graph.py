@@ -461,6 +461,7 @@ class InteractionGraph(BaseEstimator):
             if self.fast_path is True and not all(fast):
                 slow = [
                     f"{source.specs[l].spec!r} -> {source.specs[l + 1].spec!r}"
+                    + (f" ({source.reasons[l, l + 1]})" if (l, l + 1) in source.reasons else "")
                     for l, ok in enumerate(fast) if not ok
                 ]
                 raise ValueError(

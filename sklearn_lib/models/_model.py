@@ -254,8 +254,11 @@ def _iter_batches(data, batch_size):
 
 
 # --------------------------------------------------------------------------- recording
-def _record_batch(model, layers, x):
-    """Run ``model(x)`` with hooks and return {spec: detached activation}."""
+def _record_batch(model, layers, x, *, stop=False):
+    """Run ``model(x)`` with hooks and return {spec: detached activation}.
+
+    With ``stop``, the forward pass ends once every layer was recorded.
+    """
     captured = {}
 
     def recorder(layer):
@@ -268,13 +271,15 @@ def _record_batch(model, layers, x):
             # A copy, because a following in-place op (ReLU(inplace=True)) would
             # otherwise overwrite the recorded activation.
             captured[layer.spec] = value.detach().clone()
+            if stop and len(captured) == len(layers):
+                raise _StopForward
 
         return fn
 
-    # The whole forward runs (no early stop) so that a module reused after the
+    # Without ``stop`` the whole forward runs, so that a module reused after the
     # last recorded layer is still reported as ambiguous.
     with _hooks([(layer, recorder(layer)) for layer in layers]):
-        _adapters.call(model, x)
+        _run_until_stopped(model, x) if stop else _adapters.call(model, x)
     missing = [layer.spec for layer in layers if layer.spec not in captured]
     if missing:
         raise ValueError(f"layer(s) {missing} were not called in the model's forward pass.")
