@@ -9,7 +9,7 @@ and ``networkx.read_graphml(path, node_type=int)``.
 :func:`write_graphml` follows :meth:`InteractionGraph.save
 <sklearn_lib.InteractionGraph.save>`'s rule: an existing path is replaced only
 with ``overwrite=True`` and only when it is a GraphML file this function
-wrote (the graph attribute ``sklearn_lib_format`` says so); anything else, a
+wrote (its graph attribute ``sklearn_lib_format`` says so); anything else, a
 symbolic link included, is refused, and the file is written next to the path
 and renamed over it, so an interrupted export leaves the previous file intact.
 """
@@ -210,22 +210,28 @@ def _opener(path):
 def _is_our_graphml(path):
     """True if ``path`` is a GraphML file whose graph carries our marker.
 
-    Reads only up to the first node or edge: networkx writes the graph's
-    attributes before them.
+    networkx writes a graph's attributes after its nodes and edges, so the
+    whole file is parsed (element by element, in constant memory).
     """
     if not os.path.isfile(path):
         return False
     keys = set()  # ids of <key> elements declaring the marker attribute
+    depth = 0
     try:
         with _opener(path)(path, "rb") as f:
-            for _, element in ElementTree.iterparse(f, events=("end",)):
+            for event, element in ElementTree.iterparse(f, events=("start", "end")):
                 tag = element.tag.removeprefix(_GRAPHML_NS)
+                if event == "start":
+                    depth += 1
+                    continue
+                depth -= 1
                 if tag == "key" and element.get("attr.name") == _MARKER_KEY:
                     keys.add(element.get("id"))
-                elif tag == "data" and element.get("key") in keys:
+                elif tag == "data" and depth == 2 and element.get("key") in keys:
+                    # graphml > graph > data: an attribute of the graph itself
                     return (element.text or "") == _MARKER
-                elif tag in ("node", "edge"):
-                    return False
+                if tag in ("node", "edge"):
+                    element.clear()
     except (ElementTree.ParseError, OSError, EOFError, UnicodeDecodeError):
         return False
     return False

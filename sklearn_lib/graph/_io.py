@@ -406,7 +406,14 @@ def _check_invariants(meta, arrays, problems, graph):
 
 
 def _basis_problems(basis, rotated, eps):
-    """What in one layer's arrays (as float64) no fit produces; ``"<name>']: ..."`` strings."""
+    """What in one layer's arrays (as float64) no fit produces; ``"<name>']: ..."`` strings.
+
+    Tolerances are per entry: the rounding error of ``a_i . b_j`` in a
+    backward-stable fit or product is a small multiple of ``size * eps *
+    |a_i| |b_j|``, so each entry is held to what its own vectors allow (a
+    strong direction cannot hide an edit of a weak one). ``|G|_inf``, an
+    upper bound of ``|G|_2`` for symmetric ``G``, keeps this O(d^2 r).
+    """
     C, C_pinv = basis["components_"].T, basis["inverse_components_"]
     Lambda, D = basis["interaction_strengths_"], basis["gram_eigenvalues_"]
     G, M = basis["gram_"], basis["jacobian_gram_"]
@@ -418,12 +425,15 @@ def _basis_problems(basis, rotated, eps):
     elif rotated and (np.diff(Lambda) > _SLACK * eps * Lambda.max()).any():
         yield (f"interaction_strengths_']: not sorted descending ({Lambda.tolist()}); a fit "
                "sorts the directions by strength")
-    error = np.abs(C_pinv @ C - np.eye(r)).max()
-    scale = np.linalg.norm(C, 2) * np.linalg.norm(C_pinv, 2)
-    if not error <= _SLACK * size * eps * max(scale, 1.0):
-        yield (f"inverse_components_']: does not invert components_ "
-               f"(max |inverse_components_ @ components_.T - I| = {error:.3g}, rounding allows "
-               f"{_SLACK * size * eps * max(scale, 1.0):.3g})")
+    c_norms = np.linalg.norm(C, axis=0)
+    error = np.abs(C_pinv @ C - np.eye(r))
+    allowed = _SLACK * size * eps * np.maximum(
+        np.outer(np.linalg.norm(C_pinv, axis=1), c_norms), 1.0)
+    if not (error <= allowed).all():
+        i, j = np.unravel_index(np.argmax(error / allowed), error.shape)
+        yield (f"inverse_components_']: does not invert components_: entry [{i}, {j}] of "
+               f"inverse_components_ @ components_.T is {error[i, j] + (i == j):.6g} where "
+               f"the identity has {int(i == j)} (rounding allows {allowed[i, j]:.3g})")
     for name, S in (("gram_", G), ("jacobian_gram_", M)):
         yield from _psd_problems(name, S, eps)
     top = np.abs(D).max(initial=0.0)
@@ -434,12 +444,15 @@ def _basis_problems(basis, rotated, eps):
         yield "gram_eigenvalues_']: not sorted descending"
     if rotated and np.isfinite(G).all():
         # SPEC identity (b): the coordinates' second moment is diag(Lambda).
-        error = np.abs(C.T @ G @ C - np.diag(Lambda)).max()
-        allowed = _SLACK * size * eps * np.linalg.norm(C, 2) ** 2 * np.linalg.norm(G, 2)
-        if not error <= max(allowed, _SLACK * eps * Lambda.max(initial=0.0)):
+        error = np.abs(C.T @ (G @ C) - np.diag(Lambda))
+        allowed = _SLACK * size * eps * np.abs(G).sum(axis=1).max() * np.outer(c_norms, c_norms)
+        allowed = np.maximum(allowed, np.finfo(np.float64).tiny)
+        if not (error <= allowed).all():
+            i, j = np.unravel_index(np.argmax(error / allowed), error.shape)
             yield (f"interaction_strengths_']: does not match components_ and gram_: SPEC "
-                   f"identity (b) C^T G C = diag(Lambda) is off by {error:.3g} (rounding "
-                   f"allows {allowed:.3g}; largest Lambda {Lambda.max(initial=0.0):.3g})")
+                   f"identity (b) C^T G C = diag(Lambda) is off by {error[i, j]:.3g} at "
+                   f"[{i}, {j}] (rounding allows {allowed[i, j]:.3g}; Lambda there "
+                   f"{Lambda[i] if i == j else 0.0:.6g})")
 
 
 def _psd_problems(name, S, eps):
