@@ -55,7 +55,13 @@ from numbers import Integral
 import numpy as np
 import torch
 
-from ..utils._atomic import check_target, foreign_files, make_temp_dir, replace_dir, tidy
+from ..utils._atomic import (
+    check_target,
+    foreign_files,
+    make_temp_dir,
+    replace_dir,
+    tidy,
+)
 from ..utils._backend import resolve_dtype
 
 _ATTR_KEY = "sklearn_lib_cache"

@@ -136,7 +136,7 @@ def check_model_runs(model, layers, data):
     try:
         with torch.no_grad():
             record_activations(model, layers, _model_inputs(probe, model), verbose=False)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - whatever the user's model raises is reported
         shapes = ", ".join(f"{name}: shape {a.shape}, dtype {a.dtype}"
                            for name, a in _arrays(data))
         hint = ""

@@ -15,7 +15,7 @@ and renamed over it, so an interrupted export leaves the previous file intact.
 """
 
 import os
-import xml.etree.ElementTree as ElementTree
+from xml.etree import ElementTree
 
 import numpy as np
 

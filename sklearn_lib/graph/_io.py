@@ -43,7 +43,13 @@ from numbers import Integral
 import numpy as np
 
 from ..basis._basis import InteractionBasis
-from ..utils._atomic import check_target, foreign_files, make_temp_dir, replace_dir, tidy
+from ..utils._atomic import (
+    check_target,
+    foreign_files,
+    make_temp_dir,
+    replace_dir,
+    tidy,
+)
 from ..utils._backend import resolve_device
 
 _FORMAT = "sklearn_lib.InteractionGraph"
