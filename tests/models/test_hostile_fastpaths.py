@@ -17,6 +17,8 @@ refused) or ``crash`` (an exception other than ValueError/TypeError). Run this f
 as a script to print the verdicts of the checkout on ``sys.path``::
 
     PYTHONPATH=/path/to/checkout python tests/models/test_hostile_fastpaths.py
+
+(``HOSTILE_DEBUG=1`` also prints each error's first words.)
 """
 
 import contextlib
