@@ -29,7 +29,7 @@ the process group's timeout (``init_process_group(timeout=...)``).
 
 import torch
 
-from ..basis._stats import (
+from ..basis._factors import (
     Frame,
     _normalised,
     merge_factors,

@@ -46,9 +46,13 @@ def reparameterisation(seed, d, cond, rotated):
 def test_auto_keeps_rank_k_under_resolvable_reparameterisations(
     seed, d, k_fraction, log_cond, dtype, rotated
 ):
-    """SPEC 1: a rank-k map keeps k, for X @ A up to cond(A) 1e6 (float64), 1e2 (float32)."""
+    """SPEC 1: a rank-k map keeps k, for X @ A up to cond(A) 1e12 (float64), 1e4 (float32).
+
+    (The Gram route kept the count to 1e6 and 1e2; whitening from the R factor and
+    squaring the Jacobians in its frame move the limit to about 1 / (c eps).)
+    """
     k = 1 + int(k_fraction * (d - 1))
-    max_log_cond = 6 if dtype == "float64" else 2
+    max_log_cond = 12 if dtype == "float64" else 4
     X, J = rank_k_layer(seed, d, k)
     A = reparameterisation(seed, d, 10 ** (log_cond * max_log_cond), rotated)
     XA, JA = (X @ A).astype(dtype), (J @ np.linalg.inv(A).T).astype(dtype)
