@@ -500,3 +500,95 @@ def downstream_from_arrays(jacobians, layer, components, *, n_rows, positions, d
 
 def _shape(a):
     return tuple(int(s) for s in a.shape)
+
+
+# --------------------------------------------------------------------------- sections
+def derivative_of(activation, z):
+    """``act'(z)`` elementwise through autograd (``ReLU'(0) = 0``, as backward gives it)."""
+    from ._fastpath import LinearElementwise
+
+    return LinearElementwise(None, None, activation, False).derivative(z)
+
+
+def blocks_for_structure(structure, inputs, downstream):
+    """The parameter blocks of a recognised model section (``_fastpath`` closed forms).
+
+    ``act(x W^T + b)``: one block on the rows ``x`` read through ``A diag(s)``;
+    ``act(x) W^T + b``: one block on ``act(x)`` read through ``A``; a residual
+    MLP block ``x + act(x W_in^T + b_in) W_out^T + b_out``: ``W_in`` on ``x``
+    through ``A W_out diag(s)`` and ``W_out`` on the hidden activations through
+    ``A``. A section without a Linear has no parameters. Anything else
+    (attention, unrecognised modules) raises :class:`UnsupportedSection`.
+    """
+    from ._fastpath import LinearElementwise, ResidualMLP
+
+    if isinstance(structure, ResidualMLP):
+        s = structure.derivative(inputs)
+        with torch.no_grad():
+            hidden = structure.activation(
+                torch.nn.functional.linear(inputs, structure.w_in, structure.b_in).clone())
+        return [
+            ParameterBlock(inputs, structure.b_in is not None, downstream,
+                           structure.w_out, s, "w_in"),
+            ParameterBlock(hidden, structure.b_out is not None, downstream, None, None,
+                           "w_out"),
+        ]
+    if type(structure) is LinearElementwise:
+        if structure.weight is None:
+            return []
+        bias = structure.bias is not None
+        if structure.linear_first:
+            s = None if structure.activation is None else structure.derivative(inputs)
+            return [ParameterBlock(inputs, bias, downstream, None, s, "linear")]
+        with torch.no_grad():
+            x = structure.activation(inputs.clone())
+        return [ParameterBlock(x, bias, downstream, None, None, "linear")]
+    raise UnsupportedSection(
+        "the section is not a Linear with an elementwise activation or a declared residual "
+        "MLP block, so its parameters are not known.")
+
+
+def _aligned(positions, layer):
+    if len(set(positions[layer - 1:])) != 1:
+        raise UnsupportedSection(
+            "the layers after it have different numbers of positions; the parameter count "
+            "needs rows that are the same (sample, position) pairs in every layer.")
+
+
+def null_spaces(acts, jacs, positions, components, section_blocks, *, device, dtype,
+                options):
+    """Per layer, the :class:`SectionNullSpace` of the section into it, or the reason why not.
+
+    ``section_blocks(l, inputs, downstream)`` gives the blocks of the section
+    into layer ``l`` from the rows of layer ``l - 1`` and the downstream
+    Jacobians of layer ``l``. Layer 0 has no section (None).
+    """
+    results = [None]
+    for l in range(1, len(acts)):
+        try:
+            _aligned(positions, l)
+            n_rows = _shape(acts[l])[0]
+            downstream = downstream_from_arrays(jacs, l, components, n_rows=n_rows,
+                                                positions=positions, device=device,
+                                                dtype=dtype)
+            inputs = _tensor(acts[l - 1], device, dtype)
+            blocks = section_blocks(l, inputs, downstream)
+            results.append(section_null_space(blocks, n_outputs=_shape(components)[0],
+                                              dtype=dtype, **options))
+        except UnsupportedSection as reason:
+            results.append(str(reason))
+    return results
+
+
+def dense_sections(center, derivatives):
+    """``section_blocks`` reading every section as ``act(x W + b)`` (cached arrays).
+
+    ``derivatives[l]`` (n, d_l) is ``act'(z)`` of the layers given with
+    pre-activations; the others are affine maps. The bias exists when the graph
+    centres (``center=False`` folds it into the activations).
+    """
+
+    def blocks(l, inputs, downstream):
+        return [ParameterBlock(inputs, center, downstream, None, derivatives.get(l), "dense")]
+
+    return blocks

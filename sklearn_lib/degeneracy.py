@@ -17,7 +17,7 @@ The statistics are those of an :class:`~sklearn_lib.InteractionGraph`, fitted
 here or given (:meth:`DegeneracyReport.fit_graph`).
 """
 
-from numbers import Real
+from numbers import Integral, Real
 
 import numpy as np
 import torch
@@ -27,12 +27,16 @@ from sklearn.utils.validation import check_is_fitted
 
 from ._backend import resolve_device, resolve_dtype
 from ._degeneracy import (
-    gradient_rank_of,
     layer_spectra,
-    parameter_directions,
     patterns_from_arrays,
     record_patterns,
     synchronised_directions,
+)
+from ._parameter_null import (
+    blocks_for_structure,
+    dense_sections,
+    derivative_of,
+    null_spaces,
 )
 from .graph import InteractionGraph
 
@@ -42,6 +46,7 @@ _COLUMNS = (
     "n_features", "activation_rank", "activation_null", "gradient_rank", "gradient_null",
     "effective_dim", "joint_null", "dead", "always_on", "sync_groups", "sync_group_sizes",
     "sync_directions", "section_parameters", "degenerate_parameters",
+    "degenerate_parameters_error", "degenerate_parameters_method",
 )
 
 
@@ -191,13 +196,22 @@ class DegeneracyReport(BaseEstimator):
             for name in ("center", "final_layer", "batch_size", "device", "dtype", "verbose")
         },
         "pattern_tol": [Interval(Real, 0, None, closed="left")],
+        "exact_size_limit": [Interval(Integral, 0, None, closed="left"), None],
+        "n_probes": [Interval(Integral, 2, None, closed="left")],
+        "n_lanczos_steps": [Interval(Integral, 1, None, closed="left")],
+        "random_state": ["random_state"],
     }
 
     def __init__(self, *, center=True, final_layer="identity", pattern_tol=1e-6,
+                 exact_size_limit=6000, n_probes=8, n_lanczos_steps=120, random_state=None,
                  batch_size=None, device="cpu", dtype="float64", verbose=False):
         self.center = center
         self.final_layer = final_layer
         self.pattern_tol = pattern_tol
+        self.exact_size_limit = exact_size_limit
+        self.n_probes = n_probes
+        self.n_lanczos_steps = n_lanczos_steps
+        self.random_state = random_state
         self.batch_size = batch_size
         self.device = device
         self.dtype = dtype
@@ -238,10 +252,14 @@ class DegeneracyReport(BaseEstimator):
         """
         self._check_pattern_inputs(preactivations, activation)
         graph = self._graph().fit(X, jacobians=jacobians, sequence=sequence)
-        return self._measure(graph, self._array_patterns(graph, preactivations, activation))
+        nulls = self._array_null_spaces(graph, X, jacobians, sequence, preactivations,
+                                        activation)
+        return self._measure(graph, self._array_patterns(graph, preactivations, activation),
+                             nulls)
 
     @_fit_context(prefer_skip_nested_validation=True)
-    def fit_graph(self, graph, *, preactivations=None, activation=None):
+    def fit_graph(self, graph, *, preactivations=None, activation=None, X=None,
+                  jacobians=None, sequence=False):
         """Measure a fitted :class:`~sklearn_lib.InteractionGraph` (never refitted).
 
         Parameters
@@ -253,6 +271,15 @@ class DegeneracyReport(BaseEstimator):
             fitted on (see :meth:`fit`).
         activation : callable, default=None
             Their activation; None means ReLU.
+        X : list of arrays or ActivationCache, default=None
+            The activations the graph was fitted on (as for :meth:`fit`). With
+            ``jacobians`` they give the degenerate parameter directions; without
+            them (a loaded graph keeps only statistics) ``degenerate_parameters``
+            is missing.
+        jacobians : list of arrays, default=None
+            The Jacobians between adjacent layers the graph was fitted on.
+        sequence : bool, default=False
+            Rows of ``X`` are (sample, position) pairs (see :meth:`fit`).
 
         Returns
         -------
@@ -267,7 +294,13 @@ class DegeneracyReport(BaseEstimator):
                 "statistics, so the gradients' null spaces cannot be measured. Use a graph "
                 "fitted with basis='interaction'."
             )
-        return self._measure(graph, self._array_patterns(graph, preactivations, activation))
+        self._check_pattern_inputs(preactivations, activation)
+        nulls = None
+        if X is not None or jacobians is not None:
+            nulls = self._array_null_spaces(graph, X, jacobians, sequence, preactivations,
+                                            activation)
+        return self._measure(graph, self._array_patterns(graph, preactivations, activation),
+                             nulls)
 
     @_fit_context(prefer_skip_nested_validation=True)
     def fit_model(self, model, layers, data, *, sequence=False):
@@ -296,7 +329,8 @@ class DegeneracyReport(BaseEstimator):
             batch_size=self.batch_size, device=resolve_device(self.device),
             dtype=resolve_dtype(self.dtype),
         )
-        return self._measure(graph, patterns)
+        return self._measure(graph, patterns,
+                             self._model_null_spaces(graph, model, layers, data, sequence))
 
     # ------------------------------------------------------------------ measuring
     @staticmethod
@@ -333,7 +367,64 @@ class DegeneracyReport(BaseEstimator):
             )
         return patterns
 
-    def _measure(self, graph, patterns):
+    def _null_options(self):
+        return {"exact_size_limit": self.exact_size_limit, "n_probes": self.n_probes,
+                "n_steps": self.n_lanczos_steps, "random_state": self.random_state}
+
+    def _array_null_spaces(self, graph, X, jacobians, sequence, preactivations, activation):
+        """Null spaces of every section read as ``act(x W + b)`` from cached arrays."""
+        from ._sources import CachedSource
+        from .cache import ActivationCache
+
+        if isinstance(X, ActivationCache):
+            names = X.layers
+            jacobians = [X.jacobians(a, b) for a, b in zip(names[:-1], names[1:])]
+            sequence = sequence or any(r > 1 for r in X.rows_per_sample.values())
+            X = [X.activations(name) for name in names]
+        device, dtype = resolve_device(self.device), resolve_dtype(self.dtype)
+        source = CachedSource(X, jacobians, sequence=sequence, batch_size=self.batch_size,
+                              device=device, dtype=dtype, verbose=False)
+        if source.n_samples != graph.n_samples_seen_ or source.n_layers != graph.n_layers_:
+            raise ValueError(
+                f"X and jacobians hold {source.n_layers} layers of {source.n_samples} samples; "
+                f"the graph was fitted on {graph.n_layers_} layers of "
+                f"{graph.n_samples_seen_}: pass the arrays the graph was fitted on."
+            )
+        derivatives = {}
+        if preactivations is not None:
+            act = torch.relu if activation is None else activation
+            for key, z in preactivations.items():
+                l = graph._layer_index(key)
+                derivatives[l] = derivative_of(act, torch.as_tensor(
+                    np.asarray(z) if not isinstance(z, torch.Tensor) else z).to(
+                        device=device, dtype=dtype))
+        return null_spaces(source.acts, source.jacs, source.positions,
+                           graph.bases_[-1].components_, dense_sections(graph.center, derivatives),
+                           device=device, dtype=dtype, options=self._null_options())
+
+    def _model_null_spaces(self, graph, model, layers, data, sequence):
+        """Null spaces of the model's recognised sections (Linear + activation, residual MLP)."""
+        from ._model_source import ModelSource
+        from ._sources import CachedSource
+        from .collect import collect
+
+        device, dtype = resolve_device(self.device), resolve_dtype(self.dtype)
+        acts, jacs = collect(model, layers, data, batch_size=self.batch_size or 256,
+                             device=device, dtype=self.dtype, verbose=False, sequence=sequence)
+        source = CachedSource(acts, jacs, sequence=sequence, batch_size=self.batch_size,
+                              device=device, dtype=dtype, verbose=False)
+        sections = ModelSource(model, layers, data, sequence=sequence,
+                               batch_size=self.batch_size, device=device, dtype=self.dtype,
+                               fast_path="auto", verbose=False)
+
+        def blocks(l, inputs, downstream):
+            return blocks_for_structure(sections.structure(l - 1, l), inputs, downstream)
+
+        return null_spaces(source.acts, source.jacs, source.positions,
+                           graph.bases_[-1].components_, blocks, device=device, dtype=dtype,
+                           options=self._null_options())
+
+    def _measure(self, graph, patterns, nulls=None):
         n_layers = graph.n_layers_
         spectra = [layer_spectra(b) for b in graph.bases_]
         for l, p in patterns.items():
@@ -350,16 +441,18 @@ class DegeneracyReport(BaseEstimator):
             dead[l], on[l], groups[l] = p.groups()
             if p.piecewise_linear:
                 sync[l] = synchronised_directions(groups[l], on[l])
-        free, section = np.full(n_layers, np.nan), np.full(n_layers, np.nan)
+        free, error = np.full(n_layers, np.nan), np.full(n_layers, np.nan)
+        section, method = np.full(n_layers, np.nan), [None] * n_layers
+        nulls = [None] * n_layers if nulls is None else nulls
         for l in range(1, n_layers):
-            live = np.arange(d[l]) if dead[l] is None else np.setdiff1d(np.arange(d[l]), dead[l])
-            rank_live = gradient_rank_of(spectra[l], live)
-            # The graph's centring decides whether a bias is counted, not this report's.
-            free[l] = parameter_directions(
-                int(d[l - 1]), spectra[l - 1].activation_rank, int(d[l]), rank_live,
-                0.0 if np.isnan(sync[l]) else sync[l], center=graph.center,
-            )
+            # Without a model the section is read as act(x W + b); the graph's
+            # centring decides whether a bias is counted, not this report's.
             section[l] = (d[l - 1] + graph.center) * d[l]
+            result = nulls[l]
+            if result is None or isinstance(result, str):
+                continue
+            section[l] = result.n_parameters
+            free[l], error[l], method[l] = result.degenerate, result.error, result.method
         self.graph_ = graph
         self.layer_names_ = list(graph.layer_names_)
         self.n_features_ = d
@@ -375,6 +468,9 @@ class DegeneracyReport(BaseEstimator):
         self.synchronised_directions_ = sync
         self.section_parameters_ = section
         self.degenerate_parameters_ = free
+        self.degenerate_parameters_error_ = error
+        self.degenerate_parameters_method_ = method
+        self.parameter_null_spaces_ = list(nulls)
         return self
 
     # ------------------------------------------------------------------ results
@@ -398,6 +494,9 @@ class DegeneracyReport(BaseEstimator):
                 "sync_directions": _int_or_none(self.synchronised_directions_[l]),
                 "section_parameters": _int_or_none(self.section_parameters_[l]),
                 "degenerate_parameters": _int_or_none(self.degenerate_parameters_[l]),
+                "degenerate_parameters_error": _float_or_none(
+                    self.degenerate_parameters_error_[l]),
+                "degenerate_parameters_method": self.degenerate_parameters_method_[l],
             }
 
     def to_frame(self):
@@ -425,7 +524,11 @@ class DegeneracyReport(BaseEstimator):
         frame = pd.DataFrame(list(rows), index=pd.Index(names, name="layer"),
                              columns=list(_COLUMNS))
         for column in _COLUMNS:
-            if column != "sync_group_sizes":
+            if column == "degenerate_parameters_error":
+                frame[column] = frame[column].astype("Float64")
+            elif column == "degenerate_parameters_method":
+                frame[column] = frame[column].astype("string")
+            elif column != "sync_group_sizes":
                 frame[column] = frame[column].astype("Int64")
         return frame
 
@@ -472,4 +575,8 @@ class DegeneracyReport(BaseEstimator):
 
 
 def _int_or_none(value):
-    return None if np.isnan(value) else int(value)
+    return None if np.isnan(value) else int(round(value))
+
+
+def _float_or_none(value):
+    return None if np.isnan(value) else float(value)
