@@ -58,6 +58,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from torch import nn
 
 from ._linalg import constant_feature_floor, gram_spectrum, lapack_threads, rounding_tolerance
 
@@ -65,6 +66,9 @@ __all__ = ["ParameterBlock", "SectionNullSpace", "section_null_space"]
 
 # Numbers per work tensor of a chunk of samples (as the graph's sources use).
 _CHUNK_NUMBERS = 2**23
+# Per-sample downstream Jacobians (and their reduced products) up to this many
+# numbers are kept in memory rather than recomputed chunk by chunk.
+_MATERIALISE_NUMBERS = 2**26
 
 
 @dataclass
@@ -193,11 +197,18 @@ def _input_coordinates(u, bias):
 def _output_coordinates(block, n, o):
     """``Q`` (m, r_out): whitened basis of the range of ``R = (1/n) sum_x F_x^T F_x``."""
     m = block.width
-    R = torch.zeros(m, m, dtype=block.inputs.dtype, device=block.inputs.device)
-    for start, stop in _chunks(n, o * m):
-        F = block.factor(start, stop)
-        R += torch.einsum("xki,xkj->ij", F, F)
-    R /= n
+    if not callable(block.downstream):
+        # F_x = A E diag(s_x): R = (E^T A^T A E) * (S^T S / n), the closed form of SPEC 5.
+        AE = block.downstream if block.middle is None else block.downstream @ block.middle
+        R = AE.T @ AE
+        if block.derivative is not None:
+            R = R * (block.derivative.T @ block.derivative) / n
+    else:
+        R = torch.zeros(m, m, dtype=block.inputs.dtype, device=block.inputs.device)
+        for start, stop in _chunks(n, o * m):
+            F = block.factor(start, stop)
+            R += torch.einsum("xki,xkj->ij", F, F)
+        R /= n
     R = (R + R.T) / 2
     with lapack_threads(R):
         values, vectors = torch.linalg.eigh(R)
@@ -262,53 +273,107 @@ def _eigenvalues(A):
 
 # --------------------------------------------------------------------------- estimate
 class _Operator:
-    """``V -> (1/n) K^T K V`` on columns ``V`` (p_r, b), chunk by chunk of samples."""
+    """``V -> (1/n) K^T K V`` on columns ``V`` (p_r, b), chunk by chunk of samples.
+
+    A block read by one matrix for all samples (``F_x = A E diag(s_x)``) is applied
+    factor by factor, as matrix products over the whole chunk; a block with
+    per-sample ``A_x`` uses ``G_x = F_x Q``, kept in memory up to ``2**26``
+    numbers and recomputed per chunk beyond.
+    """
 
     def __init__(self, reduced, n, o):
         self.reduced, self.n, self.o = reduced, n, o
         sizes = [r.size for r in reduced]
         self.offsets = np.concatenate([[0], np.cumsum(sizes)])
         self.size = int(self.offsets[-1])
-        self._cache = None
-        per_sample = sum(o * r.Q.shape[1] for r in reduced)
-        if n * per_sample <= _CHUNK_NUMBERS * 8:
-            self._cache = [r.G(0, n) for r in reduced]
+        self._fixed, self._cache = [], []
+        for r in reduced:
+            block = r.block
+            if not callable(block.downstream):
+                A = block.downstream if block.middle is None else block.downstream @ block.middle
+                self._fixed.append(A)
+                self._cache.append(None)
+            else:
+                self._fixed.append(None)
+                keep = n * o * r.Q.shape[1] <= _MATERIALISE_NUMBERS
+                self._cache.append(r.G(0, n) if keep else None)
+
+    def _G(self, i, start, stop):
+        cached = self._cache[i]
+        return cached[start:stop] if cached is not None else self.reduced[i].G(start, stop)
 
     def __call__(self, V):
         b = V.shape[1]
         out = torch.zeros_like(V)
-        parts = [
-            V[self.offsets[i]:self.offsets[i + 1]].reshape(r.w.shape[1], r.Q.shape[1], b)
-            for i, r in enumerate(self.reduced)
-        ]
-        per_sample = sum(self.o * r.Q.shape[1] * (1 + b) for r in self.reduced)
-        for start, stop in _chunks(self.n, per_sample):
-            Gs = (
-                [G[start:stop] for G in self._cache] if self._cache is not None
-                else [r.G(start, stop) for r in self.reduced]
-            )
+        parts, sums = [], []
+        for i, r in enumerate(self.reduced):
+            # Layout (r_in, b, width): a chunk's rows then meet the readout in one GEMM.
+            P = V[self.offsets[i]:self.offsets[i + 1]].reshape(r.w.shape[1], r.Q.shape[1], b)
+            if self._fixed[i] is not None:
+                # The output whitening Q moves to the parameters: once, not per sample.
+                P = torch.einsum("aib,mi->abm", P, r.Q)
+            else:
+                P = P.transpose(1, 2)
+            parts.append(P.reshape(r.w.shape[1], -1))
+            sums.append(torch.zeros_like(parts[-1]))
+        per_sample = sum((self.o + r.block.width + r.Q.shape[1]) * b for r in self.reduced)
+        for start, stop in _chunks(self.n, 2 * per_sample):
+            c = stop - start
             y = 0
-            for r, G, P in zip(self.reduced, Gs, parts):
-                t = torch.einsum("xa,aib->xib", r.w[start:stop], P)
-                y = y + torch.bmm(G, t)
-            for i, (r, G) in enumerate(zip(self.reduced, Gs)):
-                back = torch.bmm(G.transpose(1, 2), y)
-                out[self.offsets[i]:self.offsets[i + 1]] += torch.einsum(
-                    "xa,xib->aib", r.w[start:stop], back).reshape(-1, b)
+            for i, (r, P) in enumerate(zip(self.reduced, parts)):
+                t = (r.w[start:stop] @ P).reshape(c, b, -1)
+                y = y + self._forward(i, t, start, stop)
+            for i, r in enumerate(self.reduced):
+                back = self._adjoint(i, y, start, stop).reshape(c, -1)
+                sums[i] += r.w[start:stop].T @ back
+        for i, r in enumerate(self.reduced):
+            S = sums[i].reshape(r.w.shape[1], b, -1)
+            if self._fixed[i] is not None:
+                S = torch.einsum("abm,mi->aib", S, r.Q)
+            else:
+                S = S.transpose(1, 2)
+            out[self.offsets[i]:self.offsets[i + 1]] = S.reshape(-1, b)
         return out / self.n
+
+    def _forward(self, i, t, start, stop):
+        """``t`` (c, b, width) -> ``F_x t_x`` (fixed reading) or ``G_x t_x``: (c, b, o)."""
+        A = self._fixed[i]
+        if A is None:
+            return torch.bmm(t, self._G(i, start, stop).transpose(1, 2))
+        block = self.reduced[i].block
+        if block.derivative is not None:
+            t = t * block.derivative[start:stop, None, :]
+        c, b, m = t.shape
+        return (t.reshape(c * b, m) @ A.T).reshape(c, b, -1)
+
+    def _adjoint(self, i, y, start, stop):
+        """The transpose of :meth:`_forward`: ``y`` (c, b, o) -> (c, b, width)."""
+        A = self._fixed[i]
+        if A is None:
+            return torch.bmm(y, self._G(i, start, stop))
+        c, b, o = y.shape
+        g = (y.reshape(c * b, o) @ A).reshape(c, b, -1)
+        block = self.reduced[i].block
+        if block.derivative is not None:
+            g = g * block.derivative[start:stop, None, :]
+        return g
 
 
 def _lanczos(op, Z, n_steps):
     """Lanczos with full reorthogonalisation on the probes ``Z`` (p, b) side by side.
 
-    Returns the tridiagonal coefficients ``alpha`` (b, k), ``beta`` (b, k) per probe
-    (``beta[:, -1]`` the last, for residual bounds).
+    Returns per probe the tridiagonal coefficients ``(alpha, beta)`` of the steps
+    it took: a probe stops early when its Krylov space is invariant (``beta``
+    below rounding), after which its quadrature is exact.
     """
     p, b = Z.shape
     k = min(n_steps, p)
     basis = Z.new_zeros(k, p, b)
     q = Z / Z.norm(dim=0)
     alpha, beta = Z.new_zeros(b, k), Z.new_zeros(b, k)
+    steps = np.full(b, k)
+    active = torch.ones(b, dtype=torch.bool, device=Z.device)
+    scale = 0.0
     for j in range(k):
         basis[j] = q
         v = op(q)
@@ -318,37 +383,78 @@ def _lanczos(op, Z, n_steps):
             coeff = torch.einsum("jpb,pb->jb", basis[:j + 1], v)
             v = v - torch.einsum("jpb,jb->pb", basis[:j + 1], coeff)
         beta[:, j] = v.norm(dim=0)
-        if j + 1 < k:
-            q = v / beta[:, j].clamp_min(torch.finfo(v.dtype).tiny)
-    return alpha, beta
+        scale = max(scale, float(alpha[:, j].abs().max()), float(beta[:, j].max()))
+        done = active & (beta[:, j] <= p * torch.finfo(Z.dtype).eps * scale)
+        for i in torch.nonzero(done).flatten().tolist():
+            steps[i] = j + 1
+        active &= ~done
+        if not bool(active.any()):
+            break
+        v[:, ~active] = 0
+        q = v / beta[:, j].clamp_min(torch.finfo(v.dtype).tiny)
+    return [(alpha[i, :steps[i]], beta[i, :steps[i]]) for i in range(b)]
 
 
-def _quadrature(alpha, beta):
-    """Ritz values, Gauss weights and residual bounds of one probe's tridiagonal matrix."""
+def _quadrature(alpha, beta, t):
+    """Gauss quadrature of one probe's Lanczos steps, and a bound on its mass below ``t``.
+
+    Returns the Ritz values, their Gauss weights and the weight at ``t`` of the
+    Gauss-Radau rule with a node prescribed at ``t``: by the Chebyshev-Markov-
+    Stieltjes inequalities the probe's spectral mass at or below ``t`` is at most
+    that weight when ``t`` is below the rule's other nodes (Golub and Meurant,
+    "Matrices, Moments and Quadrature", 2010, ch. 6). A probe whose Krylov space
+    became invariant has an exact Gauss rule (``beta_k = 0``, Radau weight 0).
+    """
     k = len(alpha)
     T = torch.diag(alpha) + torch.diag(beta[:k - 1], 1) + torch.diag(beta[:k - 1], -1)
     theta, Y = torch.linalg.eigh(T)
-    return theta, Y[0] ** 2, (beta[k - 1] * Y[-1]).abs()
+    weights = Y[0] ** 2
+    b = beta[k - 1]
+    counted = float(weights[theta <= t].sum())
+    if float(b) == 0.0:
+        return theta, weights, counted
+    e_k = torch.zeros(k, dtype=T.dtype, device=T.device)
+    e_k[-1] = b
+    try:
+        x = torch.linalg.solve(T - t * torch.eye(k, dtype=T.dtype, device=T.device), e_k)
+    except RuntimeError:  # t is a Ritz value to working precision: a node already
+        return theta, weights, counted
+    # The Radau matrix [[T, b e_k], [b e_k^T, t + b x_k]] has t as an eigenvalue.
+    radau = torch.zeros(k + 1, k + 1, dtype=T.dtype, device=T.device)
+    radau[:k, :k] = T
+    radau[k, k - 1] = radau[k - 1, k] = b
+    radau[k, k] = t + b * x[-1]
+    nodes, Z = torch.linalg.eigh(radau)
+    at_t = int((nodes - t).abs().argmin())
+    return theta, weights, float((Z[0, :at_t + 1] ** 2).sum())
+
+
+#: Gauss-Newton eigenvalues below this share of the largest count as null in the
+#: estimate: what Lanczos resolves in a few hundred steps (the exact count uses
+#: the rounding tolerance ``eps max(s, sqrt(t)) lambda_max``, about 1e-12 of it).
+ESTIMATE_RESOLUTION = 1e-8
 
 
 def _estimate(reduced, n, o, n_rows, dtype, *, n_probes, n_steps, generator):
+    """``(null, error, threshold)`` by stochastic Lanczos quadrature (module docstring)."""
     op = _Operator(reduced, n, o)
     p = op.size
     Z = torch.randint(0, 2, (p, n_probes), generator=generator).to(
         dtype=reduced[0].w.dtype, device=reduced[0].w.device).mul_(2).sub_(1)
-    alpha, beta = _lanczos(op, Z, n_steps)
-    results = [_quadrature(alpha[i], beta[i]) for i in range(n_probes)]
-    largest = max(float(theta.max()) for theta, _, _ in results)
-    tau = rounding_tolerance(largest, p, n_rows, dtype)
-    null, unresolved = [], []
-    for theta, weight, residual in results:
-        sure = (theta + residual) <= tau
-        open_ = ((theta - residual) <= tau) & ~sure
-        null.append(float(weight[sure].sum()) * p)
-        unresolved.append(float(weight[open_].sum()) * p)
+    runs = _lanczos(op, Z, n_steps)
+    largest = max(float(torch.linalg.eigvalsh(
+        torch.diag(a) + torch.diag(b[:-1], 1) + torch.diag(b[:-1], -1)).max()) for a, b in runs)
+    t = max(rounding_tolerance(largest, p, n_rows, dtype), ESTIMATE_RESOLUTION * largest)
+    null, missed = [], []
+    for a, b in runs:
+        theta, weights, radau = _quadrature(a, b, t)
+        counted = float(weights[theta <= t].sum())
+        null.append(counted * p)
+        # Mass below t the rule may not have resolved yet (at most the Radau weight).
+        missed.append(max(radau - counted, 0.0) * p)
     null = np.array(null)
-    stat = float(null.std(ddof=1) / math.sqrt(n_probes)) if n_probes > 1 else float("inf")
-    return float(null.mean()), stat + float(np.mean(unresolved)), tau
+    stat = float(null.std(ddof=1) / math.sqrt(n_probes))
+    return float(null.mean()), stat + float(np.mean(missed)), t
 
 
 # --------------------------------------------------------------------------- entry point
@@ -385,6 +491,11 @@ def section_null_space(blocks, *, n_outputs, dtype, exact_size_limit=6000, n_pro
     if p_r == 0:
         return SectionNullSpace(p, p, 0.0, "exact", 0, n_rows,
                                 seconds=time.perf_counter() - start_time)
+    if len(reduced) == 1 and _fixed_reading(reduced[0].block):
+        # F_x = F for every sample: K^T K = (sum_x w_x w_x^T) kron (F^T F), whose
+        # reduced factors are both of full rank, so nothing more is degenerate.
+        return SectionNullSpace(p, trivial, 0.0, "exact", p_r, n_rows,
+                                seconds=time.perf_counter() - start_time)
     size = min(p_r, n_rows)
     if exact_size_limit is None or size <= exact_size_limit:
         matrix = _primal(reduced, n) if p_r <= n_rows else _dual(reduced, n, o)
@@ -405,6 +516,11 @@ def section_null_space(blocks, *, n_outputs, dtype, exact_size_limit=6000, n_pro
         n_steps=min(n_steps, p_r))
 
 
+def _fixed_reading(block):
+    """Whether ``F_x`` is one matrix for every sample (no activation, affine downstream)."""
+    return block.derivative is None and not callable(block.downstream)
+
+
 def _seed(random_state):
     if random_state is None:
         return 0
@@ -416,8 +532,6 @@ def _seed(random_state):
 
 
 # --------------------------------------------------------------------------- inputs
-# Per-sample downstream Jacobians up to this many numbers are kept in memory.
-_MATERIALISE_NUMBERS = 2**26
 
 
 class UnsupportedSection(ValueError):
@@ -546,6 +660,43 @@ def blocks_for_structure(structure, inputs, downstream):
     raise UnsupportedSection(
         "the section is not a Linear with an elementwise activation or a declared residual "
         "MLP block, so its parameters are not known.")
+
+
+def verified_dense_section(model, spec, X_prev, X_next):
+    """``act(x W^T + b)`` for a layer that is an elementwise activation's output whose
+    input is an ``nn.Linear``'s output, when the two reproduce the recorded rows.
+
+    The closed forms of :mod:`sklearn_lib._fastpath` need both layers inside one
+    ``nn.Sequential``; the shipped MLP's ``embed -> mlp.1`` starts outside it. Here
+    the Linear is the child before the activation in its ``nn.Sequential``, and it
+    is accepted only if ``act(linear(X_{l-1}))`` equals ``X_l`` on every row (to
+    ``1e3 eps`` of the largest entry): then the section computes exactly that on the
+    data, and the Linear's weight and bias are its parameters. Returns the
+    :class:`~sklearn_lib._fastpath.LinearElementwise` or None.
+    """
+    from ._fastpath import ELEMENTWISE, LinearElementwise
+
+    if (spec.kind != "output" or type(spec.module) not in ELEMENTWISE or not spec.name
+            or spec.positions is not None or spec.axes is not None):
+        return None
+    parent_name, _, key = spec.name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if type(parent) is not nn.Sequential:
+        return None
+    names = list(parent._modules)
+    index = names.index(key)
+    linear = parent._modules[names[index - 1]] if index > 0 else None
+    if type(linear) is not nn.Linear or (X_prev.shape[1], X_next.shape[1]) != (
+            linear.in_features, linear.out_features):
+        return None
+    W = linear.weight.detach().to(X_prev.dtype)
+    b = None if linear.bias is None else linear.bias.detach().to(X_prev.dtype)
+    with torch.no_grad():
+        predicted = spec.module(torch.nn.functional.linear(X_prev, W, b).clone())
+    scale = max(float(X_next.abs().max()), float(X_prev.abs().max()), 1.0)
+    if float((predicted - X_next).abs().max()) > 1e3 * torch.finfo(X_next.dtype).eps * scale:
+        return None
+    return LinearElementwise(W, b, spec.module, linear_first=True)
 
 
 def _aligned(positions, layer):

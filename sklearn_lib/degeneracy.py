@@ -37,6 +37,7 @@ from ._parameter_null import (
     dense_sections,
     derivative_of,
     null_spaces,
+    verified_dense_section,
 )
 from .graph import InteractionGraph
 
@@ -418,7 +419,12 @@ class DegeneracyReport(BaseEstimator):
                                fast_path="auto", verbose=False)
 
         def blocks(l, inputs, downstream):
-            return blocks_for_structure(sections.structure(l - 1, l), inputs, downstream)
+            structure = sections.structure(l - 1, l)
+            if structure is None:
+                structure = verified_dense_section(
+                    sections.model, sections.specs[l], inputs,
+                    torch.as_tensor(np.asarray(source.acts[l])).to(device=device, dtype=dtype))
+            return blocks_for_structure(structure, inputs, downstream)
 
         return null_spaces(source.acts, source.jacs, source.positions,
                            graph.bases_[-1].components_, blocks, device=device, dtype=dtype,
