@@ -29,6 +29,7 @@ from those of ``w*`` (the loss whose Hessian is the Gauss-Newton matrix that
 """
 
 import math
+from contextlib import contextmanager
 from numbers import Integral, Real
 
 import numpy as np
@@ -185,6 +186,21 @@ class LocalLearningCoefficient(BaseEstimator):
         self.dtype = dtype
         self.verbose = verbose
 
+    def fit(self, X, y=None, *, model):
+        """scikit-learn's signature for :meth:`fit_model`: ``fit(X, y, model=model)``.
+
+        Parameters
+        ----------
+        X : tensor or ndarray
+        y : tensor, ndarray or None, default=None
+        model : torch.nn.Module
+
+        Returns
+        -------
+        self : LocalLearningCoefficient
+        """
+        return self.fit_model(model, X, y)
+
     @_fit_context(prefer_skip_nested_validation=True)
     def fit_model(self, model, X, y=None):
         """Sample the chains around the model's weights and estimate its LLC.
@@ -226,17 +242,12 @@ class LocalLearningCoefficient(BaseEstimator):
             n_beta = n / math.log(n) if self.n_beta is None else float(self.n_beta)
             init_loss = _full_loss(model, start, X, targets, loss_fn, self.batch_size or n)
             seeds = np.random.SeedSequence(_entropy(self.random_state)).spawn(self.n_chains)
-            if self.sampler == "devinterp":
-                traces = self._devinterp_chains(model, start, chosen, X, targets, loss_fn,
-                                                n_beta, seeds)
-            else:
-                traces = [
-                    _chain(model, start, chosen, X, targets, loss_fn, n_beta=n_beta,
-                           lr=self.lr, localization=self.localization,
-                           n_steps=self.n_burnin + self.n_draws,
-                           batch_size=self.batch_size or n, seed=seed)
-                    for seed in seeds
-                ]
+            # Small steps on two shared cores: one thread (OpenMP barriers of tiny
+            # products collapse under load, 15x slower in a test here).
+            work = (self.batch_size or n) * sum(p.numel() for p in start.values())
+            threads = _single_thread if work <= _SINGLE_THREAD_WORK else _unchanged
+            with threads():
+                traces = self._chains(model, start, chosen, X, targets, loss_fn, n_beta, seeds)
         trace = np.array(traces, dtype=np.float64)
         per_chain = n_beta * (trace[:, self.n_burnin:].mean(axis=1) - init_loss)
         if self.verbose:
@@ -253,6 +264,17 @@ class LocalLearningCoefficient(BaseEstimator):
         self.parameter_names_ = chosen
         self.n_parameters_ = int(sum(start[name].numel() for name in chosen))
         return self
+
+    def _chains(self, model, start, chosen, X, targets, loss_fn, n_beta, seeds):
+        if self.sampler == "devinterp":
+            return self._devinterp_chains(model, start, chosen, X, targets, loss_fn, n_beta,
+                                          seeds)
+        return [
+            _chain(model, start, chosen, X, targets, loss_fn, n_beta=n_beta, lr=self.lr,
+                   localization=self.localization, n_steps=self.n_burnin + self.n_draws,
+                   batch_size=self.batch_size or X.shape[0], seed=seed)
+            for seed in seeds
+        ]
 
     def _loss_function(self, model, start, X, y, device, dtype):
         """``(loss(outputs, targets) -> per-sample losses, targets)``."""
@@ -362,6 +384,26 @@ class LocalLearningCoefficient(BaseEstimator):
 
 
 # --------------------------------------------------------------------------- helpers
+# Chains whose step touches at most this many numbers (batch x parameters) run on
+# one thread.
+_SINGLE_THREAD_WORK = 2**22
+
+
+@contextmanager
+def _single_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@contextmanager
+def _unchanged():
+    yield
+
+
 class _UserLoss:
     """A user's ``loss(outputs, y) -> mean``, per batch (used as the batch mean)."""
 
@@ -443,7 +485,7 @@ def _chain(model, start, chosen, X, targets, loss_fn, *, n_beta, lr, localizatio
         xb = X if index is None else X[index]
         tb = None if targets is None else (targets if index is None else targets[index])
         loss = _mean(loss_fn(torch.func.functional_call(model, params, (xb,)), tb))
-        value = float(loss)
+        value = float(loss.detach())
         if not math.isfinite(value):
             raise RuntimeError(
                 f"an SGLD chain diverged (loss {value}) after {len(trace)} steps: lower lr "

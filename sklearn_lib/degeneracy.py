@@ -32,6 +32,7 @@ from ._degeneracy import (
     record_patterns,
     synchronised_directions,
 )
+from ._llc import LocalLearningCoefficient
 from ._parameter_null import (
     blocks_for_structure,
     dense_sections,
@@ -41,7 +42,7 @@ from ._parameter_null import (
 )
 from .graph import InteractionGraph
 
-__all__ = ["DegeneracyReport"]
+__all__ = ["DegeneracyReport", "LocalLearningCoefficient"]
 
 _COLUMNS = (
     "n_features", "activation_rank", "activation_null", "gradient_rank", "gradient_null",
