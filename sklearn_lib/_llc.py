@@ -138,16 +138,17 @@ class LocalLearningCoefficient(BaseEstimator):
     >>> import torch
     >>> from sklearn_lib.degeneracy import LocalLearningCoefficient
     >>> g = torch.Generator().manual_seed(0)
-    >>> X = torch.randn(2000, 3, dtype=torch.float64, generator=g)
+    >>> X = torch.randn(1000, 3, dtype=torch.float64, generator=g)
     >>> net = torch.nn.Linear(3, 1).double()
     >>> with torch.no_grad():
-    ...     y = net(X) + 0.1 * torch.randn(2000, 1, dtype=torch.float64, generator=g)
-    ...     w = torch.linalg.lstsq(torch.cat([X, torch.ones(2000, 1)], 1), y).solution
-    ...     net.weight.copy_(w[:3].T); net.bias.copy_(w[3])    # the minimum w*
-    >>> llc = LocalLearningCoefficient(n_chains=4, n_draws=2000, n_burnin=200, lr=1e-3,
+    ...     y = net(X) + 0.1 * torch.randn(1000, 1, dtype=torch.float64, generator=g)
+    ...     design = torch.cat([X, torch.ones(1000, 1, dtype=torch.float64)], 1)
+    ...     w = torch.linalg.lstsq(design, y).solution          # the minimum w*
+    ...     _ = net.weight.copy_(w[:3].T), net.bias.copy_(w[3])
+    >>> llc = LocalLearningCoefficient(n_chains=4, n_draws=1000, n_burnin=200, lr=1e-3,
     ...                                localization=1.0, random_state=0).fit_model(net, X, y)
-    >>> llc.n_parameters_, round(llc.llc_, 1)
-    (4, 2.0)
+    >>> llc.n_parameters_, abs(llc.llc_ - 2) < 3 * llc.llc_sem_ + 0.1
+    (4, True)
     """
 
     _parameter_constraints: dict = {
