@@ -29,8 +29,8 @@ import time
 
 import numpy as np
 import torch
-
-from _memory import peak as peak_rss, reset_peak
+from _memory import peak as peak_rss
+from _memory import reset_peak
 
 N_TRAIN = 1400
 

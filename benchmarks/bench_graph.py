@@ -41,9 +41,9 @@ import time
 
 import numpy as np
 import torch
+from _memory import peak as peak_rss
+from _memory import reset_peak
 from torch import nn
-
-from _memory import peak as peak_rss, reset_peak
 
 METHODS = ("naive", "fast", "generic", "cached", "collect")
 ALL_METHODS = (*METHODS, "collect_zarr")

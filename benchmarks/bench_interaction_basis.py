@@ -20,8 +20,8 @@ import time
 
 import numpy as np
 import torch
-
 from _memory import peak, reset_peak
+
 from sklearn_lib import InteractionBasis
 
 

@@ -28,10 +28,9 @@ import sys
 import tempfile
 import time
 
+import _memory
 import cloudpickle
 import numpy as np
-
-import _memory
 from _memory import peak, reset_peak
 
 # The workers measure themselves with these functions; they travel by value, since

@@ -50,8 +50,11 @@ import numpy as np
 import torch
 
 from sklearn_lib import InteractionGraph, declare_attention, declare_residual_mlp
-from sklearn_lib._model_source import ModelSource
-from sklearn_lib.datasets import load_modular_addition_transformer, modular_addition_data
+from sklearn_lib.datasets import (
+    load_modular_addition_transformer,
+    modular_addition_data,
+)
+from sklearn_lib.sources._model_source import ModelSource
 
 NAMES = ["resid_pre", "resid_mid", "resid_post", "logits"]
 # The reference work's layers: the residual stream after attention and after the MLP at

@@ -20,7 +20,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from sklearn_lib.datasets import LAYERS, load_modular_addition_model, modular_addition_data
+from sklearn_lib.datasets import (
+    LAYERS,
+    load_modular_addition_model,
+    modular_addition_data,
+)
 from sklearn_lib.degeneracy import DegeneracyReport
 
 QUICK = os.environ.get("SKLEARN_LIB_QUICK") == "1"

@@ -38,7 +38,11 @@ from sklearn_lib.datasets import (
     load_modular_addition_model,
     modular_addition_data,
 )
-from sklearn_lib.evaluation import compare_node_ablation, directions_to_keep, min_edges_to_keep
+from sklearn_lib.evaluation import (
+    compare_node_ablation,
+    directions_to_keep,
+    min_edges_to_keep,
+)
 from sklearn_lib.plotting import (
     plot_ablation_curves,
     plot_edges,

@@ -41,7 +41,11 @@ from sklearn_lib.datasets import (
     load_modular_addition_transformer,
     modular_addition_data,
 )
-from sklearn_lib.evaluation import compare_node_ablation, directions_to_keep, min_edges_to_keep
+from sklearn_lib.evaluation import (
+    compare_node_ablation,
+    directions_to_keep,
+    min_edges_to_keep,
+)
 from sklearn_lib.plotting import plot_ablation_curves, plot_spectrum
 
 QUICK = os.environ.get("SKLEARN_LIB_QUICK") == "1"

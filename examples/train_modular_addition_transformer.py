@@ -26,7 +26,10 @@ from importlib import resources
 
 import torch
 
-from sklearn_lib.datasets import save_modular_addition_model, train_modular_addition_transformer
+from sklearn_lib.datasets import (
+    save_modular_addition_model,
+    train_modular_addition_transformer,
+)
 
 
 def default_output():

@@ -1,14 +1,20 @@
-"""Degeneracy-invariant interaction bases, interaction graphs and modules for neural networks."""
+"""Degeneracy-invariant interaction bases, interaction graphs and modules for neural networks.
 
-from ._attention import declare_attention
-from ._axes import Layer
-from ._fastpath import declare_residual_mlp
-from .basis import InteractionBasis
+The package is laid out along the data path, one subpackage per stage, and
+imports flow one way (inner to outer): :mod:`~sklearn_lib.utils`,
+:mod:`~sklearn_lib.metrics`, :mod:`~sklearn_lib.basis`, :mod:`~sklearn_lib.cache`,
+:mod:`~sklearn_lib.models`, :mod:`~sklearn_lib.sources`, :mod:`~sklearn_lib.graph`,
+then :mod:`~sklearn_lib.evaluation`, :mod:`~sklearn_lib.cluster` and
+:mod:`~sklearn_lib.degeneracy`, then :mod:`~sklearn_lib.plotting`,
+:mod:`~sklearn_lib.export`, :mod:`~sklearn_lib.datasets` and :mod:`~sklearn_lib.demo`
+(import-linter's contracts in ``pyproject.toml`` hold this in CI).
+"""
+
+from .basis import PCA, InteractionBasis, InteractionPipeline, make_interaction_pipeline
 from .cluster import ModularityClustering
 from .degeneracy import DegeneracyReport
 from .graph import InteractionGraph
-from .pca import PCA
-from .pipeline import InteractionPipeline, make_interaction_pipeline
+from .models import Layer, declare_attention, declare_residual_mlp
 
 __all__ = [
     "DegeneracyReport",

@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from sklearn_lib._linalg import flip_signs
+from sklearn_lib.basis._linalg import flip_signs
 
 
 def reference_basis(X, J=None, *, sample_weight=None, center=True, threshold=1e-12,

@@ -1,0 +1,661 @@
+"""InteractionGraph: interaction bases of every layer of a network and the edges between them.
+
+SPEC section 2. The bases are fitted backwards from the final layer: layer l's
+basis is an :class:`~sklearn_lib.InteractionBasis` fitted on the layer's
+activations with the Jacobians of the next layer's basis coordinates
+(``J_hat_l = C_{l+1}^T J_l``), accumulated chunk by chunk into
+:class:`~sklearn_lib.basis._stats.InteractionStatistics` and turned into a basis by
+``InteractionBasis._fit_statistics`` - the one place where basis math happens.
+
+Where the Jacobians come from - a cache, or a live model through vector-Jacobian
+products or the closed form of :mod:`sklearn_lib.models._fastpath` - is the job of the
+*sources* of :mod:`sklearn_lib.sources._cached` and :mod:`sklearn_lib.sources._model_source`, so the
+backward chaining of :func:`sklearn_lib.graph._chain.build` is written once.
+"""
+
+from numbers import Integral
+
+import numpy as np
+from sklearn.base import BaseEstimator, _fit_context
+from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.validation import check_is_fitted
+
+from ..basis._basis import InteractionBasis
+from ..basis._dask import is_dask_array
+from ..sources._cached import CachedSource
+from ..sources._distributed import DistributedSource
+from ..sources._edges import path_quadrature
+from ..sources._model_source import ModelSource
+from ..utils._backend import eval_mode, resolve_device, resolve_dtype
+from ..utils._distributed import collective, resolve_group
+from ._adjacency import layered_adjacency
+from ._chain import build
+from ._io import load_graph, save_graph
+
+__all__ = ["InteractionGraph"]
+
+def _listed(arrays):
+    return arrays if isinstance(arrays, (list, tuple)) else []
+
+
+def _per_position(method, X):
+    """Apply a row-wise basis method to rows or to (batch, position, feature) activations."""
+    if not hasattr(X, "reshape"):
+        X = np.asarray(X)
+    if X.ndim != 3:
+        return method(X)
+    n, P, d = X.shape
+    out = method(X.reshape(n * P, d))
+    return out.reshape(n, P, out.shape[-1])
+
+
+class InteractionGraph(BaseEstimator):
+    """Interaction bases of all layers of a network and the edges between them.
+
+    Layers ``0..L`` are fitted backwards from the final layer. Layer ``l`` gets an
+    :class:`~sklearn_lib.InteractionBasis` fitted on its activations ``X_l`` with
+    the Jacobians ``J_hat_l = C_{l+1}^T J_l`` of the next layer's basis
+    coordinates (``variant="local"``) or of the final layer's coordinates
+    (``variant="global"``). The edge between direction ``j`` of layer ``l`` and
+    direction ``i`` of layer ``l+1`` is the squared gradient-times-activation
+    attribution ``E_l[i, j] = (1/n) sum_x (J_tilde_x[i, j] Z_l[x, j])^2`` with
+    ``J_tilde_x = C_{l+1}^T J_l(x) C_pinv_l^T`` and ``Z_l = transform_l(X_l)``
+    (SPEC section 2). For sequence layers, feature ``j`` is attributed through
+    all source positions ``s`` before squaring, ``E_l[i, j] = 1/(n P_in) sum_x
+    sum_t (sum_s J_tilde_x[(t, i), (s, j)] Z_x[s, j])^2``, the reference work's
+    definition for sections that mix positions (the per-row formula for
+    row-wise sections). The nodes (basis directions of all layers) and edges form
+    an undirected weighted graph, see :meth:`adjacency`.
+
+    Fit either from cached activations and adjacent-layer Jacobians
+    (:meth:`fit`, e.g. the output of :func:`sklearn_lib.collect.collect` or an
+    :class:`~sklearn_lib.cache.ActivationCache`), or from a torch model and data
+    (:meth:`fit_model` / :meth:`from_model`), which computes ``C_{l+1}^T J_l``
+    directly with vectorised vector-Jacobian products and never forms the full
+    per-sample Jacobians. For ``nn.Linear`` + elementwise-activation sections of
+    an ``nn.Sequential`` it uses the closed form
+    ``M' = W [(C C^T) * (S^T S / n)] W^T``, ``S[x] = act'(z_x)`` (SPEC section 5,
+    see ``fast_path``).
+
+    Parameters
+    ----------
+    n_components : int, float, list of (int, float or None), or None, default=None
+        Largest number of directions per layer, or a share of the interaction
+        strength in (0, 1) (as in :class:`InteractionBasis`). One applies to every layer
+        that is rotated (all but the final one when ``final_layer="identity"``);
+        a list gives one entry per layer (with ``final_layer="identity"`` the
+        last must be None). None keeps every direction that survives truncation.
+    basis : {"interaction", "pca"}, default="interaction"
+        ``"interaction"``: the (local) interaction basis described above.
+        ``"pca"``: every layer gets PCA (an InteractionBasis fitted without
+        Jacobians) - the baseline graph the reference work compares against;
+        only the edges use Jacobians, and ``variant`` and
+        ``stochastic_sources`` have no effect.
+    final_layer : {"identity", "pca"}, default="identity"
+        Basis of the final layer ``L``: ``"identity"`` leaves it unrotated
+        (``C_L = I``, no centring; the reference setting for classifier logits),
+        ``"pca"`` fits an interaction basis without Jacobians, i.e. PCA.
+    variant : {"local", "global"}, default="local"
+        ``"local"``: layer ``l`` is fitted with the Jacobians of layer ``l+1``'s
+        basis coordinates. ``"global"``: with those of the final layer's
+        coordinates (from cached adjacent Jacobians, the per-sample chain
+        ``J_{L-1} ... J_l``; from a model, the section ``l -> L``). Edges always
+        join adjacent layers.
+    center : bool, default=True
+        Centre activations before the Gram matrix. With a constant-1 feature in
+        every layer and ``center=False`` this is the reference implementation's
+        "uncentered" (bias-folded) basis.
+    truncation_threshold : "auto" or float, default="auto"
+        Eigenvalue threshold of both truncations, see
+        :class:`~sklearn_lib.InteractionBasis`.
+    batch_size : int, default=None
+        Rows per chunk for cached arrays, samples per model batch for array
+        data (a ``DataLoader`` keeps its own batches). None sizes every pass so
+        that its largest work tensor (Jacobian chunk, products, edge Jacobians)
+        holds about 2**23 numbers: memory does not grow with the number of
+        samples, and passes that need only activations run in large batches.
+    device : {"cpu", "cuda", "auto"} or torch.device, default="cpu"
+        Where statistics, products and the model run. Data moves there one
+        batch at a time.
+    dtype : {"float64", "float32"}, default="float64"
+        Precision of the model run, the statistics and the results.
+    edge_point : {"auto", "reconstructed", "data"}, default="auto"
+        Where the edge Jacobian ``J_l`` is evaluated. ``"reconstructed"`` (the
+        reference implementation's choice) uses ``inverse_transform(transform(X))``,
+        which differs from ``X`` only when directions were truncated; ``"data"``
+        uses ``X``. Cached Jacobians exist only at the data point, so :meth:`fit`
+        supports ``"data"`` only; ``"auto"`` means ``"reconstructed"`` for a model
+        and ``"data"`` for cached Jacobians.
+    integration : {"trapezoid", "gauss-legendre"} or None, default=None
+        Integrated-gradient edges (model only): ``J_tilde_x`` is replaced by its
+        average over the straight path ``alpha * z``, ``alpha`` in [0, 1], from
+        the mean (basis coordinates 0) to the edge point, with ``n_alphas``
+        trapezoid or Gauss-Legendre nodes. None uses the edge point alone.
+    n_alphas : int, default=10
+        Number of quadrature nodes of the integration (at least 2 for the
+        trapezoid rule, which includes both ends).
+    stochastic_sources : int or None, default=None
+        If set to ``k``, the cotangents ``C_{l+1}`` used for the Jacobian second
+        moment ``M'`` are replaced by ``C_{l+1} R / sqrt(k)`` with ``R`` a random
+        ±1 matrix of shape (r_{l+1}, k) drawn from ``random_state``. Since
+        ``E[R R^T] / k = I`` this is an unbiased estimate of ``M'`` that costs
+        ``k`` instead of ``r_{l+1}`` vector-Jacobian products per sample. It
+        affects only ``M'`` and hence the bases (and, through them, everything
+        downstream); edges are always computed with the exact ``C_{l+1}``.
+    stochastic_positions : int or None, default=None
+        If set to ``m``, a section whose output layer has ``P > 1`` positions
+        (``sequence=True``) takes ``m`` random ±1 combinations of its output
+        positions per sample instead of every position, drawn from
+        ``random_state``: ``m k`` vector-Jacobian products instead of ``P k``
+        (``k`` cotangents). The Jacobian second moment stays unbiased (random
+        signs average the cross terms of positions out). With ``A_ts`` the
+        products ``C_{l+1}^T J`` of output position ``t`` at input position
+        ``s`` of a sample ``x``, ``S_tu(x) = sum_s A_ts^T A_us`` and ``N``
+        rows, its squared Frobenius error has expectation ``(1/(m N^2)) sum_x
+        sum_{t<u} ||S_tu(x) + S_tu(x)^T||_F^2``: it shrinks as ``1 / m`` and
+        as ``1 / n`` in the number of samples. The edges, sums of squares over
+        output positions, are estimated from such combinations as well and
+        stay unbiased (``E[(sum_t s_t a_t)^2] = sum_t a_t^2``), the constant
+        node's too.
+        It applies to vector-Jacobian products of live models (``fit_model``)
+        on batches without padding; closed forms, declared attention, padded
+        batches and cached Jacobians (``fit``) are exact.
+    fast_path : "auto" or bool, default="auto"
+        Use the closed form for sections that are one ``nn.Linear`` and/or one
+        elementwise activation (ReLU, Tanh, Sigmoid, GELU, LeakyReLU, ...,
+        optionally with ``nn.Identity`` / ``nn.Dropout``) between two recorded
+        layers of an ``nn.Sequential`` (nested plain Sequentials are followed),
+        between ``"M:input"`` and ``"M:output"`` of a residual MLP block ``M``
+        declared with :func:`~sklearn_lib.declare_residual_mlp` (or the two
+        layers a parent declared), and the formula's products for a residual
+        attention declared with :func:`~sklearn_lib.declare_attention`.
+        ``"auto"`` uses it wherever it applies, ``False`` never, ``True``
+        requires it for every pair of adjacent layers (ValueError otherwise).
+        Only :meth:`fit_model` computes Jacobians, so :meth:`fit` ignores it.
+    constant_node : bool, default=False
+        Give every layer one more node, the last of the layer: the constant
+        coordinate of its affine coordinates ``(z, 1)``, in which activations
+        are ``x = z @ inverse_components_ + 1 * mean_`` (the mean path; with
+        biases folded into a constant-1 feature, the bias path). The reference
+        work keeps this node with ``center=True``, where it carries most of the
+        edge weight; set this to compare graphs node for node with its. Its edge
+        to direction ``i`` of the next layer is what the directions'
+        attributions leave unexplained of that coordinate,
+        ``E_l[i, c] = 1/(n P_in) sum_x sum_t (Z_{l+1,x}[t, i] - sum_{s, j}
+        J_tilde_x[(t, i), (s, j)] Z_x[s, j])^2``, with ``Z_{l+1}`` the next
+        layer's coordinates at the edge point. Once the section's biases are
+        folded into a constant-1 coordinate, a section positively homogeneous
+        in (activation, constant) - affine maps and ReLU - gives exactly the
+        squared gradient-times-activation attribution of that coordinate at the
+        reconstructed edge point (Euler's theorem); with integrated gradients
+        (completeness) it tends to the next layer's coordinates at the mean,
+        ``((f(mean_l) - mean_{l+1}) C_{l+1})^2``. With ``edge_point="data"`` and
+        truncated bases it also holds the truncated directions' share. The
+        constant node of layer ``l+1`` is fed by layer ``l``'s only, with weight
+        ``P_{l+1} / P_l`` (1 for flat layers): the constant of every position
+        is carried to the same position. An unrotated final layer
+        (``final_layer="identity"``) has no constant node. ``n_components_`` and
+        ``bases_`` count directions only; ``layer_offsets_`` and ``edges_``
+        include the constant nodes.
+    random_state : int, RandomState instance or None, default=None
+        Seed of the stochastic sources.
+    verbose : bool, default=False
+        Show tqdm progress bars over layers and batches.
+
+    Attributes
+    ----------
+    bases_ : list of InteractionBasis
+        One fitted basis per layer. With ``final_layer="identity"`` the last one
+        is an InteractionBasis fitted to the identity: ``components_`` and
+        ``inverse_components_`` are ``I``, ``mean_`` is 0 (transform is the
+        identity), ``interaction_strengths_`` are the mean squared activations of
+        the features (the diagonal of ``Z^T Z / n``, in feature order),
+        ``jacobian_gram_`` is ``I`` and ``gram_`` / ``gram_eigenvalues_`` describe
+        the data as usual.
+    edges_ : list of ndarray of shape (r_{l+1}, r_l)
+        Edge matrices between adjacent layers (one row and column more for
+        constant nodes, see ``constant_node``; ``edges_[l][:r_{l+1}, :r_l]``
+        are the directions' edges, e.g. for edge ablation).
+    layer_offsets_ : ndarray of int64 of shape (n_layers + 1,)
+        Cumulative node counts: the nodes of layer ``l`` are
+        ``layer_offsets_[l]:layer_offsets_[l + 1]`` of :meth:`adjacency`.
+    n_components_ : ndarray of int64 of shape (n_layers,)
+        Directions kept per layer ``r_l``.
+    n_layers_ : int
+        Number of layers ``L + 1``.
+    layer_names_ : list of str
+        The model's layer names (:meth:`fit_model`), the cache's (an
+        ActivationCache given to :meth:`fit`), else ``"0"``, ``"1"``, ...
+    n_samples_seen_ : int
+        Number of samples (not positions) the graph was fitted on.
+    edge_point_ : {"data", "reconstructed"}
+        Where the edge Jacobians were evaluated.
+    fast_path_ : list of bool of length n_layers - 1
+        Whether the closed form was used for each pair of adjacent layers.
+
+    See Also
+    --------
+    sklearn_lib.InteractionBasis : The basis of one layer.
+    sklearn_lib.collect.collect : Cached activations and Jacobians of a model.
+    sklearn_lib.ModularityClustering : Modules of the graph from :meth:`adjacency`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from sklearn_lib.graph import InteractionGraph
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3))
+    >>> X = torch.randn(200, 4)
+    >>> graph = InteractionGraph.from_model(net, [":input", "1", "2"], X)
+    >>> graph.n_components_, graph.fast_path_
+    (array([4, 3, 3]), [True, True])
+    >>> [E.shape for E in graph.edges_]
+    [(3, 4), (3, 3)]
+    >>> A = graph.adjacency(norm="sqrt")
+    >>> A.shape, bool((A != A.T).nnz == 0)
+    ((10, 10), True)
+    >>> graph.transform(1, torch.relu(net[0](X))).shape
+    torch.Size([200, 3])
+    """
+
+    _parameter_constraints: dict = {
+        "n_components": [*InteractionBasis._parameter_constraints["n_components"], list, tuple],
+        "basis": [StrOptions({"interaction", "pca"})],
+        "final_layer": [StrOptions({"identity", "pca"})],
+        "variant": [StrOptions({"local", "global"})],
+        # The per-layer basis settings are validated exactly as InteractionBasis does.
+        **{
+            name: InteractionBasis._parameter_constraints[name]
+            for name in ("center", "truncation_threshold", "batch_size", "device", "dtype")
+        },
+        "edge_point": [StrOptions({"auto", "reconstructed", "data"})],
+        "integration": [StrOptions({"trapezoid", "gauss-legendre"}), None],
+        "n_alphas": [Interval(Integral, 1, None, closed="left")],
+        "stochastic_sources": [Interval(Integral, 1, None, closed="left"), None],
+        "stochastic_positions": [Interval(Integral, 1, None, closed="left"), None],
+        "fast_path": [StrOptions({"auto"}), "boolean"],
+        "constant_node": ["boolean"],
+        "random_state": ["random_state"],
+        "verbose": ["verbose"],
+    }
+
+    def __init__(
+        self,
+        n_components=None,
+        *,
+        basis="interaction",
+        final_layer="identity",
+        variant="local",
+        center=True,
+        truncation_threshold="auto",
+        batch_size=None,
+        device="cpu",
+        dtype="float64",
+        edge_point="auto",
+        integration=None,
+        n_alphas=10,
+        stochastic_sources=None,
+        stochastic_positions=None,
+        fast_path="auto",
+        constant_node=False,
+        random_state=None,
+        verbose=False,
+    ):
+        self.n_components = n_components
+        self.basis = basis
+        self.final_layer = final_layer
+        self.variant = variant
+        self.center = center
+        self.truncation_threshold = truncation_threshold
+        self.batch_size = batch_size
+        self.device = device
+        self.dtype = dtype
+        self.edge_point = edge_point
+        self.integration = integration
+        self.n_alphas = n_alphas
+        self.stochastic_sources = stochastic_sources
+        self.stochastic_positions = stochastic_positions
+        self.fast_path = fast_path
+        self.constant_node = constant_node
+        self.random_state = random_state
+        self.verbose = verbose
+
+    # ------------------------------------------------------------------ fitting
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y=None, *, jacobians=None, sequence=False):
+        """Fit from cached activations and the Jacobians between adjacent layers.
+
+        Edge Jacobians are the cached ones, i.e. evaluated at the data point
+        (``edge_point="data"``); integrated gradients need a model.
+
+        Parameters
+        ----------
+        X : list of arrays of shape (n_rows_l, d_l), or ActivationCache
+            Activations ``[X_0, ..., X_L]`` of the layers in forward order
+            (ndarrays, memmaps, tensors or zarr arrays, read lazily chunk by
+            chunk). An :class:`~sklearn_lib.cache.ActivationCache` supplies its
+            layers, the Jacobians of adjacent layers and ``sequence`` itself.
+            With dask arrays (e.g. ``ActivationCache.activations(name,
+            dask=True)``) every layer's statistics and every section's edges are
+            one Dask reduction over blocks of whole samples, on Dask's threads
+            or a ``dask.distributed`` cluster.
+        y : None
+            Ignored.
+        jacobians : list of arrays of shape (n_rows_l, d_{l+1}, d_l)
+            ``jacobians[l][x] = d X_{l+1}[x] / d X_l[x]``, ``len(X) - 1`` of them.
+        sequence : bool, default=False
+            Rows are (sample, position) pairs in the row layout of
+            :func:`sklearn_lib.collect.collect` with ``sequence=True``: layer ``l``
+            has ``P_l`` rows per sample and ``jacobians[l]`` is
+            ``(n P_l, P_{l+1} d_{l+1}, d_l)``; ``P_{l+1}`` is read off its shape.
+
+        Returns
+        -------
+        self : InteractionGraph
+            The fitted graph.
+        """
+        names = None
+        from ..cache._cache import ActivationCache
+
+        if isinstance(X, ActivationCache):
+            if jacobians is not None:
+                raise ValueError("pass either an ActivationCache or jacobians, not both.")
+            names = X.layers
+            missing = [p for p in zip(names[:-1], names[1:]) if p not in X.jacobian_pairs]
+            if missing:
+                raise ValueError(
+                    f"the cache has no Jacobians for the adjacent sections {missing}; "
+                    f"stored: {X.jacobian_pairs}."
+                )
+            jacobians = [X.jacobians(a, b) for a, b in zip(names[:-1], names[1:])]
+            sequence = sequence or any(r > 1 for r in X.rows_per_sample.values()) or bool(
+                X.metadata.get("collect", {}).get("sequence", False)
+            )
+            X = [X.activations(name) for name in names]
+        if self.edge_point == "reconstructed":
+            raise ValueError(
+                "edge_point='reconstructed' needs Jacobians at reconstructed points, which "
+                "a cache does not have; use edge_point='data' (or 'auto') with fit, or "
+                "fit_model with a model."
+            )
+        if self.integration is not None:
+            raise ValueError(
+                f"integration={self.integration!r} evaluates Jacobians along a path, which "
+                "needs a model; use fit_model, or integration=None with cached Jacobians."
+            )
+        device, dtype = resolve_device(self.device), resolve_dtype(self.dtype)
+        source_class = CachedSource
+        if any(is_dask_array(a) for a in [*_listed(X), *_listed(jacobians)]):
+            from ..sources._dask_source import DaskSource as source_class
+        source = source_class(
+            X, jacobians, sequence=sequence, batch_size=self.batch_size,
+            device=device, dtype=dtype, verbose=self.verbose,
+        )
+        if names is None:
+            names = [str(l) for l in range(source.n_layers)]
+        result = build(self, source, names, edge_point="data")
+        result.update(layer_names_=list(names), n_samples_seen_=source.n_samples,
+                      fast_path_=[False] * (source.n_layers - 1))
+        return self._set_fitted(result)
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit_model(self, model, layers, data, *, sequence=False, distributed=False):
+        """Fit from a torch model, never forming full per-sample Jacobians.
+
+        For each layer, ``C_{l+1}^T J_l`` is computed directly by vectorised
+        vector-Jacobian products with the columns of ``C_{l+1}`` as cotangents
+        (or in closed form, see ``fast_path``), batch by batch on the model's
+        device. The data are iterated twice per layer (statistics, then edges)
+        plus once for the final layer, so they must be re-iterable and yield the
+        same samples on every pass (in any order and batching): every pass counts
+        its samples and compares order-free sums with the first pass, and a
+        mismatch (random augmentation, sampling, ``drop_last`` with shuffling, a
+        one-shot iterator) raises instead of mixing sample sets.
+
+        Parameters
+        ----------
+        model : torch.nn.Module
+            The network; never modified (it runs in eval mode, converted to
+            ``dtype`` and ``device`` in a copy when needed).
+        layers : list of str or Layer
+            Layer names in forward order: ``model.named_modules()`` paths,
+            optionally suffixed ``":input"`` / ``":output"`` (``":input"`` is the
+            model's input) and a selection of positions such as ``"[-1]"``
+            (``"attn_out[-1]"`` reads that layer at the last position only), as
+            in :func:`sklearn_lib.collect.collect`; a :class:`~sklearn_lib.Layer`
+            declares which axes are features (a conv's channels, heads).
+        data : tensor, ndarray or re-iterable of batches (e.g. a DataLoader)
+            Model inputs; arrays are split into batches of ``batch_size``.
+        sequence : bool, default=False
+            Activations are (batch, position, feature) and positions count as
+            samples (SPEC section 2).
+        distributed : bool or torch.distributed.ProcessGroup, default=False
+            ``True`` (the default group) or a process group: ``data`` is this
+            rank's shard, and every rank calls ``fit_model`` with its own. The
+            statistics of all shards are merged exactly (all-reduces of Chan's
+            update) and the edges summed, so every rank ends with the graph of
+            all shards together, equal to a single fit on their concatenation
+            to rounding. Ranks that disagree on layers, shapes or dtype, and a
+            failure on any rank, raise on every rank.
+
+        Returns
+        -------
+        self : InteractionGraph
+            The fitted graph.
+        """
+        alphas, weights = path_quadrature(self.integration, self.n_alphas)
+        edge_point = "reconstructed" if self.edge_point == "auto" else self.edge_point
+
+        def model_source():
+            return ModelSource(
+                model, layers, data, sequence=sequence, batch_size=self.batch_size,
+                device=resolve_device(self.device), dtype=self.dtype,
+                fast_path=self.fast_path,
+                verbose=self.verbose,
+            )
+
+        def prepare():
+            source = model_source()
+            fast = [source.structure(l, l + 1) is not None for l in range(source.n_layers - 1)]
+            if self.fast_path is True and not all(fast):
+                slow = [
+                    f"{source.specs[l].spec!r} -> {source.specs[l + 1].spec!r}"
+                    for l, ok in enumerate(fast) if not ok
+                ]
+                raise ValueError(
+                    "fast_path=True needs every pair of adjacent layers to be one nn.Linear "
+                    "and/or one elementwise activation of an nn.Sequential, or the input and "
+                    "output of a block declared with declare_residual_mlp, or a section "
+                    "declared with declare_attention; these sections "
+                    f"are not: {', '.join(slow)}. Use fast_path='auto'."
+                )
+            return source, fast
+
+        if distributed is False:
+            source, fast = prepare()
+        else:
+            # A rank that fails to start must not leave the others waiting.
+            group = resolve_group(distributed)
+            source, fast = collective(group, "fit_model", prepare)
+            source = DistributedSource(source, group, {"layers": [s.spec for s in source.specs],
+                                                       "fast_path": fast})
+        with eval_mode(source.model):
+            result = build(self, source, [s.spec for s in source.specs],
+                           edge_point=edge_point, alphas=alphas, weights=weights)
+        result.update(layer_names_=[s.spec for s in source.specs],
+                      n_samples_seen_=source.n_samples, fast_path_=fast)
+        return self._set_fitted(result)
+
+    @classmethod
+    def from_model(cls, model, layers, data, *, sequence=False, **params):
+        """Construct a graph with ``params`` and :meth:`fit_model` it.
+
+        Parameters
+        ----------
+        model : torch.nn.Module
+        layers : list of str or Layer
+        data : tensor, ndarray or re-iterable of batches
+        sequence : bool, default=False
+        **params
+            Constructor parameters of :class:`InteractionGraph`.
+
+        Returns
+        -------
+        graph : InteractionGraph
+            The fitted graph.
+        """
+        return cls(**params).fit_model(model, layers, data, sequence=sequence)
+
+    def _has_constant_node(self, l, n_layers):
+        """Every layer has one with ``constant_node=True``, but an unrotated final layer."""
+        return self.constant_node and not (
+            l == n_layers - 1 and self.final_layer == "identity")
+
+    def _layer_offsets(self, n_components):
+        n_layers = len(n_components)
+        nodes = [r + self._has_constant_node(l, n_layers) for l, r in enumerate(n_components)]
+        return np.concatenate([[0], np.cumsum(nodes)]).astype(np.int64)
+
+    def _set_fitted(self, result):
+        for name, value in result.items():
+            setattr(self, name, value)
+        return self
+
+    # ------------------------------------------------------------------ using
+    def _layer_index(self, layer):
+        check_is_fitted(self)
+        if isinstance(layer, str):
+            if layer not in self.layer_names_:
+                raise ValueError(f"unknown layer {layer!r}; layers: {self.layer_names_}.")
+            return self.layer_names_.index(layer)
+        if not isinstance(layer, Integral) or not -self.n_layers_ <= layer < self.n_layers_:
+            raise ValueError(
+                f"layer must be a name from {self.layer_names_} or an int in "
+                f"[-{self.n_layers_}, {self.n_layers_}), got {layer!r}."
+            )
+        return int(layer) % self.n_layers_
+
+    def transform(self, layer, X):
+        """Basis coordinates ``(X - mean_l) @ C_l`` of activations of one layer.
+
+        Parameters
+        ----------
+        layer : int or str
+            Layer index (negative counts from the end) or name.
+        X : array-like or tensor of shape (n_rows, d_layer) or (n_samples, P, d_layer)
+            Rows, or the activations of a sequence layer with their position
+            axis (every position is transformed alike).
+
+        Returns
+        -------
+        Z : ndarray or tensor of shape (n_rows, r_layer) or (n_samples, P, r_layer)
+            In the layout of ``X``.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from sklearn_lib import InteractionGraph
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh())
+        >>> X = torch.randn(20, 5, 3)  # 20 sequences of 5 positions
+        >>> graph = InteractionGraph().fit_model(net, [":input", "1"], X, sequence=True)
+        >>> graph.transform(0, X.double()).shape
+        torch.Size([20, 5, 3])
+        """
+        return _per_position(self.bases_[self._layer_index(layer)].transform, X)
+
+    def inverse_transform(self, layer, Z):
+        """Activations ``Z @ C_pinv_l + mean_l`` from basis coordinates of one layer.
+
+        Parameters
+        ----------
+        layer : int or str
+        Z : array-like or tensor of shape (n_rows, r_layer) or (n_samples, P, r_layer)
+
+        Returns
+        -------
+        X : ndarray or tensor of shape (n_rows, d_layer) or (n_samples, P, d_layer)
+            In the layout of ``Z``.
+        """
+        return _per_position(self.bases_[self._layer_index(layer)].inverse_transform, Z)
+
+    def adjacency(self, norm="identity", eps=None):
+        """Symmetric sparse adjacency matrix over the nodes of all layers.
+
+        Block ``(l+1, l)`` (rows ``layer_offsets_[l+1]:...``, columns
+        ``layer_offsets_[l]:...``) holds the normalised ``edges_[l]``, block
+        ``(l, l+1)`` its transpose; everything else is zero.
+
+        Parameters
+        ----------
+        norm : {"identity", "sqrt", "log"}, default="identity"
+            ``E``, ``sqrt(E)`` or ``max(0, log10(E / eps))`` (see
+            :func:`sklearn_lib.cluster.normalize_edges`).
+        eps : float, list of float or None, default=None
+            Threshold of the log form: one value for all layer pairs or one per
+            pair (``n_layers_ - 1``). None picks, per pair, a tenth of the
+            smallest positive edge (every edge is kept and the weakest gets
+            weight 1). Ignored by the other norms.
+
+        Returns
+        -------
+        A : scipy.sparse.csr_array of shape (n_nodes, n_nodes)
+            ``n_nodes = layer_offsets_[-1]``; explicit zeros are removed.
+        """
+        check_is_fitted(self)
+        return layered_adjacency(self.edges_, self.layer_offsets_, norm, eps)
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path, *, overwrite=False):
+        """Save the fitted graph to the directory ``path`` (JSON + .npz, no pickle).
+
+        ``path/graph.json`` holds the parameters and per-layer scalars,
+        ``path/arrays.npz`` the basis matrices and edges. The directory is
+        written next to ``path`` and renamed into place, so a failed save leaves
+        no partial graph behind, and ``path`` holds the old or the new graph at
+        every instant (a save killed between the two renames of a replacement
+        is undone by the next :meth:`load` or :meth:`save`).
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+        overwrite : bool, default=False
+            Replace an existing graph saved at ``path``. Anything else at
+            ``path``, and a symbolic link, is never replaced (pass the link's
+            target instead).
+
+        Returns
+        -------
+        self : InteractionGraph
+            The graph, unchanged.
+        """
+        check_is_fitted(self)
+        save_graph(self, path, overwrite=overwrite)
+        return self
+
+    @classmethod
+    def load(cls, path):
+        """Load a graph written by :meth:`save`.
+
+        The bases transform exactly as when saved. Their running statistics are
+        not stored, so ``bases_[l].partial_fit`` starts afresh.
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+
+        Returns
+        -------
+        graph : InteractionGraph
+
+        Raises
+        ------
+        FileNotFoundError
+            If nothing is at ``path``.
+        ValueError
+            If ``path`` is not a saved graph, or a file of it is damaged: every
+            parameter and the shape of every array are checked against the format
+            before anything is constructed, and the message names the file and
+            what does not match.
+        """
+        return load_graph(cls, path)

@@ -1,0 +1,485 @@
+"""Sections of a live model and their vector-Jacobian products (see :mod:`sklearn_lib.collect`).
+
+A section ``(a, b)`` maps layer ``a``'s activations to layer ``b``'s with
+everything else held at the batch's values; :func:`section_function` returns it
+as a function, :func:`section_vjp_products` computes ``V^T J_x`` for many
+cotangents at once, and ``_section_rows`` is the batched core that the
+interaction graph's model source calls too. The row layout and the
+independence of samples that the products rely on are described in
+:mod:`sklearn_lib.collect`, which re-exports the public functions.
+"""
+
+import math
+import numbers
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+from ..utils._backend import (
+    as_tensor,
+    eval_mode,
+    model_device,
+    resolve_device,
+    resolve_dtype,
+    to_output,
+)
+from ._adapters import copy_module, take, unwrap_model
+from ._fastpath import run_leaves
+from ._model import (
+    _as_rows,
+    _cast,
+    _check_forward,
+    _hooks,
+    _input_tensor,
+    _parse_layers,
+    _positions,
+    _record_batch,
+    _run_until_stopped,
+    _StopForward,
+)
+
+# Cotangent chunks are sized so that the cotangents plus the products of one chunk
+# hold about this many elements (512 MiB in float64); the section's intermediate
+# activations scale with the chunk too, so this is a heuristic, not a hard bound.
+_VJP_ELEMENT_BUDGET = 2**26
+
+
+def prepare_model(model, *, device=None, dtype="float64"):
+    """Return ``model`` itself if it already has ``dtype`` and ``device``, else a converted copy.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model; it is never modified. An nnsight wrapper (``NNsight``,
+        ``LanguageModel``, any ``Envoy``) stands for the module it wraps.
+    device : str or torch.device, optional
+        Target device; None keeps the model's (that of its first parameter or
+        buffer; the CPU for a model without any).
+    dtype : {"float64", "float32"}, default="float64"
+        Dtype of the floating parameters and buffers.
+
+    Returns
+    -------
+    model : torch.nn.Module
+        ``model`` or a deep copy of it moved with ``torch.nn.Module.to``
+        (never the model's own ``to``, which some libraries override).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from sklearn_lib.collect import prepare_model
+    >>> net = torch.nn.Linear(2, 2)
+    >>> prepare_model(net) is net, prepare_model(net).weight.dtype, net.weight.dtype
+    (False, torch.float64, torch.float32)
+    >>> net64 = net.double()
+    >>> prepare_model(net64) is net64
+    True
+    """
+    model = unwrap_model(model)
+    dtype = resolve_dtype(dtype)
+    tensors = [*model.parameters(), *model.buffers()]
+    if device is None:
+        device = tensors[0].device if tensors else torch.device("cpu")
+    else:
+        device = resolve_device(device)
+    if all(
+        t.device == device and (not t.is_floating_point() or t.dtype == dtype) for t in tensors
+    ):
+        return model
+    # torch's own Module.to: libraries override it with other signatures
+    # (TransformerLens' HookedTransformer.to takes no dtype keyword).
+    return torch.nn.Module.to(copy_module(model), device=device, dtype=dtype)
+
+
+# --------------------------------------------------------------------------- sections
+def _run_section(model, a, b, x, act_in):
+    """Evaluate ``b``'s activation with ``a``'s replaced by ``act_in`` on inputs ``x``."""
+    state = {"replaced": False, "out": None}
+
+    def replace(value):
+        if state["replaced"]:
+            raise RuntimeError(
+                f"module {a.name!r} ran more than once in one forward pass, so section "
+                f"{a.spec!r} -> {b.spec!r} is ambiguous."
+            )
+        if value.shape != act_in.shape:
+            raise ValueError(
+                f"section {a.spec!r} -> {b.spec!r}: the replacement activation has shape "
+                f"{tuple(act_in.shape)} but {a.spec!r} is {tuple(value.shape)} for these inputs."
+            )
+        state["replaced"] = True
+        # A differentiable copy protects the caller's tensor (and autograd's leaf)
+        # from in-place operations in the following modules.
+        return act_in.clone()
+
+    def capture(value):
+        if not state["replaced"]:
+            raise ValueError(
+                f"section {a.spec!r} -> {b.spec!r}: {b.spec!r} runs before {a.spec!r}; "
+                "give layers in the order the forward pass computes them."
+            )
+        state["out"] = value
+        raise _StopForward
+
+    with _hooks([(a, replace), (b, capture)]):
+        _run_until_stopped(model, x)
+    if state["out"] is None:
+        raise ValueError(
+            f"section {a.spec!r} -> {b.spec!r}: {b.spec!r} was not reached in the forward pass."
+        )
+    return state["out"]
+
+
+def section_function(model, in_layer, out_layer, inputs):
+    """Return the section ``f(act_in) -> act_out`` between two layers for a batch of inputs.
+
+    The model is run on ``inputs`` with the activation of ``in_layer`` replaced by
+    the argument, and stopped as soon as ``out_layer`` is computed (later modules
+    never run). ``f`` is differentiable in its argument, also under ``torch.func``.
+    The model is used as it is: put it in eval mode and give ``act_in`` the
+    model's dtype and device (see :func:`prepare_model`).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model.
+    in_layer, out_layer : str
+        Layer names (module paths with optional ``":input"``/``":output"``
+        suffix; output by default). ``out_layer`` must be computed after
+        ``in_layer``.
+    inputs : torch.Tensor
+        The batch of model inputs that fixes everything outside the section.
+
+    Returns
+    -------
+    f : callable
+        ``f(act_in)`` with ``act_in`` shaped like ``in_layer``'s activations for
+        ``inputs``; returns ``out_layer``'s activation (a tensor).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from sklearn_lib.collect import section_function
+    >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    >>> f = section_function(net, "0", "1", torch.randn(5, 3))
+    >>> h = torch.randn(5, 4)
+    >>> torch.equal(f(h), torch.tanh(h))
+    True
+    """
+    model = unwrap_model(model)
+    a, b = _parse_layers(model, [in_layer, out_layer], "output")
+    return lambda act_in: _run_section(model, a, b, inputs, act_in)
+
+
+def _check_differentiable(model, a, b, x, act_in):
+    """Fail clearly when ``b`` does not depend differentiably on ``a`` (one-sample probe).
+
+    ``torch.func.vjp`` silently returns zeros for outputs that are detached from
+    its primal, so connectivity is checked with ordinary autograd first.
+    """
+    where = f"section {a.spec!r} -> {b.spec!r} is not differentiable"
+    if not act_in.is_floating_point():
+        raise ValueError(f"{where}: the activations of {a.spec!r} have dtype {act_in.dtype}.")
+    probe = act_in[:1].detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        out = _run_section(model, a, b, take(x, slice(0, 1)), probe)
+        if not out.is_floating_point():
+            raise ValueError(f"{where}: {b.spec!r} has dtype {out.dtype}.")
+        grad = (
+            torch.autograd.grad(out, probe, torch.ones_like(out), allow_unused=True)[0]
+            if out.requires_grad
+            else None
+        )
+    if grad is None:
+        raise ValueError(
+            f"{where}: {b.spec!r} does not depend on {a.spec!r} through differentiable "
+            "operations (it is detached, integer-valued, or computed from other values)."
+        )
+
+
+def _math_attention():
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - torch < 2.3 has no backend selection
+        return nullcontext()
+    return sdpa_kernel(SDPBackend.MATH)
+
+
+def _chunk_size(max_vectors, n_vectors, per_vector):
+    if max_vectors is None:
+        return max(1, min(n_vectors, _VJP_ELEMENT_BUDGET // max(1, per_vector)))
+    if not isinstance(max_vectors, numbers.Integral) or max_vectors < 1:
+        raise ValueError(f"max_vectors must be a positive integer or None, got {max_vectors!r}.")
+    return min(int(max_vectors), n_vectors)
+
+
+class PositionSources:
+    """``m`` random combinations of a section's output positions per sample.
+
+    Stochastic sources over positions: with signs ``s_j`` uniform in
+    ``{-1, 1}^P`` (independent for every sample and source),
+    ``E[s_j s_j^T] = I``, so ``(1/m) sum_j (sum_t s_jt A_t)^T (sum_t s_jt A_t)``
+    estimates ``sum_t A_t^T A_t`` (``A_t = V^T J_t``, the products of output
+    position ``t``, with a sample's input positions as rows) without bias, from
+    ``m k`` vector-Jacobian products instead of ``P k``. Its squared Frobenius
+    error has expectation ``(1/m) sum_{t<u} ||A_t^T A_u + A_u^T A_t||_F^2`` per
+    sample (``tests/test_model_source.py`` checks it against brute force).
+
+    Parameters
+    ----------
+    m : int
+        Sources per sample.
+    seed : int
+        Seed of the generator the signs are drawn from, on ``device``.
+    device : torch.device
+    """
+
+    def __init__(self, m, seed, device):
+        self.m, self.seed, self.device = int(m), int(seed), device
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(self.seed)
+
+    def offset(self, k):
+        """Sources like these with an independent stream of signs (``k``: a rank)."""
+        return PositionSources(self.m, self.seed + int(k) * 7919 + 1, self.device)
+
+    def draw(self, n, n_positions, dtype):
+        """Signs ``(n, m, n_positions)`` divided by ``sqrt(m)``, as ``dtype``."""
+        bits = torch.randint(0, 2, (n, self.m, n_positions), generator=self.generator,
+                             device=self.device)
+        return (2 * bits - 1).to(dtype) / math.sqrt(self.m)
+
+    def batch(self, n, dtype):
+        """The signs of one batch of ``n`` samples: a function of its number of positions.
+
+        Every call with the same number returns the same signs, so that the
+        products at several points of an integration path, and the output
+        coordinates the constant node compares with, combine positions alike.
+        """
+        drawn = {}
+
+        def signs(n_positions):
+            if n_positions not in drawn:
+                drawn[n_positions] = self.draw(n, n_positions, dtype)
+            return drawn[n_positions]
+
+        return signs
+
+
+def _section_rows(model, a, b, x, act_in, cotangents, *, sequence, max_vectors, check,
+                  leaves=None, vector_major=False, position_signs=None):
+    """Products ``V.T @ J`` for every sample (or every position), in the row layout.
+
+    One ``torch.func.vjp`` per batch; ``torch.func.vmap`` over chunks of cotangent
+    directions, each broadcast to all samples (valid because samples are
+    independent). With ``leaves`` (see :func:`~sklearn_lib.models._fastpath.section_leaves`)
+    only the section's modules run, from ``act_in``; otherwise the model runs
+    from its inputs ``x`` with ``a``'s activation replaced. Returns rows
+    ``(B * P_in, P_out * k, d_in)``, or with ``vector_major`` the same products
+    as ``(P_out * k, B * P_in, d_in)``: the layout the vectorised products come
+    in, for callers that only sum over rows (scatters, edges), which saves a
+    transposing copy as large as the products.
+
+    With ``position_signs`` (a function of the number of output positions giving
+    signs ``(B, m, P_out)``, see :meth:`PositionSources.batch`) and more than one
+    output position, the ``P_out k`` directions (one output position times one
+    column of ``V``) become ``m k``: source ``j`` times column ``c`` is ``sum_t
+    s_jt e_t V[:, c]``, with signs of every sample its own.
+    """
+    if check:
+        _check_differentiable(model, a, b, x, act_in)
+    batch = act_in.shape[0]
+    p_in, d_in = _positions(act_in.shape[1:], sequence, a)
+    # The outer no_grad stops parameters from recording an autograd graph;
+    # torch.func.vjp differentiates with respect to its primal regardless.
+    # Fused attention kernels have no vmap batching rule for their backward
+    # (vmap falls back to a slow loop), so attention runs on the composite
+    # "math" kernel here.
+    with torch.no_grad():
+        with _math_attention():
+            if leaves is None:
+                section = lambda t: _run_section(model, a, b, x, t)  # noqa: E731
+            else:
+                # The clone shields act_in from in-place modules (ReLU(inplace=True)).
+                section = lambda t: run_leaves(leaves, t.clone())  # noqa: E731
+            out, vjp_fn = torch.func.vjp(section, act_in)
+        out_shape = tuple(out.shape[1:])
+        p_out, d_out = _positions(out_shape, sequence, b)
+        if cotangents is None:
+            basis = torch.eye(d_out, device=out.device, dtype=out.dtype)
+        else:
+            basis = as_tensor(cotangents, device=out.device, dtype=out.dtype)
+            if basis.ndim != 2 or basis.shape[0] != d_out:
+                raise ValueError(
+                    f"cotangents must be (d_out, k) = ({d_out}, k) for section "
+                    f"{a.spec!r} -> {b.spec!r}, got shape {tuple(basis.shape)}."
+                )
+        k = basis.shape[1]
+        signs = None
+        if position_signs is not None and p_out > 1 and len(out_shape) == 2:
+            signs = position_signs(p_out)  # (B, m, P_out)
+        n_vectors = p_out * k if signs is None else signs.shape[1] * k
+        step = _chunk_size(max_vectors, n_vectors, batch * (p_in * d_in + p_out * d_out))
+        shape = (n_vectors, batch, p_in, d_in) if vector_major else (batch, p_in, n_vectors, d_in)
+        rows = None if step >= n_vectors else act_in.new_empty(shape)
+        batched_vjp = torch.func.vmap(lambda v: vjp_fn(v)[0])
+        for start in range(0, n_vectors, step):
+            index = torch.arange(start, min(start + step, n_vectors), device=act_in.device)
+            if signs is None:
+                # Direction q = t * k + c is one-hot in output position t times column c.
+                cot = torch.zeros(len(index), p_out, d_out, device=out.device, dtype=out.dtype)
+                cot[torch.arange(len(index), device=act_in.device), index // k] = (
+                    basis.T[index % k])
+                # Materialised, not expanded: a batch axis of stride 0 makes the
+                # backward produce its products in an order that vmap then copies.
+                cot = cot.reshape(len(index), 1, *out_shape).expand(
+                    len(index), batch, *out_shape).contiguous()
+            else:
+                # Direction q = j * k + c: source j's signs over positions times column c.
+                cot = (signs[:, index // k].transpose(0, 1)[..., None]
+                       * basis.T[index % k][:, None, None, :]).reshape(len(index), batch,
+                                                                      *out_shape)
+            grads = batched_vjp(cot).reshape(len(index), batch, p_in, d_in)
+            if rows is None and vector_major:
+                rows = grads.contiguous()
+            elif rows is None:
+                rows = grads.permute(1, 2, 0, 3).contiguous()
+            elif vector_major:
+                rows[start : start + len(index)] = grads
+            else:
+                rows[:, :, start : start + len(index)] = grads.permute(1, 2, 0, 3)
+    if vector_major:
+        return rows.reshape(n_vectors, batch * p_in, d_in)
+    return rows.reshape(batch * p_in, n_vectors, d_in)
+
+
+def section_vjp_products(
+    model,
+    in_layer,
+    out_layer,
+    inputs,
+    cotangents=None,
+    *,
+    sequence=False,
+    max_vectors=None,
+    device=None,
+    dtype="float64",
+):
+    """Activations of ``in_layer`` and products ``V.T @ J_x`` of the section's Jacobians.
+
+    ``J_x = d act_out[x] / d act_in[x]`` is the per-sample Jacobian of the section
+    from ``in_layer`` to ``out_layer`` (see :func:`section_function`). It is never
+    formed unless ``cotangents`` is None: one vector-Jacobian product per column of
+    ``V`` (vectorised with ``torch.func.vmap``, in chunks of ``max_vectors``)
+    covers the whole batch, assuming samples are independent (the model is run in
+    eval mode, so BatchNorm uses running statistics).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model; never modified (see :func:`prepare_model`).
+    in_layer, out_layer : str
+        Layer names, in forward order.
+    inputs : torch.Tensor or numpy.ndarray
+        One batch of model inputs.
+    cotangents : array-like of shape (d_out, k), optional
+        The matrix ``V``. None means the identity: full Jacobians.
+    sequence : bool, default=False
+        Treat activations as ``(batch, position, feature)`` (``(batch, feature)``
+        counts as one position) and count positions as samples; ``V`` then acts
+        on the features of every output position. Otherwise per-sample shapes
+        are flattened to ``d``.
+    max_vectors : int, optional
+        Cotangent directions per vectorised backward pass; bounds memory.
+        None picks a chunk of about 2**26 elements of cotangents and products.
+    device : str or torch.device, optional
+        Where to run; None means the model's device.
+    dtype : {"float64", "float32"}, default="float64"
+        Dtype the model is run in.
+
+    Returns
+    -------
+    act_in : array or tensor of shape (n_rows, d_in)
+        The activations of ``in_layer``, in the row layout of ``products``.
+    products : array or tensor of shape (n_rows, P_out * k, d_in)
+        Flat layers (``P_out = 1``, ``n_rows = B``): ``products[x] = V.T @ J_x``.
+        With ``sequence=True`` (``n_rows = B * P_in``): row ``(x, s)`` holds
+        ``products[(x, s), t * k + c, j] = sum_i V[i, c] J_x[(t, i), (s, j)]``; with
+        ``V = I`` this is :func:`sequence_jacobians_to_rows` of the full Jacobians.
+        Tensors on the compute device if ``inputs`` is a tensor, else numpy.
+
+    Raises
+    ------
+    ValueError
+        If the section is not differentiable (integer or detached activations),
+        layers are unknown or out of order, or ``V`` has the wrong shape.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from sklearn_lib.collect import section_vjp_products
+    >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    >>> h, J = section_vjp_products(net, "0", "2", torch.randn(5, 3))
+    >>> h.shape, J.shape
+    (torch.Size([5, 4]), torch.Size([5, 2, 4]))
+    >>> W = net[2].weight.double()
+    >>> torch.allclose(J, W * (1 - torch.tanh(h) ** 2)[:, None, :])
+    True
+    >>> V = torch.randn(2, 1, dtype=torch.float64)
+    >>> _, P = section_vjp_products(net, "0", "2", torch.randn(5, 3), V)
+    >>> P.shape
+    torch.Size([5, 1, 4])
+    """
+    run_model = prepare_model(model, device=device, dtype=dtype)
+    device, dtype = model_device(run_model), resolve_dtype(dtype)
+    a, b = _parse_layers(run_model, [in_layer, out_layer], "output")
+    x = _input_tensor(inputs, device, dtype)
+    with eval_mode(run_model):
+        _check_forward(run_model, x)
+        with torch.no_grad():
+            act_in = _cast(_record_batch(run_model, [a], x)[a.spec], dtype)
+        products = _section_rows(
+            run_model, a, b, x, act_in, cotangents,
+            sequence=sequence, max_vectors=max_vectors, check=True,
+        )
+    act_rows = _as_rows(act_in, sequence, a)
+    return to_output(act_rows, inputs), to_output(products, inputs)
+
+
+def sequence_jacobians_to_rows(J):
+    """Reshape full sequence Jacobians to rows with positions as samples.
+
+    Parameters
+    ----------
+    J : array or tensor of shape (B, P_out, d_out, P_in, d_in)
+        Per-sample Jacobians ``J[x, t, i, s, j] = d out[x, t, i] / d in[x, s, j]``.
+
+    Returns
+    -------
+    rows : array or tensor of shape (B * P_in, P_out * d_out, d_in)
+        Row ``(x, s)`` is the block ``J[x, :, :, s, :]`` with ``(t, i)`` flattened
+        ``t``-major, so that ``sum_rows R.T @ R / (B * P_in)`` is the SPEC's ``M'``
+        for sequence models.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sklearn_lib.collect import sequence_jacobians_to_rows
+    >>> J = np.random.default_rng(0).normal(size=(2, 3, 4, 3, 5))
+    >>> R = sequence_jacobians_to_rows(J)
+    >>> R.shape
+    (6, 12, 5)
+    >>> bool((R[1 * 3 + 2] == J[1, :, :, 2, :].reshape(12, 5)).all())
+    True
+    """
+    if J.ndim != 5:
+        raise ValueError(
+            f"J must be (batch, P_out, d_out, P_in, d_in), got shape {tuple(J.shape)}."
+        )
+    batch, p_out, d_out, p_in, d_in = J.shape
+    if isinstance(J, torch.Tensor):
+        moved = J.permute(0, 3, 1, 2, 4)
+    else:
+        moved = np.asarray(J).transpose(0, 3, 1, 2, 4)
+    return moved.reshape(batch * p_in, p_out * d_out, d_in)

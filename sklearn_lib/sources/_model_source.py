@@ -1,0 +1,609 @@
+"""Statistics and edges from a live torch model (:class:`ModelSource`).
+
+The source runs the model once per pass over the data and computes
+``C_{l+1}^T J_l`` with vectorised vector-Jacobian products, never forming full
+Jacobians, or in closed form for the sections :mod:`sklearn_lib.models._fastpath` and
+:mod:`sklearn_lib.models._attention` recognise. It exposes the operations of
+:class:`~sklearn_lib.sources._cached.CachedSource`, so the backward chaining of
+:class:`~sklearn_lib.InteractionGraph` is written once.
+"""
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..basis._stats import AUTO_CHUNK_NUMBERS
+from ..models import _adapters, _collect, _model
+from ..models._attention import CausalAttention, check_attention, detect_attention
+from ..models._fastpath import (
+    check_declared,
+    detect_section,
+    fits_rows,
+    readout_section,
+    section_leaves,
+)
+from ..utils._backend import eval_mode, model_device, resolve_dtype
+from ._cached import _shape
+from ._edges import Workspace, accumulate_attributions, accumulate_edges, path_points
+
+#: Samples of the first batch a declared closed form is checked on (batch_size=None).
+_VERIFY_SAMPLES = 256
+
+
+def _keep(rows, keep):
+    """The rows marked real by ``keep`` (all rows when it is None)."""
+    return rows if keep is None else rows[keep]
+
+
+def _zero_padded(rows, keep):
+    """``rows`` with the rows not marked real by ``keep`` set to 0 (in place)."""
+    return rows if keep is None else rows.mul_(keep[:, None].to(rows.dtype))
+
+
+def _describe(data):
+    """``data`` in a few words for error messages: its type, and its shape if it has one."""
+    shape = getattr(data, "shape", None)
+    return type(data).__name__ + ("" if shape is None else f" of shape {_shape(data)}")
+
+
+def _unit_free(shape):
+    return tuple(s for s in shape if s != 1)
+
+
+def _same_values(a, b):
+    """Whether two recorded tensors hold the same numbers, up to unit axes of a sample.
+
+    Exact on purpose: a readout's input is the very value of the layer (a copy
+    or a view), not a recomputation, so any difference means the module reads
+    something else. A layer selected at one position (``"resid[-1]"``, per
+    sample ``(1, d)``) is the module's ``(d,)`` input.
+    """
+    return (a.shape[0] == b.shape[0] and _unit_free(a.shape[1:]) == _unit_free(b.shape[1:])
+            and a.dtype == b.dtype and torch.equal(a.reshape(b.shape), b))
+
+
+class _Fingerprint:
+    """The sample count and order-free sums of the inputs seen by one pass over the data.
+
+    The sums (of the inputs, of their projections on a fixed direction ``w``
+    with ``|w_i| <= 1``, of the squares of both, and of the magnitudes) are
+    accumulated in float64 on the device, with no host sync per batch. They do
+    not depend on the order of samples or batches beyond rounding, so a
+    shuffling DataLoader passes, and two passes over other samples differ.
+    """
+
+    _NAMES = ("inputs", "projected inputs", "squared inputs", "squared projections",
+              "input magnitudes")
+
+    def __init__(self):
+        self.n_samples, self.n_numbers, self.sums, self.width = 0, 0, None, 0
+
+    def add(self, x):
+        v = _adapters.flat_numbers(x)
+        w = torch.cos(torch.arange(v.shape[1], device=v.device, dtype=v.dtype))
+        p = v @ w
+        sums = torch.stack([v.sum(), p.sum(), v.square().sum(), p.square().sum(), v.abs().sum()])
+        self.sums = sums if self.sums is None else self.sums.add_(sums)
+        self.n_samples += int(v.shape[0])
+        self.n_numbers += v.numel()
+        # Batches of sequences of different lengths have different widths.
+        self.width = max(self.width, int(v.shape[1]))
+
+    def difference(self, other, first, this):
+        """How pass ``this`` (``other``) differs from pass ``first`` (self); None if not at all.
+
+        Sums of the same numbers in another order differ by rounding only:
+        at most ``n_numbers * eps`` times the sum of the magnitudes of the
+        terms (the bound of any summation order), for each of the two passes.
+        """
+        if other.n_samples != self.n_samples:
+            return f"{this} saw {other.n_samples} samples, but {first} saw {self.n_samples}"
+        a, b = self.sums.tolist(), other.sums.tolist()
+        s1, s2 = max(a[4], b[4]), max(a[2], b[2])
+        # |p| <= ||v||_1 and p^2 <= d ||v||^2 bound the projected terms.
+        scales = (s1, s1, s2, self.width * s2, s1)
+        bound = 2 * max(self.n_numbers, other.n_numbers) * np.finfo(np.float64).eps
+        for name, x, y, scale in zip(self._NAMES, a, b, scales):
+            if not abs(x - y) <= bound * scale:
+                return (
+                    f"{this} saw as many samples as {first} ({self.n_samples}) but other "
+                    f"values: the sum of the {name} is {y:.17g}, not {x:.17g}"
+                )
+        return None
+
+class ModelSource:
+    """Activations from a live model; ``V^T J`` by vector-Jacobian products or closed forms."""
+
+    def __init__(self, model, layers, data, *, sequence, batch_size, device, dtype,
+                 fast_path, verbose):
+        if isinstance(layers, str) or not hasattr(layers, "__len__") or len(layers) < 2:
+            raise ValueError(
+                f"layers must be a list of at least 2 layer names in forward order, got "
+                f"{layers!r}."
+            )
+        if iter(data) is data:
+            raise ValueError(
+                "data must be re-iterable (a tensor, an array or a DataLoader): the graph "
+                "iterates it twice per layer; got a one-shot iterator "
+                f"({type(data).__name__})."
+            )
+        self.model = _collect.prepare_model(model, device=device, dtype=dtype)
+        self.device = model_device(self.model)
+        self.dtype = resolve_dtype(dtype)
+        self.specs = _model._parse_layers(self.model, list(layers), "output")
+        self.data, self.sequence, self.verbose = data, sequence, verbose
+        self.batch_size = batch_size
+        # What every pass over the data must see again (set by the first pass).
+        self.n_samples, self._first_pass, self._n_passes = None, None, 0
+
+        # A probe on two samples gives every layer's shape (and fails early).
+        first = next(iter(self._batches(self.batch_size or _model._PROBE_SAMPLES)), None)
+        self._probe_samples = 0 if first is None else _adapters.n_samples(first)
+        if self._probe_samples == 0:
+            raise ValueError(f"fit_model needs at least 2 samples, got 0 ({_describe(data)}).")
+        with eval_mode(self.model), torch.no_grad():
+            _model._check_forward(self.model, first)
+            probe = _model._record_batch(
+                self.model, self.specs, _adapters.take(first, slice(0, _model._PROBE_SAMPLES))
+            )
+        shapes = [tuple(probe[s.spec].shape[1:]) for s in self.specs]
+        pw = [_model._positions(sh, sequence, s) for sh, s in zip(shapes, self.specs)]
+        self.positions = [p for p, _ in pw]
+        self.widths = [d for _, d in pw]
+        self._shapes = shapes
+        self._structures, self._leaves, self._readouts = {}, {}, {}
+        self.fast_path = fast_path
+        # Numbers per sample of the recorded layers up to each layer (see _footprint).
+        self._forward = np.cumsum([p * d for p, d in zip(self.positions, self.widths)]).tolist()
+
+    @property
+    def n_layers(self):
+        return len(self.specs)
+
+    def _batches(self, batch_size):
+        batches, _ = _model._iter_batches(self.data, batch_size)
+        for batch in batches:
+            yield _model._input_tensor(batch, self.device, self.dtype)
+
+    def _footprint(self, m, work):
+        """Numbers per sample a pass holds: the forward pass up to layer m plus ``work``.
+
+        The forward pass holds at least every recorded layer up to m, and
+        between two recorded layers usually one more tensor as wide (a
+        Linear's output before its activation): twice their sum. ``work``
+        counts the pass's own tensors (copies of the activation, derivatives,
+        products, cotangents, scatter inputs).
+        """
+        return 2 * self._forward[m] + work
+
+    def _pass(self, desc, per_sample):
+        """Iterate over the data once; ``per_sample`` numbers of memory per sample.
+
+        With ``batch_size=None``, array data are cut into batches that hold
+        about 2**23 numbers in all (``per_sample`` comes from
+        :meth:`_footprint`), so that memory stays flat in the number of
+        samples on every pass. A DataLoader keeps its own batches.
+        """
+        size = self.batch_size or max(1, AUTO_CHUNK_NUMBERS // max(1, per_sample))
+        batches, total = _model._iter_batches(self.data, size)
+        bar = tqdm(total=total, desc=desc, disable=not self.verbose, leave=False, unit="sample")
+        fingerprint = _Fingerprint()
+        with bar:
+            for batch in batches:
+                x = _model._input_tensor(batch, self.device, self.dtype)
+                yield x
+                fingerprint.add(x)
+                bar.update(_adapters.n_samples(x))
+        self._check_pass(desc, fingerprint)
+
+    def _check_pass(self, desc, fingerprint):
+        """Refuse a pass that did not see the samples of the first pass.
+
+        Every layer's statistics and edges come from a separate pass over the
+        data, so a pass over other samples would mix sample sets silently.
+        """
+        self._n_passes += 1
+        this = f"pass {self._n_passes} over the data ({desc})"
+        if self._first_pass is None:
+            n = fingerprint.n_samples
+            if n == 0 and self._probe_samples:
+                raise ValueError(
+                    f"{this} yielded no samples, although the data yielded "
+                    f"{self._probe_samples} when first probed: data must yield the same "
+                    f"samples every time it is iterated ({_describe(self.data)} returns an "
+                    "exhausted iterator). Pass a tensor, an array or a DataLoader."
+                )
+            if n < 2:
+                raise ValueError(
+                    f"fit_model needs at least 2 samples, got {n} ({_describe(self.data)})."
+                )
+            self.n_samples, self._first_pass = n, (desc, fingerprint)
+            return
+        first_desc, first = self._first_pass
+        changed = first.difference(fingerprint, f"pass 1 ({first_desc})", this)
+        if changed is None:
+            return
+        if fingerprint.n_samples == 0:
+            changed += (" (an iterable whose __iter__ returns the same iterator every time "
+                        "can be iterated only once)")
+        raise ValueError(
+            f"the data changed between passes: {changed}. fit_model iterates the data twice "
+            "per layer and needs the same samples every time (their order may change); "
+            "random augmentation, sampling, or drop_last with shuffling give other samples "
+            "on every pass. Pass a tensor, an array or a deterministic DataLoader."
+        )
+
+    def _activation(self, x, l, m=None):
+        """Layer l's activation for inputs ``x``; the forward pass stops right there.
+
+        When section l -> m is a readout (:meth:`readout`), the pass runs on to
+        the readout module and checks that it still reads exactly this value.
+        """
+        spec, captured = self.specs[l], []
+        readout = None if m is None else self.readout(l, m)
+        check = readout is not None and readout.spec != spec.spec
+
+        def grab(value):
+            # A copy: a following in-place op must not change the recorded value.
+            captured.append(value.detach().clone())
+            if not check:
+                raise _model._StopForward
+
+        def compare(value):
+            if captured and not _same_values(captured[0], value):
+                raise ValueError(
+                    f"section {spec.spec!r} -> {self.specs[m].spec!r} was taken for module "
+                    f"{readout.name!r} applied to layer {spec.spec!r}, as it was on the first "
+                    f"batch, but in {_adapters.describe(x)} the module's input is not that "
+                    "layer's value; pass fast_path=False if the model computes it otherwise "
+                    "for some inputs."
+                )
+            raise _model._StopForward
+
+        hooks = [(spec, grab)] + ([(readout, compare)] if check else [])
+        with torch.no_grad(), _model._hooks(hooks):
+            _model._run_until_stopped(self.model, x)
+        if not captured:
+            raise ValueError(f"layer {spec.spec!r} was not called in the forward pass.")
+        act = _model._cast(captured[0], self.dtype)
+        # Checked here, where the layer and the inputs are known (the statistics
+        # would only say "X"); one reduction per batch, as the statistics do.
+        if act.is_floating_point() and not bool(torch.isfinite(act).all()):
+            if not bool(torch.isfinite(_adapters.flat_numbers(x)).all()):
+                raise ValueError(
+                    f"the data contain NaN or infinity (in {_adapters.describe(x)})."
+                )
+            raise ValueError(
+                f"layer {spec.spec!r} is NaN or infinite for finite inputs (in "
+                f"{_adapters.describe(x)}): the model overflows or divides by zero there."
+            )
+        return act
+
+    def _real_rows(self, x, l, shape):
+        """Rows of layer l (activation ``shape``) that are real positions (bool), or None.
+
+        Positions where a dict batch's ``attention_mask`` is 0 are padding: they
+        enter neither the statistics nor the edges.
+        """
+        return _model._row_mask(self.specs[l], _adapters.padding_mask(x), shape, self.sequence)
+
+    def _output_shape(self, l, n, n_positions):
+        """Layer l's activation shape for ``n`` samples of ``n_positions`` positions."""
+        shape = self._shapes[l]
+        return (n, n_positions, *shape[1:]) if len(shape) >= 2 else (n, *shape)
+
+    def _rows(self, act, l):
+        return _model._as_rows(act, self.sequence, self.specs[l])
+
+    def structure(self, l, m):
+        """The closed form of section l -> m, or None (generic products)."""
+        if self.fast_path is False:
+            return None
+        if (l, m) not in self._structures:
+            found = self._attention(l, m)
+            if found is None and self.readout(l, m) is not None:
+                found = readout_section(self.specs[m].module)
+                if found is not None and not (
+                    self.positions[l] == self.positions[m]
+                    and found.fits(self.widths[l], self.widths[m])
+                ):
+                    found = None
+            elif found is None:
+                found = detect_section(self.model, self.specs[l], self.specs[m])
+                if found is not None and not self._fits(found, l, m):
+                    found = None
+                if found is not None and hasattr(found, "verify") and not self._verified(
+                    found, l, m
+                ):
+                    found = None
+            self._structures[(l, m)] = found
+        return self._structures[(l, m)]
+
+    def _attention(self, l, m):
+        """A declared attention section l -> m checked on the first batch, or None.
+
+        It gives products (``products``) instead of a row-wise closed form.
+        """
+        a, b = self.specs[l], self.specs[m]
+        found = detect_attention(self.model, a, b) if self.sequence else None
+        if found is None or not found.fits(self._shapes[l], self._shapes[m]):
+            return None
+        x = next(iter(self._batches(self.batch_size or _VERIFY_SAMPLES)))
+        with eval_mode(self.model), torch.no_grad():
+            rec = _model._record_batch(self.model, [a, b], x)
+        X, Y = (_model._cast(rec[spec.spec], self.dtype) for spec in (a, b))
+        return found if check_attention(found, X, Y, a.spec, b.spec) else None
+
+    def _products(self, l, m, x, act, V, *, check, signs=None):
+        """``V^T J`` of section l -> m at ``act``, vector-major (P_m k, rows, d_l).
+
+        With ``signs`` (:meth:`_signs`), ``(m k, rows, d_l)`` instead: random
+        combinations of the output positions.
+        """
+        return _collect._section_rows(
+            self.model, self.specs[l], self.specs[m], x, act, V,
+            sequence=self.sequence, max_vectors=None, check=check,
+            leaves=self.leaves(l, m), vector_major=True, position_signs=signs,
+        )
+
+    def _signs(self, position_sources, x):
+        """The position signs of batch ``x`` (:meth:`PositionSources.batch`), or None.
+
+        Output padding is masked on the products, one output position each, so
+        a padded batch takes no random combinations of positions.
+        """
+        if position_sources is None or _adapters.padding_mask(x) is not None:
+            return None
+        return position_sources.batch(_adapters.n_samples(x), self.dtype)
+
+    def leaves(self, l, m):
+        """The modules of section l -> m to run from the recorded activation, or None.
+
+        Without them, every product reruns the model from its inputs.
+        """
+        if (l, m) not in self._leaves:
+            readout = self.readout(l, m)
+            # A Linear or elementwise module acts on the last axis, so the recorded
+            # activation may differ from its input by unit axes ("resid[-1]").
+            self._leaves[(l, m)] = (
+                section_leaves(self.model, self.specs[l], self.specs[m]) if readout is None
+                else [readout.module]
+            )
+        return self._leaves[(l, m)]
+
+    def readout(self, l, m):
+        """The input of layer m's module (a parsed layer) when it is layer l's value; or None.
+
+        A module applied to a recorded layer in a parent's ``forward``, like an
+        unembedding ``logits = unembed(resid[:, -1])``, lies in no
+        ``nn.Sequential``, so the section is recognised by the values instead:
+        layer m is the whole output of an exact ``nn.Linear`` or elementwise
+        module without hooks, whose input equals layer l's recorded activation
+        on the first batch. Every pass that uses it checks the same again
+        (:meth:`_activation`). The section is then that module alone, run from
+        the recorded activation, or its closed form. ``fast_path=False`` turns
+        this off like every other recognised section: the model then runs whole.
+        """
+        if self.fast_path is False:
+            return None
+        if (l, m) not in self._readouts:
+            self._readouts[(l, m)] = self._find_readout(self.specs[l], self.specs[m])
+        return self._readouts[(l, m)]
+
+    def _find_readout(self, a, b):
+        if (b.kind != "output" or b.positions is not None or a.axes is not None
+                or b.axes is not None or readout_section(b.module) is None):
+            return None
+        module_input = _model._Layer(f"{b.name}:input", b.name, "input", b.module)
+        if a.spec == module_input.spec:
+            return module_input
+        x = next(iter(self._batches(self.batch_size or _VERIFY_SAMPLES)), None)
+        if x is None:  # data that ran dry: the pass says so
+            return None
+        with eval_mode(self.model), torch.no_grad():
+            rec = _model._record_batch(self.model, [a, module_input], x)
+        return module_input if _same_values(rec[a.spec], rec[module_input.spec]) else None
+
+    def _verified(self, st, l, m):
+        """Whether a declared closed form computes layer m from layer l on the first batch."""
+        x = next(iter(self._batches(self.batch_size or _VERIFY_SAMPLES)))
+        with eval_mode(self.model), torch.no_grad():
+            rec = _model._record_batch(self.model, [self.specs[l], self.specs[m]], x)
+        X, Y = (self._rows(_model._cast(rec[self.specs[i].spec], self.dtype), i) for i in (l, m))
+        return check_declared(st, X, Y, self.specs[l].spec, self.specs[m].spec)
+
+    def _fits(self, st, l, m):
+        """The closed form acts on rows: widths and positions must match the recording."""
+        return fits_rows(st, self.specs[l], self.specs[m], self._shapes[l], self._shapes[m],
+                         self.sequence)
+
+    def activation_stats(self, l, new_stats):
+        stats = new_stats(l, None)
+        # The activation, its recorded copy, and the scaled and centred copies
+        # the statistics make.
+        work = 4 * self.positions[l] * self.widths[l]
+        for x in self._pass(f"layer {l}", self._footprint(l, work)):
+            act = self._activation(x, l)
+            stats.update(_keep(self._rows(act, l), self._real_rows(x, l, act.shape)))
+        return stats
+
+    def jacobian_stats(self, l, V, new_stats, target=None, position_sources=None):
+        """Statistics of layer l with ``V^T J`` of section l -> target (default l + 1).
+
+        The Jacobian scatter is accumulated here (in closed form or from the
+        products) and added to Jacobian-free statistics at the end. With
+        ``position_sources``, the vector-Jacobian products of batches without
+        padding combine the output positions at random (an unbiased estimate of
+        the scatter); closed forms, declared attention and padded batches stay
+        exact.
+        """
+        m = l + 1 if target is None else target
+        stats = new_stats(l, None)
+        st = self.structure(l, m)
+        a, b = self.specs[l], self.specs[m]
+        k = V.shape[1]
+        if st is not None and not isinstance(st, CausalAttention):
+            SS, s_sum, n_rows = None, None, 0
+            # The activation's copies and the derivative with its autograd temporaries.
+            work = 8 * self.positions[l] * max(self.widths[l], self.widths[m])
+            for x in self._pass(f"layer {l}", self._footprint(l, work)):
+                act = self._activation(x, l, m)
+                # The closed form acts row by row: padded rows are simply left out.
+                X = _keep(self._rows(act, l), self._real_rows(x, l, act.shape))
+                s = st.derivative(X)
+                stats.update(X)
+                SS = s.T @ s if SS is None else SS.addmm_(s.T, s)
+                s_sum = s.sum(0) if s_sum is None else s_sum.add_(s.sum(0))
+                n_rows += s.shape[0]
+            n_out = self.positions[m] * V.shape[1]
+            scatter = st.jacobian_scatter(SS, V, s_sum=s_sum, n=n_rows)
+            return stats.add_jacobian_scatter_(scatter, n_outputs=n_out)
+        width = max(self.widths[l], self.widths[m])
+        attention = st  # None here, or a declared attention section
+        if attention is not None:
+            # The product at s = t, U K_t and the attention's per-head temporaries.
+            H_e = attention.w_q.shape[0]
+            work = self.positions[m] * (3 * k * width + 4 * self.positions[l] * H_e)
+        else:
+            # Products, cotangents and the backward's intermediates, each as large.
+            work = 3 * self.positions[l] * self.positions[m] * k * width
+        scatter = None
+        for i, x in enumerate(self._pass(f"layer {l}", self._footprint(m, work))):
+            act = self._activation(x, l, m)
+            # A declared attention formula attends to every (earlier) position; the
+            # model leaves padded positions out of its attention, so a padded batch
+            # takes the model's own products.
+            if attention is not None and _adapters.padding_mask(x) is None:
+                stats.update(self._rows(act, l))
+                part = attention.jacobian_scatter(act, V)
+                scatter = part if scatter is None else scatter.add_(part)
+                continue
+            products = self._products(l, m, x, act, V, check=i == 0,
+                                      signs=self._signs(position_sources, x))
+            keep_in, _ = self._mask_products(products, x, l, m, act, k)
+            stats.update(_keep(self._rows(act, l), keep_in))
+            # One GEMM over all (row, output) pairs, accumulated in place; the
+            # finished scatter is checked for NaN/inf once instead of every batch.
+            P = products.reshape(-1, self.widths[l])
+            scatter = P.T @ P if scatter is None else scatter.addmm_(P.T, P)
+        if not bool(torch.isfinite(scatter).all()):
+            raise ValueError(
+                f"the Jacobian products of section {a.spec!r} -> {b.spec!r} contain NaN or "
+                "infinity."
+            )
+        return stats.add_jacobian_scatter_(scatter, n_outputs=self.positions[m] * k)
+
+    def _mask_products(self, products, x, l, m, act, k):
+        """Zero the products of padded input rows and padded output positions, in place.
+
+        Returns the real rows of layers l and m (None where nothing is padded).
+        Products are vector-major, ``(P_m * k, B * P_l, d_l)`` with output
+        position ``t`` major in the first axis.
+        """
+        n = _adapters.n_samples(x)
+        keep_in = self._real_rows(x, l, act.shape)
+        p_out = products.shape[0] // k
+        keep_out = self._real_rows(x, m, self._output_shape(m, n, p_out))
+        view = products.view(p_out, k, n, -1, products.shape[-1])
+        if keep_out is not None:
+            view.mul_(keep_out.view(n, p_out).T.to(products.dtype)[:, None, :, None, None])
+        if keep_in is not None:
+            view.mul_(keep_in.view(n, -1).to(products.dtype)[None, None, :, :, None])
+        return keep_in, keep_out
+
+    def global_stats(self, V, new_stats, position_sources=None):
+        L = self.n_layers - 1
+        return [self.jacobian_stats(l, V, new_stats, target=L, position_sources=position_sources)
+                for l in range(L)]
+
+    def _output_at(self, x, l, point, shape):
+        """Layer l+1's activation (rows) with layer l's replaced by ``point`` (rows)."""
+        with torch.no_grad():
+            out = _collect._run_section(self.model, self.specs[l], self.specs[l + 1], x,
+                                        point.reshape(shape))
+        return self._rows(_model._cast(out, self.dtype), l + 1)
+
+    def edges(self, l, V, mean, C, C_pinv, *, edge_point, alphas, weights, out_mean=None,
+              position_sources=None):
+        """Edges (r_out, r_in); with ``out_mean``, the constant node's column appended.
+
+        With ``position_sources``, the vector-Jacobian products of unpadded batches
+        combine output positions at random, as in :meth:`jacobian_stats`: the sum
+        of squares over output positions is then estimated without bias
+        (``E[(sum_t s_t a_t)^2] = sum_t a_t^2``), the constant node's too.
+        """
+        st = self.structure(l, l + 1)
+        E_all = torch.zeros(V.shape[1], C.shape[1] + (out_mean is not None), device=self.device,
+                            dtype=self.dtype)
+        E, constant = E_all[:, :C.shape[1]], (None if out_mean is None else E_all[:, -1])
+        count, workspace = 0, Workspace()
+        k, r = V.shape[1], C.shape[1]
+        attention = None
+        if isinstance(st, CausalAttention):
+            attention, st = st, None
+        if attention is not None:
+            # The d_head x r matrices of every head, their three terms, and the result.
+            H_e = attention.w_q.shape[0]
+            work = self.positions[l + 1] * (4 * H_e * r + 2 * k * r + 2 * self.positions[l] * H_e)
+            per_sample = self._footprint(l, work)
+        elif st is not None:
+            factors = st.edge_factors(V, C_pinv.T)
+            # The two edge-GEMM buffers, plus the activation's copies and derivatives.
+            work = self.positions[l] * (k * (factors[0].shape[1] + r) + 8 * self.widths[l])
+            per_sample = self._footprint(l, work)
+        else:
+            P = self.positions[l] * self.positions[l + 1]
+            # Products, cotangents, the backward's intermediates and J_tilde.
+            work = P * k * (3 * max(self.widths[l], self.widths[l + 1]) + r)
+            per_sample = self._footprint(l + 1, work)
+        for i, x in enumerate(self._pass(f"edges {l}", per_sample)):
+            act = self._activation(x, l, l + 1)
+            X = self._rows(act, l)
+            n_x = _adapters.n_samples(x)
+            # Padded rows are attributed nothing: their coordinates count as 0.
+            keep_in = self._real_rows(x, l, act.shape)
+            Z = _zero_padded((X - mean) @ C, keep_in)
+            points = path_points(X, mean, C, C_pinv, edge_point, alphas)
+            signs = None if attention is not None or st is not None else self._signs(
+                position_sources, x)
+            Z_out = None
+            if constant is not None:
+                end = next(path_points(X, mean, C, C_pinv, edge_point, [1.0]))
+                out = self._output_at(x, l, end, act.shape)
+                p_out = out.shape[0] // n_x
+                out_shape = self._output_shape(l + 1, n_x, p_out)
+                Z_out = _zero_padded((out - out_mean) @ V, self._real_rows(x, l + 1, out_shape))
+                if signs is not None and p_out > 1:
+                    # The output coordinates combined like the products' positions.
+                    Z_out = (signs(p_out) @ Z_out.view(n_x, p_out, -1)).view(-1, Z_out.shape[1])
+            if attention is not None and _adapters.padding_mask(x) is None:
+                Y, Z_seq = None, Z.view(n_x, -1, r)
+                for w, p in zip(weights, points):
+                    Y_w = attention.attributions(p.reshape(act.shape), V, C_pinv.T, Z_seq)
+                    Y = Y_w.mul_(w) if Y is None else Y.add_(Y_w, alpha=w)
+                accumulate_attributions(E, Y, constant=constant, Z_out=Z_out)
+            elif st is not None:
+                s_bar = None
+                for w, p in zip(weights, points):
+                    s = st.derivative(p)
+                    s_bar = s.mul_(w) if s_bar is None else s_bar.add_(s, alpha=w)
+                accumulate_edges(E, st.edge_jacobians(s_bar, factors, workspace), Z,
+                                 constant=constant, Z_out=Z_out)
+            else:
+                P_bar = None
+                for w, p in zip(weights, points):
+                    products = self._products(l, l + 1, x, p.reshape(act.shape), V,
+                                              check=i == 0, signs=signs)
+                    self._mask_products(products, x, l, l + 1, act, k)
+                    P_bar = (products.mul_(w) if P_bar is None
+                             else P_bar.add_(products, alpha=w))
+                # Products come vector-major (outputs, rows, d); the edges see them
+                # through a transposed view, without a copy.
+                rows, n, d = P_bar.shape
+                J_tilde = workspace.get("J_tilde", (rows, n, C.shape[1]), P_bar)
+                torch.matmul(P_bar.view(rows * n, d), C_pinv.T, out=J_tilde.view(rows * n, -1))
+                # Positions of this batch: sequences may differ in length between batches.
+                accumulate_edges(E, J_tilde.transpose(0, 1), Z, rows // k, X.shape[0] // n_x,
+                                 constant=constant, Z_out=Z_out)
+            count += X.shape[0] if keep_in is None else int(keep_in.sum())
+        return E_all / count
