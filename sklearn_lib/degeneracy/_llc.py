@@ -387,7 +387,7 @@ class LocalLearningCoefficient(BaseEstimator):
 # --------------------------------------------------------------------------- helpers
 # Chains whose step touches at most this many numbers (batch x parameters) run on
 # one thread.
-_SINGLE_THREAD_WORK = 2**22
+_SINGLE_THREAD_WORK = 2**26
 
 
 @contextmanager
