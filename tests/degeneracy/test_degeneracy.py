@@ -166,9 +166,12 @@ def test_always_on_group_matches_brute_force():
     assert [g.tolist() for g in report.synchronised_groups_[1]] == [[1, 2]]
     # GL(2) less 2 rescalings, plus 2 biases passed on to the next layer.
     assert report.synchronised_directions_[1] == 4
+    # The network's null space: each section's own (degenerate_parameters), the
+    # directions that need both sections (sync_directions) and the rescalings.
     live_rescalings = 5
-    assert np.nansum(report.degenerate_parameters_) + live_rescalings == (
-        _parameter_null_space(net, X))
+    assert report.degenerate_parameters_[1:].tolist() == [4, 8]
+    assert np.nansum(report.degenerate_parameters_) + report.synchronised_directions_[1] + (
+        live_rescalings) == _parameter_null_space(net, X)
 
 
 def test_smooth_activation_needs_a_tolerance():
