@@ -85,7 +85,7 @@ def _check_distinct(parsed):
         first = seen.setdefault((layer.name, layer.kind), layer)
         if first is not layer:
             where = f"the same activation (the {layer.kind} of module {layer.name!r})"
-            if first.positions is not None or layer.positions is not None:
+            if first.positions != layer.positions:
                 raise ValueError(
                     f"layers {first.spec!r} and {layer.spec!r} both read {where} at different "
                     "positions; a graph's layers must be different activations. Select "
