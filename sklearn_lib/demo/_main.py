@@ -344,7 +344,7 @@ def _degeneracy(graph, model, X_fit, activations, jacobians, output, plots, verb
         "llc_per_chain": llc.llc_per_chain_.tolist(), "n_parameters": llc.n_parameters_,
         "n_samples": llc.n_samples_, "n_beta": llc.n_beta_, "init_loss": llc.init_loss_,
         "settings": LLC_SETTINGS, "seconds": seconds}, indent=2))
-    _log(verbose, f"local learning coefficient {llc.llc_:.0f} ± {llc.llc_sem_:.0f} "
+    _log(verbose, f"local learning coefficient {llc.llc_:.3g} ± {llc.llc_sem_:.2g} "
                   f"(SGLD, {LLC_SETTINGS['n_chains']} chains, {seconds:.0f} s; d/2 = "
                   f"{llc.n_parameters_ / 2:g})")
     if plots:
