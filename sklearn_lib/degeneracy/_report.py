@@ -648,7 +648,7 @@ class DegeneracyReport(BaseEstimator):
 
 
 def _int_or_none(value):
-    return None if np.isnan(value) else int(round(value))
+    return None if np.isnan(value) else round(value)
 
 
 def _float_or_none(value):

@@ -187,7 +187,7 @@ def test_plot_shows_every_chain():
 def test_devinterp_sampler_agrees():
     """devinterp's own chain loop and SGLD (optional extra) on the regular model."""
     pytest.importorskip("devinterp")
-    net, X, y, design = _regression()
+    net, X, y, _ = _regression()
     params = dict(n_chains=6, n_draws=1000, n_burnin=300, lr=1e-3, localization=1.0,
                   batch_size=1000)
     ours = LocalLearningCoefficient(**params, random_state=0).fit_model(net, X, y)

@@ -19,11 +19,11 @@ import torch
 from torch import nn
 
 from sklearn_lib import declare_residual_mlp
+from sklearn_lib.degeneracy import DegeneracyReport
 from sklearn_lib.degeneracy._parameter_null import (
     ParameterBlock,
     section_null_space,
 )
-from sklearn_lib.degeneracy import DegeneracyReport
 
 F64 = torch.float64
 
@@ -161,7 +161,11 @@ def test_activation_before_the_linear():
 
 def test_shipped_network_on_a_few_pairs():
     """The shipped MLP on 6 pairs (678 output rows: the dual matrix is exact)."""
-    from sklearn_lib.datasets import LAYERS, load_modular_addition_model, modular_addition_data
+    from sklearn_lib.datasets import (
+        LAYERS,
+        load_modular_addition_model,
+        modular_addition_data,
+    )
 
     model = load_modular_addition_model()
     X_train, _, _, _ = modular_addition_data(model.p)
