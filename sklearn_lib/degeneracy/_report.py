@@ -210,7 +210,7 @@ class DegeneracyReport(BaseEstimator):
     section_parameters_ : ndarray of float64 of shape (n_layers,)
         ``p_l``: the section's parameters (from arrays ``(d_{l-1} + 1) d_l``, or
         ``d_{l-1} d_l`` for a graph fitted with ``center=False``); NaN for
-        layer 0.
+        layer 0 and for a model's sections whose parameters are not known.
     degenerate_parameters_ : ndarray of float64 of shape (n_layers,)
         The null space of the section's Gauss-Newton matrix, exact (an integer)
         or estimated; NaN for layer 0 and for sections whose parameters are not
@@ -522,6 +522,8 @@ class DegeneracyReport(BaseEstimator):
             # centring decides whether a bias is counted, not this report's.
             section[l] = (d[l - 1] + graph.center) * d[l]
             result = nulls[l]
+            if isinstance(result, str):  # a model section whose parameters are not known
+                section[l] = np.nan
             if result is None or isinstance(result, str):
                 continue
             section[l] = result.n_parameters

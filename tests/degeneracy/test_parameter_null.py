@@ -333,3 +333,21 @@ def test_blocks_by_hand_match_a_kronecker_rank():
     result = section_null_space([ParameterBlock(U, True, A)], n_outputs=6, dtype=F64)
     assert (result.n_parameters, result.degenerate) == (6 * 7, 6 * 7 - 3 * 3)
     assert result.method == "exact"
+
+
+def test_sections_without_known_parameters_are_missing():
+    """A section the report cannot parameterise (here a Linear then a Tanh then a
+    Linear between two recorded layers) has no count and no parameter total, and
+    says why; the others are still counted."""
+    torch.manual_seed(10)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 4), nn.ReLU(),
+                        nn.Linear(4, 2)).double()
+    X = _x(100, 3)
+    report = DegeneracyReport().fit_model(net, [":input", "3", "4"], X)
+    assert np.isnan(report.degenerate_parameters_[1]) and np.isnan(
+        report.section_parameters_[1])
+    assert "not a Linear with an elementwise activation" in report.parameter_null_spaces_[1]
+    assert report.degenerate_parameters_[2] == brute_force_null(net, X, ["4.weight",
+                                                                         "4.bias"])[0]
+    frame = report.to_frame()
+    assert frame["degenerate_parameters"].isna().tolist() == [True, True, False]
