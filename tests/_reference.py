@@ -3,14 +3,17 @@
 import numpy as np
 import torch
 
-from sklearn_lib.basis._linalg import flip_signs
+from sklearn_lib.basis._linalg import flip_signs, orientation_signs
+from sklearn_lib.basis._stats import output_weights
 
 
 def reference_basis(X, J=None, *, sample_weight=None, center=True, threshold=1e-12,
                     n_components=None):
     """Brute-force numpy implementation of SPEC section 1, written from the text.
 
-    Returns ``(C, C_pinv, Lambda, mu)`` with C (d, r) sign-normalised like sklearn_lib.
+    Returns ``(C, C_pinv, Lambda, mu)`` with C (d, r) oriented like sklearn_lib: by
+    the sign of ``C_pinv sum_x w_x J_x^T u`` for ``u`` the sum (else the alternating
+    sum) of the outputs, and by ``svd_flip``'s rule without Jacobians.
     """
     n, d = X.shape
     w = np.ones(n) if sample_weight is None else np.asarray(sample_weight, float)
@@ -38,7 +41,13 @@ def reference_basis(X, J=None, *, sample_weight=None, center=True, threshold=1e-
         L, V = L[:n_components], V[:, :n_components]
     C = U @ np.diag(D ** -0.5) @ V @ np.diag(L ** 0.5)
     C_pinv = np.diag(L ** -0.5) @ V.T @ np.diag(D ** 0.5) @ U.T
-    signs = flip_signs(torch.from_numpy(C)).numpy()
+    if J is None:
+        signs = flip_signs(torch.from_numpy(C)).numpy()
+    else:
+        U = output_weights(J.shape[1]).numpy()
+        sums = np.einsum("x,xoi,ok->ik", w, np.asarray(J, float), U)
+        signs = orientation_signs(torch.from_numpy(C), torch.from_numpy(C_pinv),
+                                  torch.from_numpy(sums)).numpy()
     return C * signs, C_pinv * signs[:, None], L, mu
 
 

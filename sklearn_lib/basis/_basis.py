@@ -36,7 +36,7 @@ from ..utils._validation import (
     check_tensor,
 )
 from ._dask import is_dask_array
-from ._linalg import constant_feature_floor, interaction_basis
+from ._linalg import interaction_basis
 from ._stats import AUTO_CHUNK_NUMBERS, InteractionStatistics
 
 
@@ -250,10 +250,12 @@ class InteractionBasis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
                     + " jacobians; every chunk must be the same."
                 )
             check_jacobians(jacobians, X.shape, n_outputs=stats.n_outputs)
-        chunk = self._new_statistics(X, jacobians)
-        self._accumulate(chunk, X, jacobians, sample_weight)
+            # A copy, so that a chunk that is refused (NaN, nothing survives)
+            # leaves the statistics as they were.
+            stats = stats.copy()
+        self._accumulate(stats, X, jacobians, sample_weight, streaming=not first_call)
         # No warning about few samples: early chunks have few by design.
-        return self._fit_statistics(stats + chunk, name=None)
+        return self._fit_statistics(stats, name=None)
 
     def _check_fit_input(self, X, jacobians, sample_weight, *, reset):
         """Validate X (numpy via sklearn, tensors by hand) and the metadata's shapes."""
@@ -332,13 +334,28 @@ class InteractionBasis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
         width = (n_outputs or 1) * self.n_features_in_
         return max(1, AUTO_CHUNK_NUMBERS // width)
 
-    def _accumulate(self, stats, X, jacobians, sample_weight):
-        for rows in gen_batches(X.shape[0], self._chunk_size(stats.n_outputs)):
-            stats.update(
-                X[rows],
-                None if jacobians is None else jacobians[rows],
-                None if sample_weight is None else sample_weight[rows],
-            )
+    def _accumulate(self, stats, X, jacobians, sample_weight, *, streaming=False):
+        """Fold ``X`` and its Jacobians into ``stats`` chunk by chunk.
+
+        All activations first, then all Jacobians, squared in the whitening frame
+        of the final R factor (the most accurate order, see ``_stats``); with
+        ``streaming``, chunk by chunk in the frame of what came before.
+        """
+        chunks = list(gen_batches(X.shape[0], self._chunk_size(stats.n_outputs)))
+
+        def weights(rows):
+            return None if sample_weight is None else sample_weight[rows]
+
+        if streaming:
+            for rows in chunks:
+                stats.update(X[rows], None if jacobians is None else jacobians[rows],
+                             weights(rows))
+            return
+        for rows in chunks:
+            stats.update_activations(X[rows], weights(rows))
+        if jacobians is not None:
+            for rows in chunks:
+                stats.update_jacobians(jacobians[rows], weights(rows))
 
     def _fit_statistics(self, stats, *, name):
         """Compute the basis from accumulated statistics and set fitted attributes.
@@ -352,18 +369,15 @@ class InteractionBasis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
             raise ValueError("The total sample weight must be positive.")
         if name is not None:
             _warn_few_samples(stats, self.center, name)
-        # The statistics come scaled by powers of four, so that data of any
-        # magnitude fit; interaction_basis returns the basis in the data's units
-        # and raises, naming the cause, when no direction survives.
-        gram, jacobian_gram, gram_exponent, jacobian_exponent = stats.scaled_moments()
+        # The statistics are square roots scaled by powers of two, so that data of
+        # any magnitude and conditioning fit; interaction_basis returns the basis
+        # in the data's units and raises, naming the cause, when no direction
+        # survives.
         result = interaction_basis(
-            gram,
-            jacobian_gram,
+            stats.factors(),
             threshold=self.truncation_threshold,
             n_components=self.n_components,
-            n_terms=(stats.n_samples, stats.n_samples * (stats.n_outputs or 1)),
-            exponents=(gram_exponent, jacobian_exponent),
-            constant_floor=constant_feature_floor(stats.mean, gram_exponent),
+            name=name,
         )
         if isinstance(self.n_components, Integral) and self.n_components > result.n_available:
             warnings.warn(

@@ -7,8 +7,8 @@ pays nothing for it.
 Every reduction has the same shape. One task per block of rows computes the
 block's :class:`~sklearn_lib.basis._stats.InteractionStatistics` (or edge sums) with
 the in-memory code; the parts are merged ``SPLIT_EVERY`` at a time in a tree
-(Chan's pairwise update, exact, so the shape of the tree changes nothing but
-rounding); the root is computed by whatever scheduler is active: threads on a
+(one TSQR step with Chan's mean correction and a change of the Jacobians'
+frame, exact, so the shape of the tree changes nothing but rounding); the root is computed by whatever scheduler is active: threads on a
 laptop, or the cluster of a ``dask.distributed`` ``Client``. Parts travel on
 the CPU (a worker's GPU tensors would not unpickle elsewhere) and only the root
 moves to the estimator's device. The root's row count is compared with the
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ..utils._backend import gen_batches
-from ._stats import AUTO_CHUNK_NUMBERS, InteractionStatistics
+from ._stats import AUTO_CHUNK_NUMBERS, InteractionStatistics, merge_statistics
 
 #: Parts merged by one node of the reduction tree.
 SPLIT_EVERY = 8
@@ -136,13 +136,11 @@ def warn_misaligned(misaligned, reference):
 
 
 def combine(*parts):
-    """Merge the parts of a reduction: statistics (Chan), lists of them, or edge sums."""
+    """Merge the parts of a reduction: statistics (TSQR), lists of them, or edge sums."""
     first = parts[0]
     if isinstance(first, InteractionStatistics):
-        total = first.copy()
-        for part in parts[1:]:
-            total.merge_(part)
-        return total
+        # One TSQR step and one change of frame for all parts of the node.
+        return merge_statistics(list(parts))
     if isinstance(first, list):
         return [combine(*column) for column in zip(*parts)]
     # Edge sums: (sum over rows of the squared attributions, number of rows).
@@ -199,12 +197,18 @@ def _basis_block(X, jacobians, sample_weight, config):
     jacobians = read_block(jacobians)
     stats = InteractionStatistics(n_features, n_outputs, center=center, device=device,
                                   dtype=dtype)
-    for rows in gen_batches(X.shape[0], chunk):
-        stats.update(
-            X[rows],
-            None if jacobians is None else jacobians[rows],
-            None if sample_weight is None else sample_weight[rows],
-        )
+    chunks = list(gen_batches(X.shape[0], chunk))
+
+    def weights(rows):
+        return None if sample_weight is None else sample_weight[rows]
+
+    # The block is in memory: all its activations first, then its Jacobians in
+    # the whitening frame of the block's R factor (see _stats).
+    for rows in chunks:
+        stats.update_activations(X[rows], weights(rows))
+    if jacobians is not None:
+        for rows in chunks:
+            stats.update_jacobians(jacobians[rows], weights(rows))
     return stats.to("cpu")
 
 

@@ -85,6 +85,10 @@ def layer_spectra(basis):
     else:
         values, _ = sorted_eigh(jac)
         tau_M = rounding_tolerance(float(values[0]), d, n_terms, jac.dtype)
+        # M' squared in a whitening frame bounds its own rounding (basis._stats).
+        rho = None if stats is None else stats.jacobian_rounding()
+        if rho is not None:
+            tau_M = max(tau_M, rounding_tolerance(rho, d, n_terms, jac.dtype))
         gradient_rank = int((values > tau_M).sum())
         jac_values = scale_by_power_of_two(values, 2 * e_jac).cpu().numpy()
     return LayerSpectra(

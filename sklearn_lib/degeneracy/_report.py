@@ -20,6 +20,7 @@ The statistics are those of an :class:`~sklearn_lib.InteractionGraph`, fitted
 here or given (:meth:`DegeneracyReport.fit_graph`).
 """
 
+import math
 from numbers import Integral, Real
 
 import numpy as np
@@ -29,7 +30,7 @@ from sklearn.utils._param_validation import Interval
 from sklearn.utils.validation import check_is_fitted
 
 from ..graph._graph import InteractionGraph
-from ..utils._backend import resolve_device, resolve_dtype
+from ..utils._backend import as_tensor, resolve_device, resolve_dtype
 from ._counts import (
     layer_spectra,
     patterns_from_arrays,
@@ -322,7 +323,7 @@ class DegeneracyReport(BaseEstimator):
         graph = self._graph().fit(X, jacobians=jacobians, sequence=sequence)
         nulls = self._array_null_spaces(graph, X, jacobians, sequence, preactivations,
                                         activation)
-        return self._measure(graph, self._array_patterns(graph, preactivations, activation),
+        return self._measure(graph, self._array_patterns(graph, preactivations, activation, X),
                              nulls)
 
     @_fit_context(prefer_skip_nested_validation=True)
@@ -367,7 +368,7 @@ class DegeneracyReport(BaseEstimator):
         if X is not None or jacobians is not None:
             nulls = self._array_null_spaces(graph, X, jacobians, sequence, preactivations,
                                             activation)
-        return self._measure(graph, self._array_patterns(graph, preactivations, activation),
+        return self._measure(graph, self._array_patterns(graph, preactivations, activation, X),
                              nulls)
 
     @_fit_context(prefer_skip_nested_validation=True)
@@ -412,7 +413,7 @@ class DegeneracyReport(BaseEstimator):
         if activation is not None and not callable(activation):
             raise TypeError(f"activation must be callable, got {activation!r}.")
 
-    def _array_patterns(self, graph, preactivations, activation):
+    def _array_patterns(self, graph, preactivations, activation, X=None):
         self._check_pattern_inputs(preactivations, activation)
         if preactivations is None:
             return {}
@@ -429,11 +430,84 @@ class DegeneracyReport(BaseEstimator):
                 )
             if not hasattr(z, "__getitem__") or not hasattr(z, "shape"):
                 z = np.asarray(z, dtype=np.float64)
+            self._check_preactivations(graph, key, l, z, activation, X)
             patterns[l] = patterns_from_arrays(
                 z, activation, tol=self.pattern_tol, batch_size=self.batch_size,
                 dtype=resolve_dtype(self.dtype), device=resolve_device(self.device),
             )
         return patterns
+
+    def _check_preactivations(self, graph, key, l, z, activation, X):
+        """Refuse pre-activations that are not those of layer ``l``: ``X_l = act(z)``.
+
+        Wrong ``z`` (another layer's, or a different activation) would give dead and
+        synchronised counts of neurons that do not exist. With the layer's activations
+        at hand every row is compared to rounding; with a fitted graph alone, the mean
+        of ``act(z)`` is compared with the layer's fitted mean.
+        """
+        name = graph.layer_names_[l]
+        if l == 0:
+            raise ValueError(
+                f"preactivations[{key!r}] is given for layer {name!r}, the first layer: it "
+                "is the network's input, no activation's output, so it has no dead, "
+                "always-on or synchronised neurons. Give pre-activations only for layers "
+                "that are an elementwise activation's output."
+            )
+        from ..cache import ActivationCache
+
+        if isinstance(X, ActivationCache):
+            X_l = X.activations(name)
+        elif X is not None:
+            X_l = X[l]
+        else:
+            X_l = None
+        dtype, device = resolve_dtype(self.dtype), resolve_device(self.device)
+        size = self.batch_size or 4096
+        n = int(z.shape[0])
+        worst, scale, total = 0.0, 0.0, None
+        with torch.no_grad():
+            for start in range(0, n, size):
+                a = activation(as_tensor(z[start:start + size], device=device, dtype=dtype))
+                if X_l is not None:
+                    x = as_tensor(X_l[start:start + size], device=device, dtype=dtype)
+                    worst = max(worst, float((a - x).abs().max()))
+                    scale = max(scale, float(x.abs().max()))
+                else:
+                    part = a.sum(0)
+                    total = part if total is None else total + part
+        if X_l is not None:
+            # Rounding of the model's own activation in the arrays' precision, with
+            # room for a different kernel: far below any real mismatch.
+            stored = getattr(X_l, "dtype", np.float64)
+            if isinstance(stored, torch.dtype):
+                eps = torch.finfo(stored).eps if stored.is_floating_point else 2.0**-52
+            else:
+                eps = np.finfo(stored).eps if np.dtype(stored).kind == "f" else 2.0**-52
+            if worst > 64 * eps * max(1.0, scale):
+                raise ValueError(
+                    f"preactivations[{key!r}] are not the pre-activations of layer {name!r}: "
+                    f"activation(preactivations) differs from the layer's activations by up "
+                    f"to {worst:.3g} (the activations reach {scale:.3g}). Pass the inputs "
+                    "of the elementwise activation whose output this layer records, and "
+                    "that activation as `activation`."
+                )
+            return
+        basis = graph.bases_[l]
+        if not graph.center or total is None:
+            return
+        mean = total / n
+        fitted = torch.as_tensor(np.asarray(basis.mean_), dtype=dtype, device=device)
+        gap = float((mean - fitted).abs().max())
+        spread = float(fitted.abs().max()) + math.sqrt(
+            max(float(np.max(np.diag(np.asarray(basis.gram_)))), 0.0))
+        if gap > 1e-6 * max(spread, np.finfo(np.float64).tiny):
+            raise ValueError(
+                f"preactivations[{key!r}] are not the pre-activations of layer {name!r}: "
+                f"the mean of activation(preactivations) differs from the layer's fitted "
+                f"mean by up to {gap:.3g} (its scale is {spread:.3g}). Pass the inputs of "
+                "the elementwise activation whose output this layer records, and that "
+                "activation as `activation`."
+            )
 
     def _null_options(self):
         return {"exact_size_limit": self.exact_size_limit, "n_probes": self.n_probes,

@@ -17,8 +17,8 @@ from sklearn.utils import check_random_state
 from tqdm.auto import tqdm
 
 from ..basis._basis import InteractionBasis
-from ..basis._linalg import sorted_eigh
-from ..basis._stats import InteractionStatistics, scale_by_power_of_two
+from ..basis._linalg import gram_eigenvalues
+from ..basis._stats import InteractionStatistics
 from ..models._vjp import PositionSources
 from ..utils._backend import as_tensor
 
@@ -79,11 +79,9 @@ def identity_basis(graph, stats):
     basis.inverse_components_ = eye.copy()
     basis.mean_ = np.zeros(d, dtype=eye.dtype)
     basis.interaction_strengths_ = second_moment.cpu().numpy()
-    # From the scaled Gram matrix, as for every other layer: the Gram matrix of
-    # activations beyond 1e154 is infinite in data units, its eigenvalues are not.
-    scaled_gram, _, exponent, _ = stats.scaled_moments()
-    D = scale_by_power_of_two(sorted_eigh(scaled_gram)[0], 2 * exponent)
-    basis.gram_eigenvalues_ = D.cpu().numpy()
+    # From the R factor, as for every other layer: accurate to eps^2 of the
+    # largest, and finite for activations beyond 1e154, whose Gram matrix is not.
+    basis.gram_eigenvalues_ = gram_eigenvalues(stats.factors()).cpu().numpy()
     basis.gram_ = gram.cpu().numpy()
     basis.jacobian_gram_ = eye.copy()
     basis.n_components_ = d

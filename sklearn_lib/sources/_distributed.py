@@ -7,14 +7,19 @@ pass the ranks combine what they accumulated with collectives, so that every
 rank holds the statistics and edges of all shards together and computes the
 same bases:
 
-* statistics by the multi-way form of Chan's update, with all-reduces only:
-  ``W = sum_r w_r``, ``mean = sum_r w_r m_r / W``,
-  ``S = sum_r (S_r + w_r (m_r - mean)(m_r - mean)^T)``, every sum of matrices
-  at the largest power-of-four exponent of any rank (exact rescaling), never
-  uncentred second moments;
+* statistics by one TSQR step (:func:`sklearn_lib.basis._stats.merge_factors`):
+  every rank's R factor, mean and weight are gathered, rank 0 merges them and
+  makes the whitening frame of the result, and every rank receives both; each
+  rank then brings its Jacobian Gram matrix into that frame and the matrices
+  are summed, at the largest power-of-two exponent of any rank (exact
+  rescaling). Nothing is squared that the statistics keep as a square root;
 * edges as sums over rows (each rank's mean edge times its rows);
 * the cotangents of stochastic sources from rank 0, so that every rank
   projects on the same directions.
+
+Gathers and broadcasts are all-reduces of zero-padded tensors (a sum with
+zeros is exact), so only ``all_reduce`` is needed, and what rank 0 computes is
+bitwise the same on every rank.
 
 A local step that fails on some ranks must not leave the others waiting in the
 next collective: every step ends with an exchange of error messages, and every
@@ -24,50 +29,102 @@ the process group's timeout (``init_process_group(timeout=...)``).
 
 import torch
 
-from ..basis._stats import _exponent, _normalised, _sum_of_scaled, scale_by_power_of_two
+from ..basis._factors import (
+    Frame,
+    _normalised,
+    merge_factors,
+    scale_by_power_of_two,
+    whitening_frame,
+)
 from ..utils._distributed import all_reduce, call, check_same, collective
 
 #: Exponent standing for "a zero matrix" in the max-reduction of exponents.
 _ZERO = -(2**40)
 
 
-def _sum_over_ranks(P, exponent, group):
-    """``sum_r P_r * 4**e_r`` over ranks as ``(P, e)``, normalised; exact rescaling."""
-    zero = not bool(P.diagonal().any())
-    e = torch.tensor([_ZERO if zero else exponent], dtype=torch.int64, device=P.device)
+def _gather(t, group):
+    """Every rank's ``t`` stacked along a new first axis (all-reduce of zero padding)."""
+    import torch.distributed as dist
+
+    out = t.new_zeros((dist.get_world_size(group), *t.shape))
+    out[dist.get_rank(group)] = t
+    return all_reduce(out, group)
+
+
+def _from_rank_0(t, group):
+    """Rank 0's ``t`` on every rank (all-reduce with zeros from the others)."""
+    import torch.distributed as dist
+
+    t = t.contiguous().clone() if dist.get_rank(group) == 0 else torch.zeros_like(t)
+    return all_reduce(t, group)
+
+
+def _sum_at_common_exponent(P, exponent, empty, group, power):
+    """``sum_r P_r * 2**(power e_r)`` over ranks as ``(P, e)`` at the largest exponent."""
+    e = torch.tensor([_ZERO if empty else exponent], dtype=torch.int64, device=P.device)
     top = int(all_reduce(e, group, "MAX"))
     if top == _ZERO:
         return torch.zeros_like(P), 0
-    P = torch.zeros_like(P) if zero else scale_by_power_of_two(P, 2 * (exponent - top))
-    return _normalised(all_reduce(P.contiguous(), group), top)
+    P = torch.zeros_like(P) if empty else scale_by_power_of_two(P, power * (exponent - top))
+    return all_reduce(P.contiguous(), group), top
 
 
 def all_reduce_statistics(stats, group):
     """The statistics of all ranks' shards together, the same on every rank."""
-    device, dtype = stats.device, stats.dtype
-    counts = torch.tensor([stats.weight, stats.n_samples], dtype=torch.float64, device=device)
-    weight, n_samples = all_reduce(counts, group).tolist()
+    import torch.distributed as dist
+
+    if dist.get_world_size(group) == 1:
+        return stats.copy()
+    device, dtype, d = stats.device, stats.dtype, stats.n_features
+    stats._flush()
+    counts = _gather(torch.tensor([stats.weight, stats.n_samples, stats._factor_exponent],
+                                  dtype=torch.float64, device=device), group).tolist()
+    factors = _gather(stats._factor.contiguous(), group)
+    means = _gather(stats.mean.contiguous(), group)
     total = stats._empty_like()
-    total.weight, total.n_samples = weight, int(n_samples)
-    parts = [(stats.scatter, stats.scatter_exponent)]
-    if stats.center and weight > 0:
-        # Means are summed scaled by the power of two of the largest on any rank,
-        # so that w_r m_r cannot overflow; the deviations from the global mean
-        # add the between-rank scatter of Chan's update.
-        largest = float(stats.mean.abs().max()) if stats.mean.numel() else 0.0
-        e = torch.tensor([_exponent(largest)], dtype=torch.int64, device=device)
-        e = int(all_reduce(e, group, "MAX"))
-        m = scale_by_power_of_two(stats.mean, -e)
-        mean = all_reduce((m * stats.weight).to(dtype).contiguous(), group) / weight
-        delta = m - mean
-        parts.append((stats.weight * torch.outer(delta, delta), e))
-        total.mean = scale_by_power_of_two(mean, e)
-    total.scatter, total.scatter_exponent = _sum_over_ranks(*_sum_of_scaled(parts), group)
-    if stats.jacobian_scatter is not None:
-        total.n_outputs = stats.n_outputs
-        total.jacobian_scatter, total.jacobian_exponent = _sum_over_ranks(
-            stats.jacobian_scatter, stats.jacobian_exponent, group
-        )
+    total.n_samples = int(sum(c[1] for c in counts))
+    total._weight = float(sum(c[0] for c in counts))
+    # Rank 0 merges the R factors and makes the frame; every rank receives both.
+    R, e_R, mean, frame = total._factor, 0, total.mean, None
+    if dist.get_rank(group) == 0:
+        merged = merge_factors(
+            [(factors[r], int(c[2]), means[r], c[0]) for r, c in enumerate(counts)],
+            center=stats.center, n_features=d, device=device, dtype=dtype)
+        if merged is not None:
+            R, e_R, mean, _ = merged
+        if stats._jacobians is not None:
+            frame = whitening_frame(R, e_R, mean, total.weight, total.n_samples)
+    R, mean = _from_rank_0(R, group), _from_rank_0(mean, group)
+    e_R = int(_from_rank_0(torch.tensor([e_R], dtype=torch.int64, device=device), group))
+    total._factor, total._factor_exponent, total._mean = R, e_R, mean
+    if stats._jacobians is None:
+        return total
+    flag = torch.tensor([0.0 if frame is None else 1.0], dtype=dtype, device=device)
+    if float(_from_rank_0(flag, group)) > 0:
+        parts = (frame.column_scale, frame.rotation, frame.stretch) if frame is not None \
+            else (torch.ones(d, dtype=dtype, device=device),
+                  torch.eye(d, dtype=dtype, device=device),
+                  torch.ones(d, dtype=dtype, device=device))
+        frame = Frame(*(_from_rank_0(t, group) for t in parts))
+    else:
+        frame = None
+    mine = stats._jacobians.copy()
+    mine.reframe(frame, total.weight)
+    jac = total._jacobians
+    gram, top = _sum_at_common_exponent(mine.gram, mine.exponent, mine.empty, group, 2)
+    bound, _ = _sum_at_common_exponent(mine.bound, mine.exponent, mine.empty, group, 2)
+    complete = torch.tensor([0.0 if mine.sums is None else 1.0], dtype=dtype, device=device)
+    complete = float(all_reduce(complete, group, "MIN")) > 0
+    sums = mine.sums if mine.sums is not None else torch.zeros(d, 2, dtype=dtype, device=device)
+    sums, sums_exponent = _sum_at_common_exponent(sums, mine.sums_exponent, mine.empty, group, 1)
+    filled = bool(all_reduce(torch.tensor([0.0 if mine.empty else 1.0], dtype=dtype,
+                                          device=device), group, "MAX"))
+    if filled:
+        jac.gram, jac.exponent = _normalised(gram, top)
+        jac.bound = scale_by_power_of_two(bound, 2 * (top - jac.exponent))
+        jac.sums, jac.sums_exponent = (sums, sums_exponent) if complete else (None, 0)
+        jac.empty = False
+    jac.frame, jac.frame_weight = frame, total.weight
     return total
 
 
