@@ -321,10 +321,11 @@ class DegeneracyReport(BaseEstimator):
         """
         self._check_pattern_inputs(preactivations, activation)
         graph = self._graph().fit(X, jacobians=jacobians, sequence=sequence)
+        # The patterns check the pre-activations against the layers first.
+        patterns = self._array_patterns(graph, preactivations, activation, X)
         nulls = self._array_null_spaces(graph, X, jacobians, sequence, preactivations,
                                         activation)
-        return self._measure(graph, self._array_patterns(graph, preactivations, activation, X),
-                             nulls)
+        return self._measure(graph, patterns, nulls)
 
     @_fit_context(prefer_skip_nested_validation=True)
     def fit_graph(self, graph, *, preactivations=None, activation=None, X=None,
@@ -364,12 +365,12 @@ class DegeneracyReport(BaseEstimator):
                 "fitted with basis='interaction'."
             )
         self._check_pattern_inputs(preactivations, activation)
+        patterns = self._array_patterns(graph, preactivations, activation, X)
         nulls = None
         if X is not None or jacobians is not None:
             nulls = self._array_null_spaces(graph, X, jacobians, sequence, preactivations,
                                             activation)
-        return self._measure(graph, self._array_patterns(graph, preactivations, activation, X),
-                             nulls)
+        return self._measure(graph, patterns, nulls)
 
     @_fit_context(prefer_skip_nested_validation=True)
     def fit_model(self, model, layers, data, *, sequence=False):
