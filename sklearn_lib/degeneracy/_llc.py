@@ -322,8 +322,8 @@ class LocalLearningCoefficient(BaseEstimator):
                 out = net(batch["input_ids"])
                 return loss_fn(out, batch.get("target")), {}
 
-            def record(*, loss, **_):
-                losses.append(float(loss.double().mean()))
+            def record(*, loss, _losses=losses, **_):
+                _losses.append(float(loss.double().mean()))
 
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")

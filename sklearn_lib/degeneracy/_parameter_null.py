@@ -39,17 +39,25 @@ matrix is assembled as one matrix product per chunk of samples,
 ``(w_x kron w_x)^T (G_x^T G_x)`` (``n p_r^2`` operations rather than the
 ``n o p_r^2`` of ``K^T K``), and ``torch.linalg.eigvalsh`` decomposes it: on two
 cores of a laptop 4,000 takes about 13 s, 6,000 about 40 s and 16,640 (the
-shipped MLP's ``embed -> mlp.1``) about 13 minutes, which is why larger sections
-get an estimate instead.
+shipped MLP's ``embed -> mlp.1``) 14 minutes, which is why larger sections get an
+estimate instead. A single block read the same way on every sample (no
+activation, an affine downstream: ``F_x = F``) needs no decomposition: its
+reduced matrix is ``(sum_x w_x w_x^T) kron (F^T F)``, both factors of full rank.
 
 The estimate is stochastic Lanczos quadrature on the matrix-vector product
 ``v -> K^T K v`` (two passes over the per-sample factors, never forming
-``K``): for Rademacher probes ``z`` the Gauss quadrature of ``k`` Lanczos steps
-(full reorthogonalisation) gives the weight ``|P_0 z|^2 / |z|^2`` of the
-eigenvalues at most the rank tolerance, so ``p_r`` times its mean over probes
-estimates the null space (Hutchinson). Its stated error is the standard error
-over probes; Ritz values whose residual bound straddles the tolerance (not
-resolved by ``k`` steps) add their weight to the error instead of to the count.
+``K``; the output whitening is applied to the parameters, once per product).
+For each Rademacher probe ``z``, ``k`` Lanczos steps with full
+reorthogonalisation give a Gauss quadrature of the spectral measure of ``z``;
+its weight on Ritz values at most ``t = max(tolerance, 1e-8 lambda_max)`` (the
+resolution of a few hundred steps) estimates ``|P_0 z|^2 / |z|^2``, so ``p_r``
+times its mean over probes estimates the null space (Hutchinson). The stated
+error is the standard error over probes plus, per probe, the mass at or below
+``t`` that the steps have not excluded: the Gauss-Radau rule with a node
+prescribed at ``t`` bounds the mass at or below ``t`` from above
+(Chebyshev-Markov-Stieltjes), and its excess over the counted weight is added.
+On the shipped MLP (2,000 pairs, 8 probes) the bound is 0.15 after 100 steps and
+0.0008 after 160.
 """
 
 import math

@@ -211,7 +211,7 @@ class DegeneracyReport(BaseEstimator):
     section_parameters_ : ndarray of float64 of shape (n_layers,)
         ``p_l``: the section's parameters (from arrays ``(d_{l-1} + 1) d_l``, or
         ``d_{l-1} d_l`` for a graph fitted with ``center=False``); NaN for
-        layer 0.
+        layer 0 and for a model's sections whose parameters are not known.
     degenerate_parameters_ : ndarray of float64 of shape (n_layers,)
         The null space of the section's Gauss-Newton matrix, exact (an integer)
         or estimated; NaN for layer 0 and for sections whose parameters are not
@@ -321,10 +321,11 @@ class DegeneracyReport(BaseEstimator):
         """
         self._check_pattern_inputs(preactivations, activation)
         graph = self._graph().fit(X, jacobians=jacobians, sequence=sequence)
+        # The patterns check the pre-activations against the layers first.
+        patterns = self._array_patterns(graph, preactivations, activation, X)
         nulls = self._array_null_spaces(graph, X, jacobians, sequence, preactivations,
                                         activation)
-        return self._measure(graph, self._array_patterns(graph, preactivations, activation, X),
-                             nulls)
+        return self._measure(graph, patterns, nulls)
 
     @_fit_context(prefer_skip_nested_validation=True)
     def fit_graph(self, graph, *, preactivations=None, activation=None, X=None,
@@ -364,12 +365,12 @@ class DegeneracyReport(BaseEstimator):
                 "fitted with basis='interaction'."
             )
         self._check_pattern_inputs(preactivations, activation)
+        patterns = self._array_patterns(graph, preactivations, activation, X)
         nulls = None
         if X is not None or jacobians is not None:
             nulls = self._array_null_spaces(graph, X, jacobians, sequence, preactivations,
                                             activation)
-        return self._measure(graph, self._array_patterns(graph, preactivations, activation, X),
-                             nulls)
+        return self._measure(graph, patterns, nulls)
 
     @_fit_context(prefer_skip_nested_validation=True)
     def fit_model(self, model, layers, data, *, sequence=False):
@@ -596,6 +597,8 @@ class DegeneracyReport(BaseEstimator):
             # centring decides whether a bias is counted, not this report's.
             section[l] = (d[l - 1] + graph.center) * d[l]
             result = nulls[l]
+            if isinstance(result, str):  # a model section whose parameters are not known
+                section[l] = np.nan
             if result is None or isinstance(result, str):
                 continue
             section[l] = result.n_parameters
@@ -722,7 +725,7 @@ class DegeneracyReport(BaseEstimator):
 
 
 def _int_or_none(value):
-    return None if np.isnan(value) else int(round(value))
+    return None if np.isnan(value) else round(value)
 
 
 def _float_or_none(value):

@@ -87,6 +87,17 @@ def test_demo_writes_table_and_figures(demo_output):
     assert "edges to keep, total" in format_table(results, 0.001)
     degeneracy = (demo_output / "degeneracy.csv").read_text().splitlines()
     assert [line.split(",")[0] for line in degeneracy] == ["layer", "embed", "mlp.1", "mlp.2"]
+    # The sections' counts: estimated for embed -> mlp.1 (16,640 beyond the exact
+    # limit), exact in closed form into the logits; none is degenerate.
+    header, _, hidden, logits = (line.split(",") for line in degeneracy)
+    column = {name: i for i, name in enumerate(header)}
+    assert hidden[column["degenerate_parameters_method"]] == "estimate"
+    assert logits[column["degenerate_parameters_method"]] == "exact"
+    assert logits[column["degenerate_parameters"]] == "0"
+    llc = json.loads((demo_output / "llc.json").read_text())
+    assert llc["n_parameters"] == 49297 and llc["n_samples"] == 3831
+    assert 0 < llc["llc"] < llc["n_parameters"] / 2 and llc["llc_sem"] > 0
+    assert (demo_output / "llc_chains.png").stat().st_size > 0
 
 
 def test_demo_marks_its_folder_and_leaves_no_siblings(demo_output):
