@@ -73,34 +73,38 @@ def _normalised(P, exponent):
 
 
 # Rows per block of a Gram matrix: blocks are squared separately and summed,
-# so that rounding grows with the number of blocks, not of rows (measured on
-# 16000 x 8 float32 rows: 3e-6 relative error in one product, 3e-7 in blocks of
-# 1024 rows). Blocks of 4096 rows cost 1% over one product (float64, d = 256, one
-# thread; 10% with blocks of 1024).
-_GRAM_BLOCK = 4096
+# so that rounding grows with the number of blocks, not of rows (float32, one
+# thread: 16000 x 8 rows, 3e-6 relative error in one product, 3e-7 in blocks of
+# 1024 rows; 65536 x 256 rows, 1e-6 and 1.4e-7, for 3.5% more time). float64
+# takes blocks of 4096 rows, which cost 1% over one product (1024: 10%).
+def _gram_block(dtype):
+    return 4096 if torch.finfo(dtype).bits >= 64 else 1024
 
 
 def _gram(rows, F=None):
     """``Y^T Y`` for ``Y = rows @ F`` (``rows`` without ``F``), summed over blocks of rows.
 
-    Blocks of :data:`_GRAM_BLOCK` rows are squared separately (see there); with a
+    Blocks of :func:`_gram_block` rows are squared separately (see there); with a
     frame each block is transformed on its own, so that ``Y`` is never held
     whole (a fit in a frame needs no more memory than one without).
     """
     n, d = rows.shape
+    size = _gram_block(rows.dtype)
     if F is None:
-        blocks = n // _GRAM_BLOCK
+        blocks = n // size
         if blocks < 2:
             return rows.T @ rows
-        head = rows[: blocks * _GRAM_BLOCK].reshape(blocks, _GRAM_BLOCK, d)
+        head = rows[: blocks * size].reshape(blocks, size, d)
         P = torch.bmm(head.transpose(1, 2), head).sum(0)
-        tail = rows[blocks * _GRAM_BLOCK:]
+        tail = rows[blocks * size:]
         return P if tail.shape[0] == 0 else P + tail.T @ tail
-    P = None
-    for start in range(0, n, _GRAM_BLOCK):
-        Y = rows[start:start + _GRAM_BLOCK] @ F
-        P = Y.T @ Y if P is None else P.addmm_(Y.T, Y)
-    return rows.new_zeros(d, d) if P is None else P
+    P = rows.new_zeros(d, d)
+    for start in range(0, n, size):
+        Y = rows[start:start + size] @ F
+        # Squared on its own, then added: addmm_ would accumulate every row into
+        # P inside the GEMM, and the blocks would round like one long sum.
+        P += Y.T @ Y
+    return P
 
 
 def _scaled_scatter(rows, F=None):
