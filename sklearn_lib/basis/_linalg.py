@@ -60,10 +60,10 @@ above it was lost to the conditioning of the coordinates, not to the
 precision, and a ``UserWarning`` says how many and why when its strength is
 above ``sqrt(eps)`` times the largest (weaker ones carry less than half the
 digits of the precision); so does a direction the first truncation dropped
-although the Jacobians are large enough there to give it such a strength. When nothing survives, the error names the
-cause: constant activations, Jacobians that vanish where the activations vary,
-or a precision that cannot resolve these coordinates (naming the dtype and the
-condition number).
+although the Jacobians are large enough there to give it such a strength.
+When nothing survives, the error names the cause: constant activations,
+Jacobians that vanish where the activations vary, or a precision that cannot
+resolve these coordinates (naming the dtype and the condition number).
 
 Orientation
 -----------

@@ -32,8 +32,8 @@ digit in float64), so :class:`InteractionStatistics` never does:
   ``b`` changes frame with ``|T|^T``. The "auto" truncation reads its tolerance
   from it (:mod:`sklearn_lib.basis._linalg`).
 * **Signed Jacobian sums** ``sum_x w_x J_x^T U`` for two fixed output weightings
-  ``U`` (:func:`~sklearn_lib.basis._factors.output_weights`), which orient each basis direction by a rule
-  that does not change under reparameterisation.
+  ``U`` (:func:`~sklearn_lib.basis._factors.output_weights`), which orient each
+  basis direction by a rule that does not change under reparameterisation.
 
 Every matrix is stored divided by a power of two that keeps its largest entry
 near 1: activations of 1e200 (whose squares overflow float64) or Jacobians of
