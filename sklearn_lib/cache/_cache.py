@@ -22,30 +22,55 @@ undone by the next :meth:`~ActivationCache.open` or
 :meth:`~ActivationCache.create`.
 
 A complete cache proves it is complete: finalize records every file with its
-size and CRC-32 (the *inventory*, :mod:`sklearn_lib.cache._store`); open checks
-that every file exists with its size, and every read checks the file's checksum
-and that the cache at ``path`` is still the one opened. A missing, truncated or
-corrupted chunk raises, naming the array, the chunk and the file, instead of
-reading as zeros.
+size and CRC-32 (the *inventory*, :mod:`sklearn_lib.cache._store`) and the
+CRC-32 of the description itself (``n_samples``, layers, shapes, the inventory:
+everything in the root ``zarr.json``); open checks that checksum, that every
+file exists with its size and that every array holds ``n_samples`` samples,
+and every read checks the file's checksum and that the cache at ``path`` is
+still the one opened. A missing, truncated or corrupted chunk, or an edited
+root metadata file, raises, naming the array, the chunk and the file, instead
+of reading as zeros.
+
+An append is all or nothing: the description's ``n_samples`` counts only
+batches whose every array was written, and an append that fails (a full disk,
+an interrupt) shrinks the arrays back to those samples before it re-raises, so
+the cache is as it was before it; finalize cuts every array to ``n_samples``
+again before it takes the inventory.
+
+``overwrite=True`` replaces a cache only when every file in its folder is one
+the cache lists; a file a user put inside is named and kept.
 Everything on disk is JSON or raw array chunks; no Python objects are serialised.
 """
 
+import errno
 import json
 import os
 import re
 import shutil
 import uuid
+import zlib
 from math import prod
+from numbers import Integral
 
 import numpy as np
 import torch
 
-from ..utils._atomic import check_target, make_temp_dir, replace_dir, tidy
+from ..utils._atomic import (
+    check_target,
+    foreign_files,
+    make_temp_dir,
+    replace_dir,
+    tidy,
+)
 from ..utils._backend import resolve_dtype
 
 _ATTR_KEY = "sklearn_lib_cache"
-# Version 2 added the inventory of files and the generation id.
-_FORMAT_VERSION = 2
+# Version 2 added the inventory of files and the generation id, version 3 the
+# checksum of the description (the root metadata). Version 2 caches still open,
+# with their arrays checked against n_samples.
+_FORMAT_VERSION = 3
+_READABLE_VERSIONS = (2, 3)
+_CHECKSUM_KEY = "checksum"
 _WHAT = "activation cache"
 # Target size of one chunk: large enough for efficient sequential reads, small
 # enough that reading a single row of a large Jacobian does not pull in gigabytes.
@@ -64,6 +89,24 @@ def _import_zarr():
     if int(zarr.__version__.split(".")[0]) < 3:  # pragma: no cover
         raise ImportError(f"ActivationCache needs zarr>=3, found zarr {zarr.__version__}.")
     return zarr
+
+
+def _description_checksum(description):
+    """CRC-32 of the description's canonical JSON, without its own checksum."""
+    body = {key: value for key, value in description.items() if key != _CHECKSUM_KEY}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return zlib.crc32(text.encode("utf-8"))
+
+
+def _check_count(value, name, where="ActivationCache.create"):
+    """``value`` as an int >= 1, refused (not truncated) if it is anything else."""
+    if isinstance(value, Integral) and not isinstance(value, bool) and value >= 1:
+        return int(value)
+    raise (ValueError if isinstance(value, Integral) and not isinstance(value, bool)
+           else TypeError)(
+        f"The {name} parameter of {where} must be an int in the range [1, inf). "
+        f"Got {value!r} instead."
+    )
 
 
 def _safe_node_name(index, name):
@@ -202,6 +245,8 @@ class ActivationCache:
         self._tmp_path = tmp_path
         self._overwrite = overwrite
         self._n_samples = int(description["n_samples"])
+        # The error that kept a failed append's rows from being removed, if any.
+        self._unrestored = None
 
     # ------------------------------------------------------------------ creation
     @classmethod
@@ -258,22 +303,32 @@ class ActivationCache:
         """
         zarr = _import_zarr()
         path = os.path.abspath(os.fspath(path))
-        _check_target(path, overwrite)
+        # Every argument is checked before the target, so that nothing is written.
+        chunk_size = _check_count(chunk_size, "'chunk_size'")
         if not isinstance(layers, dict) or not layers:
             raise TypeError("layers must be a non-empty dict mapping layer name -> row shape.")
-        names = [str(name) for name in layers]
-        shapes = {str(name): _as_shape(shape, f"layer {name!r}") for name, shape in layers.items()}
+        not_str = [name for name in layers if not isinstance(name, str)]
+        if not_str:
+            raise TypeError(
+                f"layer names must be str, got {not_str} "
+                f"({', '.join(type(n).__name__ for n in not_str)}): names are stored as text, "
+                "where 1 and '1' would be one layer. Name them as strings, e.g. "
+                f"{[str(n) for n in not_str]}."
+            )
+        names = list(layers)
+        shapes = {name: _as_shape(shape, f"layer {name!r}") for name, shape in layers.items()}
         rows = {name: 1 for name in names}
+        if rows_per_sample is not None and not isinstance(rows_per_sample, dict):
+            raise TypeError(
+                f"rows_per_sample must be a dict of layer name -> int, got {rows_per_sample!r}."
+            )
         for name, r in (rows_per_sample or {}).items():
             if name not in rows:
                 raise ValueError(f"rows_per_sample names unknown layer {name!r}; layers: {names}.")
-            if int(r) < 1:
-                raise ValueError(f"rows_per_sample[{name!r}] must be >= 1, got {r}.")
-            rows[name] = int(r)
+            rows[name] = _check_count(r, f"'rows_per_sample[{name!r}]'")
         jac_shapes = _jacobian_shapes(jacobians, names, shapes, rows)
         np_dtype = np.dtype(str(resolve_dtype(dtype)).removeprefix("torch."))
-        if int(chunk_size) < 1:
-            raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}.")
+        _check_target(path, overwrite)
 
         description = {
             "format_version": _FORMAT_VERSION,
@@ -312,7 +367,7 @@ class ActivationCache:
             entries += [(e["node"], e["shape"]) for e in description["jacobians"]]
             for node, shape in entries:
                 row_bytes = max(1, prod(shape) * np_dtype.itemsize)
-                chunk_rows = max(1, min(int(chunk_size), _CHUNK_BYTES // row_bytes))
+                chunk_rows = max(1, min(chunk_size, _CHUNK_BYTES // row_bytes))
                 group.create_array(
                     node, shape=(0, *shape), chunks=(chunk_rows, *shape), dtype=np_dtype
                 )
@@ -379,17 +434,54 @@ class ActivationCache:
                 f"the activation cache at {path!r} is incomplete: it was never finalized "
                 "(the write was interrupted). Recreate it."
             )
-        if description.get("format_version") != _FORMAT_VERSION:
+        version = description.get("format_version")
+        if version not in _READABLE_VERSIONS:
             raise ValueError(
-                f"the activation cache at {path!r} has format version "
-                f"{description.get('format_version')}, this library reads {_FORMAT_VERSION} "
-                "(version 1 caches carry no inventory, so they cannot prove they are "
-                "complete). Recreate it."
+                f"the activation cache at {path!r} has format version {version}, this "
+                f"library reads versions {list(_READABLE_VERSIONS)} (version 1 caches carry no "
+                "inventory, so they cannot prove they are complete). Recreate it."
+            )
+        if version >= 3 and description.get(_CHECKSUM_KEY) != _description_checksum(description):
+            raise ValueError(
+                f"the activation cache at {path!r} is damaged: its root metadata "
+                f"{os.path.join(path, 'zarr.json')!r} does not match the checksum finalize() "
+                "wrote into it (it was edited or corrupted after the cache was finished: "
+                "n_samples, layers, shapes, the inventory and the user metadata are all "
+                "covered). Recreate the cache (or restore it from an intact copy)."
             )
         check_inventory(path, description["inventory"], _labels(description))
         cache = cls(path, _open_verified(path, description), description, writing=False)
+        cache._check_arrays()
         cache._check_expectations(expect_layers, expect_shapes, expect_dtype)
         return cache
+
+    def _nodes(self):
+        """``(node, label, row shape, rows per sample)`` of every array of the cache."""
+        rows = self.rows_per_sample
+        nodes = [(e["node"], f"activations of layer {e['name']!r}", tuple(e["shape"]),
+                  rows[e["name"]]) for e in self._desc["layers"]]
+        nodes += [(e["node"], f"Jacobians of section ({e['in']!r}, {e['out']!r})",
+                   tuple(e["shape"]), rows[e["in"]]) for e in self._desc["jacobians"]]
+        return nodes
+
+    def _check_arrays(self):
+        """Every array holds ``n_samples`` samples of its row shape in the cache's dtype."""
+        problems = []
+        for node, label, shape, per in self._nodes():
+            array = self._group[node]
+            expected = (self._n_samples * per, *shape)
+            if tuple(array.shape) != expected or array.dtype != self.dtype:
+                problems.append(
+                    f"{label} ({os.path.join(self.path, *node.split('/'))}): expected shape "
+                    f"{expected} and dtype {self.dtype.name} (n_samples={self._n_samples}, "
+                    f"rows_per_sample={per}), found {tuple(array.shape)} and {array.dtype}"
+                )
+        if problems:
+            raise ValueError(
+                f"the activation cache at {self.path!r} is damaged: its arrays do not hold "
+                "the samples its root metadata (zarr.json) counts:\n  " + "\n  ".join(problems)
+                + "\nRecreate the cache (or restore it from an intact copy)."
+            )
 
     def _check_expectations(self, expect_layers, expect_shapes, expect_dtype):
         problems = []
@@ -434,6 +526,10 @@ class ActivationCache:
             the range of the storage dtype (e.g. 1e300 in a float32 cache). The
             message names the layer or section and the row; nothing of the batch
             is written.
+        OSError
+            If writing fails (e.g. the disk is full). The arrays are cut back to
+            the samples of the earlier batches, so the cache is as it was before
+            this call; append again or finalize once there is space.
         """
         if not self._writing:
             raise ValueError("this activation cache is read-only (opened or already finalized).")
@@ -475,11 +571,17 @@ class ActivationCache:
                     f"{n_batch}: all arrays of a batch must describe the same samples."
                 )
             work.append((entry["node"], array, per))
-        for node, array, per in work:
-            target = self._group[node]
-            start = self._n_samples * per
-            target.resize((start + array.shape[0], *target.shape[1:]))
-            target[start:] = array
+        self._restore()
+        try:
+            for node, array, per in work:
+                target = self._group[node]
+                start = self._n_samples * per
+                target.resize((start + array.shape[0], *target.shape[1:]))
+                target[start:] = array
+        except BaseException:
+            # All or nothing: the arrays go back to the samples counted so far.
+            self._restore(after_failure=True)
+            raise
         self._n_samples += n_batch
 
     def finalize(self):
@@ -496,16 +598,50 @@ class ActivationCache:
 
         # Another writer may have finished at the same path since create().
         _check_target(self.path, self._overwrite)
+        # Rows of a failed append are never part of the cache.
+        self._restore(cut=True)
         description = dict(self._desc)
         description["complete"] = True
         description["n_samples"] = self._n_samples
         description["inventory"] = take_inventory(self._tmp_path)
+        description[_CHECKSUM_KEY] = _description_checksum(description)
         self._group.attrs[_ATTR_KEY] = description
         replace_dir(self._tmp_path, self.path)
         self._desc = description
         self._writing = False
         self._tmp_path = None
         self._group = _open_verified(self.path, description)
+
+    def _restore(self, *, after_failure=False, cut=False):
+        """Cut every array back to ``n_samples`` samples (the rows of a failed append).
+
+        Runs after a failed append (``after_failure``: an error here is kept for
+        later, the append's own error is the one raised), before the next
+        append if that one could not, and in finalize (``cut``: always).
+        """
+        if not (after_failure or cut or self._unrestored is not None):
+            return
+        try:
+            # A fresh view: the failed write may have left zarr's objects behind the disk.
+            group = _import_zarr().open_group(self._tmp_path, mode="r+", zarr_format=3)
+            for node, _, _, per in self._nodes():
+                array = group[node]
+                rows = self._n_samples * per
+                if array.shape[0] != rows:
+                    array.resize((rows, *array.shape[1:]))
+            self._group = group
+            self._unrestored = None
+        except Exception as exc:
+            self._unrestored = exc
+            if after_failure:
+                return
+            raise OSError(
+                getattr(exc, "errno", None) or errno.EIO,
+                f"the activation cache being written for {self.path!r} still holds rows of an "
+                f"append that failed, and they could not be removed ({exc}). Free space and "
+                "call finalize() or append() again, or discard() the cache; nothing was "
+                "written to its path",
+            ) from exc
 
     def discard(self):
         """Abandon an unfinished cache and delete its temporary files."""
@@ -631,7 +767,33 @@ class ActivationCache:
 def _check_target(path, overwrite):
     """Raise unless a cache may be written to the absolute ``path``."""
     tidy(path, _is_complete_cache, _WHAT)
-    check_target(path, overwrite, _is_cache_dir, _WHAT)
+    check_target(path, overwrite, _is_cache_dir, _WHAT, foreign=_foreign_files)
+
+
+# Files a cache without an inventory consists of: zarr metadata and chunks of its nodes.
+_LAYOUT = re.compile(r"(?:(activations|jacobians)/(?:([^/]+)/)?)?zarr\.json"
+                     r"|(activations|jacobians)/([^/]+)/c(?:/\d+)+")
+
+
+def _foreign_files(path):
+    """Files in the cache at ``path`` that it does not list (its inventory, else its layout)."""
+    description = _read_description(path) or {}
+    inventory = description.get("inventory")
+    if isinstance(inventory, dict):
+        return foreign_files(path, lambda key: key == "zarr.json" or key in inventory)
+    nodes = {e.get("node") for e in [*description.get("layers", []),
+                                     *description.get("jacobians", [])]
+             if isinstance(e, dict)}
+
+    def listed(key):
+        match = _LAYOUT.fullmatch(key)
+        if match is None:
+            return False
+        kind, name = (match.group(1), match.group(2)) if match.group(3) is None else (
+            match.group(3), match.group(4))
+        return name is None or f"{kind}/{name}" in nodes
+
+    return foreign_files(path, listed)
 
 
 def _finite_rows(array, dtype, what, rows_per_sample):

@@ -9,7 +9,6 @@
   fire on the same rows are found without holding the patterns.
 * Recording those patterns from a live model: the input of every recorded
   elementwise activation module is hooked (:func:`record_patterns`).
-* The count of degenerate parameter directions (:func:`parameter_directions`).
 """
 
 import hashlib
@@ -102,17 +101,6 @@ def layer_spectra(basis):
         jacobian_gram=jac,
         scaled_gradient_tolerance=tau_M,
     )
-
-
-def gradient_rank_of(spectra, neurons):
-    """Numerical rank of ``M'`` restricted to ``neurons`` (with the whole matrix's tolerance)."""
-    if spectra.jacobian_gram is None:
-        return len(neurons)
-    if len(neurons) == 0:
-        return 0
-    index = torch.as_tensor(np.asarray(neurons), device=spectra.jacobian_gram.device)
-    values, _ = sorted_eigh(spectra.jacobian_gram[index][:, index])
-    return int((values > spectra.scaled_gradient_tolerance).sum())
 
 
 # --------------------------------------------------------------------------- patterns
@@ -250,19 +238,3 @@ def record_patterns(model, layers, data, *, sequence, tol, batch_size, device, d
                     patterns[l] = FiringPatterns(z.shape[1], tol)
                 patterns[l].update(z, spec.module)
     return patterns
-
-
-# --------------------------------------------------------------------------- parameters
-def parameter_directions(d_in, activation_rank_in, d_out, gradient_rank_live, sync, *,
-                         center):
-    """Free directions of the dense affine map from a layer of width ``d_in`` to one of
-    width ``d_out``: ``(d_in + 1) d_out - (rank G_in + 1) rank M'_out + sync``.
-
-    The first two terms are the null space of the Gauss-Newton Hessian
-    ``(1/n) sum_x (x~ x~^T) kron (J_x^T J_x)`` of the map's weights and bias
-    (``x~ = (x, 1)``): ``null(G~) kron R^d_out + R^(d_in+1) kron null(M')``.
-    With ``center=False`` the bias is assumed folded into the activations (no
-    ``+ 1``).
-    """
-    bias = 1 if center else 0
-    return (d_in + bias) * d_out - (activation_rank_in + bias) * gradient_rank_live + sync

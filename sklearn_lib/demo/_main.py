@@ -19,7 +19,9 @@ from the cache, builds the same graph with PCA bases, and compares the two:
 
 printing a table and writing figures and the table to an output folder, and
 the degeneracy of each layer (:class:`~sklearn_lib.DegeneracyReport` of the
-LIB graph, ``degeneracy.csv``).
+LIB graph, ``degeneracy.csv``) with the network's local learning coefficient
+(:class:`~sklearn_lib.degeneracy.LocalLearningCoefficient`, ``llc.json`` and the
+chains' loss traces ``llc_chains.png``).
 
 The output folder is written next to its path and moved into place at the end
 (:mod:`sklearn_lib.utils._atomic`), and it carries a marker file: only a folder with
@@ -45,6 +47,7 @@ import torch
 
 from ..cluster._clustering import ModularityClustering
 from ..datasets import LAYERS, load_modular_addition_model, modular_addition_data
+from ..degeneracy._llc import LocalLearningCoefficient
 from ..degeneracy._report import DegeneracyReport
 from ..evaluation._curves import (
     compare_node_ablation,
@@ -258,7 +261,7 @@ def _compare_mlp(output, *, X_fit, X_eval, y_eval, tolerance, resolution, plots,
     }
     _log(verbose, "interaction graphs built in "
                   f"{time.perf_counter() - start:.1f} s; evaluating ...")
-    _degeneracy(graphs["LIB"], model, X_fit, output, verbose)
+    _degeneracy(graphs["LIB"], model, X_fit, activations, jacobians, output, plots, verbose)
 
     eval_acts, _ = collect(model, list(LAYERS), X_eval, jacobians=False, verbose=False)
     section, rest = _sections(model)
@@ -307,18 +310,54 @@ def _score_graph(name, graph, acts, y, section, rest, *, tolerance, resolution,
     return row, curves, modules
 
 
-def _degeneracy(graph, model, X_fit, output, verbose):
-    """Print and save the per-layer degeneracy table of ``graph`` (needs pandas)."""
+#: SGLD settings of the MLP's local learning coefficient: the loss traces level off
+#: within the burn-in at this step (at 1e-5 and 3e-5 they still climb after 600
+#: steps; 1e-3 gives about 12% more, the step's bias). See examples/plot_degeneracy.py.
+LLC_SETTINGS = {"n_chains": 4, "n_draws": 600, "n_burnin": 200, "lr": 3e-4,
+                "localization": 100.0, "batch_size": 512}
+
+
+def _degeneracy(graph, model, X_fit, activations, jacobians, output, plots, verbose):
+    """The per-layer degeneracy table of ``graph`` and the network's local learning
+    coefficient: ``degeneracy.csv`` (needs pandas) and ``llc.json``."""
+    start = time.perf_counter()
     with torch.no_grad():  # the pre-activations of the ReLU layer mlp.1
         z = model.mlp[0](model.embed(torch.from_numpy(X_fit)))
-    report = DegeneracyReport().fit_graph(graph, preactivations={LAYERS.index("mlp.1"): z})
+    report = DegeneracyReport().fit_graph(graph, preactivations={LAYERS.index("mlp.1"): z},
+                                          X=activations, jacobians=jacobians)
+    seconds = time.perf_counter() - start
     try:
         frame = report.to_frame().rename(index=dict(zip(report.layer_names_, LAYERS)))
     except ImportError as error:
         _log(verbose, f"degeneracy table skipped: {error}")
-        return
-    frame.to_csv(output / "degeneracy.csv")
-    _log(verbose, "degeneracy per layer (DegeneracyReport):\n" + frame.T.to_string())
+    else:
+        frame.to_csv(output / "degeneracy.csv")
+        _log(verbose, f"degeneracy per layer (DegeneracyReport, {seconds:.0f} s):\n"
+                      + frame.T.to_string())
+    start = time.perf_counter()
+    X_train, _, y_train, _ = modular_addition_data(model.p)
+    llc = LocalLearningCoefficient(**LLC_SETTINGS, random_state=0).fit_model(
+        model, X_train, y_train)
+    seconds = time.perf_counter() - start
+    (output / "llc.json").write_text(json.dumps({
+        "llc": llc.llc_, "llc_sem": llc.llc_sem_, "llc_std": llc.llc_std_,
+        "llc_per_chain": llc.llc_per_chain_.tolist(), "n_parameters": llc.n_parameters_,
+        "n_samples": llc.n_samples_, "n_beta": llc.n_beta_, "init_loss": llc.init_loss_,
+        "settings": LLC_SETTINGS, "seconds": seconds}, indent=2))
+    _log(verbose, f"local learning coefficient {llc.llc_:.3g} ± {llc.llc_sem_:.2g} "
+                  f"(SGLD, {LLC_SETTINGS['n_chains']} chains, {seconds:.0f} s; d/2 = "
+                  f"{llc.n_parameters_ / 2:g})")
+    if plots:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        llc.plot(ax=ax)
+        fig.tight_layout()
+        fig.savefig(output / "llc_chains.png", dpi=120)
+        plt.close(fig)
 
 
 def format_table(results, tolerance, layers=LAYERS):

@@ -13,7 +13,11 @@ The first ``--n-fit`` samples fit the graphs, the next ``--n-eval`` are
 scored. Without ``--labels`` the score is agreement with the unablated
 model's own predictions (the argmax of its output; the last position's for a
 ``(batch, position, classes)`` output). Every argument, the model and its
-layers are checked before any work. The ablations run the model itself with a
+layers are checked before any work: the data must be numbers without NaN or
+infinity in either part, a ``.npz``'s keys must be inputs of the model's
+``forward``, the model must run on the first samples of the data, and the
+labels (a ``.npy``, or a ``.npz`` of one array) must be one integer per
+sample. The ablations run the model itself with a
 layer's activation replaced through a hook, so everything downstream of a
 layer must flow through it (a residual stream, not a branch of it).
 """
@@ -21,6 +25,7 @@ layer must flow through it (a residual stream, not a branch of it).
 import argparse
 import importlib
 import importlib.util
+import inspect
 import json
 import os
 import shutil
@@ -79,6 +84,109 @@ def load_data(path):
 
 def _n(data):
     return _adapters.check_dict_data(data) if isinstance(data, dict) else len(data)
+
+
+def _arrays(data):
+    """``(name in messages, array)`` of every array of ``--data``."""
+    if isinstance(data, dict):
+        return [(f"--data[{key!r}]", value) for key, value in data.items()]
+    return [("--data", data)]
+
+
+def check_data(data, n_fit, n_used):
+    """Refuse arrays that are not numbers, and NaN or infinity in a used sample, naming it."""
+    for name, array in _arrays(data):
+        if array.dtype.kind not in "biuf":
+            raise ValueError(
+                f"{name} holds values of dtype {array.dtype}, not real numbers; save the "
+                "model's inputs as a numeric array."
+            )
+        if array.dtype.kind != "f" or array.size == 0:
+            continue
+        finite = np.isfinite(array[:n_used].reshape(min(len(array), n_used), -1)).all(axis=1)
+        if not finite.all():
+            sample = int(np.flatnonzero(~finite)[0])
+            problem = "NaN" if np.isnan(array[sample]).any() else "an infinite value"
+            part = ("the fitting part" if sample < n_fit else "the evaluation part")
+            raise ValueError(
+                f"{name} holds {problem} in sample {sample} (in {part}; "
+                f"{int((~finite).sum())} such samples in all). The graphs and the scores "
+                "need finite inputs: remove or impute those samples."
+            )
+
+
+def check_model_runs(model, layers, data):
+    """The model takes ``data``'s keys and runs on its first samples; else ValueError."""
+    if isinstance(data, dict):
+        try:
+            parameters = inspect.signature(model.forward).parameters
+        except (TypeError, ValueError):  # a forward without a signature: let the run tell
+            parameters = None
+        if parameters is not None and not any(
+                p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+            unknown = [key for key in data if key not in parameters]
+            if unknown:
+                raise ValueError(
+                    f"--data is a .npz whose arrays are passed as keyword inputs, but "
+                    f"{unknown} are not parameters of the model's forward"
+                    f"{inspect.signature(model.forward)}; remove them from the .npz (or save "
+                    "the single input as a .npy)."
+                )
+    probe = (_adapters.take(data, slice(0, 2)) if isinstance(data, dict) else data[:2])
+    try:
+        with torch.no_grad():
+            record_activations(model, layers, _model_inputs(probe, model), verbose=False)
+    except Exception as exc:  # noqa: BLE001 - whatever the user's model raises is reported
+        shapes = ", ".join(f"{name}: shape {a.shape}, dtype {a.dtype}"
+                           for name, a in _arrays(data))
+        hint = ""
+        param = next(model.parameters(), None)
+        if (param is not None and param.is_floating_point()
+                and any(a.dtype.kind in "biu" for _, a in _arrays(data))):
+            hint = (" The data are integers while the model computes in floats: if they are "
+                    "features rather than token ids, save them as floats.")
+        raise ValueError(
+            f"the model does not run on the first samples of --data ({shapes}): "
+            f"{type(exc).__name__}: {exc}.{hint} Check that --data holds the model's inputs, "
+            "one sample per row, with the shape (width, features) the model expects."
+        ) from None
+
+
+def load_labels(path, total, n_eval):
+    """Integer labels of every sample or of the evaluation samples, from a .npy or a .npz."""
+    if not os.path.isfile(path):
+        raise ValueError(f"--labels: no such file {path!r}.")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise ValueError(
+            f"--labels: cannot read {path!r} as a .npy or .npz file without pickles: {exc}"
+        ) from None
+    if not isinstance(loaded, np.ndarray):
+        with loaded:
+            keys = list(loaded.files)
+            if len(keys) != 1:
+                raise ValueError(
+                    f"--labels: {path!r} is a .npz with the arrays {keys}; expected one array "
+                    "of integer labels (a .npy, or a .npz that holds exactly one array)."
+                )
+            loaded = loaded[keys[0]]
+    if loaded.shape != (total,) and loaded.shape != (n_eval,):
+        raise ValueError(
+            f"--labels must hold one integer per sample of --data ({total}) or of "
+            f"the evaluation ({n_eval}), got shape {loaded.shape}."
+        )
+    if loaded.dtype.kind not in "iu":
+        detail = ""
+        if loaded.dtype.kind == "f":
+            bad = np.flatnonzero(~np.isfinite(loaded) | (loaded != np.round(loaded)))
+            if bad.size:
+                detail = f"; sample {int(bad[0])} holds {loaded[bad[0]]!r}"
+        raise ValueError(
+            f"--labels must hold integer class labels, got dtype {loaded.dtype}{detail}. "
+            "Save them as integers (labels.astype(int) if they are whole numbers)."
+        )
+    return loaded
 
 
 # --------------------------------------------------------------------------- the model
@@ -213,14 +321,11 @@ def _checked(parser, args):
                 f"--n-fit ({n_fit}) and --n-eval ({n_eval}) must be at least 2 and 1 and "
                 f"together at most the {total} samples of --data."
             )
+        check_data(data, n_fit, n_fit + n_eval)
+        check_model_runs(model, args.layers, data)
         labels = None
         if args.labels is not None:
-            labels = np.load(args.labels, allow_pickle=False)
-            if labels.shape != (total,) and labels.shape != (n_eval,):
-                raise ValueError(
-                    f"--labels must hold one integer per sample of --data ({total}) or of "
-                    f"the evaluation ({n_eval}), got shape {labels.shape}."
-                )
+            labels = load_labels(args.labels, total, n_eval)
             labels = labels[n_fit:n_fit + n_eval] if len(labels) == total else labels
         output = demo._output_folder(args.output, args.overwrite)
     except (ValueError, TypeError, FileExistsError, NotADirectoryError) as exc:

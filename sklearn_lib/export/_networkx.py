@@ -5,14 +5,31 @@ when a function here is called. Node ``k`` of the exported graph is node ``k``
 of :meth:`~sklearn_lib.InteractionGraph.adjacency` and of
 ``ModularityClustering.labels_``; GraphML files open in Gephi, Cytoscape, yEd
 and ``networkx.read_graphml(path, node_type=int)``.
+
+:func:`write_graphml` follows :meth:`InteractionGraph.save
+<sklearn_lib.InteractionGraph.save>`'s rule: an existing path is replaced only
+with ``overwrite=True`` and only when it is a GraphML file this function
+wrote (its graph attribute ``sklearn_lib_format`` says so); anything else, a
+symbolic link included, is refused, and the file is written next to the path
+and renamed over it, so an interrupted export leaves the previous file intact.
 """
+
+import os
+from xml.etree import ElementTree
 
 import numpy as np
 
 from ..graph._adjacency import layered_edges
 from ..graph._view import graph_view, module_labels
+from ..utils._atomic import write_file
 
 __all__ = ["to_networkx", "write_graphml"]
+
+# The graph attribute that marks a GraphML file as written by write_graphml.
+_MARKER_KEY = "sklearn_lib_format"
+_MARKER = "sklearn_lib.export.write_graphml"
+_WHAT = "GraphML file written by sklearn_lib.export.write_graphml"
+_GRAPHML_NS = "{http://graphml.graphdrawing.org/xmlns}"
 
 
 def _networkx():
@@ -116,7 +133,7 @@ def to_networkx(graph, modules=None, *, norm="identity", eps=None, directed=True
     return G
 
 
-def write_graphml(graph, path, modules=None, **kwargs):
+def write_graphml(graph, path, modules=None, *, overwrite=False, **kwargs):
     """Write the graph, with node attributes, to a GraphML file.
 
     Parameters
@@ -127,13 +144,24 @@ def write_graphml(graph, path, modules=None, **kwargs):
         The file written (``.graphml``).
     modules : array-like of shape (n_nodes,) or ModularityClustering, default=None
         See :func:`to_networkx`.
+    overwrite : bool, default=False
+        Replace an existing GraphML file that this function wrote. Anything
+        else at ``path`` (another file, a GraphML file from elsewhere, a
+        directory, a symbolic link) is never replaced, as with
+        :meth:`InteractionGraph.save <sklearn_lib.InteractionGraph.save>`.
     **kwargs
         ``norm``, ``eps``, ``directed``, ``layer_names`` of :func:`to_networkx`.
 
     Returns
     -------
     G : networkx.DiGraph or networkx.Graph
-        The graph written.
+        The graph written; its graph attribute ``sklearn_lib_format`` marks
+        the file as one of ours.
+
+    Raises
+    ------
+    FileExistsError
+        If ``path`` exists and may not be replaced (see ``overwrite``).
 
     See Also
     --------
@@ -152,6 +180,58 @@ def write_graphml(graph, path, modules=None, **kwargs):
     >>> H.nodes[3]["label"], H.nodes[3]["module"]
     ('layer 1[1]', 1)
     """
+    nx = _networkx()
     G = to_networkx(graph, modules, **kwargs)
-    _networkx().write_graphml(G, path)
+    G.graph[_MARKER_KEY] = _MARKER
+    opener = _opener(path)
+
+    def write(tmp):
+        with opener(tmp, "wb") as f:
+            nx.write_graphml(G, f)
+
+    write_file(path, write, overwrite=overwrite, is_ours=_is_our_graphml, what=_WHAT)
     return G
+
+
+def _opener(path):
+    """``open``, or gzip's or bz2's for the suffixes networkx compresses."""
+    name = os.fspath(path)
+    if name.endswith(".gz"):
+        import gzip
+
+        return gzip.open
+    if name.endswith(".bz2"):
+        import bz2
+
+        return bz2.open
+    return open
+
+
+def _is_our_graphml(path):
+    """True if ``path`` is a GraphML file whose graph carries our marker.
+
+    networkx writes a graph's attributes after its nodes and edges, so the
+    whole file is parsed (element by element, in constant memory).
+    """
+    if not os.path.isfile(path):
+        return False
+    keys = set()  # ids of <key> elements declaring the marker attribute
+    depth = 0
+    try:
+        with _opener(path)(path, "rb") as f:
+            for event, element in ElementTree.iterparse(f, events=("start", "end")):
+                tag = element.tag.removeprefix(_GRAPHML_NS)
+                if event == "start":
+                    depth += 1
+                    continue
+                depth -= 1
+                if tag == "key" and element.get("attr.name") == _MARKER_KEY:
+                    keys.add(element.get("id"))
+                elif tag == "data" and depth == 2 and element.get("key") in keys:
+                    # graphml > graph > data: an attribute of the graph itself
+                    return (element.text or "") == _MARKER
+                if tag in ("node", "edge"):
+                    element.clear()
+    except (ElementTree.ParseError, OSError, EOFError, UnicodeDecodeError):
+        return False
+    return False

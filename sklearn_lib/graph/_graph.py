@@ -38,6 +38,30 @@ def _listed(arrays):
     return arrays if isinstance(arrays, (list, tuple)) else []
 
 
+def _frame_as_array(data):
+    """A pandas DataFrame of model inputs as its ndarray (one row per sample); else ``data``.
+
+    Iterating a DataFrame yields its column names, which would reach the model
+    as a batch of strings.
+    """
+    if not type(data).__module__.startswith("pandas") or getattr(data, "ndim", None) != 2:
+        return data
+    from pandas.api.types import is_bool_dtype, is_complex_dtype, is_numeric_dtype
+
+    text = [name for name, dtype in data.dtypes.items()
+            if not (is_numeric_dtype(dtype) or is_bool_dtype(dtype)) or is_complex_dtype(dtype)]
+    if text:
+        raise TypeError(
+            f"data is a DataFrame with columns that are not real numbers: {text} (dtypes "
+            f"{[str(data.dtypes[name]) for name in text]}). A model takes numbers: encode or "
+            "drop them, e.g. data.drop(columns=...) or pandas.get_dummies."
+        )
+    array = data.to_numpy()
+    if array.dtype == object:  # nullable extension dtypes; their missing values become NaN
+        array = data.to_numpy(dtype=np.float64, na_value=np.nan)
+    return array
+
+
 def _per_position(method, X):
     """Apply a row-wise basis method to rows or to (batch, position, feature) activations."""
     if not hasattr(X, "reshape"):
@@ -425,8 +449,10 @@ class InteractionGraph(BaseEstimator):
             (``"attn_out[-1]"`` reads that layer at the last position only), as
             in :func:`sklearn_lib.collect.collect`; a :class:`~sklearn_lib.Layer`
             declares which axes are features (a conv's channels, heads).
-        data : tensor, ndarray or re-iterable of batches (e.g. a DataLoader)
-            Model inputs; arrays are split into batches of ``batch_size``.
+        data : tensor, ndarray, DataFrame or re-iterable of batches (e.g. a DataLoader)
+            Model inputs; arrays are split into batches of ``batch_size``. A
+            pandas DataFrame is its array of numbers, one row per sample
+            (columns that are not numbers are refused).
         sequence : bool, default=False
             Activations are (batch, position, feature) and positions count as
             samples (SPEC section 2).
@@ -446,6 +472,7 @@ class InteractionGraph(BaseEstimator):
         """
         alphas, weights = path_quadrature(self.integration, self.n_alphas)
         edge_point = "reconstructed" if self.edge_point == "auto" else self.edge_point
+        data = _frame_as_array(data)
 
         def model_source():
             return ModelSource(
@@ -461,6 +488,7 @@ class InteractionGraph(BaseEstimator):
             if self.fast_path is True and not all(fast):
                 slow = [
                     f"{source.specs[l].spec!r} -> {source.specs[l + 1].spec!r}"
+                    + (f" ({source.reasons[l, l + 1]})" if (l, l + 1) in source.reasons else "")
                     for l, ok in enumerate(fast) if not ok
                 ]
                 raise ValueError(
@@ -634,7 +662,7 @@ class InteractionGraph(BaseEstimator):
         return self
 
     @classmethod
-    def load(cls, path):
+    def load(cls, path, *, device=None):
         """Load a graph written by :meth:`save`.
 
         The bases transform exactly as when saved. Their running statistics are
@@ -643,6 +671,12 @@ class InteractionGraph(BaseEstimator):
         Parameters
         ----------
         path : str or os.PathLike
+        device : {"cpu", "cuda", "auto"}, "cuda:<index>", torch.device or None, default=None
+            Where the loaded graph and its bases compute (the arrays are
+            numpy; they move there batch by batch). None keeps the device the
+            graph was saved with if this machine has it, and otherwise uses the
+            CPU with a warning: a graph fitted on a GPU loads on a machine
+            without one. A device this machine lacks raises.
 
         Returns
         -------
@@ -653,9 +687,37 @@ class InteractionGraph(BaseEstimator):
         FileNotFoundError
             If nothing is at ``path``.
         ValueError
-            If ``path`` is not a saved graph, or a file of it is damaged: every
-            parameter and the shape of every array are checked against the format
-            before anything is constructed, and the message names the file and
-            what does not match.
+            If ``path`` is not a saved graph, a file of it is damaged or was
+            changed after it was saved, or its arrays are not ones a fit
+            produces: every parameter, the shape, dtype and checksum of every
+            array and the invariants of a fitted graph (non-negative, sorted
+            interaction strengths, inverse components that invert the
+            components, symmetric positive semi-definite Gram matrices, SPEC
+            identity (b), non-negative edges, unique layer names) are checked
+            before anything is constructed, and the message names the file,
+            the invariant and what was found. Also if ``device`` is not
+            available here.
         """
-        return load_graph(cls, path)
+        return load_graph(cls, path, device=device)
+
+    def set_params(self, **params):
+        """Set parameters; a new ``device`` reaches the fitted bases too.
+
+        A graph's bases compute where their own ``device`` says; a graph moved
+        to another device (e.g. fitted on a GPU, used on a CPU) moves them
+        along, so ``transform`` runs where the graph's ``device`` says.
+
+        Parameters
+        ----------
+        **params : dict
+            Estimator parameters.
+
+        Returns
+        -------
+        self : InteractionGraph
+        """
+        super().set_params(**params)
+        if "device" in params:
+            for basis in getattr(self, "bases_", None) or []:
+                basis.set_params(device=params["device"])
+        return self

@@ -9,23 +9,23 @@ the sparser that matrix is.
 """
 
 from numbers import Integral, Real
-from typing import NamedTuple
 
 import numpy as np
 import torch
+from sklearn.compose import ColumnTransformer
+from sklearn.pipeline import FeatureUnion, Pipeline
 from sklearn.utils.metadata_routing import MetadataRequest
 from sklearn.utils.validation import check_is_fitted
 
 from ..utils._backend import as_tensor, gen_batches, resolve_device
-from ..utils._threads import lapack_threads
 from ..utils._validation import (
     check_edge_values,
     check_finite,
     check_jacobians,
     check_not_jacobians,
     check_real_values,
-    check_tensor,
 )
+from ._affine import _affine_map, _as_float_matrix
 
 _METRICS = ("gini", "edges_for_90")
 
@@ -147,109 +147,117 @@ def interaction_edges(
     return total / n
 
 
-class AffineMap(NamedTuple):
-    """A fitted affine basis read off by probing: ``z = x @ A + b = (x - mean) @ A``,
-    ``x = z @ P + c``."""
-
-    mean: np.ndarray
-    A: np.ndarray
-    b: np.ndarray
-    P: np.ndarray
-    c: np.ndarray
+def _is_skipped(step):
+    """A step that is no estimator: None, ``"passthrough"`` or ``"drop"``."""
+    return step is None or isinstance(step, str)
 
 
-def _affine_map(estimator, sample, *, name="estimator"):
-    """Probe a fitted affine transformer and check on ``sample`` that it is affine.
+def _parts(estimator):
+    """``(name, part)`` of the meta-estimators whose parts see (some of) their input.
 
-    ``transform(x) = x @ A + b`` is read off ``transform`` at 0 and the unit
-    vectors; the left inverse ``P`` (and offset ``c``) comes from
-    ``inverse_transform`` when the estimator has one (so that PCA and
-    InteractionBasis are used with their own reconstructions) and is the
-    pseudo-inverse otherwise. A transformer that is not affine (a pipeline with
-    a non-linear step) would be silently misrepresented by the probe, so up to
-    64 rows spread over ``sample`` are checked against it.
+    Pipeline steps, FeatureUnion and ColumnTransformer transformers (the fitted
+    ones once fitted); nothing for any other estimator.
     """
-    n_features = sample.shape[1]
-    probe = np.vstack([np.zeros((1, n_features)), np.eye(n_features)])
-    out = np.asarray(estimator.transform(probe), dtype=np.float64)
-    b, A = out[0], out[1:] - out[0]
-    if hasattr(estimator, "inverse_transform"):
-        r = A.shape[1]
-        back = np.asarray(
-            estimator.inverse_transform(np.vstack([np.zeros((1, r)), np.eye(r)])),
-            dtype=np.float64,
-        )
-        c, P = back[0], back[1:] - back[0]
+    if isinstance(estimator, Pipeline):
+        parts = estimator.steps
+    elif isinstance(estimator, FeatureUnion):
+        parts = estimator.transformer_list
+    elif isinstance(estimator, ColumnTransformer):
+        parts = [part[:2] for part in getattr(estimator, "transformers_", estimator.transformers)]
     else:
-        # Small dense LAPACK calls on one thread: see utils._threads.lapack_threads.
-        with lapack_threads(A):
-            c, P = np.zeros(n_features), np.linalg.pinv(A)
-    rows = sample[np.unique(np.linspace(0, len(sample) - 1, 64).astype(int))]
-    expected = rows @ A + b
-    actual = np.asarray(estimator.transform(rows), dtype=np.float64)
-    scale = max(1.0, float(np.abs(expected).max(initial=0.0)))
-    if not np.allclose(actual, expected, rtol=1e-6, atol=1e-8 * scale):
-        raise ValueError(
-            f"{name} ({type(estimator).__name__}) is not affine: its transform is not "
-            "x @ A + b, and a linear basis is needed here."
-        )
-    # x @ A + b = (x - mean) @ A with mean solving mean @ A = -b; any such mean
-    # gives the same Z, and least squares finds one.
-    with lapack_threads(A):
-        mean = -np.linalg.lstsq(A.T, b, rcond=None)[0]
-    return AffineMap(mean, A, b, P, c)
+        return []
+    return [(name, part) for name, part in parts if not _is_skipped(part)]
 
 
-def _as_float_matrix(X):
-    """Scoring data as a 2-D float64 numpy array (it is probed through ``transform``)."""
-    if isinstance(X, torch.Tensor):
-        X = check_tensor(X, "X", ndim=2, shape="(n_samples, n_features)").detach().cpu()
-        X = X.numpy()
-    elif hasattr(X, "columns"):
-        X = X.to_numpy()
-    X = np.asarray(check_real_values(X, "X"), dtype=np.float64)
-    if X.ndim != 2:
-        raise ValueError(f"X must be 2-D (n_samples, n_features), got shape {X.shape}.")
-    return X
+def _bases(estimator):
+    """The interaction bases (estimators that check their downstream) in ``estimator`` or its parts."""
+    if callable(getattr(estimator, "_check_downstream", None)):
+        return [estimator]
+    return [basis for _, part in _parts(estimator) for basis in _bases(part)]
+
+
+def _fitted_with_jacobians(bases):
+    return any(getattr(basis, "n_outputs_", None) is not None for basis in bases)
 
 
 def _check_fitted_downstream(estimator, X, jacobians):
     """Refuse scoring an interaction basis against a map it was not fitted to.
 
-    Every :class:`~sklearn_lib.InteractionBasis` among the estimator (or the steps
-    of a :class:`~sklearn.pipeline.Pipeline`) checks the scoring Jacobians
-    against those it was fitted with (``_check_downstream``; a PCA has no such
-    check, it is legitimately scored against any map). An interaction basis
-    fitted with Jacobians after other steps of a scikit-learn ``Pipeline`` got
-    Jacobians with respect to the pipeline's input, not its own, unless the
-    pipeline carries them through the steps (``_carries_jacobians``, set by
-    :class:`~sklearn_lib.pipeline.InteractionPipeline`) or those steps leave the
-    linear part unchanged (a shift leaves Jacobians unchanged).
+    Every :class:`~sklearn_lib.InteractionBasis` among the estimator (or among
+    the parts of pipelines, feature unions and column transformers in it, at any
+    depth) checks the scoring Jacobians against those it was fitted with
+    (``_check_downstream``; a PCA has no such check, it is legitimately scored
+    against any map). An interaction basis fitted with Jacobians after other
+    steps of a scikit-learn ``Pipeline`` got Jacobians with respect to the
+    pipeline's input, not its own, unless the pipeline carries them through the
+    steps (``_carries_jacobians``, set by
+    :class:`~sklearn_lib.InteractionPipeline`, which also fits the plain
+    pipelines nested in it so) or those steps leave the linear part unchanged (a
+    shift leaves Jacobians unchanged). One in a ``ColumnTransformer`` got them
+    with respect to all of its input columns, not its own.
     """
     n_outputs = None if jacobians is None else jacobians.shape[1]
-    steps = getattr(estimator, "steps", None)
-    steps = steps if isinstance(steps, list) else [("", estimator)]
-    for k, (name, step) in enumerate(steps):
-        check = getattr(step, "_check_downstream", None)
-        if check is None:
-            continue
+    _check_part(estimator, X, n_outputs, carried=False)
+
+
+def _check_part(estimator, X, n_outputs, *, carried):
+    check = getattr(estimator, "_check_downstream", None)
+    if callable(check):
         check(n_outputs)
-        if k == 0 or n_outputs is None or getattr(estimator, "_carries_jacobians", False):
+        return
+    if isinstance(estimator, ColumnTransformer):
+        bases = _bases(estimator)
+        for basis in bases:
+            basis._check_downstream(n_outputs)
+        if n_outputs is not None and _fitted_with_jacobians(bases):
+            raise ValueError(_IN_COLUMN_TRANSFORMER)
+        return
+    if isinstance(estimator, FeatureUnion):
+        # Every transformer of a union sees the union's input.
+        for _, part in _parts(estimator):
+            _check_part(part, X, n_outputs, carried=carried)
+        return
+    if not isinstance(estimator, Pipeline):
+        return
+    carried = carried or getattr(estimator, "_carries_jacobians", False)
+    steps = estimator.steps
+    for k, (name, step) in enumerate(steps):
+        bases = [] if _is_skipped(step) else _bases(step)
+        if not bases:
             continue
-        before = estimator[:k]
-        linear = _affine_map(before, X, name=f"the steps before {name!r}").A
-        d = X.shape[1]
-        if linear.shape != (d, d) or not np.allclose(linear, np.eye(d), rtol=0, atol=1e-8):
-            raise ValueError(
-                f"Step {name!r} of the Pipeline is an InteractionBasis fitted on the "
-                f"output of the steps before it ({', '.join(n for n, _ in steps[:k])}), "
-                "but the Jacobians routed to it are with respect to the Pipeline's input: "
-                "scikit-learn's Pipeline passes metadata to every step unchanged, so its "
-                "basis and this score are wrong. Build the pipeline with "
-                "sklearn_lib.make_interaction_pipeline, which carries the Jacobians "
-                "through the preceding affine steps (J @ inv(A).T), or make the "
-                "InteractionBasis the first step."
-            )
+        Xk = X
+        if any(not _is_skipped(s) for _, s in steps[:k]):
+            before = estimator[:k]
+            if not carried and n_outputs is not None and _fitted_with_jacobians(bases):
+                linear = _affine_map(before, X, name=f"the steps before {name!r}",
+                                     inverse=False).A
+                d = X.shape[1]
+                if linear.shape != (d, d) or not np.allclose(linear, np.eye(d), rtol=0,
+                                                             atol=1e-8):
+                    raise ValueError(
+                        f"Step {name!r} of the Pipeline holds an InteractionBasis fitted on "
+                        f"the output of the steps before it "
+                        f"({', '.join(n for n, _ in steps[:k])}), but the Jacobians routed "
+                        "to it are with respect to the Pipeline's input: scikit-learn's "
+                        "Pipeline passes metadata to every step unchanged, so its basis "
+                        "and this score are wrong. Build the pipeline with "
+                        "sklearn_lib.make_interaction_pipeline, which carries the Jacobians "
+                        "through the preceding affine steps (J @ inv(A).T), or make the "
+                        "InteractionBasis the first step."
+                    )
+            if _parts(step):
+                Xk = before.transform(X)
+        _check_part(step, Xk, n_outputs, carried=carried)
+
+
+_IN_COLUMN_TRANSFORMER = (
+    "An InteractionBasis inside a ColumnTransformer was given the Jacobians routed to "
+    "the ColumnTransformer, which differentiate with respect to all of its input "
+    "columns, in their order, not the columns the basis is fitted on: its basis would "
+    "be wrong. Fit the basis on its columns on its own, with the Jacobians of those "
+    "columns (J[:, :, columns]), or put it after the ColumnTransformer in a "
+    "make_interaction_pipeline, which carries the Jacobians through affine steps."
+)
 
 
 class InteractionSparsityScorer:
@@ -317,12 +325,13 @@ class InteractionSparsityScorer:
                 f"transform method); got {type(estimator).__name__}, which has none."
             )
         check_is_fitted(estimator)
-        X = _as_float_matrix(X)
-        jacobians = check_jacobians(jacobians, X.shape)
+        # The estimator is probed with X as given (a DataFrame keeps its columns).
+        values = _as_float_matrix(X)
+        jacobians = check_jacobians(jacobians, values.shape)
         _check_fitted_downstream(estimator, X, jacobians)
         affine = _affine_map(estimator, X)
         E = interaction_edges(
-            X,
+            values,
             jacobians,
             *(torch.as_tensor(a, dtype=torch.float64) for a in (affine.mean, affine.A, affine.P)),
             batch_size=self.batch_size,

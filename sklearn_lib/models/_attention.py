@@ -23,20 +23,26 @@ Grams, and :meth:`CausalAttention.attributions` sums the edges' attributions
 over source positions before projecting.
 
 Like residual MLP blocks, the section is declared, never inferred from code
-(:func:`declare_attention`), and checked against the recorded output of the
-first batch before it is used.
+(:func:`declare_attention`), and checked against the recorded output of every
+batch before it is used (:func:`~sklearn_lib.models._fastpath.formula_mismatch`).
 """
 
 import math
-import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ._fastpath import _hooked
+from ._elementwise import formula_mismatch
+from ._overrides import first_override, is_linear, linear_type, override
 
-__all__ = ["ATTENTION_ATTRIBUTE", "CausalAttention", "declare_attention", "detect_attention"]
+__all__ = [
+    "ATTENTION_ATTRIBUTE",
+    "CausalAttention",
+    "declare_attention",
+    "detect_attention",
+    "why_not_attention",
+]
 
 #: The attribute of a parent declaring attention sections: tuples of submodule names
 #: ``(input, output, W_Q, W_K, W_V, W_O)``, the number of heads and whether causal.
@@ -55,9 +61,11 @@ def declare_attention(module, W_Q, W_K, W_V, W_O, *, input, output, n_heads, cau
     between the layers ``"<input>"`` and ``"<output>"`` (the output layer may
     select positions, e.g. ``"<output>[-1]"``) is then computed from this
     formula instead of vector-Jacobian products. The declaration is checked:
-    the four maps must be exactly bias-free ``nn.Linear`` of matching widths,
-    and the recorded output of the first batch must equal the formula to
-    rounding; otherwise the generic path is used, with a warning. A batch
+    the four maps must be exactly bias-free ``nn.Linear`` (or parametrized
+    ones) of matching widths, none of the involved modules may have hooks or an
+    instance-level ``forward``, and the recorded output of every batch must
+    equal the formula to rounding; otherwise the generic path is used, with a
+    warning where the formula fails. A batch
     with padded positions (a dict batch whose ``attention_mask`` has zeros)
     takes its products from the model, which leaves padding out of its
     attention where the formula would not.
@@ -107,11 +115,11 @@ def declare_attention(module, W_Q, W_K, W_V, W_O, *, input, output, n_heads, cau
         except AttributeError:
             raise ValueError(f"{role}: the module has no submodule {name!r}.") from None
     for role in ("W_Q", "W_K", "W_V", "W_O"):
-        if type(subs[role]) is not nn.Linear or subs[role].bias is not None:
+        if not linear_type(subs[role]) or subs[role].bias is not None:
             raise ValueError(
                 f"{role} {names[role]!r} must be exactly an nn.Linear without bias, got "
                 f"{type(subs[role]).__name__}"
-                + ("" if type(subs[role]) is not nn.Linear else " with a bias") + "."
+                + ("" if not linear_type(subs[role]) else " with a bias") + "."
             )
     if input == output:
         raise ValueError(f"input and output must be different submodules, got {input!r} twice.")
@@ -134,13 +142,8 @@ def declare_attention(module, W_Q, W_K, W_V, W_O, *, input, output, n_heads, cau
     return module
 
 
-def detect_attention(model, a, b):
-    """The :class:`CausalAttention` declared for section ``a -> b`` (parsed layers), or None.
-
-    ``a`` must be the output of the declared input at all positions, ``b`` the
-    output of the declared output (any selection); no involved module may
-    carry hooks. The caller checks the formula on recorded activations.
-    """
+def _declared(model, a, b):
+    """``(parent, entry)`` declaring the attention section ``a -> b``, or None."""
     if a.kind != "output" or b.kind != "output" or a.positions is not None:
         return None
     # A declared view of the axes may reorder what the formula reads as positions
@@ -150,20 +153,49 @@ def detect_attention(model, a, b):
     for path, parent in model.named_modules():
         prefix = f"{path}." if path else ""
         for entry in getattr(parent, ATTENTION_ATTRIBUTE, ()):
-            if (prefix + entry[0], prefix + entry[1]) != (a.name, b.name):
-                continue
-            try:
-                maps = [parent.get_submodule(name) for name in entry[2:6]]
-            except AttributeError:
-                return None
-            if any(_hooked(m) for m in (a.module, b.module, *maps)) or any(
-                type(m) is not nn.Linear or m.bias is not None for m in maps
-            ):
-                return None
-            w_q, w_k, w_v, w_o = (m.weight.detach() for m in maps)
-            return CausalAttention(w_q, w_k, w_v, w_o, n_heads=entry[6], causal=entry[7],
-                                   positions=b.positions)
+            if (prefix + entry[0], prefix + entry[1]) == (a.name, b.name):
+                return parent, entry
     return None
+
+
+def detect_attention(model, a, b):
+    """The :class:`CausalAttention` declared for section ``a -> b`` (parsed layers), or None.
+
+    ``a`` must be the output of the declared input at all positions, ``b`` the
+    output of the declared output (any selection); no involved module may
+    compute something else than its class (:func:`~._overrides.override`). The
+    caller checks the formula on recorded activations.
+    """
+    declared = _declared(model, a, b)
+    if declared is None:
+        return None
+    parent, entry = declared
+    try:
+        maps = [parent.get_submodule(name) for name in entry[2:6]]
+    except AttributeError:
+        return None
+    if any(override(m) for m in (a.module, b.module)) or any(
+        not is_linear(m) or m.bias is not None for m in maps
+    ):
+        return None
+    with torch.no_grad():
+        w_q, w_k, w_v, w_o = (m.weight.detach() for m in maps)
+    return CausalAttention(w_q, w_k, w_v, w_o, n_heads=entry[6], causal=entry[7],
+                           positions=b.positions)
+
+
+def why_not_attention(model, a, b):
+    """Why a declared attention section ``a -> b`` is not taken in closed form: the first
+    involved module with an override (:func:`~._overrides.first_override`), or None."""
+    declared = _declared(model, a, b)
+    if declared is None:
+        return None
+    parent, entry = declared
+    try:
+        maps = [parent.get_submodule(name) for name in entry[2:6]]
+    except AttributeError:
+        return None
+    return first_override(model, [a.module, b.module, *maps])
 
 
 def _position_index(positions, n_positions, device):
@@ -223,20 +255,17 @@ class CausalAttention:
         n_out = len(_position_index(self.positions, shape_in[0], "cpu"))
         return shape_out == (n_out, shape_in[1]) and n_out > 0
 
-    def verify(self, X, Y):
-        """Whether the recorded output ``Y`` (B, P, d) is the formula at ``X`` (B, T, d).
+    #: What the declaration says the section computes (for messages).
+    claim = "was declared a residual attention (declare_attention), x + attention(x)"
 
-        Equal to rounding: ``1e3 eps`` of the largest entry (at least 1).
-        """
-        with torch.no_grad():
-            pred = self.forward(X.to(self.w_q.dtype)).to(Y.dtype)
-        if pred.shape != Y.shape:
-            return False
-        eps = torch.finfo(Y.dtype).eps
-        scale = max(float(Y.abs().max()), float(X.abs().max()), 1.0) if Y.numel() else 1.0
-        return bool(torch.isfinite(pred).all()) and float((pred - Y).abs().max()) <= (
-            1e3 * eps * scale
-        )
+    def mismatch(self, X, Y):
+        """None if the recorded output ``Y`` (B, P, d) is the formula at ``X`` (B, T, d),
+        else ``(error, allowed)`` (:func:`~sklearn_lib.models._fastpath.formula_mismatch`)."""
+        return formula_mismatch(lambda t: self.forward(t.to(self.w_q.dtype)), X, Y)
+
+    def verify(self, X, Y):
+        """Whether the recorded output ``Y`` (B, P, d) is the formula at ``X`` (B, T, d)."""
+        return self.mismatch(X, Y) is None
 
     def jacobian_scatter(self, X, V):
         """``sum (V^T J_ts)^T (V^T J_ts)`` over samples, selected ``t`` and all ``s``: (d, d).
@@ -331,17 +360,3 @@ class CausalAttention:
         Y = Bh.permute(0, 2, 4, 1, 3).reshape(-1, H * e) @ U.T
         Y = Y.view(B, len(index), -1, U.shape[0]).transpose(2, 3)
         return Y.add_((V.T @ right)[None, None] * Z_t[:, :, None])
-
-
-def check_attention(structure, X, Y, spec_in, spec_out):
-    """``structure.verify(X, Y)``, with a warning when the declared formula does not hold."""
-    if structure.verify(X, Y):
-        return True
-    warnings.warn(
-        f"the section {spec_in!r} -> {spec_out!r} was declared a residual attention "
-        "(declare_attention), but its output is not x + attention(x) on the first batch; "
-        "using generic vector-Jacobian products instead.",
-        UserWarning,
-        stacklevel=3,
-    )
-    return False

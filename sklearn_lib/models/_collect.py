@@ -56,7 +56,8 @@ from tqdm.auto import tqdm
 from ..utils._backend import eval_mode, model_device, resolve_dtype
 from ..utils._distributed import check_same, collective, resolve_group
 from ._adapters import check_unpadded, n_samples
-from ._fastpath import check_declared, detect_section, fits_rows, section_leaves
+from ._fastpath import detect_section, fits_rows, section_leaves, warn_formula
+from ._independence import check_independent
 from ._model import (
     _ArraySink,
     _as_rows,
@@ -300,18 +301,27 @@ def collect(
                 x = _input_tensor(batch, device, dtype)
                 if i == 0:
                     _check_forward(run_model, x)
+                    with torch.no_grad():
+                        check_independent(run_model, specs, x)
                 check_unpadded(x)
                 with torch.no_grad():
                     recorded = _record_batch(run_model, specs, x)
                 acts = {s: _cast(t, dtype) for s, t in recorded.items()}
                 if structures is None:
                     structures = {
-                        (a.spec, b.spec): (
+                        (a.spec, b.spec): [
                             _closed_form(run_model, a, b, acts, sequence) if fast_path else None,
                             section_leaves(run_model, a, b),
-                        )
+                        ]
                         for a, b in sections
                     }
+                # Types and declarations only say what a section should compute:
+                # a batch where the model computes something else, and every later
+                # one, takes vector-Jacobian products (the earlier ones' closed-form
+                # Jacobians were those of the model).
+                for a, b in sections:
+                    _check_closed_form(structures[(a.spec, b.spec)], a, b, acts, sequence,
+                                       f"the batch of samples {seen} to {seen + n_samples(x) - 1}")
                 jac_rows = {
                     (a.spec, b.spec): _jacobian_rows(
                         run_model, a, b, x, acts, *structures[(a.spec, b.spec)],
@@ -367,12 +377,19 @@ def _closed_form(model, a, b, acts, sequence):
         return None
     if len(shape_in) == 2 and shape_in[0] != 1:
         return None
-    if hasattr(structure, "verify") and not check_declared(
-        structure, _as_rows(acts[a.spec], sequence, a),
-        _as_rows(acts[b.spec], sequence, b), a.spec, b.spec,
-    ):
-        return None
     return structure
+
+
+def _check_closed_form(entry, a, b, acts, sequence, where):
+    """Drop the closed form of ``entry`` (``[structure, leaves]``) if this batch breaks it."""
+    structure = entry[0]
+    if structure is None:
+        return
+    mismatch = structure.mismatch(_as_rows(acts[a.spec], sequence, a),
+                                  _as_rows(acts[b.spec], sequence, b))
+    if mismatch is not None:
+        warn_formula(structure, a.spec, b.spec, where, mismatch, stacklevel=4)
+        entry[0] = None
 
 
 def _jacobian_rows(model, a, b, x, acts, structure, leaves, *, sequence, max_vectors, check):

@@ -74,24 +74,55 @@ def _parse_layers(model, layers, hook):
             f"then a selection of positions such as '[-1]', '[0, 2]' or '[1:]': "
             f"{shown}{more}."
         )
-    resolved = [(layer.name, layer.kind) for layer in parsed]
-    if len(set(resolved)) != len(resolved):
-        raise ValueError(f"layers must be distinct; got {list(layers)}.")
+    _check_distinct(parsed)
     return parsed
+
+
+def _check_distinct(parsed):
+    """Refuse two specs that read one activation (one hook per activation), naming them."""
+    seen = {}
+    for layer in parsed:
+        first = seen.setdefault((layer.name, layer.kind), layer)
+        if first is not layer:
+            where = f"the same activation (the {layer.kind} of module {layer.name!r})"
+            if first.positions != layer.positions:
+                raise ValueError(
+                    f"layers {first.spec!r} and {layer.spec!r} both read {where} at different "
+                    "positions; a graph's layers must be different activations. Select "
+                    "several positions of one activation in one name, e.g. "
+                    f"'{_base_spec(first if first.positions is not None else layer)}[0, 1]'."
+                )
+            raise ValueError(
+                f"layers {first.spec!r} and {layer.spec!r} both name {where}; a graph's layers "
+                "must be different activations."
+            )
+
+
+def _base_spec(layer):
+    """The spec of a layer without its selection of positions: ``"b[0]"`` -> ``"b"``."""
+    return layer.spec.rpartition("[")[0]
 
 
 def _parse_positions(selector, spec):
     """``"-1"`` -> (-1,), ``"0, 2"`` -> (0, 2), ``"1:"`` -> slice(1, None); else ValueError."""
     parts = [p.strip() for p in selector.split(":")]
+    positions = None
     try:
         if len(parts) == 1:
             positions = tuple(int(p) for p in selector.split(","))
             if len(set(positions)) == len(positions):
                 return positions
         elif len(parts) <= 3:
-            return slice(*(int(p) if p else None for p in parts))
+            positions = slice(*(int(p) if p else None for p in parts))
     except ValueError:
         pass
+    if isinstance(positions, slice):
+        if positions.step != 0:
+            return positions
+        raise ValueError(
+            f"layer {spec!r}: the slice [{selector}] has step 0, which selects nothing; "
+            "use a step of at least 1 (e.g. '[::2]'), or a negative one to go backwards."
+        )
     raise ValueError(
         f"layer {spec!r}: the positions in brackets must be distinct integers ('[-1]', "
         f"'[0, 2]') or one slice ('[1:]', '[::2]'), got [{selector}]."
@@ -254,8 +285,11 @@ def _iter_batches(data, batch_size):
 
 
 # --------------------------------------------------------------------------- recording
-def _record_batch(model, layers, x):
-    """Run ``model(x)`` with hooks and return {spec: detached activation}."""
+def _record_batch(model, layers, x, *, stop=False):
+    """Run ``model(x)`` with hooks and return {spec: detached activation}.
+
+    With ``stop``, the forward pass ends once every layer was recorded.
+    """
     captured = {}
 
     def recorder(layer):
@@ -268,13 +302,15 @@ def _record_batch(model, layers, x):
             # A copy, because a following in-place op (ReLU(inplace=True)) would
             # otherwise overwrite the recorded activation.
             captured[layer.spec] = value.detach().clone()
+            if stop and len(captured) == len(layers):
+                raise _StopForward
 
         return fn
 
-    # The whole forward runs (no early stop) so that a module reused after the
+    # Without ``stop`` the whole forward runs, so that a module reused after the
     # last recorded layer is still reported as ambiguous.
     with _hooks([(layer, recorder(layer)) for layer in layers]):
-        _adapters.call(model, x)
+        _run_until_stopped(model, x) if stop else _adapters.call(model, x)
     missing = [layer.spec for layer in layers if layer.spec not in captured]
     if missing:
         raise ValueError(f"layer(s) {missing} were not called in the model's forward pass.")

@@ -25,7 +25,7 @@ from ..utils._backend import (
     to_output,
 )
 from ._adapters import copy_module, take, unwrap_model
-from ._fastpath import run_leaves
+from ._independence import check_independent
 from ._model import (
     _as_rows,
     _cast,
@@ -38,6 +38,7 @@ from ._model import (
     _run_until_stopped,
     _StopForward,
 )
+from ._sequential import run_leaves
 
 # Cotangent chunks are sized so that the cotangents plus the products of one chunk
 # hold about this many elements (512 MiB in float64); the section's intermediate
@@ -183,7 +184,22 @@ def _check_differentiable(model, a, b, x, act_in):
         raise ValueError(f"{where}: the activations of {a.spec!r} have dtype {act_in.dtype}.")
     probe = act_in[:1].detach().clone().requires_grad_(True)
     with torch.enable_grad():
-        out = _run_section(model, a, b, take(x, slice(0, 1)), probe)
+        try:
+            out = _run_section(model, a, b, take(x, slice(0, 1)), probe)
+        except (ValueError, RuntimeError) as exc:
+            if "ran more than once" in str(exc) or str(exc).startswith("section "):
+                raise  # ours
+            # A model that cannot run one sample alone depends on its batch
+            # (BatchNorm with batch statistics raises here).
+            raise ValueError(
+                f"section {a.spec!r} -> {b.spec!r} fails on a batch of one sample "
+                f"({type(exc).__name__}: {exc}), although the model takes the whole batch: "
+                "it depends on the other samples of its batch (BatchNorm with batch "
+                "statistics needs more than one), so per-sample Jacobians cannot be "
+                "computed. Every statistic assumes independent samples: use running "
+                "statistics (model.eval() with track_running_stats=True) or compute "
+                "statistics per sample."
+            ) from exc
         if not out.is_floating_point():
             raise ValueError(f"{where}: {b.spec!r} has dtype {out.dtype}.")
         grad = (
@@ -438,6 +454,7 @@ def section_vjp_products(
     with eval_mode(run_model):
         _check_forward(run_model, x)
         with torch.no_grad():
+            check_independent(run_model, [a, b], x)
             act_in = _cast(_record_batch(run_model, [a], x)[a.spec], dtype)
         products = _section_rows(
             run_model, a, b, x, act_in, cotangents,

@@ -14,21 +14,24 @@ from tqdm.auto import tqdm
 
 from ..basis._stats import AUTO_CHUNK_NUMBERS, output_weights
 from ..models import _adapters, _collect, _model
-from ..models._attention import CausalAttention, check_attention, detect_attention
+from ..models._attention import CausalAttention, detect_attention, why_not_attention
 from ..models._fastpath import (
     LinearElementwise,
     ResidualMLP,
-    check_declared,
     detect_section,
     fits_rows,
     readout_section,
     section_leaves,
+    why_generic,
 )
+from ..models._independence import PROBE_SAMPLES, check_independent
 from ..utils._backend import eval_mode, model_device, resolve_dtype
 from ._cached import _shape
+from ._closed_forms import choose_closed_forms, same_values
 from ._edges import Workspace, accumulate_attributions, accumulate_edges, path_points
+from ._passes import Fingerprint, PassLog
 
-#: Samples of the first batch a declared closed form is checked on (batch_size=None).
+#: Samples of the first batch a readout is recognised on (batch_size=None).
 _VERIFY_SAMPLES = 256
 
 
@@ -48,70 +51,17 @@ def _describe(data):
     return type(data).__name__ + ("" if shape is None else f" of shape {_shape(data)}")
 
 
-def _unit_free(shape):
-    return tuple(s for s in shape if s != 1)
+def _layer_rtol(dtype, device):
+    """What rounding allows between two passes' values of a layer, relative to their scale.
 
-
-def _same_values(a, b):
-    """Whether two recorded tensors hold the same numbers, up to unit axes of a sample.
-
-    Exact on purpose: a readout's input is the very value of the layer (a copy
-    or a view), not a recomputation, so any difference means the module reads
-    something else. A layer selected at one position (``"resid[-1]"``, per
-    sample ``(1, d)``) is the module's ``(d,)`` input.
+    ``sqrt(eps)``: batches of other sizes may run other kernels, which round
+    differently; 1e-2 for float32 on CUDA, where TF32 kernels may be chosen.
+    Values that change from pass to pass (noise) differ by far more.
     """
-    return (a.shape[0] == b.shape[0] and _unit_free(a.shape[1:]) == _unit_free(b.shape[1:])
-            and a.dtype == b.dtype and torch.equal(a.reshape(b.shape), b))
+    if torch.device(device).type == "cuda" and dtype == torch.float32:
+        return 1e-2
+    return float(torch.finfo(dtype).eps) ** 0.5
 
-
-class _Fingerprint:
-    """The sample count and order-free sums of the inputs seen by one pass over the data.
-
-    The sums (of the inputs, of their projections on a fixed direction ``w``
-    with ``|w_i| <= 1``, of the squares of both, and of the magnitudes) are
-    accumulated in float64 on the device, with no host sync per batch. They do
-    not depend on the order of samples or batches beyond rounding, so a
-    shuffling DataLoader passes, and two passes over other samples differ.
-    """
-
-    _NAMES = ("inputs", "projected inputs", "squared inputs", "squared projections",
-              "input magnitudes")
-
-    def __init__(self):
-        self.n_samples, self.n_numbers, self.sums, self.width = 0, 0, None, 0
-
-    def add(self, x):
-        v = _adapters.flat_numbers(x)
-        w = torch.cos(torch.arange(v.shape[1], device=v.device, dtype=v.dtype))
-        p = v @ w
-        sums = torch.stack([v.sum(), p.sum(), v.square().sum(), p.square().sum(), v.abs().sum()])
-        self.sums = sums if self.sums is None else self.sums.add_(sums)
-        self.n_samples += int(v.shape[0])
-        self.n_numbers += v.numel()
-        # Batches of sequences of different lengths have different widths.
-        self.width = max(self.width, int(v.shape[1]))
-
-    def difference(self, other, first, this):
-        """How pass ``this`` (``other``) differs from pass ``first`` (self); None if not at all.
-
-        Sums of the same numbers in another order differ by rounding only:
-        at most ``n_numbers * eps`` times the sum of the magnitudes of the
-        terms (the bound of any summation order), for each of the two passes.
-        """
-        if other.n_samples != self.n_samples:
-            return f"{this} saw {other.n_samples} samples, but {first} saw {self.n_samples}"
-        a, b = self.sums.tolist(), other.sums.tolist()
-        s1, s2 = max(a[4], b[4]), max(a[2], b[2])
-        # |p| <= ||v||_1 and p^2 <= d ||v||^2 bound the projected terms.
-        scales = (s1, s1, s2, self.width * s2, s1)
-        bound = 2 * max(self.n_numbers, other.n_numbers) * np.finfo(np.float64).eps
-        for name, x, y, scale in zip(self._NAMES, a, b, scales):
-            if not abs(x - y) <= bound * scale:
-                return (
-                    f"{this} saw as many samples as {first} ({self.n_samples}) but other "
-                    f"values: the sum of the {name} is {y:.17g}, not {x:.17g}"
-                )
-        return None
 
 class ModelSource:
     """Activations from a live model; ``V^T J`` by vector-Jacobian products or closed forms."""
@@ -135,14 +85,15 @@ class ModelSource:
         self.specs = _model._parse_layers(self.model, list(layers), "output")
         self.data, self.sequence, self.verbose = data, sequence, verbose
         self.batch_size = batch_size
-        # What every pass over the data must see again (set by the first pass).
-        self.n_samples, self._first_pass, self._n_passes = None, None, 0
 
         # A probe on two samples gives every layer's shape (and fails early).
         first = next(iter(self._batches(self.batch_size or _model._PROBE_SAMPLES)), None)
-        self._probe_samples = 0 if first is None else _adapters.n_samples(first)
-        if self._probe_samples == 0:
+        probe_samples = 0 if first is None else _adapters.n_samples(first)
+        if probe_samples == 0:
             raise ValueError(f"fit_model needs at least 2 samples, got 0 ({_describe(data)}).")
+        # What every pass over the data must see again (set by the first pass).
+        self._passes = PassLog(_describe(data), probe_samples, _layer_rtol(self.dtype,
+                                                                           self.device))
         with eval_mode(self.model), torch.no_grad():
             _model._check_forward(self.model, first)
             probe = _model._record_batch(
@@ -154,13 +105,31 @@ class ModelSource:
         self.widths = [d for _, d in pw]
         self._shapes = shapes
         self._structures, self._leaves, self._readouts = {}, {}, {}
+        # Why a section found in closed form takes the generic path (for messages).
+        self.reasons = {}
         self.fast_path = fast_path
         # Numbers per sample of the recorded layers up to each layer (see _footprint).
         self._forward = np.cumsum([p * d for p, d in zip(self.positions, self.widths)]).tolist()
 
+        # Samples must be independent and the model deterministic: probed on up to 64
+        # samples, no more than a pass's batch holds (a DataLoader's first batch).
+        batch = first
+        if self.batch_size is None and (_model._is_array(data) or _adapters.is_dict_batch(data)):
+            size = AUTO_CHUNK_NUMBERS // max(1, self._footprint(self.n_layers - 1, 0))
+            size = min(PROBE_SAMPLES, max(_model._PROBE_SAMPLES, size))
+            batch = next(iter(self._batches(size)), None)
+            batch = first if batch is None else batch
+        with eval_mode(self.model), torch.no_grad():
+            check_independent(self.model, self.specs, batch)
+
     @property
     def n_layers(self):
         return len(self.specs)
+
+    @property
+    def n_samples(self):
+        """Samples of the data, once a pass has counted them (None before)."""
+        return self._passes.n_samples
 
     def _batches(self, batch_size):
         batches, _ = _model._iter_batches(self.data, batch_size)
@@ -189,51 +158,15 @@ class ModelSource:
         size = self.batch_size or max(1, AUTO_CHUNK_NUMBERS // max(1, per_sample))
         batches, total = _model._iter_batches(self.data, size)
         bar = tqdm(total=total, desc=desc, disable=not self.verbose, leave=False, unit="sample")
-        fingerprint = _Fingerprint()
+        fingerprint = Fingerprint()
+        self._passes.start()
         with bar:
             for batch in batches:
                 x = _model._input_tensor(batch, self.device, self.dtype)
                 yield x
                 fingerprint.add(x)
                 bar.update(_adapters.n_samples(x))
-        self._check_pass(desc, fingerprint)
-
-    def _check_pass(self, desc, fingerprint):
-        """Refuse a pass that did not see the samples of the first pass.
-
-        Every layer's statistics and edges come from a separate pass over the
-        data, so a pass over other samples would mix sample sets silently.
-        """
-        self._n_passes += 1
-        this = f"pass {self._n_passes} over the data ({desc})"
-        if self._first_pass is None:
-            n = fingerprint.n_samples
-            if n == 0 and self._probe_samples:
-                raise ValueError(
-                    f"{this} yielded no samples, although the data yielded "
-                    f"{self._probe_samples} when first probed: data must yield the same "
-                    f"samples every time it is iterated ({_describe(self.data)} returns an "
-                    "exhausted iterator). Pass a tensor, an array or a DataLoader."
-                )
-            if n < 2:
-                raise ValueError(
-                    f"fit_model needs at least 2 samples, got {n} ({_describe(self.data)})."
-                )
-            self.n_samples, self._first_pass = n, (desc, fingerprint)
-            return
-        first_desc, first = self._first_pass
-        changed = first.difference(fingerprint, f"pass 1 ({first_desc})", this)
-        if changed is None:
-            return
-        if fingerprint.n_samples == 0:
-            changed += (" (an iterable whose __iter__ returns the same iterator every time "
-                        "can be iterated only once)")
-        raise ValueError(
-            f"the data changed between passes: {changed}. fit_model iterates the data twice "
-            "per layer and needs the same samples every time (their order may change); "
-            "random augmentation, sampling, or drop_last with shuffling give other samples "
-            "on every pass. Pass a tensor, an array or a deterministic DataLoader."
-        )
+        self._passes.finish(desc, fingerprint)
 
     def _activation(self, x, l, m=None):
         """Layer l's activation for inputs ``x``; the forward pass stops right there.
@@ -252,7 +185,7 @@ class ModelSource:
                 raise _model._StopForward
 
         def compare(value):
-            if captured and not _same_values(captured[0], value):
+            if captured and not same_values(captured[0], value):
                 raise ValueError(
                     f"section {spec.spec!r} -> {self.specs[m].spec!r} was taken for module "
                     f"{readout.name!r} applied to layer {spec.spec!r}, as it was on the first "
@@ -267,16 +200,23 @@ class ModelSource:
             _model._run_until_stopped(self.model, x)
         if not captured:
             raise ValueError(f"layer {spec.spec!r} was not called in the forward pass.")
-        act = _model._cast(captured[0], self.dtype)
-        # Checked here, where the layer and the inputs are known (the statistics
-        # would only say "X"); one reduction per batch, as the statistics do.
+        return self.recorded(captured[0], l, x)
+
+    def recorded(self, value, l, x):
+        """Layer l's recorded ``value`` for inputs ``x``, cast, checked and noted for the pass.
+
+        Checked here, where the layer and the inputs are known (the statistics
+        would only say "X"); one reduction per batch, as the statistics do.
+        """
+        act = _model._cast(value, self.dtype)
+        self._passes.layer(self.specs[l].spec, act)
         if act.is_floating_point() and not bool(torch.isfinite(act).all()):
             if not bool(torch.isfinite(_adapters.flat_numbers(x)).all()):
                 raise ValueError(
                     f"the data contain NaN or infinity (in {_adapters.describe(x)})."
                 )
             raise ValueError(
-                f"layer {spec.spec!r} is NaN or infinite for finite inputs (in "
+                f"layer {self.specs[l].spec!r} is NaN or infinite for finite inputs (in "
                 f"{_adapters.describe(x)}): the model overflows or divides by zero there."
             )
         return act
@@ -298,43 +238,48 @@ class ModelSource:
         return _model._as_rows(act, self.sequence, self.specs[l])
 
     def structure(self, l, m):
-        """The closed form of section l -> m, or None (generic products)."""
+        """The closed form of section l -> m, or None (generic products).
+
+        Sections are chosen together (every adjacent pair, and every section
+        into layer m): their closed forms are found from the modules' types and
+        declarations, then checked against the model on every batch, in one
+        pass over the data (:func:`~._closed_forms.choose_closed_forms`).
+        """
         if self.fast_path is False:
             return None
         if (l, m) not in self._structures:
-            found = self._attention(l, m)
-            if found is None and self.readout(l, m) is not None:
-                found = readout_section(self.specs[m].module)
-                if found is not None and not (
-                    self.positions[l] == self.positions[m]
-                    and found.fits(self.widths[l], self.widths[m])
-                ):
-                    found = None
-            elif found is None:
-                found = detect_section(self.model, self.specs[l], self.specs[m])
-                if found is not None and not self._fits(found, l, m):
-                    found = None
-                if found is not None and hasattr(found, "verify") and not self._verified(
-                    found, l, m
-                ):
-                    found = None
-            self._structures[(l, m)] = found
+            pairs = [(l, m), *((i, i + 1) for i in range(self.n_layers - 1)),
+                     *((i, m) for i in range(m))]
+            pending = [p for p in dict.fromkeys(pairs) if p not in self._structures]
+            with eval_mode(self.model):
+                self._structures.update(choose_closed_forms(self, pending))
         return self._structures[(l, m)]
 
-    def _attention(self, l, m):
-        """A declared attention section l -> m checked on the first batch, or None.
+    def candidate(self, l, m):
+        """The closed form that section l -> m should have, unchecked; or None.
 
-        It gives products (``products``) instead of a row-wise closed form.
+        Records why a section that looks like one cannot take it in
+        :attr:`reasons`.
         """
         a, b = self.specs[l], self.specs[m]
         found = detect_attention(self.model, a, b) if self.sequence else None
-        if found is None or not found.fits(self._shapes[l], self._shapes[m]):
-            return None
-        x = next(iter(self._batches(self.batch_size or _VERIFY_SAMPLES)))
-        with eval_mode(self.model), torch.no_grad():
-            rec = _model._record_batch(self.model, [a, b], x)
-        X, Y = (_model._cast(rec[spec.spec], self.dtype) for spec in (a, b))
-        return found if check_attention(found, X, Y, a.spec, b.spec) else None
+        if found is not None:
+            return found if found.fits(self._shapes[l], self._shapes[m]) else None
+        if self.readout(l, m) is not None:
+            found = readout_section(b.module)
+            if found is not None and not (self.positions[l] == self.positions[m]
+                                          and found.fits(self.widths[l], self.widths[m])):
+                found = None
+        else:
+            found = detect_section(self.model, a, b)
+            if found is not None and not self._fits(found, l, m):
+                found = None
+        if found is None:
+            reason = why_generic(self.model, a, b) or (
+                why_not_attention(self.model, a, b) if self.sequence else None)
+            if reason is not None:
+                self.reasons[(l, m)] = reason
+        return found
 
     def _products(self, l, m, x, act, V, *, check, signs=None):
         """``V^T J`` of section l -> m at ``act``, vector-major (P_m k, rows, d_l).
@@ -392,6 +337,11 @@ class ModelSource:
             self._readouts[(l, m)] = self._find_readout(self.specs[l], self.specs[m])
         return self._readouts[(l, m)]
 
+    def drop_readout(self, l, m):
+        """Section l -> m is no readout after all (:func:`~._closed_forms.choose_closed_forms`)."""
+        self._readouts[(l, m)] = None
+        self._leaves.pop((l, m), None)
+
     def _find_readout(self, a, b):
         if (b.kind != "output" or b.positions is not None or a.axes is not None
                 or b.axes is not None or readout_section(b.module) is None):
@@ -404,15 +354,7 @@ class ModelSource:
             return None
         with eval_mode(self.model), torch.no_grad():
             rec = _model._record_batch(self.model, [a, module_input], x)
-        return module_input if _same_values(rec[a.spec], rec[module_input.spec]) else None
-
-    def _verified(self, st, l, m):
-        """Whether a declared closed form computes layer m from layer l on the first batch."""
-        x = next(iter(self._batches(self.batch_size or _VERIFY_SAMPLES)))
-        with eval_mode(self.model), torch.no_grad():
-            rec = _model._record_batch(self.model, [self.specs[l], self.specs[m]], x)
-        X, Y = (self._rows(_model._cast(rec[self.specs[i].spec], self.dtype), i) for i in (l, m))
-        return check_declared(st, X, Y, self.specs[l].spec, self.specs[m].spec)
+        return module_input if same_values(rec[a.spec], rec[module_input.spec]) else None
 
     def _fits(self, st, l, m):
         """The closed form acts on rows: widths and positions must match the recording."""

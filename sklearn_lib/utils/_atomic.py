@@ -14,6 +14,13 @@ Siblings are removed only when they are provably ours: the name pattern plus,
 for an ``.old-`` copy, the caller's own completeness check, and for a ``.tmp-``
 write the writer file inside naming a process of this host that no longer runs.
 Anything else is left alone and named in messages.
+
+The same rule guards ``overwrite=True``: a directory is replaced only when it
+is one of ours *and* every file in it is one the format lists (the caller's
+``foreign`` callable names the others, see :func:`foreign_files`), so a file a
+user put inside a cache or a saved graph is never deleted with it. Single files
+(GraphML exports) are written to a ``.tmp-`` sibling and renamed over the
+target by :func:`write_file`, after the same checks.
 """
 
 import json
@@ -25,7 +32,8 @@ import sys
 import uuid
 import warnings
 
-__all__ = ["check_target", "make_temp_dir", "replace_dir", "tidy"]
+__all__ = ["check_target", "foreign_files", "make_temp_dir", "replace_dir", "tidy",
+           "write_file"]
 
 # Written into every temporary directory; names the process writing it.
 WRITER_FILE = ".sklearn_lib_writer.json"
@@ -60,11 +68,26 @@ def make_temp_dir(path, kind):
     return tmp
 
 
-def check_target(path, overwrite, is_ours, what):
+def check_target(path, overwrite, is_ours, what, foreign=None):
     """Raise unless ``path`` is free, or holds one of ours and ``overwrite`` is set.
 
     A symbolic link is never replaced: replacing it would either write through
     it into a folder elsewhere or silently turn the link into a directory.
+
+    Parameters
+    ----------
+    path : str
+        Absolute location.
+    overwrite : bool
+        Whether the caller may replace one of ours.
+    is_ours : callable
+        ``is_ours(path)``: True when ``path`` holds an object of this kind.
+    what : str
+        The object's name in messages.
+    foreign : callable, optional
+        ``foreign(path)``: the files inside ``path`` (relative, ``/``-separated)
+        that its format does not list. Any makes ``path`` not provably ours, so
+        it is refused even with ``overwrite=True`` and the files are named.
     """
     if not os.path.lexists(path):
         return
@@ -82,6 +105,57 @@ def check_target(path, overwrite, is_ours, what):
         raise FileExistsError(
             f"{path!r} already exists; pass overwrite=True to replace an existing {what}."
         )
+    others = foreign(path) if foreign is not None else []
+    if others:
+        shown = others[:20] + ([f"... ({len(others) - 20} more)"] if len(others) > 20 else [])
+        raise FileExistsError(
+            f"{path!r} is {_article(what)} {what}, but it also holds files that the {what} "
+            f"did not write: {shown}. Refusing to replace it even with overwrite=True, "
+            "since that would delete them: move them out of the folder first, or write to "
+            "another path."
+        )
+
+
+def foreign_files(root, listed):
+    """Files below ``root`` (relative, ``/``-separated) for which ``listed(key)`` is False.
+
+    Directories are not files: an empty folder holds nothing to lose. Symbolic
+    links are always foreign (the package never writes one).
+    """
+    found = []
+    for folder, dirs, files in os.walk(root):
+        for name in sorted(files) + sorted(d for d in dirs if os.path.islink(
+                os.path.join(folder, d))):
+            file = os.path.join(folder, name)
+            key = os.path.relpath(file, root).replace(os.sep, "/")
+            if os.path.islink(file) or not listed(key):
+                found.append(key)
+    return sorted(found)
+
+
+def write_file(path, write, *, overwrite, is_ours, what):
+    """Write the single file ``path`` by ``write(tmp)`` into a sibling, then rename it over.
+
+    ``path`` is checked as :func:`check_target` does (free, or one of ours and
+    ``overwrite``); a directory there is never replaced. An error or a kill
+    while writing leaves the previous file as it was.
+    """
+    path = os.path.abspath(os.fspath(path))
+    if os.path.isdir(path) and not os.path.islink(path):
+        raise IsADirectoryError(f"{path!r} is a directory; expected the path of a file.")
+    check_target(path, overwrite, is_ours, what)
+    parent = os.path.dirname(path)
+    if not os.path.isdir(parent):
+        raise FileNotFoundError(f"cannot write {path!r}: the folder {parent!r} does not exist.")
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    try:
+        write(tmp)
+        check_target(path, overwrite, is_ours, what)  # another writer may have come first
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def replace_dir(tmp, path):

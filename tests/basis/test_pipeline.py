@@ -116,3 +116,50 @@ def test_is_a_scikit_learn_pipeline(data):
     ]
     assert clone(pipe).get_params()["interactionbasis__n_components"] == 2
     assert isinstance(clone(pipe), InteractionPipeline)
+
+
+def test_nested_plain_pipeline_is_fitted_in_place_and_stays_plain(routing, data):
+    """The nested Pipeline is fitted as an InteractionPipeline, then handed back as it was."""
+    from sklearn.pipeline import Pipeline
+
+    X, J = data
+    A = random_invertible(5, 4, np.log(1e2))
+    inner_steps = [("lin", _linear(A, np.ones(4))), ("basis", InteractionBasis())]
+    inner = Pipeline(inner_steps)
+    outer_steps = [("scale", StandardScaler()), ("inner", inner)]
+    pipe = InteractionPipeline(outer_steps).fit(X, jacobians=J)
+    assert pipe.steps[1][1] is inner and type(inner) is Pipeline
+    assert [type(step) for _, step in outer_steps] == [StandardScaler, Pipeline]
+    assert inner_steps[1][1] is inner[-1] and not hasattr(inner, "_fit_input")
+    scaler = pipe[0]
+    total = np.diag(1 / scaler.scale_) @ A
+    raw = InteractionBasis().fit(X, jacobians=J)
+    np.testing.assert_allclose(inner[-1].interaction_strengths_, raw.interaction_strengths_,
+                               rtol=1e-7, atol=1e-9 * raw.interaction_strengths_.max())
+    Z = pipe.fit_transform(X, jacobians=J)
+    np.testing.assert_allclose(Z, pipe.transform(X), atol=1e-10 * np.abs(Z).max())
+    assert np.linalg.cond(total) > 1  # the nested basis really is behind a non-trivial map
+    # Scoring changes nothing: the very same lists and objects afterwards.
+    outer_list, inner_list = pipe.steps, inner.steps
+    assert np.isfinite(pipe.score(X, jacobians=J))
+    assert pipe.steps is outer_list and inner.steps is inner_list and pipe.steps[1][1] is inner
+
+
+def test_score_takes_jacobians_without_routing(data):
+    X, J = data
+    pipe = make_interaction_pipeline(StandardScaler(), InteractionBasis(3))
+    pipe.fit(X, interactionbasis__jacobians=J)
+    expected = InteractionBasis(3).fit(X, jacobians=J).score(X, jacobians=J)
+    assert pipe.score(X, jacobians=J) == pytest.approx(expected, rel=1e-7)
+    with pytest.raises(TypeError, match="metadata routing"):
+        pipe.score(X, jacobians=J, other=1)
+
+
+def test_jacobians_are_converted_with_one_matrix_product(data):
+    """J @ inv(A).T on (n, o, d) arrays is computed as one (n * o, d) product: same values."""
+    X, J = data
+    pipe = make_interaction_pipeline(StandardScaler(), InteractionBasis())
+    pipe.fit(X, interactionbasis__jacobians=J)
+    converted = pipe._jacobians_for_step(1, J, X)
+    expected = np.einsum("nod,ed->noe", J, np.diag(pipe[0].scale_))
+    np.testing.assert_allclose(converted, expected, rtol=1e-12)

@@ -340,6 +340,109 @@ def test_version_1_cache_refused(finalized):
         ActivationCache.open(path)
 
 
+def _edit_description(path, edit):
+    meta = json.loads((path / "zarr.json").read_text())
+    edit(meta["attributes"]["sklearn_lib_cache"])
+    (path / "zarr.json").write_text(json.dumps(meta))
+
+
+def _to_version_2(description):
+    description["format_version"] = 2
+    del description["checksum"]
+
+
+def test_version_2_cache_opens_with_its_arrays_counted(finalized):
+    """Caches finished before the root checksum still open; n_samples is checked by the arrays."""
+    path, batches = finalized
+    _edit_description(path, _to_version_2)
+    cache = ActivationCache.open(path)
+    assert cache.n_samples == 12
+    np.testing.assert_array_equal(np.asarray(cache.jacobians(*PAIR)),
+                                  np.concatenate([j[PAIR] for _, j in batches]))
+    _edit_description(path, lambda d: d.update(n_samples=11))
+    with pytest.raises(ValueError, match=r"Jacobians of section .* expected shape \(11, 4, 3\) "
+                                         r".*found \(12, 4, 3\)"):
+        ActivationCache.open(path)
+
+
+def test_root_checksum_covers_the_description_not_the_json_layout(finalized):
+    """Reformatting zarr.json (indentation, key order) is not an edit; a changed value is."""
+    path, _ = finalized
+    meta = json.loads((path / "zarr.json").read_text())
+    (path / "zarr.json").write_text(json.dumps(meta, indent=4, sort_keys=True))
+    assert ActivationCache.open(path).n_samples == 12
+    _edit_description(path, lambda d: d["metadata"].update(note="edited"))
+    with pytest.raises(ValueError, match="zarr.json.* does not match the checksum"):
+        ActivationCache.open(path)
+
+
+def test_overwrite_ignores_empty_folders_and_refuses_foreign_files(finalized):
+    path, _ = finalized
+    (path / "scratch").mkdir()  # nothing to lose in an empty folder
+    write_cache(path, [2], overwrite=True)[0].finalize()
+    assert ActivationCache.open(path).n_samples == 2
+    (path / "jacobians" / "keep.npy").write_bytes(b"mine")
+    with pytest.raises(FileExistsError, match=r"\['jacobians/keep.npy'\]"):
+        write_cache(path, [1], overwrite=True)
+    assert (path / "jacobians" / "keep.npy").read_bytes() == b"mine"
+    assert siblings(path) == []  # the refusal came before anything was written
+
+
+def test_overwrite_of_a_cache_without_inventory_checks_its_layout(finalized):
+    """A cache of an old format lists no files; its zarr layout says which are its own."""
+    from sklearn_lib.cache._cache import _foreign_files
+
+    path, _ = finalized
+
+    def to_version_1(description):
+        _to_version_2(description)
+        description["format_version"] = 1
+        del description["inventory"]
+
+    _edit_description(path, to_version_1)
+    assert _foreign_files(str(path)) == []
+    (path / "activations" / "000_other").mkdir()
+    (path / "activations" / "000_other" / "zarr.json").write_text("{}")
+    (path / "notes.txt").write_text("mine")
+    assert _foreign_files(str(path)) == ["activations/000_other/zarr.json", "notes.txt"]
+
+
+def test_failed_append_then_appends_and_reads_like_a_clean_cache(tmp_path, monkeypatch):
+    """After a failure the next batches land where the failed one would have."""
+    import errno
+
+    import zarr.storage._local as local
+
+    path = tmp_path / "acts.zarr"
+    cache = ActivationCache.create(path, LAYERS, jacobians=True, chunk_size=3)
+    batches = [make_batch(2, 0)]
+    cache.append(*batches[0])
+    real_put, calls = local._put, []
+
+    def put(file, value, exclusive=False):
+        calls.append(file)
+        if len(calls) == 4:  # the second array's first chunk
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_put(file, value, exclusive=exclusive)
+
+    monkeypatch.setattr(local, "_put", put)
+    with pytest.raises(OSError, match="No space left"):
+        cache.append(*make_batch(5, 1))
+    monkeypatch.undo()
+    assert cache.n_samples == 2
+    for seed, n in ((2, 4), (3, 1)):
+        batches.append(make_batch(n, seed))
+        cache.append(*batches[-1])
+    cache.finalize()
+    opened = ActivationCache.open(path)
+    assert opened.n_samples == 7
+    for name in LAYERS:
+        np.testing.assert_array_equal(np.asarray(opened.activations(name)),
+                                      np.concatenate([acts[name] for acts, _ in batches]))
+    np.testing.assert_array_equal(np.asarray(opened.jacobians(*PAIR)),
+                                  np.concatenate([jacs[PAIR] for _, jacs in batches]))
+
+
 # --------------------------------------------------------------------------- values
 @pytest.mark.parametrize(
     "layer, row, value, error, match",

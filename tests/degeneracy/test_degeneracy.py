@@ -166,9 +166,12 @@ def test_always_on_group_matches_brute_force():
     assert [g.tolist() for g in report.synchronised_groups_[1]] == [[1, 2]]
     # GL(2) less 2 rescalings, plus 2 biases passed on to the next layer.
     assert report.synchronised_directions_[1] == 4
+    # The network's null space: each section's own (degenerate_parameters), the
+    # directions that need both sections (sync_directions) and the rescalings.
     live_rescalings = 5
-    assert np.nansum(report.degenerate_parameters_) + live_rescalings == (
-        _parameter_null_space(net, X))
+    assert report.degenerate_parameters_[1:].tolist() == [4, 8]
+    assert np.nansum(report.degenerate_parameters_) + report.synchronised_directions_[1] + (
+        live_rescalings) == _parameter_null_space(net, X)
 
 
 def test_smooth_activation_needs_a_tolerance():
@@ -321,3 +324,58 @@ def test_frame_and_plot_need_their_extras(rng, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
     with pytest.raises(ImportError, match=r"sklearn_lib\[plot\]"):
         report.plot()
+
+
+# --------------------------------------------------------------- pre-activations (issue 20)
+def _relu_net_arrays():
+    net = _mlp(3, 6, 8)
+    X = torch.randn(200, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        z = net[0](X)
+        acts = [X, torch.relu(z), net(X)]
+    jacs = [
+        (z > 0).double()[:, :, None] * net[0].weight.detach()[None],
+        net[2].weight.detach().expand(len(X), -1, -1).contiguous(),
+    ]
+    return net, X, z, acts, jacs
+
+
+@pytest.mark.parametrize("wrong", ["other_layer", "shifted", "wrong_activation"])
+@pytest.mark.parametrize("how", ["fit", "fit_graph_with_X", "fit_graph_alone"])
+def test_preactivations_that_do_not_map_to_the_layer_are_refused(wrong, how):
+    net, X, z, acts, jacs = _relu_net_arrays()
+    activation = torch.relu
+    if wrong == "other_layer":
+        z_bad = torch.randn_like(z)
+    elif wrong == "shifted":
+        z_bad = z + 0.5
+    else:
+        z_bad, activation = z, torch.nn.GELU()
+    with pytest.raises(ValueError, match="are not the pre-activations of layer '1'"):
+        if how == "fit":
+            DegeneracyReport().fit(acts, jacobians=jacs, preactivations={1: z_bad},
+                                   activation=activation)
+        else:
+            graph = InteractionGraph().fit(acts, jacobians=jacs)
+            extra = {"X": acts, "jacobians": jacs} if how == "fit_graph_with_X" else {}
+            DegeneracyReport().fit_graph(graph, preactivations={1: z_bad},
+                                         activation=activation, **extra)
+
+
+@pytest.mark.parametrize("how", ["fit", "fit_graph_alone"])
+def test_true_preactivations_are_accepted(how):
+    net, X, z, acts, jacs = _relu_net_arrays()
+    with torch.no_grad():
+        net_dead = (z <= 0).all(0).nonzero().ravel().tolist()
+    if how == "fit":
+        report = DegeneracyReport().fit(acts, jacobians=jacs, preactivations={1: z})
+    else:
+        graph = InteractionGraph().fit(acts, jacobians=jacs)
+        report = DegeneracyReport().fit_graph(graph, preactivations={1: z})
+    assert report.dead_neurons_[1].tolist() == net_dead
+
+
+def test_the_input_layer_has_no_preactivations():
+    net, X, z, acts, jacs = _relu_net_arrays()
+    with pytest.raises(ValueError, match="the first layer: it is the network's input"):
+        DegeneracyReport().fit(acts, jacobians=jacs, preactivations={0: X})

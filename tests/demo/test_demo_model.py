@@ -103,3 +103,39 @@ def test_factory_must_build_a_module(files, capsys):
     with pytest.raises(SystemExit):
         main(argv)
     assert "must be a torch.nn.Module" in capsys.readouterr().err
+
+
+def test_labels_from_a_one_array_npz_or_a_npy(tmp_path):
+    y = np.arange(10) % 3
+    np.savez(tmp_path / "y.npz", labels=y)
+    np.save(tmp_path / "y.npy", y)
+    for name in ("y.npz", "y.npy"):
+        np.testing.assert_array_equal(_demo_model.load_labels(str(tmp_path / name), 10, 5), y)
+    np.save(tmp_path / "whole.npy", y.astype(float))  # whole numbers, but floats
+    with pytest.raises(ValueError, match="integer class labels, got dtype float64"):
+        _demo_model.load_labels(str(tmp_path / "whole.npy"), 10, 5)
+
+
+def test_npz_keys_are_checked_against_forward_unless_it_takes_any(tmp_path):
+    class Keywords(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 2)
+
+        def forward(self, x, **extra):
+            return self.lin(x)
+
+    data = {"x": np.zeros((4, 3)), "attention_mask": np.ones((4, 3))}
+    _demo_model.check_model_runs(Keywords().double(), ["lin"], data)  # **extra takes any key
+    strict = torch.nn.Sequential(torch.nn.Linear(3, 2)).double()
+    with pytest.raises(ValueError, match=r"\['x', 'attention_mask'\] are not parameters"):
+        _demo_model.check_model_runs(strict, ["0"], data)
+
+
+def test_nan_beyond_the_used_samples_is_not_refused():
+    X = np.zeros((10, 2))
+    X[9] = np.nan  # neither fitted nor scored
+    _demo_model.check_data(X, 4, 8)
+    with pytest.raises(ValueError, match="sample 7 .*evaluation part"):
+        X[7] = np.inf
+        _demo_model.check_data(X, 4, 8)

@@ -115,3 +115,45 @@ def test_missing_networkx_names_the_extra(fitted, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_networkx)
     with pytest.raises(ImportError, match=r"pip install sklearn_lib\[export\]"):
         to_networkx(fitted[0])
+
+
+# --------------------------------------------------------------------------- overwrite rule
+@pytest.mark.parametrize("suffix", [".graphml", ".graphml.gz"])
+def test_write_graphml_overwrites_only_its_own_file(fitted, tmp_path, suffix):
+    graph, modules = fitted
+    path = tmp_path / f"graph{suffix}"
+    first = write_graphml(graph, path, modules)
+    assert first.graph["sklearn_lib_format"] == "sklearn_lib.export.write_graphml"
+    with pytest.raises(FileExistsError, match="pass overwrite=True"):
+        write_graphml(graph, path, modules, norm="sqrt")
+    write_graphml(graph, path, modules, norm="sqrt", overwrite=True)
+    H = nx.read_graphml(path, node_type=int)
+    assert H.graph["sklearn_lib_format"] == "sklearn_lib.export.write_graphml"
+    u, v, w = next(iter(H.edges(data="weight")))
+    assert w == pytest.approx(np.sqrt(H.edges[u, v]["strength"]))
+    # A GraphML file from elsewhere (networkx's own) is not ours to replace.
+    nx.write_graphml(nx.path_graph(3), path)
+    with pytest.raises(FileExistsError, match="not a GraphML file written by"):
+        write_graphml(graph, path, modules, overwrite=True)
+    assert nx.read_graphml(path).number_of_nodes() == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # no temporary left
+
+
+def test_write_graphml_refuses_a_directory_and_keeps_the_file_on_error(fitted, tmp_path,
+                                                                       monkeypatch):
+    graph, _ = fitted
+    (tmp_path / "folder.graphml").mkdir()
+    with pytest.raises(IsADirectoryError):
+        write_graphml(graph, tmp_path / "folder.graphml", overwrite=True)
+    path = tmp_path / "graph.graphml"
+    write_graphml(graph, path)
+    before = path.read_bytes()
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(nx, "write_graphml", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        write_graphml(graph, path, overwrite=True)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder.graphml", "graph.graphml"]

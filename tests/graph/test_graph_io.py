@@ -214,3 +214,138 @@ def test_numpy_scalar_parameters_roundtrip(case, tmp_path):
     loaded = InteractionGraph.load(tmp_path / "graph")
     assert loaded.get_params() == graph.get_params()
     np.testing.assert_array_equal(loaded.n_components_, graph.n_components_)
+
+
+# --------------------------------------------------------------------------- invariants
+def _reparameterised(case, cond, dtype=np.float64):
+    """The case's input layer under ``X @ A`` (Jacobians ``J @ inv(A).T``), ``cond(A) = cond``."""
+    rng = np.random.default_rng(3)
+    d = case["acts"][0].shape[1]
+    Q1, _ = np.linalg.qr(rng.normal(size=(d, d)))
+    Q2, _ = np.linalg.qr(rng.normal(size=(d, d)))
+    A = Q1 @ np.diag(np.logspace(0, -np.log10(cond), d)) @ Q2
+    acts = [case["acts"][0] @ A, *case["acts"][1:]]
+    jacs = [case["jacs"][0] @ np.linalg.inv(A).T, *case["jacs"][1:]]
+    return [a.astype(dtype) for a in acts], [j.astype(dtype) for j in jacs]
+
+
+def _sequence_graph(**params):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 4))
+    return InteractionGraph(**params).fit_model(net, [":input", "1", "2"],
+                                                torch.randn(40, 6, 3), sequence=True)
+
+
+def _model_graph(**params):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 6), nn.GELU(), nn.Linear(6, 3))
+    return InteractionGraph(**params).fit_model(net, [":input", "1", "3", "4"],
+                                                torch.randn(300, 5))
+
+
+GRAPHS = {
+    "center=False": lambda c: InteractionGraph(center=False).fit(c["acts"], jacobians=c["jacs"]),
+    "pca": lambda c: InteractionGraph(basis="pca").fit(c["acts"], jacobians=c["jacs"]),
+    "final pca, constant nodes": lambda c: InteractionGraph(
+        final_layer="pca", constant_node=True).fit(c["acts"], jacobians=c["jacs"]),
+    "global, 2 components": lambda c: InteractionGraph(
+        variant="global", n_components=2).fit(c["acts"], jacobians=c["jacs"]),
+    "threshold 1e-15": lambda c: InteractionGraph(truncation_threshold=1e-15).fit(
+        c["acts"], jacobians=c["jacs"]),
+    "cond 1e6": lambda c: _fit(InteractionGraph(), *_reparameterised(c, 1e6)),
+    "cond 1e7": lambda c: _fit(InteractionGraph(), *_reparameterised(c, 1e7)),
+    "float32 cond 1e3": lambda c: _fit(InteractionGraph(dtype="float32"),
+                                       *_reparameterised(c, 1e3, np.float32)),
+    "model, float32": lambda c: _model_graph(dtype="float32"),
+    "model, stochastic sources": lambda c: _model_graph(stochastic_sources=2, random_state=0),
+    "model, integrated gradients": lambda c: _model_graph(integration="trapezoid", n_alphas=4),
+    "sequence model": lambda c: _sequence_graph(constant_node=True),
+}
+
+
+def _fit(graph, acts, jacs):
+    return graph.fit(acts, jacobians=jacs)
+
+
+@pytest.mark.parametrize("kind", list(GRAPHS))
+def test_every_fitted_graph_satisfies_the_invariants_load_checks(case, tmp_path, kind):
+    """No false refusal: graphs of every configuration, ill-conditioned ones included, load."""
+    graph = GRAPHS[kind](case)
+    graph.save(tmp_path / "graph")
+    loaded = InteractionGraph.load(tmp_path / "graph")
+    for l, basis in enumerate(graph.bases_):
+        Z = np.eye(basis.n_components_, dtype=basis.components_.dtype)
+        np.testing.assert_array_equal(loaded.inverse_transform(l, Z), graph.inverse_transform(l, Z))
+    for E, E_ref in zip(loaded.edges_, graph.edges_):
+        np.testing.assert_array_equal(E, E_ref)
+
+
+def test_invariant_tolerances_are_tight_enough_to_catch_small_edits(fitted, tmp_path):
+    """A 1e-6 relative change of one Lambda breaks identity (b) far beyond rounding."""
+    import copy
+
+    graph = copy.deepcopy(fitted)
+    graph.bases_[1].interaction_strengths_[0] *= 1 + 1e-6
+    graph.save(tmp_path / "graph")
+    with pytest.raises(ValueError, match=r"basis_1_interaction_strengths_.*identity \(b\)"):
+        InteractionGraph.load(tmp_path / "graph")
+
+
+def test_version_1_graphs_load_with_invariants_checked(fitted, case, tmp_path):
+    """Graphs saved before the checksums load; their invariants are still checked."""
+    path = tmp_path / "graph"
+    fitted.save(path)
+
+    def to_version_1(meta):
+        meta["format_version"] = 1
+        del meta["arrays"]
+
+    _edit_meta(path, to_version_1)
+    loaded = InteractionGraph.load(path)
+    assert_same_up_to_rounding(loaded.transform(0, case["acts"][0]),
+                               fitted.transform(0, case["acts"][0]))
+    _edit_arrays(path, lambda a: a["basis_1_interaction_strengths_"].__setitem__(0, -1.0))
+    with pytest.raises(ValueError, match="negative"):
+        InteractionGraph.load(path)
+
+
+def test_graph_json_stays_editable_but_arrays_are_checksummed(fitted, tmp_path):
+    path = tmp_path / "graph"
+    fitted.save(path)
+    _edit_meta(path, lambda m: m["params"].update(verbose=True))  # a hand edit of a parameter
+    assert InteractionGraph.load(path).verbose is True
+    _edit_arrays(path, lambda a: a["basis_0_mean_"].__setitem__(0, 1.0))
+    with pytest.raises(ValueError, match=r"basis_0_mean_'\] does not match the dtype, shape and "
+                                         r"checksum save\(\) recorded"):
+        InteractionGraph.load(path)
+
+
+# --------------------------------------------------------------------------- devices
+def test_load_maps_to_the_requested_device(fitted, tmp_path):
+    fitted.save(tmp_path / "graph")
+    loaded = InteractionGraph.load(tmp_path / "graph", device="auto")
+    assert loaded.device == "auto" and {b.device for b in loaded.bases_} == {"auto"}
+    with pytest.raises(ValueError, match="not a device torch knows"):
+        InteractionGraph.load(tmp_path / "graph", device="gpu0")
+
+
+def test_set_params_device_moves_the_fitted_bases(fitted):
+    import copy
+
+    graph = copy.deepcopy(fitted).set_params(device="auto")
+    assert {b.device for b in graph.bases_} == {"auto"}
+    assert {b.device for b in fitted.bases_} == {"cpu"}  # a copy, the original untouched
+
+
+# --------------------------------------------------------------------------- overwrite
+def test_overwrite_keeps_a_folder_with_foreign_files_and_names_them(fitted, tmp_path):
+    path = tmp_path / "graph"
+    fitted.save(path)
+    (path / "README.txt").write_text("mine")
+    (path / "empty").mkdir()  # an empty folder holds nothing to lose: not named
+    with pytest.raises(FileExistsError, match=r"\['README.txt'\].*move them out"):
+        fitted.save(path, overwrite=True)
+    assert (path / "README.txt").read_text() == "mine"
+    (path / "README.txt").unlink()
+    fitted.save(path, overwrite=True)  # only ours left: replaced
+    assert sorted(p.name for p in path.iterdir()) == ["arrays.npz", "graph.json"]

@@ -11,6 +11,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn_lib import PCA as RoutedPCA
 from sklearn_lib import InteractionBasis
 from sklearn_lib.metrics import InteractionSparsityScorer, edges_to_reach, gini
+from sklearn_lib.metrics._affine import _affine_map
 
 
 @pytest.fixture
@@ -318,3 +319,55 @@ def test_scorer_refuses_non_transformers(data):
 def test_scorer_refuses_bad_batch_size_when_built(batch_size):
     with pytest.raises(ValueError, match="batch_size must be a positive integer"):
         InteractionSparsityScorer(batch_size=batch_size)
+
+
+# --- the affine probe ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bend", [1e-6, 1e-3])
+def test_affine_probe_refuses_small_curvature(data, bend):
+    """x + bend * x**2 departs from affine far above rounding: refused, however slight."""
+    from sklearn.preprocessing import FunctionTransformer
+
+    X, _ = data
+    curved = FunctionTransformer(lambda x: x + bend * x**2).fit(X)
+    with pytest.raises(ValueError, match="not affine"):
+        _affine_map(curved, X)
+
+
+@pytest.mark.parametrize("offset, spread", [(0.0, 1.0), (1e6, 1e-3), (-1e8, 1.0), (0.0, 1e-9)])
+def test_affine_probe_reads_scalers_exactly_at_any_offset_and_scale(rng, offset, spread):
+    X = offset + spread * rng.normal(size=(300, 5)) * [1.0, 2.0, 0.5, 3.0, 1.0]
+    scaler = StandardScaler().fit(X)
+    affine = _affine_map(scaler, X)
+    np.testing.assert_allclose(affine.A, np.diag(1 / scaler.scale_), rtol=1e-9)
+    np.testing.assert_allclose(affine.P, np.diag(scaler.scale_), rtol=1e-9)
+
+
+def test_affine_probe_refuses_a_departure_on_one_row_among_many(rng):
+    """Only row 7777 of 10000 reaches the clip; the probe looks at every row."""
+    from sklearn.preprocessing import FunctionTransformer
+
+    X = np.clip(rng.normal(size=(10_000, 3)), -3.0, 3.0)
+    X[7777, 1] = 10.0
+    clip = FunctionTransformer(np.clip, kw_args={"a_min": -1e3, "a_max": 9.0}).fit(X)
+    with pytest.raises(ValueError, match=r"at X\[7777\]"):
+        _affine_map(clip, X)
+
+
+def test_affine_probe_accepts_float32_steps(data):
+    X, _ = data
+    X32 = X.astype(np.float32)
+    scaler = StandardScaler().fit(X32)
+    affine = _affine_map(scaler, X32)
+    np.testing.assert_allclose(affine.A, np.diag(1 / scaler.scale_), rtol=1e-5)
+
+
+@pytest.mark.parametrize("center", [True, False])
+def test_scorer_reads_bases_with_and_without_an_offset(data, center):
+    """center=False gives b = 0 exactly: the left-inverse check must allow b's own rounding."""
+    X, J = data
+    X = X + 5.0
+    basis = InteractionBasis(4, center=center).fit(X, jacobians=J)
+    expected = basis.score(X, jacobians=J)
+    assert InteractionSparsityScorer()(basis, X, jacobians=J) == pytest.approx(expected, rel=1e-8)

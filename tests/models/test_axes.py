@@ -235,3 +235,25 @@ def test_resnet18_channels_as_features():
     assert [b.n_features_in_ for b in graph.bases_] == [64, 128, 10]
     assert graph.n_components_[1] <= 63
     assert all(np.isfinite(e).all() for e in graph.edges_)
+
+
+@pytest.mark.parametrize("selector, positions", [
+    ("[::-1]", [4, 3, 2, 1, 0]), ("[::2]", [0, 2, 4]), ("[-2:]", [3, 4]), ("[1, 3]", [1, 3]),
+])
+def test_position_selections_with_any_nonzero_step_read_those_positions(selector, positions):
+    """Refusing step 0 must not refuse other slices: the view is the positions selected."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh())
+    X = torch.randn(6, 5, 3, dtype=torch.float64)
+    acts = record_activations(net.double(), ["1" + selector], X, verbose=False)
+    np.testing.assert_array_equal(acts["1" + selector], net(X)[:, positions].detach().numpy())
+
+
+def test_same_module_at_different_positions_is_named_with_the_fix():
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match=r"'1\[0\]' and '1\[1\]' both read the same activation "
+                                         r"\(the output of module '1'\).*'1\[0, 1\]'"):
+        InteractionGraph().fit_model(net, ["1[0]", "1[1]", "2"], torch.randn(4, 5, 3),
+                                     sequence=True)
+    with pytest.raises(ValueError, match=r"'1' and '1:output' both name the same activation"):
+        InteractionGraph().fit_model(net, ["1", "1:output", "2"], torch.randn(4, 3))

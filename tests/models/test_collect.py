@@ -455,3 +455,22 @@ def test_collect_fills_arrays_in_place_for_any_data(X, kind):
         assert got.shape == (n, *want.shape[1:])
         assert got.flags.c_contiguous and got.flags.owndata
         assert_same_up_to_rounding(got, want[:n])
+
+
+def test_closed_forms_are_checked_on_every_batch(monkeypatch):
+    """nn.Linear patched to add a term for the last batch's inputs only (no check of the
+    types can see it): that batch and later ones take products, earlier ones keep the
+    closed form."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).double()
+    X = torch.randn(40, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    X = X[torch.argsort(X[:, 0])]
+    threshold = float(X[-5, 0])
+    linear = nn.Linear.forward
+    monkeypatch.setattr(nn.Linear, "forward", lambda self, x: linear(self, x) + 3 * torch.relu(
+        x[:, :1] - threshold))
+    with pytest.warns(UserWarning, match=r"in the batch of samples 30 to 39 the model's "
+                                         r"output differs"):
+        _, jacs = collect(net, [":input", "1"], X, batch_size=10, verbose=False)
+    _, ref = collect(net, [":input", "1"], X, batch_size=10, verbose=False, fast_path=False)
+    np.testing.assert_allclose(jacs[0], ref[0], rtol=0, atol=1e-12)

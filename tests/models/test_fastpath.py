@@ -290,3 +290,74 @@ def test_shipped_transformer_mlp_section_matches_generic_path():
     auto, generic = _graphs(net, X, True, layers)
     assert auto.fast_path_ == [True]
     _assert_same(auto, generic)
+
+
+# ------------------------------------------------------- what the model computes, checked
+def test_every_batch_is_checked_against_the_declared_formula():
+    """A term that appears only after sample 256 sends the block to the generic path."""
+
+    class Late(Block):
+        def forward(self, x):
+            return super().forward(x) + 2.0 * torch.relu(x[:, :1] - 1.0) * x
+
+    torch.manual_seed(0)
+    net = Net(nn.GELU).double()
+    net.block = Late(5, 7, nn.GELU()).double()
+    declare_residual_mlp(net.block, "fc_in", "act", "fc_out")
+    X = _data(False, n=400)
+    with torch.no_grad():
+        X = X[torch.argsort(net.embed(X)[:, 0])]
+    assert int((net.embed(X)[:256, 0] > 1.0).sum()) == 0 < int((net.embed(X)[:, 0] > 1.0).sum())
+    with pytest.warns(UserWarning, match=r"declared a residual MLP block.*in the batch of "
+                                         r"samples \d+ to \d+ the model's output differs"):
+        auto = InteractionGraph.from_model(net, LAYERS, X, edge_point="data")
+    generic = InteractionGraph.from_model(net, LAYERS, X, edge_point="data", fast_path=False)
+    assert auto.fast_path_ == [False, True]
+    _assert_same(auto, generic)
+    with pytest.warns(UserWarning, match="declared a residual MLP block"):
+        with pytest.raises(ValueError, match=r"'block:input' -> 'block:output' \(the model's "
+                                             r"output differs from the closed form in the "
+                                             r"batch of samples"):
+            InteractionGraph.from_model(net, LAYERS, X, fast_path=True)
+
+
+def test_parametrized_linear_keeps_the_closed_form():
+    """weight_norm and masks as parametrizations: the weight is the parametrization's."""
+    net, X = _net(nn.GELU), _data(False)
+    torch.nn.utils.parametrizations.weight_norm(net.block.fc_in)
+    torch.nn.utils.parametrize.register_parametrization(net.block.fc_out, "weight",
+                                                        _Tril())
+    auto, generic = _graphs(net, X, False, LAYERS)
+    assert auto.fast_path_ == [True, True]
+    _assert_same(auto, generic)
+
+
+class _Tril(nn.Module):
+    def forward(self, W):
+        return W.tril()
+
+
+def test_instance_forward_takes_the_generic_path_and_says_why():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 2)).double()
+    lin = net[2]
+    mask = (torch.arange(10).reshape(2, 5) % 3 != 0).double()
+    lin.forward = lambda x: torch.nn.functional.linear(x, lin.weight * mask, lin.bias)
+    X = _data(False)
+    auto, generic = _graphs(net, X, False, [":input", "1", "2"])
+    assert auto.fast_path_ == [True, False]
+    _assert_same(auto, generic)
+    with pytest.raises(ValueError, match=r"'1' -> '2' \(module '2' \(Linear\) has an "
+                                         r"instance-level forward\)"):
+        InteractionGraph.from_model(net, [":input", "1", "2"], X, fast_path=True)
+
+
+def test_reading_a_parametrized_weight_leaves_the_model_as_it_was():
+    """spectral_norm's power iteration runs when its weight is read in training mode."""
+    net, X = _net(nn.Tanh), _data(False)
+    torch.nn.utils.parametrizations.spectral_norm(net.block.fc_in)
+    net.train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    graph = InteractionGraph.from_model(net, LAYERS, X, edge_point="data")
+    assert graph.fast_path_ == [True, True]
+    assert net.training and all(torch.equal(before[k], v) for k, v in net.state_dict().items())

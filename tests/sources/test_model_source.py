@@ -134,17 +134,35 @@ def test_hooked_readout_is_no_readout():
         handle.remove()
 
 
-def test_readout_that_reads_another_value_later_is_refused():
+def test_readout_that_reads_another_value_later_runs_the_whole_model():
+    """Every batch is checked before the readout is used: a later batch where the module
+    reads another value sends the section to the whole model, with a warning."""
     net, X = _net(read="doubled later"), _data()
     X[-1, -1, 0] = 5.0  # only the last batch doubles its readout's input
     layers = ["resid[-1]", "head"]
+    with pytest.warns(UserWarning, match=r"module 'head' applied to layer 'resid\[-1\]'.*"
+                                         r"in the batch of samples \d+ to \d+"):
+        graph = InteractionGraph.from_model(net, layers, X, sequence=True, batch_size=8,
+                                            edge_point="data")
+    assert graph.fast_path_ == [False]
+    _assert_graphs_equal(graph, _reference(net, layers, X))
+
+
+def test_readout_without_closed_form_is_checked_on_every_pass(monkeypatch):
+    """A readout run alone without its closed form checks its input in every pass."""
+    from sklearn_lib.sources import _model_source
+
+    net, X = _net(read="doubled later"), _data()
+    X[-1, -1, 0] = 5.0
+    monkeypatch.setattr(_model_source.ModelSource, "candidate", lambda self, l, m: None)
     with pytest.raises(ValueError, match=r"module 'head' applied to layer 'resid\[-1\]'.*"
                                          r"fast_path=False"):
-        InteractionGraph.from_model(net, layers, X, sequence=True, batch_size=8)
+        InteractionGraph.from_model(net, ["resid[-1]", "head"], X, sequence=True,
+                                    batch_size=8)
     # Without recognised sections the whole model runs and nothing is refused.
-    graph = InteractionGraph.from_model(net, layers, X, sequence=True, batch_size=8,
-                                        fast_path=False, edge_point="data")
-    _assert_graphs_equal(graph, _reference(net, layers, X))
+    graph = InteractionGraph.from_model(net, ["resid[-1]", "head"], X, sequence=True,
+                                        batch_size=8, fast_path=False, edge_point="data")
+    _assert_graphs_equal(graph, _reference(net, ["resid[-1]", "head"], X))
 
 
 # --------------------------------------------------------------------------- positions
