@@ -49,8 +49,12 @@ class InteractionBasis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
     the downstream computation, and scales each direction by the square root
     of its interaction strength ``Lambda``. The result does not depend on how
     the layer happens to be parameterised: fitting on ``X @ A`` with Jacobians
-    ``J @ inv(A)`` gives the same transformed data for any invertible ``A``.
-    Without Jacobians (an identity downstream map) the basis is PCA's.
+    ``J @ inv(A).T`` gives the same transformed data for any invertible ``A``
+    (equal values: each direction's sign is fixed by a rule that is itself
+    invariant). Without Jacobians (an identity downstream map) the basis is PCA's.
+
+    Lambda is accurate to about ``eps cond(A)`` of the largest strength, not
+    ``eps cond(A)**2``: the Gram matrix is never formed (see the user guide).
 
     Read more in SPEC section 1 and the user guide.
 
@@ -71,8 +75,10 @@ class InteractionBasis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
         Eigenvalue threshold of both truncations. A float is absolute
         (``tau_D = tau_Lambda = truncation_threshold``; the reference default is
         1e-5); "auto" drops exactly the directions that are rounding noise
-        (see the user guide) and, when nothing survives, says whether the
-        activations are constant, the Jacobians vanish, or the precision ran out.
+        (see the user guide), warns when it drops a direction that only the
+        conditioning of these coordinates hides and, when nothing survives, says
+        whether the activations are constant, the Jacobians vanish, or the
+        precision ran out.
     batch_size : int, default=None
         Samples per chunk when accumulating statistics and transforming. None
         picks a size whose Jacobian chunk holds about 2**23 numbers, so memory
@@ -215,7 +221,8 @@ class InteractionBasis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
     def partial_fit(self, X, y=None, *, jacobians=None, sample_weight=None):
         """Add a chunk of samples to the statistics and refit the basis.
 
-        Statistics are merged with the pairwise (Chan et al.) update, so a
+        Statistics are merged exactly (TSQR with Chan et al.'s mean correction,
+        Jacobians squared in the whitening frame of what came before), so a
         stream of chunks gives the same basis as ``fit`` on their concatenation.
         The first call needs at least two samples; later chunks must have the
         same number of features and outputs. A chunk with NaN or infinity is
@@ -342,20 +349,15 @@ class InteractionBasis(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEs
         ``streaming``, chunk by chunk in the frame of what came before.
         """
         chunks = list(gen_batches(X.shape[0], self._chunk_size(stats.n_outputs)))
-
-        def weights(rows):
-            return None if sample_weight is None else sample_weight[rows]
-
-        if streaming:
-            for rows in chunks:
-                stats.update(X[rows], None if jacobians is None else jacobians[rows],
-                             weights(rows))
-            return
-        for rows in chunks:
-            stats.update_activations(X[rows], weights(rows))
-        if jacobians is not None:
-            for rows in chunks:
-                stats.update_jacobians(jacobians[rows], weights(rows))
+        w = [None if sample_weight is None else sample_weight[rows] for rows in chunks]
+        for rows, w_rows in zip(chunks, w):
+            if streaming:
+                stats.update(X[rows], None if jacobians is None else jacobians[rows], w_rows)
+            else:
+                stats.update_activations(X[rows], w_rows)
+        if jacobians is not None and not streaming:
+            for rows, w_rows in zip(chunks, w):
+                stats.update_jacobians(jacobians[rows], w_rows)
 
     def _fit_statistics(self, stats, *, name):
         """Compute the basis from accumulated statistics and set fitted attributes.

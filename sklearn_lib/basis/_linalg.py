@@ -26,7 +26,7 @@ seeds, ``A = Q1 diag(s) Q2`` with ``s`` log-spaced in [1, cond(A)]), the largest
 error of Lambda relative to the largest strength, against exact values from the
 untransformed problem, is 2e-15, 1e-13, 7e-13, 8e-11, 6e-10 and 4e-9 at cond(A)
 1, 1e2, 1e4, 1e6, 1e7 and 1e8 in float64 (the naive reference of issue 20 in
-the same precision: 2e-15, 2e-13, 1e-9, 1e-5, 1e-3, 0.1), and 8e-7, 2e-6,
+the same precision: 2e-15, 2e-13, 1e-9, 1e-5, 1e-3, 0.1), and 5e-7, 2e-6,
 5e-6, 2e-5 and 2e-4 at cond(A) 1 to 1e4 in float32 (naive: 5e-6, 1e-6, 3e-5,
 3e-3, 0.09). All 8 directions are resolved to 1% throughout, where the naive
 reference keeps 1 at 1e8 (float64) and none at 1e4 (float32). That is about
@@ -60,10 +60,10 @@ above it was lost to the conditioning of the coordinates, not to the
 precision, and a ``UserWarning`` says how many and why when its strength is
 above ``sqrt(eps)`` times the largest (weaker ones carry less than half the
 digits of the precision); so does a direction the first truncation dropped
-although the Jacobians are large enough there to give it such a strength. When nothing survives, the error names the
-cause: constant activations, Jacobians that vanish where the activations vary,
-or a precision that cannot resolve these coordinates (naming the dtype and the
-condition number).
+although the Jacobians are large enough there to give it such a strength.
+When nothing survives, the error names the cause: constant activations,
+Jacobians that vanish where the activations vary, or a precision that cannot
+resolve these coordinates (naming the dtype and the condition number).
 
 Orientation
 -----------

@@ -32,8 +32,8 @@ digit in float64), so :class:`InteractionStatistics` never does:
   ``b`` changes frame with ``|T|^T``. The "auto" truncation reads its tolerance
   from it (:mod:`sklearn_lib.basis._linalg`).
 * **Signed Jacobian sums** ``sum_x w_x J_x^T U`` for two fixed output weightings
-  ``U`` (:func:`~sklearn_lib.basis._factors.output_weights`), which orient each basis direction by a rule
-  that does not change under reparameterisation.
+  ``U`` (:func:`~sklearn_lib.basis._factors.output_weights`), which orient each
+  basis direction by a rule that does not change under reparameterisation.
 
 Every matrix is stored divided by a power of two that keeps its largest entry
 near 1: activations of 1e200 (whose squares overflow float64) or Jacobians of
@@ -345,17 +345,11 @@ class InteractionStatistics:
         if w is not None:
             J = J * w.sqrt()[:, None, None]
         rows = J.reshape(-1, self.n_features)
-        Y = rows if frame is None else frame.apply(rows)
-        # One GEMM over all (sample, output) rows: the whole cost of a fit. A NaN
-        # or infinity anywhere in column j of Y reaches diagonal entry j of Y^T Y;
-        # checking d numbers instead of the chunk halves the cost.
-        part = _scaled_scatter(Y)
-        if part is None and frame is not None and bool(torch.isfinite(rows).all()):
-            # Finite Jacobians near the end of the float range: the frame's
-            # product overflowed, not the data. Square them scaled.
-            e = _exponent(_largest(rows))
-            P, k = _scaled_scatter(frame.apply(scale_by_power_of_two(rows, -e)))
-            part = (P, k + e)
+        # One GEMM over all (sample, output) rows (two in a frame): the whole cost
+        # of a fit. A NaN or infinity anywhere in column j of the rows reaches
+        # diagonal entry j of the Gram matrix; checking d numbers instead of the
+        # chunk halves the cost.
+        part = _scaled_scatter(rows, None if frame is None else frame.matrix())
         if part is None:
             raise ValueError("jacobians contains NaN or infinity.")
         P, k = part

@@ -16,6 +16,8 @@ from ..basis._stats import AUTO_CHUNK_NUMBERS, output_weights
 from ..models import _adapters, _collect, _model
 from ..models._attention import CausalAttention, detect_attention, why_not_attention
 from ..models._fastpath import (
+    LinearElementwise,
+    ResidualMLP,
     detect_section,
     fits_rows,
     readout_section,
@@ -565,15 +567,18 @@ class ModelSource:
 def _closed_form_sums(structure, V, s_sum, n_rows, n_outputs):
     """``sum_x (V^T J_x)^T U`` of a closed form (None without rows).
 
-    ``J_x`` is affine in the derivative ``s_x`` (``jacobians`` of the
-    structures), so the sum over n rows is ``J(s_sum) + (n - 1) J(0)``. A row
+    For :class:`LinearElementwise` and :class:`ResidualMLP`, ``J_x`` is affine in
+    the derivative ``s_x`` (their ``jacobians``), so the sum over n rows is
+    ``J(s_sum) + (n - 1) J(0)``; other closed forms give None. A row
     of a sequence model has outputs only at its own position, so the sum of
     the outputs (``U``'s first column) is the same; their alternating sum depends
     on the positions, which are not recorded, and is left at zero (undecided:
     the orientation rule then falls back to ``svd_flip``'s).
     """
     k = V.shape[1]
-    if s_sum is None or n_rows == 0:
+    # Only these structures' Jacobians are affine in s_x, with jacobians(s).
+    if s_sum is None or n_rows == 0 or not isinstance(structure, (LinearElementwise,
+                                                                  ResidualMLP)):
         return None
     total = structure.jacobians(s_sum[None])[0]
     total = total + (n_rows - 1) * structure.jacobians(torch.zeros_like(s_sum)[None])[0]

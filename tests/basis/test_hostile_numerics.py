@@ -15,8 +15,9 @@ A case's verdict is one of ``ok``, ``silent-wrong`` (less accurate than the
 naive reference, or another answer than the untransformed fit, without a word),
 ``data-loss`` (the same, but warned about or refused), ``cryptic-error`` (a
 refusal that does not say what happened) and ``crash`` (any other exception).
-The tests assert ``ok``; ``python tests/basis/test_hostile_numerics.py`` prints the
-table of verdicts (used for the before/after counts of issue 20).
+The tests assert ``ok``; ``PYTHONPATH=. python tests/basis/test_hostile_numerics.py``
+from the repository root prints the table of verdicts (used for the before/after
+counts of issue 20: 15 ok, 17 silent-wrong, 3 data-loss on the code before it).
 """
 
 import warnings

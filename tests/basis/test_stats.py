@@ -253,3 +253,17 @@ def test_ranks_merge_square_roots_exactly(tmp_path):
     np.testing.assert_allclose(results[0]["L"], whole.interaction_strengths_, rtol=1e-8)
     np.testing.assert_allclose(results[0]["C"], whole.components_, rtol=1e-6,
                                atol=1e-9 * np.abs(whole.components_).max())
+
+
+@pytest.mark.parametrize("framed", [False, True])
+def test_float32_gram_rounds_like_blocks_not_like_one_long_sum(framed):
+    """16000 x 8 float32 rows: 3e-6 relative error as one product; blocks keep it near eps."""
+    from sklearn_lib.basis._factors import _gram
+
+    gen = np.random.default_rng(9)
+    rows = torch.from_numpy((gen.normal(size=(16000, 8)) + 0.5).astype(np.float32))
+    F = torch.from_numpy(np.linalg.qr(gen.normal(size=(8, 8)))[0].astype(np.float32))
+    Y = rows.double() @ F.double() if framed else rows.double()
+    exact = Y.T @ Y
+    got = _gram(rows, F if framed else None).double()
+    assert float((got - exact).abs().max() / exact.abs().max()) < 4 * np.finfo(np.float32).eps
