@@ -284,7 +284,8 @@ def collect(
     sections = list(zip(specs[:-1], specs[1:])) if jacobians else []
     batches, total = _iter_batches(data, batch_size)
     if cache is not None:
-        from ..cache._cache import ActivationCache, _check_target
+        from ..cache._cache import ActivationCache
+        from ..cache._format import _check_target
 
         if not isinstance(cache, ActivationCache):
             # The cache is created from the first batch's shapes; fail before any work.

@@ -390,7 +390,7 @@ def test_overwrite_ignores_empty_folders_and_refuses_foreign_files(finalized):
 
 def test_overwrite_of_a_cache_without_inventory_checks_its_layout(finalized):
     """A cache of an old format lists no files; its zarr layout says which are its own."""
-    from sklearn_lib.cache._cache import _foreign_files
+    from sklearn_lib.cache._format import _foreign_files
 
     path, _ = finalized
 
