@@ -266,21 +266,53 @@ class PositionSources:
                              device=self.device)
         return (2 * bits - 1).to(dtype) / math.sqrt(self.m)
 
-    def batch(self, n, dtype):
+    def batch(self, n, dtype, real=None):
         """The signs of one batch of ``n`` samples: a function of its number of positions.
 
         Every call with the same number returns the same signs, so that the
         products at several points of an integration path, and the output
         coordinates the constant node compares with, combine positions alike.
+
+        ``real``, a function of the number of output positions giving a
+        (n, P) bool tensor of the real ones (or None), sets the signs of
+        padded output positions to 0. With ``s_t`` = 0 at padded positions
+        and independent ``±1/sqrt(m)`` at real ones, ``sum_j s_jt s_ju`` has
+        expectation 1 for ``t = u`` real and 0 otherwise, so ``sum_j (sum_t
+        s_jt A_t)^T (sum_t s_jt A_u)`` estimates ``sum_{t real} A_t^T A_t``,
+        the exact sum over real positions, without bias; and a padded
+        position, whose products may hold anything, enters no combination.
+
+        The signs are drawn batch after batch from one generator, so with a
+        shuffling DataLoader a sample gets other signs in every pass: that
+        biases nothing, as the signs are independent of the data and of the
+        order they come in (every sample's signs are independent and uniform
+        whichever draw they come from), and every pass is an estimate of its
+        own anyway (the statistics and the edges of a layer take independent
+        sources).
         """
-        drawn = {}
+        return _BatchSigns(self, n, dtype, real)
 
-        def signs(n_positions):
-            if n_positions not in drawn:
-                drawn[n_positions] = self.draw(n, n_positions, dtype)
-            return drawn[n_positions]
 
-        return signs
+class _BatchSigns:
+    """The signs of one batch (:meth:`PositionSources.batch`), drawn once per number of positions.
+
+    ``combined`` says whether positions were combined at all: a section with
+    one output position takes no signs, and its products stay one per position.
+    """
+
+    def __init__(self, sources, n, dtype, real):
+        self.sources, self.n, self.dtype, self.real = sources, n, dtype, real
+        self.drawn, self.combined = {}, False
+
+    def __call__(self, n_positions):
+        if n_positions not in self.drawn:
+            signs = self.sources.draw(self.n, n_positions, self.dtype)
+            real = None if self.real is None else self.real(n_positions)
+            if real is not None:
+                signs.mul_(real.view(self.n, 1, n_positions).to(signs.dtype))
+            self.drawn[n_positions] = signs
+        self.combined = self.combined or n_positions > 1
+        return self.drawn[n_positions]
 
 
 def _section_rows(model, a, b, x, act_in, cotangents, *, sequence, max_vectors, check,

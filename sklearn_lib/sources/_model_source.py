@@ -209,7 +209,10 @@ class ModelSource:
         would only say "X"); one reduction per batch, as the statistics do.
         """
         act = _model._cast(value, self.dtype)
-        self._passes.layer(self.specs[l].spec, act)
+        # Only real positions: padded ones depend on the width a batch was padded to.
+        real = self._real_rows(x, l, act.shape)
+        self._passes.layer(self.specs[l].spec, act,
+                           None if real is None else real.view(act.shape[0], -1))
         if act.is_floating_point() and not bool(torch.isfinite(act).all()):
             if not bool(torch.isfinite(_adapters.flat_numbers(x)).all()):
                 raise ValueError(
@@ -293,15 +296,21 @@ class ModelSource:
             leaves=self.leaves(l, m), vector_major=True, position_signs=signs,
         )
 
-    def _signs(self, position_sources, x):
-        """The position signs of batch ``x`` (:meth:`PositionSources.batch`), or None.
+    def _signs(self, position_sources, x, m):
+        """The position signs of batch ``x`` for a section into layer m, or None.
 
-        Output padding is masked on the products, one output position each, so
-        a padded batch takes no random combinations of positions.
+        See :meth:`PositionSources.batch`: padded output positions of layer m
+        take sign 0, so the random combinations are over the real positions
+        only and estimate the exact (masked) sums without bias.
         """
-        if position_sources is None or _adapters.padding_mask(x) is not None:
+        if position_sources is None:
             return None
-        return position_sources.batch(_adapters.n_samples(x), self.dtype)
+        n = _adapters.n_samples(x)
+        real = None
+        if _adapters.padding_mask(x) is not None:
+            def real(n_positions):
+                return self._real_rows(x, m, self._output_shape(m, n, n_positions))
+        return position_sources.batch(n, self.dtype, real)
 
     def leaves(self, l, m):
         """The modules of section l -> m to run from the recorded activation, or None.
@@ -427,9 +436,9 @@ class ModelSource:
                 scatter = part if scatter is None else scatter.add_(part)
                 sums = None  # the closed form has no signed sums (see add_jacobian_scatter_)
                 continue
-            products = self._products(l, m, x, act, V, check=i == 0,
-                                      signs=self._signs(position_sources, x))
-            keep_in, _ = self._mask_products(products, x, l, m, act, k)
+            signs = self._signs(position_sources, x, m)
+            products = self._products(l, m, x, act, V, check=i == 0, signs=signs)
+            keep_in, _ = self._mask_products(products, x, l, m, act, k, signs)
             stats.update(_keep(self._rows(act, l), keep_in))
             # One GEMM over all (row, output) pairs, accumulated in place; the
             # finished scatter is checked for NaN/inf once instead of every batch.
@@ -448,17 +457,22 @@ class ModelSource:
         return stats.add_jacobian_scatter_(scatter, n_outputs=self.positions[m] * k,
                                            signed_sums=sums)
 
-    def _mask_products(self, products, x, l, m, act, k):
+    def _mask_products(self, products, x, l, m, act, k, signs=None):
         """Zero the products of padded input rows and padded output positions, in place.
 
-        Returns the real rows of layers l and m (None where nothing is padded).
-        Products are vector-major, ``(P_m * k, B * P_l, d_l)`` with output
-        position ``t`` major in the first axis.
+        Returns the real rows of layers l and m (None where nothing is padded,
+        and for m where ``signs`` (:meth:`_signs`) combined the output
+        positions: their signs are 0 at padded positions already). Products
+        are vector-major, ``(P_m * k, B * P_l, d_l)`` with output position
+        ``t`` major in the first axis, or ``(sources * k, B * P_l, d_l)``
+        when combined.
         """
         n = _adapters.n_samples(x)
         keep_in = self._real_rows(x, l, act.shape)
         p_out = products.shape[0] // k
-        keep_out = self._real_rows(x, m, self._output_shape(m, n, p_out))
+        keep_out = None
+        if signs is None or not signs.combined:
+            keep_out = self._real_rows(x, m, self._output_shape(m, n, p_out))
         view = products.view(p_out, k, n, -1, products.shape[-1])
         if keep_out is not None:
             view.mul_(keep_out.view(n, p_out).T.to(products.dtype)[:, None, :, None, None])
@@ -520,7 +534,7 @@ class ModelSource:
             Z = _zero_padded((X - mean) @ C, keep_in)
             points = path_points(X, mean, C, C_pinv, edge_point, alphas)
             signs = None if attention is not None or st is not None else self._signs(
-                position_sources, x)
+                position_sources, x, l + 1)
             Z_out = None
             if constant is not None:
                 end = next(path_points(X, mean, C, C_pinv, edge_point, [1.0]))
@@ -549,7 +563,7 @@ class ModelSource:
                 for w, p in zip(weights, points):
                     products = self._products(l, l + 1, x, p.reshape(act.shape), V,
                                               check=i == 0, signs=signs)
-                    self._mask_products(products, x, l, l + 1, act, k)
+                    self._mask_products(products, x, l, l + 1, act, k, signs)
                     P_bar = (products.mul_(w) if P_bar is None
                              else P_bar.add_(products, alpha=w))
                 # Products come vector-major (outputs, rows, d); the edges see them
