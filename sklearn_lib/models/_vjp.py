@@ -22,6 +22,7 @@ from ..utils._backend import (
     model_device,
     resolve_device,
     resolve_dtype,
+    resolve_model_dtype,
     to_output,
 )
 from ._adapters import copy_module, take, unwrap_model
@@ -57,8 +58,9 @@ def prepare_model(model, *, device=None, dtype="float64"):
     device : str or torch.device, optional
         Target device; None keeps the model's (that of its first parameter or
         buffer; the CPU for a model without any).
-    dtype : {"float64", "float32"}, default="float64"
-        Dtype of the floating parameters and buffers.
+    dtype : {"float64", "float32", "bfloat16", "float16", "model"}, default="float64"
+        Dtype of the floating parameters and buffers; ``"model"`` keeps the
+        model's own (only the device may change).
 
     Returns
     -------
@@ -78,19 +80,30 @@ def prepare_model(model, *, device=None, dtype="float64"):
     True
     """
     model = unwrap_model(model)
-    dtype = resolve_dtype(dtype)
+    dtype = resolve_model_dtype(dtype, "float64")
     tensors = [*model.parameters(), *model.buffers()]
     if device is None:
         device = tensors[0].device if tensors else torch.device("cpu")
     else:
         device = resolve_device(device)
     if all(
-        t.device == device and (not t.is_floating_point() or t.dtype == dtype) for t in tensors
+        t.device == device and (not t.is_floating_point() or dtype in (None, t.dtype))
+        for t in tensors
     ):
         return model
     # torch's own Module.to: libraries override it with other signatures
     # (TransformerLens' HookedTransformer.to takes no dtype keyword).
+    if dtype is None:
+        return torch.nn.Module.to(copy_module(model), device=device)
     return torch.nn.Module.to(copy_module(model), device=device, dtype=dtype)
+
+
+def floating_dtype(model, default):
+    """The dtype of a module's first floating parameter or buffer (``default`` without one)."""
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.is_floating_point():
+            return t.dtype
+    return default
 
 
 # --------------------------------------------------------------------------- sections
@@ -303,6 +316,18 @@ class _BatchSigns:
     def __init__(self, sources, n, dtype, real):
         self.sources, self.n, self.dtype, self.real = sources, n, dtype, real
         self.drawn, self.combined = {}, False
+
+    @property
+    def scale(self):
+        """``1/sqrt(m)``, the size of every nonzero sign."""
+        return 1.0 / math.sqrt(self.sources.m)
+
+    def units(self, dtype):
+        """The same signs in units (-1, 0, 1, exact in any dtype) as ``dtype``, a function too."""
+        def signs(n_positions):
+            return (self(n_positions) * math.sqrt(self.sources.m)).round_().to(dtype)
+
+        return signs
 
     def __call__(self, n_positions):
         if n_positions not in self.drawn:

@@ -25,7 +25,8 @@ from ..models._fastpath import (
     why_generic,
 )
 from ..models._independence import PROBE_SAMPLES, check_independent
-from ..utils._backend import eval_mode, model_device, resolve_dtype
+from ..models._vjp import floating_dtype
+from ..utils._backend import eval_mode, model_device, resolve_dtype, resolve_model_dtype
 from ._cached import _shape
 from ._closed_forms import choose_closed_forms, same_values
 from ._edges import Workspace, accumulate_attributions, accumulate_edges, path_points
@@ -67,7 +68,7 @@ class ModelSource:
     """Activations from a live model; ``V^T J`` by vector-Jacobian products or closed forms."""
 
     def __init__(self, model, layers, data, *, sequence, batch_size, device, dtype,
-                 fast_path, verbose):
+                 fast_path, verbose, model_dtype=None):
         if isinstance(layers, str) or not hasattr(layers, "__len__") or len(layers) < 2:
             raise ValueError(
                 f"layers must be a list of at least 2 layer names in forward order, got "
@@ -79,9 +80,27 @@ class ModelSource:
                 "iterates it twice per layer; got a one-shot iterator "
                 f"({type(data).__name__})."
             )
-        self.model = _collect.prepare_model(model, device=device, dtype=dtype)
-        self.device = model_device(self.model)
         self.dtype = resolve_dtype(dtype)
+        run_dtype = resolve_model_dtype(model_dtype, dtype)
+        self.model = _collect.prepare_model(model, device=device,
+                                            dtype="model" if run_dtype is None else run_dtype)
+        self.device = model_device(self.model)
+        # The model may run in a lower precision (float32, bfloat16) than the
+        # statistics: activations and products are cast to ``dtype`` before
+        # anything is summed, so sums over many samples round in ``dtype`` and
+        # only the model's own values carry its rounding.
+        self.model_dtype = floating_dtype(self.model, self.dtype)
+        if self.model_dtype != self.dtype:
+            if fast_path is True:
+                raise ValueError(
+                    f"fast_path=True needs the model in the statistics' dtype ({self.dtype}), "
+                    f"but it runs in {self.model_dtype} (model_dtype={model_dtype!r}): the "
+                    "closed forms read its parameters in that dtype. Use fast_path='auto' "
+                    "or model_dtype=None."
+                )
+            # The closed forms compute from the parameters in the statistics' dtype;
+            # with a model in another one every section takes the model's own products.
+            fast_path = False
         self.specs = _model._parse_layers(self.model, list(layers), "output")
         self.data, self.sequence, self.verbose = data, sequence, verbose
         self.batch_size = batch_size
@@ -92,8 +111,8 @@ class ModelSource:
         if probe_samples == 0:
             raise ValueError(f"fit_model needs at least 2 samples, got 0 ({_describe(data)}).")
         # What every pass over the data must see again (set by the first pass).
-        self._passes = PassLog(_describe(data), probe_samples, _layer_rtol(self.dtype,
-                                                                           self.device))
+        self._passes = PassLog(_describe(data), probe_samples,
+                               _layer_rtol(self.model_dtype, self.device))
         with eval_mode(self.model), torch.no_grad():
             _model._check_forward(self.model, first)
             probe = _model._record_batch(
@@ -134,7 +153,7 @@ class ModelSource:
     def _batches(self, batch_size):
         batches, _ = _model._iter_batches(self.data, batch_size)
         for batch in batches:
-            yield _model._input_tensor(batch, self.device, self.dtype)
+            yield _model._input_tensor(batch, self.device, self.model_dtype)
 
     def _footprint(self, m, work):
         """Numbers per sample a pass holds: the forward pass up to layer m plus ``work``.
@@ -162,7 +181,7 @@ class ModelSource:
         self._passes.start()
         with bar:
             for batch in batches:
-                x = _model._input_tensor(batch, self.device, self.dtype)
+                x = _model._input_tensor(batch, self.device, self.model_dtype)
                 yield x
                 fingerprint.add(x)
                 bar.update(_adapters.n_samples(x))
@@ -288,13 +307,23 @@ class ModelSource:
         """``V^T J`` of section l -> m at ``act``, vector-major (P_m k, rows, d_l).
 
         With ``signs`` (:meth:`_signs`), ``(m k, rows, d_l)`` instead: random
-        combinations of the output positions.
+        combinations of the output positions. The products come in ``dtype``:
+        a model in a lower precision computes them from ``act`` rounded to its
+        own (exactly its recorded value at the data), and they are cast before
+        any sum; random signs then enter it as exact units, scaled in ``dtype``
+        (``1/sqrt(m)`` rounded to bfloat16 would bias every estimate alike).
         """
-        return _collect._section_rows(
-            self.model, self.specs[l], self.specs[m], x, act, V,
+        low = self.model_dtype != self.dtype
+        products = _collect._section_rows(
+            self.model, self.specs[l], self.specs[m], x, act.to(self.model_dtype), V,
             sequence=self.sequence, max_vectors=None, check=check,
-            leaves=self.leaves(l, m), vector_major=True, position_signs=signs,
+            leaves=self.leaves(l, m), vector_major=True,
+            position_signs=signs.units(self.model_dtype) if low and signs is not None else signs,
         )
+        if not low:
+            return products
+        products = products.to(self.dtype)
+        return products.mul_(signs.scale) if signs is not None and signs.combined else products
 
     def _signs(self, position_sources, x, m):
         """The position signs of batch ``x`` for a section into layer m, or None.
@@ -489,7 +518,7 @@ class ModelSource:
         """Layer l+1's activation (rows) with layer l's replaced by ``point`` (rows)."""
         with torch.no_grad():
             out = _collect._run_section(self.model, self.specs[l], self.specs[l + 1], x,
-                                        point.reshape(shape))
+                                        point.reshape(shape).to(self.model_dtype))
         return self._rows(_model._cast(out, self.dtype), l + 1)
 
     def edges(self, l, V, mean, C, C_pinv, *, edge_point, alphas, weights, out_mean=None,
