@@ -220,24 +220,26 @@ def _scatter(stats):
 def test_padded_positions_are_combined_at_random_without_bias(side):
     """Signs 0 at padded outputs: random combinations of the real positions, averaging to exact.
 
-    The exact sums come from each sequence alone, unpadded, by brute force; a
-    single draw differs from them (the positions were combined), and the mean of
-    200 draws is as close as an unbiased estimate's variance allows.
+    The exact sums come from each sequence alone, unpadded, by brute force. The
+    data hold R copies of the sequences, each with signs of its own: a pass is
+    the sum of R independent draws. Its mean differs from the exact sums (the
+    positions were combined), and the mean of 20 passes (200 draws) is as close
+    as an unbiased estimate's variance allows.
     """
-    net, seqs = _mixer(), _sequences(n=10)
+    net, seqs, R = _mixer(), _sequences(n=10), 10
     V = torch.randn(D, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    batches = [_pad(seqs[:5], side=side), _pad(seqs[5:], 9, side=side)]
+    batches = [_pad(seqs[:5] * R, side=side), _pad(seqs[5:] * R, 9, side=side)]
     source = ModelSource(net, ["resid", "mid"], batches, sequence=True, batch_size=None,
                          device=None, dtype="float64", fast_path="auto", verbose=False)
     exact = _brute_force_scatter(net, seqs, V)
     n_rows = sum(len(s) for s in seqs)
     stats = source.jacobian_stats(0, V, _new_stats)
-    torch.testing.assert_close(_scatter(stats), exact, rtol=1e-12, atol=1e-12)
-    assert stats.n_samples == n_rows
+    torch.testing.assert_close(_scatter(stats) / R, exact, rtol=1e-12, atol=1e-12)
+    assert stats.n_samples == R * n_rows
     draws = torch.stack([
         _scatter(source.jacobian_stats(0, V, _new_stats,
-                                       position_sources=PositionSources(2, seed, CPU)))
-        for seed in range(200)
+                                       position_sources=PositionSources(2, seed, CPU))) / R
+        for seed in range(20)
     ])
     errors = (draws - exact).square().sum((1, 2))
     assert float(errors.min()) > 1e-6 * float(exact.square().sum())  # combined, not exact
@@ -247,9 +249,12 @@ def test_padded_positions_are_combined_at_random_without_bias(side):
 
 @pytest.mark.parametrize("constant", [False, True])
 def test_padded_edges_from_combined_positions_are_unbiased(constant):
-    """The edges (and the constant node's, from ``Z_out``) of padded batches, over draws."""
-    net, seqs = _mixer(), _sequences(n=10)
-    batches = [_pad(seqs[:5]), _pad(seqs[5:], 9)]
+    """The edges (and the constant node's, from ``Z_out``) of padded batches, over draws.
+
+    R copies of the sequences: every pass averages R independent draws.
+    """
+    net, seqs, R = _mixer(), _sequences(n=10), 10
+    batches = [_pad(seqs[:5] * R), _pad(seqs[5:] * R, 9)]
     graph = InteractionGraph(constant_node=constant, verbose=False).fit_model(
         net, ["resid", "mid"], batches, sequence=True)
     source = ModelSource(net, ["resid", "mid"], batches, sequence=True, batch_size=None,
@@ -264,10 +269,10 @@ def test_padded_edges_from_combined_positions_are_unbiased(constant):
                                atol=1e-12)
     draws = torch.stack([source.edges(0, *args, **kwargs,
                                       position_sources=PositionSources(2, seed, CPU))
-                         for seed in range(200)])
+                         for seed in range(20)])
     errors = (draws - exact).square().sum((1, 2))
     assert float(errors.min()) > 1e-8 * float(exact.square().sum())
-    assert float((draws.mean(0) - exact).square().sum()) < 4 * float(errors.mean()) / 200
+    assert float((draws.mean(0) - exact).square().sum()) < 4 * float(errors.mean()) / 20
 
 
 # --------------------------------------------------------------------------- positions left out
