@@ -191,9 +191,10 @@ class InteractionGraph(BaseEstimator):
         output positions, are estimated from such combinations as well and
         stay unbiased (``E[(sum_t s_t a_t)^2] = sum_t a_t^2``), the constant
         node's too.
-        It applies to vector-Jacobian products of live models (``fit_model``)
-        on batches without padding; closed forms, declared attention, padded
-        batches and cached Jacobians (``fit``) are exact.
+        It applies to vector-Jacobian products of live models (``fit_model``),
+        padded batches included (padded output positions take sign 0, so the
+        estimate is of the sums over real positions); closed forms, declared
+        attention and cached Jacobians (``fit``) are exact.
     fast_path : "auto" or bool, default="auto"
         Use the closed form for sections that are one ``nn.Linear`` and/or one
         elementwise activation (ReLU, Tanh, Sigmoid, GELU, LeakyReLU, ...,

@@ -414,10 +414,9 @@ class ModelSource:
 
         The Jacobian scatter is accumulated here (in closed form or from the
         products) and added to Jacobian-free statistics at the end. With
-        ``position_sources``, the vector-Jacobian products of batches without
-        padding combine the output positions at random (an unbiased estimate of
-        the scatter); closed forms, declared attention and padded batches stay
-        exact.
+        ``position_sources``, the vector-Jacobian products combine the real
+        output positions at random (an unbiased estimate of the scatter, see
+        :meth:`_signs`); closed forms and declared attention stay exact.
         """
         m = l + 1 if target is None else target
         stats = new_stats(l, None)
@@ -525,8 +524,8 @@ class ModelSource:
               position_sources=None):
         """Edges (r_out, r_in); with ``out_mean``, the constant node's column appended.
 
-        With ``position_sources``, the vector-Jacobian products of unpadded batches
-        combine output positions at random, as in :meth:`jacobian_stats`: the sum
+        With ``position_sources``, the vector-Jacobian products combine the real
+        output positions at random, as in :meth:`jacobian_stats`: the sum
         of squares over output positions is then estimated without bias
         (``E[(sum_t s_t a_t)^2] = sum_t a_t^2``), the constant node's too.
         """
