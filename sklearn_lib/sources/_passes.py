@@ -40,13 +40,19 @@ class Fingerprint:
     ----------
     what : str, default="inputs"
         What the numbers are, for messages.
+    exact : bool, default=True
+        Project float64 copies of the numbers, so that the projections of
+        the same numbers in other batches agree to float64 rounding (the
+        bound :meth:`difference` allows without ``rtol``). False projects
+        them in their own dtype: a layer's values, compared with an ``rtol``
+        anyway, are not copied.
     """
 
     _NAMES = ("{}", "projected {}", "squared {}", "squared projections of the {}",
               "magnitudes of the {}")
 
-    def __init__(self, what="inputs"):
-        self.what = what
+    def __init__(self, what="inputs", exact=True):
+        self.what, self.exact = what, exact
         self.n_samples, self.n_numbers, self.sums, self.width = 0, 0, None, 0
 
     def add(self, x, mask=None):
@@ -69,7 +75,8 @@ class Fingerprint:
                               and tuple(value.shape[:2]) == tuple(pad.shape))
                 parts.append((value.to(torch.float64), pad if positional else None))
         else:
-            parts = [(x if x.is_floating_point() else x.to(torch.float64), mask)]
+            cast = self.exact or not x.is_floating_point()
+            parts = [(x.to(torch.float64) if cast else x, mask)]
         n = _adapters.n_samples(x)
         sums, numbers, width = None, 0, 0
         for phase, (value, real) in enumerate(parts):
@@ -144,8 +151,8 @@ class PassLog:
         whatever the model computes there, which may depend on the padded width.
         """
         if self.current is not None:
-            self.current.setdefault(name, Fingerprint(f"values of layer {name!r}")).add(
-                values, mask)
+            self.current.setdefault(
+                name, Fingerprint(f"values of layer {name!r}", exact=False)).add(values, mask)
 
     def finish(self, desc, fingerprint):
         """End a complete pass: refuse other samples, or other values of a layer.

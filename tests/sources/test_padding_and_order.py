@@ -372,3 +372,19 @@ def test_model_dtype_is_checked():
     with pytest.raises(ValueError, match="model_dtype"):
         InteractionGraph(model_dtype="int8", verbose=False).fit_model(
             net, ["resid", "mid"], data, sequence=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_precision_inputs_in_other_batches_have_the_same_fingerprint(dtype):
+    """Inputs of a float32 or bfloat16 model are projected in float64: batching changes nothing."""
+    x = torch.randn(64, 300, generator=torch.Generator().manual_seed(0)).to(dtype)
+    whole, parts = Fingerprint(), Fingerprint()
+    whole.add(x)
+    for rows in (slice(40, 64), slice(0, 7), slice(7, 40)):
+        parts.add(x[rows])
+    assert whole.difference(parts, "first", "again") is None
+    changed = x.clone()
+    changed[3, 5] = -changed[3, 5] if changed[3, 5] != 0 else 1
+    other = Fingerprint()
+    other.add(changed)
+    assert whole.difference(other, "first", "again") is not None
