@@ -143,6 +143,16 @@ class InteractionGraph(BaseEstimator):
         batch at a time.
     dtype : {"float64", "float32"}, default="float64"
         Precision of the model run, the statistics and the results.
+    model_dtype : {"model", "float64", "float32", "bfloat16", "float16"} or None, default=None
+        Precision the model runs in (:meth:`fit_model`). None: ``dtype``, in a
+        converted copy when the model has another. ``"model"``: its own
+        precision (a bfloat16 model runs in bfloat16, cheaper); a name: a copy
+        in that precision. Activations and vector-Jacobian products are cast
+        to ``dtype`` before anything is summed, so the statistics and edges
+        are accumulated in ``dtype`` and carry only the rounding of the
+        model's own values. Closed forms need the model in ``dtype``: with
+        another precision every section takes the model's products
+        (``fast_path=True`` is refused).
     edge_point : {"auto", "reconstructed", "data"}, default="auto"
         Where the edge Jacobian ``J_l`` is evaluated. ``"reconstructed"`` (the
         reference implementation's choice) uses ``inverse_transform(transform(X))``,
@@ -181,9 +191,10 @@ class InteractionGraph(BaseEstimator):
         output positions, are estimated from such combinations as well and
         stay unbiased (``E[(sum_t s_t a_t)^2] = sum_t a_t^2``), the constant
         node's too.
-        It applies to vector-Jacobian products of live models (``fit_model``)
-        on batches without padding; closed forms, declared attention, padded
-        batches and cached Jacobians (``fit``) are exact.
+        It applies to vector-Jacobian products of live models (``fit_model``),
+        padded batches included (padded output positions take sign 0, so the
+        estimate is of the sums over real positions); closed forms, declared
+        attention and cached Jacobians (``fit``) are exact.
     fast_path : "auto" or bool, default="auto"
         Use the closed form for sections that are one ``nn.Linear`` and/or one
         elementwise activation (ReLU, Tanh, Sigmoid, GELU, LeakyReLU, ...,
@@ -298,6 +309,8 @@ class InteractionGraph(BaseEstimator):
         "n_alphas": [Interval(Integral, 1, None, closed="left")],
         "stochastic_sources": [Interval(Integral, 1, None, closed="left"), None],
         "stochastic_positions": [Interval(Integral, 1, None, closed="left"), None],
+        "model_dtype": [StrOptions({"model", "float64", "float32", "bfloat16", "float16"}),
+                        None],
         "fast_path": [StrOptions({"auto"}), "boolean"],
         "constant_node": ["boolean"],
         "random_state": ["random_state"],
@@ -325,6 +338,7 @@ class InteractionGraph(BaseEstimator):
         constant_node=False,
         random_state=None,
         verbose=False,
+        model_dtype=None,
     ):
         self.n_components = n_components
         self.basis = basis
@@ -344,6 +358,7 @@ class InteractionGraph(BaseEstimator):
         self.constant_node = constant_node
         self.random_state = random_state
         self.verbose = verbose
+        self.model_dtype = model_dtype
 
     # ------------------------------------------------------------------ fitting
     @_fit_context(prefer_skip_nested_validation=True)
@@ -479,7 +494,7 @@ class InteractionGraph(BaseEstimator):
                 model, layers, data, sequence=sequence, batch_size=self.batch_size,
                 device=resolve_device(self.device), dtype=self.dtype,
                 fast_path=self.fast_path,
-                verbose=self.verbose,
+                verbose=self.verbose, model_dtype=self.model_dtype,
             )
 
         def prepare():

@@ -22,6 +22,7 @@ from ..utils._backend import (
     model_device,
     resolve_device,
     resolve_dtype,
+    resolve_model_dtype,
     to_output,
 )
 from ._adapters import copy_module, take, unwrap_model
@@ -57,8 +58,9 @@ def prepare_model(model, *, device=None, dtype="float64"):
     device : str or torch.device, optional
         Target device; None keeps the model's (that of its first parameter or
         buffer; the CPU for a model without any).
-    dtype : {"float64", "float32"}, default="float64"
-        Dtype of the floating parameters and buffers.
+    dtype : {"float64", "float32", "bfloat16", "float16", "model"}, default="float64"
+        Dtype of the floating parameters and buffers; ``"model"`` keeps the
+        model's own (only the device may change).
 
     Returns
     -------
@@ -78,19 +80,30 @@ def prepare_model(model, *, device=None, dtype="float64"):
     True
     """
     model = unwrap_model(model)
-    dtype = resolve_dtype(dtype)
+    dtype = resolve_model_dtype(dtype, "float64")
     tensors = [*model.parameters(), *model.buffers()]
     if device is None:
         device = tensors[0].device if tensors else torch.device("cpu")
     else:
         device = resolve_device(device)
     if all(
-        t.device == device and (not t.is_floating_point() or t.dtype == dtype) for t in tensors
+        t.device == device and (not t.is_floating_point() or dtype in (None, t.dtype))
+        for t in tensors
     ):
         return model
     # torch's own Module.to: libraries override it with other signatures
     # (TransformerLens' HookedTransformer.to takes no dtype keyword).
+    if dtype is None:
+        return torch.nn.Module.to(copy_module(model), device=device)
     return torch.nn.Module.to(copy_module(model), device=device, dtype=dtype)
+
+
+def floating_dtype(model, default):
+    """The dtype of a module's first floating parameter or buffer (``default`` without one)."""
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.is_floating_point():
+            return t.dtype
+    return default
 
 
 # --------------------------------------------------------------------------- sections
@@ -266,21 +279,65 @@ class PositionSources:
                              device=self.device)
         return (2 * bits - 1).to(dtype) / math.sqrt(self.m)
 
-    def batch(self, n, dtype):
+    def batch(self, n, dtype, real=None):
         """The signs of one batch of ``n`` samples: a function of its number of positions.
 
         Every call with the same number returns the same signs, so that the
         products at several points of an integration path, and the output
         coordinates the constant node compares with, combine positions alike.
-        """
-        drawn = {}
 
+        ``real``, a function of the number of output positions giving a
+        (n, P) bool tensor of the real ones (or None), sets the signs of
+        padded output positions to 0. With ``s_t`` = 0 at padded positions
+        and independent ``±1/sqrt(m)`` at real ones, ``sum_j s_jt s_ju`` has
+        expectation 1 for ``t = u`` real and 0 otherwise, so ``sum_j (sum_t
+        s_jt A_t)^T (sum_t s_jt A_u)`` estimates ``sum_{t real} A_t^T A_t``,
+        the exact sum over real positions, without bias; and a padded
+        position, whose products may hold anything, enters no combination.
+
+        The signs are drawn batch after batch from one generator, so with a
+        shuffling DataLoader a sample gets other signs in every pass: that
+        biases nothing, as the signs are independent of the data and of the
+        order they come in (every sample's signs are independent and uniform
+        whichever draw they come from), and every pass is an estimate of its
+        own anyway (the statistics and the edges of a layer take independent
+        sources).
+        """
+        return _BatchSigns(self, n, dtype, real)
+
+
+class _BatchSigns:
+    """The signs of one batch (:meth:`PositionSources.batch`), drawn once per number of positions.
+
+    ``combined`` says whether positions were combined at all: a section with
+    one output position takes no signs, and its products stay one per position.
+    """
+
+    def __init__(self, sources, n, dtype, real):
+        self.sources, self.n, self.dtype, self.real = sources, n, dtype, real
+        self.drawn, self.combined = {}, False
+
+    @property
+    def scale(self):
+        """``1/sqrt(m)``, the size of every nonzero sign."""
+        return 1.0 / math.sqrt(self.sources.m)
+
+    def units(self, dtype):
+        """The same signs in units (-1, 0, 1, exact in any dtype) as ``dtype``, a function too."""
         def signs(n_positions):
-            if n_positions not in drawn:
-                drawn[n_positions] = self.draw(n, n_positions, dtype)
-            return drawn[n_positions]
+            return (self(n_positions) * math.sqrt(self.sources.m)).round_().to(dtype)
 
         return signs
+
+    def __call__(self, n_positions):
+        if n_positions not in self.drawn:
+            signs = self.sources.draw(self.n, n_positions, self.dtype)
+            real = None if self.real is None else self.real(n_positions)
+            if real is not None:
+                signs.mul_(real.view(self.n, 1, n_positions).to(signs.dtype))
+            self.drawn[n_positions] = signs
+        self.combined = self.combined or n_positions > 1
+        return self.drawn[n_positions]
 
 
 def _section_rows(model, a, b, x, act_in, cotangents, *, sequence, max_vectors, check,

@@ -25,7 +25,8 @@ from ..models._fastpath import (
     why_generic,
 )
 from ..models._independence import PROBE_SAMPLES, check_independent
-from ..utils._backend import eval_mode, model_device, resolve_dtype
+from ..models._vjp import floating_dtype
+from ..utils._backend import eval_mode, model_device, resolve_dtype, resolve_model_dtype
 from ._cached import _shape
 from ._closed_forms import choose_closed_forms, same_values
 from ._edges import Workspace, accumulate_attributions, accumulate_edges, path_points
@@ -67,7 +68,7 @@ class ModelSource:
     """Activations from a live model; ``V^T J`` by vector-Jacobian products or closed forms."""
 
     def __init__(self, model, layers, data, *, sequence, batch_size, device, dtype,
-                 fast_path, verbose):
+                 fast_path, verbose, model_dtype=None):
         if isinstance(layers, str) or not hasattr(layers, "__len__") or len(layers) < 2:
             raise ValueError(
                 f"layers must be a list of at least 2 layer names in forward order, got "
@@ -79,9 +80,27 @@ class ModelSource:
                 "iterates it twice per layer; got a one-shot iterator "
                 f"({type(data).__name__})."
             )
-        self.model = _collect.prepare_model(model, device=device, dtype=dtype)
-        self.device = model_device(self.model)
         self.dtype = resolve_dtype(dtype)
+        run_dtype = resolve_model_dtype(model_dtype, dtype)
+        self.model = _collect.prepare_model(model, device=device,
+                                            dtype="model" if run_dtype is None else run_dtype)
+        self.device = model_device(self.model)
+        # The model may run in a lower precision (float32, bfloat16) than the
+        # statistics: activations and products are cast to ``dtype`` before
+        # anything is summed, so sums over many samples round in ``dtype`` and
+        # only the model's own values carry its rounding.
+        self.model_dtype = floating_dtype(self.model, self.dtype)
+        if self.model_dtype != self.dtype:
+            if fast_path is True:
+                raise ValueError(
+                    f"fast_path=True needs the model in the statistics' dtype ({self.dtype}), "
+                    f"but it runs in {self.model_dtype} (model_dtype={model_dtype!r}): the "
+                    "closed forms read its parameters in that dtype. Use fast_path='auto' "
+                    "or model_dtype=None."
+                )
+            # The closed forms compute from the parameters in the statistics' dtype;
+            # with a model in another one every section takes the model's own products.
+            fast_path = False
         self.specs = _model._parse_layers(self.model, list(layers), "output")
         self.data, self.sequence, self.verbose = data, sequence, verbose
         self.batch_size = batch_size
@@ -92,8 +111,8 @@ class ModelSource:
         if probe_samples == 0:
             raise ValueError(f"fit_model needs at least 2 samples, got 0 ({_describe(data)}).")
         # What every pass over the data must see again (set by the first pass).
-        self._passes = PassLog(_describe(data), probe_samples, _layer_rtol(self.dtype,
-                                                                           self.device))
+        self._passes = PassLog(_describe(data), probe_samples,
+                               _layer_rtol(self.model_dtype, self.device))
         with eval_mode(self.model), torch.no_grad():
             _model._check_forward(self.model, first)
             probe = _model._record_batch(
@@ -134,7 +153,7 @@ class ModelSource:
     def _batches(self, batch_size):
         batches, _ = _model._iter_batches(self.data, batch_size)
         for batch in batches:
-            yield _model._input_tensor(batch, self.device, self.dtype)
+            yield _model._input_tensor(batch, self.device, self.model_dtype)
 
     def _footprint(self, m, work):
         """Numbers per sample a pass holds: the forward pass up to layer m plus ``work``.
@@ -162,7 +181,7 @@ class ModelSource:
         self._passes.start()
         with bar:
             for batch in batches:
-                x = _model._input_tensor(batch, self.device, self.dtype)
+                x = _model._input_tensor(batch, self.device, self.model_dtype)
                 yield x
                 fingerprint.add(x)
                 bar.update(_adapters.n_samples(x))
@@ -209,7 +228,10 @@ class ModelSource:
         would only say "X"); one reduction per batch, as the statistics do.
         """
         act = _model._cast(value, self.dtype)
-        self._passes.layer(self.specs[l].spec, act)
+        # Only real positions: padded ones depend on the width a batch was padded to.
+        real = self._real_rows(x, l, act.shape)
+        self._passes.layer(self.specs[l].spec, act,
+                           None if real is None else real.view(act.shape[0], -1))
         if act.is_floating_point() and not bool(torch.isfinite(act).all()):
             if not bool(torch.isfinite(_adapters.flat_numbers(x)).all()):
                 raise ValueError(
@@ -285,23 +307,39 @@ class ModelSource:
         """``V^T J`` of section l -> m at ``act``, vector-major (P_m k, rows, d_l).
 
         With ``signs`` (:meth:`_signs`), ``(m k, rows, d_l)`` instead: random
-        combinations of the output positions.
+        combinations of the output positions. The products come in ``dtype``:
+        a model in a lower precision computes them from ``act`` rounded to its
+        own (exactly its recorded value at the data), and they are cast before
+        any sum; random signs then enter it as exact units, scaled in ``dtype``
+        (``1/sqrt(m)`` rounded to bfloat16 would bias every estimate alike).
         """
-        return _collect._section_rows(
-            self.model, self.specs[l], self.specs[m], x, act, V,
+        low = self.model_dtype != self.dtype
+        products = _collect._section_rows(
+            self.model, self.specs[l], self.specs[m], x, act.to(self.model_dtype), V,
             sequence=self.sequence, max_vectors=None, check=check,
-            leaves=self.leaves(l, m), vector_major=True, position_signs=signs,
+            leaves=self.leaves(l, m), vector_major=True,
+            position_signs=signs.units(self.model_dtype) if low and signs is not None else signs,
         )
+        if not low:
+            return products
+        products = products.to(self.dtype)
+        return products.mul_(signs.scale) if signs is not None and signs.combined else products
 
-    def _signs(self, position_sources, x):
-        """The position signs of batch ``x`` (:meth:`PositionSources.batch`), or None.
+    def _signs(self, position_sources, x, m):
+        """The position signs of batch ``x`` for a section into layer m, or None.
 
-        Output padding is masked on the products, one output position each, so
-        a padded batch takes no random combinations of positions.
+        See :meth:`PositionSources.batch`: padded output positions of layer m
+        take sign 0, so the random combinations are over the real positions
+        only and estimate the exact (masked) sums without bias.
         """
-        if position_sources is None or _adapters.padding_mask(x) is not None:
+        if position_sources is None:
             return None
-        return position_sources.batch(_adapters.n_samples(x), self.dtype)
+        n = _adapters.n_samples(x)
+        real = None
+        if _adapters.padding_mask(x) is not None:
+            def real(n_positions):
+                return self._real_rows(x, m, self._output_shape(m, n, n_positions))
+        return position_sources.batch(n, self.dtype, real)
 
     def leaves(self, l, m):
         """The modules of section l -> m to run from the recorded activation, or None.
@@ -376,10 +414,9 @@ class ModelSource:
 
         The Jacobian scatter is accumulated here (in closed form or from the
         products) and added to Jacobian-free statistics at the end. With
-        ``position_sources``, the vector-Jacobian products of batches without
-        padding combine the output positions at random (an unbiased estimate of
-        the scatter); closed forms, declared attention and padded batches stay
-        exact.
+        ``position_sources``, the vector-Jacobian products combine the real
+        output positions at random (an unbiased estimate of the scatter, see
+        :meth:`_signs`); closed forms and declared attention stay exact.
         """
         m = l + 1 if target is None else target
         stats = new_stats(l, None)
@@ -427,9 +464,9 @@ class ModelSource:
                 scatter = part if scatter is None else scatter.add_(part)
                 sums = None  # the closed form has no signed sums (see add_jacobian_scatter_)
                 continue
-            products = self._products(l, m, x, act, V, check=i == 0,
-                                      signs=self._signs(position_sources, x))
-            keep_in, _ = self._mask_products(products, x, l, m, act, k)
+            signs = self._signs(position_sources, x, m)
+            products = self._products(l, m, x, act, V, check=i == 0, signs=signs)
+            keep_in, _ = self._mask_products(products, x, l, m, act, k, signs)
             stats.update(_keep(self._rows(act, l), keep_in))
             # One GEMM over all (row, output) pairs, accumulated in place; the
             # finished scatter is checked for NaN/inf once instead of every batch.
@@ -448,17 +485,22 @@ class ModelSource:
         return stats.add_jacobian_scatter_(scatter, n_outputs=self.positions[m] * k,
                                            signed_sums=sums)
 
-    def _mask_products(self, products, x, l, m, act, k):
+    def _mask_products(self, products, x, l, m, act, k, signs=None):
         """Zero the products of padded input rows and padded output positions, in place.
 
-        Returns the real rows of layers l and m (None where nothing is padded).
-        Products are vector-major, ``(P_m * k, B * P_l, d_l)`` with output
-        position ``t`` major in the first axis.
+        Returns the real rows of layers l and m (None where nothing is padded,
+        and for m where ``signs`` (:meth:`_signs`) combined the output
+        positions: their signs are 0 at padded positions already). Products
+        are vector-major, ``(P_m * k, B * P_l, d_l)`` with output position
+        ``t`` major in the first axis, or ``(sources * k, B * P_l, d_l)``
+        when combined.
         """
         n = _adapters.n_samples(x)
         keep_in = self._real_rows(x, l, act.shape)
         p_out = products.shape[0] // k
-        keep_out = self._real_rows(x, m, self._output_shape(m, n, p_out))
+        keep_out = None
+        if signs is None or not signs.combined:
+            keep_out = self._real_rows(x, m, self._output_shape(m, n, p_out))
         view = products.view(p_out, k, n, -1, products.shape[-1])
         if keep_out is not None:
             view.mul_(keep_out.view(n, p_out).T.to(products.dtype)[:, None, :, None, None])
@@ -475,15 +517,15 @@ class ModelSource:
         """Layer l+1's activation (rows) with layer l's replaced by ``point`` (rows)."""
         with torch.no_grad():
             out = _collect._run_section(self.model, self.specs[l], self.specs[l + 1], x,
-                                        point.reshape(shape))
+                                        point.reshape(shape).to(self.model_dtype))
         return self._rows(_model._cast(out, self.dtype), l + 1)
 
     def edges(self, l, V, mean, C, C_pinv, *, edge_point, alphas, weights, out_mean=None,
               position_sources=None):
         """Edges (r_out, r_in); with ``out_mean``, the constant node's column appended.
 
-        With ``position_sources``, the vector-Jacobian products of unpadded batches
-        combine output positions at random, as in :meth:`jacobian_stats`: the sum
+        With ``position_sources``, the vector-Jacobian products combine the real
+        output positions at random, as in :meth:`jacobian_stats`: the sum
         of squares over output positions is then estimated without bias
         (``E[(sum_t s_t a_t)^2] = sum_t a_t^2``), the constant node's too.
         """
@@ -520,7 +562,7 @@ class ModelSource:
             Z = _zero_padded((X - mean) @ C, keep_in)
             points = path_points(X, mean, C, C_pinv, edge_point, alphas)
             signs = None if attention is not None or st is not None else self._signs(
-                position_sources, x)
+                position_sources, x, l + 1)
             Z_out = None
             if constant is not None:
                 end = next(path_points(X, mean, C, C_pinv, edge_point, [1.0]))
@@ -549,7 +591,7 @@ class ModelSource:
                 for w, p in zip(weights, points):
                     products = self._products(l, l + 1, x, p.reshape(act.shape), V,
                                               check=i == 0, signs=signs)
-                    self._mask_products(products, x, l, l + 1, act, k)
+                    self._mask_products(products, x, l, l + 1, act, k, signs)
                     P_bar = (products.mul_(w) if P_bar is None
                              else P_bar.add_(products, alpha=w))
                 # Products come vector-major (outputs, rows, d); the edges see them

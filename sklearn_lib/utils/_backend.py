@@ -78,6 +78,41 @@ def resolve_dtype(dtype):
     return _DTYPES[name]
 
 
+#: Precisions a model may run in (``model_dtype``); its statistics stay in ``dtype``.
+_MODEL_DTYPES = {**_DTYPES, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_model_dtype(model_dtype, dtype):
+    """The floating dtype a model runs in, or None to keep the model's own.
+
+    Parameters
+    ----------
+    model_dtype : None, "model", str or torch.dtype
+        None: the model runs in ``dtype`` (it is converted when it has
+        another). ``"model"``: in the precision it has (returns None).
+        ``"float64"``, ``"float32"``, ``"bfloat16"``, ``"float16"`` or a
+        torch dtype: converted to that one.
+    dtype : str or torch.dtype
+        The precision of the statistics (:func:`resolve_dtype`).
+
+    Returns
+    -------
+    torch.dtype or None
+    """
+    if model_dtype is None:
+        return resolve_dtype(dtype)
+    if isinstance(model_dtype, str) and model_dtype == "model":
+        return None
+    if isinstance(model_dtype, torch.dtype) and model_dtype in _MODEL_DTYPES.values():
+        return model_dtype
+    if isinstance(model_dtype, str) and model_dtype in _MODEL_DTYPES:
+        return _MODEL_DTYPES[model_dtype]
+    raise ValueError(
+        f"model_dtype must be None (the model runs in dtype), 'model' (in its own "
+        f"precision) or one of {sorted(_MODEL_DTYPES)}, got {model_dtype!r}."
+    )
+
+
 def is_tensor(a):
     return isinstance(a, torch.Tensor)
 

@@ -252,15 +252,8 @@ def test_position_sources_change_nothing_where_they_do_not_apply():
     _assert_graphs_equal(
         InteractionGraph.from_model(net, ["resid", "mid[-1]"], X, sequence=True,
                                     stochastic_positions=2, random_state=0), exact)
-    # Padded batches take every position (each batch here has padded sequences).
-    mask = torch.ones(16, T, dtype=torch.int64)
-    mask[::2, :1] = 0
-    batches = [{"x": X[:8], "attention_mask": mask[:8]},
-               {"x": X[8:], "attention_mask": mask[8:]}]
-    exact = InteractionGraph.from_model(net, ["resid", "mid"], batches, sequence=True)
-    _assert_graphs_equal(
-        InteractionGraph.from_model(net, ["resid", "mid"], batches, sequence=True,
-                                    stochastic_positions=2, random_state=0), exact)
+    # Padded batches combine their real positions at random too:
+    # tests/sources/test_padding_and_order.py checks them against brute force.
 
 
 def test_position_sources_repeat_with_their_random_state():
