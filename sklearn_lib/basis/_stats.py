@@ -379,6 +379,40 @@ class InteractionStatistics:
         return self
 
     # -------------------------------------------------------------------- merges
+    def mix_jacobians_(self, others, shares):
+        """Make the Jacobian scatter ``sum_g s_g P_g`` of ``self`` and ``others``; return ``self``.
+
+        For statistics of the *same* samples whose Jacobian scatters ``P_g`` are
+        independent unbiased estimates of one scatter (groups of random sources,
+        :mod:`~sklearn_lib.basis._error_bars`): the activations are ``self``'s,
+        the Jacobian halves are mixed with ``shares`` (``self`` first) in
+        ``self``'s frame, and ``n_outputs`` counts every group's outputs.
+        """
+        parts = [self, *others]
+        for other in others:
+            self._check_compatible_samples(other)
+        jac, mixed = self._jacobians, self._new_jacobian_part()
+        mixed.reframe(jac.frame, jac.frame_weight)
+        for part, share in zip(parts, shares):
+            other = part._jacobians.copy(self.device)
+            other.reframe(jac.frame, jac.frame_weight)
+            sums = None if other.sums is None else (other.sums * share, other.sums_exponent)
+            mixed.add(other.gram * share, other.exponent, other.bound * share, sums)
+        self._jacobians = mixed
+        self.n_outputs = sum(part.n_outputs for part in parts)
+        return self
+
+    def _check_compatible_samples(self, other):
+        mine = (self.n_features, self.n_samples, self.weight)
+        theirs = (getattr(other, "n_features", None), getattr(other, "n_samples", None),
+                  getattr(other, "weight", None))
+        if mine != theirs or other._jacobians is None:
+            raise ValueError(
+                "Jacobian scatters can be mixed only between statistics of the same samples "
+                f"with Jacobians: expected (n_features, n_samples, weight) = {mine}, got "
+                f"{theirs}."
+            )
+
     def merge_(self, other):
         """Merge ``other`` into ``self`` in place (exact: TSQR and a change of frame)."""
         merged = merge_statistics([self, other])
