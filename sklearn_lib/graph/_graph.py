@@ -166,6 +166,9 @@ class InteractionGraph(BaseEstimator):
         ``k`` instead of ``r_{l+1}`` vector-Jacobian products per sample. It
         affects only ``M'`` and hence the bases (and, through them, everything
         downstream); edges are always computed with the exact ``C_{l+1}``.
+        With ``k >= 2`` the columns come in ``min(8, k)`` groups, each drawn and
+        run in its own pass over the data, so that the spread between groups
+        gives the error bars ``interaction_strengths_std_`` (see ``bases_``).
     stochastic_positions : int or None, default=None
         If set to ``m``, a section whose output layer has ``P > 1`` positions
         (``sequence=True``) takes ``m`` random ±1 combinations of its output
