@@ -255,8 +255,13 @@ class InteractionGraph(BaseEstimator):
         randomness of later layers' bases (which moves the Jacobians layer ``l``
         is fitted with) is included. NaN where a single source cannot show its
         own spread (``stochastic_sources=1``, or ``stochastic_positions=1`` on a
-        section with random combinations) or the source does not group
-        (``torch.distributed``); 0 where the section is exact.
+        section with random combinations) or the combinations are not grouped
+        (``torch.distributed``, and ``variant="global"`` with
+        ``stochastic_positions`` alone); 0 where the section is exact. Where the
+        relative error bars are large (over about 10%), the noise is comparable
+        to the gaps between strengths and also biases them (it spreads the
+        spectrum: the largest come out too large, the smallest too small), by
+        more than the error bar says: take more sources.
     edges_ : list of ndarray of shape (r_{l+1}, r_l)
         Edge matrices between adjacent layers (one row and column more for
         constant nodes, see ``constant_node``; ``edges_[l][:r_{l+1}, :r_l]``
