@@ -49,3 +49,31 @@ def test_reframing_keeps_the_scatter_and_copies_are_independent():
     # The copy kept its own tensors and frame.
     assert copy.frame is None
     torch.testing.assert_close(copy.gram, J.T @ J, rtol=0, atol=0)
+
+
+def _stats_of(X, J):
+    from sklearn_lib.basis._stats import InteractionStatistics
+
+    stats = InteractionStatistics(X.shape[1], J.shape[1], center=True, device="cpu",
+                                  dtype=torch.float64)
+    return stats.update_activations(X).update_jacobians(J)
+
+
+def test_mixed_jacobian_scatters_are_the_weighted_sum_over_the_same_samples():
+    """Groups of random sources: one activation half, the scatters mixed by share."""
+    import pytest
+
+    g = torch.Generator().manual_seed(4)
+    # Badly scaled activations: every part squares in a whitening frame.
+    X = torch.randn(40, 3, generator=g, dtype=torch.float64) * torch.tensor([1.0, 1e-4, 1e3],
+                                                                            dtype=torch.float64)
+    Js = [torch.randn(40, 2, 3, generator=g, dtype=torch.float64) for _ in range(3)]
+    parts = [_stats_of(X, J) for J in Js]
+    shares = [0.5, 0.25, 0.25]
+    mixed = parts[0].mix_jacobians_(parts[1:], shares)
+    expected = sum(s * torch.einsum("xoi,xoj->ij", J, J) for s, J in zip(shares, Js)) / 40
+    torch.testing.assert_close(mixed.jacobian_gram, expected, rtol=1e-10, atol=0)
+    assert mixed.n_outputs == 6 and mixed.n_samples == 40
+    torch.testing.assert_close(mixed.gram, _stats_of(X, Js[0]).gram, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="same samples"):
+        parts[1].mix_jacobians_([_stats_of(X[:30], Js[2][:30])], [0.5, 0.5])
