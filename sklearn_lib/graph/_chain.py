@@ -6,7 +6,9 @@ finally the edges of every section, asking a *source* of
 :mod:`sklearn_lib.sources._cached` or :mod:`sklearn_lib.sources._model_source` (cached arrays or a
 live model) for statistics and edges. The functions take the :class:`~sklearn_lib.InteractionGraph` whose
 parameters they follow; the estimator itself only validates, picks the source
-and stores the result.
+and stores the result. Stochastic fits also get error bars from independent
+groups of their random sources (:func:`grouped_stats`,
+:mod:`sklearn_lib.basis._error_bars`).
 """
 
 from numbers import Integral, Real
