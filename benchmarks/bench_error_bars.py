@@ -119,6 +119,11 @@ def main(argv=None):
         ratios = [t / t_exact, *(stages[s] / s_exact[s] for s in ("statistics", "edges"))]
         print(f"{m:>4} {k:>4} " + " ".join(f"{r:>5.2f}" for r in ratios) + "  "
               + "; ".join(parts) + f"; {edge}")
+    # The same exact fit again: how much the machine's load moves the times.
+    _, again, s_again = fit(model, layers, tokens, 0, 0)
+    print(f"exact fit again: {again / t_exact:.2f} of the first (statistics "
+          f"{s_again['statistics'] / s_exact['statistics']:.2f}, edges "
+          f"{s_again['edges'] / s_exact['edges']:.2f})")
 
 
 if __name__ == "__main__":
