@@ -47,10 +47,8 @@ import torch
 from ..utils._backend import as_tensor
 from ..utils._validation import check_finite
 from ._factors import (
-    _add_scaled,
     _change_frame,
     _exponent,
-    _frame_change,
     _largest,
     _normalised,
     _scaled_scatter,
@@ -61,6 +59,7 @@ from ._factors import (
     varying_features,
     whitening_frame,
 )
+from ._jacobian_part import JacobianPart
 
 __all__ = [
     "AUTO_CHUNK_NUMBERS",
@@ -80,62 +79,6 @@ AUTO_CHUNK_NUMBERS = 2**23
 # Buffered activation rows are folded into the R factor once there are this
 # many times d of them.
 _BUFFER_FACTOR = 4
-
-
-class _JacobianPart:
-    """The Jacobian half of the statistics: a Gram matrix in a frame, its bound, signed sums.
-
-    ``gram * 4**exponent = Y^T Y`` for ``Y = J F`` over the samples seen (``F`` is
-    ``frame``, None for the identity); ``bound * 4**exponent`` holds the squared
-    column scales of the rounding bound (module docstring); ``sums * 2**sums_exponent``
-    is ``sum_x w_x J_x^T U``, or ``sums`` is None once a closed-form scatter was
-    added. ``frame_weight`` is the activations' weight when the frame was made.
-    """
-
-    def __init__(self, d, device, dtype):
-        self.frame, self.frame_weight, self.empty = None, 0.0, True
-        self.gram = torch.zeros(d, d, device=device, dtype=dtype)
-        self.exponent = 0
-        self.bound = torch.zeros(d, device=device, dtype=dtype)
-        self.sums = torch.zeros(d, 2, device=device, dtype=dtype)
-        self.sums_exponent = 0
-
-    def copy(self, device=None):
-        new = _JacobianPart.__new__(_JacobianPart)
-        new.__dict__.update(self.__dict__)
-        for name in ("gram", "bound", "sums"):
-            t = getattr(self, name)
-            setattr(new, name, None if t is None else
-                    (t.clone() if device is None else t.to(device)))
-        if device is not None and self.frame is not None:
-            new.frame = self.frame.to(device)
-        return new
-
-    def reframe(self, frame, weight):
-        """Express the Gram matrix in ``frame`` (exact in exact arithmetic)."""
-        if not self.empty and frame is not self.frame:
-            T = _frame_change(self.frame, frame, self.gram)
-            self.gram, self.exponent, self.bound = _change_frame(
-                self.gram, self.exponent, self.bound, T)
-        self.frame, self.frame_weight = frame, weight
-
-    def add(self, gram, exponent, bound, sums):
-        """Add a Gram matrix of the same frame, its bound and signed sums (None: unknown)."""
-        if self.empty:
-            self.gram, self.exponent, self.bound = gram, exponent, bound
-        else:
-            top = max(self.exponent, exponent)
-            total = (scale_by_power_of_two(self.gram, 2 * (self.exponent - top))
-                     + scale_by_power_of_two(gram, 2 * (exponent - top)))
-            b = (scale_by_power_of_two(self.bound, 2 * (self.exponent - top))
-                 + scale_by_power_of_two(bound, 2 * (exponent - top)))
-            self.gram, self.exponent = _normalised(total, top)
-            self.bound = scale_by_power_of_two(b, 2 * (top - self.exponent))
-        if sums is None or self.sums is None:
-            self.sums = None
-        else:
-            self.sums, self.sums_exponent = _add_scaled(self.sums, self.sums_exponent, *sums)
-        self.empty = False
 
 
 class InteractionStatistics:
@@ -201,7 +144,7 @@ class InteractionStatistics:
         return self._mean
 
     def _new_jacobian_part(self):
-        return _JacobianPart(self.n_features, self.device, self.dtype)
+        return JacobianPart(self.n_features, self.device, self.dtype)
 
     def _empty_like(self):
         return InteractionStatistics(self.n_features, self.n_outputs, center=self.center,
@@ -436,6 +379,40 @@ class InteractionStatistics:
         return self
 
     # -------------------------------------------------------------------- merges
+    def mix_jacobians_(self, others, shares):
+        """Make the Jacobian scatter ``sum_g s_g P_g`` of ``self`` and ``others``; return ``self``.
+
+        For statistics of the *same* samples whose Jacobian scatters ``P_g`` are
+        independent unbiased estimates of one scatter (groups of random sources,
+        :mod:`~sklearn_lib.basis._error_bars`): the activations are ``self``'s,
+        the Jacobian halves are mixed with ``shares`` (``self`` first) in
+        ``self``'s frame, and ``n_outputs`` counts every group's outputs.
+        """
+        parts = [self, *others]
+        for other in others:
+            self._check_compatible_samples(other)
+        jac, mixed = self._jacobians, self._new_jacobian_part()
+        mixed.reframe(jac.frame, jac.frame_weight)
+        for part, share in zip(parts, shares):
+            other = part._jacobians.copy(self.device)
+            other.reframe(jac.frame, jac.frame_weight)
+            sums = None if other.sums is None else (other.sums * share, other.sums_exponent)
+            mixed.add(other.gram * share, other.exponent, other.bound * share, sums)
+        self._jacobians = mixed
+        self.n_outputs = sum(part.n_outputs for part in parts)
+        return self
+
+    def _check_compatible_samples(self, other):
+        mine = (self.n_features, self.n_samples, self.weight)
+        theirs = (getattr(other, "n_features", None), getattr(other, "n_samples", None),
+                  getattr(other, "weight", None))
+        if mine != theirs or other._jacobians is None:
+            raise ValueError(
+                "Jacobian scatters can be mixed only between statistics of the same samples "
+                f"with Jacobians: expected (n_features, n_samples, weight) = {mine}, got "
+                f"{theirs}."
+            )
+
     def merge_(self, other):
         """Merge ``other`` into ``self`` in place (exact: TSQR and a change of frame)."""
         merged = merge_statistics([self, other])

@@ -6,7 +6,9 @@ finally the edges of every section, asking a *source* of
 :mod:`sklearn_lib.sources._cached` or :mod:`sklearn_lib.sources._model_source` (cached arrays or a
 live model) for statistics and edges. The functions take the :class:`~sklearn_lib.InteractionGraph` whose
 parameters they follow; the estimator itself only validates, picks the source
-and stores the result.
+and stores the result. Stochastic fits also get error bars from independent
+groups of their random sources (:func:`grouped_stats`,
+:mod:`sklearn_lib.basis._error_bars`).
 """
 
 from numbers import Integral, Real
@@ -17,9 +19,17 @@ from sklearn.utils import check_random_state
 from tqdm.auto import tqdm
 
 from ..basis._basis import InteractionBasis
+from ..basis._error_bars import (
+    SourceGroups,
+    group_shares,
+    grouped_std,
+    interaction_strength_std,
+)
 from ..basis._linalg import gram_eigenvalues
 from ..basis._stats import InteractionStatistics
 from ..models._vjp import PositionSources
+from ..sources._cached import CachedSource
+from ..sources._model_source import ModelSource
 from ..utils._backend import as_tensor
 
 __all__ = ["build"]
@@ -91,9 +101,12 @@ def identity_basis(graph, stats):
     return basis
 
 
-def cotangents(graph, C, rng):
-    """``C`` or, with stochastic sources, ``C R / sqrt(k)`` with ``R`` random ±1."""
-    k = graph.stochastic_sources
+def cotangents(graph, C, rng, k=None):
+    """``C`` or, with stochastic sources, ``C R / sqrt(k)`` with ``R`` random ±1.
+
+    ``k`` defaults to ``stochastic_sources`` (a group of them when given).
+    """
+    k = graph.stochastic_sources if k is None else k
     if k is None:
         return C
     R = rng.choice(np.array([-1.0, 1.0]), size=(C.shape[1], k))
@@ -104,6 +117,76 @@ def position_sources(graph, rng, device):
     """Stochastic sources over output positions for one layer's statistics, or None."""
     m = graph.stochastic_positions
     return None if m is None else PositionSources(m, rng.randint(2**31 - 1), device)
+
+
+def _moments(stats):
+    """``M'`` of the statistics as a float64 array (d, d)."""
+    return stats.jacobian_gram.cpu().numpy().astype(np.float64)
+
+
+def grouped_stats(graph, source, C, rng, device, call, *, in_pass=True):
+    """Statistics of one call ``call(V, position_sources, **groups)`` with error-bar groups.
+
+    Returns ``(result, groups)``: ``result`` as ``call`` returns it (statistics,
+    or a list of them for the global variant) and ``groups`` None for an
+    exact fit, else a function of the statistics' position in the list giving
+    ``(group estimates of M' (G, d, d), shares)``; a single group gives NaN
+    error bars. ``k >= 2`` direction sources are split into groups run one
+    after another, each with its own draws of directions and positions (the
+    draws are shared by all samples, so only separate runs are independent);
+    otherwise, position combinations are grouped within the one pass of a live
+    model (:class:`~sklearn_lib.basis._error_bars.SourceGroups`; ``in_pass``
+    says whether ``call`` takes ``error_groups``). Cached
+    Jacobians hold every position: there positions add no error.
+    """
+    k, m = graph.stochastic_sources, graph.stochastic_positions
+    if k is None and m is None:
+        return call(cotangents(graph, C, rng), None), None
+    as_list = lambda r: r if isinstance(r, list) else [r]  # noqa: E731
+    if k is not None and k >= 2:
+        sizes = group_shares(k)
+        runs = [call(cotangents(graph, C, rng, size), position_sources(graph, rng, device))
+                for size in sizes]
+        one = not isinstance(runs[0], list)
+        runs = [as_list(run) for run in runs]
+        shares = [size / k for size in sizes]
+        moments = [np.stack([_moments(run[i]) for run in runs]) for i in range(len(runs[0]))]
+        merged = [runs[0][i].mix_jacobians_([run[i] for run in runs[1:]], shares)
+                  for i in range(len(runs[0]))]
+        return (merged[0] if one else merged), lambda i: (moments[i], shares)
+    V, sources = cotangents(graph, C, rng), position_sources(graph, rng, device)
+    if in_pass and isinstance(source, ModelSource) and k is None:
+        groups = SourceGroups(m)
+        stats = call(V, sources, error_groups=groups)
+        groups.scale = 1.0 / stats.weight
+        estimates = groups.estimates(stats.jacobian_gram).cpu().numpy()
+        return stats, lambda i: (estimates, _shares(groups))
+    result = call(V, sources)
+    if isinstance(source, CachedSource) and k is None:
+        # Cached Jacobians hold every position: the fit is exact.
+        return result, lambda i: (_moments(as_list(result)[i])[None], [1.0])
+    # One direction source, one position combination, or sources that do not
+    # group (torch.distributed): no spread to measure.
+    return result, lambda i: (_moments(as_list(result)[i])[None], None)
+
+
+def _shares(groups):
+    """The groups' shares; ``[1.0]`` when nothing was random (exact), None for one group."""
+    if groups.sums is None:
+        return [1.0]
+    return groups.shares if groups.n_groups >= 2 else None
+
+
+def strengths_std(basis, groups):
+    """``interaction_strengths_std_`` of a basis fitted from grouped statistics."""
+    moments, shares = groups
+    r = basis.n_components_
+    if shares is None:
+        return np.full(r, np.nan)
+    if len(shares) == 1:
+        return np.zeros(r)
+    return interaction_strength_std(basis.interaction_strengths_, basis.inverse_components_,
+                                    moments, shares)
 
 
 def build(graph, source, names, *, edge_point, alphas=(1.0,), weights=(1.0,)):
@@ -143,40 +226,68 @@ def build(graph, source, names, *, edge_point, alphas=(1.0,), weights=(1.0,)):
                 steps.update()
         elif graph.variant == "local":
             for l in range(L - 1, -1, -1):
-                V = cotangents(graph, C[l + 1], rng)
-                stats = source.jacobian_stats(
-                    l, V, new_stats, position_sources=position_sources(graph, rng, device))
+                stats, groups = grouped_stats(
+                    graph, source, C[l + 1], rng, device,
+                    lambda V, sources, l=l, **kw: source.jacobian_stats(
+                        l, V, new_stats, position_sources=sources, **kw))
                 bases[l] = new_basis(graph, n_components[l])._fit_statistics(stats, name=what(l))
+                if groups is not None:
+                    bases[l].interaction_strengths_std_ = strengths_std(bases[l], groups(0))
                 C[l] = tensors(bases[l])[1]
                 steps.update()
         else:
-            V = cotangents(graph, C[L], rng)
-            all_stats = source.global_stats(
-                V, new_stats, position_sources=position_sources(graph, rng, device))
+            all_stats, groups = grouped_stats(
+                graph, source, C[L], rng, device,
+                lambda V, sources: source.global_stats(V, new_stats, position_sources=sources),
+                in_pass=False)
             for l in range(L):
                 bases[l] = new_basis(graph, n_components[l])._fit_statistics(
                     all_stats[l], name=what(l))
+                if groups is not None:
+                    bases[l].interaction_strengths_std_ = strengths_std(bases[l], groups(l))
                 C[l] = tensors(bases[l])[1]
                 steps.update()
-        edges = []
+        edges, edges_std = [], []
+        m = graph.stochastic_positions
         for l in range(L):
             mean, C_l, C_pinv = tensors(bases[l])
             out_mean = tensors(bases[l + 1])[0] if graph.constant_node else None
+            # Edges use the exact C_{l+1}: only position combinations make them random.
+            groups = (SourceGroups(m) if m is not None and isinstance(source, ModelSource)
+                      else None)
             E = source.edges(l, C[l + 1], mean, C_l, C_pinv, edge_point=edge_point,
                              alphas=list(alphas), weights=list(weights), out_mean=out_mean,
-                             position_sources=position_sources(graph, rng, device)
-                             ).cpu().numpy()
+                             position_sources=position_sources(graph, rng, device),
+                             **({} if groups is None else {"error_groups": groups}))
+            std = None
+            if groups is not None:
+                shares = _shares(groups)
+                std = (np.full(tuple(E.shape), np.nan) if shares is None else
+                       grouped_std(groups.estimates(E).cpu().numpy(), shares))
+            elif m is not None:
+                # Cached Jacobians hold every position (exact); sources that do
+                # not group (torch.distributed) show no spread.
+                exact = isinstance(source, CachedSource)
+                std = np.full(tuple(E.shape), 0.0 if exact else np.nan)
+            E = E.cpu().numpy()
             if graph.constant_node and graph._has_constant_node(l + 1, n_layers):
                 # The constant is carried from every position to itself.
                 row = np.zeros((1, E.shape[1]), dtype=E.dtype)
                 row[0, -1] = source.positions[l + 1] / source.positions[l]
                 E = np.concatenate([E, row])
+                std = None if std is None else np.concatenate([std, np.zeros_like(row)])
             edges.append(E)
+            edges_std.append(std)
             steps.update()
+    for basis in bases:
+        # Exact fits (and unrotated or PCA layers, which use no Jacobians) carry no error.
+        if not hasattr(basis, "interaction_strengths_std_"):
+            basis.interaction_strengths_std_ = None
     r = np.array([b.n_components_ for b in bases], dtype=np.int64)
     return {
         "bases_": bases,
         "edges_": edges,
+        "edges_std_": None if m is None else edges_std,
         "n_components_": r,
         "layer_offsets_": graph._layer_offsets(r),
         "n_layers_": n_layers,

@@ -176,6 +176,9 @@ class InteractionGraph(BaseEstimator):
         ``k`` instead of ``r_{l+1}`` vector-Jacobian products per sample. It
         affects only ``M'`` and hence the bases (and, through them, everything
         downstream); edges are always computed with the exact ``C_{l+1}``.
+        With ``k >= 2`` the columns come in ``min(8, k)`` groups, each drawn and
+        run in its own pass over the data, so that the spread between groups
+        gives the error bars ``interaction_strengths_std_`` (see ``bases_``).
     stochastic_positions : int or None, default=None
         If set to ``m``, a section whose output layer has ``P > 1`` positions
         (``sequence=True``) takes ``m`` random ±1 combinations of its output
@@ -246,11 +249,44 @@ class InteractionGraph(BaseEstimator):
         identity), ``interaction_strengths_`` are the mean squared activations of
         the features (the diagonal of ``Z^T Z / n``, in feature order),
         ``jacobian_gram_`` is ``I`` and ``gram_`` / ``gram_eigenvalues_`` describe
-        the data as usual.
+        the data as usual. Every basis of a graph also has
+        ``interaction_strengths_std_`` (r_l,): the standard error of
+        ``interaction_strengths_`` due to the random sources of a stochastic fit
+        (see ``edges_std_``), None for an exact fit and for layers fitted
+        without Jacobians. It is the first-order (delta-method) jackknife over
+        ``G = min(8, n)`` groups of sources, each of which gives an independent,
+        unbiased estimate of ``M'`` given the data:
+        ``stochastic_sources=k >= 2`` splits the ``k`` directions into groups
+        fitted one after another (each with its own position combinations; ``G``
+        passes over the data instead of one, the same number of products);
+        otherwise the ``m`` position combinations of every sample are grouped
+        within the pass (combination ``j`` in group ``j % G``, no extra work).
+        It is the spread over redraws of the sources on the *same* data and the
+        same bases of later layers: neither the sampling of the data nor the
+        randomness of later layers' bases (which moves the Jacobians layer ``l``
+        is fitted with) is included. NaN where a single source cannot show its
+        own spread (``stochastic_sources=1``, or ``stochastic_positions=1`` on a
+        section with random combinations) or the combinations are not grouped
+        (``torch.distributed``, and ``variant="global"`` with
+        ``stochastic_positions`` alone); 0 where the section is exact. Where the
+        relative error bars are large (over about 10%), the noise is comparable
+        to the gaps between strengths and also biases them (it spreads the
+        spectrum: the largest come out too large, the smallest too small), by
+        more than the error bar says: take more sources.
     edges_ : list of ndarray of shape (r_{l+1}, r_l)
         Edge matrices between adjacent layers (one row and column more for
         constant nodes, see ``constant_node``; ``edges_[l][:r_{l+1}, :r_l]``
         are the directions' edges, e.g. for edge ablation).
+    edges_std_ : list of ndarray (shapes of ``edges_``) or None
+        Standard errors of ``edges_`` due to the random position combinations
+        of ``stochastic_positions`` (edges use the exact ``C_{l+1}``, so
+        ``stochastic_sources`` adds none), given the fitted bases: the spread
+        of the ``G = min(8, m)`` groups of combinations of the edges pass
+        (combination ``j`` in group ``j % G``; memory ``G`` edge matrices).
+        0 for exact sections and the carried constant, NaN with
+        ``stochastic_positions=1`` on a random section or a ``torch.distributed``
+        fit; None when ``stochastic_positions`` is None. Not saved by
+        :meth:`save`.
     layer_offsets_ : ndarray of int64 of shape (n_layers + 1,)
         Cumulative node counts: the nodes of layer ``l`` are
         ``layer_offsets_[l]:layer_offsets_[l + 1]`` of :meth:`adjacency`.

@@ -101,7 +101,7 @@ def path_points(X, mean, components, inverse_components, edge_point, alphas):
 
 
 def accumulate_edges(total, J_tilde, Z, n_positions=1, n_source_positions=1, *,
-                     constant=None, Z_out=None):
+                     constant=None, Z_out=None, groups=None):
     """Add ``sum_x sum_t (sum_s J_tilde_x[(t, i), (s, j)] z_x[s, j])^2`` to ``total`` in place.
 
     ``J_tilde`` is (N, n_positions * r_out, r_in) with one row per (sample,
@@ -117,7 +117,8 @@ def accumulate_edges(total, J_tilde, Z, n_positions=1, n_source_positions=1, *,
     other source positions contribute nothing. ``J_tilde`` is consumed.
 
     With ``constant`` (r_out,), the constant node's edges are accumulated too
-    (see :func:`accumulate_attributions`).
+    (see :func:`accumulate_attributions`), and with ``groups`` the squares by
+    group of random position combinations.
     """
     n, rows, r_in = J_tilde.shape
     attribution = J_tilde.mul_(Z[:, None, :])
@@ -127,11 +128,11 @@ def accumulate_edges(total, J_tilde, Z, n_positions=1, n_source_positions=1, *,
         ).sum(1)
     return accumulate_attributions(
         total, attribution.view(-1, n_positions, rows // n_positions, r_in),
-        constant=constant, Z_out=Z_out,
+        constant=constant, Z_out=Z_out, groups=groups,
     )
 
 
-def accumulate_attributions(total, attribution, *, constant=None, Z_out=None):
+def accumulate_attributions(total, attribution, *, constant=None, Z_out=None, groups=None):
     """Add the squared ``attribution`` (N, P_out, r_out, r_in) to ``total`` (r_out, r_in).
 
     ``attribution[x, t, i, j] = sum_s J_tilde_x[(t, i), (s, j)] z_x[s, j]``, the
@@ -142,9 +143,23 @@ def accumulate_attributions(total, attribution, *, constant=None, Z_out=None):
     the squared part of the output coordinates ``Z_out`` (the next layer's basis
     coordinates at the edge point, one row per (sample, output position) pair,
     (N P_out, r_out)) that the input directions' attributions leave unexplained.
+
+    With ``groups`` (a :class:`~sklearn_lib.basis._error_bars.SourceGroups`), the
+    output positions are random combinations of them, one per source: their
+    squares (the constant node's as a last column) are added by group too.
     """
+    residual = None
     if constant is not None:
         residual = Z_out.reshape(attribution.shape[:3]) - attribution.sum(-1)
-        constant += residual.square_().sum((0, 1))
-    total += attribution.square_().sum((0, 1))
+    if groups is None:
+        if residual is not None:
+            constant += residual.square_().sum((0, 1))
+        total += attribution.square_().sum((0, 1))
+        return total
+    squares = attribution.square_().sum(0)
+    if residual is not None:
+        squares = torch.cat([squares, residual.square_().sum(0)[..., None]], -1)
+        constant += squares[..., -1].sum(0)
+    groups.add_squares(squares)
+    total += squares[..., :total.shape[1]].sum(0)
     return total

@@ -409,7 +409,8 @@ class ModelSource:
             stats.update(_keep(self._rows(act, l), self._real_rows(x, l, act.shape)))
         return stats
 
-    def jacobian_stats(self, l, V, new_stats, target=None, position_sources=None):
+    def jacobian_stats(self, l, V, new_stats, target=None, position_sources=None,
+                       error_groups=None):
         """Statistics of layer l with ``V^T J`` of section l -> target (default l + 1).
 
         The Jacobian scatter is accumulated here (in closed form or from the
@@ -417,6 +418,8 @@ class ModelSource:
         ``position_sources``, the vector-Jacobian products combine the real
         output positions at random (an unbiased estimate of the scatter, see
         :meth:`_signs`); closed forms and declared attention stay exact.
+        ``error_groups`` (a :class:`~sklearn_lib.basis._error_bars.SourceGroups`)
+        keeps the scatter of the random combinations by group as well.
         """
         m = l + 1 if target is None else target
         stats = new_stats(l, None)
@@ -471,12 +474,17 @@ class ModelSource:
             # One GEMM over all (row, output) pairs, accumulated in place; the
             # finished scatter is checked for NaN/inf once instead of every batch.
             P = products.reshape(-1, self.widths[l])
-            scatter = P.T @ P if scatter is None else scatter.addmm_(P.T, P)
+            if error_groups is not None and signs is not None and self.positions[m] > 1:
+                error_groups.add_scatter(products)
+            else:
+                scatter = P.T @ P if scatter is None else scatter.addmm_(P.T, P)
             if products.shape[0] != U.shape[0]:
                 sums = None  # random combinations of positions: no sums of outputs
             elif sums is not None:
                 # Signed sums that orient the basis (output position t major).
                 sums += products.sum(1).T @ U
+        if error_groups is not None:
+            scatter = error_groups.added_to(scatter)
         if not bool(torch.isfinite(scatter).all()):
             raise ValueError(
                 f"the Jacobian products of section {a.spec!r} -> {b.spec!r} contain NaN or "
@@ -521,13 +529,14 @@ class ModelSource:
         return self._rows(_model._cast(out, self.dtype), l + 1)
 
     def edges(self, l, V, mean, C, C_pinv, *, edge_point, alphas, weights, out_mean=None,
-              position_sources=None):
+              position_sources=None, error_groups=None):
         """Edges (r_out, r_in); with ``out_mean``, the constant node's column appended.
 
         With ``position_sources``, the vector-Jacobian products combine the real
         output positions at random, as in :meth:`jacobian_stats`: the sum
         of squares over output positions is then estimated without bias
         (``E[(sum_t s_t a_t)^2] = sum_t a_t^2``), the constant node's too.
+        ``error_groups`` keeps the squares of the random combinations by group as well.
         """
         st = self.structure(l, l + 1)
         E_all = torch.zeros(V.shape[1], C.shape[1] + (out_mean is not None), device=self.device,
@@ -601,8 +610,12 @@ class ModelSource:
                 torch.matmul(P_bar.view(rows * n, d), C_pinv.T, out=J_tilde.view(rows * n, -1))
                 # Positions of this batch: sequences may differ in length between batches.
                 accumulate_edges(E, J_tilde.transpose(0, 1), Z, rows // k, X.shape[0] // n_x,
-                                 constant=constant, Z_out=Z_out)
+                                 constant=constant, Z_out=Z_out,
+                                 groups=None if signs is None or self.positions[l + 1] == 1
+                                 else error_groups)
             count += X.shape[0] if keep_in is None else int(keep_in.sum())
+        if error_groups is not None:
+            error_groups.scale = 1.0 / count
         return E_all / count
 
 
