@@ -37,8 +37,9 @@ from ..utils._validation import check_finite
 
 __all__ = ["GRAM_LIMIT", "WideIdentityBasis", "basis_tensors", "fit_wide_final", "is_wide"]
 
-#: Final layers wider than this are fitted without a ``d x d`` matrix (128 MiB in float64).
-GRAM_LIMIT = 4096
+#: Final layers wider than this are fitted without a ``d x d`` matrix (32 MiB in float64;
+#: beyond it the SVD of the Gram's factor alone takes minutes).
+GRAM_LIMIT = 2048
 #: Extra sketch columns beyond ``n_components`` and subspace iterations of the randomized PCA.
 N_OVERSAMPLES, N_ITER = 10, 4
 
