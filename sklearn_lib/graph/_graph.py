@@ -235,7 +235,13 @@ class InteractionGraph(BaseEstimator):
         identity), ``interaction_strengths_`` are the mean squared activations of
         the features (the diagonal of ``Z^T Z / n``, in feature order),
         ``jacobian_gram_`` is ``I`` and ``gram_`` / ``gram_eigenvalues_`` describe
-        the data as usual.
+        the data as usual. A final layer wider than
+        ``sklearn_lib.graph._final.GRAM_LIMIT`` (2,048) features, a vocabulary's
+        logits, is fitted without any ``d x d`` matrix: the identity is a
+        ``WideIdentityBasis`` (``components_`` a ``scipy.sparse`` identity; the
+        section into it must be a linear readout in closed form), a PCA a streamed
+        randomized PCA (``n_components`` an int); ``gram_``, ``jacobian_gram_``
+        and ``gram_eigenvalues_`` are None there.
     edges_ : list of ndarray of shape (r_{l+1}, r_l)
         Edge matrices between adjacent layers (one row and column more for
         constant nodes, see ``constant_node``; ``edges_[l][:r_{l+1}, :r_l]``

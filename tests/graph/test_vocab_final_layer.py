@@ -213,7 +213,7 @@ def test_no_vocabulary_squared_allocation(final_layer):
     assert graph.edges_[-1].shape == ((vocab, 8) if final_layer == "identity" else (8, 8))
 
 
-def test_refusals(monkeypatch):
+def test_refusals(monkeypatch, tmp_path):
     monkeypatch.setattr(_final, "GRAM_LIMIT", 100)
     model, X = _model(), _data()
     with pytest.raises(ValueError, match="expected n_components to be an int"):
@@ -224,6 +224,11 @@ def test_refusals(monkeypatch):
     with pytest.raises(ValueError, match="got a section without that closed form"):
         InteractionGraph(final_layer="identity", fast_path=False, verbose=False).fit_model(
             model, LAYERS, X)
+    graph = InteractionGraph(final_layer="pca", n_components=[None, None, 5], verbose=False,
+                             random_state=0).fit_model(model, LAYERS, X)
+    with pytest.raises(ValueError, match="cannot save this graph: layer 2 has 300 features"):
+        graph.save(tmp_path / "graph")
+    assert not (tmp_path / "graph").exists()
     X0, X1, J = _cached()
     with pytest.raises(ValueError, match="got cached arrays.*final_layer='pca'"):
         InteractionGraph(final_layer="identity", verbose=False).fit([X0, X1], jacobians=[J])
