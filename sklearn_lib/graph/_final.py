@@ -25,6 +25,8 @@ are None (the full spectrum needs the ``d x d`` Gram), and the basis keeps no
 statistics, so ``partial_fit`` would start afresh.
 """
 
+import warnings
+
 import numpy as np
 import scipy.sparse
 import torch
@@ -156,8 +158,9 @@ def basis_tensors(basis, device, dtype):
 def _check_identity_section(graph, source, L, name):
     """Refuse a wide identity final layer where the section into it would need ``d`` products."""
     structure = getattr(source, "structure", None)
-    readout = None if structure is None or graph.basis == "pca" else structure(L - 1, L)
-    fits = graph.basis == "pca" or isinstance(readout, LinearReadout)
+    # The edges into the layer take the identity as they are, whatever the basis.
+    readout = None if structure is None else structure(L - 1, L)
+    fits = isinstance(readout, LinearReadout)
     if fits and graph.basis != "pca" and graph.variant == "global" and L > 1 and (
             graph.stochastic_sources is None):
         fits = False
@@ -245,6 +248,10 @@ def fit_wide_final(graph, source, L, n_components, rng, name):
             f"no direction of {name} has a variance above the truncation threshold "
             f"{threshold:.3g}: its rows are constant."
         )
+    if n_components > survive:
+        warnings.warn(
+            f"n_components={n_components} is larger than the {survive} directions of {name} "
+            f"that survive truncation; keeping {survive}.", UserWarning, stacklevel=4)
     r = kept_count(Lambda[:survive], int(n_components))
     U = U[:, :r]
     U = U * flip_signs(U)

@@ -229,6 +229,12 @@ def test_refusals(monkeypatch, tmp_path):
     with pytest.raises(ValueError, match="cannot save this graph: layer 2 has 300 features"):
         graph.save(tmp_path / "graph")
     assert not (tmp_path / "graph").exists()
+    with pytest.raises(ValueError, match="got a section without that closed form"):
+        InteractionGraph(final_layer="identity", basis="pca", fast_path=False,
+                         verbose=False).fit_model(model, LAYERS, X)
+    with pytest.warns(UserWarning, match="n_components=250 is larger than the 8 directions"):
+        InteractionGraph(final_layer="pca", n_components=[None, None, 250], verbose=False,
+                         random_state=0).fit_model(model, LAYERS, X)
     X0, X1, J = _cached()
     with pytest.raises(ValueError, match="got cached arrays.*final_layer='pca'"):
         InteractionGraph(final_layer="identity", verbose=False).fit([X0, X1], jacobians=[J])
