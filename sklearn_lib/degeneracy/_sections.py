@@ -122,7 +122,7 @@ def blocks_for_structure(structure, inputs, downstream):
     ``A``. A section without a Linear has no parameters. Anything else
     (attention, unrecognised modules) raises :class:`UnsupportedSection`.
     """
-    from ..models._fastpath import LinearElementwise, ResidualMLP
+    from ..models._fastpath import LinearElementwise, LinearReadout, ResidualMLP
 
     if isinstance(structure, ResidualMLP):
         s = structure.derivative(inputs)
@@ -135,7 +135,7 @@ def blocks_for_structure(structure, inputs, downstream):
             ParameterBlock(hidden, structure.b_out is not None, downstream, None, None,
                            "w_out"),
         ]
-    if type(structure) is LinearElementwise:
+    if type(structure) in (LinearElementwise, LinearReadout):
         if structure.weight is None:
             return []
         bias = structure.bias is not None

@@ -30,7 +30,7 @@ from ..basis._stats import InteractionStatistics
 from ..models._vjp import PositionSources
 from ..sources._cached import CachedSource
 from ..sources._model_source import ModelSource
-from ..utils._backend import as_tensor
+from ._final import basis_tensors, fit_wide_final, is_wide
 
 __all__ = ["build"]
 
@@ -204,16 +204,19 @@ def build(graph, source, names, *, edge_point, alphas=(1.0,), weights=(1.0,)):
         )
 
     def tensors(basis):
-        t = lambda a: as_tensor(a, device=device, dtype=dtype)  # noqa: E731
-        return t(basis.mean_), t(basis.components_.T), t(basis.inverse_components_)
+        return basis_tensors(basis, device, dtype)
 
     steps = tqdm(total=2 * n_layers - 1, desc="InteractionGraph", disable=not graph.verbose)
     with steps:
         bases = [None] * n_layers
-        stats_L = source.activation_stats(L, new_stats)
-        if graph.final_layer == "identity":
+        if is_wide(source.widths[L]):
+            # A vocabulary: no d x d statistics (see _final).
+            bases[L] = fit_wide_final(graph, source, L, n_components[L], rng, what(L))
+        elif graph.final_layer == "identity":
+            stats_L = source.activation_stats(L, new_stats)
             bases[L] = identity_basis(graph, stats_L)
         else:
+            stats_L = source.activation_stats(L, new_stats)
             bases[L] = new_basis(graph, n_components[L])._fit_statistics(stats_L, name=what(L))
         steps.update()
         C = [None] * n_layers

@@ -273,6 +273,13 @@ class InteractionGraph(BaseEstimator):
         to the gaps between strengths and also biases them (it spreads the
         spectrum: the largest come out too large, the smallest too small), by
         more than the error bar says: take more sources.
+        A final layer wider than
+        ``sklearn_lib.graph._final.GRAM_LIMIT`` (2,048) features, a vocabulary's
+        logits, is fitted without any ``d x d`` matrix: the identity is a
+        ``WideIdentityBasis`` (``components_`` a ``scipy.sparse`` identity; the
+        section into it must be a linear readout in closed form), a PCA a streamed
+        randomized PCA (``n_components`` an int); ``gram_``, ``jacobian_gram_``
+        and ``gram_eigenvalues_`` are None there.
     edges_ : list of ndarray of shape (r_{l+1}, r_l)
         Edge matrices between adjacent layers (one row and column more for
         constant nodes, see ``constant_node``; ``edges_[l][:r_{l+1}, :r_l]``

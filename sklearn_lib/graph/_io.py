@@ -78,6 +78,15 @@ _SLACK = 64
 def save_graph(graph, path, *, overwrite=False):
     """Write the fitted ``graph`` to the directory ``path``; see ``InteractionGraph.save``."""
     path = os.path.abspath(os.fspath(path))
+    wide = [l for l, basis in enumerate(graph.bases_) if basis.gram_ is None]
+    if wide:
+        # Fitted without d x d statistics (graph._final): the format stores them.
+        raise ValueError(
+            f"cannot save this graph: layer {wide[0]} has {graph.bases_[wide[0]].n_features_in_:,} "
+            "features and was fitted without its d x d statistics (gram_ is None), which the "
+            "saved format holds; expected a final layer of at most "
+            "sklearn_lib.graph._final.GRAM_LIMIT features. Keep the fitted object (pickle "
+            "it) or save its edges_ and bases_ yourself.")
     tidy(path, _is_complete_graph, _WHAT)
     check_target(path, overwrite, _is_saved_graph, _WHAT, foreign=_foreign_files)
     meta, arrays = _encode(graph)

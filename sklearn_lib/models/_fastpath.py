@@ -34,6 +34,7 @@ from ._elementwise import (
     warn_formula,
 )
 from ._overrides import first_override, global_hooks, is_linear, override
+from ._readout import LinearReadout
 from ._residual import (
     RESIDUAL_ATTRIBUTE,
     ResidualMLP,
@@ -47,6 +48,7 @@ from ._sequential import candidate_leaves, run_leaves, section_leaves
 __all__ = [
     "ELEMENTWISE",
     "LinearElementwise",
+    "LinearReadout",
     "ResidualMLP",
     "declare_residual_mlp",
     "detect_section",
@@ -150,11 +152,16 @@ def readout_section(module):
     A readout (``logits = unembed(resid[:, -1])`` in a parent's ``forward``) is
     recognised by the source from the values it reads (``ModelSource.readout``);
     here only its type counts: an exact ``nn.Linear`` or elementwise activation
-    without hooks.
+    without hooks. A Linear is a :class:`~._readout.LinearReadout`, whose
+    statistics and edges take memory linear in its outputs (a vocabulary).
     """
     if global_hooks() or not (is_linear(module) or type(module) in ELEMENTWISE):
         return None
     with torch.no_grad():
+        if is_linear(module):
+            bias = module.bias
+            return LinearReadout(module.weight.detach(),
+                                 None if bias is None else bias.detach())
         return _classify([module])
 
 
@@ -173,6 +180,10 @@ def _classify(leaves):
             order.append("activation")
         else:
             return None
+    if activation is None and linear is not None:
+        # A Linear alone: its closed form in memory linear in its outputs.
+        return LinearReadout(linear.weight.detach(),
+                             None if linear.bias is None else linear.bias.detach())
     return LinearElementwise(
         weight=None if linear is None else linear.weight.detach(),
         bias=None if linear is None or linear.bias is None else linear.bias.detach(),

@@ -17,6 +17,7 @@ from ..models import _adapters, _collect, _model
 from ..models._attention import CausalAttention, detect_attention, why_not_attention
 from ..models._fastpath import (
     LinearElementwise,
+    LinearReadout,
     ResidualMLP,
     detect_section,
     fits_rows,
@@ -593,8 +594,12 @@ class ModelSource:
                 for w, p in zip(weights, points):
                     s = st.derivative(p)
                     s_bar = s.mul_(w) if s_bar is None else s_bar.add_(s, alpha=w)
-                accumulate_edges(E, st.edge_jacobians(s_bar, factors, workspace), Z,
-                                 constant=constant, Z_out=Z_out)
+                if isinstance(st, LinearReadout):
+                    # The same Jacobian at every row: no (rows, k, r) tensor.
+                    st.accumulate_edges(E, s_bar, factors, Z, constant=constant, Z_out=Z_out)
+                else:
+                    accumulate_edges(E, st.edge_jacobians(s_bar, factors, workspace), Z,
+                                     constant=constant, Z_out=Z_out)
             else:
                 P_bar = None
                 for w, p in zip(weights, points):
