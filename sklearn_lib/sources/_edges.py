@@ -16,6 +16,7 @@ import torch
 __all__ = [
     "Workspace",
     "accumulate_attributions",
+    "accumulate_edge_chunk",
     "accumulate_edges",
     "path_points",
     "path_quadrature",
@@ -147,4 +148,28 @@ def accumulate_attributions(total, attribution, *, constant=None, Z_out=None):
         residual = Z_out.reshape(attribution.shape[:3]) - attribution.sum(-1)
         constant += residual.square_().sum((0, 1))
     total += attribution.square_().sum((0, 1))
+    return total
+
+
+def accumulate_edge_chunk(total, J_tilde, Z, start, n_samples, *, constant=None, Z_out=None):
+    """Add the edges of output directions ``start:start + c`` to ``total`` in place.
+
+    The same sums as :func:`accumulate_edges`, for a chunk of the output
+    directions ``q = t * r_out + i`` (output position ``t``, coordinate ``i``)
+    in the vector-major layout of streamed products: ``J_tilde`` is ``(c, N,
+    r_in)``, one column per row (sample, source position; a sample's source
+    positions consecutive), ``Z`` ``(N, r_in)``, ``total`` ``(r_out, r_in)``.
+    Direction ``q`` adds to row ``q % r_out``: edges are sums over output
+    directions, so chunks add up to the whole. ``Z_out`` ``(n_samples, c)``
+    holds the chunk's output coordinates for the constant node. ``J_tilde`` is
+    consumed.
+    """
+    c, n_rows, r_in = J_tilde.shape
+    attribution = J_tilde.mul_(Z).view(c, n_samples, n_rows // n_samples, r_in)
+    attribution = attribution[:, :, 0] if attribution.shape[2] == 1 else attribution.sum(2)
+    rows = torch.arange(start, start + c, device=total.device) % total.shape[0]
+    if constant is not None:
+        residual = Z_out.T - attribution.sum(-1)
+        constant.index_add_(0, rows, residual.square_().sum(1))
+    total.index_add_(0, rows, attribution.square_().sum(1))
     return total
