@@ -3,9 +3,9 @@
 A section ``(a, b)`` maps layer ``a``'s activations to layer ``b``'s with
 everything else held at the batch's values; :func:`section_function` returns it
 as a function, :func:`section_vjp_products` computes ``V^T J_x`` for many
-cotangents at once, and ``_section_rows`` is the batched core that the
-interaction graph's model source calls too. The row layout and the
-independence of samples that the products rely on are described in
+cotangents at once, and :class:`SectionProducts` is the batched core, which
+streams them chunk by chunk to the interaction graph's model source. The row
+layout and the independence of samples that the products rely on are described in
 :mod:`sklearn_lib.collect`, which re-exports the public functions.
 """
 
