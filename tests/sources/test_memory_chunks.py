@@ -2,7 +2,7 @@
 
 The model source reduces the vector-Jacobian products of a batch chunk by
 chunk of output directions (and positions) into the scatter and the edges, so
-that a sample never holds all its products. Chunks of 4 directions (which
+that a sample never holds all its products. Chunks of 3 or 5 directions (which
 divide neither the columns nor the positions) must give the graph of one chunk
 holding everything; the chunk sizes chosen under a ``memory_limit`` must fit it,
 and the tensors alive during a pass (counted by
@@ -99,7 +99,7 @@ def _assert_graphs_equal(a, b, tol=1e-12):
         np.testing.assert_allclose(G, G_ref, rtol=0, atol=tol * np.abs(G_ref).max())
 
 
-def _chunked_and_whole(chunks, fit, size=4):
+def _chunked_and_whole(chunks, fit, size=3):
     chunks.force(size)
     chunked = fit()
     assert chunks.used and all(c <= size for c, _ in chunks.used)
