@@ -70,7 +70,7 @@ def child(args):
 
     sources = PositionSources(1, 0, torch.device("cpu"))
     result = {"P": P, "k": k, "code": args.code}
-    seen = []
+    seen, calls = [], []  # chunks run; directions of every batch
     if args.max_chunks is not None:
         # Streamed products reach their peak in the first chunk: stop after a few and
         # scale the time by the chunks left out.
@@ -80,6 +80,7 @@ def child(args):
 
         def first_chunks(self, max_vectors):
             stream = chunks(self, max_vectors)
+            calls.append(self.n_vectors)
             for i in range(args.max_chunks):
                 start = time.perf_counter()
                 item = next(stream, None)
@@ -96,13 +97,14 @@ def child(args):
     ]:
         base = reset_peak()
         seen.clear()
+        calls.clear()
         start = time.perf_counter()
         run()
         result[f"{name}_s"] = time.perf_counter() - start
         if seen:
             # The chunks left out, at the mean time of those run (the first includes
             # the forward pass: an overestimate).
-            done, total = sum(c for c, _, _ in seen), seen[0][1] * n
+            done, total = sum(c for c, _, _ in seen), sum(calls)
             result[f"{name}_s"] += sum(t for _, _, t in seen) * (total / done - 1)
             result["chunk"] = seen[0][0]
         result[f"{name}_peak_gb"] = peak() / 1e9
