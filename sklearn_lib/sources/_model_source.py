@@ -174,7 +174,7 @@ class ModelSource:
                 raise ValueError(
                     f"memory_limit={format_bytes(self.memory_limit)} is too small for the "
                     f"{desc!r} pass: one sample needs about "
-                    f"{format_bytes(per_sample * self.dtype.itemsize)}; raise memory_limit."
+                    f"{format_bytes(per_sample * self.dtype.itemsize, up=True)}; raise memory_limit."
                 )
             size = budget // per_sample
         size = self.batch_size or size or max(1, AUTO_CHUNK_NUMBERS // max(1, per_sample))
@@ -407,7 +407,7 @@ class ModelSource:
             f"({format_bytes(per_sample)} for the sample's forward pass and the section's "
             f"saved activations, {format_bytes(per_vector)} per product vector), a batch of "
             f"{n} about {format_bytes(n * one)}. Raise memory_limit to at least "
-            f"{format_bytes(n * one)}" + (", or use smaller batches." if n > 1 else
+            f"{format_bytes(n * one, up=True)}" + (", or use smaller batches." if n > 1 else
                                           ", or use shorter sequences.")
         )
 

@@ -9,6 +9,7 @@ and :func:`chunk_vectors` choose ``n`` and the chunk so that both fit a budget
 in bytes; :class:`LiveTensors` measures the two costs of a section on one sample.
 """
 
+import math
 import re
 import weakref
 
@@ -51,11 +52,24 @@ def parse_memory_limit(value):
     return int(value)
 
 
-def format_bytes(n):
-    """``n`` bytes in a few digits ("1.5 GB"), powers of 1000 as :func:`parse_memory_limit`."""
+def format_bytes(n, up=False):
+    """``n`` bytes in 3 digits ("1.5 GB"), powers of 1000 as :func:`parse_memory_limit`.
+
+    ``up`` rounds up, for a size that must be enough.
+
+    Examples
+    --------
+    >>> from sklearn_lib.utils._memory import format_bytes
+    >>> format_bytes(1_234_567), format_bytes(1_234_567, up=True), format_bytes(999)
+    ('1.23 MB', '1.24 MB', '999 B')
+    """
     for unit, size in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
         if n >= size:
-            return f"{n / size:.3g} {unit}"
+            value = n / size
+            if up:
+                scale = 10 ** (2 - math.floor(math.log10(value)))
+                value = math.ceil(value * scale) / scale
+            return f"{value:.3g} {unit}"
     return f"{int(n)} B"
 
 

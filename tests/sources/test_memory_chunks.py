@@ -219,6 +219,21 @@ def test_chunks_under_a_memory_limit_fit_it(gpt2, tokens):
     assert roomy._plan_batches(0, 1, V) >= len(tokens)
 
 
+def test_products_that_cannot_fit_are_refused_with_the_size_needed(gpt2, tokens):
+    V = torch.randn(16, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    x = tokens[:1]
+    probe = _source(gpt2, tokens, None)
+    act = _model._cast(_model._record_batch(probe.model, [probe.specs[0]], x)[
+        probe.specs[0].spec], torch.float64)
+    per_sample, per_vector, _ = probe._costs_of(0, 1, x, act, V)
+    fits = _source(gpt2, tokens, per_sample + per_vector)
+    assert fits._product_chunks(0, 1, x, [act], V, check=False)[1] == 1
+    tight = _source(gpt2, tokens, per_sample + per_vector - 1)
+    with pytest.raises(ValueError, match=r"one sample with one product vector needs about "
+                                         r".*Raise memory_limit to at least"):
+        tight._product_chunks(0, 1, x, [act], V, check=False)
+
+
 def test_too_small_a_memory_limit_says_what_is_needed(gpt2, tokens):
     with pytest.raises(ValueError, match=r"memory_limit=.* is too small .* needs about"):
         InteractionGraph(memory_limit="20kB").fit_model(gpt2, GPT2_LAYERS[:2], tokens,
