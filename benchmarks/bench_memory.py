@@ -200,7 +200,7 @@ def main():
         print(f"GPT-2 small, 13 layers, P=1024, k=768: peak of a pass about "
               f"{max(largest['stats_peak_gb'], largest['edges_peak_gb']):.2f} GB measured at "
               f"P={largest['P']}, k={largest['k']} (chunks fill the same budget at any k; "
-              f"12 blocks hold 12x the model's 0.7 GB of float64 weights more); before: "
+              f"GPT-2 small's 124M float64 weights add about 1.0 GB); before: "
               f"about {before_estimate_gb(1024, 768):.0f} GB estimated; time per sample "
               f"and section scales as k and about P**{1.3:.1f}: "
               f"{largest['stats_s'] / args.samples * (768 / largest['k']) * scale ** 1.3:.1f} s "
