@@ -139,31 +139,45 @@ class SourceGroups:
             self.sums = torch.zeros(self.n_groups, *shape, device=like.device, dtype=like.dtype)
         return self.sums
 
-    def add_scatter(self, products):
-        """Add ``P_j^T P_j`` of every combination ``j`` of products ``(m k, rows, d)`` to its group.
+    def add_scatter(self, chunk, start, k):
+        """Add ``P_q^T P_q`` of product directions ``start:start + c`` to their groups.
 
-        One GEMM per combination (``k rows`` by ``d``), accumulated in place: the
-        same work as one GEMM over all of them, and no copy of the products.
+        ``chunk`` ``(c, rows, d)`` holds directions ``q = j k + i`` (combination
+        ``j``, column ``i`` of ``k``), as streamed products come
+        (:class:`~sklearn_lib.models._vjp.SectionProducts`). One GEMM per
+        combination within the chunk, accumulated in place: the same work as
+        one GEMM over all of them, and no copy of the products.
         """
-        d = products.shape[-1]
-        self._check(products.shape[0], "products")
-        sums = self._group_sums((d, d), products)
-        for j, P in enumerate(products.reshape(self.n_sources, -1, d)):
+        c, d = chunk.shape[0], chunk.shape[-1]
+        self._check(start + c, k)
+        sums = self._group_sums((d, d), chunk)
+        q = start
+        while q < start + c:
+            j = q // k
+            stop = min((j + 1) * k, start + c)
+            P = chunk[q - start : stop - start].reshape(-1, d)
             sums[j % self.n_groups].addmm_(P.T, P)
+            q = stop
 
-    def add_squares(self, squares):
-        """Add squares summed over samples, ``(m, ...)`` with combination ``j`` first."""
-        self._check(squares.shape[0], "squares")
-        sums = self._group_sums(squares.shape[1:], squares)
-        for j in range(self.n_sources):
-            sums[j % self.n_groups] += squares[j]
+    def add_rows(self, squares, start, k):
+        """Add squares ``(c, width)`` of directions ``start:start + c`` to row ``q % k`` of their group.
 
-    def _check(self, n, what):
-        # A leading axis that is not source-major would be grouped wrongly.
-        if n % self.n_sources or (what == "squares" and n != self.n_sources):
+        Direction ``q = j k + i`` belongs to combination ``j`` and adds to row
+        ``i`` of group ``j % G``'s sums ``(k, width)``; the edges' squares of a
+        chunk of output directions, summed over samples.
+        """
+        c = squares.shape[0]
+        self._check(start + c, k)
+        sums = self._group_sums((k, squares.shape[1]), squares)
+        q = torch.arange(start, start + c, device=squares.device)
+        sums.index_put_(((q // k) % self.n_groups, q % k), squares, accumulate=True)
+
+    def _check(self, stop, k):
+        # Directions beyond m k are not combination-major: they would be grouped wrongly.
+        if stop > self.n_sources * k:
             raise ValueError(
-                f"{what} of {self.n_sources} random position combinations must come "
-                f"combination-major; got a leading axis of {n}."
+                f"products of {self.n_sources} random position combinations of {k} directions "
+                f"each must come combination-major; got direction {stop - 1}."
             )
 
     def added_to(self, total):

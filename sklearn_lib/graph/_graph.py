@@ -13,7 +13,7 @@ products or the closed form of :mod:`sklearn_lib.models._fastpath` - is the job 
 backward chaining of :func:`sklearn_lib.graph._chain.build` is written once.
 """
 
-from numbers import Integral
+from numbers import Integral, Real
 
 import numpy as np
 from sklearn.base import BaseEstimator, _fit_context
@@ -210,7 +210,16 @@ class InteractionGraph(BaseEstimator):
         ``"auto"`` uses it wherever it applies, ``False`` never, ``True``
         requires it for every pair of adjacent layers (ValueError otherwise).
         Only :meth:`fit_model` computes Jacobians, so :meth:`fit` ignores it.
-    constant_node : bool, default=False
+    memory_limit : int, float or str, default=None
+        Bytes that a batch of :meth:`fit_model`'s passes may hold (activations,
+        vector-Jacobian products and their backward passes), as a number or a
+        string such as ``"4GB"`` or ``"512MiB"``; the model, the data and the
+        statistics come on top. Products are streamed in chunks of output
+        directions and positions whose size, like the batches', is chosen
+        from the costs measured on one sample so that a batch fits; a
+        ValueError says how much is needed when even one sample with one
+        product vector does not. None sizes batches automatically (about
+        2**23 numbers, and 2**26 for the products).
         Give every layer one more node, the last of the layer: the constant
         coordinate of its affine coordinates ``(z, 1)``, in which activations
         are ``x = z @ inverse_components_ + 1 * mean_`` (the mean path; with
@@ -355,6 +364,7 @@ class InteractionGraph(BaseEstimator):
         "model_dtype": [StrOptions({"model", "float64", "float32", "bfloat16", "float16"}),
                         None],
         "fast_path": [StrOptions({"auto"}), "boolean"],
+        "memory_limit": [Interval(Real, 0, None, closed="neither"), str, None],
         "constant_node": ["boolean"],
         "random_state": ["random_state"],
         "verbose": ["verbose"],
@@ -378,6 +388,7 @@ class InteractionGraph(BaseEstimator):
         stochastic_sources=None,
         stochastic_positions=None,
         fast_path="auto",
+        memory_limit=None,
         constant_node=False,
         random_state=None,
         verbose=False,
@@ -398,6 +409,7 @@ class InteractionGraph(BaseEstimator):
         self.stochastic_sources = stochastic_sources
         self.stochastic_positions = stochastic_positions
         self.fast_path = fast_path
+        self.memory_limit = memory_limit
         self.constant_node = constant_node
         self.random_state = random_state
         self.verbose = verbose
@@ -536,7 +548,7 @@ class InteractionGraph(BaseEstimator):
             return ModelSource(
                 model, layers, data, sequence=sequence, batch_size=self.batch_size,
                 device=resolve_device(self.device), dtype=self.dtype,
-                fast_path=self.fast_path,
+                fast_path=self.fast_path, memory_limit=self.memory_limit,
                 verbose=self.verbose, model_dtype=self.model_dtype,
             )
 

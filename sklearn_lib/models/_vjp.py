@@ -3,9 +3,9 @@
 A section ``(a, b)`` maps layer ``a``'s activations to layer ``b``'s with
 everything else held at the batch's values; :func:`section_function` returns it
 as a function, :func:`section_vjp_products` computes ``V^T J_x`` for many
-cotangents at once, and ``_section_rows`` is the batched core that the
-interaction graph's model source calls too. The row layout and the
-independence of samples that the products rely on are described in
+cotangents at once, and :class:`SectionProducts` is the batched core, which
+streams them chunk by chunk to the interaction graph's model source. The row
+layout and the independence of samples that the products rely on are described in
 :mod:`sklearn_lib.collect`, which re-exports the public functions.
 """
 
@@ -25,6 +25,7 @@ from ..utils._backend import (
     resolve_model_dtype,
     to_output,
 )
+from ..utils._memory import LiveTensors
 from ._adapters import copy_module, take, unwrap_model
 from ._independence import check_independent
 from ._model import (
@@ -340,91 +341,183 @@ class _BatchSigns:
         return self.drawn[n_positions]
 
 
+class SectionProducts:
+    """The products ``V.T @ J`` of a section for one batch, streamed chunk by chunk.
+
+    One ``torch.func.vjp`` per point; ``torch.func.vmap`` over chunks of
+    cotangent directions, each broadcast to all samples (valid because samples
+    are independent). With ``leaves`` (see
+    :func:`~sklearn_lib.models._fastpath.section_leaves`) only the section's
+    modules run, from the point; otherwise the model runs from its inputs
+    ``x`` with ``a``'s activation replaced. A chunk of ``c`` directions holds
+    ``c`` products of every sample, never all ``n_vectors`` of them, so memory
+    is set by the chunk (see :func:`section_costs`).
+
+    Direction ``q = t * k + c`` is output position ``t`` times column ``c`` of
+    ``V``. With ``position_signs`` (a function of the number of output
+    positions giving signs ``(B, m, P_out)``, see :meth:`PositionSources.batch`)
+    and more than one output position, there are ``m k`` directions instead:
+    ``q = j * k + c`` is source ``j``'s signs over positions times column
+    ``c``, with signs of every sample its own.
+
+    With several ``points`` (act_in values, e.g. along an integration path) and
+    their ``weights``, every chunk is the weighted sum of the points' products.
+    The points' backward closures are kept (their saved activations: one
+    forward pass each) unless ``recompute``, which reruns the forward passes
+    for every chunk instead.
+
+    Attributes
+    ----------
+    n_vectors, k, p_in, d_in, p_out, d_out, batch : int
+        Directions, columns of ``V``, input and output positions and widths,
+        samples.
+    """
+
+    def __init__(self, model, a, b, x, points, cotangents, *, sequence, check, leaves=None,
+                 position_signs=None, weights=None, recompute=False):
+        self.model, self.a, self.b, self.x, self.leaves = model, a, b, x, leaves
+        self.points = list(points)
+        self.weights = [1.0] * len(self.points) if weights is None else list(weights)
+        if check:
+            _check_differentiable(model, a, b, x, self.points[0])
+        self.batch = self.points[0].shape[0]
+        self.p_in, self.d_in = _positions(self.points[0].shape[1:], sequence, a)
+        self.recompute = recompute
+        self._vjps = [self._vjp(p) for p in self.points[: 1 if recompute else None]]
+        out = self._vjps[0][0]
+        self.out_shape = tuple(out.shape[1:])
+        self.p_out, self.d_out = _positions(self.out_shape, sequence, b)
+        if cotangents is None:
+            basis = torch.eye(self.d_out, device=out.device, dtype=out.dtype)
+        else:
+            basis = as_tensor(cotangents, device=out.device, dtype=out.dtype)
+            if basis.ndim != 2 or basis.shape[0] != self.d_out:
+                raise ValueError(
+                    f"cotangents must be (d_out, k) = ({self.d_out}, k) for section "
+                    f"{a.spec!r} -> {b.spec!r}, got shape {tuple(basis.shape)}."
+                )
+        self.basis_t, self.k = basis.T, basis.shape[1]
+        self.signs = None
+        if position_signs is not None and self.p_out > 1 and len(self.out_shape) == 2:
+            self.signs = position_signs(self.p_out)  # (B, m, P_out)
+        self.n_vectors = self.p_out * self.k if self.signs is None else (
+            self.signs.shape[1] * self.k)
+        if recompute:
+            self._vjps = []
+
+    def _vjp(self, point):
+        """``(out, vjp_fn)`` of the section at ``point``.
+
+        The outer no_grad stops parameters from recording an autograd graph;
+        torch.func.vjp differentiates with respect to its primal regardless.
+        Fused attention kernels have no vmap batching rule for their backward
+        (vmap falls back to a slow loop), so attention runs on the composite
+        "math" kernel here.
+        """
+        model, a, b, x, leaves = self.model, self.a, self.b, self.x, self.leaves
+        with torch.no_grad(), _math_attention():
+            if leaves is None:
+                section = lambda t: _run_section(model, a, b, x, t)  # noqa: E731
+            else:
+                # The clone shields the point from in-place modules (ReLU(inplace=True)).
+                section = lambda t: run_leaves(leaves, t.clone())  # noqa: E731
+            return torch.func.vjp(section, point)
+
+    def cotangents(self, start, stop):
+        """The cotangents of directions ``start:stop``, ``(stop - start, B, *out_shape)``."""
+        index = torch.arange(start, stop, device=self.basis_t.device)
+        k, n, shape = self.k, self.batch, self.out_shape
+        if self.signs is None:
+            # Direction q = t * k + c is one-hot in output position t times column c.
+            cot = self.basis_t.new_zeros(len(index), self.p_out, self.d_out)
+            cot[torch.arange(len(index), device=index.device), index // k] = (
+                self.basis_t[index % k])
+            # Materialised, not expanded: a batch axis of stride 0 makes the
+            # backward produce its products in an order that vmap then copies.
+            return cot.reshape(len(index), 1, *shape).expand(len(index), n, *shape).contiguous()
+        # Direction q = j * k + c: source j's signs over positions times column c.
+        return (self.signs[:, index // k].transpose(0, 1)[..., None]
+                * self.basis_t[index % k][:, None, None, :]).reshape(len(index), n, *shape)
+
+    def chunks(self, max_vectors):
+        """Yield ``(start, products)``: directions ``start:start + c`` as ``(c, B * P_in, d_in)``.
+
+        ``max_vectors`` directions per chunk (at least 1). Each chunk is a new
+        tensor the caller may modify.
+        """
+        step = max(1, int(max_vectors))
+        with torch.no_grad():
+            for start in range(0, self.n_vectors, step):
+                stop = min(start + step, self.n_vectors)
+                cot = self.cotangents(start, stop)
+                total = None
+                for i, w in enumerate(self.weights):
+                    _, vjp_fn = self._vjp(self.points[i]) if self.recompute else self._vjps[i]
+                    grads = torch.func.vmap(lambda v, f=vjp_fn: f(v)[0])(cot)
+                    grads = grads.reshape(stop - start, self.batch * self.p_in,
+                                           self.d_in).contiguous()
+                    if total is None:
+                        total = grads if w == 1.0 else grads.mul_(w)
+                    else:
+                        total.add_(grads, alpha=w)
+                yield start, total
+
+
+def section_costs(model, a, b, x, act_in, cotangents, *, sequence, leaves=None):
+    """Bytes per sample of section a -> b's products: ``(saved, backward, per_vector)``.
+
+    Measured on the first sample of the batch with :class:`LiveTensors`:
+    ``saved`` is what the forward pass keeps for the backward pass, ``per_vector``
+    what one more product vector adds to a chunk's backward pass (its
+    intermediate gradients and its product), ``backward`` the rest of the
+    backward pass's peak. A batch of ``n`` samples with chunks of ``c`` vectors
+    then holds about ``n * (saved + backward + c * per_vector)``, plus the
+    cotangents.
+    """
+    one = take(x, slice(0, 1))
+    live = LiveTensors()
+    with live:
+        products = SectionProducts(model, a, b, one, [act_in[:1]], cotangents,
+                                   sequence=sequence, check=False, leaves=leaves)
+        saved = live.live
+        peaks = []
+        for c in (1, 2):
+            # Directions far apart (different output positions) as the chunks have.
+            live.reset_peak()
+            base = live.live
+            cot = products.cotangents(0, min(c, products.n_vectors))
+            fn = products._vjps[0][1]
+            grads = torch.func.vmap(lambda v: fn(v)[0])(cot)
+            peaks.append(live.peak - base)
+            del cot, grads
+    per_vector = max(peaks[1] - peaks[0], 1) if products.n_vectors > 1 else peaks[0]
+    return saved, max(peaks[0] - per_vector, 0), per_vector
+
+
 def _section_rows(model, a, b, x, act_in, cotangents, *, sequence, max_vectors, check,
                   leaves=None, vector_major=False, position_signs=None):
     """Products ``V.T @ J`` for every sample (or every position), in the row layout.
 
-    One ``torch.func.vjp`` per batch; ``torch.func.vmap`` over chunks of cotangent
-    directions, each broadcast to all samples (valid because samples are
-    independent). With ``leaves`` (see :func:`~sklearn_lib.models._fastpath.section_leaves`)
-    only the section's modules run, from ``act_in``; otherwise the model runs
-    from its inputs ``x`` with ``a``'s activation replaced. Returns rows
-    ``(B * P_in, P_out * k, d_in)``, or with ``vector_major`` the same products
-    as ``(P_out * k, B * P_in, d_in)``: the layout the vectorised products come
-    in, for callers that only sum over rows (scatters, edges), which saves a
-    transposing copy as large as the products.
-
-    With ``position_signs`` (a function of the number of output positions giving
-    signs ``(B, m, P_out)``, see :meth:`PositionSources.batch`) and more than one
-    output position, the ``P_out k`` directions (one output position times one
-    column of ``V``) become ``m k``: source ``j`` times column ``c`` is ``sum_t
-    s_jt e_t V[:, c]``, with signs of every sample its own.
+    The chunks of :class:`SectionProducts`, gathered: rows ``(B * P_in, P_out * k,
+    d_in)``, or with ``vector_major`` the same products as ``(P_out * k, B * P_in,
+    d_in)`` (with ``position_signs``, ``m k`` directions instead of ``P_out k``).
+    Callers that only sum over rows stream the chunks instead.
     """
-    if check:
-        _check_differentiable(model, a, b, x, act_in)
-    batch = act_in.shape[0]
-    p_in, d_in = _positions(act_in.shape[1:], sequence, a)
-    # The outer no_grad stops parameters from recording an autograd graph;
-    # torch.func.vjp differentiates with respect to its primal regardless.
-    # Fused attention kernels have no vmap batching rule for their backward
-    # (vmap falls back to a slow loop), so attention runs on the composite
-    # "math" kernel here.
-    with torch.no_grad():
-        with _math_attention():
-            if leaves is None:
-                section = lambda t: _run_section(model, a, b, x, t)  # noqa: E731
-            else:
-                # The clone shields act_in from in-place modules (ReLU(inplace=True)).
-                section = lambda t: run_leaves(leaves, t.clone())  # noqa: E731
-            out, vjp_fn = torch.func.vjp(section, act_in)
-        out_shape = tuple(out.shape[1:])
-        p_out, d_out = _positions(out_shape, sequence, b)
-        if cotangents is None:
-            basis = torch.eye(d_out, device=out.device, dtype=out.dtype)
+    products = SectionProducts(model, a, b, x, [act_in], cotangents, sequence=sequence,
+                               check=check, leaves=leaves, position_signs=position_signs)
+    n_vectors, n_rows, d_in = products.n_vectors, products.batch * products.p_in, products.d_in
+    step = _chunk_size(max_vectors, n_vectors,
+                       products.batch * (products.p_in * d_in + products.p_out * products.d_out))
+    shape = (n_vectors, n_rows, d_in) if vector_major else (n_rows, n_vectors, d_in)
+    rows = None if step >= n_vectors else act_in.new_empty(shape)
+    for start, grads in products.chunks(step):
+        if rows is None:
+            rows = grads if vector_major else grads.transpose(0, 1).contiguous()
+        elif vector_major:
+            rows[start : start + len(grads)] = grads
         else:
-            basis = as_tensor(cotangents, device=out.device, dtype=out.dtype)
-            if basis.ndim != 2 or basis.shape[0] != d_out:
-                raise ValueError(
-                    f"cotangents must be (d_out, k) = ({d_out}, k) for section "
-                    f"{a.spec!r} -> {b.spec!r}, got shape {tuple(basis.shape)}."
-                )
-        k = basis.shape[1]
-        signs = None
-        if position_signs is not None and p_out > 1 and len(out_shape) == 2:
-            signs = position_signs(p_out)  # (B, m, P_out)
-        n_vectors = p_out * k if signs is None else signs.shape[1] * k
-        step = _chunk_size(max_vectors, n_vectors, batch * (p_in * d_in + p_out * d_out))
-        shape = (n_vectors, batch, p_in, d_in) if vector_major else (batch, p_in, n_vectors, d_in)
-        rows = None if step >= n_vectors else act_in.new_empty(shape)
-        batched_vjp = torch.func.vmap(lambda v: vjp_fn(v)[0])
-        for start in range(0, n_vectors, step):
-            index = torch.arange(start, min(start + step, n_vectors), device=act_in.device)
-            if signs is None:
-                # Direction q = t * k + c is one-hot in output position t times column c.
-                cot = torch.zeros(len(index), p_out, d_out, device=out.device, dtype=out.dtype)
-                cot[torch.arange(len(index), device=act_in.device), index // k] = (
-                    basis.T[index % k])
-                # Materialised, not expanded: a batch axis of stride 0 makes the
-                # backward produce its products in an order that vmap then copies.
-                cot = cot.reshape(len(index), 1, *out_shape).expand(
-                    len(index), batch, *out_shape).contiguous()
-            else:
-                # Direction q = j * k + c: source j's signs over positions times column c.
-                cot = (signs[:, index // k].transpose(0, 1)[..., None]
-                       * basis.T[index % k][:, None, None, :]).reshape(len(index), batch,
-                                                                      *out_shape)
-            grads = batched_vjp(cot).reshape(len(index), batch, p_in, d_in)
-            if rows is None and vector_major:
-                rows = grads.contiguous()
-            elif rows is None:
-                rows = grads.permute(1, 2, 0, 3).contiguous()
-            elif vector_major:
-                rows[start : start + len(index)] = grads
-            else:
-                rows[:, :, start : start + len(index)] = grads.permute(1, 2, 0, 3)
-    if vector_major:
-        return rows.reshape(n_vectors, batch * p_in, d_in)
-    return rows.reshape(batch * p_in, n_vectors, d_in)
+            rows[:, start : start + len(grads)] = grads.transpose(0, 1)
+    return rows
 
 
 def section_vjp_products(

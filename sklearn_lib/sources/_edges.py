@@ -16,6 +16,7 @@ import torch
 __all__ = [
     "Workspace",
     "accumulate_attributions",
+    "accumulate_edge_chunk",
     "accumulate_edges",
     "path_points",
     "path_quadrature",
@@ -101,7 +102,7 @@ def path_points(X, mean, components, inverse_components, edge_point, alphas):
 
 
 def accumulate_edges(total, J_tilde, Z, n_positions=1, n_source_positions=1, *,
-                     constant=None, Z_out=None, groups=None):
+                     constant=None, Z_out=None):
     """Add ``sum_x sum_t (sum_s J_tilde_x[(t, i), (s, j)] z_x[s, j])^2`` to ``total`` in place.
 
     ``J_tilde`` is (N, n_positions * r_out, r_in) with one row per (sample,
@@ -117,8 +118,7 @@ def accumulate_edges(total, J_tilde, Z, n_positions=1, n_source_positions=1, *,
     other source positions contribute nothing. ``J_tilde`` is consumed.
 
     With ``constant`` (r_out,), the constant node's edges are accumulated too
-    (see :func:`accumulate_attributions`), and with ``groups`` the squares by
-    group of random position combinations.
+    (see :func:`accumulate_attributions`).
     """
     n, rows, r_in = J_tilde.shape
     attribution = J_tilde.mul_(Z[:, None, :])
@@ -128,11 +128,11 @@ def accumulate_edges(total, J_tilde, Z, n_positions=1, n_source_positions=1, *,
         ).sum(1)
     return accumulate_attributions(
         total, attribution.view(-1, n_positions, rows // n_positions, r_in),
-        constant=constant, Z_out=Z_out, groups=groups,
+        constant=constant, Z_out=Z_out,
     )
 
 
-def accumulate_attributions(total, attribution, *, constant=None, Z_out=None, groups=None):
+def accumulate_attributions(total, attribution, *, constant=None, Z_out=None):
     """Add the squared ``attribution`` (N, P_out, r_out, r_in) to ``total`` (r_out, r_in).
 
     ``attribution[x, t, i, j] = sum_s J_tilde_x[(t, i), (s, j)] z_x[s, j]``, the
@@ -143,23 +143,43 @@ def accumulate_attributions(total, attribution, *, constant=None, Z_out=None, gr
     the squared part of the output coordinates ``Z_out`` (the next layer's basis
     coordinates at the edge point, one row per (sample, output position) pair,
     (N P_out, r_out)) that the input directions' attributions leave unexplained.
-
-    With ``groups`` (a :class:`~sklearn_lib.basis._error_bars.SourceGroups`), the
-    output positions are random combinations of them, one per source: their
-    squares (the constant node's as a last column) are added by group too.
     """
-    residual = None
     if constant is not None:
         residual = Z_out.reshape(attribution.shape[:3]) - attribution.sum(-1)
-    if groups is None:
-        if residual is not None:
-            constant += residual.square_().sum((0, 1))
-        total += attribution.square_().sum((0, 1))
-        return total
-    squares = attribution.square_().sum(0)
-    if residual is not None:
-        squares = torch.cat([squares, residual.square_().sum(0)[..., None]], -1)
-        constant += squares[..., -1].sum(0)
-    groups.add_squares(squares)
-    total += squares[..., :total.shape[1]].sum(0)
+        constant += residual.square_().sum((0, 1))
+    total += attribution.square_().sum((0, 1))
+    return total
+
+
+def accumulate_edge_chunk(total, J_tilde, Z, start, n_samples, *, constant=None, Z_out=None,
+                          groups=None):
+    """Add the edges of output directions ``start:start + c`` to ``total`` in place.
+
+    The same sums as :func:`accumulate_edges`, for a chunk of the output
+    directions ``q = t * r_out + i`` (output position ``t``, coordinate ``i``)
+    in the vector-major layout of streamed products: ``J_tilde`` is ``(c, N,
+    r_in)``, one column per row (sample, source position; a sample's source
+    positions consecutive), ``Z`` ``(N, r_in)``, ``total`` ``(r_out, r_in)``.
+    Direction ``q`` adds to row ``q % r_out``: edges are sums over output
+    directions, so chunks add up to the whole. ``Z_out`` ``(n_samples, c)``
+    holds the chunk's output coordinates for the constant node. ``J_tilde`` is
+    consumed. With ``groups`` (a :class:`~sklearn_lib.basis._error_bars.SourceGroups`),
+    the directions are random combinations of output positions (``q = j r_out +
+    i``, combination ``j``): their squares, the constant node's as a last
+    column, are added by group too.
+    """
+    c, n_rows, r_in = J_tilde.shape
+    attribution = J_tilde.mul_(Z).view(c, n_samples, n_rows // n_samples, r_in)
+    attribution = attribution[:, :, 0] if attribution.shape[2] == 1 else attribution.sum(2)
+    rows = torch.arange(start, start + c, device=total.device) % total.shape[0]
+    residual = None
+    if constant is not None:
+        residual = (Z_out.T - attribution.sum(-1)).square_().sum(1)
+        constant.index_add_(0, rows, residual)
+    squares = attribution.square_().sum(1)
+    if groups is not None and residual is not None:
+        squares = torch.cat([squares, residual[:, None]], 1)
+    if groups is not None:
+        groups.add_rows(squares, start, total.shape[0])
+    total.index_add_(0, rows, squares[:, :total.shape[1]])
     return total

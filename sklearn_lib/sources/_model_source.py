@@ -26,11 +26,23 @@ from ..models._fastpath import (
     why_generic,
 )
 from ..models._independence import PROBE_SAMPLES, check_independent
-from ..models._vjp import floating_dtype
+from ..models._vjp import (
+    _VJP_ELEMENT_BUDGET,
+    SectionProducts,
+    floating_dtype,
+    section_costs,
+)
 from ..utils._backend import eval_mode, model_device, resolve_dtype, resolve_model_dtype
+from ..utils._memory import chunk_vectors, format_bytes, parse_memory_limit, plan_batch
 from ._cached import _shape
 from ._closed_forms import choose_closed_forms, same_values
-from ._edges import Workspace, accumulate_attributions, accumulate_edges, path_points
+from ._edges import (
+    Workspace,
+    accumulate_attributions,
+    accumulate_edge_chunk,
+    accumulate_edges,
+    path_points,
+)
 from ._passes import Fingerprint, PassLog
 
 #: Samples of the first batch a readout is recognised on (batch_size=None).
@@ -69,7 +81,7 @@ class ModelSource:
     """Activations from a live model; ``V^T J`` by vector-Jacobian products or closed forms."""
 
     def __init__(self, model, layers, data, *, sequence, batch_size, device, dtype,
-                 fast_path, verbose, model_dtype=None):
+                 fast_path, verbose, model_dtype=None, memory_limit=None):
         if isinstance(layers, str) or not hasattr(layers, "__len__") or len(layers) < 2:
             raise ValueError(
                 f"layers must be a list of at least 2 layer names in forward order, got "
@@ -105,6 +117,10 @@ class ModelSource:
         self.specs = _model._parse_layers(self.model, list(layers), "output")
         self.data, self.sequence, self.verbose = data, sequence, verbose
         self.batch_size = batch_size
+        # Bytes a pass's batch may hold (None: the automatic budgets).
+        self.memory_limit = parse_memory_limit(memory_limit)
+        # Measured costs of sections' products (section_costs), by section and shape.
+        self._costs = {}
 
         # A probe on two samples gives every layer's shape (and fails early).
         first = next(iter(self._batches(self.batch_size or _model._PROBE_SAMPLES)), None)
@@ -167,15 +183,25 @@ class ModelSource:
         """
         return 2 * self._forward[m] + work
 
-    def _pass(self, desc, per_sample):
+    def _pass(self, desc, per_sample, size=None):
         """Iterate over the data once; ``per_sample`` numbers of memory per sample.
 
-        With ``batch_size=None``, array data are cut into batches that hold
-        about 2**23 numbers in all (``per_sample`` comes from
-        :meth:`_footprint`), so that memory stays flat in the number of
-        samples on every pass. A DataLoader keeps its own batches.
+        With ``batch_size=None``, array data are cut into batches of ``size``
+        samples, or that hold about 2**23 numbers in all (``memory_limit``
+        bytes with one; ``per_sample`` comes from :meth:`_footprint`), so that
+        memory stays flat in the number of samples on every pass. A
+        DataLoader keeps its own batches.
         """
-        size = self.batch_size or max(1, AUTO_CHUNK_NUMBERS // max(1, per_sample))
+        if size is None and self.memory_limit is not None:
+            budget = self.memory_limit // self.dtype.itemsize
+            if per_sample > budget:
+                raise ValueError(
+                    f"memory_limit={format_bytes(self.memory_limit)} is too small for the "
+                    f"{desc!r} pass: one sample needs about "
+                    f"{format_bytes(per_sample * self.dtype.itemsize, up=True)}; raise memory_limit."
+                )
+            size = budget // per_sample
+        size = self.batch_size or size or max(1, AUTO_CHUNK_NUMBERS // max(1, per_sample))
         batches, total = _model._iter_batches(self.data, size)
         bar = tqdm(total=total, desc=desc, disable=not self.verbose, leave=False, unit="sample")
         fingerprint = Fingerprint()
@@ -304,27 +330,134 @@ class ModelSource:
                 self.reasons[(l, m)] = reason
         return found
 
-    def _products(self, l, m, x, act, V, *, check, signs=None):
-        """``V^T J`` of section l -> m at ``act``, vector-major (P_m k, rows, d_l).
+    def _product_chunks(self, l, m, x, points, V, *, check, signs=None, weights=None,
+                        r=None):
+        """``V^T J`` of section l -> m at ``points``, and the directions per chunk to stream.
 
-        With ``signs`` (:meth:`_signs`), ``(m k, rows, d_l)`` instead: random
-        combinations of the output positions. The products come in ``dtype``:
-        a model in a lower precision computes them from ``act`` rounded to its
-        own (exactly its recorded value at the data), and they are cast before
-        any sum; random signs then enter it as exact units, scaled in ``dtype``
-        (``1/sqrt(m)`` rounded to bfloat16 would bias every estimate alike).
+        Returns a :class:`~sklearn_lib.models._vjp.SectionProducts` (weighted
+        over ``points``) and the chunk size that fits the budget (see
+        :meth:`_costs_of`); ``r`` is the input basis's width for the edges'
+        ``J_tilde`` of every chunk. With ``signs`` (:meth:`_signs`), ``m k``
+        directions: random combinations of the output positions. A model in a
+        lower precision computes the products from ``points`` rounded to its
+        own (exactly its recorded values at the data) and with signs as exact
+        units (``1/sqrt(m)`` rounded to bfloat16 would bias every estimate
+        alike); :meth:`_chunks` casts and scales them before any sum.
+        """
+        n_points, act = len(points), points[0]
+        per_sample, per_vector, held = self._costs_of(l, m, x, act, V, n_points, r)
+        budget = self._products_budget()
+        n = _adapters.n_samples(x)
+        n_vectors = self.positions[m] * V.shape[1]  # an upper bound: ``m k`` with signs
+        step = chunk_vectors(budget, n, per_sample, per_vector, n_vectors)
+        if step == 0 and n_points > 1 and held > 1:
+            # Keep one point's saved activations at a time, rerunning the forward
+            # passes for every chunk.
+            per_sample, per_vector, held = self._costs_of(l, m, x, act, V, 1, r)
+            step = chunk_vectors(budget, n, per_sample, per_vector, n_vectors)
+        if step == 0:
+            if self.memory_limit is not None:
+                self._refuse(l, m, n, per_sample, per_vector)
+            step = 1
+        low = self.model_dtype != self.dtype
+        products = SectionProducts(
+            self.model, self.specs[l], self.specs[m], x,
+            [p.to(self.model_dtype) for p in points], V,
+            sequence=self.sequence, check=check, leaves=self.leaves(l, m),
+            position_signs=signs.units(self.model_dtype) if low and signs is not None else signs,
+            weights=weights, recompute=held < n_points,
+        )
+        return products, step
+
+    def _chunks(self, products, step, signs):
+        """``products.chunks(step)`` in ``dtype``: cast from the model's precision before any sum.
+
+        With random signs given as units (:meth:`_product_chunks`), their
+        ``1/sqrt(m)`` is applied here, in ``dtype``.
         """
         low = self.model_dtype != self.dtype
-        products = _collect._section_rows(
-            self.model, self.specs[l], self.specs[m], x, act.to(self.model_dtype), V,
-            sequence=self.sequence, max_vectors=None, check=check,
-            leaves=self.leaves(l, m), vector_major=True,
-            position_signs=signs.units(self.model_dtype) if low and signs is not None else signs,
+        for start, chunk in products.chunks(step):
+            if low:
+                chunk = chunk.to(self.dtype)
+                if products.signs is not None:
+                    chunk.mul_(signs.scale)
+            yield start, chunk
+
+    def _products_budget(self):
+        """Bytes a batch of products may hold: ``memory_limit``, or 2**26 numbers."""
+        if self.memory_limit is not None:
+            return self.memory_limit
+        return _VJP_ELEMENT_BUDGET * self.dtype.itemsize
+
+    def _costs_of(self, l, m, x, act, V, n_points=1, r=None):
+        """Bytes per sample and per product vector of section l -> m's products on batch ``x``.
+
+        Measured once per section and shape (:func:`section_costs`): per
+        sample, the model's forward pass up to layer m (:meth:`_footprint`),
+        the activation's copies, the section's saved activations (of every
+        point of an integration path, ``held`` of them) and the backward
+        pass's own; per vector, its backward pass and product, its cotangent,
+        and for the edges (``r``) its ``J_tilde`` and, with several points,
+        the weighted sum of their products. Returns ``(per_sample,
+        per_vector, held)``.
+        """
+        key = (l, m, tuple(act.shape[1:]))
+        if key not in self._costs:
+            with eval_mode(self.model):
+                self._costs[key] = section_costs(
+                    self.model, self.specs[l], self.specs[m], x, act.to(self.model_dtype), V,
+                    sequence=self.sequence, leaves=self.leaves(l, m))
+        saved, backward, per_vector = self._costs[key]
+        size = self.dtype.itemsize
+        # Batches of sequences may be longer than the first one.
+        p_l, _ = _model._positions(act.shape[1:], self.sequence, self.specs[l])
+        p_m = self.positions[m] if self.positions[m] == 1 else max(self.positions[m], p_l)
+        per_sample = size * self._footprint(m, 4 * p_l * self.widths[l]) + backward
+        per_sample += n_points * saved
+        per_vector += size * p_m * self.widths[m]  # its cotangent
+        if r is not None:
+            per_vector += size * p_l * (r + (self.widths[l] if n_points > 1 else 0))
+        return per_sample, per_vector, n_points
+
+    def _plan_batches(self, l, m, V, n_points=1, r=None, position_sources=None):
+        """Samples per batch for a pass of section l -> m's products (None: the pass decides).
+
+        From the costs measured on the first sample (:meth:`_costs_of`):
+        as many whole samples as fit the budget, or one sample whose
+        products are streamed in chunks.
+        """
+        if self.batch_size is not None or not (_model._is_array(self.data)
+                                               or _adapters.is_dict_batch(self.data)):
+            return None
+        x = next(iter(self._batches(1)), None)
+        if x is None:
+            return None
+        with eval_mode(self.model), torch.no_grad():
+            act = _model._cast(_model._record_batch(self.model, [self.specs[l]], x)[
+                self.specs[l].spec], self.dtype)
+        per_sample, per_vector, _ = self._costs_of(l, m, x, act, V, n_points, r)
+        k = V.shape[1]
+        n_vectors = (position_sources.m * k if position_sources is not None
+                     and self.positions[m] > 1 else self.positions[m] * k)
+        n, _ = plan_batch(self._products_budget(), per_sample, per_vector, n_vectors)
+        if n == 0:
+            # One point at a time along the path; refused by the pass if even that fails.
+            per_sample, per_vector, _ = self._costs_of(l, m, x, act, V, 1, r)
+            n, _ = plan_batch(self._products_budget(), per_sample, per_vector, n_vectors)
+        return max(1, n)
+
+    def _refuse(self, l, m, n, per_sample, per_vector):
+        one = per_sample + per_vector
+        raise ValueError(
+            f"memory_limit={format_bytes(self.memory_limit)} is too small for the products of "
+            f"section {self.specs[l].spec!r} -> {self.specs[m].spec!r} on a batch of {n} "
+            f"sample(s): one sample with one product vector needs about {format_bytes(one)} "
+            f"({format_bytes(per_sample)} for the sample's forward pass and the section's "
+            f"saved activations, {format_bytes(per_vector)} per product vector), a batch of "
+            f"{n} about {format_bytes(n * one)}. Raise memory_limit to at least "
+            f"{format_bytes(n * one, up=True)}" + (", or use smaller batches." if n > 1 else
+                                          ", or use shorter sequences.")
         )
-        if not low:
-            return products
-        products = products.to(self.dtype)
-        return products.mul_(signs.scale) if signs is not None and signs.combined else products
 
     def _signs(self, position_sources, x, m):
         """The position signs of batch ``x`` for a section into layer m, or None.
@@ -451,13 +584,16 @@ class ModelSource:
             # The product at s = t, U K_t and the attention's per-head temporaries.
             H_e = attention.w_q.shape[0]
             work = self.positions[m] * (3 * k * width + 4 * self.positions[l] * H_e)
+            size = None
         else:
-            # Products, cotangents and the backward's intermediates, each as large.
-            work = 3 * self.positions[l] * self.positions[m] * k * width
+            # The products come in chunks (:meth:`_product_chunks`); the batch is planned
+            # from their measured costs.
+            work = 4 * self.positions[l] * width
+            size = self._plan_batches(l, m, V, position_sources=position_sources)
         scatter = None
         sums = torch.zeros(self.widths[l], 2, device=self.device, dtype=self.dtype)
         U = output_weights(self.positions[m] * k, device=self.device, dtype=self.dtype)
-        for i, x in enumerate(self._pass(f"layer {l}", self._footprint(m, work))):
+        for i, x in enumerate(self._pass(f"layer {l}", self._footprint(m, work), size)):
             act = self._activation(x, l, m)
             # A declared attention formula attends to every (earlier) position; the
             # model leaves padded positions out of its attention, so a padded batch
@@ -469,21 +605,26 @@ class ModelSource:
                 sums = None  # the closed form has no signed sums (see add_jacobian_scatter_)
                 continue
             signs = self._signs(position_sources, x, m)
-            products = self._products(l, m, x, act, V, check=i == 0, signs=signs)
-            keep_in, _ = self._mask_products(products, x, l, m, act, k, signs)
+            products, step = self._product_chunks(l, m, x, [act], V, check=i == 0, signs=signs)
+            keep_in, keep_out = self._product_masks(x, l, m, act, products)
             stats.update(_keep(self._rows(act, l), keep_in))
-            # One GEMM over all (row, output) pairs, accumulated in place; the
-            # finished scatter is checked for NaN/inf once instead of every batch.
-            P = products.reshape(-1, self.widths[l])
-            if error_groups is not None and signs is not None and self.positions[m] > 1:
-                error_groups.add_scatter(products)
-            else:
-                scatter = P.T @ P if scatter is None else scatter.addmm_(P.T, P)
-            if products.shape[0] != U.shape[0]:
+            if products.n_vectors != U.shape[0]:
                 sums = None  # random combinations of positions: no sums of outputs
-            elif sums is not None:
-                # Signed sums that orient the basis (output position t major).
-                sums += products.sum(1).T @ U
+            # Random combinations of positions are kept by group for the error bars.
+            grouped = error_groups is not None and products.signs is not None
+            # The scatter is a sum over product vectors: one GEMM per chunk of
+            # (row, output) pairs, accumulated in place; the finished scatter is
+            # checked for NaN/inf once instead of every batch.
+            for start, chunk in self._chunks(products, step, signs):
+                _mask_chunk(chunk, start, k, keep_in, keep_out)
+                if grouped:
+                    error_groups.add_scatter(chunk, start, k)
+                else:
+                    P = chunk.view(-1, self.widths[l])
+                    scatter = P.T @ P if scatter is None else scatter.addmm_(P.T, P)
+                if sums is not None:
+                    # Signed sums that orient the basis (output position t major).
+                    sums.addmm_(chunk.sum(1).T, U[start : start + len(chunk)])
         if error_groups is not None:
             scatter = error_groups.added_to(scatter)
         if not bool(torch.isfinite(scatter).all()):
@@ -494,28 +635,19 @@ class ModelSource:
         return stats.add_jacobian_scatter_(scatter, n_outputs=self.positions[m] * k,
                                            signed_sums=sums)
 
-    def _mask_products(self, products, x, l, m, act, k, signs=None):
-        """Zero the products of padded input rows and padded output positions, in place.
+    def _product_masks(self, x, l, m, act, products):
+        """The real rows of layer l and output positions of layer m (None where none are padded).
 
-        Returns the real rows of layers l and m (None where nothing is padded,
-        and for m where ``signs`` (:meth:`_signs`) combined the output
-        positions: their signs are 0 at padded positions already). Products
-        are vector-major, ``(P_m * k, B * P_l, d_l)`` with output position
-        ``t`` major in the first axis, or ``(sources * k, B * P_l, d_l)``
-        when combined.
+        Rows ``(B * P_l,)``; output positions ``(B, P_m)``, only for products of
+        one output position each: random combinations of positions have sign 0
+        at padded positions already (see :meth:`_signs`).
         """
         n = _adapters.n_samples(x)
         keep_in = self._real_rows(x, l, act.shape)
-        p_out = products.shape[0] // k
-        keep_out = None
-        if signs is None or not signs.combined:
-            keep_out = self._real_rows(x, m, self._output_shape(m, n, p_out))
-        view = products.view(p_out, k, n, -1, products.shape[-1])
-        if keep_out is not None:
-            view.mul_(keep_out.view(n, p_out).T.to(products.dtype)[:, None, :, None, None])
-        if keep_in is not None:
-            view.mul_(keep_in.view(n, -1).to(products.dtype)[None, None, :, :, None])
-        return keep_in, keep_out
+        if products.signs is not None:
+            return keep_in, None
+        keep_out = self._real_rows(x, m, self._output_shape(m, n, products.p_out))
+        return keep_in, None if keep_out is None else keep_out.view(n, products.p_out)
 
     def global_stats(self, V, new_stats, position_sources=None):
         L = self.n_layers - 1
@@ -558,12 +690,13 @@ class ModelSource:
             # The two edge-GEMM buffers, plus the activation's copies and derivatives.
             work = self.positions[l] * (k * (factors[0].shape[1] + r) + 8 * self.widths[l])
             per_sample = self._footprint(l, work)
-        else:
-            P = self.positions[l] * self.positions[l + 1]
-            # Products, cotangents, the backward's intermediates and J_tilde.
-            work = P * k * (3 * max(self.widths[l], self.widths[l + 1]) + r)
-            per_sample = self._footprint(l + 1, work)
-        for i, x in enumerate(self._pass(f"edges {l}", per_sample)):
+        size = None
+        if attention is None and st is None:
+            # The products come in chunks (:meth:`_product_chunks`); the batch is planned
+            # from their measured costs.
+            per_sample = self._footprint(l + 1, 4 * self.positions[l] * self.widths[l])
+            size = self._plan_batches(l, l + 1, V, len(alphas), r, position_sources)
+        for i, x in enumerate(self._pass(f"edges {l}", per_sample, size)):
             act = self._activation(x, l, l + 1)
             X = self._rows(act, l)
             n_x = _adapters.n_samples(x)
@@ -601,27 +734,46 @@ class ModelSource:
                     accumulate_edges(E, st.edge_jacobians(s_bar, factors, workspace), Z,
                                      constant=constant, Z_out=Z_out)
             else:
-                P_bar = None
-                for w, p in zip(weights, points):
-                    products = self._products(l, l + 1, x, p.reshape(act.shape), V,
-                                              check=i == 0, signs=signs)
-                    self._mask_products(products, x, l, l + 1, act, k, signs)
-                    P_bar = (products.mul_(w) if P_bar is None
-                             else P_bar.add_(products, alpha=w))
-                # Products come vector-major (outputs, rows, d); the edges see them
-                # through a transposed view, without a copy.
-                rows, n, d = P_bar.shape
-                J_tilde = workspace.get("J_tilde", (rows, n, C.shape[1]), P_bar)
-                torch.matmul(P_bar.view(rows * n, d), C_pinv.T, out=J_tilde.view(rows * n, -1))
-                # Positions of this batch: sequences may differ in length between batches.
-                accumulate_edges(E, J_tilde.transpose(0, 1), Z, rows // k, X.shape[0] // n_x,
-                                 constant=constant, Z_out=Z_out,
-                                 groups=None if signs is None or self.positions[l + 1] == 1
-                                 else error_groups)
+                # Edges are sums over output directions (output position t, column i):
+                # every chunk of them, its products averaged over the path, is reduced
+                # into E (and the constant node) on its own.
+                products, step = self._product_chunks(
+                    l, l + 1, x, [p.reshape(act.shape) for p in points], V, check=i == 0,
+                    signs=signs, weights=weights, r=r)
+                keep_in, keep_out = self._product_masks(x, l, l + 1, act, products)
+                groups = error_groups if products.signs is not None else None
+                # The output coordinates of every direction, (n, directions), t major.
+                Z_dir = None if Z_out is None else Z_out.reshape(n_x, -1)
+                for start, P_bar in self._chunks(products, step, signs):
+                    _mask_chunk(P_bar, start, k, keep_in, keep_out)
+                    c, n, d = P_bar.shape
+                    J_tilde = workspace.get("J_tilde", (c, n, r), P_bar)
+                    torch.matmul(P_bar.view(c * n, d), C_pinv.T, out=J_tilde.view(c * n, r))
+                    accumulate_edge_chunk(E, J_tilde, Z, start, n_x, constant=constant,
+                                          Z_out=None if Z_dir is None
+                                          else Z_dir[:, start : start + c], groups=groups)
             count += X.shape[0] if keep_in is None else int(keep_in.sum())
         if error_groups is not None:
             error_groups.scale = 1.0 / count
         return E_all / count
+
+
+def _mask_chunk(chunk, start, k, keep_in, keep_out):
+    """Zero the products of padded input rows and padded output positions, in place.
+
+    ``chunk`` holds directions ``start:start + c`` (``(c, B * P_l, d_l)``,
+    direction ``q = t * k + i`` of output position ``t``); ``keep_in`` marks
+    the real rows, ``keep_out`` ``(B, P_m)`` the real output positions (None:
+    nothing padded).
+    """
+    if keep_out is not None:
+        c, n = chunk.shape[0], keep_out.shape[0]
+        t = torch.arange(start, start + c, device=chunk.device) // k
+        chunk.view(c, n, -1, chunk.shape[-1]).mul_(
+            keep_out.T[t].to(chunk.dtype)[:, :, None, None])
+    if keep_in is not None:
+        chunk.mul_(keep_in.to(chunk.dtype)[None, :, None])
+    return chunk
 
 
 def _closed_form_sums(structure, V, s_sum, n_rows, n_outputs):

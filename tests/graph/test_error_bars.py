@@ -214,5 +214,29 @@ def test_strength_std_is_the_delta_method_of_the_eigenvalues():
 
 def test_source_groups_refuse_products_that_are_not_source_major():
     groups = SourceGroups(3)
-    with pytest.raises(ValueError, match="combination-major; got a leading axis of 4"):
-        groups.add_squares(torch.zeros(4, 2, 2))
+    with pytest.raises(ValueError, match="combination-major; got direction 6"):
+        groups.add_scatter(torch.zeros(4, 2, 2), 3, 2)
+    with pytest.raises(ValueError, match="combination-major; got direction 7"):
+        groups.add_rows(torch.zeros(3, 2), 5, 2)
+
+
+def test_source_groups_of_chunks_equal_the_groups_of_whole_products():
+    """Directions q = j k + i streamed in chunks of any size land in group j % G, row i."""
+    gen = torch.Generator().manual_seed(0)
+    m, k, rows, d = 5, 3, 4, 2
+    products = torch.randn(m * k, rows, d, generator=gen, dtype=torch.float64)
+    squares = torch.rand(m * k, 6, generator=gen, dtype=torch.float64)
+    whole = SourceGroups(m, n_groups=2)
+    for j in range(m):  # by hand: combination j's scatter and rows in group j % 2
+        P = products[j * k : (j + 1) * k].reshape(-1, d)
+        whole._group_sums((d, d), P)[j % 2] += P.T @ P
+    expected_rows = torch.zeros(2, k, 6, dtype=torch.float64)
+    for q in range(m * k):
+        expected_rows[(q // k) % 2, q % k] += squares[q]
+    for step in (1, 2, 4, 15):
+        scatter, by_row = SourceGroups(m, n_groups=2), SourceGroups(m, n_groups=2)
+        for start in range(0, m * k, step):
+            scatter.add_scatter(products[start : start + step], start, k)
+            by_row.add_rows(squares[start : start + step], start, k)
+        torch.testing.assert_close(scatter.sums, whole.sums)
+        torch.testing.assert_close(by_row.sums, expected_rows)
