@@ -85,6 +85,8 @@ class ModelSource:
         self.specs = _model._parse_layers(self.model, list(layers), "output")
         self.data, self.sequence, self.verbose = data, sequence, verbose
         self.batch_size = batch_size
+        # Called with the samples of every batch a pass completes (the fit's progress bar).
+        self.progress = None
 
         # A probe on two samples gives every layer's shape (and fails early).
         first = next(iter(self._batches(self.batch_size or _model._PROBE_SAMPLES)), None)
@@ -166,6 +168,8 @@ class ModelSource:
                 yield x
                 fingerprint.add(x)
                 bar.update(_adapters.n_samples(x))
+                if self.progress is not None:
+                    self.progress(_adapters.n_samples(x))
         self._passes.finish(desc, fingerprint)
 
     def _activation(self, x, l, m=None):
