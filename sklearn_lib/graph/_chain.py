@@ -21,6 +21,7 @@ from ..basis._linalg import gram_eigenvalues
 from ..basis._stats import InteractionStatistics
 from ..models._vjp import PositionSources
 from ..utils._backend import as_tensor
+from ._checkpoint import NoCheckpoint, tensor_digest
 
 __all__ = ["build"]
 
@@ -106,8 +107,68 @@ def position_sources(graph, rng, device):
     return None if m is None else PositionSources(m, rng.randint(2**31 - 1), device)
 
 
-def build(graph, source, names, *, edge_point, alphas=(1.0,), weights=(1.0,)):
-    """Backward chaining of SPEC section 2 over any source; returns the fitted state."""
+def pass_plan(graph, n_layers):
+    """The passes over the data a build makes, in order: ``(kind, layer)`` pairs.
+
+    One for the final layer's activations, one per earlier layer's statistics
+    (``"activations"`` for PCA, ``"jacobians"`` otherwise; the global variant's
+    ``"global"`` passes are made together) and one per section's edges.
+    """
+    L = n_layers - 1
+    kind = ("activations" if graph.basis == "pca" else
+            "jacobians" if graph.variant == "local" else "global")
+    return ([("activations", L)] + [(kind, l) for l in range(L - 1, -1, -1)]
+            + [("edges", l) for l in range(L)])
+
+
+class _Progress:
+    """One bar over every sample of every pass still to compute, for the ETA of the whole fit.
+
+    ``n_samples`` known: the bar counts samples (``passes * n_samples``), advanced
+    batch by batch through ``source.progress`` where the source offers it, and
+    set to the pass boundary when a pass ends. Unknown: it counts passes. A
+    pass loaded from a checkpoint leaves the total instead of advancing it, so
+    the rate (and the ETA) is that of the passes computed.
+    """
+
+    def __init__(self, graph, source, n_passes, n_samples):
+        self.unit = n_samples or 1
+        self.done = 0
+        self.bar = tqdm(total=n_passes * self.unit, desc="InteractionGraph",
+                        unit="sample" if n_samples else "pass", disable=not graph.verbose,
+                        smoothing=0.05)
+        self.source = source
+        if n_samples and hasattr(source, "progress"):
+            source.progress = self.bar.update
+
+    def finished(self, passes=1):
+        n = getattr(self.source, "n_samples", None)
+        if self.unit > 1 and n and n != self.unit:
+            # The count given up front was a DataLoader's dataset, not what it yields.
+            self.bar.total = self.bar.total // self.unit * n
+            self.done, self.unit = self.done // self.unit * n, n
+        self.done += passes * self.unit
+        self.bar.update(self.done - self.bar.n)
+
+    def loaded(self, passes=1):
+        self.bar.total -= passes * self.unit
+        self.bar.refresh()
+
+    def close(self):
+        if getattr(self.source, "progress", None) is not None:
+            self.source.progress = None
+        self.bar.close()
+
+
+def build(graph, source, names, *, edge_point, alphas=(1.0,), weights=(1.0,),
+          checkpoint=None, n_samples=None):
+    """Backward chaining of SPEC section 2 over any source; returns the fitted state.
+
+    ``checkpoint`` (a :class:`~sklearn_lib.graph._checkpoint.Checkpoint`) loads
+    every pass it holds under the same key and saves every pass computed;
+    ``n_samples``, when known before the first pass, lets the progress bar
+    count samples.
+    """
     n_layers = source.n_layers
     L = n_layers - 1
     n_components = layer_n_components(graph, n_layers)
@@ -124,55 +185,77 @@ def build(graph, source, names, *, edge_point, alphas=(1.0,), weights=(1.0,)):
         t = lambda a: as_tensor(a, device=device, dtype=dtype)  # noqa: E731
         return t(basis.mean_), t(basis.components_.T), t(basis.inverse_components_)
 
-    steps = tqdm(total=2 * n_layers - 1, desc="InteractionGraph", disable=not graph.verbose)
-    with steps:
+    checkpoint = NoCheckpoint() if checkpoint is None else checkpoint
+    n_samples = n_samples or source.n_samples
+    plan = pass_plan(graph, n_layers)
+    steps = _Progress(graph, source, len(plan), n_samples)
+
+    def run(kind, l, key, compute, passes=1):
+        result, loaded = checkpoint.run(kind, l, key, compute)
+        (steps.loaded if loaded else steps.finished)(passes)
+        return result
+
+    def seeds(ps):
+        return None if ps is None else [ps.m, ps.seed]
+
+    try:
         bases = [None] * n_layers
-        stats_L = source.activation_stats(L, new_stats)
+        stats_L = run("activations", L, {"names": [names[L]]},
+                      lambda: source.activation_stats(L, new_stats))
         if graph.final_layer == "identity":
             bases[L] = identity_basis(graph, stats_L)
         else:
             bases[L] = new_basis(graph, n_components[L])._fit_statistics(stats_L, name=what(L))
-        steps.update()
         C = [None] * n_layers
         C[L] = tensors(bases[L])[1]
         if graph.basis == "pca":
             for l in range(L - 1, -1, -1):
-                stats = source.activation_stats(l, new_stats)
+                stats = run("activations", l, {"names": [names[l]]},
+                            lambda l=l: source.activation_stats(l, new_stats))
                 bases[l] = new_basis(graph, n_components[l])._fit_statistics(stats, name=what(l))
                 C[l] = tensors(bases[l])[1]
-                steps.update()
         elif graph.variant == "local":
             for l in range(L - 1, -1, -1):
                 V = cotangents(graph, C[l + 1], rng)
-                stats = source.jacobian_stats(
-                    l, V, new_stats, position_sources=position_sources(graph, rng, device))
+                ps = position_sources(graph, rng, device)
+                # The statistics depend on the downstream basis only through V.
+                key = {"names": [names[l], names[l + 1]], "V": tensor_digest(V),
+                       "positions": seeds(ps)}
+                stats = run("jacobians", l, key, lambda l=l, V=V, ps=ps: source.jacobian_stats(
+                    l, V, new_stats, position_sources=ps))
                 bases[l] = new_basis(graph, n_components[l])._fit_statistics(stats, name=what(l))
                 C[l] = tensors(bases[l])[1]
-                steps.update()
         else:
             V = cotangents(graph, C[L], rng)
-            all_stats = source.global_stats(
-                V, new_stats, position_sources=position_sources(graph, rng, device))
+            ps = position_sources(graph, rng, device)
+            key = {"names": list(names), "V": tensor_digest(V), "positions": seeds(ps)}
+            all_stats = run("global", L, key, lambda: source.global_stats(
+                V, new_stats, position_sources=ps), passes=L)
             for l in range(L):
                 bases[l] = new_basis(graph, n_components[l])._fit_statistics(
                     all_stats[l], name=what(l))
                 C[l] = tensors(bases[l])[1]
-                steps.update()
         edges = []
         for l in range(L):
             mean, C_l, C_pinv = tensors(bases[l])
             out_mean = tensors(bases[l + 1])[0] if graph.constant_node else None
-            E = source.edges(l, C[l + 1], mean, C_l, C_pinv, edge_point=edge_point,
-                             alphas=list(alphas), weights=list(weights), out_mean=out_mean,
-                             position_sources=position_sources(graph, rng, device)
-                             ).cpu().numpy()
+            ps = position_sources(graph, rng, device)
+            key = {"names": [names[l], names[l + 1]], "edge_point": edge_point,
+                   "alphas": [repr(float(a)) for a in alphas],
+                   "weights": [repr(float(w)) for w in weights],
+                   "bases": tensor_digest(C[l + 1], mean, C_l, C_pinv, out_mean),
+                   "positions": seeds(ps)}
+            E = run("edges", l, key, lambda: source.edges(
+                l, C[l + 1], mean, C_l, C_pinv, edge_point=edge_point, alphas=list(alphas),
+                weights=list(weights), out_mean=out_mean, position_sources=ps)).cpu().numpy()
             if graph.constant_node and graph._has_constant_node(l + 1, n_layers):
                 # The constant is carried from every position to itself.
                 row = np.zeros((1, E.shape[1]), dtype=E.dtype)
                 row[0, -1] = source.positions[l + 1] / source.positions[l]
                 E = np.concatenate([E, row])
             edges.append(E)
-            steps.update()
+    finally:
+        steps.close()
     r = np.array([b.n_components_ for b in bases], dtype=np.int64)
     return {
         "bases_": bases,

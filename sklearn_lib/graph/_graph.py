@@ -26,10 +26,12 @@ from ..sources._cached import CachedSource
 from ..sources._distributed import DistributedSource
 from ..sources._edges import path_quadrature
 from ..sources._model_source import ModelSource
+from ..models._model import _iter_batches
 from ..utils._backend import eval_mode, resolve_device, resolve_dtype
 from ..utils._distributed import collective, resolve_group
 from ._adjacency import layered_adjacency
 from ._chain import build
+from ._checkpoint import Checkpoint, data_digest, model_digest
 from ._io import load_graph, save_graph
 
 __all__ = ["InteractionGraph"]
@@ -60,6 +62,11 @@ def _frame_as_array(data):
     if array.dtype == object:  # nullable extension dtypes; their missing values become NaN
         array = data.to_numpy(dtype=np.float64, na_value=np.nan)
     return array
+
+
+def _model_batches(data):
+    """The number of samples of model data, when known before iterating it (else None)."""
+    return _iter_batches(data, 1)[1]
 
 
 def _per_position(method, X):
@@ -252,6 +259,12 @@ class InteractionGraph(BaseEstimator):
         ActivationCache given to :meth:`fit`), else ``"0"``, ``"1"``, ...
     n_samples_seen_ : int
         Number of samples (not positions) the graph was fitted on.
+    checkpoint_log_ : list of dict
+        Only after :meth:`fit_model` with a ``checkpoint``: one entry per pass
+        over the data, ``{"pass", "layer", "status"}`` with status ``"loaded"``
+        or ``"computed"``, and for a computed pass of a layer with saved passes
+        under other keys a ``"reason"`` naming what differs (e.g. ``"V"``, the
+        downstream basis, after another ``n_components`` downstream).
     edge_point_ : {"data", "reconstructed"}
         Where the edge Jacobians were evaluated.
     fast_path_ : list of bool of length n_layers - 1
@@ -424,7 +437,8 @@ class InteractionGraph(BaseEstimator):
         return self._set_fitted(result)
 
     @_fit_context(prefer_skip_nested_validation=True)
-    def fit_model(self, model, layers, data, *, sequence=False, distributed=False):
+    def fit_model(self, model, layers, data, *, sequence=False, distributed=False,
+                  checkpoint=None):
         """Fit from a torch model, never forming full per-sample Jacobians.
 
         For each layer, ``C_{l+1}^T J_l`` is computed directly by vectorised
@@ -464,6 +478,27 @@ class InteractionGraph(BaseEstimator):
             all shards together, equal to a single fit on their concatenation
             to rounding. Ranks that disagree on layers, shapes or dtype, and a
             failure on any rank, raise on every rank.
+        checkpoint : str, os.PathLike or None, default=None
+            A directory where every completed pass over the data (a layer's
+            statistics, a section's edges) is saved, and from which a rerun
+            loads the passes it holds instead of computing them: an
+            interrupted fit resumes after its last completed pass, with the
+            same result. Each pass is saved under a key of everything it
+            depends on (layers, settings, and the exact downstream basis or
+            bases), so a rerun with other ``n_components`` or
+            ``truncation_threshold`` reuses the final layer's statistics and
+            those of every layer whose downstream basis is unchanged, and
+            recomputes the others (see ``checkpoint_log_``). The directory is
+            tied to one data set and one model (an exact digest of both, taken
+            in one extra pass over the inputs that does not run the model):
+            other data or another model are refused. It is created if
+            missing; a non-empty directory that is not a checkpoint is
+            refused, and no file in it is ever replaced or deleted. With
+            ``stochastic_sources`` or ``stochastic_positions``, pass an int
+            ``random_state``, or no pass that draws random numbers is reused.
+            It is a parameter of the fit rather than of the estimator because
+            it belongs to one data set: a clone fitted on other data (e.g. in
+            a search) must not share it. Not with ``distributed``.
 
         Returns
         -------
@@ -500,6 +535,11 @@ class InteractionGraph(BaseEstimator):
                 )
             return source, fast
 
+        if checkpoint is not None and distributed is not False:
+            raise ValueError(
+                "checkpoint cannot be used with distributed fits yet: every rank would write "
+                "its own shard's passes. Pass checkpoint=None, or fit on one process."
+            )
         if distributed is False:
             source, fast = prepare()
         else:
@@ -508,11 +548,22 @@ class InteractionGraph(BaseEstimator):
             source, fast = collective(group, "fit_model", prepare)
             source = DistributedSource(source, group, {"layers": [s.spec for s in source.specs],
                                                        "fast_path": fast})
+        names = [s.spec for s in source.specs]
+        store, n_samples = None, _model_batches(data)
+        if checkpoint is not None:
+            digest, n_samples = data_digest(source.data, self.batch_size or 1024, source.dtype)
+            store = Checkpoint(
+                checkpoint,
+                {"data": digest, "n_samples": n_samples, "model": model_digest(source.model)},
+                {"sequence": bool(sequence), "dtype": str(source.dtype), "center": self.center},
+                source.device)
         with eval_mode(source.model):
-            result = build(self, source, [s.spec for s in source.specs],
-                           edge_point=edge_point, alphas=alphas, weights=weights)
-        result.update(layer_names_=[s.spec for s in source.specs],
-                      n_samples_seen_=source.n_samples, fast_path_=fast)
+            result = build(self, source, names, edge_point=edge_point, alphas=alphas,
+                           weights=weights, checkpoint=store, n_samples=n_samples)
+        result.update(layer_names_=names, fast_path_=fast,
+                      n_samples_seen_=source.n_samples or n_samples)
+        if store is not None:
+            result["checkpoint_log_"] = store.log
         return self._set_fitted(result)
 
     @classmethod
