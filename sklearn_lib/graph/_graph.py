@@ -22,11 +22,11 @@ from sklearn.utils.validation import check_is_fitted
 
 from ..basis._basis import InteractionBasis
 from ..basis._dask import is_dask_array
+from ..models._model import _iter_batches
 from ..sources._cached import CachedSource
 from ..sources._distributed import DistributedSource
 from ..sources._edges import path_quadrature
 from ..sources._model_source import ModelSource
-from ..models._model import _iter_batches
 from ..utils._backend import eval_mode, resolve_device, resolve_dtype
 from ..utils._distributed import collective, resolve_group
 from ._adjacency import layered_adjacency
