@@ -142,16 +142,20 @@ class _Progress:
             source.progress = self.bar.update
 
     def finished(self, passes=1):
+        if not passes:
+            return
         n = getattr(self.source, "n_samples", None)
         if self.unit > 1 and n and n != self.unit:
             # The count given up front was a DataLoader's dataset, not what it yields.
             self.bar.total = self.bar.total // self.unit * n
             self.done, self.unit = self.done // self.unit * n, n
-        self.done += passes * self.unit
+        self.done += round(passes * self.unit)
         self.bar.update(self.done - self.bar.n)
 
     def loaded(self, passes=1):
-        self.bar.total -= passes * self.unit
+        if not passes:
+            return
+        self.bar.total -= round(passes * self.unit)
         self.bar.refresh()
 
     def close(self):
@@ -191,17 +195,23 @@ def build(graph, source, names, *, edge_point, alphas=(1.0,), weights=(1.0,),
     steps = _Progress(graph, source, len(plan), n_samples)
 
     def run(kind, l, key, compute, passes=1):
+        # ``compute(src, i)``: the pass over ``src``, shard ``i`` of the data (None: all).
         result, loaded = checkpoint.run(kind, l, key, compute)
-        (steps.loaded if loaded else steps.finished)(passes)
+        steps.loaded(passes * loaded)
+        steps.finished(passes * (1 - loaded))
         return result
 
     def seeds(ps):
         return None if ps is None else [ps.m, ps.seed]
 
+    def shard(ps, i):
+        # Every shard draws its own stream of signs, the same whichever shards are loaded.
+        return ps if ps is None or i is None else ps.offset(i + 1)
+
     try:
         bases = [None] * n_layers
         stats_L = run("activations", L, {"names": [names[L]]},
-                      lambda: source.activation_stats(L, new_stats))
+                      lambda src=source, i=None: src.activation_stats(L, new_stats))
         if graph.final_layer == "identity":
             bases[L] = identity_basis(graph, stats_L)
         else:
@@ -211,7 +221,7 @@ def build(graph, source, names, *, edge_point, alphas=(1.0,), weights=(1.0,),
         if graph.basis == "pca":
             for l in range(L - 1, -1, -1):
                 stats = run("activations", l, {"names": [names[l]]},
-                            lambda l=l: source.activation_stats(l, new_stats))
+                            lambda src=source, i=None, l=l: src.activation_stats(l, new_stats))
                 bases[l] = new_basis(graph, n_components[l])._fit_statistics(stats, name=what(l))
                 C[l] = tensors(bases[l])[1]
         elif graph.variant == "local":
@@ -221,16 +231,17 @@ def build(graph, source, names, *, edge_point, alphas=(1.0,), weights=(1.0,),
                 # The statistics depend on the downstream basis only through V.
                 key = {"names": [names[l], names[l + 1]], "V": tensor_digest(V),
                        "positions": seeds(ps)}
-                stats = run("jacobians", l, key, lambda l=l, V=V, ps=ps: source.jacobian_stats(
-                    l, V, new_stats, position_sources=ps))
+                stats = run("jacobians", l, key,
+                            lambda src=source, i=None, l=l, V=V, ps=ps: src.jacobian_stats(
+                                l, V, new_stats, position_sources=shard(ps, i)))
                 bases[l] = new_basis(graph, n_components[l])._fit_statistics(stats, name=what(l))
                 C[l] = tensors(bases[l])[1]
         else:
             V = cotangents(graph, C[L], rng)
             ps = position_sources(graph, rng, device)
             key = {"names": list(names), "V": tensor_digest(V), "positions": seeds(ps)}
-            all_stats = run("global", L, key, lambda: source.global_stats(
-                V, new_stats, position_sources=ps), passes=L)
+            all_stats = run("global", L, key, lambda src=source, i=None: src.global_stats(
+                V, new_stats, position_sources=shard(ps, i)), passes=L)
             for l in range(L):
                 bases[l] = new_basis(graph, n_components[l])._fit_statistics(
                     all_stats[l], name=what(l))
@@ -245,9 +256,10 @@ def build(graph, source, names, *, edge_point, alphas=(1.0,), weights=(1.0,),
                    "weights": [repr(float(w)) for w in weights],
                    "bases": tensor_digest(C[l + 1], mean, C_l, C_pinv, out_mean),
                    "positions": seeds(ps)}
-            E = run("edges", l, key, lambda: source.edges(
+            E = run("edges", l, key, lambda src=source, i=None: src.edges(
                 l, C[l + 1], mean, C_l, C_pinv, edge_point=edge_point, alphas=list(alphas),
-                weights=list(weights), out_mean=out_mean, position_sources=ps)).cpu().numpy()
+                weights=list(weights), out_mean=out_mean, position_sources=shard(ps, i))
+            ).cpu().numpy()
             if graph.constant_node and graph._has_constant_node(l + 1, n_layers):
                 # The constant is carried from every position to itself.
                 row = np.zeros((1, E.shape[1]), dtype=E.dtype)

@@ -38,11 +38,12 @@ import numpy as np
 import torch
 
 from ..basis._factors import Frame
-from ..basis._stats import InteractionStatistics
+from ..basis._stats import InteractionStatistics, merge_statistics
 from ..models import _adapters, _model
 from ..utils._atomic import write_file
 
-__all__ = ["Checkpoint", "NoCheckpoint", "data_digest", "model_digest", "tensor_digest"]
+__all__ = ["Checkpoint", "NoCheckpoint", "data_digest", "model_digest", "shard_bounds",
+           "tensor_digest"]
 
 #: The manifest file that marks a directory as a checkpoint of ours.
 MANIFEST = "sklearn_lib_checkpoint.json"
@@ -215,13 +216,36 @@ def _decode(value, arrays, device):
 
 
 # ------------------------------------------------------------------ checkpoint
+def shard_bounds(n_samples, every, batch_size):
+    """``(start, stop)`` of the shards of ``n_samples`` samples, ``every`` samples or fewer each.
+
+    A shard is a whole number of batches of ``batch_size`` (when set), so that
+    a sharded pass runs the batches an unsharded one would.
+    """
+    if batch_size:
+        every = max(batch_size, every // batch_size * batch_size)
+    return [(a, min(a + every, n_samples)) for a in range(0, n_samples, every)]
+
+
+def _merge(kind, parts, sizes):
+    """The result of a pass from those of its shards (``sizes``: their samples)."""
+    if kind == "edges":
+        # Each shard's edges are averages over its rows, which are proportional
+        # to its samples (sharding is for data without padding).
+        total = sum(sizes)
+        return sum(E * (n / total) for E, n in zip(parts, sizes))
+    if kind == "global":
+        return [merge_statistics(list(layer)) for layer in zip(*parts)]
+    return merge_statistics(parts)
+
+
 class NoCheckpoint:
     """The chain's checkpoint when none was asked for: every pass is computed."""
 
     log = None
 
     def run(self, kind, layer, key, compute):
-        return compute(), False
+        return compute(), 0.0
 
 
 class Checkpoint:
@@ -240,6 +264,13 @@ class Checkpoint:
         Settings added to every pass's key (dtype, sequence layout, ...).
     device : torch.device
         Where loaded statistics are placed.
+    shards : list of (int, int) or None, default=None
+        Passes made shard by shard, each shard's result saved (so that a fit
+        killed within a pass resumes from its last completed shard), and merged:
+        statistics exactly (:func:`~sklearn_lib.basis._stats.merge_statistics`),
+        edges as averages weighted by the shards' samples.
+    shard_source : callable or None
+        ``shard_source(i)``: the source over shard ``i``'s samples.
 
     Attributes
     ----------
@@ -249,9 +280,10 @@ class Checkpoint:
         has saved passes under other keys, ``reason`` (which inputs differ).
     """
 
-    def __init__(self, path, identity, common, device):
+    def __init__(self, path, identity, common, device, shards=None, shard_source=None):
         self.path = os.path.abspath(os.fspath(path))
         self.identity, self.common, self.device = dict(identity), dict(common), device
+        self.shards, self.shard_source = shards, shard_source
         self.log = []
         self._open()
 
@@ -317,11 +349,32 @@ class Checkpoint:
             )
 
     def run(self, kind, layer, key, compute):
-        """The result of pass ``kind`` of ``layer`` with ``key`` and whether it was loaded.
+        """The result of pass ``kind`` of ``layer`` with ``key``, and the share of it loaded.
 
         ``compute()`` returns the pass's result (statistics, a list of them, or
-        an edge tensor); a computed result is written before it is returned.
+        an edge tensor); with shards, ``compute(source, i)`` that of shard
+        ``i`` from its source. A computed result is written before it is
+        returned.
         """
+        if self.shards is None:
+            result, loaded = self._run(kind, layer, key, compute)
+            return result, float(loaded)
+        parts, loaded, entries = [], 0, []
+        for i, (a, b) in enumerate(self.shards):
+            part, was_loaded = self._run(
+                kind, layer, {**key, "shard": [a, b]},
+                lambda i=i: compute(self.shard_source(i), i))
+            parts.append(part)
+            loaded += (b - a) * was_loaded
+            entries.append(self.log.pop())
+        sizes = [b - a for a, b in self.shards]
+        statuses = {e["status"] for e in entries}
+        entry = {**entries[0], "status": statuses.pop() if len(statuses) == 1 else "resumed",
+                 "shards": [e["status"] for e in entries]}
+        self.log.append(entry)
+        return _merge(kind, parts, sizes), loaded / sum(sizes)
+
+    def _run(self, kind, layer, key, compute):
         full = {"format": FORMAT, "pass": kind, "layer": int(layer), **self.common, **key}
         name = f"{kind}-{int(layer)}-{_key_digest(full)}.npz"
         file = os.path.join(self.path, name)

@@ -22,7 +22,8 @@ from sklearn.utils.validation import check_is_fitted
 
 from ..basis._basis import InteractionBasis
 from ..basis._dask import is_dask_array
-from ..models._model import _iter_batches
+from ..models._adapters import MASK_KEY, is_dict_batch, take
+from ..models._model import _is_array, _iter_batches
 from ..sources._cached import CachedSource
 from ..sources._distributed import DistributedSource
 from ..sources._edges import path_quadrature
@@ -31,7 +32,7 @@ from ..utils._backend import eval_mode, resolve_device, resolve_dtype
 from ..utils._distributed import collective, resolve_group
 from ._adjacency import layered_adjacency
 from ._chain import build
-from ._checkpoint import Checkpoint, data_digest, model_digest
+from ._checkpoint import Checkpoint, data_digest, model_digest, shard_bounds
 from ._io import load_graph, save_graph
 
 __all__ = ["InteractionGraph"]
@@ -67,6 +68,24 @@ def _frame_as_array(data):
 def _model_batches(data):
     """The number of samples of model data, when known before iterating it (else None)."""
     return _iter_batches(data, 1)[1]
+
+
+def _shard_sources(source, shards, model_source):
+    """``shard_source(i)``: a source over shard ``i`` of ``source``'s data, made once."""
+    made = {}
+
+    def shard_source(i):
+        if i not in made:
+            a, b = shards[i]
+            # The prepared model itself: no copy per shard.
+            made[i] = model_source(model=source.model, data=take(source.data, slice(a, b)))
+            # Closed forms are chosen (a pass of their own) before the progress bar counts.
+            for l in range(made[i].n_layers - 1):
+                made[i].structure(l, l + 1)
+        made[i].progress = source.progress
+        return made[i]
+
+    return shard_source
 
 
 def _per_position(method, X):
@@ -438,7 +457,7 @@ class InteractionGraph(BaseEstimator):
 
     @_fit_context(prefer_skip_nested_validation=True)
     def fit_model(self, model, layers, data, *, sequence=False, distributed=False,
-                  checkpoint=None):
+                  checkpoint=None, checkpoint_every=None):
         """Fit from a torch model, never forming full per-sample Jacobians.
 
         For each layer, ``C_{l+1}^T J_l`` is computed directly by vectorised
@@ -499,6 +518,17 @@ class InteractionGraph(BaseEstimator):
             It is a parameter of the fit rather than of the estimator because
             it belongs to one data set: a clone fitted on other data (e.g. in
             a search) must not share it. Not with ``distributed``.
+        checkpoint_every : int or None, default=None
+            With ``checkpoint``: make every pass in shards of this many samples
+            (rounded down to whole batches of ``batch_size``) and save each
+            shard's result, so that a fit killed within a pass resumes from its
+            last completed shard instead of the pass's start. The shards'
+            statistics merge exactly (Chan's update) and their edges are
+            averaged by their samples: the graph equals the unsharded fit to
+            rounding (with ``stochastic_positions``, every shard draws its own
+            signs). Each shard costs a probe of the model on its first batch.
+            For array data (a tensor, an array, a dict of arrays) without an
+            ``attention_mask``; None makes one piece of each pass.
 
         Returns
         -------
@@ -509,7 +539,7 @@ class InteractionGraph(BaseEstimator):
         edge_point = "reconstructed" if self.edge_point == "auto" else self.edge_point
         data = _frame_as_array(data)
 
-        def model_source():
+        def model_source(model=model, data=data):
             return ModelSource(
                 model, layers, data, sequence=sequence, batch_size=self.batch_size,
                 device=resolve_device(self.device), dtype=self.dtype,
@@ -535,6 +565,21 @@ class InteractionGraph(BaseEstimator):
                 )
             return source, fast
 
+        if checkpoint_every is not None and (checkpoint is None or not (
+                isinstance(checkpoint_every, Integral) and checkpoint_every >= 1)):
+            raise ValueError(
+                "checkpoint_every must be a positive int of samples, with a checkpoint "
+                f"directory; got checkpoint_every={checkpoint_every!r} and "
+                f"checkpoint={checkpoint!r}."
+            )
+        if checkpoint_every is not None and (
+                not _is_array(data) and not is_dict_batch(data) or (is_dict_batch(data) and MASK_KEY in data)):
+            raise ValueError(
+                "checkpoint_every needs array data without padding (a tensor, an array or a "
+                f"dict of arrays without 'attention_mask'), got {type(data).__name__}: "
+                "shards are slices of the samples. Pass checkpoint_every=None (a checkpoint "
+                "per pass) or the data as arrays."
+            )
         if checkpoint is not None and distributed is not False:
             raise ValueError(
                 "checkpoint cannot be used with distributed fits yet: every rank would write "
@@ -552,11 +597,15 @@ class InteractionGraph(BaseEstimator):
         store, n_samples = None, _model_batches(data)
         if checkpoint is not None:
             digest, n_samples = data_digest(source.data, self.batch_size or 1024, source.dtype)
+            shards, shard_source = None, None
+            if checkpoint_every is not None:
+                shards = shard_bounds(n_samples, checkpoint_every, self.batch_size)
+                shard_source = _shard_sources(source, shards, model_source)
             store = Checkpoint(
                 checkpoint,
                 {"data": digest, "n_samples": n_samples, "model": model_digest(source.model)},
                 {"sequence": bool(sequence), "dtype": str(source.dtype), "center": self.center},
-                source.device)
+                source.device, shards=shards, shard_source=shard_source)
         with eval_mode(source.model):
             result = build(self, source, names, edge_point=edge_point, alphas=alphas,
                            weights=weights, checkpoint=store, n_samples=n_samples)

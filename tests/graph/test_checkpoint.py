@@ -388,3 +388,50 @@ def test_progress_of_a_data_loader(capsys):
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X), batch_size=32)
     _graph(verbose=True).fit_model(net, LAYERS, loader)
     assert _final_bar(capsys.readouterr().err) == (7 * 120, 7 * 120)
+
+
+def test_checkpoint_every_resumes_within_a_pass(tmp_path, monkeypatch, counts):
+    """Shards of 40 samples (batches of 40): killed in shard 2 of layer 1's Jacobian pass."""
+    net, X = _net(), _data()
+    params = {"batch_size": 40}
+    unsharded = _graph(**params).fit_model(net, LAYERS, X)
+    whole = _graph(**params).fit_model(net, LAYERS, X, checkpoint=tmp_path / "a",
+                                       checkpoint_every=50)
+    # Merged shards: the unsharded fit to rounding.
+    _assert_same(whole, unsharded, rtol=1e-10)
+    calls = [0]
+    products = _model_source._collect._section_rows
+
+    def failing(*args, **kwargs):
+        calls[0] += 1
+        # Layer 2's pass (3 shards of one batch), then layer 1's first shard.
+        if calls[0] == 3 + 2:
+            raise _Interrupt("shard")
+        return products(*args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(_model_source._collect, "_section_rows", failing)
+        with pytest.raises(_Interrupt):
+            _graph(**params).fit_model(net, LAYERS, X, checkpoint=tmp_path / "b",
+                                       checkpoint_every=50)
+    counts["products"] = 0
+    resumed = _graph(**params).fit_model(net, LAYERS, X, checkpoint=tmp_path / "b",
+                                         checkpoint_every=50)
+    # Two shards of layer 1 and every shard of layer 0 and of the 3 edge passes.
+    assert counts["products"] == 2 + 3 + 3 * 3
+    log = resumed.checkpoint_log_
+    assert log[2]["status"] == "resumed"
+    assert log[2]["shards"] == ["loaded", "computed", "computed"]
+    _assert_same(resumed, whole, rtol=0)
+
+
+def test_checkpoint_every_is_refused_where_it_cannot_shard(tmp_path):
+    net, X = _net(), _data()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X), batch_size=32)
+    with pytest.raises(ValueError, match="checkpoint_every needs array data"):
+        _graph().fit_model(net, LAYERS, loader, checkpoint=tmp_path / "a", checkpoint_every=40)
+    with pytest.raises(ValueError, match="with a checkpoint directory"):
+        _graph().fit_model(net, LAYERS, X, checkpoint_every=40)
+    with pytest.raises(ValueError, match="positive int"):
+        _graph().fit_model(net, LAYERS, X, checkpoint=tmp_path / "a", checkpoint_every=0)
+    assert not os.path.exists(tmp_path / "a")
