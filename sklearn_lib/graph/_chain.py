@@ -202,7 +202,8 @@ def build(graph, source, names, *, edge_point, alphas=(1.0,), weights=(1.0,),
         return result
 
     def seeds(ps):
-        return None if ps is None else [ps.m, ps.seed]
+        # A generator draws other signs from the same seed on another device type.
+        return None if ps is None else [ps.m, ps.seed, torch.device(ps.device).type]
 
     def shard(ps, i):
         # Every shard draws its own stream of signs, the same whichever shards are loaded.

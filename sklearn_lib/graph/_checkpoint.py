@@ -394,7 +394,8 @@ class Checkpoint:
             with open(tmp, "wb") as f:
                 np.savez(f, meta=np.array(meta), **arrays)
 
-        write_file(file, write, overwrite=False, is_ours=lambda p: False, what=_WHAT)
+        if not os.path.exists(file):  # else another process saved the same pass meanwhile
+            write_file(file, write, overwrite=False, is_ours=lambda p: False, what=_WHAT)
         self.log.append(entry)
         return result, False
 

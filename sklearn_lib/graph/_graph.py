@@ -604,7 +604,10 @@ class InteractionGraph(BaseEstimator):
             store = Checkpoint(
                 checkpoint,
                 {"data": digest, "n_samples": n_samples, "model": model_digest(source.model)},
-                {"sequence": bool(sequence), "dtype": str(source.dtype), "center": self.center},
+                # fast_path changes how a pass orients its basis (closed forms may lack
+                # the signed sums), so a pass is reused only under the same setting.
+                {"sequence": bool(sequence), "dtype": str(source.dtype), "center": self.center,
+                 "fast_path": str(self.fast_path)},
                 source.device, shards=shards, shard_source=shard_source)
         with eval_mode(source.model):
             result = build(self, source, names, edge_point=edge_point, alphas=alphas,
