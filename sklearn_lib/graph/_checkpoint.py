@@ -33,6 +33,7 @@ import hashlib
 import json
 import os
 import re
+from numbers import Integral
 
 import numpy as np
 import torch
@@ -42,8 +43,8 @@ from ..basis._stats import InteractionStatistics, merge_statistics
 from ..models import _adapters, _model
 from ..utils._atomic import write_file
 
-__all__ = ["Checkpoint", "NoCheckpoint", "data_digest", "model_digest", "shard_bounds",
-           "tensor_digest"]
+__all__ = ["Checkpoint", "NoCheckpoint", "check_checkpoint", "data_digest", "known_samples",
+           "model_digest", "shard_bounds", "shard_sources", "tensor_digest"]
 
 #: The manifest file that marks a directory as a checkpoint of ours.
 MANIFEST = "sklearn_lib_checkpoint.json"
@@ -216,6 +217,55 @@ def _decode(value, arrays, device):
 
 
 # ------------------------------------------------------------------ checkpoint
+def check_checkpoint(checkpoint, checkpoint_every, data, distributed):
+    """Refuse what ``fit_model`` cannot checkpoint, before anything runs."""
+    if checkpoint_every is not None and (checkpoint is None or not (
+            isinstance(checkpoint_every, Integral) and checkpoint_every >= 1)):
+        raise ValueError(
+            "checkpoint_every must be a positive int of samples, with a checkpoint "
+            f"directory; got checkpoint_every={checkpoint_every!r} and "
+            f"checkpoint={checkpoint!r}."
+        )
+    dict_data = _adapters.is_dict_batch(data)
+    if checkpoint_every is not None and (not (_model._is_array(data) or dict_data) or (
+            dict_data and _adapters.MASK_KEY in data)):
+        raise ValueError(
+            "checkpoint_every needs array data without padding (a tensor, an array or a "
+            f"dict of arrays without 'attention_mask'), got {type(data).__name__}: "
+            "shards are slices of the samples. Pass checkpoint_every=None (a checkpoint "
+            "per pass) or the data as arrays."
+        )
+    if checkpoint is not None and distributed is not False:
+        raise ValueError(
+            "checkpoint cannot be used with distributed fits yet: every rank would write "
+            "its own shard's passes. Pass checkpoint=None, or fit on one process."
+        )
+
+
+def known_samples(data):
+    """The number of samples of model data, when known before iterating it (else None)."""
+    return _model._iter_batches(data, 1)[1]
+
+
+def shard_sources(source, shards, model_source):
+    """``shard_source(i)``: a source over shard ``i`` of ``source``'s data, made once."""
+    made = {}
+
+    def shard_source(i):
+        if i not in made:
+            a, b = shards[i]
+            # The prepared model itself: no copy per shard.
+            shard = _adapters.take(source.data, slice(a, b))
+            made[i] = model_source(model=source.model, data=shard)
+            # Closed forms are chosen (a pass of their own) before the progress bar counts.
+            for l in range(made[i].n_layers - 1):
+                made[i].structure(l, l + 1)
+        made[i].progress = source.progress
+        return made[i]
+
+    return shard_source
+
+
 def shard_bounds(n_samples, every, batch_size):
     """``(start, stop)`` of the shards of ``n_samples`` samples, ``every`` samples or fewer each.
 

@@ -22,8 +22,6 @@ from sklearn.utils.validation import check_is_fitted
 
 from ..basis._basis import InteractionBasis
 from ..basis._dask import is_dask_array
-from ..models._adapters import MASK_KEY, is_dict_batch, take
-from ..models._model import _is_array, _iter_batches
 from ..sources._cached import CachedSource
 from ..sources._distributed import DistributedSource
 from ..sources._edges import path_quadrature
@@ -32,7 +30,15 @@ from ..utils._backend import eval_mode, resolve_device, resolve_dtype
 from ..utils._distributed import collective, resolve_group
 from ._adjacency import layered_adjacency
 from ._chain import build
-from ._checkpoint import Checkpoint, data_digest, model_digest, shard_bounds
+from ._checkpoint import (
+    Checkpoint,
+    check_checkpoint,
+    data_digest,
+    known_samples,
+    model_digest,
+    shard_bounds,
+    shard_sources,
+)
 from ._io import load_graph, save_graph
 
 __all__ = ["InteractionGraph"]
@@ -63,29 +69,6 @@ def _frame_as_array(data):
     if array.dtype == object:  # nullable extension dtypes; their missing values become NaN
         array = data.to_numpy(dtype=np.float64, na_value=np.nan)
     return array
-
-
-def _model_batches(data):
-    """The number of samples of model data, when known before iterating it (else None)."""
-    return _iter_batches(data, 1)[1]
-
-
-def _shard_sources(source, shards, model_source):
-    """``shard_source(i)``: a source over shard ``i`` of ``source``'s data, made once."""
-    made = {}
-
-    def shard_source(i):
-        if i not in made:
-            a, b = shards[i]
-            # The prepared model itself: no copy per shard.
-            made[i] = model_source(model=source.model, data=take(source.data, slice(a, b)))
-            # Closed forms are chosen (a pass of their own) before the progress bar counts.
-            for l in range(made[i].n_layers - 1):
-                made[i].structure(l, l + 1)
-        made[i].progress = source.progress
-        return made[i]
-
-    return shard_source
 
 
 def _per_position(method, X):
@@ -282,8 +265,10 @@ class InteractionGraph(BaseEstimator):
         Only after :meth:`fit_model` with a ``checkpoint``: one entry per pass
         over the data, ``{"pass", "layer", "status"}`` with status ``"loaded"``
         or ``"computed"``, and for a computed pass of a layer with saved passes
-        under other keys a ``"reason"`` naming what differs (e.g. ``"V"``, the
-        downstream basis, after another ``n_components`` downstream).
+        under other keys a ``"reason"`` naming what differs (e.g. the
+        downstream basis, after another ``n_components`` downstream); with
+        ``checkpoint_every``, ``"shards"`` holds each shard's status and a pass
+        partly loaded is ``"resumed"``.
     edge_point_ : {"data", "reconstructed"}
         Where the edge Jacobians were evaluated.
     fast_path_ : list of bool of length n_layers - 1
@@ -565,26 +550,7 @@ class InteractionGraph(BaseEstimator):
                 )
             return source, fast
 
-        if checkpoint_every is not None and (checkpoint is None or not (
-                isinstance(checkpoint_every, Integral) and checkpoint_every >= 1)):
-            raise ValueError(
-                "checkpoint_every must be a positive int of samples, with a checkpoint "
-                f"directory; got checkpoint_every={checkpoint_every!r} and "
-                f"checkpoint={checkpoint!r}."
-            )
-        if checkpoint_every is not None and (
-                not _is_array(data) and not is_dict_batch(data) or (is_dict_batch(data) and MASK_KEY in data)):
-            raise ValueError(
-                "checkpoint_every needs array data without padding (a tensor, an array or a "
-                f"dict of arrays without 'attention_mask'), got {type(data).__name__}: "
-                "shards are slices of the samples. Pass checkpoint_every=None (a checkpoint "
-                "per pass) or the data as arrays."
-            )
-        if checkpoint is not None and distributed is not False:
-            raise ValueError(
-                "checkpoint cannot be used with distributed fits yet: every rank would write "
-                "its own shard's passes. Pass checkpoint=None, or fit on one process."
-            )
+        check_checkpoint(checkpoint, checkpoint_every, data, distributed)
         if distributed is False:
             source, fast = prepare()
         else:
@@ -594,13 +560,13 @@ class InteractionGraph(BaseEstimator):
             source = DistributedSource(source, group, {"layers": [s.spec for s in source.specs],
                                                        "fast_path": fast})
         names = [s.spec for s in source.specs]
-        store, n_samples = None, _model_batches(data)
+        store, n_samples = None, known_samples(data)
         if checkpoint is not None:
             digest, n_samples = data_digest(source.data, self.batch_size or 1024, source.dtype)
             shards, shard_source = None, None
             if checkpoint_every is not None:
                 shards = shard_bounds(n_samples, checkpoint_every, self.batch_size)
-                shard_source = _shard_sources(source, shards, model_source)
+                shard_source = shard_sources(source, shards, model_source)
             store = Checkpoint(
                 checkpoint,
                 {"data": digest, "n_samples": n_samples, "model": model_digest(source.model)},
