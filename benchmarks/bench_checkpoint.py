@@ -5,7 +5,9 @@ one into a new directory (every pass written, plus the digest of the data and
 the model); again with the complete checkpoint (every pass loaded, no products);
 and with another ``n_components`` of the first layer (only the passes that
 depend on it recomputed). Printed: the times, the checkpoint's overhead as a
-ratio to the plain fit, the digests' share of it, and the bytes written.
+ratio to the plain fit, and the checkpoint's own time (digests, saving, loading:
+measured inside the fit, so it does not depend on the machine's load as the
+ratio of two fits does), and the bytes written.
 
 * ``mlp``: an MLP of ``--depth`` tanh layers of width ``--width`` on ``--n``
   samples, generic products (``fast_path=False``);
@@ -58,6 +60,23 @@ def compare(name, fit, refit_params, folder):
 
     for kind in digests:
         setattr(_checkpoint, f"{kind}_digest", timed_digest(kind))
+    # The checkpoint's own time in each pass: saving, loading and keys, not the pass.
+    own = {"t": 0.0}
+    run = _checkpoint.Checkpoint._run
+
+    def timed_run(self, kind, layer, key, compute):
+        inner = {"t": 0.0}
+
+        def timed_compute():
+            out, t = _timed(compute)
+            inner["t"] += t
+            return out
+
+        out, t = _timed(lambda: run(self, kind, layer, key, timed_compute))
+        own["t"] += t - inner["t"]
+        return out
+
+    _checkpoint.Checkpoint._run = timed_run
     import sklearn_lib.graph._graph as graph_module
     saved = graph_module.data_digest, graph_module.model_digest
     graph_module.data_digest = _checkpoint.data_digest
@@ -66,10 +85,13 @@ def compare(name, fit, refit_params, folder):
         path = os.path.join(folder, name)
         _, plain = _timed(lambda: fit({}, None))
         _, written = _timed(lambda: fit({}, path))
-        digest_time = sum(digests.values())
+        digest_time, saving = sum(digests.values()), own["t"]
+        own["t"] = 0.0
         _, resumed = _timed(lambda: fit({}, path))
+        loading = own["t"]
         refit, refitted = _timed(lambda: fit(refit_params, path))
     finally:
+        _checkpoint.Checkpoint._run = run
         for kind, original in originals.items():
             setattr(_checkpoint, f"{kind}_digest", original)
         graph_module.data_digest, graph_module.model_digest = saved
@@ -77,8 +99,10 @@ def compare(name, fit, refit_params, folder):
     print(f"\n{name}: checkpoint of {_size(path) / 2**20:.2f} MiB")
     print(f"  plain fit                       {plain:8.2f} s")
     print(f"  with a new checkpoint           {written:8.2f} s   ratio {written / plain:.3f}"
-          f"   (of which digests of data and model {digest_time:.3f} s)")
-    print(f"  resumed, every pass saved       {resumed:8.2f} s   ratio {resumed / plain:.3f}")
+          f"   (digests of data and model {digest_time:.3f} s, saving {saving:.3f} s:"
+          f" {(digest_time + saving) / plain:.4f} of the plain fit)")
+    print(f"  resumed, every pass saved       {resumed:8.2f} s   ratio {resumed / plain:.3f}"
+          f"   (loading {loading:.3f} s; the rest: the source's probes and the bases)")
     print(f"  refit {refit_params}  {refitted:8.2f} s   ratio {refitted / plain:.3f}"
           f"   ({computed} of {len(refit.checkpoint_log_)} passes computed)")
 

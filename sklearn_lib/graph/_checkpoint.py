@@ -326,8 +326,10 @@ class Checkpoint:
     ----------
     log : list of dict
         One entry per pass of the fit: ``pass`` (kind), ``layer``, ``status``
-        (``"loaded"`` or ``"computed"``) and, for a computed pass whose layer
-        has saved passes under other keys, ``reason`` (which inputs differ).
+        (``"loaded"`` or ``"computed"``; ``"resumed"`` for a sharded pass partly
+        loaded, with each shard's status in ``shards``) and, for a computed pass
+        whose layer has saved passes under other keys, ``reason`` (which inputs
+        differ).
     """
 
     def __init__(self, path, identity, common, device, shards=None, shard_source=None):
