@@ -30,6 +30,7 @@ from ..basis._stats import InteractionStatistics
 from ..models._vjp import PositionSources
 from ..sources._cached import CachedSource
 from ..sources._model_source import ModelSource
+from ._checkpoint import NoCheckpoint, tensor_digest
 from ._final import basis_tensors, fit_wide_final, is_wide
 
 __all__ = ["build"]
@@ -189,14 +190,80 @@ def strengths_std(basis, groups):
                                     moments, shares)
 
 
-def build(graph, source, names, *, edge_point, alphas=(1.0,), weights=(1.0,)):
-    """Backward chaining of SPEC section 2 over any source; returns the fitted state."""
+def pass_plan(graph, n_layers):
+    """The passes over the data a build makes, in order: ``(kind, layer)`` pairs.
+
+    One for the final layer's activations, one per earlier layer's statistics
+    (``"activations"`` for PCA, ``"jacobians"`` otherwise; the global variant's
+    ``"global"`` passes are made together) and one per section's edges.
+    """
+    L = n_layers - 1
+    kind = ("activations" if graph.basis == "pca" else
+            "jacobians" if graph.variant == "local" else "global")
+    return ([("activations", L)] + [(kind, l) for l in range(L - 1, -1, -1)]
+            + [("edges", l) for l in range(L)])
+
+
+class _Progress:
+    """One bar over every sample of every pass still to compute, for the ETA of the whole fit.
+
+    ``n_samples`` known: the bar counts samples (``passes * n_samples``), advanced
+    batch by batch through ``source.progress`` where the source offers it, and
+    set to the pass boundary when a pass ends. Unknown: it counts passes. A
+    pass loaded from a checkpoint leaves the total instead of advancing it, so
+    the rate (and the ETA) is that of the passes computed.
+    """
+
+    def __init__(self, graph, source, n_passes, n_samples):
+        self.unit = n_samples or 1
+        self.done = 0
+        self.bar = tqdm(total=n_passes * self.unit, desc="InteractionGraph",
+                        unit="sample" if n_samples else "pass", disable=not graph.verbose,
+                        smoothing=0.05)
+        self.source = source
+        if n_samples and hasattr(source, "progress"):
+            source.progress = self.bar.update
+
+    def finished(self, passes=1):
+        if not passes:
+            return
+        n = getattr(self.source, "n_samples", None)
+        if self.unit > 1 and n and n != self.unit:
+            # The count given up front was a DataLoader's dataset, not what it yields.
+            self.bar.total = self.bar.total // self.unit * n
+            self.done, self.unit = self.done // self.unit * n, n
+        self.done += round(passes * self.unit)
+        self.bar.update(self.done - self.bar.n)
+
+    def loaded(self, passes=1):
+        if not passes:
+            return
+        self.bar.total -= round(passes * self.unit)
+        self.bar.refresh()
+
+    def close(self):
+        if getattr(self.source, "progress", None) is not None:
+            self.source.progress = None
+        self.bar.close()
+
+
+def build(graph, source, names, *, edge_point, alphas=(1.0,), weights=(1.0,),
+          checkpoint=None, n_samples=None):
+    """Backward chaining of SPEC section 2 over any source; returns the fitted state.
+
+    ``checkpoint`` (a :class:`~sklearn_lib.graph._checkpoint.Checkpoint`) loads
+    every pass it holds under the same key and saves every pass computed, with
+    the error-bar groups of a stochastic pass; ``n_samples``, when known before
+    the first pass, lets the progress bar count samples.
+    """
     n_layers = source.n_layers
     L = n_layers - 1
     n_components = layer_n_components(graph, n_layers)
     rng = check_random_state(graph.random_state)
     device, dtype = source.device, source.dtype
     what = lambda l: f"layer {names[l]!r}"  # noqa: E731
+    k, m = graph.stochastic_sources, graph.stochastic_positions
+    stochastic = k is not None or m is not None
 
     def new_stats(l, n_outputs):
         return InteractionStatistics(
@@ -206,72 +273,107 @@ def build(graph, source, names, *, edge_point, alphas=(1.0,), weights=(1.0,)):
     def tensors(basis):
         return basis_tensors(basis, device, dtype)
 
-    steps = tqdm(total=2 * n_layers - 1, desc="InteractionGraph", disable=not graph.verbose)
-    with steps:
+    checkpoint = NoCheckpoint() if checkpoint is None else checkpoint
+    n_samples = n_samples or source.n_samples
+    plan = pass_plan(graph, n_layers)
+    steps = _Progress(graph, source, len(plan), n_samples)
+
+    def run(kind, l, key, compute, passes=1):
+        # ``compute(src, i)``: the pass over ``src``, shard ``i`` of the data (None: all).
+        result, loaded = checkpoint.run(kind, l, key, compute)
+        steps.loaded(passes * loaded)
+        steps.finished(passes * (1 - loaded))
+        return result
+
+    def seeds(ps):
+        # A generator draws other signs from the same seed on another device type.
+        return None if ps is None else [ps.m, ps.seed, torch.device(ps.device).type]
+
+    def shard(ps, i):
+        # Every shard draws its own stream of signs, the same whichever shards are loaded.
+        return ps if ps is None or i is None else ps.offset(i + 1)
+
+    def stats_key(names_, C_next):
+        # The statistics depend on the downstream basis only through C_{l+1} and the
+        # random draws, which come from their own generator seeded here (error-bar
+        # groups may draw several times): a key fixes both.
+        seed = None if not stochastic else int(rng.randint(2**31 - 1))
+        return seed, {"names": names_, "C": tensor_digest(C_next),
+                      "stochastic": None if not stochastic else
+                      [k, m, seed, torch.device(device).type]}
+
+    def grouped(src, C_next, seed, call, in_pass=True):
+        # ``(statistics, groups)`` of one pass; the groups materialised, so a
+        # checkpoint keeps them (see grouped_stats).
+        draws = None if seed is None else np.random.RandomState(seed)
+        result, groups = grouped_stats(graph, src, C_next, draws, device, call, in_pass=in_pass)
+        if groups is None:
+            return result
+        n = len(result) if isinstance(result, list) else 1
+        return result, [groups(i) for i in range(n)]
+
+    try:
         bases = [None] * n_layers
         if is_wide(source.widths[L]):
-            # A vocabulary: no d x d statistics (see _final).
+            # A vocabulary: no d x d statistics (see _final); its streamed passes
+            # are not checkpointed.
             bases[L] = fit_wide_final(graph, source, L, n_components[L], rng, what(L))
-        elif graph.final_layer == "identity":
-            stats_L = source.activation_stats(L, new_stats)
-            bases[L] = identity_basis(graph, stats_L)
+            steps.finished()
         else:
-            stats_L = source.activation_stats(L, new_stats)
-            bases[L] = new_basis(graph, n_components[L])._fit_statistics(stats_L, name=what(L))
-        steps.update()
+            stats_L = run("activations", L, {"names": [names[L]]},
+                          lambda src=source, i=None: src.activation_stats(L, new_stats))
+            if graph.final_layer == "identity":
+                bases[L] = identity_basis(graph, stats_L)
+            else:
+                bases[L] = new_basis(graph, n_components[L])._fit_statistics(stats_L,
+                                                                             name=what(L))
         C = [None] * n_layers
         C[L] = tensors(bases[L])[1]
         if graph.basis == "pca":
             for l in range(L - 1, -1, -1):
-                stats = source.activation_stats(l, new_stats)
+                stats = run("activations", l, {"names": [names[l]]},
+                            lambda src=source, i=None, l=l: src.activation_stats(l, new_stats))
                 bases[l] = new_basis(graph, n_components[l])._fit_statistics(stats, name=what(l))
                 C[l] = tensors(bases[l])[1]
-                steps.update()
         elif graph.variant == "local":
             for l in range(L - 1, -1, -1):
-                stats, groups = grouped_stats(
-                    graph, source, C[l + 1], rng, device,
-                    lambda V, sources, l=l, **kw: source.jacobian_stats(
-                        l, V, new_stats, position_sources=sources, **kw))
+                seed, key = stats_key([names[l], names[l + 1]], C[l + 1])
+                result = run("jacobians", l, key, lambda src=source, i=None, l=l, seed=seed: (
+                    grouped(src, C[l + 1], seed, lambda V, sources, **kw: src.jacobian_stats(
+                        l, V, new_stats, position_sources=shard(sources, i), **kw))))
+                stats, groups = result if isinstance(result, tuple) else (result, None)
                 bases[l] = new_basis(graph, n_components[l])._fit_statistics(stats, name=what(l))
                 if groups is not None:
-                    bases[l].interaction_strengths_std_ = strengths_std(bases[l], groups(0))
+                    bases[l].interaction_strengths_std_ = strengths_std(bases[l], groups[0])
                 C[l] = tensors(bases[l])[1]
-                steps.update()
         else:
-            all_stats, groups = grouped_stats(
-                graph, source, C[L], rng, device,
-                lambda V, sources: source.global_stats(V, new_stats, position_sources=sources),
-                in_pass=False)
+            seed, key = stats_key(list(names), C[L])
+            result = run("global", L, key, lambda src=source, i=None: grouped(
+                src, C[L], seed, lambda V, sources: src.global_stats(
+                    V, new_stats, position_sources=shard(sources, i)), in_pass=False),
+                passes=L)
+            all_stats, groups = result if isinstance(result, tuple) else (result, None)
             for l in range(L):
                 bases[l] = new_basis(graph, n_components[l])._fit_statistics(
                     all_stats[l], name=what(l))
                 if groups is not None:
-                    bases[l].interaction_strengths_std_ = strengths_std(bases[l], groups(l))
+                    bases[l].interaction_strengths_std_ = strengths_std(bases[l], groups[l])
                 C[l] = tensors(bases[l])[1]
-                steps.update()
         edges, edges_std = [], []
-        m = graph.stochastic_positions
         for l in range(L):
             mean, C_l, C_pinv = tensors(bases[l])
             out_mean = tensors(bases[l + 1])[0] if graph.constant_node else None
-            # Edges use the exact C_{l+1}: only position combinations make them random.
-            groups = (SourceGroups(m) if m is not None and isinstance(source, ModelSource)
-                      else None)
-            E = source.edges(l, C[l + 1], mean, C_l, C_pinv, edge_point=edge_point,
-                             alphas=list(alphas), weights=list(weights), out_mean=out_mean,
-                             position_sources=position_sources(graph, rng, device),
-                             **({} if groups is None else {"error_groups": groups}))
-            std = None
-            if groups is not None:
-                shares = _shares(groups)
-                std = (np.full(tuple(E.shape), np.nan) if shares is None else
-                       grouped_std(groups.estimates(E).cpu().numpy(), shares))
-            elif m is not None:
-                # Cached Jacobians hold every position (exact); sources that do
-                # not group (torch.distributed) show no spread.
-                exact = isinstance(source, CachedSource)
-                std = np.full(tuple(E.shape), 0.0 if exact else np.nan)
+            ps = position_sources(graph, rng, device)
+            key = {"names": [names[l], names[l + 1]], "edge_point": edge_point,
+                   "alphas": [repr(float(a)) for a in alphas],
+                   "weights": [repr(float(w)) for w in weights],
+                   "bases": tensor_digest(C[l + 1], mean, C_l, C_pinv, out_mean),
+                   "positions": seeds(ps)}
+            result = run("edges", l, key, lambda src=source, i=None, l=l, ps=ps: edges_with_std(
+                graph, src, l, C[l + 1], mean, C_l, C_pinv, edge_point=edge_point,
+                alphas=list(alphas), weights=list(weights), out_mean=out_mean,
+                position_sources=shard(ps, i)))
+            E, std = result if isinstance(result, tuple) else (result, None)
             E = E.cpu().numpy()
             if graph.constant_node and graph._has_constant_node(l + 1, n_layers):
                 # The constant is carried from every position to itself.
@@ -281,7 +383,8 @@ def build(graph, source, names, *, edge_point, alphas=(1.0,), weights=(1.0,)):
                 std = None if std is None else np.concatenate([std, np.zeros_like(row)])
             edges.append(E)
             edges_std.append(std)
-            steps.update()
+    finally:
+        steps.close()
     for basis in bases:
         # Exact fits (and unrotated or PCA layers, which use no Jacobians) carry no error.
         if not hasattr(basis, "interaction_strengths_std_"):
@@ -296,3 +399,27 @@ def build(graph, source, names, *, edge_point, alphas=(1.0,), weights=(1.0,)):
         "n_layers_": n_layers,
         "edge_point_": edge_point,
     }
+
+
+def edges_with_std(graph, source, l, V, mean, C, C_pinv, *, position_sources, **options):
+    """Edges of section l (a tensor), or ``(edges, standard errors)`` when positions are random.
+
+    Edges use the exact ``C_{l+1}``: only position combinations make them
+    random. A live model groups them within the pass
+    (:class:`~sklearn_lib.basis._error_bars.SourceGroups`); cached Jacobians
+    hold every position (exact, 0); sources that do not group
+    (torch.distributed) show no spread (NaN).
+    """
+    m = graph.stochastic_positions
+    if m is None:
+        return source.edges(l, V, mean, C, C_pinv, position_sources=position_sources, **options)
+    if not isinstance(source, ModelSource):
+        E = source.edges(l, V, mean, C, C_pinv, position_sources=position_sources, **options)
+        return E, np.full(tuple(E.shape), 0.0 if isinstance(source, CachedSource) else np.nan)
+    groups = SourceGroups(m)
+    E = source.edges(l, V, mean, C, C_pinv, position_sources=position_sources,
+                     error_groups=groups, **options)
+    shares = _shares(groups)
+    std = (np.full(tuple(E.shape), np.nan) if shares is None else
+           grouped_std(groups.estimates(E).cpu().numpy(), shares))
+    return E, std

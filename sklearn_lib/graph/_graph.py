@@ -30,6 +30,15 @@ from ..utils._backend import eval_mode, resolve_device, resolve_dtype
 from ..utils._distributed import collective, resolve_group
 from ._adjacency import layered_adjacency
 from ._chain import build
+from ._checkpoint import (
+    Checkpoint,
+    check_checkpoint,
+    data_digest,
+    known_samples,
+    model_digest,
+    shard_bounds,
+    shard_sources,
+)
 from ._io import load_graph, save_graph
 
 __all__ = ["InteractionGraph"]
@@ -315,6 +324,14 @@ class InteractionGraph(BaseEstimator):
         ActivationCache given to :meth:`fit`), else ``"0"``, ``"1"``, ...
     n_samples_seen_ : int
         Number of samples (not positions) the graph was fitted on.
+    checkpoint_log_ : list of dict
+        Only after :meth:`fit_model` with a ``checkpoint``: one entry per pass
+        over the data, ``{"pass", "layer", "status"}`` with status ``"loaded"``
+        or ``"computed"``, and for a computed pass of a layer with saved passes
+        under other keys a ``"reason"`` naming what differs (e.g. the
+        downstream basis, after another ``n_components`` downstream); with
+        ``checkpoint_every``, ``"shards"`` holds each shard's status and a pass
+        partly loaded is ``"resumed"``.
     edge_point_ : {"data", "reconstructed"}
         Where the edge Jacobians were evaluated.
     fast_path_ : list of bool of length n_layers - 1
@@ -494,7 +511,8 @@ class InteractionGraph(BaseEstimator):
         return self._set_fitted(result)
 
     @_fit_context(prefer_skip_nested_validation=True)
-    def fit_model(self, model, layers, data, *, sequence=False, distributed=False):
+    def fit_model(self, model, layers, data, *, sequence=False, distributed=False,
+                  checkpoint=None, checkpoint_every=None):
         """Fit from a torch model, never forming full per-sample Jacobians.
 
         For each layer, ``C_{l+1}^T J_l`` is computed directly by vectorised
@@ -534,6 +552,38 @@ class InteractionGraph(BaseEstimator):
             all shards together, equal to a single fit on their concatenation
             to rounding. Ranks that disagree on layers, shapes or dtype, and a
             failure on any rank, raise on every rank.
+        checkpoint : str, os.PathLike or None, default=None
+            A directory where every completed pass over the data (a layer's
+            statistics, a section's edges) is saved, and from which a rerun
+            loads the passes it holds instead of computing them: an
+            interrupted fit resumes after its last completed pass, with the
+            same result. Each pass is saved under a key of everything it
+            depends on (layers, settings, and the exact downstream basis or
+            bases), so a rerun with other ``n_components`` or
+            ``truncation_threshold`` reuses the final layer's statistics and
+            those of every layer whose downstream basis is unchanged, and
+            recomputes the others (see ``checkpoint_log_``). The directory is
+            tied to one data set and one model (an exact digest of both, taken
+            in one extra pass over the inputs that does not run the model):
+            other data or another model are refused. It is created if
+            missing; a non-empty directory that is not a checkpoint is
+            refused, and no file in it is ever replaced or deleted. With
+            ``stochastic_sources`` or ``stochastic_positions``, pass an int
+            ``random_state``, or no pass that draws random numbers is reused.
+            It is a parameter of the fit rather than of the estimator because
+            it belongs to one data set: a clone fitted on other data (e.g. in
+            a search) must not share it. Not with ``distributed``.
+        checkpoint_every : int or None, default=None
+            With ``checkpoint``: make every pass in shards of this many samples
+            (rounded down to whole batches of ``batch_size``) and save each
+            shard's result, so that a fit killed within a pass resumes from its
+            last completed shard instead of the pass's start. The shards'
+            statistics merge exactly (Chan's update) and their edges are
+            averaged by their samples: the graph equals the unsharded fit to
+            rounding (with ``stochastic_positions``, every shard draws its own
+            signs). Each shard costs a probe of the model on its first batch.
+            For array data (a tensor, an array, a dict of arrays) without an
+            ``attention_mask``; None makes one piece of each pass.
 
         Returns
         -------
@@ -544,7 +594,7 @@ class InteractionGraph(BaseEstimator):
         edge_point = "reconstructed" if self.edge_point == "auto" else self.edge_point
         data = _frame_as_array(data)
 
-        def model_source():
+        def model_source(model=model, data=data):
             return ModelSource(
                 model, layers, data, sequence=sequence, batch_size=self.batch_size,
                 device=resolve_device(self.device), dtype=self.dtype,
@@ -570,6 +620,9 @@ class InteractionGraph(BaseEstimator):
                 )
             return source, fast
 
+        check_checkpoint(checkpoint, checkpoint_every, data, distributed,
+                         stochastic=self.stochastic_sources is not None
+                         or self.stochastic_positions is not None)
         if distributed is False:
             source, fast = prepare()
         else:
@@ -578,11 +631,29 @@ class InteractionGraph(BaseEstimator):
             source, fast = collective(group, "fit_model", prepare)
             source = DistributedSource(source, group, {"layers": [s.spec for s in source.specs],
                                                        "fast_path": fast})
+        names = [s.spec for s in source.specs]
+        store, n_samples = None, known_samples(data)
+        if checkpoint is not None:
+            digest, n_samples = data_digest(source.data, self.batch_size or 1024, source.dtype)
+            shards, shard_source = None, None
+            if checkpoint_every is not None:
+                shards = shard_bounds(n_samples, checkpoint_every, self.batch_size)
+                shard_source = shard_sources(source, shards, model_source)
+            store = Checkpoint(
+                checkpoint,
+                {"data": digest, "n_samples": n_samples, "model": model_digest(source.model)},
+                # fast_path changes how a pass orients its basis (closed forms may lack
+                # the signed sums), so a pass is reused only under the same setting.
+                {"sequence": bool(sequence), "dtype": str(source.dtype), "center": self.center,
+                 "fast_path": str(self.fast_path)},
+                source.device, shards=shards, shard_source=shard_source)
         with eval_mode(source.model):
-            result = build(self, source, [s.spec for s in source.specs],
-                           edge_point=edge_point, alphas=alphas, weights=weights)
-        result.update(layer_names_=[s.spec for s in source.specs],
-                      n_samples_seen_=source.n_samples, fast_path_=fast)
+            result = build(self, source, names, edge_point=edge_point, alphas=alphas,
+                           weights=weights, checkpoint=store, n_samples=n_samples)
+        result.update(layer_names_=names, fast_path_=fast,
+                      n_samples_seen_=source.n_samples or n_samples)
+        if store is not None:
+            result["checkpoint_log_"] = store.log
         return self._set_fitted(result)
 
     @classmethod

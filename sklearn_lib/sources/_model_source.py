@@ -121,6 +121,8 @@ class ModelSource:
         self.memory_limit = parse_memory_limit(memory_limit)
         # Measured costs of sections' products (section_costs), by section and shape.
         self._costs = {}
+        # Called with the samples of every batch a pass completes (the fit's progress bar).
+        self.progress = None
 
         # A probe on two samples gives every layer's shape (and fails early).
         first = next(iter(self._batches(self.batch_size or _model._PROBE_SAMPLES)), None)
@@ -212,6 +214,8 @@ class ModelSource:
                 yield x
                 fingerprint.add(x)
                 bar.update(_adapters.n_samples(x))
+                if self.progress is not None:
+                    self.progress(_adapters.n_samples(x))
         self._passes.finish(desc, fingerprint)
 
     def _activation(self, x, l, m=None):
