@@ -5,17 +5,18 @@ layer's statistics and one per section's edges. With a checkpoint directory,
 every completed pass is written there (:meth:`Checkpoint.run`) under a *key*
 that names everything its result depends on: the kind of pass, the layer(s),
 the settings that change its numbers (centring, dtype, sequence layout), and a
-digest of every tensor it was handed - for a Jacobian pass the cotangents
-``V`` (the downstream basis ``C_{l+1}``, or its random projection), for an
-edge pass both layers' bases. A rerun finds a pass's file by that key, so
+digest of every tensor it was handed - for a Jacobian pass the downstream
+basis ``C_{l+1}`` and the seed of its random draws (stochastic sources), for
+an edge pass both layers' bases. A rerun finds a pass's file by that key, so
 
 * an interrupted fit resumes after the last completed pass, with the same
   numbers bit for bit (the statistics are stored exactly, float for float);
 * a fit with other ``n_components`` or ``truncation_threshold`` reuses the
   final layer's statistics and every layer whose downstream basis did not
-  change, and recomputes the rest: a changed ``C_{l+1}`` changes ``V`` and so
-  the key of layer ``l``'s Jacobian pass (its statistics ``sum_x J^T V V^T J``
-  cannot be recovered for another ``V``).
+  change, and recomputes the rest: a changed ``C_{l+1}`` changes the key of
+  layer ``l``'s Jacobian pass (its statistics ``sum_x J^T V V^T J``, ``V =
+  C_{l+1}`` or its random projection, cannot be recovered for another ``V``).
+  A stochastic pass keeps its error-bar groups with its statistics.
 
 What the keys cannot see - the data and the model - is pinned by the manifest
 (:data:`MANIFEST`): an exact, order-free digest of the samples and a digest of
@@ -54,8 +55,9 @@ _PASS_FILE = re.compile(r"(%s)-(\d+)-([0-9a-f]{32})\.npz" % "|".join(_KINDS))
 _WHAT = "checkpoint pass"
 # Key entries in words, for the log.
 _DESCRIBED = {
-    "V": "downstream basis (the cotangents V = C_{l+1}: a changed basis of the next layer "
-         "invalidates this layer's Jacobian statistics)",
+    "C": "downstream basis (C_{l+1}: a changed basis of the next layer invalidates this "
+         "layer's Jacobian statistics)",
+    "stochastic": "draw of stochastic sources (directions and positions)",
     "bases": "basis of one of the two layers",
     "positions": "draw of stochastic positions",
     "names": "layer names",

@@ -59,13 +59,14 @@ def counts(monkeypatch):
             return _method(self, *args, **kwargs)
 
         monkeypatch.setattr(_model_source.ModelSource, name, counted)
-    products = _model_source._collect._section_rows
+    products = _model_source.ModelSource._product_chunks
 
-    def counted_products(*args, **kwargs):
+    def counted_products(self, *args, **kwargs):
+        # One call per batch of a pass's vector-Jacobian products.
         seen["products"] += 1
-        return products(*args, **kwargs)
+        return products(self, *args, **kwargs)
 
-    monkeypatch.setattr(_model_source._collect, "_section_rows", counted_products)
+    monkeypatch.setattr(_model_source.ModelSource, "_product_chunks", counted_products)
     return seen
 
 
@@ -127,17 +128,17 @@ def test_interrupted_within_a_pass_at_a_batch(tmp_path, monkeypatch, counts):
     path = tmp_path / "ck"
     reference = _graph().fit_model(net, LAYERS, X)
     calls = [0]
-    products = _model_source._collect._section_rows
+    products = _model_source.ModelSource._product_chunks
 
-    def failing(*args, **kwargs):
+    def failing(self, *args, **kwargs):
         calls[0] += 1
         # 3 Jacobian passes of 3 batches each, then the first edge pass's second batch.
         if calls[0] == 3 * 3 + 2:
             raise _Interrupt("batch")
-        return products(*args, **kwargs)
+        return products(self, *args, **kwargs)
 
     with monkeypatch.context() as m:
-        m.setattr(_model_source._collect, "_section_rows", failing)
+        m.setattr(_model_source.ModelSource, "_product_chunks", failing)
         with pytest.raises(_Interrupt):
             _graph().fit_model(net, LAYERS, X, checkpoint=path)
     for key in counts:
@@ -400,17 +401,17 @@ def test_checkpoint_every_resumes_within_a_pass(tmp_path, monkeypatch, counts):
     # Merged shards: the unsharded fit to rounding.
     _assert_same(whole, unsharded, rtol=1e-10)
     calls = [0]
-    products = _model_source._collect._section_rows
+    products = _model_source.ModelSource._product_chunks
 
-    def failing(*args, **kwargs):
+    def failing(self, *args, **kwargs):
         calls[0] += 1
         # Layer 2's pass (3 shards of one batch), then layer 1's first shard.
         if calls[0] == 3 + 2:
             raise _Interrupt("shard")
-        return products(*args, **kwargs)
+        return products(self, *args, **kwargs)
 
     with monkeypatch.context() as m:
-        m.setattr(_model_source._collect, "_section_rows", failing)
+        m.setattr(_model_source.ModelSource, "_product_chunks", failing)
         with pytest.raises(_Interrupt):
             _graph(**params).fit_model(net, LAYERS, X, checkpoint=tmp_path / "b",
                                        checkpoint_every=50)

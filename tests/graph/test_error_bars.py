@@ -141,8 +141,10 @@ def test_strength_error_bars_match_the_spread_over_direction_draws():
 def test_error_bars_shrink_like_one_over_the_square_root_of_the_sources():
     def mean_relative(k):
         graphs = _mlp_fits(k, seeds=range(6))
-        return np.mean([g.bases_[1].interaction_strengths_std_
-                        / g.bases_[1].interaction_strengths_ for g in graphs])
+        # The 4 strongest directions: with few sources a weak one may fall below the
+        # truncation threshold in some draws.
+        return np.mean([g.bases_[1].interaction_strengths_std_[:4]
+                        / g.bases_[1].interaction_strengths_[:4] for g in graphs])
 
     # Four times the sources, half the error (8 groups both times).
     assert 1.5 < mean_relative(8) / mean_relative(32) < 2.7
