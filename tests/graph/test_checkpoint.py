@@ -240,6 +240,21 @@ def test_sequence_model_with_stochastic_positions(tmp_path):
     assert {s for _, _, s in _statuses(again)} == {"loaded"}
     _assert_same(first, reference)
     _assert_same(again, reference)
+    # Loaded passes keep the error bars of their random sources.
+    assert reference.bases_[0].interaction_strengths_std_ is not None
+    for ref, loaded in zip(reference.bases_, again.bases_):
+        if ref.interaction_strengths_std_ is None:
+            assert loaded.interaction_strengths_std_ is None
+        else:
+            np.testing.assert_allclose(loaded.interaction_strengths_std_,
+                                       ref.interaction_strengths_std_, rtol=1e-12)
+    for ref, loaded in zip(reference.edges_std_, again.edges_std_):
+        np.testing.assert_allclose(loaded, ref, rtol=1e-12)
+    # Shards would need the groups merged across them: refused, not dropped.
+    with pytest.raises(ValueError, match="checkpoint_every cannot be combined with stochastic"):
+        InteractionGraph(**params).fit_model(net, layers, X, sequence=True,
+                                             checkpoint=tmp_path / "sharded",
+                                             checkpoint_every=10)
     # The same checkpoint, read as rows instead of sequences: nothing applies.
     with pytest.warns(UserWarning, match="only 30 samples"):
         flat = InteractionGraph(**params).fit_model(net, layers, X, sequence=False,
