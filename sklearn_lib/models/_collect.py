@@ -56,6 +56,8 @@ from tqdm.auto import tqdm
 from ..utils._backend import eval_mode, model_device, resolve_dtype
 from ..utils._distributed import check_same, collective, resolve_group
 from ._adapters import check_unpadded, n_samples
+from ._block_detect import block_section
+from ._blocks import NormMLP
 from ._fastpath import detect_section, fits_rows, section_leaves, warn_formula
 from ._independence import check_independent
 from ._model import (
@@ -371,7 +373,7 @@ def _closed_form(model, a, b, acts, sequence):
     Only one position per row: with several, a row's Jacobian also holds the
     (zero) blocks of the other output positions, which the VJPs give directly.
     """
-    structure = detect_section(model, a, b)
+    structure = detect_section(model, a, b) or block_section(model, a, b)
     shape_in, shape_out = tuple(acts[a.spec].shape[1:]), tuple(acts[b.spec].shape[1:])
     if structure is None or not fits_rows(structure, a, b, shape_in, shape_out, sequence):
         return None
@@ -402,6 +404,8 @@ def _jacobian_rows(model, a, b, x, acts, structure, leaves, *, sequence, max_vec
         )
     rows = _as_rows(act_in, sequence, a)
     with torch.no_grad():
+        if isinstance(structure, NormMLP):  # its Jacobians are not affine in one derivative
+            return structure.jacobians(rows)
         return structure.jacobians(structure.derivative(rows))
 
 
