@@ -301,9 +301,14 @@ def graph_blocks(args, device):
     layers = [f"transformer.h.{i}{end}" for i in range(args.blocks)
               for end in (".ln_2:input", "")]
     runs = {}
-    for fast_path in (False, "auto"):
-        runs[fast_path] = build(args.blocks, args.n, args.positions, args.vocab, args.m,
-                                args.n_components, device, layers=layers, fast_path=fast_path)
+    # Interleaved rounds, each pass's minimum kept: a shared machine's load moves.
+    for _ in range(args.repeat):
+        for fast_path in (False, "auto"):
+            run = build(args.blocks, args.n, args.positions, args.vocab, args.m,
+                        args.n_components, device, layers=layers, fast_path=fast_path)
+            best = runs.setdefault(fast_path, run)
+            best["times"] = {key: min(t, best["times"][key]) for key, t in run["times"].items()}
+            best["total"] = min(best["total"], run["total"])
     generic, auto = runs[False], runs["auto"]
     assert auto["graph"].fast_path_ == [i % 2 == 0 for i in range(len(layers) - 1)], \
         auto["graph"].fast_path_
@@ -355,7 +360,8 @@ def main(argv=None):
                         help="fit the graph over mid-block and block-output points with "
                              "fast_path 'auto' and False, and print the ratio per pass")
     parser.add_argument("--skip-graph", action="store_true", help="no graph build of the size")
-    parser.add_argument("--repeat", type=int, default=1, help="closed-form rounds (minimum)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="closed-form and --graph-blocks rounds (minimum)")
     parser.add_argument("--quick", action="store_true",
                         help="1 block, 2 x 16 tokens, k = 32; closed form on 2 x 2 tokens, exact positions")
     args = parser.parse_args(argv)
