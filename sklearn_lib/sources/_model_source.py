@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from ..basis._stats import AUTO_CHUNK_NUMBERS, output_weights
 from ..models import _adapters, _collect, _model
 from ..models._attention import CausalAttention, detect_attention, why_not_attention
-from ..models._block_detect import block_section
+from ..models._block_detect import block_section, why_not_block
 from ..models._blocks import accumulator
 from ..models._fastpath import (
     LinearElementwise,
@@ -279,7 +279,7 @@ class ModelSource:
             if found is not None and not self._fits(found, l, m):
                 found = None
         if found is None:
-            reason = why_generic(self.model, a, b) or (
+            reason = why_generic(self.model, a, b) or why_not_block(self.model, a, b) or (
                 why_not_attention(self.model, a, b) if self.sequence else None)
             if reason is not None:
                 self.reasons[(l, m)] = reason

@@ -140,6 +140,7 @@ def test_a_hook_on_the_mlp_is_not_recognised():
     try:
         source = _source(model, layers)
         assert source.structure(0, 1) is None
+        assert "forward hooks" in source.reasons[(0, 1)]
         assert isinstance(source.structure(2, 3), NormMLP)
         auto = _fit(model, layers, "auto")
         assert auto.fast_path_ == [False, False, True]
@@ -169,6 +170,7 @@ def test_parallel_residual_is_not_recognised():
     model, layers = neox(parallel=True)
     source = _source(model, layers[:2] + ["layers.1"])
     assert source.structure(0, 1) is None
+    assert "parallel residual" in source.reasons[(0, 1)]
     # The mid-block point is the block's input, read by the attention's norm before
     # the MLP's: no section can replace it for both, so the fit refuses.
     with pytest.raises(ValueError, match="uses the value of .* before"):
