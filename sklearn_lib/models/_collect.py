@@ -18,10 +18,14 @@ are left as the module computed them.
 
 A *section* ``(a, b)`` is the map from layer ``a``'s activations to layer
 ``b``'s: the model is run on the batch's inputs with ``a``'s activation replaced
-by the argument and is stopped as soon as ``b`` has been computed. Everything
-that does not flow through ``a`` (for example a residual stream branching off
-before ``a``) is held at its value for the batch, so the section's Jacobian is
-the derivative of ``b`` through ``a`` alone.
+by the argument and is stopped as soon as ``b`` has been computed. The
+replacement reaches every later use of the tensor ``a`` names, not only the
+module that reads it: for ``a = "h.0.ln_2:input"`` in a pre-norm block that adds
+that value back after its MLP, the section is ``h + mlp(ln_2(h))``, the total
+derivative. A value also used before ``a``'s module runs, or read later through
+another view of its memory, cannot be replaced everywhere and is refused.
+Everything that does not flow from ``a``'s value (for example a residual stream
+branching off before ``a``) is held at its value for the batch.
 
 Batched Jacobians rest on one assumption: **samples are independent** - the
 activations of sample ``x`` at ``b`` depend on no other sample's activations at

@@ -2,8 +2,9 @@
 
 The source runs the model once per pass over the data and computes
 ``C_{l+1}^T J_l`` with vectorised vector-Jacobian products, never forming full
-Jacobians, or in closed form for the sections :mod:`sklearn_lib.models._fastpath` and
-:mod:`sklearn_lib.models._attention` recognise. It exposes the operations of
+Jacobians, or in closed form for the sections :mod:`sklearn_lib.models._fastpath`,
+:mod:`sklearn_lib.models._attention` and :mod:`sklearn_lib.models._block_detect`
+(the MLP halves of GPT-2, GPT-NeoX and Llama blocks) recognise. It exposes the operations of
 :class:`~sklearn_lib.sources._cached.CachedSource`, so the backward chaining of
 :class:`~sklearn_lib.InteractionGraph` is written once.
 """
