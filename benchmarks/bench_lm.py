@@ -25,10 +25,13 @@ machine with ``a, b`` fitted to this run's sections, and on a GPU of
 ``--fit "L:n:P:k,..."`` builds several sizes in the same process and fits ``a``
 and ``b`` to all their sections (least squares in relative terms, with the rms
 relative error). ``--closed-form`` times the closed form of the GPT-2 MLP half
-(``sklearn_lib.models._blocks``, not yet used by the graph) against the generic
-path on the section from the residual stream after attention to the block's
-output, both passes, in the same run, and checks that both give the same
-``M'`` and edges.
+(``sklearn_lib.models._blocks``) outside the graph against the generic path on
+the section from the residual stream after attention to the block's output,
+both passes, in the same run, and checks that both give the same ``M'`` and
+edges. ``--graph-blocks`` fits the graph over the mid-block and block-output
+points of ``--blocks`` blocks twice in the same run, ``fast_path="auto"`` (the
+MLP halves in closed form) and ``False`` (products everywhere), and prints each
+pass's time and their ratio.
 
 Usage::
 
@@ -36,10 +39,11 @@ Usage::
     python benchmarks/bench_lm.py --blocks 1 --n 2 --positions 64 --n-components 64
     python benchmarks/bench_lm.py --fit 1:2:32:64,1:1:128:64,1:1:256:32 --threads 1
     python benchmarks/bench_lm.py --closed-form --n 2 --positions 16 --skip-graph
+    python benchmarks/bench_lm.py --graph-blocks --blocks 1 --n 2 --positions 16 \\
+        --n-components 64 --skip-graph
 """
 
 import argparse
-import dataclasses
 import os
 import sys
 import time
@@ -222,10 +226,9 @@ def closed_form(args, device, rate):
     ts, te = run["times"]["statistics", 0], run["times"]["edges", 0]
     match = detect_block(model.transformer.h[0])
     assert match.input == "ln_2:input", match
-    # Replacing the input of ln_2 leaves the block's residual branch at the recorded
-    # value, so the generic path's section is x -> x_recorded + mlp(ln_2(x)): its
-    # Jacobian lacks the identity. The same closed form without it is compared.
-    section = dataclasses.replace(match.section, residual=False)
+    # The generic section from ln_2:input is the total derivative, x + mlp(ln_2(x)),
+    # residual identity included, like the closed form.
+    section = match.section
 
     def rows():
         acts = record_activations(model, [layers[0]], tokens, verbose=False)
@@ -283,10 +286,57 @@ def closed_form(args, device, rate):
     for name, gen, closed in (("statistics", ts, t_stats), ("edges", te, t_edges)):
         print(f"{name:>11s} {gen:12.2f} {closed:11.3f} {gen / closed:8.1f}x "
               f"{tokens_n / closed:13.1f} {flops[name] / closed / rate:18.1%}")
-    print("(closed form without the residual identity, as the generic path computes "
-          "the section from ln_2:input)")
     print(f"closed form vs generic: M' relative Frobenius difference {err_m:.1e}, "
           f"{edges_note} {err_e:.1e}")
+
+
+def graph_blocks(args, device):
+    """The graph over mid-block and block-output points, fast_path "auto" against False.
+
+    Layers alternate the residual stream after attention (``h.i.ln_2:input``) and
+    after the block (``h.i``): the MLP halves take the closed form with "auto",
+    the attention halves the products either way. Both builds run here, one
+    after the other, on the same model and tokens.
+    """
+    layers = [f"transformer.h.{i}{end}" for i in range(args.blocks)
+              for end in (".ln_2:input", "")]
+    runs = {}
+    # Interleaved rounds, each pass's minimum kept: a shared machine's load moves.
+    for _ in range(args.repeat):
+        for fast_path in (False, "auto"):
+            run = build(args.blocks, args.n, args.positions, args.vocab, args.m,
+                        args.n_components, device, layers=layers, fast_path=fast_path)
+            best = runs.setdefault(fast_path, run)
+            best["times"] = {key: min(t, best["times"][key]) for key, t in run["times"].items()}
+            best["total"] = min(best["total"], run["total"])
+    generic, auto = runs[False], runs["auto"]
+    assert auto["graph"].fast_path_ == [i % 2 == 0 for i in range(len(layers) - 1)], \
+        auto["graph"].fast_path_
+    print(f"\nGraph over {len(layers)} points of {args.blocks} GPT-2 block(s) (mid-block and "
+          f"block output), {args.n} x {args.positions} tokens, stochastic_positions="
+          f"{args.m or 'exact'}, directions per layer {auto['ks']}")
+    print(f"{'section':>26s} {'pass':>11s} {'generic [s]':>12s} {'auto [s]':>9s} "
+          f"{'generic/auto':>13s}")
+    for l in range(len(layers)):
+        name = (f"{layers[l].split('.', 1)[1]} -> {layers[l + 1].split('.', 1)[1]}"
+                if l + 1 < len(layers) else "final layer")
+        for stage in ("statistics", "edges"):
+            tg, ta = generic["times"].get((stage, l)), auto["times"].get((stage, l))
+            if tg is None or ta is None:
+                continue
+            print(f"{name:>26s} {stage:>11s} {tg:12.3f} {ta:9.3f} {tg / ta:12.1f}x")
+    print(f"{'whole build':>26s} {'':>11s} {generic['total']:12.2f} {auto['total']:9.2f} "
+          f"{generic['total'] / auto['total']:12.1f}x")
+    print(f"peak memory: generic {generic['peak'] / 2**30:.2f} GiB, auto "
+          f"{auto['peak'] / 2**30:.2f} GiB")
+    gram = max(float(np.abs(a.jacobian_gram_ - b.jacobian_gram_).max()
+                     / np.abs(b.jacobian_gram_).max())
+               for a, b in zip(auto["graph"].bases_, generic["graph"].bases_))
+    edges = max(float(np.abs(a - b).max() / np.abs(b).max())
+                for a, b in zip(auto["graph"].edges_, generic["graph"].edges_))
+    note = " (generic edges and M': stochastic estimates)" if args.m else ""
+    print(f"auto vs generic: M' largest relative difference {gram:.1e}, edges {edges:.1e}"
+          f"{note}")
 
 
 def main(argv=None):
@@ -306,8 +356,12 @@ def main(argv=None):
     parser.add_argument("--fit", default=None, help="sizes L:n:P:k,... fitted together")
     parser.add_argument("--closed-form", action="store_true",
                         help="also time the GPT-2 MLP closed form against the generic path")
+    parser.add_argument("--graph-blocks", action="store_true",
+                        help="fit the graph over mid-block and block-output points with "
+                             "fast_path 'auto' and False, and print the ratio per pass")
     parser.add_argument("--skip-graph", action="store_true", help="no graph build of the size")
-    parser.add_argument("--repeat", type=int, default=1, help="closed-form rounds (minimum)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="closed-form and --graph-blocks rounds (minimum)")
     parser.add_argument("--quick", action="store_true",
                         help="1 block, 2 x 16 tokens, k = 32; closed form on 2 x 2 tokens, exact positions")
     args = parser.parse_args(argv)
@@ -351,6 +405,8 @@ def main(argv=None):
                   f"{here / 3600:.1f} h here ({here / 86400:.1f} days), "
                   f"{flops / 1e15:.1f} PFLOP useful, {gpu / 3600:.2f} h at "
                   f"{args.gpu_rate / 1e12:.0f} TFLOP/s and a {share:.1%} share")
+    if args.graph_blocks:
+        graph_blocks(args, device)
     if args.closed_form:
         if args.quick:
             args.n, args.positions, args.m = 2, 2, 0

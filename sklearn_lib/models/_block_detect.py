@@ -18,7 +18,7 @@ from ._blocks import NormMLP
 from ._fastpath import ELEMENTWISE
 from ._norms import Norm
 
-__all__ = ["BlockMatch", "block_section", "detect_block"]
+__all__ = ["BlockMatch", "block_section", "detect_block", "why_not_block"]
 
 
 @dataclass
@@ -286,3 +286,26 @@ def block_section(model, a, b):
     else:
         name = b.name
     return match.section if (a.name, a.kind) == (name, kind) else None
+
+
+def why_not_block(model, a, b):
+    """Why section ``a -> b``, laid out as a transformers MLP half, takes no closed form.
+
+    The layers are those :func:`block_section` expects for ``b``'s module class
+    (by its name and library, whatever its state); the reason is
+    :func:`detect_block`'s (a hook, a replaced ``forward``, a parallel
+    residual, ...). None when the layers are not laid out so, or nothing stops it.
+    """
+    if b.kind != "output":
+        return None
+    kind = type(b.module)
+    key = (kind.__module__, kind.__name__)
+    if key in _BLOCKS:
+        expected = (f"{b.name}.{_BLOCKS[key][0]}" if b.name else _BLOCKS[key][0], "input")
+    elif key in _MLPS:
+        expected = (b.name, "input")
+    else:
+        return None
+    if (a.name, a.kind) != expected:
+        return None
+    return detect_block(b.module).reason

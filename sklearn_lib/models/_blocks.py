@@ -35,6 +35,7 @@ transformers modules whose code computes such a section, with the layers it
 lies between.
 """
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -132,6 +133,11 @@ class NormMLP:
     def d_out(self):
         return self.w_out.shape[0]
 
+    @property
+    def d_hidden(self):
+        """Width ``d_s`` of the hidden derivative ``t_x`` (twice ``d_mlp`` when gated)."""
+        return self._w_o.shape[1]
+
     def _hidden(self, X):
         """``(h, xhat, 1/sigma)``: the hidden pre-activation (N, d_s) and the norm's parts."""
         if self.norm is None:
@@ -175,23 +181,39 @@ class NormMLP:
         out = torch.nn.functional.linear(hidden, self.w_out, self.b_out)
         return X + out if self.residual else out
 
-    def verify(self, X, Y):
-        """Whether the recorded output rows ``Y`` are the formula at the input rows ``X``.
+    @property
+    def claim(self):
+        """What the module types say the section computes (for messages)."""
+        formula = "mlp(norm(x))" if self.norm is not None else "mlp(x)"
+        if self.residual:
+            formula = "x + " + formula
+        return (f"is {formula} by the class of its transformers block or MLP "
+                "(a recognised pre-norm MLP half)")
 
-        Equal to rounding: ``1e3 eps`` of the largest entry (at least 1), ``eps``
-        of the coarser of ``Y``'s dtype and the norm's ``compute_dtype``.
+    def mismatch(self, X, Y):
+        """None if the recorded output rows ``Y`` are the formula at the input rows ``X``.
+
+        Else ``(error, allowed)``. Equal to rounding: ``1e3 eps`` of the largest
+        entry (at least 1), ``eps`` of the coarser of ``Y``'s dtype and the
+        norm's ``compute_dtype``.
         """
         if X.shape[:-1] != Y.shape[:-1] or not self.fits(X.shape[-1], Y.shape[-1]):
-            return False
+            return (float("inf"), 0.0)
         with torch.no_grad():
             pred = self.forward(X.to(self.w_in.dtype)).to(Y.dtype)
         eps = torch.finfo(Y.dtype).eps
         if self.norm is not None and self.norm.compute_dtype is not None:
             eps = max(eps, torch.finfo(self.norm.compute_dtype).eps)
         scale = max(float(Y.abs().max()), float(X.abs().max()), 1.0) if Y.numel() else 1.0
-        return bool(torch.isfinite(pred).all()) and float((pred - Y).abs().max()) <= (
-            1e3 * eps * scale
-        )
+        allowed = 1e3 * eps * scale
+        err = float((pred - Y).abs().max()) if Y.numel() else 0.0
+        if bool(torch.isfinite(pred).all()) and err <= allowed:  # False for NaN
+            return None
+        return (err if math.isfinite(err) else float("inf"), allowed)
+
+    def verify(self, X, Y):
+        """Whether the recorded output rows ``Y`` are the formula at the input rows ``X``."""
+        return self.mismatch(X, Y) is None
 
     def fits(self, d_in, d_out):
         """Whether the section maps rows of width ``d_in`` to rows of width ``d_out``."""

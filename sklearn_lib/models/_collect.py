@@ -18,10 +18,14 @@ are left as the module computed them.
 
 A *section* ``(a, b)`` is the map from layer ``a``'s activations to layer
 ``b``'s: the model is run on the batch's inputs with ``a``'s activation replaced
-by the argument and is stopped as soon as ``b`` has been computed. Everything
-that does not flow through ``a`` (for example a residual stream branching off
-before ``a``) is held at its value for the batch, so the section's Jacobian is
-the derivative of ``b`` through ``a`` alone.
+by the argument and is stopped as soon as ``b`` has been computed. The
+replacement reaches every later use of the tensor ``a`` names, not only the
+module that reads it: for ``a = "h.0.ln_2:input"`` in a pre-norm block that adds
+that value back after its MLP, the section is ``h + mlp(ln_2(h))``, the total
+derivative. A value also used before ``a``'s module runs, or read later through
+another view of its memory, cannot be replaced everywhere and is refused.
+Everything that does not flow from ``a``'s value (for example a residual stream
+branching off before ``a``) is held at its value for the batch.
 
 Batched Jacobians rest on one assumption: **samples are independent** - the
 activations of sample ``x`` at ``b`` depend on no other sample's activations at
@@ -56,6 +60,8 @@ from tqdm.auto import tqdm
 from ..utils._backend import eval_mode, model_device, resolve_dtype
 from ..utils._distributed import check_same, collective, resolve_group
 from ._adapters import check_unpadded, n_samples
+from ._block_detect import block_section
+from ._blocks import NormMLP
 from ._fastpath import detect_section, fits_rows, section_leaves, warn_formula
 from ._independence import check_independent
 from ._model import (
@@ -372,7 +378,7 @@ def _closed_form(model, a, b, acts, sequence):
     Only one position per row: with several, a row's Jacobian also holds the
     (zero) blocks of the other output positions, which the VJPs give directly.
     """
-    structure = detect_section(model, a, b)
+    structure = detect_section(model, a, b) or block_section(model, a, b)
     shape_in, shape_out = tuple(acts[a.spec].shape[1:]), tuple(acts[b.spec].shape[1:])
     if structure is None or not fits_rows(structure, a, b, shape_in, shape_out, sequence):
         return None
@@ -403,6 +409,8 @@ def _jacobian_rows(model, a, b, x, acts, structure, leaves, *, sequence, max_vec
         )
     rows = _as_rows(act_in, sequence, a)
     with torch.no_grad():
+        if isinstance(structure, NormMLP):  # its Jacobians are not affine in one derivative
+            return structure.jacobians(rows)
         return structure.jacobians(structure.derivative(rows))
 
 

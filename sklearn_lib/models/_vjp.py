@@ -11,10 +11,14 @@ layout and the independence of samples that the products rely on are described i
 
 import math
 import numbers
+import weakref
 from contextlib import nullcontext
 
 import numpy as np
 import torch
+from torch._C import _functorch
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves, tree_map
 
 from ..utils._backend import (
     as_tensor,
@@ -26,7 +30,7 @@ from ..utils._backend import (
     to_output,
 )
 from ..utils._memory import LiveTensors
-from ._adapters import copy_module, take, unwrap_model
+from ._adapters import copy_module, first_tensor, take, unwrap_model
 from ._independence import check_independent
 from ._model import (
     _as_rows,
@@ -108,9 +112,116 @@ def floating_dtype(model, default):
 
 
 # --------------------------------------------------------------------------- sections
+class _Substitution(TorchFunctionMode):
+    """Make every later use of a replaced tensor see its replacement (see :func:`_run_section`).
+
+    A hook replaces what one module reads or returns, but the forward pass may
+    hold the same tensor elsewhere: a pre-norm block keeps ``residual = hidden``
+    and adds it back after the MLP that reads ``ln_2(hidden)``. A section's
+    Jacobian is the total derivative of ``b`` with respect to ``a``'s value, so
+    once the hook has fired, every torch function given the original tensor gets
+    the replacement instead. Uses that cannot be redirected are refused: the
+    original consumed before the hook fired (that result is already computed),
+    or, after it, another view of the original's storage.
+    """
+
+    def __init__(self, where):
+        super().__init__()
+        self.where = where
+        self.original = self.replacement = self.storage = None
+        self.before = {}  # id -> weak reference of the tensors consumed so far
+        # While the replacing hook runs, its own reads of the value are no uses.
+        self.paused = False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.original is None:
+            result = func(*args, **kwargs)
+            if not self.paused:
+                self._record_uses(func, (args, kwargs), result)
+            return result
+        args, kwargs = tree_map(self._substitute, (args, kwargs))
+        return func(*args, **kwargs)
+
+    def _record_uses(self, func, inputs, result):
+        if func in _METADATA:
+            return
+        for value in tree_leaves(inputs):
+            # An in-place method returns its argument: it changes the value the
+            # module will read, but does not consume it.
+            if isinstance(value, torch.Tensor) and value is not result:
+                self.before[id(value)] = weakref.ref(value)
+
+    def _substitute(self, value):
+        if value is self.original:
+            return self.replacement
+        if (isinstance(value, torch.Tensor) and value is not self.replacement
+                and _storage(value) == self.storage):
+            raise ValueError(
+                f"{self.where}: the forward pass uses another tensor on the memory of "
+                f"{self.layer!r} (a view of it or of its base) after replacing it, so the "
+                "replacement cannot reach that use and the section's Jacobian would miss "
+                "its path. Record the tensor the model uses (the view's base, or a module "
+                "reading the whole of it) instead."
+            )
+        return value
+
+    def replaced(self, layer, original, replacement):
+        """Called once the hook has swapped ``original`` for ``replacement``."""
+        # Before the substitution starts (and while reads are no uses): this
+        # reads the original through torch functions.
+        storage = _storage(original)
+        self.layer, self.paused = layer, False
+        used = self.before.get(id(original))
+        if used is not None and used() is original:
+            raise ValueError(
+                f"{self.where}: the forward pass uses the value of {layer!r} before "
+                f"{layer!r} is reached, so replacing it there cannot change that use and "
+                "the section's Jacobian would miss its path. Choose a layer at which the "
+                "value is first used (e.g. the module that computes it, as an output)."
+            )
+        self.before.clear()
+        if replacement is not original:
+            self.original, self.replacement, self.storage = original, replacement, storage
+
+
+def _storage(t):
+    """The address of the memory under ``t`` (through ``torch.func``'s wrappers), or None."""
+    while _functorch.is_functorch_wrapped_tensor(t):
+        t = _functorch.get_unwrapped(t)
+    try:
+        return t.untyped_storage().data_ptr() or None if t.numel() else None
+    except (RuntimeError, NotImplementedError):  # tensors without storage (sparse, meta)
+        return None
+
+
+# Reading metadata is not a use of a tensor's value.
+_METADATA = frozenset(
+    getattr(torch.Tensor, name) for name in (
+        "size", "dim", "numel", "stride", "is_contiguous", "is_floating_point",
+        "is_complex", "element_size", "data_ptr", "storage_offset", "nelement",
+        "ndimension", "get_device", "__len__", "__format__", "__repr__",
+    )
+) | frozenset(
+    getattr(torch.Tensor, name).__get__ for name in (
+        "shape", "dtype", "device", "ndim", "is_cuda", "layout", "requires_grad",
+        "is_leaf", "grad_fn", "is_sparse", "is_quantized", "is_meta",
+    )
+)
+
+
 def _run_section(model, a, b, x, act_in):
-    """Evaluate ``b``'s activation with ``a``'s replaced by ``act_in`` on inputs ``x``."""
+    """Evaluate ``b``'s activation with ``a``'s replaced by ``act_in`` on inputs ``x``.
+
+    The replacement reaches every later use of the tensor ``a`` names, not only
+    the module that reads or returns it (see :class:`_Substitution`): the
+    section is ``b`` as a function of ``a``'s value, and its Jacobian is the
+    total derivative, e.g. ``I + d mlp(ln_2(h)) / dh`` for ``a = "ln_2:input"``
+    in a pre-norm block that adds ``h`` back.
+    """
     state = {"replaced": False, "out": None}
+    where = f"section {a.spec!r} -> {b.spec!r}"
+    substitution = _Substitution(where)
 
     def replace(value):
         if state["replaced"]:
@@ -137,8 +248,38 @@ def _run_section(model, a, b, x, act_in):
         state["out"] = value
         raise _StopForward
 
-    with _hooks([(a, replace), (b, capture)]):
-        _run_until_stopped(model, x)
+    # Raw hooks around the replacing one see the whole tensor the module reads or
+    # returns, before and after (the replacing hook sees a view of its positions).
+    seen = {}
+    if a.kind == "input":
+        def before(module, args):
+            seen["original"] = args[0] if args else None
+            substitution.paused = True
+
+        def after(module, args):
+            substitution.replaced(a.spec, seen["original"], args[0])
+
+        register = a.module.register_forward_pre_hook
+    else:
+        def before(module, args, output):
+            seen["original"] = first_tensor(output)[0]
+            substitution.paused = True
+
+        def after(module, args, output):
+            substitution.replaced(a.spec, seen["original"], first_tensor(output)[0])
+
+        register = a.module.register_forward_hook
+    first = register(before, prepend=True)
+    try:
+        with _hooks([(a, replace), (b, capture)]):
+            last = register(after)
+            try:
+                with substitution:
+                    _run_until_stopped(model, x)
+            finally:
+                last.remove()
+    finally:
+        first.remove()
     if state["out"] is None:
         raise ValueError(
             f"section {a.spec!r} -> {b.spec!r}: {b.spec!r} was not reached in the forward pass."

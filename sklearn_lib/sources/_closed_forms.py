@@ -1,7 +1,8 @@
 """Closed forms for the sections of a live model: found from the types, checked on every batch.
 
 A section's closed form (:mod:`sklearn_lib.models._fastpath`,
-:mod:`sklearn_lib.models._attention`, readouts) is found from its modules'
+:mod:`sklearn_lib.models._attention`, readouts, the MLP halves of transformers
+blocks in :mod:`sklearn_lib.models._blocks`) is found from its modules'
 types and the user's declarations, which say what the model *should* compute.
 Before it is used, :func:`choose_closed_forms` runs the model over the whole
 data once, records both ends of every candidate section and compares the

@@ -2,8 +2,9 @@
 
 The source runs the model once per pass over the data and computes
 ``C_{l+1}^T J_l`` with vectorised vector-Jacobian products, never forming full
-Jacobians, or in closed form for the sections :mod:`sklearn_lib.models._fastpath` and
-:mod:`sklearn_lib.models._attention` recognise. It exposes the operations of
+Jacobians, or in closed form for the sections :mod:`sklearn_lib.models._fastpath`,
+:mod:`sklearn_lib.models._attention` and :mod:`sklearn_lib.models._block_detect`
+(the MLP halves of GPT-2, GPT-NeoX and Llama blocks) recognise. It exposes the operations of
 :class:`~sklearn_lib.sources._cached.CachedSource`, so the backward chaining of
 :class:`~sklearn_lib.InteractionGraph` is written once.
 """
@@ -15,6 +16,8 @@ from tqdm.auto import tqdm
 from ..basis._stats import AUTO_CHUNK_NUMBERS, output_weights
 from ..models import _adapters, _collect, _model
 from ..models._attention import CausalAttention, detect_attention, why_not_attention
+from ..models._block_detect import block_section, why_not_block
+from ..models._blocks import accumulator
 from ..models._fastpath import (
     LinearElementwise,
     LinearReadout,
@@ -324,11 +327,13 @@ class ModelSource:
                                           and found.fits(self.widths[l], self.widths[m])):
                 found = None
         else:
-            found = detect_section(self.model, a, b)
+            # A transformers block's MLP half, recognised from its class, when the
+            # module types make no other closed form.
+            found = detect_section(self.model, a, b) or block_section(self.model, a, b)
             if found is not None and not self._fits(found, l, m):
                 found = None
         if found is None:
-            reason = why_generic(self.model, a, b) or (
+            reason = why_generic(self.model, a, b) or why_not_block(self.model, a, b) or (
                 why_not_attention(self.model, a, b) if self.sequence else None)
             if reason is not None:
                 self.reasons[(l, m)] = reason
@@ -565,23 +570,23 @@ class ModelSource:
         a, b = self.specs[l], self.specs[m]
         k = V.shape[1]
         if st is not None and not isinstance(st, CausalAttention):
-            SS, s_sum, n_rows = None, None, 0
-            # The activation's copies and the derivative with its autograd temporaries.
-            work = 8 * self.positions[l] * max(self.widths[l], self.widths[m])
+            # The scatter's sums, accumulated row by row (for a NormMLP they depend on V).
+            scatter = accumulator(st, V)
+            # The activation's copies and the derivative with its autograd
+            # temporaries (a block's hidden rows are wider than the layer).
+            work = self.positions[l] * (8 * max(self.widths[l], self.widths[m])
+                                        + 6 * getattr(st, "d_hidden", 0))
             for x in self._pass(f"layer {l}", self._footprint(l, work)):
                 act = self._activation(x, l, m)
                 # The closed form acts row by row: padded rows are simply left out.
                 X = _keep(self._rows(act, l), self._real_rows(x, l, act.shape))
-                s = st.derivative(X)
                 stats.update(X)
-                SS = s.T @ s if SS is None else SS.addmm_(s.T, s)
-                s_sum = s.sum(0) if s_sum is None else s_sum.add_(s.sum(0))
-                n_rows += s.shape[0]
+                scatter.update(X)
             n_out = self.positions[m] * V.shape[1]
-            scatter = st.jacobian_scatter(SS, V, s_sum=s_sum, n=n_rows)
-            return stats.add_jacobian_scatter_(scatter, n_outputs=n_out,
+            return stats.add_jacobian_scatter_(scatter.result(), n_outputs=n_out,
                                                signed_sums=_closed_form_sums(
-                                                   st, V, s_sum, n_rows, n_out))
+                                                   st, V, getattr(scatter, "s_sum", None),
+                                                   scatter.n, n_out))
         width = max(self.widths[l], self.widths[m])
         attention = st  # None here, or a declared attention section
         if attention is not None:
@@ -691,8 +696,10 @@ class ModelSource:
             per_sample = self._footprint(l, work)
         elif st is not None:
             factors = st.edge_factors(V, C_pinv.T)
-            # The two edge-GEMM buffers, plus the activation's copies and derivatives.
-            work = self.positions[l] * (k * (factors[0].shape[1] + r) + 8 * self.widths[l])
+            # The two edge-GEMM buffers, plus the activation's copies and derivatives
+            # (a block's hidden rows, one set per path point, are wider than the layer).
+            work = self.positions[l] * (k * (factors[0].shape[1] + r) + 8 * self.widths[l]
+                                        + 4 * len(alphas) * getattr(st, "d_hidden", 0))
             per_sample = self._footprint(l, work)
         size = None
         if attention is None and st is None:

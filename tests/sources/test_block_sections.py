@@ -1,0 +1,182 @@
+"""Transformer MLP halves take their closed form inside a graph fit, checked on every batch.
+
+Random-init GPT-2, GPT-NeoX and Llama models (tiny configs, float64, weights of
+order 1 so that every term counts) are fitted over alternating residual points:
+after attention (``<block>.<mlp norm>:input``) and after the block. The MLP
+halves are recognised (:func:`~sklearn_lib.models._block_detect.block_section`)
+and must give the same bases and edges as the generic vector-Jacobian products
+(``fast_path=False``), which follow the model's own autograd.
+"""
+
+import os
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from sklearn_lib import InteractionGraph
+from sklearn_lib.models._blocks import NormMLP
+from sklearn_lib.sources._model_source import ModelSource
+
+D, VOCAB, N, T = 8, 20, 6, 5
+
+
+def _randomize(model, std=0.4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
+    return model.eval()
+
+
+def gpt2():
+    config = transformers.GPT2Config(n_layer=2, n_embd=D, n_head=2, n_inner=12,
+                                     vocab_size=VOCAB, n_positions=8, layer_norm_epsilon=0.1,
+                                     bos_token_id=0, eos_token_id=0)
+    model = _randomize(transformers.GPT2Model(config).double())
+    return model, ["h.0.ln_2:input", "h.0", "h.1.ln_2:input", "h.1"]
+
+
+def neox(parallel=False):
+    config = transformers.GPTNeoXConfig(num_hidden_layers=2, hidden_size=D,
+                                        num_attention_heads=2, intermediate_size=12,
+                                        vocab_size=VOCAB, use_parallel_residual=parallel,
+                                        layer_norm_eps=0.1, bos_token_id=0, eos_token_id=0)
+    model = _randomize(transformers.GPTNeoXModel(config).double())
+    return model, ["layers.0.post_attention_layernorm:input", "layers.0",
+                   "layers.1.post_attention_layernorm:input", "layers.1"]
+
+
+def llama():
+    config = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=D, num_attention_heads=2,
+                                      num_key_value_heads=1, intermediate_size=12,
+                                      vocab_size=VOCAB, rms_norm_eps=0.1, bos_token_id=0,
+                                      eos_token_id=0)
+    model = _randomize(transformers.LlamaModel(config).double())
+    return model, ["layers.0.post_attention_layernorm:input", "layers.0",
+                   "layers.1.post_attention_layernorm:input", "layers.1"]
+
+
+MODELS = {"gpt2": gpt2, "neox": neox, "llama": llama}
+# LlamaRMSNorm normalises in float32 even in a float64 model: the generic products
+# differentiate that rounding, the closed form the exact norm (within float32's eps).
+TOL = {"gpt2": 1e-9, "neox": 1e-9, "llama": 1e-5}
+
+
+def _ids(seed=1):
+    return torch.randint(0, VOCAB, (N, T), generator=torch.Generator().manual_seed(seed))
+
+
+def _fit(model, layers, fast_path, **params):
+    params = {"n_components": 4, "batch_size": 4, **params}
+    return InteractionGraph(fast_path=fast_path, **params).fit_model(model, layers, _ids(),
+                                                                     sequence=True)
+
+
+def _source(model, layers):
+    return ModelSource(model, layers, _ids(), sequence=True, batch_size=4, device=None,
+                       dtype="float64", fast_path="auto", verbose=False)
+
+
+def assert_same_graph(auto, generic, tol=1e-9):
+    """Same spectra, components up to sign, and edges (squared attributions: sign-free)."""
+    for b, ref in zip(auto.bases_, generic.bases_):
+        np.testing.assert_allclose(b.jacobian_gram_, ref.jacobian_gram_, rtol=tol,
+                                   atol=tol * np.abs(ref.jacobian_gram_).max())
+        np.testing.assert_allclose(b.interaction_strengths_, ref.interaction_strengths_,
+                                   rtol=tol, atol=tol * ref.interaction_strengths_.max())
+        s = np.sign(np.sum(b.components_ * ref.components_, axis=1))
+        # Components move by the Gram's error over the eigenvalue gaps.
+        np.testing.assert_allclose(b.components_, s[:, None] * ref.components_, rtol=0,
+                                   atol=max(1e-7, 10 * tol))
+    for E, ref in zip(auto.edges_, generic.edges_):
+        np.testing.assert_allclose(E, ref, rtol=0, atol=tol * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_block_halves_take_the_closed_form_and_match_the_generic_path(name):
+    model, layers = MODELS[name]()
+    source = _source(model, layers)
+    for l in (0, 2):  # the MLP halves: mid-block -> block output
+        assert isinstance(source.structure(l, l + 1), NormMLP)
+    assert source.structure(1, 2) is None  # the attention half: products
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the formula holds on every batch
+        auto = _fit(model, layers, "auto")
+    generic = _fit(model, layers, False)
+    assert auto.fast_path_ == [True, False, True]
+    assert generic.fast_path_ == [False] * 3
+    assert_same_graph(auto, generic, TOL[name])
+
+
+def test_global_variant_and_gauss_legendre_edges_match():
+    model, layers = gpt2()
+    params = dict(integration="gauss-legendre", n_alphas=3, constant_node=True,
+                  edge_point="data")
+    assert_same_graph(_fit(model, layers, "auto", **params),
+                      _fit(model, layers, False, **params))
+    model, layers = llama()
+    layers = layers[:2]
+    auto = _fit(model, layers, "auto", variant="global")
+    assert auto.fast_path_ == [True]
+    assert_same_graph(auto, _fit(model, layers, False, variant="global"), TOL["llama"])
+
+
+def test_mlp_alone_takes_the_closed_form():
+    model, _ = llama()
+    layers = ["layers.0.mlp:input", "layers.0.mlp", "layers.1.mlp:input", "layers.1.mlp"]
+    auto = _fit(model, layers, "auto")
+    assert auto.fast_path_ == [True, False, True]
+    assert_same_graph(auto, _fit(model, layers, False), TOL["llama"])
+
+
+def test_a_hook_on_the_mlp_is_not_recognised():
+    model, layers = gpt2()
+    handle = model.h[0].mlp.c_proj.register_forward_hook(lambda m, a, out: out * 1.5)
+    try:
+        source = _source(model, layers)
+        assert source.structure(0, 1) is None
+        assert "forward hooks" in source.reasons[(0, 1)]
+        assert isinstance(source.structure(2, 3), NormMLP)
+        auto = _fit(model, layers, "auto")
+        assert auto.fast_path_ == [False, False, True]
+        assert_same_graph(auto, _fit(model, layers, False))
+    finally:
+        handle.remove()
+
+
+def test_verification_refuses_a_changed_mlp(monkeypatch):
+    # Conv1D computes with torch.addmm; changing it for the MLP's output projection
+    # changes the model but no module type: only the values can show it.
+    model, layers = gpt2()
+    addmm = torch.addmm
+
+    def changed(bias, x, weight, *args, **kwargs):
+        out = addmm(bias, x, weight, *args, **kwargs)
+        return out + 0.25 * torch.tanh(out) if x.shape[-1] == 12 else out
+
+    monkeypatch.setattr(torch, "addmm", changed)
+    with pytest.warns(UserWarning, match="differs from that formula"):
+        auto = _fit(model, layers, "auto")
+    assert auto.fast_path_ == [False, False, False]
+    assert_same_graph(auto, _fit(model, layers, False))
+
+
+def test_parallel_residual_is_not_recognised():
+    model, layers = neox(parallel=True)
+    source = _source(model, layers[:2] + ["layers.1"])
+    assert source.structure(0, 1) is None
+    assert "parallel residual" in source.reasons[(0, 1)]
+    # The mid-block point is the block's input, read by the attention's norm before
+    # the MLP's: no section can replace it for both, so the fit refuses.
+    with pytest.raises(ValueError, match="uses the value of .* before"):
+        _fit(model, layers, "auto")
+    # The MLP alone is still one.
+    layers = ["layers.0.mlp:input", "layers.0.mlp", "layers.1"]
+    auto = _fit(model, layers, "auto")
+    assert auto.fast_path_ == [True, False]
+    assert_same_graph(auto, _fit(model, layers, False))
