@@ -4,8 +4,9 @@ LIB of GPT-2: the residual stream of a language model, with error bars
 
 The local interaction basis of a ``transformers`` GPT-2 over its residual
 stream: the stream entering every block, after every block's attention and
-after every block, and the logits over the whole vocabulary. The model is a
-GPT-2 built from a small config with random weights (no download), so the
+after every block, and the logits over GPT-2's whole vocabulary of 50,257
+tokens. The model is a GPT-2 built from a small config with random weights (no
+download), so the
 numbers say nothing about language; the code is the one a real checkpoint
 takes (``GPT2LMHeadModel.from_pretrained("gpt2")``) and the tutorial
 :doc:`/tutorial_gpt2` says how to scale it.
@@ -13,9 +14,9 @@ takes (``GPT2LMHeadModel.from_pretrained("gpt2")``) and the tutorial
 A real language model is too large for exact statistics: every position of
 every sequence would need one backward pass per kept direction. The graph
 therefore estimates them, without bias, from random combinations of the
-output positions (``stochastic_positions``) and of the output directions
-(``stochastic_sources``), and says how noisy the estimate is: every layer's
-interaction strengths come with standard errors estimated from the same run.
+output positions (``stochastic_positions``), and says how noisy the estimate
+is: every layer's interaction strengths and edges come with standard errors
+estimated from the same run.
 """
 
 import os
@@ -35,10 +36,10 @@ N_SEQUENCES, N_TOKENS = (8, 16) if QUICK else (32, 64)
 # %%
 # The model and the data
 # ----------------------
-# Two blocks of width 64 with four heads and a vocabulary of 1,000 tokens,
-# float64. Random token ids stand for a tokenised corpus.
+# Two blocks of width 64 with four heads and GPT-2's vocabulary of 50,257
+# tokens, float64. Random token ids stand for a tokenised corpus.
 torch.manual_seed(0)
-config = GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=1000, n_positions=N_TOKENS,
+config = GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=50257, n_positions=N_TOKENS,
                     bos_token_id=None, eos_token_id=None)
 model = GPT2LMHeadModel(config).eval()
 ids = np.random.default_rng(0).integers(0, config.vocab_size, size=(N_SEQUENCES, N_TOKENS))
@@ -53,7 +54,10 @@ ids = np.random.default_rng(0).integers(0, config.vocab_size, size=(N_SEQUENCES,
 # attention to the block's output, is recognised as GPT-2's own
 # ``LayerNorm -> Conv1D -> GELU -> Conv1D`` plus the residual, and takes its
 # closed form (checked against the model on every batch); attention halves take
-# vector-Jacobian products. The last layer, ``"lm_head"``, is the logits.
+# vector-Jacobian products. The last layer, ``"lm_head"``, is the logits: a
+# layer that wide is fitted without any vocabulary-by-vocabulary matrix (here a
+# streamed randomized PCA keeping 32 directions), and the unembedding takes its
+# closed form.
 LAYERS = ["transformer.h.0:input"]
 for b in range(config.n_layer):
     LAYERS += [f"transformer.h.{b}.ln_2:input", f"transformer.h.{b}"]
@@ -64,7 +68,7 @@ NAMES = ["embed"] + [f"{half}{b}" for b in range(config.n_layer)
 start = time.perf_counter()
 graph = InteractionGraph(
     final_layer="pca", n_components=[None] * (len(LAYERS) - 1) + [32],
-    stochastic_positions=2, stochastic_sources=16, random_state=0,
+    stochastic_positions=8, random_state=0,
 ).fit_model(model, LAYERS, {"input_ids": ids}, sequence=True)
 seconds = time.perf_counter() - start
 print(f"{N_SEQUENCES} sequences of {N_TOKENS} tokens, {len(LAYERS)} layers: {seconds:.1f} s")
@@ -74,9 +78,11 @@ print("directions per layer:", dict(zip(NAMES, graph.n_components_.tolist())))
 # Spectra with error bars
 # -----------------------
 # ``interaction_strengths_std_`` is the standard error of each strength due to
-# the random sources, estimated from independent groups of them in the same
-# run; an exact run (no stochastic sources) has none. The relative error of
-# the strongest directions says whether more sources or more tokens are needed.
+# the random position combinations, estimated from eight independent groups of
+# them in the same run; an exact run has none, and the sections in closed form
+# (the MLP halves) are exact. The relative error of the strongest directions
+# says whether more combinations are needed. It does not include the sampling
+# of the data: more tokens shrink that.
 fig, axes = plt.subplots(1, len(LAYERS) - 1, figsize=(3.2 * (len(LAYERS) - 1), 3),
                          sharey=True)
 for ax, name, basis in zip(axes, NAMES, graph.bases_[:-1]):

@@ -614,8 +614,10 @@ class InteractionGraph(BaseEstimator):
                 raise ValueError(
                     "fast_path=True needs every pair of adjacent layers to be one nn.Linear "
                     "and/or one elementwise activation of an nn.Sequential, or the input and "
-                    "output of a block declared with declare_residual_mlp, or a section "
-                    "declared with declare_attention; these sections "
+                    "output of a block declared with declare_residual_mlp, a section "
+                    "declared with declare_attention, the MLP half of a GPT-2, GPT-NeoX or "
+                    "Llama block (its ln_2/post_attention_layernorm input to the block's "
+                    "output) or a Linear read alone; these sections "
                     f"are not: {', '.join(slow)}. Use fast_path='auto'."
                 )
             return source, fast
