@@ -12,7 +12,7 @@ and the tensors alive during a pass (counted by
 import numpy as np
 import pytest
 import torch
-from torch import nn
+from _mixers import mixer
 
 from sklearn_lib import InteractionGraph
 from sklearn_lib.models import _model
@@ -29,30 +29,8 @@ from sklearn_lib.utils._memory import (
 T, D_IN, D = 5, 2, 4
 
 
-class Mixer(nn.Module):
-    """A residual stream mixed across positions (a causal average), then a Tanh layer.
-
-    Padded positions (``attention_mask`` 0) are left out of the average.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.embed, self.resid = nn.Linear(D_IN, D), nn.Identity()
-        self.fc, self.mid, self.head = nn.Linear(D, D), nn.Identity(), nn.Linear(D, 3)
-
-    def forward(self, x, attention_mask=None):
-        h = self.resid(self.embed(x))
-        weights = torch.ones(T, T, dtype=h.dtype).tril()
-        weights = weights[None] * (1.0 if attention_mask is None
-                                   else attention_mask[:, None, :].to(h.dtype))
-        weights = weights / weights.sum(-1, keepdim=True).clamp_min(1)
-        mixed = self.mid(h + torch.tanh(self.fc(weights @ h)))
-        return self.head(mixed[:, -1])
-
-
 def _mixer():
-    torch.manual_seed(3)
-    return Mixer().double()
+    return mixer(D_IN, D)
 
 
 def _data(n=24, seed=0):

@@ -9,6 +9,7 @@ whole model) followed by ``fit``.
 import numpy as np
 import pytest
 import torch
+from _mixers import mixer
 from torch import nn
 
 from sklearn_lib import InteractionGraph
@@ -166,31 +167,8 @@ def test_readout_without_closed_form_is_checked_on_every_pass(monkeypatch):
 
 
 # --------------------------------------------------------------------------- positions
-class Mixer(nn.Module):
-    """A residual stream mixed across positions (a causal average), then a Tanh layer.
-
-    With an ``attention_mask`` the padded positions are left out of the average,
-    as a Hugging Face model leaves them out of its attention.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.embed, self.resid = nn.Linear(D_IN, D), nn.Identity()
-        self.fc, self.mid, self.head = nn.Linear(D, D), nn.Identity(), nn.Linear(D, 3)
-
-    def forward(self, x, attention_mask=None):
-        h = self.resid(self.embed(x))
-        weights = torch.ones(T, T, dtype=h.dtype).tril()
-        weights = weights[None] * (1.0 if attention_mask is None
-                                   else attention_mask[:, None, :].to(h.dtype))
-        weights = weights / weights.sum(-1, keepdim=True).clamp_min(1)
-        mixed = self.mid(h + torch.tanh(self.fc(weights @ h)))
-        return self.head(mixed[:, -1])
-
-
 def _mixer():
-    torch.manual_seed(3)
-    return Mixer().double()
+    return mixer(D_IN, D)
 
 
 def _scatter(stats):
