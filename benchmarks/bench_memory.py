@@ -43,7 +43,7 @@ def child(args):
     from _memory import peak, reset_peak
 
     from sklearn_lib.basis._stats import InteractionStatistics
-    from sklearn_lib.models._vjp import PositionSources
+    from sklearn_lib.models._position_sources import PositionSources
     from sklearn_lib.sources._model_source import ModelSource
 
     torch.manual_seed(0)

@@ -27,7 +27,7 @@ from ..basis._error_bars import (
 )
 from ..basis._linalg import gram_eigenvalues
 from ..basis._stats import InteractionStatistics
-from ..models._vjp import PositionSources
+from ..models._position_sources import PositionSources
 from ..sources._cached import CachedSource
 from ..sources._model_source import ModelSource
 from ._checkpoint import NoCheckpoint, tensor_digest

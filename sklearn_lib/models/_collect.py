@@ -75,11 +75,10 @@ from ._model import (
     _positions,
     _record_batch,
 )
-from ._vjp import (  # noqa: F401 (_section_rows, _run_section: the graph's model source)
-    _run_section,
+from ._sections import _run_section, section_function  # noqa: F401 (the model source)
+from ._vjp import (  # noqa: F401 (_section_rows: the graph's model source)
     _section_rows,
     prepare_model,
-    section_function,
     section_vjp_products,
     sequence_jacobians_to_rows,
 )

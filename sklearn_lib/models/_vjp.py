@@ -1,24 +1,18 @@
-"""Sections of a live model and their vector-Jacobian products (see :mod:`sklearn_lib.collect`).
+"""Vector-Jacobian products of a live model's sections (see :mod:`sklearn_lib.collect`).
 
 A section ``(a, b)`` maps layer ``a``'s activations to layer ``b``'s with
-everything else held at the batch's values; :func:`section_function` returns it
-as a function, :func:`section_vjp_products` computes ``V^T J_x`` for many
+everything else held at the batch's values (:mod:`._sections`);
+:func:`section_vjp_products` computes ``V^T J_x`` for many
 cotangents at once, and :class:`SectionProducts` is the batched core, which
 streams them chunk by chunk to the interaction graph's model source. The row
 layout and the independence of samples that the products rely on are described in
 :mod:`sklearn_lib.collect`, which re-exports the public functions.
 """
 
-import math
 import numbers
-import weakref
-from contextlib import nullcontext
 
 import numpy as np
 import torch
-from torch._C import _functorch
-from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_leaves, tree_map
 
 from ..utils._backend import (
     as_tensor,
@@ -30,20 +24,18 @@ from ..utils._backend import (
     to_output,
 )
 from ..utils._memory import LiveTensors
-from ._adapters import copy_module, first_tensor, take, unwrap_model
+from ._adapters import copy_module, take, unwrap_model
 from ._independence import check_independent
 from ._model import (
     _as_rows,
     _cast,
     _check_forward,
-    _hooks,
     _input_tensor,
     _parse_layers,
     _positions,
     _record_batch,
-    _run_until_stopped,
-    _StopForward,
 )
+from ._sections import _check_differentiable, _math_attention, _run_section
 from ._sequential import run_leaves
 
 # Cotangent chunks are sized so that the cotangents plus the products of one chunk
@@ -111,375 +103,12 @@ def floating_dtype(model, default):
     return default
 
 
-# --------------------------------------------------------------------------- sections
-class _Substitution(TorchFunctionMode):
-    """Make every later use of a replaced tensor see its replacement (see :func:`_run_section`).
-
-    A hook replaces what one module reads or returns, but the forward pass may
-    hold the same tensor elsewhere: a pre-norm block keeps ``residual = hidden``
-    and adds it back after the MLP that reads ``ln_2(hidden)``. A section's
-    Jacobian is the total derivative of ``b`` with respect to ``a``'s value, so
-    once the hook has fired, every torch function given the original tensor gets
-    the replacement instead. Uses that cannot be redirected are refused: the
-    original consumed before the hook fired (that result is already computed),
-    or, after it, another view of the original's storage.
-    """
-
-    def __init__(self, where):
-        super().__init__()
-        self.where = where
-        self.original = self.replacement = self.storage = None
-        self.before = {}  # id -> weak reference of the tensors consumed so far
-        # While the replacing hook runs, its own reads of the value are no uses.
-        self.paused = False
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if self.original is None:
-            result = func(*args, **kwargs)
-            if not self.paused:
-                self._record_uses(func, (args, kwargs), result)
-            return result
-        args, kwargs = tree_map(self._substitute, (args, kwargs))
-        return func(*args, **kwargs)
-
-    def _record_uses(self, func, inputs, result):
-        if func in _METADATA:
-            return
-        for value in tree_leaves(inputs):
-            # An in-place method returns its argument: it changes the value the
-            # module will read, but does not consume it.
-            if isinstance(value, torch.Tensor) and value is not result:
-                self.before[id(value)] = weakref.ref(value)
-
-    def _substitute(self, value):
-        if value is self.original:
-            return self.replacement
-        if (isinstance(value, torch.Tensor) and value is not self.replacement
-                and _storage(value) == self.storage):
-            raise ValueError(
-                f"{self.where}: the forward pass uses another tensor on the memory of "
-                f"{self.layer!r} (a view of it or of its base) after replacing it, so the "
-                "replacement cannot reach that use and the section's Jacobian would miss "
-                "its path. Record the tensor the model uses (the view's base, or a module "
-                "reading the whole of it) instead."
-            )
-        return value
-
-    def replaced(self, layer, original, replacement):
-        """Called once the hook has swapped ``original`` for ``replacement``."""
-        # Before the substitution starts (and while reads are no uses): this
-        # reads the original through torch functions.
-        storage = _storage(original)
-        self.layer, self.paused = layer, False
-        used = self.before.get(id(original))
-        if used is not None and used() is original:
-            raise ValueError(
-                f"{self.where}: the forward pass uses the value of {layer!r} before "
-                f"{layer!r} is reached, so replacing it there cannot change that use and "
-                "the section's Jacobian would miss its path. Choose a layer at which the "
-                "value is first used (e.g. the module that computes it, as an output)."
-            )
-        self.before.clear()
-        if replacement is not original:
-            self.original, self.replacement, self.storage = original, replacement, storage
-
-
-def _storage(t):
-    """The address of the memory under ``t`` (through ``torch.func``'s wrappers), or None."""
-    while _functorch.is_functorch_wrapped_tensor(t):
-        t = _functorch.get_unwrapped(t)
-    try:
-        return t.untyped_storage().data_ptr() or None if t.numel() else None
-    except (RuntimeError, NotImplementedError):  # tensors without storage (sparse, meta)
-        return None
-
-
-# Reading metadata is not a use of a tensor's value.
-_METADATA = frozenset(
-    getattr(torch.Tensor, name) for name in (
-        "size", "dim", "numel", "stride", "is_contiguous", "is_floating_point",
-        "is_complex", "element_size", "data_ptr", "storage_offset", "nelement",
-        "ndimension", "get_device", "__len__", "__format__", "__repr__",
-    )
-) | frozenset(
-    getattr(torch.Tensor, name).__get__ for name in (
-        "shape", "dtype", "device", "ndim", "is_cuda", "layout", "requires_grad",
-        "is_leaf", "grad_fn", "is_sparse", "is_quantized", "is_meta",
-    )
-)
-
-
-def _run_section(model, a, b, x, act_in):
-    """Evaluate ``b``'s activation with ``a``'s replaced by ``act_in`` on inputs ``x``.
-
-    The replacement reaches every later use of the tensor ``a`` names, not only
-    the module that reads or returns it (see :class:`_Substitution`): the
-    section is ``b`` as a function of ``a``'s value, and its Jacobian is the
-    total derivative, e.g. ``I + d mlp(ln_2(h)) / dh`` for ``a = "ln_2:input"``
-    in a pre-norm block that adds ``h`` back.
-    """
-    state = {"replaced": False, "out": None}
-    where = f"section {a.spec!r} -> {b.spec!r}"
-    substitution = _Substitution(where)
-
-    def replace(value):
-        if state["replaced"]:
-            raise RuntimeError(
-                f"module {a.name!r} ran more than once in one forward pass, so section "
-                f"{a.spec!r} -> {b.spec!r} is ambiguous."
-            )
-        if value.shape != act_in.shape:
-            raise ValueError(
-                f"section {a.spec!r} -> {b.spec!r}: the replacement activation has shape "
-                f"{tuple(act_in.shape)} but {a.spec!r} is {tuple(value.shape)} for these inputs."
-            )
-        state["replaced"] = True
-        # A differentiable copy protects the caller's tensor (and autograd's leaf)
-        # from in-place operations in the following modules.
-        return act_in.clone()
-
-    def capture(value):
-        if not state["replaced"]:
-            raise ValueError(
-                f"section {a.spec!r} -> {b.spec!r}: {b.spec!r} runs before {a.spec!r}; "
-                "give layers in the order the forward pass computes them."
-            )
-        state["out"] = value
-        raise _StopForward
-
-    # Raw hooks around the replacing one see the whole tensor the module reads or
-    # returns, before and after (the replacing hook sees a view of its positions).
-    seen = {}
-    if a.kind == "input":
-        def before(module, args):
-            seen["original"] = args[0] if args else None
-            substitution.paused = True
-
-        def after(module, args):
-            substitution.replaced(a.spec, seen["original"], args[0])
-
-        register = a.module.register_forward_pre_hook
-    else:
-        def before(module, args, output):
-            seen["original"] = first_tensor(output)[0]
-            substitution.paused = True
-
-        def after(module, args, output):
-            substitution.replaced(a.spec, seen["original"], first_tensor(output)[0])
-
-        register = a.module.register_forward_hook
-    first = register(before, prepend=True)
-    try:
-        with _hooks([(a, replace), (b, capture)]):
-            last = register(after)
-            try:
-                with substitution:
-                    _run_until_stopped(model, x)
-            finally:
-                last.remove()
-    finally:
-        first.remove()
-    if state["out"] is None:
-        raise ValueError(
-            f"section {a.spec!r} -> {b.spec!r}: {b.spec!r} was not reached in the forward pass."
-        )
-    return state["out"]
-
-
-def section_function(model, in_layer, out_layer, inputs):
-    """Return the section ``f(act_in) -> act_out`` between two layers for a batch of inputs.
-
-    The model is run on ``inputs`` with the activation of ``in_layer`` replaced by
-    the argument, and stopped as soon as ``out_layer`` is computed (later modules
-    never run). ``f`` is differentiable in its argument, also under ``torch.func``.
-    The model is used as it is: put it in eval mode and give ``act_in`` the
-    model's dtype and device (see :func:`prepare_model`).
-
-    Parameters
-    ----------
-    model : torch.nn.Module
-        The model.
-    in_layer, out_layer : str
-        Layer names (module paths with optional ``":input"``/``":output"``
-        suffix; output by default). ``out_layer`` must be computed after
-        ``in_layer``.
-    inputs : torch.Tensor
-        The batch of model inputs that fixes everything outside the section.
-
-    Returns
-    -------
-    f : callable
-        ``f(act_in)`` with ``act_in`` shaped like ``in_layer``'s activations for
-        ``inputs``; returns ``out_layer``'s activation (a tensor).
-
-    Examples
-    --------
-    >>> import torch
-    >>> from sklearn_lib.collect import section_function
-    >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
-    >>> f = section_function(net, "0", "1", torch.randn(5, 3))
-    >>> h = torch.randn(5, 4)
-    >>> torch.equal(f(h), torch.tanh(h))
-    True
-    """
-    model = unwrap_model(model)
-    a, b = _parse_layers(model, [in_layer, out_layer], "output")
-    return lambda act_in: _run_section(model, a, b, inputs, act_in)
-
-
-def _check_differentiable(model, a, b, x, act_in):
-    """Fail clearly when ``b`` does not depend differentiably on ``a`` (one-sample probe).
-
-    ``torch.func.vjp`` silently returns zeros for outputs that are detached from
-    its primal, so connectivity is checked with ordinary autograd first.
-    """
-    where = f"section {a.spec!r} -> {b.spec!r} is not differentiable"
-    if not act_in.is_floating_point():
-        raise ValueError(f"{where}: the activations of {a.spec!r} have dtype {act_in.dtype}.")
-    probe = act_in[:1].detach().clone().requires_grad_(True)
-    with torch.enable_grad():
-        try:
-            out = _run_section(model, a, b, take(x, slice(0, 1)), probe)
-        except (ValueError, RuntimeError) as exc:
-            if "ran more than once" in str(exc) or str(exc).startswith("section "):
-                raise  # ours
-            # A model that cannot run one sample alone depends on its batch
-            # (BatchNorm with batch statistics raises here).
-            raise ValueError(
-                f"section {a.spec!r} -> {b.spec!r} fails on a batch of one sample "
-                f"({type(exc).__name__}: {exc}), although the model takes the whole batch: "
-                "it depends on the other samples of its batch (BatchNorm with batch "
-                "statistics needs more than one), so per-sample Jacobians cannot be "
-                "computed. Every statistic assumes independent samples: use running "
-                "statistics (model.eval() with track_running_stats=True) or compute "
-                "statistics per sample."
-            ) from exc
-        if not out.is_floating_point():
-            raise ValueError(f"{where}: {b.spec!r} has dtype {out.dtype}.")
-        grad = (
-            torch.autograd.grad(out, probe, torch.ones_like(out), allow_unused=True)[0]
-            if out.requires_grad
-            else None
-        )
-    if grad is None:
-        raise ValueError(
-            f"{where}: {b.spec!r} does not depend on {a.spec!r} through differentiable "
-            "operations (it is detached, integer-valued, or computed from other values)."
-        )
-
-
-def _math_attention():
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError:  # pragma: no cover - torch < 2.3 has no backend selection
-        return nullcontext()
-    return sdpa_kernel(SDPBackend.MATH)
-
-
 def _chunk_size(max_vectors, n_vectors, per_vector):
     if max_vectors is None:
         return max(1, min(n_vectors, _VJP_ELEMENT_BUDGET // max(1, per_vector)))
     if not isinstance(max_vectors, numbers.Integral) or max_vectors < 1:
         raise ValueError(f"max_vectors must be a positive integer or None, got {max_vectors!r}.")
     return min(int(max_vectors), n_vectors)
-
-
-class PositionSources:
-    """``m`` random combinations of a section's output positions per sample.
-
-    Stochastic sources over positions: with signs ``s_j`` uniform in
-    ``{-1, 1}^P`` (independent for every sample and source),
-    ``E[s_j s_j^T] = I``, so ``(1/m) sum_j (sum_t s_jt A_t)^T (sum_t s_jt A_t)``
-    estimates ``sum_t A_t^T A_t`` (``A_t = V^T J_t``, the products of output
-    position ``t``, with a sample's input positions as rows) without bias, from
-    ``m k`` vector-Jacobian products instead of ``P k``. Its squared Frobenius
-    error has expectation ``(1/m) sum_{t<u} ||A_t^T A_u + A_u^T A_t||_F^2`` per
-    sample (``tests/test_model_source.py`` checks it against brute force).
-
-    Parameters
-    ----------
-    m : int
-        Sources per sample.
-    seed : int
-        Seed of the generator the signs are drawn from, on ``device``.
-    device : torch.device
-    """
-
-    def __init__(self, m, seed, device):
-        self.m, self.seed, self.device = int(m), int(seed), device
-        self.generator = torch.Generator(device=device)
-        self.generator.manual_seed(self.seed)
-
-    def offset(self, k):
-        """Sources like these with an independent stream of signs (``k``: a rank)."""
-        return PositionSources(self.m, self.seed + int(k) * 7919 + 1, self.device)
-
-    def draw(self, n, n_positions, dtype):
-        """Signs ``(n, m, n_positions)`` divided by ``sqrt(m)``, as ``dtype``."""
-        bits = torch.randint(0, 2, (n, self.m, n_positions), generator=self.generator,
-                             device=self.device)
-        return (2 * bits - 1).to(dtype) / math.sqrt(self.m)
-
-    def batch(self, n, dtype, real=None):
-        """The signs of one batch of ``n`` samples: a function of its number of positions.
-
-        Every call with the same number returns the same signs, so that the
-        products at several points of an integration path, and the output
-        coordinates the constant node compares with, combine positions alike.
-
-        ``real``, a function of the number of output positions giving a
-        (n, P) bool tensor of the real ones (or None), sets the signs of
-        padded output positions to 0. With ``s_t`` = 0 at padded positions
-        and independent ``±1/sqrt(m)`` at real ones, ``sum_j s_jt s_ju`` has
-        expectation 1 for ``t = u`` real and 0 otherwise, so ``sum_j (sum_t
-        s_jt A_t)^T (sum_t s_jt A_u)`` estimates ``sum_{t real} A_t^T A_t``,
-        the exact sum over real positions, without bias; and a padded
-        position, whose products may hold anything, enters no combination.
-
-        The signs are drawn batch after batch from one generator, so with a
-        shuffling DataLoader a sample gets other signs in every pass: that
-        biases nothing, as the signs are independent of the data and of the
-        order they come in (every sample's signs are independent and uniform
-        whichever draw they come from), and every pass is an estimate of its
-        own anyway (the statistics and the edges of a layer take independent
-        sources).
-        """
-        return _BatchSigns(self, n, dtype, real)
-
-
-class _BatchSigns:
-    """The signs of one batch (:meth:`PositionSources.batch`), drawn once per number of positions.
-
-    ``combined`` says whether positions were combined at all: a section with
-    one output position takes no signs, and its products stay one per position.
-    """
-
-    def __init__(self, sources, n, dtype, real):
-        self.sources, self.n, self.dtype, self.real = sources, n, dtype, real
-        self.drawn, self.combined = {}, False
-
-    @property
-    def scale(self):
-        """``1/sqrt(m)``, the size of every nonzero sign."""
-        return 1.0 / math.sqrt(self.sources.m)
-
-    def units(self, dtype):
-        """The same signs in units (-1, 0, 1, exact in any dtype) as ``dtype``, a function too."""
-        def signs(n_positions):
-            return (self(n_positions) * math.sqrt(self.sources.m)).round_().to(dtype)
-
-        return signs
-
-    def __call__(self, n_positions):
-        if n_positions not in self.drawn:
-            signs = self.sources.draw(self.n, n_positions, self.dtype)
-            real = None if self.real is None else self.real(n_positions)
-            if real is not None:
-                signs.mul_(real.view(self.n, 1, n_positions).to(signs.dtype))
-            self.drawn[n_positions] = signs
-        self.combined = self.combined or n_positions > 1
-        return self.drawn[n_positions]
 
 
 class SectionProducts:
@@ -496,7 +125,7 @@ class SectionProducts:
 
     Direction ``q = t * k + c`` is output position ``t`` times column ``c`` of
     ``V``. With ``position_signs`` (a function of the number of output
-    positions giving signs ``(B, m, P_out)``, see :meth:`PositionSources.batch`)
+    positions giving signs ``(B, m, P_out)``, see :meth:`~._position_sources.PositionSources.batch`)
     and more than one output position, there are ``m k`` directions instead:
     ``q = j * k + c`` is source ``j``'s signs over positions times column
     ``c``, with signs of every sample its own.
@@ -676,7 +305,7 @@ def section_vjp_products(
     """Activations of ``in_layer`` and products ``V.T @ J_x`` of the section's Jacobians.
 
     ``J_x = d act_out[x] / d act_in[x]`` is the per-sample Jacobian of the section
-    from ``in_layer`` to ``out_layer`` (see :func:`section_function`). It is never
+    from ``in_layer`` to ``out_layer`` (see :func:`~._sections.section_function`). It is never
     formed unless ``cotangents`` is None: one vector-Jacobian product per column of
     ``V`` (vectorised with ``torch.func.vmap``, in chunks of ``max_vectors``)
     covers the whole batch, assuming samples are independent (the model is run in

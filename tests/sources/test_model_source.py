@@ -185,7 +185,8 @@ def test_position_sources_are_unbiased_with_the_documented_error():
     from the exact products of every output position.
     """
     from sklearn_lib.basis._stats import InteractionStatistics
-    from sklearn_lib.models._vjp import PositionSources, _section_rows
+    from sklearn_lib.models._position_sources import PositionSources
+    from sklearn_lib.models._vjp import _section_rows
     from sklearn_lib.sources._model_source import ModelSource
 
     net, X, m = _mixer(), _data(12), 2
@@ -252,7 +253,7 @@ def test_position_sources_repeat_with_their_random_state():
 
 def test_position_sources_of_each_rank_draw_their_own_signs():
     """``offset`` (one per rank of a distributed fit) gives another stream of signs."""
-    from sklearn_lib.models._vjp import PositionSources
+    from sklearn_lib.models._position_sources import PositionSources
 
     cpu = torch.device("cpu")
     base = PositionSources(3, 11, cpu)
@@ -271,7 +272,7 @@ def test_position_sources_estimate_the_edges_without_bias(integration, constant)
     same signs (the cross terms of two points would be lost otherwise), and the
     constant node's output coordinates with them: both would show as a bias.
     """
-    from sklearn_lib.models._vjp import PositionSources
+    from sklearn_lib.models._position_sources import PositionSources
     from sklearn_lib.sources._edges import path_quadrature
     from sklearn_lib.sources._model_source import ModelSource
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from sklearn_lib import InteractionGraph
 from sklearn_lib.basis._stats import InteractionStatistics
-from sklearn_lib.models._vjp import PositionSources
+from sklearn_lib.models._position_sources import PositionSources
 from sklearn_lib.sources._model_source import ModelSource
 from sklearn_lib.sources._passes import Fingerprint
 
