@@ -17,7 +17,7 @@ from _mixers import mixer
 from sklearn_lib import InteractionGraph
 from sklearn_lib.models import _model
 from sklearn_lib.models._vjp import SectionProducts
-from sklearn_lib.sources import _model_source
+from sklearn_lib.sources import _products
 from sklearn_lib.sources._model_source import ModelSource
 from sklearn_lib.utils._memory import (
     LiveTensors,
@@ -55,7 +55,7 @@ def chunks(monkeypatch):
         used = []
 
         def force(self, size):
-            monkeypatch.setattr(_model_source, "chunk_vectors", lambda *args: size)
+            monkeypatch.setattr(_products, "chunk_vectors", lambda *args: size)
 
     original = SectionProducts.chunks
 
