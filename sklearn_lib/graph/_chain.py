@@ -369,12 +369,13 @@ def build(graph, source, names, *, edge_point, alphas=(1.0,), weights=(1.0,),
                    "weights": [repr(float(w)) for w in weights],
                    "bases": tensor_digest(C[l + 1], mean, C_l, C_pinv, out_mean),
                    "positions": seeds(ps)}
-            result = run("edges", l, key, lambda src=source, i=None, l=l, ps=ps: edges_with_std(
+            result = run("edges", l, key, lambda src=source, i=None, l=l, ps=ps: grouped_edges(
                 graph, src, l, C[l + 1], mean, C_l, C_pinv, edge_point=edge_point,
                 alphas=list(alphas), weights=list(weights), out_mean=out_mean,
                 position_sources=shard(ps, i)))
-            E, std = result if isinstance(result, tuple) else (result, None)
+            E, groups = result if isinstance(result, tuple) else (result, None)
             E = E.cpu().numpy()
+            std = None if groups is None else edge_errors(E, *groups)
             if graph.constant_node and graph._has_constant_node(l + 1, n_layers):
                 # The constant is carried from every position to itself.
                 row = np.zeros((1, E.shape[1]), dtype=E.dtype)
@@ -401,25 +402,31 @@ def build(graph, source, names, *, edge_point, alphas=(1.0,), weights=(1.0,),
     }
 
 
-def edges_with_std(graph, source, l, V, mean, C, C_pinv, *, position_sources, **options):
-    """Edges of section l (a tensor), or ``(edges, standard errors)`` when positions are random.
+def grouped_edges(graph, source, l, V, mean, C, C_pinv, *, position_sources, **options):
+    """Edges of section l (a tensor), or ``(edges, (estimates, shares))`` when positions are random.
 
     Edges use the exact ``C_{l+1}``: only position combinations make them
     random. A live model groups them within the pass
-    (:class:`~sklearn_lib.basis._error_bars.SourceGroups`); cached Jacobians
-    hold every position (exact, 0); sources that do not group
-    (torch.distributed) show no spread (NaN).
+    (:class:`~sklearn_lib.basis._error_bars.SourceGroups`): ``estimates`` are
+    the groups' estimates of the edges ``(G, r_out, r_in)``. Cached Jacobians
+    hold every position (exact: one group, share 1); sources that do not group
+    (torch.distributed) show no spread (shares None).
     """
     m = graph.stochastic_positions
     if m is None:
         return source.edges(l, V, mean, C, C_pinv, position_sources=position_sources, **options)
     if not isinstance(source, ModelSource):
         E = source.edges(l, V, mean, C, C_pinv, position_sources=position_sources, **options)
-        return E, np.full(tuple(E.shape), 0.0 if isinstance(source, CachedSource) else np.nan)
+        exact = isinstance(source, CachedSource)
+        return E, (E.cpu().numpy()[None], [1.0] if exact else None)
     groups = SourceGroups(m)
     E = source.edges(l, V, mean, C, C_pinv, position_sources=position_sources,
                      error_groups=groups, **options)
-    shares = _shares(groups)
-    std = (np.full(tuple(E.shape), np.nan) if shares is None else
-           grouped_std(groups.estimates(E).cpu().numpy(), shares))
-    return E, std
+    return E, (groups.estimates(E).cpu().numpy(), _shares(groups))
+
+
+def edge_errors(E, estimates, shares):
+    """Standard errors of edges ``E`` from the groups' estimates (NaN without groups)."""
+    if shares is None:
+        return np.full(E.shape, np.nan)
+    return grouped_std(estimates, shares)

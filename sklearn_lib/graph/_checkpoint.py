@@ -225,7 +225,7 @@ def _decode(value, arrays, device):
 
 
 # ------------------------------------------------------------------ checkpoint
-def check_checkpoint(checkpoint, checkpoint_every, data, distributed, stochastic=False):
+def check_checkpoint(checkpoint, checkpoint_every, data, distributed):
     """Refuse what ``fit_model`` cannot checkpoint, before anything runs."""
     if checkpoint_every is not None and (checkpoint is None or not (
             isinstance(checkpoint_every, Integral) and checkpoint_every >= 1)):
@@ -242,13 +242,6 @@ def check_checkpoint(checkpoint, checkpoint_every, data, distributed, stochastic
             f"dict of arrays without 'attention_mask'), got {type(data).__name__}: "
             "shards are slices of the samples. Pass checkpoint_every=None (a checkpoint "
             "per pass) or the data as arrays."
-        )
-    if checkpoint_every is not None and stochastic:
-        raise ValueError(
-            "checkpoint_every cannot be combined with stochastic_sources or "
-            "stochastic_positions yet: the error bars' groups of random sources are not "
-            "merged across shards. Pass checkpoint_every=None (a checkpoint per pass, "
-            "which keeps them), or fit exactly."
         )
     if checkpoint is not None and distributed is not False:
         raise ValueError(
@@ -293,7 +286,18 @@ def shard_bounds(n_samples, every, batch_size):
 
 
 def _merge(kind, parts, sizes):
-    """The result of a pass from those of its shards (``sizes``: their samples)."""
+    """The result of a pass from those of its shards (``sizes``: their samples).
+
+    A stochastic pass's result comes with its error-bar groups, ``(result,
+    groups)``: every shard draws its own random sources, so group ``g`` of the
+    whole is group ``g`` of every shard, weighted like the shards' results.
+    """
+    if isinstance(parts[0], tuple):
+        merged = _merge(kind, [part[0] for part in parts], sizes)
+        if kind == "edges":
+            return merged, _merge_groups([part[1] for part in parts], sizes)
+        return merged, [_merge_groups(list(layer), sizes)
+                        for layer in zip(*(part[1] for part in parts))]
     if kind == "edges":
         # Each shard's edges are averages over its rows, which are proportional
         # to its samples (sharding is for data without padding).
@@ -302,6 +306,14 @@ def _merge(kind, parts, sizes):
     if kind == "global":
         return [merge_statistics(list(layer)) for layer in zip(*parts)]
     return merge_statistics(parts)
+
+
+def _merge_groups(groups, sizes):
+    """``(estimates, shares)`` of the whole from those of its shards (averages, like the results)."""
+    total = sum(sizes)
+    estimates = sum(np.asarray(e) * (n / total) for (e, _), n in zip(groups, sizes))
+    shares = [s for _, s in groups]
+    return estimates, None if any(s is None for s in shares) else shares[0]
 
 
 class NoCheckpoint:

@@ -622,9 +622,7 @@ class InteractionGraph(BaseEstimator):
                 )
             return source, fast
 
-        check_checkpoint(checkpoint, checkpoint_every, data, distributed,
-                         stochastic=self.stochastic_sources is not None
-                         or self.stochastic_positions is not None)
+        check_checkpoint(checkpoint, checkpoint_every, data, distributed)
         if distributed is False:
             source, fast = prepare()
         else:

@@ -6,6 +6,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from _mixers import mixer
 from numpy.testing import assert_allclose
 
 from sklearn_lib import InteractionGraph
@@ -250,16 +251,36 @@ def test_sequence_model_with_stochastic_positions(tmp_path):
                                        ref.interaction_strengths_std_, rtol=1e-12)
     for ref, loaded in zip(reference.edges_std_, again.edges_std_):
         np.testing.assert_allclose(loaded, ref, rtol=1e-12)
-    # Shards would need the groups merged across them: refused, not dropped.
-    with pytest.raises(ValueError, match="checkpoint_every cannot be combined with stochastic"):
-        InteractionGraph(**params).fit_model(net, layers, X, sequence=True,
-                                             checkpoint=tmp_path / "sharded",
-                                             checkpoint_every=10)
-    # The same checkpoint, read as rows instead of sequences: nothing applies.
-    with pytest.warns(UserWarning, match="only 30 samples"):
-        flat = InteractionGraph(**params).fit_model(net, layers, X, sequence=False,
-                                                    checkpoint=tmp_path / "ck")
-    assert {s for _, _, s in _statuses(flat)} == {"computed"}
+
+
+def test_sharded_stochastic_fit_keeps_its_error_bars(tmp_path):
+    """Every shard draws its own combinations; their groups merge like their statistics."""
+    net = mixer(2, 4)  # mixes positions: random combinations of them are noisy
+    X = torch.randn(60, 5, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    layers = ["resid", "mid"]
+    params = {"stochastic_positions": 8, "random_state": 3}
+    whole = InteractionGraph(**params).fit_model(net, layers, X, sequence=True)
+    sharded = InteractionGraph(**params).fit_model(net, layers, X, sequence=True,
+                                                   checkpoint=tmp_path / "ck",
+                                                   checkpoint_every=20)
+    again = InteractionGraph(**params).fit_model(net, layers, X, sequence=True,
+                                                 checkpoint=tmp_path / "ck", checkpoint_every=20)
+    assert {s for _, _, s in _statuses(again)} == {"loaded"}
+    _assert_same(again, sharded)
+    np.testing.assert_allclose(again.edges_std_[0], sharded.edges_std_[0], rtol=1e-12)
+    np.testing.assert_allclose(again.bases_[0].interaction_strengths_std_,
+                               sharded.bases_[0].interaction_strengths_std_, rtol=1e-12)
+    # Other draws than the unsharded fit's, but error bars of the whole data set:
+    # the same size as the unsharded fit's (a shard's alone would be sqrt(3) larger).
+    for fit in (sharded, whole):
+        assert np.all(np.isfinite(fit.bases_[0].interaction_strengths_std_))
+    ratio = (np.mean(sharded.bases_[0].interaction_strengths_std_
+                     / sharded.bases_[0].interaction_strengths_)
+             / np.mean(whole.bases_[0].interaction_strengths_std_
+                       / whole.bases_[0].interaction_strengths_))
+    assert 0.6 < ratio < 1.5, ratio
+    edge_ratio = np.mean(sharded.edges_std_[0]) / np.mean(whole.edges_std_[0])
+    assert 0.6 < edge_ratio < 1.5, edge_ratio
 
 
 def test_other_data_or_model_are_refused(tmp_path):
