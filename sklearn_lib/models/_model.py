@@ -392,7 +392,19 @@ def _row_mask(layer, mask, shape, sequence):
     n_pos, _ = _positions(tuple(shape[1:]), sequence, layer)
     width = int(mask.shape[1])
     if layer.positions is not None and len(shape) >= 3:
+        real = mask.any(1)
         mask = mask[:, _selected(layer, width, (shape[0], width))]
+        # A sequence with tokens but none at the selected positions would drop out of
+        # this layer without a word (right padding and "[-1]").
+        lost = real & ~mask.any(1)
+        if bool(lost.any()):
+            raise ValueError(
+                f"layer {spec} selects positions that are padding in {int(lost.sum())} of the "
+                f"{int(real.sum())} sequences of this batch (sequence {int(lost.nonzero()[0])} "
+                "first), which would leave them out of this layer. With right padding, "
+                "'[-1]' is padding for every shorter sequence: pad on the left "
+                "(tokenizer.padding_side = 'left'), or select positions every sequence has."
+            )
     elif n_pos == 1:
         return None
     if n_pos != mask.shape[1]:

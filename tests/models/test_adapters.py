@@ -188,7 +188,13 @@ def test_row_mask_follows_the_selected_positions(mask, positions):
         list(range(5))[positions] if isinstance(positions, slice) else
         [p % 5 for p in positions])
     shape = (n, len(index), 3)
-    rows = _row_mask(layer, None if bool(mask.all()) else mask, shape, True)
+    given = None if bool(mask.all()) else mask
+    if positions is not None and bool((mask.any(1) & ~mask[:, index].any(1)).any()):
+        # A sequence whose selected positions are all padding would drop out: refused.
+        with pytest.raises(ValueError, match="selects positions that are padding"):
+            _row_mask(layer, given, shape, True)
+        return
+    rows = _row_mask(layer, given, shape, True)
     expected = mask[:, index].reshape(-1)
     assert (expected.all() and rows is None) or torch.equal(rows, expected)
 

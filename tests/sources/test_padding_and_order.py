@@ -388,3 +388,16 @@ def test_low_precision_inputs_in_other_batches_have_the_same_fingerprint(dtype):
     other = Fingerprint()
     other.add(changed)
     assert whole.difference(other, "first", "again") is not None
+
+
+# --------------------------------------------------------------------------- selections
+def test_a_last_position_that_is_padding_is_refused_not_dropped():
+    """Right padding puts '[-1]' on padding for every shorter sequence: said, not dropped."""
+    net = _gpt2()
+    seqs = _sequences()
+    layers = ["transformer.h.0:input", "transformer.h.0[-1]"]
+    with pytest.raises(ValueError, match=r"selects positions that are padding in \d+ of the 14"):
+        InteractionGraph().fit_model(net, layers, _pad(seqs), sequence=True)
+    # Left padding puts every sequence's last token there: each sequence counts once.
+    graph = InteractionGraph().fit_model(net, layers, _pad(seqs, side="left"), sequence=True)
+    assert graph.bases_[1].n_samples_seen_ == len(seqs)
