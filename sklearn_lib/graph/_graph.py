@@ -23,23 +23,11 @@ from sklearn.utils.validation import check_is_fitted
 from ..basis._basis import InteractionBasis
 from ..basis._dask import is_dask_array
 from ..sources._cached import CachedSource
-from ..sources._distributed import DistributedSource
-from ..sources._edges import path_quadrature
-from ..sources._model_source import ModelSource
-from ..utils._backend import eval_mode, resolve_device, resolve_dtype
-from ..utils._distributed import collective, resolve_group
+from ..utils._backend import resolve_device, resolve_dtype
 from ._adjacency import layered_adjacency
 from ._chain import build
-from ._checkpoint import (
-    Checkpoint,
-    check_checkpoint,
-    data_digest,
-    known_samples,
-    model_digest,
-    shard_bounds,
-    shard_sources,
-)
 from ._io import load_graph, save_graph
+from ._model_fit import fit_from_model
 
 __all__ = ["InteractionGraph"]
 
@@ -590,71 +578,9 @@ class InteractionGraph(BaseEstimator):
         self : InteractionGraph
             The fitted graph.
         """
-        alphas, weights = path_quadrature(self.integration, self.n_alphas)
-        edge_point = "reconstructed" if self.edge_point == "auto" else self.edge_point
-        data = _frame_as_array(data)
-
-        def model_source(model=model, data=data):
-            return ModelSource(
-                model, layers, data, sequence=sequence, batch_size=self.batch_size,
-                device=resolve_device(self.device), dtype=self.dtype,
-                fast_path=self.fast_path, memory_limit=self.memory_limit,
-                verbose=self.verbose, model_dtype=self.model_dtype,
-            )
-
-        def prepare():
-            source = model_source()
-            fast = [source.structure(l, l + 1) is not None for l in range(source.n_layers - 1)]
-            if self.fast_path is True and not all(fast):
-                slow = [
-                    f"{source.specs[l].spec!r} -> {source.specs[l + 1].spec!r}"
-                    + (f" ({source.reasons[l, l + 1]})" if (l, l + 1) in source.reasons else "")
-                    for l, ok in enumerate(fast) if not ok
-                ]
-                raise ValueError(
-                    "fast_path=True needs every pair of adjacent layers to be one nn.Linear "
-                    "and/or one elementwise activation of an nn.Sequential, or the input and "
-                    "output of a block declared with declare_residual_mlp, a section "
-                    "declared with declare_attention, the MLP half of a GPT-2, GPT-NeoX or "
-                    "Llama block (its ln_2/post_attention_layernorm input to the block's "
-                    "output) or a Linear read alone; these sections "
-                    f"are not: {', '.join(slow)}. Use fast_path='auto'."
-                )
-            return source, fast
-
-        check_checkpoint(checkpoint, checkpoint_every, data, distributed)
-        if distributed is False:
-            source, fast = prepare()
-        else:
-            # A rank that fails to start must not leave the others waiting.
-            group = resolve_group(distributed)
-            source, fast = collective(group, "fit_model", prepare)
-            source = DistributedSource(source, group, {"layers": [s.spec for s in source.specs],
-                                                       "fast_path": fast})
-        names = [s.spec for s in source.specs]
-        store, n_samples = None, known_samples(data)
-        if checkpoint is not None:
-            digest, n_samples = data_digest(source.data, self.batch_size or 1024, source.dtype)
-            shards, shard_source = None, None
-            if checkpoint_every is not None:
-                shards = shard_bounds(n_samples, checkpoint_every, self.batch_size)
-                shard_source = shard_sources(source, shards, model_source)
-            store = Checkpoint(
-                checkpoint,
-                {"data": digest, "n_samples": n_samples, "model": model_digest(source.model)},
-                # fast_path changes how a pass orients its basis (closed forms may lack
-                # the signed sums), so a pass is reused only under the same setting.
-                {"sequence": bool(sequence), "dtype": str(source.dtype), "center": self.center,
-                 "fast_path": str(self.fast_path)},
-                source.device, shards=shards, shard_source=shard_source)
-        with eval_mode(source.model):
-            result = build(self, source, names, edge_point=edge_point, alphas=alphas,
-                           weights=weights, checkpoint=store, n_samples=n_samples)
-        result.update(layer_names_=names, fast_path_=fast,
-                      n_samples_seen_=source.n_samples or n_samples)
-        if store is not None:
-            result["checkpoint_log_"] = store.log
-        return self._set_fitted(result)
+        return self._set_fitted(fit_from_model(
+            self, model, layers, _frame_as_array(data), sequence=sequence,
+            distributed=distributed, checkpoint=checkpoint, checkpoint_every=checkpoint_every))
 
     @classmethod
     def from_model(cls, model, layers, data, *, sequence=False, **params):
