@@ -166,14 +166,10 @@ def detect_attention(model, a, b):
     compute something else than its class (:func:`~._overrides.override`). The
     caller checks the formula on recorded activations.
     """
-    declared = _declared(model, a, b)
-    if declared is None:
+    found = _declared_maps(model, a, b)
+    if found is None:
         return None
-    parent, entry = declared
-    try:
-        maps = [parent.get_submodule(name) for name in entry[2:6]]
-    except AttributeError:
-        return None
+    entry, maps = found
     if any(override(m) for m in (a.module, b.module)) or any(
         not is_linear(m) or m.bias is not None for m in maps
     ):
@@ -187,15 +183,20 @@ def detect_attention(model, a, b):
 def why_not_attention(model, a, b):
     """Why a declared attention section ``a -> b`` is not taken in closed form: the first
     involved module with an override (:func:`~._overrides.first_override`), or None."""
+    found = _declared_maps(model, a, b)
+    return None if found is None else first_override(model, [a.module, b.module, *found[1]])
+
+
+def _declared_maps(model, a, b):
+    """The declaration of section ``a -> b`` and its four linear maps (Q, K, V, O), or None."""
     declared = _declared(model, a, b)
     if declared is None:
         return None
     parent, entry = declared
     try:
-        maps = [parent.get_submodule(name) for name in entry[2:6]]
+        return entry, [parent.get_submodule(name) for name in entry[2:6]]
     except AttributeError:
         return None
-    return first_override(model, [a.module, b.module, *maps])
 
 
 def _position_index(positions, n_positions, device):

@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _cases import MLP_LAYERS, relu_mlp_case
 from torch import nn
 
 from sklearn_lib.cache import ActivationCache
-from sklearn_lib.collect import collect
 from sklearn_lib.graph import InteractionGraph
 
 pytest.importorskip("zarr", minversion="3")
@@ -58,19 +58,13 @@ def refused(call, error, match, harm=SilentWrong):
 
 
 # --------------------------------------------------------------------------- graph fixtures
-LAYERS = [":input", "1", "3", "4"]
+LAYERS = MLP_LAYERS
 
 
 @pytest.fixture(scope="module")
 def case():
     """Activations and Jacobians of a float64 ReLU MLP 6-8-8-4 (edges_2 is square)."""
-    torch.manual_seed(0)
-    net = nn.Sequential(
-        nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)
-    ).double()
-    X = torch.randn(150, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    acts, jacs = collect(net, LAYERS, X, verbose=False)
-    return dict(acts=[np.asarray(a) for a in acts], jacs=[np.asarray(j) for j in jacs])
+    return relu_mlp_case(150)
 
 
 @pytest.fixture(scope="module")

@@ -7,26 +7,20 @@ import re
 import numpy as np
 import pytest
 import torch
+from _cases import MLP_LAYERS, relu_mlp_case
 from _reference import assert_same_up_to_rounding
 from sklearn.base import clone
 from torch import nn
 
-from sklearn_lib.collect import collect
 from sklearn_lib.graph import InteractionGraph
 
-LAYERS = [":input", "1", "3", "4"]
+LAYERS = MLP_LAYERS
 
 
 @pytest.fixture(scope="module")
 def case():
     """Activations and Jacobians of a small float64 ReLU MLP 6-8-8-4."""
-    torch.manual_seed(0)
-    net = nn.Sequential(
-        nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)
-    ).double()
-    X = torch.randn(120, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    acts, jacs = collect(net, LAYERS, X, verbose=False)
-    return dict(acts=[np.asarray(a) for a in acts], jacs=[np.asarray(j) for j in jacs])
+    return relu_mlp_case(120)
 
 
 @pytest.fixture(scope="module")
