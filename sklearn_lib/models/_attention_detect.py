@@ -118,6 +118,9 @@ def _attention_norm(module, layout, owner, where):
 def _implementation(attn, holder, where):
     """Why the attention implementation may compute something else, or None."""
     impl = getattr(attn.config, "_attn_implementation", None)
+    if impl is None and holder is None:
+        # A block built outside a model: transformers falls back to its eager function.
+        impl = "eager"
     if impl not in _IMPLEMENTATIONS:
         return (f"{where} uses the attention implementation {impl!r}; recognised are "
                 f"{' and '.join(map(repr, _IMPLEMENTATIONS))} (load the model with "
