@@ -234,11 +234,16 @@ def _sliding_window(attn, holder, index, where):
         return f"{where} attends through a sliding window of {attn.sliding_window} keys"
     config = holder.config
     layer_types = getattr(config, "layer_types", None)
-    if layer_types is not None and index < len(layer_types) \
-            and layer_types[index] != "full_attention":
-        return f"the model's layer_types makes layer {index} a {layer_types[index]!r} layer"
-    if type(attn).__name__ == "MistralAttention" and config.sliding_window is not None:
-        return (f"{where} attends through a sliding window of {config.sliding_window} keys "
+    if layer_types is not None:
+        # Qwen2: the model masks each layer as its entry says.
+        if index < len(layer_types) and layer_types[index] != "full_attention":
+            return (f"the model's config.layer_types makes layer {index} a "
+                    f"{layer_types[index]!r} layer")
+        return None
+    # Mistral: one window, in every layer's mask, whatever the sequence length.
+    window = getattr(config, "sliding_window", None)
+    if window is not None:
+        return (f"{where} attends through a sliding window of {window} keys "
                 "(config.sliding_window), which drops keys of longer sequences")
     return None
 
@@ -395,9 +400,6 @@ def _chained(model, a, block):
     holder, index = found
     if getattr(holder, layout.blocks)[index - 1] is not a.module:
         return f"{a.name} is not the block before {type(block).__name__} {index}"
-    reason = _unsafe(getattr(holder, layout.blocks), f"{layout.model}.{layout.blocks}")
-    if reason is not None:
-        return reason
     if layout.family != "gpt2" and index >= holder.config.num_hidden_layers:
         return (f"{layout.model} runs only its first {holder.config.num_hidden_layers} "
                 "blocks")

@@ -10,6 +10,8 @@ transformers computes in float32 (relative ``1e-6``). Rotary angles and
 LlamaRMSNorm are float32 in both the model and the formula.
 """
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -204,6 +206,23 @@ def test_rotary_width_follows_rotary_pct():
         assert detect_attention_half(model.layers[0], model).section.rotary.rot_dim == rot_dim
 
 
+def _sliding_qwen2():
+    """A Qwen2 model whose layer 0 attends to all keys and layer 1 through a window."""
+    config = transformers.Qwen2Config(num_hidden_layers=2, hidden_size=D,
+                                      num_attention_heads=HEADS, num_key_value_heads=2,
+                                      intermediate_size=40, vocab_size=VOCAB,
+                                      use_sliding_window=True, sliding_window=4,
+                                      max_window_layers=1)
+    assert config.layer_types == ["full_attention", "sliding_attention"]
+    return transformers.Qwen2Model(config).double().eval()
+
+
+def test_full_attention_layer_of_a_sliding_qwen2_is_recognised():
+    model = _sliding_qwen2()
+    assert detect_attention_half(model.layers[0], model)
+    assert "sliding" in detect_attention_half(model.layers[1], model).reason
+
+
 # ------------------------------------------------------------------ refusals
 def _gpt2_block():
     model, _, _ = gpt2("sdpa")
@@ -270,11 +289,7 @@ def _flex():
 
 
 def _qwen2_sliding():
-    config = transformers.Qwen2Config(num_hidden_layers=2, hidden_size=D, num_attention_heads=HEADS,
-                                      num_key_value_heads=2, intermediate_size=40,
-                                      vocab_size=VOCAB, use_sliding_window=True, sliding_window=4,
-                                      max_window_layers=1)
-    model = transformers.Qwen2Model(config).double().eval()
+    model = _sliding_qwen2()
     return model.layers[1], model
 
 
@@ -301,6 +316,25 @@ def _neox_parallel():
     return model.layers[0], model
 
 
+def _llama_attention_training():
+    block, model = _llama_model(attention_dropout=0.1)
+    block.self_attn.train()
+    return block, model
+
+
+def _kernelized():
+    block, model = _llama_model()
+    model._use_kernels = True
+    return block, model
+
+
+def _masks_for_another_implementation():
+    block, model = _llama_model()
+    block.self_attn.config = copy.deepcopy(model.config)
+    block.self_attn.config._attn_implementation = "eager"
+    return block, model
+
+
 REFUSED = {
     "block forward hook": (_hooked(""), "hook"),
     "ln_1 pre-hook": (_hooked("ln_1", "pre"), "hook"),
@@ -310,6 +344,9 @@ REFUSED = {
     "instance forward on attn": (_instance_forward("attn"), "instance"),
     "attention subclass": (_subclass, "not the GPT2Attention"),
     "attention dropout in training": (_training, "training"),
+    "llama attention dropout in training": (_llama_attention_training, "training"),
+    "kernelized model": (_kernelized, "kernelized"),
+    "masks for another implementation": (_masks_for_another_implementation, "masks"),
     "neox parallel residual": (_neox_parallel, "parallel"),
     "dynamic rope": (lambda: _llama_model(rope_parameters={
         "rope_type": "dynamic", "factor": 2.0, "rope_theta": 100.0}), "'dynamic'"),
