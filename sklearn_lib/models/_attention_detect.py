@@ -163,6 +163,8 @@ def _projections(attn, family, where):
         (w, b), (w_o, b_o) = found
         d_head = attn.head_size
         n_heads = n_kv = w.shape[0] // (3 * d_head)
+        if w.shape[0] != 3 * n_heads * d_head or (b is not None and b.shape != w.shape[:1]):
+            return None, f"{where}'s projections have widths that do not make its heads"
         # query_key_value's outputs are per head [q_h | k_h | v_h] (view(..., H, 3 d_head)).
         ws = [p.reshape(n_heads * d_head, -1) for p in w.view(n_heads, 3, d_head, -1).unbind(1)]
         bs = ((None,) * 3 if b is None
@@ -419,10 +421,12 @@ def _section(model, a, b):
     match = detect_attention_half(block, model)
     if not match:
         return None, match.reason
-    if previous:
+    # The recorded ends: a hook there may change the value the next module receives.
+    reason = _unsafe(b.module, b.name)
+    if reason is None and previous:
         reason = _unsafe(a.module, a.name) or _chained(model, a, block)
-        if reason is not None:
-            return None, reason
+    if reason is not None:
+        return None, reason
     return match.section, None
 
 

@@ -167,6 +167,21 @@ def test_section_matches_the_model(name, impl, start):
 
 
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("name", ["gpt2", "neox rotary_pct 0.25", "llama gqa attention_bias",
+                                  "qwen2"])
+def test_float32_model_passes_the_rounding_check(name, impl):
+    # In float32 the eager float32 softmax is the model's own dtype: the recorded rows are
+    # the formula to rounding (NormAttention.mismatch, 1e3 eps), as verification requires.
+    model, blocks, norm2 = _make(name, impl)
+    model = model.float()
+    a, b = _parse_layers(model, [f"{blocks}.0", f"{blocks}.1.{norm2}:input"], "output")
+    section = attention_half_section(model, a, b)
+    X, Y = _record(model, a, b, _ids())
+    assert X.dtype == torch.float32
+    assert section.mismatch(X, Y) is None
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("name", ["gpt2", "neox rotary_pct 0.25", "llama gqa attention_bias",
                                   "qwen2"])
@@ -416,6 +431,9 @@ def test_why_not_names_the_obstacle():
     a, b = _parse_layers(model, ["transformer.h.0", "transformer.h.1.ln_2:input"], "output")
     handle = model.transformer.h[1].attn.register_forward_hook(lambda m, i, o: o)
     assert attention_half_section(model, a, b) is None
+    assert "hook" in why_not_attention_half(model, a, b)
+    handle.remove()
+    handle = model.transformer.h[1].ln_2.register_forward_pre_hook(lambda m, i: i)
     assert "hook" in why_not_attention_half(model, a, b)
     handle.remove()
     model.transformer.h[0].register_forward_hook(lambda m, i, o: 2 * o)
