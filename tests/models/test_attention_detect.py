@@ -18,12 +18,12 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
-from sklearn_lib.models._attention_detect import (  # noqa: E402
+from sklearn_lib.models._attention_detect import (
     attention_half_section,
     detect_attention_half,
     why_not_attention_half,
 )
-from sklearn_lib.models._model import _parse_layers  # noqa: E402
+from sklearn_lib.models._model import _parse_layers
 
 D, HEADS, VOCAB, T = 32, 4, 30, 7
 TOL = 1e-12
