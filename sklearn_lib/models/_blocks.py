@@ -263,6 +263,48 @@ class NormMLP:
             out.baddbmm_((w @ A.T)[:, :, None], (e @ right)[:, None, :], alpha=-1)
         return out
 
+    def combined_attributions(self, state, factors, Z, signs):
+        """Attributions of random combinations of output positions: (B, m, k, r).
+
+        ``g_j = sum_t s_jt (V^T J_t right) diag(z_t)`` for each sample's
+        combination ``j`` of its ``T`` positions (signs ``s`` (B, m, T), rows of
+        ``state`` and ``Z`` (B T, r) sample-major), the part of output
+        coordinate ``i`` of the combined positions that input direction ``l``
+        accounts for. The section is row-wise (``J_tu = 0`` for ``t != u``),
+        so with ``V^T J_t right = A0 + A diag(t_t) B - (A w_t)(e_t^T right)``
+        (:meth:`edge_factors`)
+
+            ``g_j = A0 diag(sum_t s_jt z_t) + A (Q_j * B - W_j)``,
+
+        ``Q_j = sum_t s_jt t_t z_t^T`` and ``W_j = sum_t s_jt w_t ((e_t^T
+        right) * z_t)^T`` (d_s, r): per sample O(m d_s r (2 T + k)) instead of
+        the O(T k d_s r) of :meth:`edge_jacobians`. Both are linear in the
+        state, so a weighted sum of states (a path average) enters as it is,
+        each of its rank-one terms with its weight.
+        """
+        A, B, A0, right = factors
+        n, m, T = signs.shape
+        d_s, r = B.shape
+        if state.t.shape[0] != n * T or Z.shape != (n * T, r):
+            raise ValueError(
+                f"combined attributions need the rows of {n} samples of {T} positions each "
+                f"(signs {tuple(signs.shape)}) and coordinates of width {r}: got "
+                f"{state.t.shape[0]} rows of the state and coordinates {tuple(Z.shape)}.")
+        # The signs as (B, T, m, 1): a sample's positions sum out in one batched GEMM
+        # whose right factor holds its m combinations side by side.
+        s = signs.transpose(1, 2).contiguous()[..., None]
+        Z_rows = Z.view(n, T, 1, r)
+        M = torch.bmm(state.t.view(n, T, d_s).transpose(1, 2), (s * Z_rows).view(n, T, m * r))
+        M = M.view(n, d_s, m, r).mul_(B[None, :, None, :])
+        for w, e in state.rank_one:
+            ez = (e @ right).view(n, T, 1, r) * Z_rows
+            M.view(n, d_s, m * r).baddbmm_(w.view(n, T, d_s).transpose(1, 2),
+                                           (s * ez).view(n, T, m * r), alpha=-1)
+        out = torch.matmul(A, M.view(n, d_s, m * r)).view(n, -1, m, r).transpose(1, 2)
+        if A0 is not None:
+            out.add_(A0[None, None] * torch.bmm(signs, Z.view(n, T, r))[:, :, None, :])
+        return out
+
 
 class ScatterAccumulator:
     """``sum_x (V^T J_x)^T (V^T J_x)`` of a :class:`NormMLP`, batch by batch.
