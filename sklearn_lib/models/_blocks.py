@@ -29,6 +29,9 @@ directions, where vector-Jacobian products cost O(k d d_s). The sums that
 involve ``K`` need ``V`` while the rows are read (:class:`ScatterAccumulator`).
 The Jacobian between basis coordinates is ``V^T J_x R = rho V^T R + A diag(t_x)
 (W_c R) - (A w_x)(e_x^T R)``: one GEMM per batch plus a rank-one update.
+Random ±1 combinations of a sample's positions (``stochastic_positions``) need
+no such matrix per row: the section is row-wise, so their attributions are sums
+over the rows of ``(d_s, r)`` matrices (:meth:`NormMLP.combined_attributions`).
 
 :func:`~sklearn_lib.models._block_detect.detect_block` recognises the
 transformers modules whose code computes such a section, with the layers it

@@ -532,7 +532,12 @@ class ModelSource(StreamedProducts):
         With ``position_sources``, the vector-Jacobian products combine the real
         output positions at random, as in :meth:`jacobian_stats`: the sum
         of squares over output positions is then estimated without bias
-        (``E[(sum_t s_t a_t)^2] = sum_t a_t^2``), the constant node's too.
+        (``E[(sum_t s_t a_t)^2] = sum_t a_t^2``), the constant node's too. A
+        transformer block's MLP half in closed form combines its positions
+        alike, with the same signs
+        (:meth:`~sklearn_lib.models._blocks.NormMLP.combined_attributions`, per
+        sample O(m d_s r (2 P + k)) instead of the exact O(P k d_s r)); the
+        other closed forms and declared attention stay exact.
         ``error_groups`` keeps the squares of the random combinations by group as well.
         """
         st = self.structure(l, l + 1)
