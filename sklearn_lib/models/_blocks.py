@@ -293,20 +293,23 @@ class NormMLP:
                 f"combined attributions need the rows of {n} samples of {T} positions each "
                 f"(signs {tuple(signs.shape)}) and coordinates of width {r}: got "
                 f"{state.t.shape[0]} rows of the state and coordinates {tuple(Z.shape)}.")
-        # The signs as (B, T, m, 1): a sample's positions sum out in one batched GEMM
-        # whose right factor holds its m combinations side by side.
+        # Everything is formed transposed, (r, d_s) per combination, so that the
+        # product with A is one GEMM over all samples and combinations.
+        # Signed coordinates (B, T, m r): a sample's positions sum out in one
+        # batched GEMM whose right factor holds its m combinations side by side.
         s = signs.transpose(1, 2).contiguous()[..., None]
-        Z_rows = Z.view(n, T, 1, r)
-        M = torch.bmm(state.t.view(n, T, d_s).transpose(1, 2), (s * Z_rows).view(n, T, m * r))
-        M = M.view(n, d_s, m, r).mul_(B[None, :, None, :])
+        Z_rows = Z.reshape(n, T, 1, r)
+        M = torch.bmm((s * Z_rows).view(n, T, m * r).transpose(1, 2),
+                      state.t.reshape(n, T, d_s))
+        M.view(n, m, r, d_s).mul_(B.T)
         for w, e in state.rank_one:
             ez = (e @ right).view(n, T, 1, r) * Z_rows
-            M.view(n, d_s, m * r).baddbmm_(w.view(n, T, d_s).transpose(1, 2),
-                                           (s * ez).view(n, T, m * r), alpha=-1)
-        out = torch.matmul(A, M.view(n, d_s, m * r)).view(n, -1, m, r).transpose(1, 2)
+            M.baddbmm_((s * ez).view(n, T, m * r).transpose(1, 2), w.reshape(n, T, d_s),
+                       alpha=-1)
+        out = (M.view(n * m * r, d_s) @ A.T).view(n, m, r, -1)
         if A0 is not None:
-            out.add_(A0[None, None] * torch.bmm(signs, Z.view(n, T, r))[:, :, None, :])
-        return out
+            out.add_(A0.T * torch.bmm(signs, Z.reshape(n, T, r))[..., None])
+        return out.transpose(2, 3)
 
 
 class ScatterAccumulator:

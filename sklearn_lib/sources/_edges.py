@@ -159,9 +159,9 @@ def accumulate_attributions(total, attribution, *, constant=None, Z_out=None, gr
         return total
     # Summed over samples only: one row per direction q = j r_out + i.
     r_out, r_in = attribution.shape[2:]
-    squares = attribution.square_().sum(0).view(-1, r_in)
+    squares = attribution.square_().sum(0).reshape(-1, r_in)
     if residual is not None:
-        residual = residual.sum(0).view(-1)
+        residual = residual.sum(0).reshape(-1)
         constant += residual.view(-1, r_out).sum(0)
     _add_to_groups(groups, squares, residual, 0, r_out)
     total += squares.view(-1, r_out, r_in).sum(0)
