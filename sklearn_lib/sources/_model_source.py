@@ -558,16 +558,16 @@ class ModelSource(StreamedProducts):
             factors = st.edge_factors(V, C_pinv.T)
             # A row-wise block combines its positions in closed form, like the products.
             combine = position_sources is not None and hasattr(st, "combined_attributions")
-            # The two edge-GEMM buffers (with combinations: (d_s, r) and (k, r) per
-            # combination, their signed coordinates per row), plus the activation's
-            # copies and derivatives (a block's hidden rows, one set per path point,
-            # are wider than the layer).
+            # The two edge-GEMM buffers (with combinations: (r, d_s) and twice (r, k)
+            # per combination, and twice its signed coordinates per row), plus the
+            # activation's copies and derivatives (a block's hidden rows, one set per
+            # path point, are wider than the layer).
             d_s = factors[0].shape[1]
             work = self.positions[l] * (8 * self.widths[l]
                                         + 4 * len(alphas) * getattr(st, "d_hidden", 0))
             if combine:
                 m = position_sources.m
-                work += m * (r * (2 * d_s + k) + 2 * self.positions[l] * r)
+                work += m * r * (d_s + 2 * k + 2 * self.positions[l])
             else:
                 work += self.positions[l] * k * (d_s + r)
             per_sample = self._footprint(l, work)
