@@ -157,8 +157,8 @@ def _padded():
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def _source(model, data, fast_path):
-    return ModelSource(model, LAYERS, data, sequence=True, batch_size=4, device=None,
+def _source(model, data, fast_path, layers=LAYERS):
+    return ModelSource(model, layers, data, sequence=True, batch_size=4, device=None,
                        dtype="float64", fast_path=fast_path, verbose=False)
 
 
@@ -197,6 +197,13 @@ def test_closed_form_draws_the_products_signs(gpt2, padding, integration):
     # Exact positions: unchanged.
     assert _rel(_edges(auto, None, 0, integration)[0],
                 _edges(generic, None, 0, integration)[0]) < 1e-10
+
+
+def test_one_output_position_stays_exact(gpt2):
+    source = _source(gpt2, _ids(), "auto", [layer + "[-1]" for layer in LAYERS])
+    assert isinstance(source.structure(0, 1), NormMLP) and source.positions == [1, 1]
+    E, groups = _edges(source, 3, 11)
+    assert torch.equal(E, _edges(source, None, 0)[0]) and groups.sums is None
 
 
 def test_combined_edges_are_unbiased_within_their_error_bars(gpt2):
