@@ -29,6 +29,9 @@ directions, where vector-Jacobian products cost O(k d d_s). The sums that
 involve ``K`` need ``V`` while the rows are read (:class:`ScatterAccumulator`).
 The Jacobian between basis coordinates is ``V^T J_x R = rho V^T R + A diag(t_x)
 (W_c R) - (A w_x)(e_x^T R)``: one GEMM per batch plus a rank-one update.
+Random ±1 combinations of a sample's positions (``stochastic_positions``) need
+no such matrix per row: the section is row-wise, so their attributions are sums
+over the rows of ``(d_s, r)`` matrices (:meth:`NormMLP.combined_attributions`).
 
 :func:`~sklearn_lib.models._block_detect.detect_block` recognises the
 transformers modules whose code computes such a section, with the layers it
@@ -262,6 +265,51 @@ class NormMLP:
         for w, e in state.rank_one:
             out.baddbmm_((w @ A.T)[:, :, None], (e @ right)[:, None, :], alpha=-1)
         return out
+
+    def combined_attributions(self, state, factors, Z, signs):
+        """Attributions of random combinations of output positions: (B, m, k, r).
+
+        ``g_j = sum_t s_jt (V^T J_t right) diag(z_t)`` for each sample's
+        combination ``j`` of its ``T`` positions (signs ``s`` (B, m, T), rows of
+        ``state`` and ``Z`` (B T, r) sample-major), the part of output
+        coordinate ``i`` of the combined positions that input direction ``l``
+        accounts for. The section is row-wise (``J_tu = 0`` for ``t != u``),
+        so with ``V^T J_t right = A0 + A diag(t_t) B - (A w_t)(e_t^T right)``
+        (:meth:`edge_factors`)
+
+            ``g_j = A0 diag(sum_t s_jt z_t) + A (Q_j * B - W_j)``,
+
+        ``Q_j = sum_t s_jt t_t z_t^T`` and ``W_j = sum_t s_jt w_t ((e_t^T
+        right) * z_t)^T`` (d_s, r): per sample O(m d_s r (2 T + k)) instead of
+        the O(T k d_s r) of :meth:`edge_jacobians`. Both are linear in the
+        state, so a weighted sum of states (a path average) enters as it is,
+        each of its rank-one terms with its weight.
+        """
+        A, B, A0, right = factors
+        n, m, T = signs.shape
+        d_s, r = B.shape
+        if state.t.shape[0] != n * T or Z.shape != (n * T, r):
+            raise ValueError(
+                f"combined attributions need the rows of {n} samples of {T} positions each "
+                f"(signs {tuple(signs.shape)}) and coordinates of width {r}: got "
+                f"{state.t.shape[0]} rows of the state and coordinates {tuple(Z.shape)}.")
+        # Everything is formed transposed, (r, d_s) per combination, so that the
+        # product with A is one GEMM over all samples and combinations.
+        # Signed coordinates (B, T, m r): a sample's positions sum out in one
+        # batched GEMM whose right factor holds its m combinations side by side.
+        s = signs.transpose(1, 2).contiguous()[..., None]
+        Z_rows = Z.reshape(n, T, 1, r)
+        M = torch.bmm((s * Z_rows).view(n, T, m * r).transpose(1, 2),
+                      state.t.reshape(n, T, d_s))
+        M.view(n, m, r, d_s).mul_(B.T)
+        for w, e in state.rank_one:
+            ez = (e @ right).view(n, T, 1, r) * Z_rows
+            M.baddbmm_((s * ez).view(n, T, m * r).transpose(1, 2), w.reshape(n, T, d_s),
+                       alpha=-1)
+        out = (M.view(n * m * r, d_s) @ A.T).view(n, m, r, -1)
+        if A0 is not None:
+            out.add_(A0.T * torch.bmm(signs, Z.reshape(n, T, r))[..., None])
+        return out.transpose(2, 3)
 
 
 class ScatterAccumulator:

@@ -132,7 +132,7 @@ def accumulate_edges(total, J_tilde, Z, n_positions=1, n_source_positions=1, *,
     )
 
 
-def accumulate_attributions(total, attribution, *, constant=None, Z_out=None):
+def accumulate_attributions(total, attribution, *, constant=None, Z_out=None, groups=None):
     """Add the squared ``attribution`` (N, P_out, r_out, r_in) to ``total`` (r_out, r_in).
 
     ``attribution[x, t, i, j] = sum_s J_tilde_x[(t, i), (s, j)] z_x[s, j]``, the
@@ -143,12 +143,39 @@ def accumulate_attributions(total, attribution, *, constant=None, Z_out=None):
     the squared part of the output coordinates ``Z_out`` (the next layer's basis
     coordinates at the edge point, one row per (sample, output position) pair,
     (N P_out, r_out)) that the input directions' attributions leave unexplained.
+
+    With ``groups`` (a :class:`~sklearn_lib.basis._error_bars.SourceGroups`),
+    the second axis holds random combinations of output positions instead
+    (``P_out = m``, combination ``j``, with ``Z_out`` combined alike): their
+    squares are added by group too, as :func:`accumulate_edge_chunk` adds them.
     """
+    residual = None
     if constant is not None:
-        residual = Z_out.reshape(attribution.shape[:3]) - attribution.sum(-1)
-        constant += residual.square_().sum((0, 1))
-    total += attribution.square_().sum((0, 1))
+        residual = (Z_out.reshape(attribution.shape[:3]) - attribution.sum(-1)).square_()
+    if groups is None:
+        if residual is not None:
+            constant += residual.sum((0, 1))
+        total += attribution.square_().sum((0, 1))
+        return total
+    # Summed over samples only: one row per direction q = j r_out + i.
+    r_out, r_in = attribution.shape[2:]
+    squares = attribution.square_().sum(0).reshape(-1, r_in)
+    if residual is not None:
+        residual = residual.sum(0).reshape(-1)
+        constant += residual.view(-1, r_out).sum(0)
+    _add_to_groups(groups, squares, residual, 0, r_out)
+    total += squares.view(-1, r_out, r_in).sum(0)
     return total
+
+
+def _add_to_groups(groups, squares, residual, start, r_out):
+    """Add the squares ``(c, r_in)`` of directions ``start:start + c`` to their groups.
+
+    The constant node's squares ``residual`` (c,) (None without it) go in a last column.
+    """
+    if residual is not None:
+        squares = torch.cat([squares, residual[:, None]], 1)
+    groups.add_rows(squares, start, r_out)
 
 
 def accumulate_edge_chunk(total, J_tilde, Z, start, n_samples, *, constant=None, Z_out=None,
@@ -177,9 +204,7 @@ def accumulate_edge_chunk(total, J_tilde, Z, start, n_samples, *, constant=None,
         residual = (Z_out.T - attribution.sum(-1)).square_().sum(1)
         constant.index_add_(0, rows, residual)
     squares = attribution.square_().sum(1)
-    if groups is not None and residual is not None:
-        squares = torch.cat([squares, residual[:, None]], 1)
     if groups is not None:
-        groups.add_rows(squares, start, total.shape[0])
-    total.index_add_(0, rows, squares[:, :total.shape[1]])
+        _add_to_groups(groups, squares, residual, start, total.shape[0])
+    total.index_add_(0, rows, squares)
     return total

@@ -532,7 +532,12 @@ class ModelSource(StreamedProducts):
         With ``position_sources``, the vector-Jacobian products combine the real
         output positions at random, as in :meth:`jacobian_stats`: the sum
         of squares over output positions is then estimated without bias
-        (``E[(sum_t s_t a_t)^2] = sum_t a_t^2``), the constant node's too.
+        (``E[(sum_t s_t a_t)^2] = sum_t a_t^2``), the constant node's too. A
+        transformer block's MLP half in closed form combines its positions
+        alike, with the same signs
+        (:meth:`~sklearn_lib.models._blocks.NormMLP.combined_attributions`, per
+        sample O(m d_s r (2 P + k)) instead of the exact O(P k d_s r)); the
+        other closed forms and declared attention stay exact.
         ``error_groups`` keeps the squares of the random combinations by group as well.
         """
         st = self.structure(l, l + 1)
@@ -541,7 +546,7 @@ class ModelSource(StreamedProducts):
         E, constant = E_all[:, :C.shape[1]], (None if out_mean is None else E_all[:, -1])
         count, workspace = 0, Workspace()
         k, r = V.shape[1], C.shape[1]
-        attention = None
+        attention, combine = None, False
         if isinstance(st, CausalAttention):
             attention, st = st, None
         if attention is not None:
@@ -551,10 +556,20 @@ class ModelSource(StreamedProducts):
             per_sample = self._footprint(l, work)
         elif st is not None:
             factors = st.edge_factors(V, C_pinv.T)
-            # The two edge-GEMM buffers, plus the activation's copies and derivatives
-            # (a block's hidden rows, one set per path point, are wider than the layer).
-            work = self.positions[l] * (k * (factors[0].shape[1] + r) + 8 * self.widths[l]
+            # A row-wise block combines its positions in closed form, like the products.
+            combine = position_sources is not None and hasattr(st, "combined_attributions")
+            # The two edge-GEMM buffers (with combinations: (r, d_s) and twice (r, k)
+            # per combination, and twice its signed coordinates per row), plus the
+            # activation's copies and derivatives (a block's hidden rows, one set per
+            # path point, are wider than the layer).
+            d_s = factors[0].shape[1]
+            work = self.positions[l] * (8 * self.widths[l]
                                         + 4 * len(alphas) * getattr(st, "d_hidden", 0))
+            if combine:
+                m = position_sources.m
+                work += m * r * (d_s + 2 * k + 2 * self.positions[l])
+            else:
+                work += self.positions[l] * k * (d_s + r)
             per_sample = self._footprint(l, work)
         size = None
         if attention is None and st is None:
@@ -570,8 +585,8 @@ class ModelSource(StreamedProducts):
             keep_in = self._real_rows(x, l, act.shape)
             Z = _zero_padded((X - mean) @ C, keep_in)
             points = path_points(X, mean, C, C_pinv, edge_point, alphas)
-            signs = None if attention is not None or st is not None else self._signs(
-                position_sources, x, l + 1)
+            signs = None if attention is not None or (st is not None and not combine) else (
+                self._signs(position_sources, x, l + 1))
             Z_out = None
             if constant is not None:
                 end = next(path_points(X, mean, C, C_pinv, edge_point, [1.0]))
@@ -593,7 +608,13 @@ class ModelSource(StreamedProducts):
                 for w, p in zip(weights, points):
                     s = st.derivative(p)
                     s_bar = s.mul_(w) if s_bar is None else s_bar.add_(s, alpha=w)
-                if isinstance(st, LinearReadout):
+                n_pos = X.shape[0] // n_x
+                if signs is not None and n_pos > 1:
+                    # Random combinations of the positions, their signs those of Z_out.
+                    Y = st.combined_attributions(s_bar, factors, Z, signs(n_pos))
+                    accumulate_attributions(E, Y, constant=constant, Z_out=Z_out,
+                                            groups=error_groups)
+                elif isinstance(st, LinearReadout):
                     # The same Jacobian at every row: no (rows, k, r) tensor.
                     st.accumulate_edges(E, s_bar, factors, Z, constant=constant, Z_out=Z_out)
                 else:
