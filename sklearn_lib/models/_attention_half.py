@@ -9,8 +9,13 @@ softmax_s(scale q^h_t . k^g_s)`` over the keys ``s`` the causal mask and the
 batch's padding leave. This covers the attention halves of GPT-2 (LayerNorm,
 biases), GPT-NeoX (LayerNorm, biases, partial rotary) and Llama (RMSNorm, no
 biases, rotary, grouped-query heads) as transformers computes them.
+
+:meth:`NormAttention.products` gives the section's vector-Jacobian products
+``V^T J`` in closed form (:class:`AttentionProducts`), with the interface of
+:class:`~sklearn_lib.models._vjp.SectionProducts`.
 """
 
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +23,7 @@ import torch
 from ._elementwise import formula_mismatch
 from ._norms import Norm
 
-__all__ = ["NormAttention", "Rotary"]
+__all__ = ["AttentionProducts", "NormAttention", "Rotary"]
 
 
 @dataclass
@@ -198,3 +203,313 @@ class NormAttention:
             keep = key_mask.bool()
             return formula_mismatch(lambda t: self.forward(t, key_mask)[keep], X, Y[keep])
         return formula_mismatch(self.forward, X, Y)
+
+    def products(self, points, V, *, weights=None, signs=None, key_mask=None,
+                 memory=2**28):
+        """The products ``V^T J`` at ``points``, in closed form: an :class:`AttentionProducts`."""
+        return AttentionProducts(self, points, V, weights=weights, signs=signs,
+                                 key_mask=key_mask, memory=memory)
+
+
+def _rotate_back(x, cos, sin, rot_dim):
+    """``R^T x`` over the last axis, ``R`` the rotary map of :meth:`Rotary.apply` at ``cos, sin``.
+
+    ``R = C + J S`` with ``J`` the rotation by a half turn of each pair of
+    features ``(i, i + rot_dim / 2)``, which commutes with the diagonals ``C``,
+    ``S`` and has ``J^T = -J``; so ``R^T x = x cos - J x sin``. ``x`` and
+    ``cos, sin`` broadcast against each other.
+    """
+    half = rot_dim // 2
+    x_rot = x[..., :rot_dim]
+    rotated = torch.cat([-x_rot[..., half:], x_rot[..., :half]], -1)
+    head = x_rot * cos - rotated * sin  # broadcast: cos may hold more positions than x
+    return torch.cat([head, x[..., rot_dim:].expand(*head.shape[:-1], -1)], -1)
+
+
+def _outer_sum(A, x, y, lo, hi, step):
+    """``sum_u A[h, s, u] x[h, u] y[h, u]^T`` over ``u`` in ``lo:hi``, ``step`` at a time.
+
+    ``A`` (H, R, T), ``x``, ``y`` (H, T, e): one GEMM per chunk of ``u`` on the
+    flattened outer products, which are never held for all ``u`` at once.
+    Returns (H, R, e, e).
+    """
+    H, R, _ = A.shape
+    e = x.shape[-1]
+    total = A.new_zeros(H, R, e * e)
+    for u0 in range(lo, hi, step):
+        u1 = min(u0 + step, hi)
+        outer = (x[:, u0:u1, :, None] * y[:, u0:u1, None, :]).reshape(H, u1 - u0, e * e)
+        total.baddbmm_(A[:, :, u0:u1], outer)
+    return total.view(H, R, e, e)
+
+
+class AttentionProducts:
+    """The products ``V^T J`` of a :class:`NormAttention` section, chunk by chunk.
+
+    The interface of :class:`~sklearn_lib.models._vjp.SectionProducts`
+    (direction ``q = t k + c`` is output position ``t`` times column ``c`` of
+    ``V``; with ``signs`` (B, m, T), ``q = j k + c`` is combination ``j``'s
+    signs over the output positions times column ``c``), computed from the
+    forward quantities of :meth:`NormAttention.attend` without autograd.
+
+    With the cotangent ``w_t = r_t c`` over the output positions, ``e^h =
+    W_O^{hT} c``, head ``h``'s weights ``A`` and output ``o = A v``, and
+    ``q, k`` after the rotary map, the cotangents of head ``h``'s inputs at
+    position ``s`` are ``dv_s = a_s e`` (``a_s = sum_t r_t A_ts``), ``dq_s =
+    r_s scale R_s^T Zq_s^T e`` with ``Zq_s = sum_u A_su v_u k_u^T - o_s
+    kappa_s^T`` (``kappa_s = sum_u A_su k_u``) and ``dk_s = scale R_s^T Zk_s^T
+    e`` with ``Zk_s = v_s rho_s^T - sum_t r_t A_ts o_t q_t^T`` (``rho_s = sum_t
+    r_t A_ts q_t``). With ``E = V^T W_O`` (k, H d_head) and the norm's gain
+    and centring folded into the weights (``W_c = W diag(gamma) (I - 1 1^T /
+    d)``; no centring for RMSNorm), the products at input position ``s`` are
+    ``r_s V^T + (E Y_s + sum_h a^h_s E^h W_V^h) (I - xhat_s xhat_s^T / d) /
+    sigma_s`` where ``Y_s`` (H d_head, d) stacks ``scale (r_s Zq_s R_s W_Q +
+    Zk_s R_s W_K)`` of every head: one GEMM ``E @ Y`` per chunk of input
+    positions. For exact positions (``r`` one-hot at ``t``) ``Zk_s = A_ts (v_s
+    - o_t) q_t^T`` has rank one and ``Zq`` enters at ``s = t`` only, so each
+    input position costs ``O(H k d)`` per output position instead.
+
+    Temporaries are bounded by ``memory`` bytes by processing the input
+    positions of one sample at a time in chunks (at least one position).
+
+    Parameters
+    ----------
+    section : NormAttention
+    points : list of torch.Tensor
+        Inputs (B, T, d) at which to take the products (e.g. the points of an
+        integration path); the products are their weighted sum.
+    V : torch.Tensor
+        (d_out, k) cotangent directions.
+    weights : list of float, optional
+        One per point; None means 1 each.
+    signs : torch.Tensor, optional
+        (B, m, T) combinations of output positions; None means exact positions.
+    key_mask : torch.Tensor, optional
+        (B, T) bool, True at real positions: padded keys get weight 0.
+    memory : int, default=2**28
+        Bytes the temporaries of a chunk may hold (a target: one input
+        position's are always allowed).
+
+    Attributes
+    ----------
+    n_vectors, k, p_in, d_in, p_out, d_out, batch : int
+        Directions (``m k`` or ``T k``), columns of ``V``, positions and widths,
+        samples.
+    signs : torch.Tensor or None
+    out_shape : tuple
+        ``(T, d_out)``.
+    """
+
+    def __init__(self, section, points, V, *, weights=None, signs=None, key_mask=None,
+                 memory=2**28):
+        self.section = section
+        points = list(points)
+        if not points:
+            raise ValueError("points must hold at least one tensor (B, T, d), got none.")
+        X = points[0]
+        if X.ndim != 3 or X.shape[2] != section.d_in:
+            raise ValueError(f"points must be (B, T, {section.d_in}), got shape "
+                             f"{tuple(X.shape)}.")
+        for p in points[1:]:
+            if p.shape != X.shape:
+                raise ValueError(f"every point must have the first one's shape {tuple(X.shape)}"
+                                 f", got {tuple(p.shape)}.")
+        self.weights = [1.0] * len(points) if weights is None else [float(w) for w in weights]
+        if len(self.weights) != len(points):
+            raise ValueError(f"weights must hold one number per point ({len(points)}), got "
+                             f"{len(self.weights)}.")
+        self.batch, self.p_in, self.d_in = X.shape
+        self.p_out, self.d_out = self.p_in, section.d_out
+        self.out_shape = (self.p_out, self.d_out)
+        dtype, device = X.dtype, X.device
+        V = torch.as_tensor(V, dtype=dtype, device=device)
+        if V.ndim != 2 or V.shape[0] != self.d_out:
+            raise ValueError(f"V must be (d_out, k) = ({self.d_out}, k), got shape "
+                             f"{tuple(V.shape)}.")
+        self.k = V.shape[1]
+        if signs is not None and (signs.ndim != 3 or signs.shape[0] != self.batch
+                                  or signs.shape[2] != self.p_out):
+            raise ValueError(f"signs must be (B, m, T) = ({self.batch}, m, {self.p_out}), got "
+                             f"shape {tuple(signs.shape)}.")
+        if key_mask is not None and tuple(key_mask.shape) != (self.batch, self.p_in):
+            raise ValueError(f"key_mask must be (B, T) = ({self.batch}, {self.p_in}), got shape "
+                             f"{tuple(key_mask.shape)}.")
+        if section.residual and self.d_in != self.d_out:
+            raise ValueError(f"a residual section needs d_in == d_out, got {self.d_in} and "
+                             f"{self.d_out}.")
+        self.signs = None if signs is None else signs.to(dtype=dtype, device=device)
+        self.n_vectors = self.k * (self.p_out if signs is None else self.signs.shape[1])
+        self.memory = int(memory)
+        self._itemsize = torch.finfo(dtype).bits // 8
+        self._Vt = V.T.contiguous()
+        self._E = (self._Vt @ section.w_o).contiguous()  # (k, H d_head)
+        with torch.no_grad():
+            self._fold_weights()
+            self._states = [self._state(p, key_mask) for p in points]
+
+    def _fold_weights(self):
+        """Per-head weights (H, d_head, d) with the norm's gain and centring folded in."""
+        sec = self.section
+        H, G, e = sec.n_heads, sec.n_kv_heads, sec.d_head
+        rep = H // G
+
+        def fold(w):
+            if sec.norm is None:
+                return w
+            if sec.norm.weight is not None:
+                w = w * sec.norm.weight[None, :]
+            return w - w.mean(1, keepdim=True) if sec.norm.kind == "layer" else w
+
+        self._Wq = fold(sec.w_q).reshape(H, e, -1)
+        self._Wk = fold(sec.w_k).reshape(G, e, -1).repeat_interleave(rep, 0)
+        self._Wv = fold(sec.w_v).reshape(G, e, -1).repeat_interleave(rep, 0)
+        self._Wqk = torch.cat([self._Wq, self._Wk], 1)  # (H, 2 d_head, d)
+
+    def _state(self, X, key_mask):
+        """The forward quantities of one point, keys and values repeated to every query head."""
+        sec = self.section
+        st = sec.attend(X, key_mask)
+        rep = sec.n_heads // sec.n_kv_heads
+        for name in ("k", "v"):
+            st[name] = st[name].repeat_interleave(rep, dim=1) if rep > 1 else st[name]
+        st["kappa"] = st["a"] @ st["k"]
+        return st
+
+    def costs(self):
+        """Bytes per sample: ``(saved, backward, per_vector)`` as :func:`~._vjp.section_costs`.
+
+        ``saved``: one point's forward quantities; ``backward``: the
+        temporaries of a chunk (one sample's input positions at a time, at
+        most ``memory``); ``per_vector``: one direction's products and its
+        share of the value term.
+        """
+        sec, T, d, size = self.section, self.p_in, self.d_in, self._itemsize
+        H, e = sec.n_heads, sec.d_head
+        saved = size * (H * T * T + 5 * H * T * e + T * d + T)
+        backward = min(self.memory, size * T * self._per_row(self.k))
+        return saved, backward, size * (T * d + H * d)
+
+    def _per_row(self, c):
+        """Elements of the temporaries per input position of a chunk of ``c`` directions."""
+        H, e, d = self.section.n_heads, self.section.d_head, self.d_in
+        if self.signs is None:
+            return H * (d + 3 * c) + 3 * c * d
+        return d * d + 8 * H * e * e + 3 * c * d
+
+    def _row_step(self, c):
+        return int(max(1, min(self.p_in, self.memory // (self._itemsize * self._per_row(c)))))
+
+    def _segments(self, start, stop):
+        """``(i, c0, c1, offset)``: directions of position or combination ``i``, columns c0:c1."""
+        q = start
+        while q < stop:
+            i, c0 = divmod(q, self.k)
+            c1 = min(self.k, c0 + stop - q)
+            yield i, c0, c1, q - start
+            q += c1 - c0
+
+    def chunks(self, max_vectors):
+        """Yield ``(start, products)``: directions ``start:start + c`` as ``(c, B * T, d_in)``.
+
+        ``max_vectors`` directions per chunk (at least 1). Each chunk is a new
+        tensor the caller may modify.
+        """
+        if not isinstance(max_vectors, numbers.Integral) or max_vectors < 1:
+            raise ValueError(f"max_vectors must be a positive integer, got {max_vectors!r}.")
+        B, T, d = self.batch, self.p_in, self.d_in
+        X = self._states[0]["q"]
+        with torch.no_grad():
+            for start in range(0, self.n_vectors, int(max_vectors)):
+                stop = min(start + int(max_vectors), self.n_vectors)
+                out = X.new_zeros(stop - start, B, T, d)
+                for i, c0, c1, off in self._segments(start, stop):
+                    self._segment(out[off : off + c1 - c0], i, c0, c1)
+                yield start, out.view(stop - start, B * T, d)
+
+    def _segment(self, out, i, c0, c1):
+        """Add the products of position or combination ``i``, columns c0:c1, to ``out`` (c, B, T, d)."""
+        sec = self.section
+        H, e = sec.n_heads, sec.d_head
+        c = c1 - c0
+        E = self._E[c0:c1]
+        # The value term's E^h W_V^h (H, c, d): the same for every input position.
+        F = E.view(c, H, e).transpose(0, 1) @ self._Wv
+        rows = self._row_step(c)
+        for st, w in zip(self._states, self.weights):
+            for b in range(self.batch):
+                if self.signs is None:
+                    self._exact(out[:, b], st, b, i, E, F, c0, c1, w, rows)
+                else:
+                    self._combination(out[:, b], st, b, self.signs[b, i], E, F, c0, c1, w,
+                                      rows)
+
+    def _finish(self, P, st, b, s0, s1, r, c0, c1, w, out):
+        """Apply the norm's Jacobian to ``P`` (c, R, d) at inputs s0:s1, add the residual, sum."""
+        if st["xhat"] is not None:
+            xhat = st["xhat"][b, s0:s1]
+            P.sub_(torch.einsum("crd,rd->cr", P, xhat)[..., None] * (xhat / self.d_in))
+            P.mul_(st["inv"][b, s0:s1, None])
+        if self.section.residual:
+            P.add_(r[:, None] * self._Vt[c0:c1, None, :])
+        out[:, s0:s1].add_(P, alpha=w)
+
+    def _combination(self, out, st, b, r, E, F, c0, c1, w, rows):
+        """One combination ``r`` (T,) of the output positions, sample ``b``, at one point."""
+        sec, T, d = self.section, self.p_in, self.d_in
+        H, e = sec.n_heads, sec.d_head
+        A, q, k, v, o, kappa = (st[n][b] for n in ("a", "q", "k", "v", "o", "kappa"))
+        a = torch.einsum("t,hts->hs", r, A)
+        rho = A.transpose(1, 2) @ (r[:, None] * q)
+        ro = r[:, None] * o
+        step = max(1, self.memory // (self._itemsize * H * (rows + e * e)))
+        for s0 in range(0, T, rows):
+            s1 = min(s0 + rows, T)
+            # Causal: keys u <= s enter Phi, queries t >= s enter Psi.
+            Phi = _outer_sum(A[:, s0:s1], v, k, 0, s1 if sec.causal else T, step)
+            Psi = _outer_sum(A[:, :, s0:s1].transpose(1, 2), ro, q, s0 if sec.causal else 0,
+                             T, step)
+            Zq = Phi.sub_(o[:, s0:s1, :, None] * kappa[:, s0:s1, None, :])
+            Zk = torch.sub(v[:, s0:s1, :, None] * rho[:, s0:s1, None, :], Psi)
+            if sec.rotary is not None:
+                cos, sin = st["cos"][s0:s1, None], st["sin"][s0:s1, None]
+                Zq = _rotate_back(Zq, cos, sin, sec.rotary.rot_dim)
+                Zk = _rotate_back(Zk, cos, sin, sec.rotary.rot_dim)
+            Zq.mul_(r[s0:s1, None, None])
+            Z = torch.cat([Zq, Zk], -1).mul_(sec.scale)  # (H, R, e, 2e)
+            Y = torch.matmul(Z.transpose(1, 2), self._Wqk[:, None])  # (H, e, R, d)
+            P = (E @ Y.view(H * e, -1)).view(-1, s1 - s0, d)
+            P.add_((a[:, s0:s1].T @ F.view(H, -1)).view(s1 - s0, -1, d).transpose(0, 1))
+            self._finish(P, st, b, s0, s1, r[s0:s1], c0, c1, w, out)
+
+    def _exact(self, out, st, b, t, E, F, c0, c1, w, rows):
+        """Output position ``t`` of sample ``b`` at one point (``r`` one-hot at ``t``)."""
+        sec, T, d = self.section, self.p_in, self.d_in
+        H, e = sec.n_heads, sec.d_head
+        A, q, k, v, o, kappa = (st[n][b] for n in ("a", "q", "k", "v", "o", "kappa"))
+        c = c1 - c0
+        At = A[:, t]  # (H, T)
+        # The query term, at s = t only: E Y_t with Y_t = scale Zq_t R_t W_Q.
+        Zq = (v * At[..., None]).transpose(1, 2) @ k - o[:, t, :, None] * kappa[:, t, None, :]
+        if sec.rotary is not None:
+            Zq = _rotate_back(Zq, st["cos"][t], st["sin"][t], sec.rotary.rot_dim)
+        query = E @ (Zq.mul_(sec.scale) @ self._Wq).view(H * e, d)  # (c, d)
+        Eh = E.view(c, H, e).transpose(0, 1)  # (H, c, e)
+        for s0 in range(0, t + 1 if sec.causal else T, rows):
+            s1 = min(s0 + rows, t + 1 if sec.causal else T)
+            # Key term: scale A_ts (E^h (v_s - o_t)) (W_K^T R_s^T q_t)^T, rank one per head.
+            coef = (Eh @ (v[:, s0:s1] - o[:, t, None]).transpose(1, 2)).mul_(
+                At[:, None, s0:s1] * sec.scale)  # (H, c, R)
+            qt = q[:, t, None]
+            if sec.rotary is None:
+                u = (qt @ self._Wk)[:, 0]  # (H, d), the same at every s
+                P = (coef.permute(1, 2, 0).reshape(-1, H) @ u).view(c, s1 - s0, d)
+            else:
+                qs = _rotate_back(qt, st["cos"][s0:s1], st["sin"][s0:s1], sec.rotary.rot_dim)
+                u = (qs @ self._Wk).transpose(0, 1)  # (R, H, d)
+                P = torch.bmm(coef.permute(2, 1, 0), u).transpose(0, 1)  # (c, R, d)
+            P.add_((At[:, s0:s1].T @ F.view(H, -1)).view(s1 - s0, c, d).transpose(0, 1))
+            r = At.new_zeros(s1 - s0)
+            if s0 <= t < s1:
+                P[:, t - s0].add_(query)
+                r[t - s0] = 1.0
+            self._finish(P, st, b, s0, s1, r, c0, c1, w, out)
