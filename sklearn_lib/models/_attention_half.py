@@ -205,7 +205,7 @@ class NormAttention:
         return formula_mismatch(self.forward, X, Y)
 
     def products(self, points, V, *, weights=None, signs=None, key_mask=None,
-                 memory=2**28):
+                 memory=2**29):
         """The products ``V^T J`` at ``points``, in closed form: an :class:`AttentionProducts`."""
         return AttentionProducts(self, points, V, weights=weights, signs=signs,
                                  key_mask=key_mask, memory=memory)
@@ -226,21 +226,18 @@ def _rotate_back(x, cos, sin, rot_dim):
     return torch.cat([head, x[..., rot_dim:].expand(*head.shape[:-1], -1)], -1)
 
 
-def _outer_sum(A, x, y, lo, hi, step):
-    """``sum_u A[h, s, u] x[h, u] y[h, u]^T`` over ``u`` in ``lo:hi``, ``step`` at a time.
+def _outer_sum(A, x, y):
+    """``sum_u A[h, s, u] x[h, u] y[h, u]^T`` (H, R, e, e) with ``A`` (H, R, U), ``x, y`` (H, U, e).
 
-    ``A`` (H, R, T), ``x``, ``y`` (H, T, e): one GEMM per chunk of ``u`` on the
-    flattened outer products, which are never held for all ``u`` at once.
-    Returns (H, R, e, e).
+    One batched GEMM per head on ``x`` scaled by each row of ``A`` (H, R, e,
+    U): the outer products ``x_u y_u^T`` of all ``u`` would cost ``e / R``
+    times more memory traffic for each chunk of rows ``R``.
     """
-    H, R, _ = A.shape
+    H, R, U = A.shape
     e = x.shape[-1]
-    total = A.new_zeros(H, R, e * e)
-    for u0 in range(lo, hi, step):
-        u1 = min(u0 + step, hi)
-        outer = (x[:, u0:u1, :, None] * y[:, u0:u1, None, :]).reshape(H, u1 - u0, e * e)
-        total.baddbmm_(A[:, :, u0:u1], outer)
-    return total.view(H, R, e, e)
+    scaled = torch.mul(x.transpose(1, 2)[:, None], A[:, :, None, :],
+                       out=x.new_empty(H, R, e, U))
+    return torch.bmm(scaled.view(H, R * e, U), y).view(H, R, e, e)
 
 
 class AttentionProducts:
@@ -269,8 +266,13 @@ class AttentionProducts:
     - o_t) q_t^T`` has rank one and ``Zq`` enters at ``s = t`` only, so each
     input position costs ``O(H k d)`` per output position instead.
 
-    Temporaries are bounded by ``memory`` bytes by processing the input
-    positions of one sample at a time in chunks (at least one position).
+    Temporaries are bounded by half of ``memory`` bytes by processing the
+    input positions of one sample at a time in chunks (at least one position);
+    the other half keeps a combination's factors ``Zq``, ``Zk`` of as many
+    samples as fit across the chunks of its directions. A chunk of ``c``
+    directions costs about ``2 c T d^2`` flops per sample and combination
+    (``E Y``) plus ``4 d_head T d^2`` (``Y``), or, below ``c = 2 d_head d /
+    (2 d_head + d)``, ``4 c T d^2`` without the second term.
 
     Parameters
     ----------
@@ -286,9 +288,9 @@ class AttentionProducts:
         (B, m, T) combinations of output positions; None means exact positions.
     key_mask : torch.Tensor, optional
         (B, T) bool, True at real positions: padded keys get weight 0.
-    memory : int, default=2**28
-        Bytes the temporaries of a chunk may hold (a target: one input
-        position's are always allowed).
+    memory : int, default=2**29
+        Bytes for the temporaries of a chunk and the kept factors (a target:
+        one input position's temporaries are always allowed).
 
     Attributes
     ----------
@@ -301,7 +303,7 @@ class AttentionProducts:
     """
 
     def __init__(self, section, points, V, *, weights=None, signs=None, key_mask=None,
-                 memory=2**28):
+                 memory=2**29):
         self.section = section
         points = list(points)
         if not points:
@@ -340,6 +342,7 @@ class AttentionProducts:
         self.signs = None if signs is None else signs.to(dtype=dtype, device=device)
         self.n_vectors = self.k * (self.p_out if signs is None else self.signs.shape[1])
         self.memory = int(memory)
+        self._cache, self._cache_j = {}, None
         self._itemsize = torch.finfo(dtype).bits // 8
         self._Vt = V.T.contiguous()
         self._E = (self._Vt @ section.w_o).contiguous()  # (k, H d_head)
@@ -364,6 +367,8 @@ class AttentionProducts:
         self._Wk = fold(sec.w_k).reshape(G, e, -1).repeat_interleave(rep, 0)
         self._Wv = fold(sec.w_v).reshape(G, e, -1).repeat_interleave(rep, 0)
         self._Wqk = torch.cat([self._Wq, self._Wk], 1)  # (H, 2 d_head, d)
+        # The same rows as ([q | k], H d_head, d) for the narrow chunks' single GEMM.
+        self._W2 = self._Wqk.view(H, 2, e, -1).transpose(0, 1).reshape(2 * H * e, -1)
 
     def _state(self, X, key_mask):
         """The forward quantities of one point, keys and values repeated to every query head."""
@@ -373,20 +378,25 @@ class AttentionProducts:
         for name in ("k", "v"):
             st[name] = st[name].repeat_interleave(rep, dim=1) if rep > 1 else st[name]
         st["kappa"] = st["a"] @ st["k"]
+        # The norm's 1 / sigma per position (1 without a norm), folded into the factors.
+        st["g"] = st["a"].new_ones(X.shape[:2]) if st["inv"] is None else st["inv"]
         return st
 
     def costs(self):
         """Bytes per sample: ``(saved, backward, per_vector)`` as :func:`~._vjp.section_costs`.
 
         ``saved``: one point's forward quantities; ``backward``: the
-        temporaries of a chunk (one sample's input positions at a time, at
-        most ``memory``); ``per_vector``: one direction's products and its
-        share of the value term.
+        temporaries of a chunk and the kept factors (one sample's input
+        positions at a time, at most ``memory`` in all, whatever the number of
+        samples); ``per_vector``: one direction's products and its share of the
+        value term.
         """
         sec, T, d, size = self.section, self.p_in, self.d_in, self._itemsize
         H, e = sec.n_heads, sec.d_head
         saved = size * (H * T * T + 5 * H * T * e + T * d + T)
-        backward = min(self.memory, size * T * self._per_row(self.k))
+        backward = min(self.memory // 2, size * T * self._per_row(self.k))
+        if self.signs is not None:
+            backward += min(self.memory // 2, 2 * size * H * T * e * e * self.batch)
         return saved, backward, size * (T * d + H * d)
 
     def _per_row(self, c):
@@ -394,10 +404,12 @@ class AttentionProducts:
         H, e, d = self.section.n_heads, self.section.d_head, self.d_in
         if self.signs is None:
             return H * (d + 3 * c) + 3 * c * d
-        return d * d + 8 * H * e * e + 3 * c * d
+        return d * d + 8 * H * e * e + 3 * c * d + 2 * c * H * e + H * e * self.p_in
 
     def _row_step(self, c):
-        return int(max(1, min(self.p_in, self.memory // (self._itemsize * self._per_row(c)))))
+        # Half of ``memory``: the other half may keep the factors (_cached_factors).
+        budget = self.memory // 2 // (self._itemsize * self._per_row(c))
+        return int(max(1, min(self.p_in, budget)))
 
     def _segments(self, start, stop):
         """``(i, c0, c1, offset)``: directions of position or combination ``i``, columns c0:c1."""
@@ -425,6 +437,7 @@ class AttentionProducts:
                 for i, c0, c1, off in self._segments(start, stop):
                     self._segment(out[off : off + c1 - c0], i, c0, c1)
                 yield start, out.view(stop - start, B * T, d)
+        self._cache, self._cache_j = {}, None
 
     def _segment(self, out, i, c0, c1):
         """Add the products of position or combination ``i``, columns c0:c1, to ``out`` (c, B, T, d)."""
@@ -435,81 +448,127 @@ class AttentionProducts:
         # The value term's E^h W_V^h (H, c, d): the same for every input position.
         F = E.view(c, H, e).transpose(0, 1) @ self._Wv
         rows = self._row_step(c)
-        for st, w in zip(self._states, self.weights):
+        for p, (st, w) in enumerate(zip(self._states, self.weights)):
             for b in range(self.batch):
                 if self.signs is None:
-                    self._exact(out[:, b], st, b, i, E, F, c0, c1, w, rows)
+                    self._exact(out[:, b], st, b, i, E, F, w, rows)
                 else:
-                    self._combination(out[:, b], st, b, self.signs[b, i], E, F, c0, c1, w,
-                                      rows)
+                    self._combination(out[:, b], p, b, i, E, F, w, rows)
+        if sec.residual:
+            # r_s V^T of every point: the identity's products, once with the weights' sum.
+            Vt = self._Vt[c0:c1, None, :] * sum(self.weights)
+            if self.signs is None:
+                out[:, :, i].add_(Vt)
+            else:
+                out.addcmul_(self.signs[None, :, i, :, None], Vt[:, None])
 
-    def _finish(self, P, st, b, s0, s1, r, c0, c1, w, out):
-        """Apply the norm's Jacobian to ``P`` (c, R, d) at inputs s0:s1, add the residual, sum."""
+    def _finish(self, P, st, b, s0, s1, w, out, rows_first=False):
+        """Project ``P`` (c, R, d), or (R, c, d), onto the norm's tangent space and add it to ``out``.
+
+        ``P`` holds ``(E Y_s + value term) / sigma_s`` at inputs s0:s1 (the
+        norm's ``1 / sigma_s`` is folded into the factors); what is left of
+        the norm's Jacobian is ``I - xhat_s xhat_s^T / d``.
+        """
         if st["xhat"] is not None:
             xhat = st["xhat"][b, s0:s1]
-            P.sub_(torch.einsum("crd,rd->cr", P, xhat)[..., None] * (xhat / self.d_in))
-            P.mul_(st["inv"][b, s0:s1, None])
-        if self.section.residual:
-            P.add_(r[:, None] * self._Vt[c0:c1, None, :])
-        out[:, s0:s1].add_(P, alpha=w)
+            proj = torch.einsum("rcd,rd->rc" if rows_first else "crd,rd->cr", P, xhat)
+            xhat = xhat[:, None] if rows_first else xhat[None]
+            P.addcmul_(proj[..., None], xhat, value=-1.0 / self.d_in)
+        out[:, s0:s1].add_(P.transpose(0, 1) if rows_first else P, alpha=w)
 
-    def _combination(self, out, st, b, r, E, F, c0, c1, w, rows):
-        """One combination ``r`` (T,) of the output positions, sample ``b``, at one point."""
+    def _combination(self, out, p, b, j, E, F, w, rows):
+        """Combination ``j`` of the output positions, sample ``b``, at point ``p``."""
         sec, T, d = self.section, self.p_in, self.d_in
-        H, e = sec.n_heads, sec.d_head
-        A, q, k, v, o, kappa = (st[n][b] for n in ("a", "q", "k", "v", "o", "kappa"))
-        a = torch.einsum("t,hts->hs", r, A)
-        rho = A.transpose(1, 2) @ (r[:, None] * q)
-        ro = r[:, None] * o
-        step = max(1, self.memory // (self._itemsize * H * (rows + e * e)))
+        H, e, c = sec.n_heads, sec.d_head, E.shape[0]
+        st, r = self._states[p], self.signs[b, j]
+        Z_all = self._cached_factors(p, b, j, rows)
+        a = torch.einsum("t,hts->hs", r, st["a"][b]).mul_(st["g"][b])
         for s0 in range(0, T, rows):
             s1 = min(s0 + rows, T)
-            # Causal: keys u <= s enter Phi, queries t >= s enter Psi.
-            Phi = _outer_sum(A[:, s0:s1], v, k, 0, s1 if sec.causal else T, step)
-            Psi = _outer_sum(A[:, :, s0:s1].transpose(1, 2), ro, q, s0 if sec.causal else 0,
-                             T, step)
-            Zq = Phi.sub_(o[:, s0:s1, :, None] * kappa[:, s0:s1, None, :])
-            Zk = torch.sub(v[:, s0:s1, :, None] * rho[:, s0:s1, None, :], Psi)
-            if sec.rotary is not None:
-                cos, sin = st["cos"][s0:s1, None], st["sin"][s0:s1, None]
-                Zq = _rotate_back(Zq, cos, sin, sec.rotary.rot_dim)
-                Zk = _rotate_back(Zk, cos, sin, sec.rotary.rot_dim)
-            Zq.mul_(r[s0:s1, None, None])
-            Z = torch.cat([Zq, Zk], -1).mul_(sec.scale)  # (H, R, e, 2e)
-            Y = torch.matmul(Z.transpose(1, 2), self._Wqk[:, None])  # (H, e, R, d)
-            P = (E @ Y.view(H * e, -1)).view(-1, s1 - s0, d)
-            P.add_((a[:, s0:s1].T @ F.view(H, -1)).view(s1 - s0, -1, d).transpose(0, 1))
-            self._finish(P, st, b, s0, s1, r[s0:s1], c0, c1, w, out)
+            Z = self._factors(st, b, r, s0, s1) if Z_all is None else Z_all[:, s0:s1]
+            Zt = Z.transpose(1, 2)  # (H, e, R, 2e)
+            if c > 2 * e * d / (2 * e + d):
+                # E @ Y with Y (H e, R d) the factors times the weights: the fewest flops
+                # for wide chunks.
+                Y = torch.bmm(Zt.reshape(H, -1, 2 * e), self._Wqk)
+                P = (E @ Y.view(H * e, -1)).view(c, s1 - s0, d)
+            else:
+                # Narrow chunks: E^h Z^h first (c, R, [q|k], H e), then one GEMM with
+                # the stacked weights (twice the flops per direction, no per-chunk term).
+                M = torch.bmm(E.view(c, H, e).transpose(0, 1), Zt.reshape(H, e, -1))
+                M = M.view(H, c, s1 - s0, 2, e).permute(1, 2, 3, 0, 4)
+                P = (M.reshape(-1, 2 * H * e) @ self._W2).view(c, s1 - s0, d)
+            # The value term sum_h a^h_s E^h W_V^h, in place.
+            P.baddbmm_(a[:, s0:s1].T.expand(c, -1, -1), F.transpose(0, 1))
+            self._finish(P, st, b, s0, s1, w, out)
 
-    def _exact(self, out, st, b, t, E, F, c0, c1, w, rows):
+    def _cached_factors(self, p, b, j, rows):
+        """:meth:`_factors` of all input positions, kept across the chunks of combination ``j``.
+
+        Kept for as many (point, sample) pairs as fit half of ``memory``;
+        None for the others (recomputed for every chunk).
+        """
+        if self._cache_j != j:
+            self._cache, self._cache_j = {}, j
+        if (p, b) not in self._cache:
+            sec, T = self.section, self.p_in
+            H, e = sec.n_heads, sec.d_head
+            size = 2 * H * T * e * e * self._itemsize
+            if (len(self._cache) + 1) * size > self.memory // 2:
+                return None
+            st, r = self._states[p], self.signs[b, j]
+            Z = st["q"].new_empty(H, T, e, 2 * e)
+            for s0 in range(0, T, rows):
+                Z[:, s0 : s0 + rows] = self._factors(st, b, r, s0, min(s0 + rows, T))
+            self._cache[p, b] = Z
+        return self._cache[p, b]
+
+    def _factors(self, st, b, r, s0, s1):
+        """``scale [r_s Zq_s R_s | Zk_s R_s] / sigma_s`` (H, R, e, 2e) at inputs s0:s1 for signs ``r``."""
+        sec, T = self.section, self.p_in
+        A, q, k, v, o, kappa = (st[n][b] for n in ("a", "q", "k", "v", "o", "kappa"))
+        rho = A[:, :, s0:s1].transpose(1, 2) @ (r[:, None] * q)
+        # Causal: keys u <= s enter Phi, queries t >= s enter Psi.
+        u1, t0 = (s1, s0) if sec.causal else (T, 0)
+        Phi = _outer_sum(A[:, s0:s1, :u1], v[:, :u1], k[:, :u1])
+        Psi = _outer_sum(A[:, t0:, s0:s1].transpose(1, 2), r[t0:, None] * o[:, t0:], q[:, t0:])
+        Zq = Phi.sub_(o[:, s0:s1, :, None] * kappa[:, s0:s1, None, :])
+        Zk = torch.sub(v[:, s0:s1, :, None] * rho[:, :, None, :], Psi)
+        if sec.rotary is not None:
+            cos, sin = st["cos"][s0:s1, None], st["sin"][s0:s1, None]
+            Zq = _rotate_back(Zq, cos, sin, sec.rotary.rot_dim)
+            Zk = _rotate_back(Zk, cos, sin, sec.rotary.rot_dim)
+        Zq.mul_(r[s0:s1, None, None])
+        return torch.cat([Zq, Zk], -1).mul_(sec.scale * st["g"][b, s0:s1, None, None])
+
+    def _exact(self, out, st, b, t, E, F, w, rows):
         """Output position ``t`` of sample ``b`` at one point (``r`` one-hot at ``t``)."""
         sec, T, d = self.section, self.p_in, self.d_in
-        H, e = sec.n_heads, sec.d_head
-        A, q, k, v, o, kappa = (st[n][b] for n in ("a", "q", "k", "v", "o", "kappa"))
-        c = c1 - c0
+        H, e, c = sec.n_heads, sec.d_head, E.shape[0]
+        A, q, k, v, o, kappa, g = (st[n][b] for n in ("a", "q", "k", "v", "o", "kappa", "g"))
         At = A[:, t]  # (H, T)
-        # The query term, at s = t only: E Y_t with Y_t = scale Zq_t R_t W_Q.
+        Ag = At * g  # the norm's 1 / sigma_s folded in
+        # The query term, at s = t only: E Y_t with Y_t = scale Zq_t R_t W_Q / sigma_t.
         Zq = (v * At[..., None]).transpose(1, 2) @ k - o[:, t, :, None] * kappa[:, t, None, :]
         if sec.rotary is not None:
             Zq = _rotate_back(Zq, st["cos"][t], st["sin"][t], sec.rotary.rot_dim)
-        query = E @ (Zq.mul_(sec.scale) @ self._Wq).view(H * e, d)  # (c, d)
+        query = E @ (Zq.mul_(sec.scale * g[t]) @ self._Wq).view(H * e, d)  # (c, d)
         Eh = E.view(c, H, e).transpose(0, 1)  # (H, c, e)
-        for s0 in range(0, t + 1 if sec.causal else T, rows):
-            s1 = min(s0 + rows, t + 1 if sec.causal else T)
+        qt = q[:, t, None]
+        stop = t + 1 if sec.causal else T
+        for s0 in range(0, stop, rows):
+            s1 = min(s0 + rows, stop)
             # Key term: scale A_ts (E^h (v_s - o_t)) (W_K^T R_s^T q_t)^T, rank one per head.
             coef = (Eh @ (v[:, s0:s1] - o[:, t, None]).transpose(1, 2)).mul_(
-                At[:, None, s0:s1] * sec.scale)  # (H, c, R)
-            qt = q[:, t, None]
+                Ag[:, None, s0:s1] * sec.scale).permute(2, 1, 0)  # (R, c, H)
             if sec.rotary is None:
                 u = (qt @ self._Wk)[:, 0]  # (H, d), the same at every s
-                P = (coef.permute(1, 2, 0).reshape(-1, H) @ u).view(c, s1 - s0, d)
+                P = (coef.reshape(-1, H) @ u).view(s1 - s0, c, d)
             else:
                 qs = _rotate_back(qt, st["cos"][s0:s1], st["sin"][s0:s1], sec.rotary.rot_dim)
-                u = (qs @ self._Wk).transpose(0, 1)  # (R, H, d)
-                P = torch.bmm(coef.permute(2, 1, 0), u).transpose(0, 1)  # (c, R, d)
-            P.add_((At[:, s0:s1].T @ F.view(H, -1)).view(s1 - s0, c, d).transpose(0, 1))
-            r = At.new_zeros(s1 - s0)
+                P = torch.bmm(coef, (qs @ self._Wk).transpose(0, 1))  # (R, c, d)
+            # The value term sum_h A_ts E^h W_V^h, in place.
+            P.view(s1 - s0, -1).addmm_(Ag[:, s0:s1].T, F.view(H, -1))
             if s0 <= t < s1:
-                P[:, t - s0].add_(query)
-                r[t - s0] = 1.0
-            self._finish(P, st, b, s0, s1, r, c0, c1, w, out)
+                P[t - s0].add_(query)
+            self._finish(P, st, b, s0, s1, w, out, rows_first=True)

@@ -120,24 +120,31 @@ def section(request):
     return make_section(**CASES[request.param])
 
 
+# Chunks that split the columns of a position or combination unevenly. With 3 columns
+# and a small memory: narrow chunks (E^h Z^h first), chunks of input positions, no kept
+# factors; with 10 columns and the default memory: segments of 10 columns (E Y) and of 3,
+# factors kept across chunks.
+SPLITS = {"narrow": (3, 5, 20_000), "wide": (10, 13, 2**28)}
+
+
+@pytest.mark.parametrize("split", list(SPLITS))
 @pytest.mark.parametrize("padding", [None, "left", "right"])
 @pytest.mark.parametrize("m", [None, 3], ids=["exact", "signs"])
-def test_products_match_jacobian(section, padding, m):
+def test_products_match_jacobian(section, padding, m, split):
+    k, step, memory = SPLITS[split]
     X = _inputs()
     B, T, _ = X.shape
     key_mask = _key_mask(padding)
-    V = torch.randn(section.d_out, 3, generator=torch.Generator().manual_seed(3), dtype=DT)
+    V = torch.randn(section.d_out, k, generator=torch.Generator().manual_seed(3), dtype=DT)
     signs = None if m is None else _signs(B, m, T, key_mask)
     expected = reference(section, [X], V, signs, key_mask)
-    # Chunks of 5 split the 3 columns of a position or combination unevenly; a small
-    # memory forces chunks of input positions.
-    products = section.products([X], V, signs=signs, key_mask=key_mask, memory=20_000)
-    assert products.n_vectors == (T if m is None else m) * 3
-    assert (products.k, products.p_in, products.p_out, products.batch) == (3, T, T, B)
+    products = section.products([X], V, signs=signs, key_mask=key_mask, memory=memory)
+    assert products.n_vectors == (T if m is None else m) * k
+    assert (products.k, products.p_in, products.p_out, products.batch) == (k, T, T, B)
     assert (products.d_in, products.d_out, products.out_shape) == (
         16, section.d_out, (T, section.d_out))
     assert products.signs is signs or torch.equal(products.signs, signs)
-    got = closed_form(products, 5)
+    got = closed_form(products, step)
     assert got.shape == expected.shape
     assert _rel(got, expected) < TOL
     if m is not None and key_mask is not None:
