@@ -28,10 +28,13 @@ relative error). ``--closed-form`` times the closed form of the GPT-2 MLP half
 (``sklearn_lib.models._blocks``) outside the graph against the generic path on
 the section from the residual stream after attention to the block's output,
 both passes, in the same run, and checks that both give the same ``M'`` and
-edges. ``--graph-blocks`` fits the graph over the mid-block and block-output
-points of ``--blocks`` blocks twice in the same run, ``fast_path="auto"`` (the
-MLP halves in closed form) and ``False`` (products everywhere), and prints each
-pass's time and their ratio.
+edges. ``--graph-blocks`` fits the graph over the block input, mid-block and
+block-output points of ``--blocks`` blocks with ``fast_path="auto"`` (attention
+and MLP halves in closed form), prints each pass's time, the top-50 error bars
+of every layer and the projection to GPT-2 small (12 blocks) on 4 sequences
+and on 1,000,000 tokens of ``--positions``; ``--generic`` builds it with
+``fast_path=False`` too (products everywhere) in the same run and prints the
+ratios.
 
 Usage::
 
@@ -40,7 +43,8 @@ Usage::
     python benchmarks/bench_lm.py --fit 1:2:32:64,1:1:128:64,1:1:256:32 --threads 1
     python benchmarks/bench_lm.py --closed-form --n 2 --positions 16 --skip-graph
     python benchmarks/bench_lm.py --graph-blocks --blocks 1 --n 2 --positions 16 \\
-        --n-components 64 --skip-graph
+        --n-components 64 --skip-graph --generic
+    python benchmarks/bench_lm.py --graph-blocks --blocks 1 --n 1 --positions 1024 --skip-graph
 """
 
 import argparse
@@ -69,6 +73,8 @@ from sklearn_lib.sources._model_source import ModelSource
 
 D_MODEL, N_HEADS = 768, 12
 TOKENS = 1_000_000
+#: Directions whose error bars are reported.
+TOP = 50
 #: An H100 SXM's float64 tensor-core peak (NVIDIA's data sheet), FLOP/s.
 H100_FP64 = 67e12
 
@@ -290,53 +296,91 @@ def closed_form(args, device, rate):
           f"{edges_note} {err_e:.1e}")
 
 
-def graph_blocks(args, device):
-    """The graph over mid-block and block-output points, fast_path "auto" against False.
+def graph_blocks(args, device, rate):
+    """The graph over mid-block and block-output points: every section in closed form.
 
-    Layers alternate the residual stream after attention (``h.i.ln_2:input``) and
-    after the block (``h.i``): the MLP halves take the closed form with "auto",
-    the attention halves the products either way. Both builds run here, one
-    after the other, on the same model and tokens.
+    Layers are the block input ``h.0:input``, then per block the residual stream
+    after attention (``h.i.ln_2:input``) and after the block (``h.i``): the
+    attention halves and the MLP halves of GPT-2 both take closed forms with
+    ``fast_path="auto"``. With ``--generic`` the same graph is built with
+    ``fast_path=False`` (vector-Jacobian products everywhere) in interleaved
+    rounds, on the same model and tokens, and the ratios are printed. The
+    projection scales the measured time per block linearly in blocks and
+    sequences (sections cost the same per sequence of a given length; the
+    attention's ``P^2`` terms make it valid only at the measured length).
     """
-    layers = [f"transformer.h.{i}{end}" for i in range(args.blocks)
-              for end in (".ln_2:input", "")]
+    layers = ["transformer.h.0:input"] + [f"transformer.h.{i}{end}" for i in range(args.blocks)
+                                          for end in (".ln_2:input", "")]
+    paths = (False, "auto") if args.generic else ("auto",)
     runs = {}
     # Interleaved rounds, each pass's minimum kept: a shared machine's load moves.
     for _ in range(args.repeat):
-        for fast_path in (False, "auto"):
+        for fast_path in paths:
             run = build(args.blocks, args.n, args.positions, args.vocab, args.m,
                         args.n_components, device, layers=layers, fast_path=fast_path)
             best = runs.setdefault(fast_path, run)
             best["times"] = {key: min(t, best["times"][key]) for key, t in run["times"].items()}
             best["total"] = min(best["total"], run["total"])
-    generic, auto = runs[False], runs["auto"]
-    assert auto["graph"].fast_path_ == [i % 2 == 0 for i in range(len(layers) - 1)], \
-        auto["graph"].fast_path_
-    print(f"\nGraph over {len(layers)} points of {args.blocks} GPT-2 block(s) (mid-block and "
-          f"block output), {args.n} x {args.positions} tokens, stochastic_positions="
-          f"{args.m or 'exact'}, directions per layer {auto['ks']}")
-    print(f"{'section':>26s} {'pass':>11s} {'generic [s]':>12s} {'auto [s]':>9s} "
-          f"{'generic/auto':>13s}")
+    auto = runs["auto"]
+    # Every section takes a closed form: the attention halves (block input -> ln_2:input)
+    # and the MLP halves (ln_2:input -> block output).
+    assert all(auto["graph"].fast_path_), auto["graph"].fast_path_
+    tokens = args.n * args.positions
+    print(f"\nGraph over {len(layers)} points of {args.blocks} GPT-2 block(s) (block input, "
+          f"mid-block, block output), {args.n} x {args.positions} tokens, "
+          f"stochastic_positions={args.m or 'exact'}, directions per layer {auto['ks']}")
+    generic = runs.get(False)
+    print(f"{'section':>26s} {'pass':>11s} {'auto [s]':>9s} {'tok/s':>8s}"
+          + (f" {'generic [s]':>12s} {'generic/auto':>13s}" if generic else ""))
     for l in range(len(layers)):
         name = (f"{layers[l].split('.', 1)[1]} -> {layers[l + 1].split('.', 1)[1]}"
                 if l + 1 < len(layers) else "final layer")
         for stage in ("statistics", "edges"):
-            tg, ta = generic["times"].get((stage, l)), auto["times"].get((stage, l))
-            if tg is None or ta is None:
+            ta = auto["times"].get((stage, l))
+            if ta is None:
                 continue
-            print(f"{name:>26s} {stage:>11s} {tg:12.3f} {ta:9.3f} {tg / ta:12.1f}x")
-    print(f"{'whole build':>26s} {'':>11s} {generic['total']:12.2f} {auto['total']:9.2f} "
-          f"{generic['total'] / auto['total']:12.1f}x")
-    print(f"peak memory: generic {generic['peak'] / 2**30:.2f} GiB, auto "
-          f"{auto['peak'] / 2**30:.2f} GiB")
-    gram = max(float(np.abs(a.jacobian_gram_ - b.jacobian_gram_).max()
-                     / np.abs(b.jacobian_gram_).max())
-               for a, b in zip(auto["graph"].bases_, generic["graph"].bases_))
-    edges = max(float(np.abs(a - b).max() / np.abs(b).max())
-                for a, b in zip(auto["graph"].edges_, generic["graph"].edges_))
-    note = " (generic edges and M': stochastic estimates)" if args.m else ""
-    print(f"auto vs generic: M' largest relative difference {gram:.1e}, edges {edges:.1e}"
-          f"{note}")
+            line = f"{name:>26s} {stage:>11s} {ta:9.2f} {tokens / ta:8.1f}"
+            tg = generic["times"].get((stage, l)) if generic else None
+            if tg is not None:
+                line += f" {tg:12.2f} {tg / ta:12.1f}x"
+            print(line)
+    print(f"{'whole build':>26s} {'':>11s} {auto['total']:9.2f} {tokens / auto['total']:8.1f}"
+          + (f" {generic['total']:12.2f} {generic['total'] / auto['total']:12.1f}x"
+             if generic else ""))
+    print(f"peak memory: auto {auto['peak'] / 2**30:.2f} GiB"
+          + (f", generic {generic['peak'] / 2**30:.2f} GiB" if generic else ""))
+    _error_bars(auto["graph"], layers)
+    if generic:
+        gram = max(float(np.abs(a.jacobian_gram_ - b.jacobian_gram_).max()
+                         / np.abs(b.jacobian_gram_).max())
+                   for a, b in zip(auto["graph"].bases_, generic["graph"].bases_))
+        edges = max(float(np.abs(a - b).max() / np.abs(b).max())
+                    for a, b in zip(auto["graph"].edges_, generic["graph"].edges_))
+        note = " (both stochastic estimates, with the same signs)" if args.m else ""
+        print(f"auto vs generic: M' largest relative difference {gram:.1e}, edges {edges:.1e}"
+              f"{note}")
+    block = sum(t for (stage, l), t in auto["times"].items() if l < len(layers) - 1)
+    block /= args.blocks
+    n_target = {"4 sequences": 4, "1,000,000 tokens": TOKENS / args.positions}
+    for label, n_seq in n_target.items():
+        here = block * 12 * n_seq / args.n
+        print(f"projected, GPT-2 small (12 blocks, 25 points), {label} of {args.positions}: "
+              f"{here / 3600:.2f} h on this machine ({block / args.n:.1f} s per block and "
+              f"sequence, GEMM rate {rate / 1e9:.0f} GFLOP/s); at {args.gpu_rate / 1e12:.0f} "
+              f"TFLOP/s and this machine's share of its GEMM rate: "
+              f"{here * rate / args.gpu_rate / 3600:.2f} h")
+
+
+def _error_bars(graph, layers):
+    """Relative error bars of the top-50 interaction strengths of every layer fitted with Jacobians."""
+    print(f"{'layer':>26s} {'top-50 std/Lambda: median':>26s} {'max':>7s}")
+    for name, basis in zip(layers, graph.bases_):
+        std = getattr(basis, "interaction_strengths_std_", None)
+        if std is None:
+            continue
+        lam = basis.interaction_strengths_[:TOP]
+        rel = np.asarray(std[:TOP]) / lam
+        print(f"{name.split('.', 1)[1]:>26s} {np.median(rel):26.2%} {np.max(rel):7.2%}")
 
 
 def main(argv=None):
@@ -357,8 +401,10 @@ def main(argv=None):
     parser.add_argument("--closed-form", action="store_true",
                         help="also time the GPT-2 MLP closed form against the generic path")
     parser.add_argument("--graph-blocks", action="store_true",
-                        help="fit the graph over mid-block and block-output points with "
-                             "fast_path 'auto' and False, and print the ratio per pass")
+                        help="fit the graph over the block input, mid-block and block-output "
+                             "points, every section in closed form, and project its time")
+    parser.add_argument("--generic", action="store_true",
+                        help="with --graph-blocks: also build it with fast_path=False")
     parser.add_argument("--skip-graph", action="store_true", help="no graph build of the size")
     parser.add_argument("--repeat", type=int, default=1,
                         help="closed-form and --graph-blocks rounds (minimum)")
@@ -406,7 +452,7 @@ def main(argv=None):
                   f"{flops / 1e15:.1f} PFLOP useful, {gpu / 3600:.2f} h at "
                   f"{args.gpu_rate / 1e12:.0f} TFLOP/s and a {share:.1%} share")
     if args.graph_blocks:
-        graph_blocks(args, device)
+        graph_blocks(args, device, rate)
     if args.closed_form:
         if args.quick:
             args.n, args.positions, args.m = 2, 2, 0

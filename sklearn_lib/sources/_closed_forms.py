@@ -24,6 +24,7 @@ import torch
 
 from ..models import _adapters, _model
 from ..models._attention import CausalAttention
+from ..models._attention_half import NormAttention
 from ..models._fastpath import warn_formula
 
 __all__ = ["choose_closed_forms", "same_values"]
@@ -117,6 +118,9 @@ def _mismatch(source, st, pair, x, values):
     if isinstance(st, CausalAttention):
         # A padded batch takes the model's own products (ModelSource.jacobian_stats).
         return None if _adapters.padding_mask(x) is not None else st.mismatch(a, b)
+    if isinstance(st, NormAttention):
+        # Padded keys are masked like the model masks them; padded rows are not compared.
+        return st.mismatch(a, b, _adapters.padding_mask(x))
     # The closed forms act row by row on the real rows only.
     keep = source._real_rows(x, l, a.shape)
     X, Y = source._rows(a, l), source._rows(b, m)

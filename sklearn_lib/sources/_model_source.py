@@ -16,6 +16,8 @@ from tqdm.auto import tqdm
 from ..basis._stats import AUTO_CHUNK_NUMBERS, output_weights
 from ..models import _adapters, _collect, _model
 from ..models._attention import CausalAttention, detect_attention, why_not_attention
+from ..models._attention_detect import attention_half_section, why_not_attention_half
+from ..models._attention_half import NormAttention
 from ..models._block_detect import block_section, why_not_block
 from ..models._blocks import accumulator
 from ..models._fastpath import (
@@ -317,6 +319,9 @@ class ModelSource(StreamedProducts):
         """
         a, b = self.specs[l], self.specs[m]
         found = detect_attention(self.model, a, b) if self.sequence else None
+        if found is None and self.sequence:
+            # A transformers block's attention half, recognised from its class.
+            found = attention_half_section(self.model, a, b)
         if found is not None:
             return found if found.fits(self._shapes[l], self._shapes[m]) else None
         if self.readout(l, m) is not None:
@@ -332,7 +337,8 @@ class ModelSource(StreamedProducts):
                 found = None
         if found is None:
             reason = why_generic(self.model, a, b) or why_not_block(self.model, a, b) or (
-                why_not_attention(self.model, a, b) if self.sequence else None)
+                (why_not_attention(self.model, a, b) or why_not_attention_half(self.model, a, b))
+                if self.sequence else None)
             if reason is not None:
                 self.reasons[(l, m)] = reason
         return found
@@ -438,7 +444,7 @@ class ModelSource(StreamedProducts):
         st = self.structure(l, m)
         a, b = self.specs[l], self.specs[m]
         k = V.shape[1]
-        if st is not None and not isinstance(st, CausalAttention):
+        if st is not None and not isinstance(st, (CausalAttention, NormAttention)):
             # The scatter's sums, accumulated row by row (for a NormMLP they depend on V).
             scatter = accumulator(st, V)
             # The activation's copies and the derivative with its autograd
@@ -457,7 +463,9 @@ class ModelSource(StreamedProducts):
                                                    st, V, getattr(scatter, "s_sum", None),
                                                    scatter.n, n_out))
         width = max(self.widths[l], self.widths[m])
-        attention = st  # None here, or a declared attention section
+        # A declared attention section, or None; an attention half (NormAttention)
+        # gives its products in closed form, streamed like the model's own.
+        attention = st if isinstance(st, CausalAttention) else None
         if attention is not None:
             # The product at s = t, U K_t and the attention's per-head temporaries.
             H_e = attention.w_q.shape[0]
@@ -549,6 +557,8 @@ class ModelSource(StreamedProducts):
         attention, combine = None, False
         if isinstance(st, CausalAttention):
             attention, st = st, None
+        elif isinstance(st, NormAttention):
+            st = None  # its products come from _product_chunks, streamed like the model's
         if attention is not None:
             # The d_head x r matrices of every head, their three terms, and the result.
             H_e = attention.w_q.shape[0]

@@ -11,6 +11,7 @@ padded rows and output positions applied chunk by chunk.
 import torch
 
 from ..models import _adapters, _model
+from ..models._attention_half import NormAttention
 from ..models._vjp import _VJP_ELEMENT_BUDGET, SectionProducts, section_costs
 from ..utils._backend import eval_mode
 from ..utils._memory import chunk_vectors, format_bytes, plan_batch
@@ -42,6 +43,9 @@ class StreamedProducts:
         alike); :meth:`_chunks` casts and scales them before any sum.
         """
         n_points, act = len(points), points[0]
+        st = self.structure(l, m) if self.fast_path is not False else None
+        if isinstance(st, NormAttention):
+            return self._formula_products(st, l, m, x, points, V, signs, weights, r)
         per_sample, per_vector, held = self._costs_of(l, m, x, act, V, n_points, r)
         budget = self._products_budget()
         n = _adapters.n_samples(x)
@@ -65,6 +69,48 @@ class StreamedProducts:
             weights=weights, recompute=held < n_points,
         )
         return products, step
+
+    def _formula_products(self, st, l, m, x, points, V, signs, weights, r):
+        """The products of an attention half in closed form, and the directions per chunk."""
+        n, T = _adapters.n_samples(x), points[0].shape[1]
+        per_sample, per_vector, _ = self._formula_costs(st, l, m, points[0], V, len(points), r)
+        step = chunk_vectors(self._products_budget(), n, per_sample, per_vector,
+                             self.positions[m] * V.shape[1])
+        if step == 0:
+            if self.memory_limit is not None:
+                self._refuse(l, m, n, per_sample, per_vector)
+            step = 1
+        products = st.products(points, V, weights=weights,
+                               signs=signs(T) if signs is not None and T > 1 else None,
+                               key_mask=_adapters.padding_mask(x),
+                               memory=self._formula_memory())
+        return products, step
+
+    def _formula_memory(self):
+        """Bytes an attention half's closed form may hold for its temporaries and factors."""
+        return self._products_budget() // 2
+
+    def _formula_costs(self, st, l, m, act, V, n_points, r):
+        """``(per_sample, per_vector, n_points)`` of an attention half's closed-form products.
+
+        The formula's own temporaries (bounded by :meth:`_formula_memory`) and
+        forward quantities of every point replace the measured costs of the
+        model's backward pass; they are computed on one sample, with random
+        combinations of positions (their factors are the larger case).
+        """
+        T = act.shape[1]
+        key = ("formula", l, m, T)
+        if key not in self._costs:
+            probe = st.products([act[:1]], V, signs=act.new_zeros(1, 1, T),
+                                memory=self._formula_memory())
+            self._costs[key] = probe.costs()
+        saved, backward, per_vector = self._costs[key]
+        size = self.dtype.itemsize
+        per_sample = size * self._footprint(m, 4 * T * self.widths[l]) + backward
+        per_sample += n_points * saved
+        if r is not None:
+            per_vector += size * T * (r + (self.widths[l] if n_points > 1 else 0))
+        return per_sample, per_vector, n_points
 
     def _chunks(self, products, step, signs):
         """``products.chunks(step)`` in ``dtype``: cast from the model's precision before any sum.
@@ -98,6 +144,9 @@ class StreamedProducts:
         the weighted sum of their products. Returns ``(per_sample,
         per_vector, held)``.
         """
+        st = self.structure(l, m) if self.fast_path is not False else None
+        if isinstance(st, NormAttention):
+            return self._formula_costs(st, l, m, act, V, n_points, r)
         key = (l, m, tuple(act.shape[1:]))
         if key not in self._costs:
             with eval_mode(self.model):

@@ -20,6 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from _hf_models import MODELS, TOL, VOCAB, assert_same_graph, gpt2, llama, neox
 
 from sklearn_lib import InteractionGraph
+from sklearn_lib.models._attention_half import NormAttention
 from sklearn_lib.models._blocks import NormMLP
 from sklearn_lib.sources._model_source import ModelSource
 
@@ -47,12 +48,13 @@ def test_block_halves_take_the_closed_form_and_match_the_generic_path(name):
     source = _source(model, layers)
     for l in (0, 2):  # the MLP halves: mid-block -> block output
         assert isinstance(source.structure(l, l + 1), NormMLP)
-    assert source.structure(1, 2) is None  # the attention half: products
+    # The attention half between them (block output -> after the next attention).
+    assert isinstance(source.structure(1, 2), NormAttention)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the formula holds on every batch
         auto = _fit(model, layers, "auto")
     generic = _fit(model, layers, False)
-    assert auto.fast_path_ == [True, False, True]
+    assert auto.fast_path_ == [True, True, True]
     assert generic.fast_path_ == [False] * 3
     assert_same_graph(auto, generic, TOL[name])
 
@@ -87,7 +89,7 @@ def test_a_hook_on_the_mlp_is_not_recognised():
         assert "forward hooks" in source.reasons[(0, 1)]
         assert isinstance(source.structure(2, 3), NormMLP)
         auto = _fit(model, layers, "auto")
-        assert auto.fast_path_ == [False, False, True]
+        assert auto.fast_path_ == [False, True, True]
         assert_same_graph(auto, _fit(model, layers, False))
     finally:
         handle.remove()
@@ -106,7 +108,7 @@ def test_verification_refuses_a_changed_mlp(monkeypatch):
     monkeypatch.setattr(torch, "addmm", changed)
     with pytest.warns(UserWarning, match="differs from that formula"):
         auto = _fit(model, layers, "auto")
-    assert auto.fast_path_ == [False, False, False]
+    assert auto.fast_path_ == [False, True, False]
     assert_same_graph(auto, _fit(model, layers, False))
 
 
