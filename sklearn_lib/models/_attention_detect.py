@@ -115,12 +115,18 @@ def _attention_norm(module, layout, owner, where):
     return norm, None
 
 
-def _implementation(attn, holder, where):
-    """Why the attention implementation may compute something else, or None."""
+def _implementation_name(attn, holder):
+    """The attention implementation the block runs ("eager", "sdpa", ...)."""
     impl = getattr(attn.config, "_attn_implementation", None)
     if impl is None and holder is None:
         # A block built outside a model: transformers falls back to its eager function.
         impl = "eager"
+    return impl
+
+
+def _implementation(attn, holder, where):
+    """Why the attention implementation may compute something else, or None."""
+    impl = _implementation_name(attn, holder)
     if impl not in _IMPLEMENTATIONS:
         return (f"{where} uses the attention implementation {impl!r}; recognised are "
                 f"{' and '.join(map(repr, _IMPLEMENTATIONS))} (load the model with "
@@ -285,8 +291,9 @@ def detect_attention_half(block, model=None):
         and sdpa, or a replaced one; sliding windows; rope types whose
         frequencies depend on the length ("dynamic", "longrope"); a rotary
         block without its model; kernelized models. Under eager attention
-        GPT-NeoX and the Llama family compute the softmax in float32, so a
-        float64 model matches the formula to float32 rounding only.
+        GPT-NeoX and the Llama family compute the softmax in float32: the
+        formula does the same (``softmax_dtype``), and a float64 model matches
+        it to float32 rounding.
     """
     if not isinstance(block, nn.Module):
         return _refuse(f"expected a torch.nn.Module, got {type(block).__name__}")
@@ -363,8 +370,11 @@ def detect_attention_half(block, model=None):
             reason = _sliding_window(attn, holder, index, where)
             if reason is not None:
                 return _refuse(reason)
+    # Their eager attention computes the softmax in float32 and casts it back.
+    softmax_dtype = (torch.float32 if layout.family != "gpt2"
+                     and _implementation_name(attn, holder) == "eager" else None)
     section = NormAttention(norm=norm, scale=float(scale), rotary=rotary, causal=True,
-                            residual=True, **weights)
+                            residual=True, softmax_dtype=softmax_dtype, **weights)
     return BlockMatch(section, input=":input", output=f"{layout.norm2}:input")
 
 

@@ -96,6 +96,13 @@ class NormAttention:
     causal : bool, default=True
     residual : bool, default=True
         Whether the section adds its input (``rho = 1``).
+    softmax_dtype : torch.dtype or None, default=None
+        The dtype the attention weights are computed in when it differs from
+        the activations' (transformers' eager attention of GPT-NeoX and Llama
+        computes the softmax in float32, then casts back). :meth:`forward`
+        reproduces it, and :meth:`mismatch` allows its rounding; the products
+        use these weights (their error is of that rounding, as the model's own
+        autograd products are).
     """
 
     norm: Norm | None
@@ -113,6 +120,7 @@ class NormAttention:
     rotary: Rotary | None = None
     causal: bool = True
     residual: bool = True
+    softmax_dtype: torch.dtype | None = None
 
     @property
     def d_in(self):
@@ -170,7 +178,7 @@ class NormAttention:
         allowed = self.mask(T, key_mask, X.device)
         scores = scores.masked_fill(~allowed, float("-inf"))
         # A query with no allowed key (a padded row under left padding) gets weights 0.
-        a = torch.nan_to_num(scores.softmax(-1), nan=0.0)
+        a = torch.nan_to_num(scores.softmax(-1, dtype=self.softmax_dtype).to(X.dtype), nan=0.0)
         return {"xhat": xhat, "inv": inv, "xt": xt, "q": q, "k": k, "v": v, "cos": cos,
                 "sin": sin, "a": a, "o": a @ v_h}
 
@@ -199,10 +207,14 @@ class NormAttention:
         """None if the recorded output ``Y`` (B, T, d_out) is the formula at ``X``, else
         ``(error, allowed)`` (:func:`~._elementwise.formula_mismatch`); padded rows
         (``key_mask`` False) are not compared."""
+        eps = None
+        if self.softmax_dtype is not None:
+            eps = max(torch.finfo(Y.dtype).eps, torch.finfo(self.softmax_dtype).eps)
         if key_mask is not None:
             keep = key_mask.bool()
-            return formula_mismatch(lambda t: self.forward(t, key_mask)[keep], X, Y[keep])
-        return formula_mismatch(self.forward, X, Y)
+            return formula_mismatch(lambda t: self.forward(t, key_mask)[keep], X, Y[keep],
+                                    eps)
+        return formula_mismatch(self.forward, X, Y, eps)
 
     def products(self, points, V, *, weights=None, signs=None, key_mask=None,
                  memory=2**29):

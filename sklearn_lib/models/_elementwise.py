@@ -182,12 +182,14 @@ class LinearElementwise:
         return out
 
 
-def formula_mismatch(formula, X, Y):
+def formula_mismatch(formula, X, Y, eps=None):
     """None if ``Y == formula(X)`` to rounding, else ``(largest difference, allowed)``.
 
     Rounding allows ``1e3 eps`` of the largest entry of ``X`` or ``Y`` (at least
     1): the formula and the model compute the same operations, possibly in
-    another order or with other kernels. Non-finite differences never pass.
+    another order or with other kernels; ``eps`` is ``Y``'s machine epsilon
+    unless given (a model that computes a part in a coarser dtype).
+    Non-finite differences never pass.
     One host synchronisation per call.
     """
     with torch.no_grad():
@@ -200,7 +202,7 @@ def formula_mismatch(formula, X, Y):
         err, scale = torch.stack([
             (pred - Y).abs().max(), torch.maximum(Y.abs().max(), X.abs().max().to(Y.dtype))
         ]).tolist()
-    allowed = 1e3 * torch.finfo(Y.dtype).eps * max(scale, 1.0)
+    allowed = 1e3 * (torch.finfo(Y.dtype).eps if eps is None else eps) * max(scale, 1.0)
     if err <= allowed:  # False for NaN
         return None
     return (err if not math.isnan(err) else float("inf"), allowed)

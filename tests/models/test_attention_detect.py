@@ -6,7 +6,8 @@ forward hooks on a real forward (the block's input or the previous block's
 output, and the input of the block's second norm), and the detected
 :class:`NormAttention` run on the recorded input. Tolerance: relative ``1e-12``,
 except under eager attention for GPT-NeoX and the Llama family, whose softmax
-transformers computes in float32 (relative ``1e-6``). Rotary angles and
+transformers computes in float32 (relative ``1e-6``; the formula computes it in
+float32 too, and the rounding check of a fit passes). Rotary angles and
 LlamaRMSNorm are float32 in both the model and the formula.
 """
 
@@ -164,6 +165,11 @@ def test_section_matches_the_model(name, impl, start):
     X, Y = _record(model, a, b, _ids())
     assert section.fits(tuple(X.shape[1:]), tuple(Y.shape[1:]))
     assert _rel(section.forward(X), Y) < _tolerance(name, impl)
+    # The verification a fit runs on every batch passes too (the float32 softmax of
+    # eager GPT-NeoX / Llama is modelled: softmax_dtype).
+    assert section.mismatch(X, Y) is None
+    assert section.softmax_dtype == (torch.float32 if impl == "eager"
+                                     and not name.startswith("gpt2") else None)
 
 
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])

@@ -120,3 +120,19 @@ def test_a_hook_on_the_attention_is_not_recognised():
         assert_same_graph(auto, _fit(model, layers, False))
     finally:
         handle.remove()
+
+
+def test_eager_attention_with_its_float32_softmax_takes_the_closed_form():
+    # transformers' eager Llama attention computes the softmax in float32: the
+    # formula does too, so the check on every batch passes and the graph equals the
+    # generic products to that rounding.
+    model, _ = MODELS["llama"]()
+    eager = transformers.LlamaModel._from_config(model.config, attn_implementation="eager")
+    eager = eager.double().eval()
+    eager.load_state_dict(model.state_dict())
+    layers = LAYERS["llama"][:3]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        auto = _fit(eager, layers, "auto", stochastic_positions=2)
+    assert auto.fast_path_ == [True, True]
+    assert_same_graph(auto, _fit(eager, layers, False, stochastic_positions=2), TOL["llama"])
