@@ -481,7 +481,7 @@ class AttentionProducts:
         sec, T, d = self.section, self.p_in, self.d_in
         H, e, c = sec.n_heads, sec.d_head, E.shape[0]
         st, r = self._states[p], self.signs[b, j]
-        Z_all = self._cached_factors(p, b, j, rows)
+        Z_all = self._cached_factors(p, b, j)
         a = torch.einsum("t,hts->hs", r, st["a"][b]).mul_(st["g"][b])
         for s0 in range(0, T, rows):
             s1 = min(s0 + rows, T)
@@ -502,11 +502,12 @@ class AttentionProducts:
             P.baddbmm_(a[:, s0:s1].T.expand(c, -1, -1), F.transpose(0, 1))
             self._finish(P, st, b, s0, s1, w, out)
 
-    def _cached_factors(self, p, b, j, rows):
+    def _cached_factors(self, p, b, j):
         """:meth:`_factors` of all input positions, kept across the chunks of combination ``j``.
 
-        Kept for as many (point, sample) pairs as fit half of ``memory``;
-        None for the others (recomputed for every chunk).
+        Kept for as many (point, sample) pairs as fit half of ``memory``, and
+        computed one head at a time; None for the others (recomputed in chunks
+        of input positions for every chunk of directions).
         """
         if self._cache_j != j:
             self._cache, self._cache_j = {}, j
@@ -518,20 +519,33 @@ class AttentionProducts:
                 return None
             st, r = self._states[p], self.signs[b, j]
             Z = st["q"].new_empty(H, T, e, 2 * e)
-            for s0 in range(0, T, rows):
-                Z[:, s0 : s0 + rows] = self._factors(st, b, r, s0, min(s0 + rows, T))
+            for h in range(H):
+                Z[h : h + 1] = self._factors(st, b, r, 0, T, slice(h, h + 1))
             self._cache[p, b] = Z
         return self._cache[p, b]
 
-    def _factors(self, st, b, r, s0, s1):
-        """``scale [r_s Zq_s R_s | Zk_s R_s] / sigma_s`` (H, R, e, 2e) at inputs s0:s1 for signs ``r``."""
+    def _factors(self, st, b, r, s0, s1, heads=slice(None)):
+        """``scale [r_s Zq_s R_s | Zk_s R_s] / sigma_s`` (H, R, e, 2e) at inputs s0:s1 for signs ``r``.
+
+        For all positions, ``Phi`` and ``Psi`` are one GEMM per head on the
+        outer products ``v_u k_u^T``, ``r_t o_t q_t^T`` (T, e^2); for a chunk of
+        positions, GEMMs on the values scaled by the chunk's weights
+        (:func:`_outer_sum`), which need no outer products of all positions.
+        """
         sec, T = self.section, self.p_in
-        A, q, k, v, o, kappa = (st[n][b] for n in ("a", "q", "k", "v", "o", "kappa"))
-        rho = A[:, :, s0:s1].transpose(1, 2) @ (r[:, None] * q)
-        # Causal: keys u <= s enter Phi, queries t >= s enter Psi.
-        u1, t0 = (s1, s0) if sec.causal else (T, 0)
-        Phi = _outer_sum(A[:, s0:s1, :u1], v[:, :u1], k[:, :u1])
-        Psi = _outer_sum(A[:, t0:, s0:s1].transpose(1, 2), r[t0:, None] * o[:, t0:], q[:, t0:])
+        A, q, k, v, o, kappa = (st[n][b, heads] for n in ("a", "q", "k", "v", "o", "kappa"))
+        rq, ro = r[:, None] * q, r[:, None] * o
+        rho = A[:, :, s0:s1].transpose(1, 2) @ rq
+        if s1 - s0 == T:
+            n, e = A.shape[0], q.shape[-1]
+            Phi = (A @ (v[..., None] * k[..., None, :]).view(n, T, e * e)).view(n, T, e, e)
+            Psi = (A.transpose(1, 2) @ (ro[..., None] * q[..., None, :]).view(n, T, e * e))
+            Psi = Psi.view(n, T, e, e)
+        else:
+            # Causal: keys u <= s enter Phi, queries t >= s enter Psi.
+            u1, t0 = (s1, s0) if sec.causal else (T, 0)
+            Phi = _outer_sum(A[:, s0:s1, :u1], v[:, :u1], k[:, :u1])
+            Psi = _outer_sum(A[:, t0:, s0:s1].transpose(1, 2), ro[:, t0:], q[:, t0:])
         Zq = Phi.sub_(o[:, s0:s1, :, None] * kappa[:, s0:s1, None, :])
         Zk = torch.sub(v[:, s0:s1, :, None] * rho[:, :, None, :], Psi)
         if sec.rotary is not None:
