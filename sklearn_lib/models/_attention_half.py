@@ -268,11 +268,14 @@ class AttentionProducts:
 
     Temporaries are bounded by half of ``memory`` bytes by processing the
     input positions of one sample at a time in chunks (at least one position);
-    the other half keeps a combination's factors ``Zq``, ``Zk`` of as many
-    samples as fit across the chunks of its directions. A chunk of ``c``
-    directions costs about ``2 c T d^2`` flops per sample and combination
-    (``E Y``) plus ``4 d_head T d^2`` (``Y``), or, below ``c = 2 d_head d /
-    (2 d_head + d)``, ``4 c T d^2`` without the second term.
+    the other half keeps a combination's factors ``Zq``, ``Zk`` (``2 H T
+    d_head^2`` numbers per sample and point) of as many samples as fit, across
+    the chunks of its directions. A chunk of ``c`` directions then costs about
+    ``2 c T d^2`` flops per sample and combination (``E Y``) plus ``4 d_head T
+    d^2`` (``Y``), or, below ``c = 2 d_head d / (2 d_head + d)``, ``4 c T d^2``
+    without the second term; factors that are not kept are recomputed for
+    every chunk (``~2 T^2 H d_head^2`` more, in less efficient GEMMs), so long
+    sequences want ``memory >= 4 H T d_head^2`` numbers per sample.
 
     Parameters
     ----------
@@ -377,6 +380,7 @@ class AttentionProducts:
         rep = sec.n_heads // sec.n_kv_heads
         for name in ("k", "v"):
             st[name] = st[name].repeat_interleave(rep, dim=1) if rep > 1 else st[name]
+        del st["xt"]
         st["kappa"] = st["a"] @ st["k"]
         # The norm's 1 / sigma per position (1 without a norm), folded into the factors.
         st["g"] = st["a"].new_ones(X.shape[:2]) if st["inv"] is None else st["inv"]
@@ -385,7 +389,7 @@ class AttentionProducts:
     def costs(self):
         """Bytes per sample: ``(saved, backward, per_vector)`` as :func:`~._vjp.section_costs`.
 
-        ``saved``: one point's forward quantities; ``backward``: the
+        ``saved``: one point's forward quantities (:meth:`_state`); ``backward``: the
         temporaries of a chunk and the kept factors (one sample's input
         positions at a time, at most ``memory`` in all, whatever the number of
         samples); ``per_vector``: one direction's products and its share of the
