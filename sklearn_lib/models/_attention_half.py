@@ -227,7 +227,7 @@ def _rotate_back(x, cos, sin, rot_dim):
 
 
 def _outer_sum(A, x, y):
-    """``sum_u A[h, s, u] x[h, u] y[h, u]^T`` (H, R, e, e) with ``A`` (H, R, U), ``x, y`` (H, U, e).
+    """``sum_u A[h, s, u] x[h, u] y[h, u]^T`` (H, R, e, e); ``A`` (H, R, U), ``x, y`` (H, U, e).
 
     One batched GEMM per head on ``x`` scaled by each row of ``A`` (H, R, e,
     U): the outer products ``x_u y_u^T`` of all ``u`` would cost ``e / R``
@@ -444,7 +444,7 @@ class AttentionProducts:
         self._cache, self._cache_j = {}, None
 
     def _segment(self, out, i, c0, c1):
-        """Add the products of position or combination ``i``, columns c0:c1, to ``out`` (c, B, T, d)."""
+        """Add the products of position or combination ``i``, columns c0:c1, to ``out``."""
         sec = self.section
         H, e = sec.n_heads, sec.d_head
         c = c1 - c0
@@ -467,7 +467,7 @@ class AttentionProducts:
                 out.addcmul_(self.signs[None, :, i, :, None], Vt[:, None])
 
     def _finish(self, P, st, b, s0, s1, w, out, rows_first=False):
-        """Project ``P`` (c, R, d), or (R, c, d), onto the norm's tangent space and add it to ``out``.
+        """Project ``P`` (c, R, d), or (R, c, d), on the norm's tangent space; add it to ``out``.
 
         ``P`` holds ``(E Y_s + value term) / sigma_s`` at inputs s0:s1 (the
         norm's ``1 / sigma_s`` is folded into the factors); what is left of
@@ -529,7 +529,7 @@ class AttentionProducts:
         return self._cache[p, b]
 
     def _factors(self, st, b, r, s0, s1, heads=slice(None)):
-        """``scale [r_s Zq_s R_s | Zk_s R_s] / sigma_s`` (H, R, e, 2e) at inputs s0:s1 for signs ``r``.
+        """``scale [r_s Zq_s R_s | Zk_s R_s] / sigma_s`` (H, R, e, 2e) at inputs s0:s1, signs ``r``.
 
         For all positions, ``Phi`` and ``Psi`` are one GEMM per head on the
         outer products ``v_u k_u^T``, ``r_t o_t q_t^T`` (T, e^2); for a chunk of
