@@ -529,7 +529,7 @@ class AttentionProducts:
         return self._cache[p, b]
 
     def _factors(self, st, b, r, s0, s1, heads=slice(None)):
-        """``scale [r_s Zq_s R_s | Zk_s R_s] / sigma_s`` (H, R, e, 2e) at inputs s0:s1, signs ``r``.
+        """``scale [r_s Zq_s R_s | Zk_s R_s] / sigma_s`` (H, R, e, 2e), inputs s0:s1, signs r.
 
         For all positions, ``Phi`` and ``Psi`` are one GEMM per head on the
         outer products ``v_u k_u^T``, ``r_t o_t q_t^T`` (T, e^2); for a chunk of
