@@ -239,7 +239,7 @@ def _rotate_back(x, cos, sin, rot_dim):
 
 
 def _outer_sum(A, x, y):
-    """``sum_u A[h, s, u] x[h, u] y[h, u]^T`` (H, R, e, e) with ``A`` (H, R, U), ``x, y`` (H, U, e).
+    """``sum_u A[h, s, u] x[h, u] y[h, u]^T`` (H, R, e, e); ``A`` (H, R, U), ``x, y`` (H, U, e).
 
     One batched GEMM per head on ``x`` scaled by each row of ``A`` (H, R, e,
     U): the outer products ``x_u y_u^T`` of all ``u`` would cost ``e / R``
@@ -280,11 +280,14 @@ class AttentionProducts:
 
     Temporaries are bounded by half of ``memory`` bytes by processing the
     input positions of one sample at a time in chunks (at least one position);
-    the other half keeps a combination's factors ``Zq``, ``Zk`` of as many
-    samples as fit across the chunks of its directions. A chunk of ``c``
-    directions costs about ``2 c T d^2`` flops per sample and combination
-    (``E Y``) plus ``4 d_head T d^2`` (``Y``), or, below ``c = 2 d_head d /
-    (2 d_head + d)``, ``4 c T d^2`` without the second term.
+    the other half keeps a combination's factors ``Zq``, ``Zk`` (``2 H T
+    d_head^2`` numbers per sample and point) of as many samples as fit, across
+    the chunks of its directions. A chunk of ``c`` directions then costs about
+    ``2 c T d^2`` flops per sample and combination (``E Y``) plus ``4 d_head T
+    d^2`` (``Y``), or, below ``c = 2 d_head d / (2 d_head + d)``, ``4 c T d^2``
+    without the second term; factors that are not kept are recomputed for
+    every chunk (``~2 T^2 H d_head^2`` more, in less efficient GEMMs), so long
+    sequences want ``memory >= 4 H T d_head^2`` numbers per sample.
 
     Parameters
     ----------
@@ -389,6 +392,7 @@ class AttentionProducts:
         rep = sec.n_heads // sec.n_kv_heads
         for name in ("k", "v"):
             st[name] = st[name].repeat_interleave(rep, dim=1) if rep > 1 else st[name]
+        del st["xt"]
         st["kappa"] = st["a"] @ st["k"]
         # The norm's 1 / sigma per position (1 without a norm), folded into the factors.
         st["g"] = st["a"].new_ones(X.shape[:2]) if st["inv"] is None else st["inv"]
@@ -397,7 +401,7 @@ class AttentionProducts:
     def costs(self):
         """Bytes per sample: ``(saved, backward, per_vector)`` as :func:`~._vjp.section_costs`.
 
-        ``saved``: one point's forward quantities; ``backward``: the
+        ``saved``: one point's forward quantities (:meth:`_state`); ``backward``: the
         temporaries of a chunk and the kept factors (one sample's input
         positions at a time, at most ``memory`` in all, whatever the number of
         samples); ``per_vector``: one direction's products and its share of the
@@ -452,7 +456,7 @@ class AttentionProducts:
         self._cache, self._cache_j = {}, None
 
     def _segment(self, out, i, c0, c1):
-        """Add the products of position or combination ``i``, columns c0:c1, to ``out`` (c, B, T, d)."""
+        """Add the products of position or combination ``i``, columns c0:c1, to ``out``."""
         sec = self.section
         H, e = sec.n_heads, sec.d_head
         c = c1 - c0
@@ -475,7 +479,7 @@ class AttentionProducts:
                 out.addcmul_(self.signs[None, :, i, :, None], Vt[:, None])
 
     def _finish(self, P, st, b, s0, s1, w, out, rows_first=False):
-        """Project ``P`` (c, R, d), or (R, c, d), onto the norm's tangent space and add it to ``out``.
+        """Project ``P`` (c, R, d), or (R, c, d), on the norm's tangent space; add it to ``out``.
 
         ``P`` holds ``(E Y_s + value term) / sigma_s`` at inputs s0:s1 (the
         norm's ``1 / sigma_s`` is folded into the factors); what is left of
@@ -493,7 +497,7 @@ class AttentionProducts:
         sec, T, d = self.section, self.p_in, self.d_in
         H, e, c = sec.n_heads, sec.d_head, E.shape[0]
         st, r = self._states[p], self.signs[b, j]
-        Z_all = self._cached_factors(p, b, j, rows)
+        Z_all = self._cached_factors(p, b, j)
         a = torch.einsum("t,hts->hs", r, st["a"][b]).mul_(st["g"][b])
         for s0 in range(0, T, rows):
             s1 = min(s0 + rows, T)
@@ -514,11 +518,12 @@ class AttentionProducts:
             P.baddbmm_(a[:, s0:s1].T.expand(c, -1, -1), F.transpose(0, 1))
             self._finish(P, st, b, s0, s1, w, out)
 
-    def _cached_factors(self, p, b, j, rows):
+    def _cached_factors(self, p, b, j):
         """:meth:`_factors` of all input positions, kept across the chunks of combination ``j``.
 
-        Kept for as many (point, sample) pairs as fit half of ``memory``;
-        None for the others (recomputed for every chunk).
+        Kept for as many (point, sample) pairs as fit half of ``memory``, and
+        computed one head at a time; None for the others (recomputed in chunks
+        of input positions for every chunk of directions).
         """
         if self._cache_j != j:
             self._cache, self._cache_j = {}, j
@@ -530,20 +535,33 @@ class AttentionProducts:
                 return None
             st, r = self._states[p], self.signs[b, j]
             Z = st["q"].new_empty(H, T, e, 2 * e)
-            for s0 in range(0, T, rows):
-                Z[:, s0 : s0 + rows] = self._factors(st, b, r, s0, min(s0 + rows, T))
+            for h in range(H):
+                Z[h : h + 1] = self._factors(st, b, r, 0, T, slice(h, h + 1))
             self._cache[p, b] = Z
         return self._cache[p, b]
 
-    def _factors(self, st, b, r, s0, s1):
-        """``scale [r_s Zq_s R_s | Zk_s R_s] / sigma_s`` (H, R, e, 2e) at inputs s0:s1 for signs ``r``."""
+    def _factors(self, st, b, r, s0, s1, heads=slice(None)):
+        """``scale [r_s Zq_s R_s | Zk_s R_s] / sigma_s`` (H, R, e, 2e), inputs s0:s1, signs r.
+
+        For all positions, ``Phi`` and ``Psi`` are one GEMM per head on the
+        outer products ``v_u k_u^T``, ``r_t o_t q_t^T`` (T, e^2); for a chunk of
+        positions, GEMMs on the values scaled by the chunk's weights
+        (:func:`_outer_sum`), which need no outer products of all positions.
+        """
         sec, T = self.section, self.p_in
-        A, q, k, v, o, kappa = (st[n][b] for n in ("a", "q", "k", "v", "o", "kappa"))
-        rho = A[:, :, s0:s1].transpose(1, 2) @ (r[:, None] * q)
-        # Causal: keys u <= s enter Phi, queries t >= s enter Psi.
-        u1, t0 = (s1, s0) if sec.causal else (T, 0)
-        Phi = _outer_sum(A[:, s0:s1, :u1], v[:, :u1], k[:, :u1])
-        Psi = _outer_sum(A[:, t0:, s0:s1].transpose(1, 2), r[t0:, None] * o[:, t0:], q[:, t0:])
+        A, q, k, v, o, kappa = (st[n][b, heads] for n in ("a", "q", "k", "v", "o", "kappa"))
+        rq, ro = r[:, None] * q, r[:, None] * o
+        rho = A[:, :, s0:s1].transpose(1, 2) @ rq
+        if s1 - s0 == T:
+            n, e = A.shape[0], q.shape[-1]
+            Phi = (A @ (v[..., None] * k[..., None, :]).view(n, T, e * e)).view(n, T, e, e)
+            Psi = (A.transpose(1, 2) @ (ro[..., None] * q[..., None, :]).view(n, T, e * e))
+            Psi = Psi.view(n, T, e, e)
+        else:
+            # Causal: keys u <= s enter Phi, queries t >= s enter Psi.
+            u1, t0 = (s1, s0) if sec.causal else (T, 0)
+            Phi = _outer_sum(A[:, s0:s1, :u1], v[:, :u1], k[:, :u1])
+            Psi = _outer_sum(A[:, t0:, s0:s1].transpose(1, 2), ro[:, t0:], q[:, t0:])
         Zq = Phi.sub_(o[:, s0:s1, :, None] * kappa[:, s0:s1, None, :])
         Zk = torch.sub(v[:, s0:s1, :, None] * rho[:, :, None, :], Psi)
         if sec.rotary is not None:

@@ -21,6 +21,15 @@ DT = torch.float64
 TOL = 1e-12
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: threads only contend (a loaded machine makes them 20x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _rel(a, b):
     return float((a - b).abs().max() / b.abs().max())
 
