@@ -35,6 +35,7 @@ from ._model import (
     _positions,
     _record_batch,
 )
+from ._rowwise import replaced_positions_only
 from ._sections import _check_differentiable, _math_attention, _run_section
 from ._sequential import run_leaves
 
@@ -204,7 +205,11 @@ class SectionProducts:
         model, a, b, x, leaves = self.model, self.a, self.b, self.x, self.leaves
         with torch.no_grad(), _math_attention():
             if leaves is None:
-                section = lambda t: _run_section(model, a, b, x, t)  # noqa: E731
+                def section(t):
+                    # Modules acting on each position compute a selected layer's
+                    # replaced positions alone: a backward pass over those only.
+                    with replaced_positions_only(model, a):
+                        return _run_section(model, a, b, x, t)
             else:
                 # The clone shields the point from in-place modules (ReLU(inplace=True)).
                 section = lambda t: run_leaves(leaves, t.clone())  # noqa: E731
