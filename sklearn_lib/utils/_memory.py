@@ -97,13 +97,6 @@ class LiveTensors(TorchDispatchMode):
         self.live = self.peak = 0
         self._refs = {}  # storage address -> [bytes, tensors on it]
 
-    @classmethod
-    def _should_skip_dynamo(cls):
-        # TorchDispatchMode wraps a subclass's __torch_dispatch__ in
-        # torch._disable_dynamo, whose first call imports torch._dynamo (a second
-        # or two, once per process); this mode never runs under torch.compile.
-        return False
-
     def reset_peak(self):
         """Start a new peak from the bytes live now."""
         self.peak = self.live
