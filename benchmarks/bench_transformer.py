@@ -233,8 +233,9 @@ def main(argv=None):
 def build(args):
     """Time the graph build of every path in ``--paths``, section by section."""
     X = modular_addition_data()[0][: args.n]
-    # The first torch.func call imports torch._dynamo (seconds): not part of any build.
-    torch.func.vjp(torch.sin, torch.zeros(1))
+    # The first backward pass of a torch.func.vjp imports torch._dynamo (a second or
+    # two, once per process): not part of any build.
+    torch.func.vjp(torch.sin, torch.zeros(1))[1](torch.ones(1))
     rate = gemm_rate()
     print(f"{len(X)} pairs, float64, {torch.get_num_threads()} threads; "
           f"float64 GEMM rate {rate / 1e9:.1f} GFLOP/s")

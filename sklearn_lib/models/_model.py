@@ -11,6 +11,7 @@ arrays allocated once.
 
 from collections import namedtuple
 from contextlib import contextmanager
+from contextvars import ContextVar
 from math import prod
 
 import numpy as np
@@ -156,6 +157,15 @@ def _selected(layer, n_positions, shape):
     return index
 
 
+#: A replacement of the positions a layer selects (:func:`_select`): the ``full``
+#: tensor the forward pass goes on with, a copy of the ``original`` one, the
+#: ``index`` of the replaced positions on axis 1 and their ``new`` values.
+Replacement = namedtuple("Replacement", "full original index new")
+
+#: While set to a list, :func:`_select` appends every :class:`Replacement` it makes.
+REPLACED = ContextVar("REPLACED", default=None)
+
+
 def _select(layer, fn):
     """``fn`` applied to the positions ``layer`` selects; a result replaces only those."""
     if layer.positions is None:
@@ -164,8 +174,16 @@ def _select(layer, fn):
     def selected(value):
         index = _position_index(layer, value)
         new = fn(value.index_select(1, index))
+        if new is None:
+            return None
         # Out of place, so that gradients flow from the replacement alone.
-        return None if new is None else value.index_copy(1, index, new)
+        full = value.index_copy(1, index, new)
+        replaced = REPLACED.get()
+        if replaced is not None:
+            # A copy of the other positions' values, made before any later use
+            # of ``value`` is redirected to ``full`` (see ``_rowwise``).
+            replaced.append(Replacement(full, value.clone(), index, new))
+        return full
 
     return selected
 

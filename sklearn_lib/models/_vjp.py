@@ -35,6 +35,7 @@ from ._model import (
     _positions,
     _record_batch,
 )
+from ._rowwise import replaced_positions_only
 from ._sections import _check_differentiable, _math_attention, _run_section
 from ._sequential import run_leaves
 
@@ -42,6 +43,13 @@ from ._sequential import run_leaves
 # hold about this many elements (512 MiB in float64); the section's intermediate
 # activations scale with the chunk too, so this is a heuristic, not a hard bound.
 _VJP_ELEMENT_BUDGET = 2**26
+
+# On the CPU a chunk is computed in vectorised backward passes whose cotangents and
+# products hold about this many elements (2 MiB in float64), so that their
+# intermediate gradients stay in the caches: one backward pass over a whole
+# chunk of 2**26 elements runs from main memory, about 1.5x slower on a
+# transformer's MLP (benchmarks/bench_transformer.py). GPUs take whole chunks.
+_CPU_TILE_ELEMENTS = 2**18
 
 
 def prepare_model(model, *, device=None, dtype="float64"):
@@ -136,11 +144,17 @@ class SectionProducts:
     forward pass each) unless ``recompute``, which reruns the forward passes
     for every chunk instead.
 
+    On the CPU every chunk is computed in vectorised backward passes of
+    ``tile`` directions (see ``_CPU_TILE_ELEMENTS``), so that their
+    intermediate gradients stay in the caches; elsewhere in one.
+
     Attributes
     ----------
     n_vectors, k, p_in, d_in, p_out, d_out, batch : int
         Directions, columns of ``V``, input and output positions and widths,
         samples.
+    tile : int
+        Directions per vectorised backward pass.
     """
 
     def __init__(self, model, a, b, x, points, cotangents, *, sequence, check, leaves=None,
@@ -172,6 +186,10 @@ class SectionProducts:
             self.signs = position_signs(self.p_out)  # (B, m, P_out)
         self.n_vectors = self.p_out * self.k if self.signs is None else (
             self.signs.shape[1] * self.k)
+        self.tile = self.n_vectors
+        if out.device.type == "cpu":
+            per_vector = self.batch * (self.p_out * self.d_out + self.p_in * self.d_in)
+            self.tile = max(1, min(self.n_vectors, _CPU_TILE_ELEMENTS // max(1, per_vector)))
         if recompute:
             self._vjps = []
 
@@ -187,7 +205,11 @@ class SectionProducts:
         model, a, b, x, leaves = self.model, self.a, self.b, self.x, self.leaves
         with torch.no_grad(), _math_attention():
             if leaves is None:
-                section = lambda t: _run_section(model, a, b, x, t)  # noqa: E731
+                def section(t):
+                    # Modules acting on each position compute a selected layer's
+                    # replaced positions alone: a backward pass over those only.
+                    with replaced_positions_only(model, a):
+                        return _run_section(model, a, b, x, t)
             else:
                 # The clone shields the point from in-place modules (ReLU(inplace=True)).
                 section = lambda t: run_leaves(leaves, t.clone())  # noqa: E731
@@ -209,6 +231,24 @@ class SectionProducts:
         return (self.signs[:, index // k].transpose(0, 1)[..., None]
                 * self.basis_t[index % k][:, None, None, :]).reshape(len(index), n, *shape)
 
+    def _products(self, vjp_fn, start, stop):
+        """Directions ``start:stop`` of one point as ``(stop - start, B * P_in, d_in)``.
+
+        One vectorised backward pass per ``tile`` directions, written into
+        the chunk.
+        """
+        shape = (stop - start, self.batch * self.p_in, self.d_in)
+        out = None
+        for lo in range(start, stop, self.tile):
+            hi = min(lo + self.tile, stop)
+            grads = torch.func.vmap(lambda v: vjp_fn(v)[0])(self.cotangents(lo, hi))
+            if hi - lo == shape[0]:
+                return grads.reshape(shape).contiguous()
+            if out is None:
+                out = grads.new_empty(shape)
+            out[lo - start : hi - start] = grads.reshape(hi - lo, *shape[1:])
+        return out
+
     def chunks(self, max_vectors):
         """Yield ``(start, products)``: directions ``start:start + c`` as ``(c, B * P_in, d_in)``.
 
@@ -219,13 +259,10 @@ class SectionProducts:
         with torch.no_grad():
             for start in range(0, self.n_vectors, step):
                 stop = min(start + step, self.n_vectors)
-                cot = self.cotangents(start, stop)
                 total = None
                 for i, w in enumerate(self.weights):
                     _, vjp_fn = self._vjp(self.points[i]) if self.recompute else self._vjps[i]
-                    grads = torch.func.vmap(lambda v, f=vjp_fn: f(v)[0])(cot)
-                    grads = grads.reshape(stop - start, self.batch * self.p_in,
-                                           self.d_in).contiguous()
+                    grads = self._products(vjp_fn, start, stop)
                     if total is None:
                         total = grads if w == 1.0 else grads.mul_(w)
                     else:
