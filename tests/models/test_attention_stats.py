@@ -8,10 +8,9 @@ The reference is :class:`~sklearn_lib.models._attention_half.AttentionProducts`
 
 import pytest
 import torch
+from test_attention_half import _inputs, _key_mask, _rel, _signs, make_section
 
 from sklearn_lib.models._attention_stats import combined_attributions, combined_scatter
-
-from test_attention_half import _inputs, _key_mask, _rel, _signs, make_section
 
 DT = torch.float64
 TOL = 1e-12
