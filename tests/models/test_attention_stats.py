@@ -10,7 +10,12 @@ import pytest
 import torch
 from test_attention_half import _inputs, _key_mask, _rel, _signs, make_section
 
-from sklearn_lib.models._attention_stats import combined_attributions, combined_scatter
+from sklearn_lib.models._attention_stats import (
+    _scatter_direct,
+    _scatter_heads,
+    combined_attributions,
+    combined_scatter,
+)
 
 DT = torch.float64
 TOL = 1e-12
@@ -105,3 +110,15 @@ def test_refuses_bad_arguments():
     with pytest.raises(ValueError, match="Z must be"):
         combined_attributions(section, [X], V, torch.zeros(d, 2, dtype=DT),
                               torch.zeros(B, T, 3, dtype=DT), signs)
+
+
+@pytest.mark.parametrize("k", [3, 30])
+def test_scatter_routes_agree(k):
+    """G formed and the head structure give the same scatter, whichever combined_scatter picks."""
+    section = make_section(norm="layer", G=2, rotary="partial")
+    X = _inputs()
+    B, T, d = X.shape
+    V = torch.randn(d, k, generator=torch.Generator().manual_seed(3), dtype=DT)
+    prod = section.products([X], V, signs=_signs(B, 2, T))
+    direct, heads = _scatter_direct(prod, 2**12), _scatter_heads(prod, 2**12)
+    assert _rel(heads, direct) < TOL
