@@ -1,0 +1,305 @@
+"""Statistics of the attention half's combined products without the products themselves.
+
+With positions combined by signs ``r`` (one combination), the products of a
+:class:`~._attention_half.NormAttention` section at input row ``s`` are (the
+math of :class:`~._attention_half.AttentionProducts`)
+``G_s = c r_s V^T + E W_s`` with ``E = V^T W_O`` (k, H d_head), ``c`` the
+points' total weight (0 without the residual) and ``W_s = sum_p w_p (Y^p_s +
+Yv^p_s) N^p_s`` (H d_head, d): ``Y_s`` stacks ``Z^h_s W_QK^h`` over the heads
+(``Z^h_s = scale [r_s Zq_s R_s | Zk_s R_s] / sigma_s``, e x 2e, ``W_QK^h`` the
+folded query and key weights, 2e x d), ``Yv_s`` stacks the value term ``a^h_s
+W_V^h`` (``a^h_s = sum_t r_t A_ts / sigma_s``) and ``N_s = I - xhat_s
+xhat_s^T / d`` is what is left of the norm's Jacobian (I without a norm).
+
+The graph needs two things of them, computed here one chunk of input rows at
+a time, so nothing scales as ``k T d`` per sample:
+
+* :func:`combined_scatter`: ``S_j = sum_{b, s} G_s^T G_s`` per combination. ``E
+  = Q R`` (reduced QR, ``R`` is ``k' x H d_head`` with ``k' = min(k, H
+  d_head)``) gives ``G_s^T G_s = (R W_s)^T (R W_s) + c r_s (V Q R W_s + its
+  transpose) + c^2 r_s^2 V V^T``: a row costs ``4 e d^2`` (``W_s``) plus ``4 k'
+  d^2`` (``R W_s`` and the scatter), whatever ``k``. When ``k <= H d_head`` ``E``
+  is used itself and the residual enters ``G_s`` directly.
+* :func:`combined_attributions`: ``g = sum_s G_s right diag(z_s)``, through
+  the head structure without ``G`` or ``W``: ``W_s right`` is ``Z^h_s (W_QK^h
+  right) + a^h_s W_V^h right - u_s (xhat_s^T right) / d`` with ``u_s = (Y_s +
+  Yv_s) xhat_s``, so a row costs ``O(H e^2 r + H e d)`` and ``E`` enters once
+  per sample: ``g = E B + c V^T right diag(sum_s r_s z_s)``.
+"""
+
+import torch
+
+from ._attention_half import AttentionProducts
+
+__all__ = ["combined_attributions", "combined_scatter"]
+
+
+def _products(section, points, V, weights, signs, key_mask, memory):
+    """The section's :class:`AttentionProducts`: validation, folded weights, forward states."""
+    if signs is None:
+        raise ValueError("signs (B, m, T) are required: these statistics combine the output "
+                         "positions; exact positions go through AttentionProducts.")
+    if int(memory) < 1:
+        raise ValueError(f"memory must be a positive number of bytes, got {memory!r}.")
+    return AttentionProducts(section, points, V, weights=weights, signs=signs,
+                             key_mask=key_mask, memory=memory)
+
+
+def _row_step(products, memory, per_row):
+    """Input rows per chunk: the temporaries of ``per_row`` elements each within ``memory``."""
+    rows = int(memory) // (products._itemsize * per_row)
+    return int(max(1, min(products.p_in, rows)))
+
+
+def _factor_elements(products):
+    """Elements per input row of :meth:`AttentionProducts._factors`' temporaries."""
+    H, e = products.section.n_heads, products.section.d_head
+    return H * e * products.p_in + 8 * H * e * e
+
+
+def _value_weights(products, st, b, r):
+    """``a^h_s = sum_t r_t A_ts / sigma_s`` (H, T): the value term's weights."""
+    return torch.einsum("t,hts->hs", r, st["a"][b]).mul_(st["g"][b])
+
+
+def combined_scatter(section, X, V, signs, *, key_mask=None, memory=2**29):
+    """Per combination, the scatter of the section's products over samples and input rows.
+
+    Two routes with the same result, the one with fewer flops per row taken:
+    ``G_s`` formed (``4 e H e d + 2 k H e d + 2 k d^2``: few directions) or the
+    head structure (``12 e (H e)^2``, whatever ``k``: :func:`_scatter_heads`).
+
+    Parameters
+    ----------
+    section : NormAttention
+    X : torch.Tensor
+        (B, T, d) inputs.
+    V : torch.Tensor
+        (d_out, k) cotangent directions.
+    signs : torch.Tensor
+        (B, m, T) combinations of the output positions (as
+        :class:`~._attention_half.AttentionProducts` takes them: 0 at padded or
+        unselected positions).
+    key_mask : torch.Tensor, optional
+        (B, T) bool, True at real positions.
+    memory : int, default=2**29
+        Bytes for the temporaries of a chunk of input rows (a target: one row's
+        temporaries are always allowed).
+
+    Returns
+    -------
+    S : torch.Tensor
+        (m, d, d): ``S_j = sum_{b, s} G_s^T G_s`` with ``G_s`` (k, d) the
+        products of combination ``j`` at input row ``s`` of sample ``b``
+        (directions ``j k : (j + 1) k`` of ``AttentionProducts``).
+    """
+    prod = _products(section, [X], V, None, signs, key_mask, memory)
+    d, He, e, k = prod.d_in, section.n_heads * section.d_head, section.d_head, prod.k
+    with torch.no_grad():
+        if 12 * e * He * He < 4 * e * He * d + 2 * k * He * d + 2 * k * d * d:
+            return _scatter_heads(prod, memory)
+        return _scatter_direct(prod, memory)
+
+
+def _scatter_direct(prod, memory):
+    """:func:`combined_scatter` with ``G_s = c r_s V^T + E W_s`` formed, one GEMM per chunk."""
+    section, B, T, d = prod.section, prod.batch, prod.p_in, prod.d_in
+    H, e = section.n_heads, section.d_head
+    E, Vt, m = prod._E, prod._Vt, prod.signs.shape[1]
+    k, He = E.shape
+    rows = _row_step(prod, memory, _factor_elements(prod) + He * d + k * d + He)
+    S = E.new_zeros(m, d, d)
+    for j in range(m):
+        for b in range(B):
+            st, r = prod._states[0], prod.signs[b, j]
+            a = _value_weights(prod, st, b, r)
+            for s0 in range(0, T, rows):
+                s1 = min(s0 + rows, T)
+                W = _chunk_w(prod, st, b, r, a, s0, s1)
+                G = (E @ W.view(He, -1)).view(k, s1 - s0, d)
+                if section.residual:
+                    G.addcmul_(Vt[:, None, :], r[None, s0:s1, None])
+                flat = G.view(-1, d)
+                S[j].addmm_(flat.T, flat)
+    return S
+
+
+def _chunk_w(prod, st, b, r, a, s0, s1):
+    """``W_s`` (H e, R, d) of inputs s0:s1: ``Y_s``, the value term, the norm's projection."""
+    section, d, R = prod.section, prod.d_in, s1 - s0
+    H, e = section.n_heads, section.d_head
+    Zt = prod._factors(st, b, r, s0, s1).transpose(1, 2)  # (H, e, R, 2e)
+    W = torch.bmm(Zt.reshape(H, e * R, 2 * e), prod._Wqk).view(H, e, R, d)
+    W.addcmul_(prod._Wv[:, :, None, :], a[:, None, s0:s1, None])
+    W = W.view(H * e, R, d)
+    if st["xhat"] is not None:
+        xhat = st["xhat"][b, s0:s1]
+        proj = torch.einsum("crd,rd->cr", W, xhat)
+        W.addcmul_(proj[..., None], xhat[None], value=-1.0 / d)
+    return W
+
+
+def _scatter_heads(prod, memory):
+    """:func:`combined_scatter` through the head structure, without ``G_s`` or ``W_s``.
+
+    With ``K = E^T E`` and ``Y_s = F_s W_all`` (``F_s`` block diagonal over the
+    heads, block ``[Z^h_s | a^h_s I]``, ``W_all`` the stacked ``[W_QK^h;
+    W_V^h]``), ``G_s^T G_s`` sums to ``W_all^T M W_all`` with ``M = sum_s F_s^T
+    K F_s`` (its query/key blocks ``Z^{hT}_s K_hh' Z^{h'}_s`` two GEMMs per
+    chunk, ``12 e (H e)^2`` flops a row; the value blocks from ``sum_s a^{h'}_s
+    Z^h_s`` and ``sum_s a_s a_s^T``), the norm's terms ``-(Q + Q^T) / d + sum_s
+    (u_s^T K u_s) xhat_s xhat_s^T / d^2`` (``Q = sum_s Y_s^T K u_s xhat_s^T``)
+    and the residual's ``C + C^T + c^2 sum_s r_s^2 V V^T`` (``C = c V E sum_s r_s
+    W_s``). Everything but the last products is summed over rows and samples
+    first.
+    """
+    section, B, T, d = prod.section, prod.batch, prod.p_in, prod.d_in
+    H, e = section.n_heads, section.d_head
+    He = H * e
+    E, Vt, m = prod._E, prod._Vt, prod.signs.shape[1]
+    new = E.new_zeros
+    K = E.T @ E
+    Kcols = K.view(He, H, e).permute(1, 0, 2).contiguous()  # (H', He, e): K[:, h']
+    Kb = K.view(H, e, H, e).transpose(1, 2)  # (H, H', e, e): the blocks K_hh'
+    W_all = torch.cat([prod._Wqk, prod._Wv], 1).view(3 * He, d)  # rows (h, [q | k | v])
+    rows = _row_step(prod, memory, _factor_elements(prod) + 2 * He * He + 6 * H * e * e)
+    S = new(m, d, d)
+    for j in range(m):
+        Mzz, Za, Saa = new(H, H, 2 * e, 2 * e), new(H, H, e, 2 * e), new(H, H)
+        Zr, ar, Ux, r2 = new(H, e, 2 * e), new(H), new(He, d), 0.0
+        Q1, Q2, Xg = new(H, 2 * e, d), new(H, e, d), new(d, d)
+        for b in range(B):
+            st, r = prod._states[0], prod.signs[b, j]
+            a_all = _value_weights(prod, st, b, r)
+            ar += a_all @ r
+            r2 += float(r @ r)
+            for s0 in range(0, T, rows):
+                s1 = min(s0 + rows, T)
+                R, a, rs = s1 - s0, a_all[:, s0:s1], r[s0:s1]
+                Zf = prod._factors(st, b, r, s0, s1)  # (H, R, e, 2e)
+                Zt = Zf.transpose(1, 2).contiguous()  # (H, e, R, 2e)
+                # KZ[h', h, i, s] = sum_i' K[h i, h' i'] Z^h'_s[i'] (H', H, e, R, 2e).
+                KZ = torch.bmm(Kcols, Zt.view(H, e, -1)).view(H, H, e * R, 2 * e)
+                for h in range(H):
+                    # Mzz[h, h'] += sum_s Z^{hT}_s K_hh' Z^h'_s: one GEMM over (i, s).
+                    Mzz[h].baddbmm_(Zt[h].view(e * R, 2 * e).T.expand(H, -1, -1), KZ[:, h])
+                Za += torch.einsum("hsij,gs->hgij", Zf, a)
+                Saa.addmm_(a, a.T)
+                Zr += torch.einsum("hsij,s->hij", Zf, rs)
+                if st["xhat"] is None:
+                    continue
+                xhat = st["xhat"][b, s0:s1]
+                # u_s = Y_s xhat_s (H, e, R) and p_s = K u_s.
+                u = torch.einsum("hsij,hjs->his", Zf, prod._Wqk @ xhat.T)
+                u.addcmul_(prod._Wv @ xhat.T, a[:, None, :])
+                u = u.reshape(He, R)
+                p = (K @ u).view(H, e, R)
+                Q1.view(2 * He, d).addmm_(
+                    torch.einsum("hsij,his->hjs", Zf, p).reshape(2 * He, R), xhat)
+                Q2.view(He, d).addmm_((p * a[:, None, :]).view(He, R), xhat)
+                Xg.addmm_(xhat.T, xhat * (u * p.view(He, R)).sum(0)[:, None])
+                Ux.addmm_(u, xhat * rs[:, None])
+        # M over the rows (h, [q | k | v]) of W_all.
+        M = new(H, 3 * e, H, 3 * e)
+        M[:, : 2 * e, :, : 2 * e] = Mzz.transpose(1, 2)
+        Mzv = torch.einsum("hgij,hgik->hjgk", Za, Kb)  # sum_s Z^{hT}_s K_hh' a^h'_s
+        M[:, : 2 * e, :, 2 * e :] = Mzv
+        M[:, 2 * e :, :, : 2 * e] = Mzv.permute(2, 3, 0, 1)
+        M[:, 2 * e :, :, 2 * e :] = (Saa[:, :, None, None] * Kb).transpose(1, 2)
+        S[j] = W_all.T @ (M.view(3 * He, 3 * He) @ W_all)
+        if st["xhat"] is not None:
+            Q = prod._Wqk.reshape(2 * He, d).T @ Q1.view(2 * He, d)
+            Q.addmm_(prod._Wv.reshape(He, d).T, Q2.view(He, d))
+            S[j].sub_(Q, alpha=1.0 / d).sub_(Q.T, alpha=1.0 / d).add_(Xg, alpha=1.0 / d**2)
+        if section.residual:
+            # sum_s r_s W_s = [Zr^h W_QK^h + ar^h W_V^h]_h - sum_s r_s u_s xhat_s^T / d.
+            SW = torch.bmm(Zr, prod._Wqk).add_(prod._Wv * ar[:, None, None]).view(He, d)
+            SW.sub_(Ux, alpha=1.0 / d)
+            C = Vt.T @ (E @ SW)
+            S[j].add_(C).add_(C.T).addmm_(Vt.T, Vt, alpha=r2)
+    return S
+
+
+def combined_attributions(section, points, V, right, Z, signs, *, weights=None,
+                          key_mask=None, memory=2**29):
+    """Per sample and combination, ``g = sum_s G_s right diag(z_s)``, without the products.
+
+    Parameters
+    ----------
+    section : NormAttention
+    points : list of torch.Tensor
+        Inputs (B, T, d) (e.g. the points of an integration path); the products
+        are their weighted sum.
+    V : torch.Tensor
+        (d_out, k) cotangent directions.
+    right : torch.Tensor
+        (d, r) map from the input's coordinates to its basis (``C_pinv^T``).
+    Z : torch.Tensor
+        (B, T, r) the input layer's basis coordinates per row (0 at padded
+        rows), the same for every point.
+    signs : torch.Tensor
+        (B, m, T) combinations of the output positions.
+    weights : list of float, optional
+        One per point; None means 1 each.
+    key_mask : torch.Tensor, optional
+        (B, T) bool, True at real positions.
+    memory : int, default=2**29
+        Bytes for the temporaries of a chunk of input rows (a target).
+
+    Returns
+    -------
+    g : torch.Tensor
+        (B, m, k, r): ``g[b, j] = sum_s G_s right diag(z_s)``, ``G_s`` the
+        weighted products of combination ``j`` at row ``s`` of sample ``b``.
+    """
+    prod = _products(section, points, V, weights, signs, key_mask, memory)
+    B, T, d = prod.batch, prod.p_in, prod.d_in
+    H, e = section.n_heads, section.d_head
+    E, Vt, m = prod._E, prod._Vt, prod.signs.shape[1]
+    dtype, device = E.dtype, E.device
+    right = torch.as_tensor(right, dtype=dtype, device=device)
+    if right.ndim != 2 or right.shape[0] != d:
+        raise ValueError(f"right must be (d, r) = ({d}, r), got shape {tuple(right.shape)}.")
+    n_r = right.shape[1]
+    Z = torch.as_tensor(Z, dtype=dtype, device=device)
+    if tuple(Z.shape) != (B, T, n_r):
+        raise ValueError(f"Z must be (B, T, r) = ({B}, {T}, {n_r}), got shape "
+                         f"{tuple(Z.shape)}.")
+    with torch.no_grad():
+        Wqk_r = prod._Wqk @ right  # (H, 2e, r): once, not per row
+        Wv_r = prod._Wv @ right  # (H, e, r)
+        Vt_r = Vt @ right if section.residual else None  # (k, r)
+        rows = _row_step(prod, memory, _factor_elements(prod) + 4 * e * n_r + 5 * H * e)
+        out = E.new_zeros(B, m, E.shape[0], n_r)
+        for b in range(B):
+            z = Z[b]
+            for j in range(m):
+                r = prod.signs[b, j]
+                acc = E.new_zeros(H, e, n_r)  # B_j = sum_s (W_s right) diag(z_s)
+                for st, w in zip(prod._states, prod.weights):
+                    a = _value_weights(prod, st, b, r)
+                    # The value term: sum_s a^h_s W_V^h right diag(z_s).
+                    acc.addcmul_(Wv_r, (a @ z)[:, None, :], value=w)
+                    for s0 in range(0, T, rows):
+                        s1 = min(s0 + rows, T)
+                        R = s1 - s0
+                        Zf = prod._factors(st, b, r, s0, s1)  # (H, R, e, 2e)
+                        Zt = Zf.transpose(1, 2).reshape(H, e, R * 2 * e)
+                        for h in range(H):
+                            # sum_s Z^h_s (W_QK^h right) diag(z_s): one GEMM over (s, j).
+                            Wz = Wqk_r[h, None] * z[s0:s1, None, :]  # (R, 2e, r)
+                            acc[h].addmm_(Zt[h], Wz.view(R * 2 * e, n_r), alpha=w)
+                        if st["xhat"] is not None:
+                            # The norm's -u_s (xhat_s^T right) / d, u_s = (Y_s + Yv_s) xhat_s.
+                            xhat = st["xhat"][b, s0:s1]
+                            wx = torch.einsum("hjd,sd->hsj", prod._Wqk, xhat)
+                            u = torch.einsum("hsij,hsj->hsi", Zf, wx)
+                            u.add_(torch.einsum("hid,sd->hsi", prod._Wv, xhat)
+                                   * a[:, s0:s1, None])
+                            coef = (xhat @ right).mul_(z[s0:s1])  # (R, r)
+                            acc.sub_(torch.einsum("hsi,sr->hir", u, coef), alpha=w / d)
+                g = E @ acc.view(H * e, n_r)
+                if section.residual:
+                    g.addcmul_(Vt_r, (r @ z)[None, :], value=sum(prod.weights))
+                out[b, j] = g
+    return out
