@@ -52,9 +52,10 @@ ids = np.random.default_rng(0).integers(0, config.vocab_size, size=(N_SEQUENCES,
 # half reads, and what the residual connection carries on), and
 # ``"transformer.h.0"`` the block's output. The MLP half, from the stream after
 # attention to the block's output, is recognised as GPT-2's own
-# ``LayerNorm -> Conv1D -> GELU -> Conv1D`` plus the residual, and takes its
-# closed form (checked against the model on every batch); attention halves take
-# vector-Jacobian products. The last layer, ``"lm_head"``, is the logits: a
+# ``LayerNorm -> Conv1D -> GELU -> Conv1D`` plus the residual, and the attention
+# half before it as GPT-2's own ``LayerNorm -> attention`` plus the residual: both
+# take closed forms (checked against the model on every batch; ``fast_path_``
+# says which sections did). The last layer, ``"lm_head"``, is the logits: a
 # layer that wide is fitted without any vocabulary-by-vocabulary matrix (here a
 # streamed randomized PCA keeping 32 directions), and the unembedding takes its
 # closed form.
@@ -79,8 +80,9 @@ print("directions per layer:", dict(zip(NAMES, graph.n_components_.tolist())))
 # -----------------------
 # ``interaction_strengths_std_`` is the standard error of each strength due to
 # the random position combinations, estimated from eight independent groups of
-# them in the same run; an exact run has none, and the sections in closed form
-# (the MLP halves) are exact. The relative error of the strongest directions
+# them in the same run; an exact run has none, and the MLP halves' strengths are
+# exact (a section that acts token by token has no cross terms between the
+# positions it combines). The relative error of the strongest directions
 # says whether more combinations are needed. It does not include the sampling
 # of the data: more tokens shrink that.
 fig, axes = plt.subplots(1, len(LAYERS) - 1, figsize=(3.2 * (len(LAYERS) - 1), 3),

@@ -159,6 +159,18 @@ class SourceGroups:
             sums[j % self.n_groups].addmm_(P.T, P)
             q = stop
 
+    def add_combinations(self, scatters):
+        """Add the scatters ``(m, d, d)`` of combinations ``0 .. m - 1``: combination ``j`` to group ``j % G``.
+
+        The scatters of one batch, each summed over its samples, as a closed form
+        computes them without products.
+        """
+        m, d = scatters.shape[0], scatters.shape[-1]
+        self._check(m, 1)
+        sums = self._group_sums((d, d), scatters)
+        for j in range(m):
+            sums[j % self.n_groups].add_(scatters[j])
+
     def add_rows(self, squares, start, k):
         """Add squares ``(c, width)`` of directions ``start:start + c`` to row ``q % k`` of their group.
 

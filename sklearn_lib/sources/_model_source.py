@@ -18,6 +18,7 @@ from ..models import _adapters, _collect, _model
 from ..models._attention import CausalAttention, detect_attention, why_not_attention
 from ..models._attention_detect import attention_half_section, why_not_attention_half
 from ..models._attention_half import NormAttention
+from ..models._attention_stats import combined_attributions, combined_scatter
 from ..models._block_detect import block_section, why_not_block
 from ..models._blocks import accumulator
 from ..models._fastpath import (
@@ -462,6 +463,8 @@ class ModelSource(StreamedProducts):
                                                signed_sums=_closed_form_sums(
                                                    st, V, getattr(scatter, "s_sum", None),
                                                    scatter.n, n_out))
+        if isinstance(st, NormAttention) and self._combined(position_sources, m):
+            return self._attention_stats(l, m, st, V, stats, position_sources, error_groups)
         width = max(self.widths[l], self.widths[m])
         # A declared attention section, or None; an attention half (NormAttention)
         # gives its products in closed form, streamed like the model's own.
@@ -521,6 +524,46 @@ class ModelSource(StreamedProducts):
         return stats.add_jacobian_scatter_(scatter, n_outputs=self.positions[m] * k,
                                            signed_sums=sums)
 
+    def _combined(self, position_sources, m):
+        """Whether a section into layer m combines its output positions at random."""
+        return position_sources is not None and self.positions[m] > 1
+
+    def _attention_work(self, section, l):
+        """Numbers per sample an attention half's forward quantities hold (weights and heads)."""
+        T = self.positions[l]
+        return 2 * section.n_heads * T * (T + 4 * section.d_head) + 8 * T * self.widths[l]
+
+    def _attention_stats(self, l, m, section, V, stats, position_sources, error_groups):
+        """Statistics of layer l with the scatter of an attention half, positions combined.
+
+        Every combination's scatter comes in closed form
+        (:func:`~sklearn_lib.models._attention_stats.combined_scatter`), by
+        chunks of input rows within :meth:`_formula_memory`: the products
+        themselves (``k`` per row) are never formed.
+        """
+        scatter = None
+        for x in self._pass(f"layer {l}", self._footprint(l, self._attention_work(section, l))):
+            act = self._activation(x, l, m)
+            stats.update(_keep(self._rows(act, l), self._real_rows(x, l, act.shape)))
+            signs = self._signs(position_sources, x, m)(act.shape[1])
+            S = combined_scatter(section, act, V, signs, key_mask=_adapters.padding_mask(x),
+                                 memory=self._formula_memory())
+            if error_groups is not None:
+                error_groups.add_combinations(S)
+            else:
+                total = S.sum(0)
+                scatter = total if scatter is None else scatter.add_(total)
+        if error_groups is not None:
+            scatter = error_groups.added_to(scatter)
+        if not bool(torch.isfinite(scatter).all()):
+            raise ValueError(
+                f"the Jacobian scatter of section {self.specs[l].spec!r} -> "
+                f"{self.specs[m].spec!r} contains NaN or infinity."
+            )
+        # Random combinations of positions: no signed sums of outputs.
+        return stats.add_jacobian_scatter_(scatter, n_outputs=self.positions[m] * V.shape[1],
+                                           signed_sums=None)
+
     def global_stats(self, V, new_stats, position_sources=None):
         L = self.n_layers - 1
         return [self.jacobian_stats(l, V, new_stats, target=L, position_sources=position_sources)
@@ -554,11 +597,14 @@ class ModelSource(StreamedProducts):
         E, constant = E_all[:, :C.shape[1]], (None if out_mean is None else E_all[:, -1])
         count, workspace = 0, Workspace()
         k, r = V.shape[1], C.shape[1]
-        attention, combine = None, False
+        attention, combine, half = None, False, None
         if isinstance(st, CausalAttention):
             attention, st = st, None
         elif isinstance(st, NormAttention):
-            st = None  # its products come from _product_chunks, streamed like the model's
+            # With combined positions, its attributions in closed form; else its products
+            # come from _product_chunks, streamed like the model's.
+            half = st if self._combined(position_sources, l + 1) else None
+            st = None
         if attention is not None:
             # The d_head x r matrices of every head, their three terms, and the result.
             H_e = attention.w_q.shape[0]
@@ -582,7 +628,10 @@ class ModelSource(StreamedProducts):
                 work += self.positions[l] * k * (d_s + r)
             per_sample = self._footprint(l, work)
         size = None
-        if attention is None and st is None:
+        if half is not None:
+            # The formula's forward quantities; its temporaries stay within _formula_memory.
+            per_sample = self._footprint(l, self._attention_work(half, l))
+        elif attention is None and st is None:
             # The products come in chunks (:meth:`_product_chunks`); the batch is planned
             # from their measured costs.
             per_sample = self._footprint(l + 1, 4 * self.positions[l] * self.widths[l])
@@ -607,7 +656,16 @@ class ModelSource(StreamedProducts):
                 if signs is not None and p_out > 1:
                     # The output coordinates combined like the products' positions.
                     Z_out = (signs(p_out) @ Z_out.view(n_x, p_out, -1)).view(-1, Z_out.shape[1])
-            if attention is not None and _adapters.padding_mask(x) is None:
+            if half is not None:
+                # An attention half's combined attributions in closed form, never its products.
+                n_pos = act.shape[1]
+                Y = combined_attributions(half, [p.reshape(act.shape) for p in points], V,
+                                          C_pinv.T, Z.view(n_x, n_pos, r), signs(n_pos),
+                                          weights=weights, key_mask=_adapters.padding_mask(x),
+                                          memory=self._formula_memory())
+                accumulate_attributions(E, Y, constant=constant, Z_out=Z_out,
+                                        groups=error_groups)
+            elif attention is not None and _adapters.padding_mask(x) is None:
                 Y, Z_seq = None, Z.view(n_x, -1, r)
                 for w, p in zip(weights, points):
                     Y_w = attention.attributions(p.reshape(act.shape), V, C_pinv.T, Z_seq)
