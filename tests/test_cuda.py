@@ -89,3 +89,28 @@ def test_modules_of_a_cuda_graph_equal_cpu(net, inputs):
         mc = ModularityClustering(random_state=0, normalization="sqrt").fit(graph)
         labels.append(mc.labels_)
     np.testing.assert_array_equal(labels[0], labels[1])
+
+
+@pytest.mark.parametrize("m", [None, 2])
+def test_transformer_halves_on_cuda(m):
+    # GPT-2's attention and MLP halves in closed form on the device (products for exact
+    # positions, per-head factors for combined ones): exact positions against the same
+    # fit on the CPU; combined ones against the device's generic products, which draw
+    # the same signs from the device's generator (the CPU's draws others).
+    pytest.importorskip("transformers")
+    from _hf_models import gpt2
+
+    model, _ = gpt2()
+    layers = ["h.0:input", "h.0.ln_2:input", "h.0", "h.1.ln_2:input", "h.1"]
+    ids = torch.randint(0, 20, (6, 5), generator=torch.Generator().manual_seed(1))
+    runs = [("cuda", "auto"), ("cpu", "auto") if m is None else ("cuda", False)]
+    fits = [InteractionGraph(n_components=4, batch_size=4, random_state=0,
+                             stochastic_positions=m, device=device,
+                             fast_path=fast_path).fit_model(model, layers, ids, sequence=True)
+            for device, fast_path in runs]
+    assert fits[0].fast_path_ == [True] * 4
+    for got, want in zip(fits[0].bases_, fits[1].bases_):
+        assert_rel(got.jacobian_gram_, want.jacobian_gram_)
+        assert_rel(got.interaction_strengths_, want.interaction_strengths_)
+    for got, want in zip(fits[0].edges_, fits[1].edges_):
+        assert_rel(got, want)
