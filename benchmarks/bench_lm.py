@@ -368,7 +368,7 @@ def graph_blocks(args, device, rate):
               f"{here / 3600:.2f} h on this machine ({block / args.n:.1f} s per block and "
               f"sequence, GEMM rate {rate / 1e9:.0f} GFLOP/s); at {args.gpu_rate / 1e12:.0f} "
               f"TFLOP/s and this machine's share of its GEMM rate: "
-              f"{here * rate / args.gpu_rate / 3600:.2f} h")
+              f"{here * rate / args.gpu_rate / 3600:.3f} h")
 
 
 def _error_bars(graph, layers):
@@ -380,6 +380,9 @@ def _error_bars(graph, layers):
             continue
         lam = basis.interaction_strengths_[:TOP]
         rel = np.asarray(std[:TOP]) / lam
+        if np.isnan(rel).all():
+            print(f"{name.split('.', 1)[1]:>26s} {'n/a (one combination: no spread)':>34s}")
+            continue
         print(f"{name.split('.', 1)[1]:>26s} {np.median(rel):26.2%} {np.max(rel):7.2%}")
 
 
