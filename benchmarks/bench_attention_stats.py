@@ -23,9 +23,11 @@ Reported: each time (the fastest of ``--repeat`` interleaved rounds, as the
 machine may be shared), peak resident memory above the start, the largest
 relative differences between the two, this machine's float64 GEMM rate in the
 same run and each method's share of it, both counted with the fused method's
-flops: per row ``2 e d T`` (the factors, causal) ``+ 4 e d^2 + 4 k' d^2`` for the
-scatter (``k' = min(k, H e)``), ``2 e d T + 4 e d r`` for the attributions, plus ``2 k d
-r`` per sample and combination.
+flops: per row ``2 e d T`` (the factors, causal) ``+ 12 e d^2`` for the scatter
+(through the heads), ``2 e d T + 4 e d r`` for the attributions, plus ``2 k d r`` per
+sample and combination. The route's own flops are higher (``4 k d^2`` a row for the
+products and their scatter), so its share is a lower bound of its GEMMs' efficiency and a
+measure of how far it is from the fused method's useful work.
 
 Usage::
 
@@ -165,11 +167,10 @@ def main():
                 used = max(used, results[name][2])
             results[name] = (out, seconds, used)
 
-    kk = min(k, section.n_heads * e)
-    # Per row: the factors' GEMMs (~2 e d T under the causal mask), W_s (4 e d^2), R W_s and
-    # the scatter (4 k' d^2); the attributions' Z_s W_QK right (4 e d r) and E B (2 k d r,
-    # once per sample and combination).
-    flops_scatter = m * T * (2 * e * d * T + 4 * e * d * d + 4 * kk * d * d)
+    # Per row: the factors' GEMMs (~2 e d T under the causal mask), the scatter's two GEMMs
+    # through the heads (12 e d^2); the attributions' Z_s W_QK right (4 e d r) and E B (2 k d
+    # r, once per sample and combination).
+    flops_scatter = m * T * (2 * e * d * T + 12 * e * d * d)
     flops_attr = m * (T * (2 * e * d * T + 4 * e * d * k) + 2 * k * d * k)
     mem = "CUDA allocated" if cuda else "RSS"
 

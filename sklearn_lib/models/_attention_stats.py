@@ -14,12 +14,11 @@ xhat_s^T / d`` is what is left of the norm's Jacobian (I without a norm).
 The graph needs two things of them, computed here one chunk of input rows at
 a time, so nothing scales as ``k T d`` per sample:
 
-* :func:`combined_scatter`: ``S_j = sum_{b, s} G_s^T G_s`` per combination. ``E
-  = Q R`` (reduced QR, ``R`` is ``k' x H d_head`` with ``k' = min(k, H
-  d_head)``) gives ``G_s^T G_s = (R W_s)^T (R W_s) + c r_s (V Q R W_s + its
-  transpose) + c^2 r_s^2 V V^T``: a row costs ``4 e d^2`` (``W_s``) plus ``4 k'
-  d^2`` (``R W_s`` and the scatter), whatever ``k``. When ``k <= H d_head`` ``E``
-  is used itself and the residual enters ``G_s`` directly.
+* :func:`combined_scatter`: ``S_j = sum_{b, s} G_s^T G_s`` per combination.
+  Forming ``G_s`` (``E W_s``, k x d) and its scatter costs ``2 k d (H e + d)``
+  flops a row; through the head structure (``K = E^T E`` between the block
+  diagonal factors, :func:`_scatter_heads`) ``12 e (H e)^2`` whatever ``k``
+  (4x fewer for GPT-2 small at ``k = d``). The cheaper one is taken.
 * :func:`combined_attributions`: ``g = sum_s G_s right diag(z_s)``, through
   the head structure without ``G`` or ``W``: ``W_s right`` is ``Z^h_s (W_QK^h
   right) + a^h_s W_V^h right - u_s (xhat_s^T right) / d`` with ``u_s = (Y_s +
@@ -104,7 +103,6 @@ def combined_scatter(section, X, V, signs, *, key_mask=None, memory=2**29):
 def _scatter_direct(prod, memory):
     """:func:`combined_scatter` with ``G_s = c r_s V^T + E W_s`` formed, one GEMM per chunk."""
     section, B, T, d = prod.section, prod.batch, prod.p_in, prod.d_in
-    H, e = section.n_heads, section.d_head
     E, Vt, m = prod._E, prod._Vt, prod.signs.shape[1]
     k, He = E.shape
     rows = _row_step(prod, memory, _factor_elements(prod) + He * d + k * d + He)
@@ -162,10 +160,10 @@ def _scatter_heads(prod, memory):
     Kcols = K.view(He, H, e).permute(1, 0, 2).contiguous()  # (H', He, e): K[:, h']
     Kb = K.view(H, e, H, e).transpose(1, 2)  # (H, H', e, e): the blocks K_hh'
     W_all = torch.cat([prod._Wqk, prod._Wv], 1).view(3 * He, d)  # rows (h, [q | k | v])
-    rows = _row_step(prod, memory, _factor_elements(prod) + 2 * He * He + 6 * H * e * e)
+    rows = _row_step(prod, memory, _factor_elements(prod) + 4 * He * He + 6 * H * e * e)
     S = new(m, d, d)
     for j in range(m):
-        Mzz, Za, Saa = new(H, H, 2 * e, 2 * e), new(H, H, e, 2 * e), new(H, H)
+        Mzz, Za, Saa = new(H, 2 * e, H, 2 * e), new(H, H, e, 2 * e), new(H, H)
         Zr, ar, Ux, r2 = new(H, e, 2 * e), new(H), new(He, d), 0.0
         Q1, Q2, Xg = new(H, 2 * e, d), new(H, e, d), new(d, d)
         for b in range(B):
@@ -178,11 +176,12 @@ def _scatter_heads(prod, memory):
                 R, a, rs = s1 - s0, a_all[:, s0:s1], r[s0:s1]
                 Zf = prod._factors(st, b, r, s0, s1)  # (H, R, e, 2e)
                 Zt = Zf.transpose(1, 2).contiguous()  # (H, e, R, 2e)
-                # KZ[h', h, i, s] = sum_i' K[h i, h' i'] Z^h'_s[i'] (H', H, e, R, 2e).
+                # KZ[h', h, i, s] = sum_i' K[h i, h' i'] Z^h'_s[i'] (H', H, e, R, 2e), then
+                # laid out (h, (i, s), (h', j)) so that Mzz[h, :, h'] += sum_s Z^{hT}_s K_hh'
+                # Z^h'_s is one GEMM per head over (i, s), all h' at once.
                 KZ = torch.bmm(Kcols, Zt.view(H, e, -1)).view(H, H, e * R, 2 * e)
-                for h in range(H):
-                    # Mzz[h, h'] += sum_s Z^{hT}_s K_hh' Z^h'_s: one GEMM over (i, s).
-                    Mzz[h].baddbmm_(Zt[h].view(e * R, 2 * e).T.expand(H, -1, -1), KZ[:, h])
+                KZ = KZ.permute(1, 2, 0, 3).reshape(H, e * R, 2 * He)
+                Mzz.view(H, 2 * e, 2 * He).baddbmm_(Zt.view(H, e * R, 2 * e).transpose(1, 2), KZ)
                 Za += torch.einsum("hsij,gs->hgij", Zf, a)
                 Saa.addmm_(a, a.T)
                 Zr += torch.einsum("hsij,s->hij", Zf, rs)
@@ -201,7 +200,7 @@ def _scatter_heads(prod, memory):
                 Ux.addmm_(u, xhat * rs[:, None])
         # M over the rows (h, [q | k | v]) of W_all.
         M = new(H, 3 * e, H, 3 * e)
-        M[:, : 2 * e, :, : 2 * e] = Mzz.transpose(1, 2)
+        M[:, : 2 * e, :, : 2 * e] = Mzz
         Mzv = torch.einsum("hgij,hgik->hjgk", Za, Kb)  # sum_s Z^{hT}_s K_hh' a^h'_s
         M[:, : 2 * e, :, 2 * e :] = Mzv
         M[:, 2 * e :, :, : 2 * e] = Mzv.permute(2, 3, 0, 1)
