@@ -7,7 +7,8 @@ columns, ``--m`` random combinations of the output positions. Computed two ways
 in the same run:
 
 * fused (:mod:`sklearn_lib.models._attention_stats`): ``combined_scatter``
-  (the per-combination scatter ``S_j = sum_s G_s^T G_s``) and
+  (the per-combination scatter ``S_j = sum_s G_s^T G_s``; for GPT-2 small at this
+  ``k`` through the head structure, and, for comparison, with ``G_s`` formed) and
   ``combined_attributions`` (``g = sum_s G_s right diag(z_s)``), each with
   ``--memory`` bytes of temporaries;
 * the current route: the products of
@@ -45,7 +46,12 @@ from pathlib import Path
 
 import torch
 
-from sklearn_lib.models._attention_stats import combined_attributions, combined_scatter
+from sklearn_lib.models._attention_stats import (
+    _products,
+    _scatter_direct,
+    combined_attributions,
+    combined_scatter,
+)
 
 try:
     from _memory import peak, reset_peak
@@ -150,6 +156,8 @@ def main():
 
     runs = {
         "fused scatter": lambda: combined_scatter(section, X, V, signs, memory=args.memory),
+        "fused scatter, G formed": lambda: _scatter_direct(
+            _products(section, [X], V, None, signs, None, args.memory), args.memory),
         "fused attributions": lambda: combined_attributions(
             section, [X], V, right, Z, signs, memory=args.memory),
         f"route {args.memory / 2**20:.0f} MiB": lambda: route(
@@ -180,10 +188,15 @@ def main():
     S, t, used = results["fused scatter"]
     print(f"fused scatter       {t:8.2f} s, peak {used / 2**20:6.0f} MiB ({mem}); "
           f"{share(flops_scatter, t)} ({flops_scatter / 1e9:.0f} GFLOP)")
+    S_g, t, used = results["fused scatter, G formed"]
+    flops_g = m * T * (2 * e * d * T + 4 * e * d * d + 4 * k * d * d)
+    print(f"fused scatter, G formed {t:8.2f} s, peak {used / 2**20:6.0f} MiB ({mem}); "
+          f"{share(flops_g, t)} of its own {flops_g / 1e9:.0f} GFLOP; max rel diff to the "
+          f"head route {float((S_g - S).abs().max() / S.abs().max()):.1e}")
     g, t, used = results["fused attributions"]
     print(f"fused attributions  {t:8.2f} s, peak {used / 2**20:6.0f} MiB ({mem}); "
           f"{share(flops_attr, t)} ({flops_attr / 1e9:.0f} GFLOP)")
-    for name in list(runs)[2:]:
+    for name in list(runs)[3:]:
         (S_r, g_r, times, step), t, used = results[name]
         t_s = times["products"] + times["scatter"]
         t_a = times["products"] + times["projection"]

@@ -185,7 +185,7 @@ def _scatter_heads(prod, memory):
                 Za += torch.einsum("hsij,gs->hgij", Zf, a)
                 Saa.addmm_(a, a.T)
                 Zr += torch.einsum("hsij,s->hij", Zf, rs)
-                if st["xhat"] is None:
+                if section.norm is None:
                     continue
                 xhat = st["xhat"][b, s0:s1]
                 # u_s = Y_s xhat_s (H, e, R) and p_s = K u_s.
@@ -206,7 +206,7 @@ def _scatter_heads(prod, memory):
         M[:, 2 * e :, :, : 2 * e] = Mzv.permute(2, 3, 0, 1)
         M[:, 2 * e :, :, 2 * e :] = (Saa[:, :, None, None] * Kb).transpose(1, 2)
         S[j] = W_all.T @ (M.view(3 * He, 3 * He) @ W_all)
-        if st["xhat"] is not None:
+        if section.norm is not None:
             Q = prod._Wqk.reshape(2 * He, d).T @ Q1.view(2 * He, d)
             Q.addmm_(prod._Wv.reshape(He, d).T, Q2.view(He, d))
             S[j].sub_(Q, alpha=1.0 / d).sub_(Q.T, alpha=1.0 / d).add_(Xg, alpha=1.0 / d**2)
