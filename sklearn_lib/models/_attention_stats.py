@@ -160,10 +160,10 @@ def _scatter_heads(prod, memory):
     Kcols = K.view(He, H, e).permute(1, 0, 2).contiguous()  # (H', He, e): K[:, h']
     Kb = K.view(H, e, H, e).transpose(1, 2)  # (H, H', e, e): the blocks K_hh'
     W_all = torch.cat([prod._Wqk, prod._Wv], 1).view(3 * He, d)  # rows (h, [q | k | v])
-    rows = _row_step(prod, memory, _factor_elements(prod) + 4 * He * He + 6 * H * e * e)
+    rows = _row_step(prod, memory, _factor_elements(prod) + 2 * He * He + 6 * H * e * e)
     S = new(m, d, d)
     for j in range(m):
-        Mzz, Za, Saa = new(H, 2 * e, H, 2 * e), new(H, H, e, 2 * e), new(H, H)
+        Mzz, Za, Saa = new(H, H, 2 * e, 2 * e), new(H, H, e, 2 * e), new(H, H)
         Zr, ar, Ux, r2 = new(H, e, 2 * e), new(H), new(He, d), 0.0
         Q1, Q2, Xg = new(H, 2 * e, d), new(H, e, d), new(d, d)
         for b in range(B):
@@ -176,12 +176,13 @@ def _scatter_heads(prod, memory):
                 R, a, rs = s1 - s0, a_all[:, s0:s1], r[s0:s1]
                 Zf = prod._factors(st, b, r, s0, s1)  # (H, R, e, 2e)
                 Zt = Zf.transpose(1, 2).contiguous()  # (H, e, R, 2e)
-                # KZ[h', h, i, s] = sum_i' K[h i, h' i'] Z^h'_s[i'] (H', H, e, R, 2e), then
-                # laid out (h, (i, s), (h', j)) so that Mzz[h, :, h'] += sum_s Z^{hT}_s K_hh'
-                # Z^h'_s is one GEMM per head over (i, s), all h' at once.
+                # KZ[h', h, i, s] = sum_i' K[h i, h' i'] Z^h'_s[i'] (H', H, e, R, 2e); then
+                # Mzz[h', h] += sum_s Z^{hT}_s K_hh' Z^h'_s, one GEMM over (i, s) for each
+                # (h', h), batched over h: both operands as they lie.
                 KZ = torch.bmm(Kcols, Zt.view(H, e, -1)).view(H, H, e * R, 2 * e)
-                KZ = KZ.permute(1, 2, 0, 3).reshape(H, e * R, 2 * He)
-                Mzz.view(H, 2 * e, 2 * He).baddbmm_(Zt.view(H, e * R, 2 * e).transpose(1, 2), KZ)
+                Zs = Zt.view(H, e * R, 2 * e).transpose(1, 2)
+                for g in range(H):
+                    Mzz[g].baddbmm_(Zs, KZ[g])
                 Za += torch.einsum("hsij,gs->hgij", Zf, a)
                 Saa.addmm_(a, a.T)
                 Zr += torch.einsum("hsij,s->hij", Zf, rs)
@@ -200,7 +201,7 @@ def _scatter_heads(prod, memory):
                 Ux.addmm_(u, xhat * rs[:, None])
         # M over the rows (h, [q | k | v]) of W_all.
         M = new(H, 3 * e, H, 3 * e)
-        M[:, : 2 * e, :, : 2 * e] = Mzz
+        M[:, : 2 * e, :, : 2 * e] = Mzz.permute(1, 2, 0, 3)  # Mzz[h', h, j, j']
         Mzv = torch.einsum("hgij,hgik->hjgk", Za, Kb)  # sum_s Z^{hT}_s K_hh' a^h'_s
         M[:, : 2 * e, :, 2 * e :] = Mzv
         M[:, 2 * e :, :, : 2 * e] = Mzv.permute(2, 3, 0, 1)
