@@ -34,6 +34,7 @@ Usage::
 
     python benchmarks/bench_attention_stats.py                    # T = 256, 2 threads
     python benchmarks/bench_attention_stats.py --T 1024 --repeat 2
+    python benchmarks/bench_attention_stats.py --T 1024 --skip-route   # fused only
     python benchmarks/bench_attention_stats.py --device cuda --T 1024
 """
 
@@ -132,6 +133,8 @@ def main():
     parser.add_argument("--memory", type=int, default=2**29, help="bytes (default 512 MiB)")
     parser.add_argument("--memory-large", type=int, default=2**32,
                         help="bytes of the route's second run (default 4 GiB)")
+    parser.add_argument("--skip-route", action="store_true",
+                        help="time the fused functions only")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeat", type=int, default=1,
@@ -165,6 +168,8 @@ def main():
         f"route {args.memory_large / 2**20:.0f} MiB": lambda: route(
             section, X, V, signs, right, Z, args.memory_large),
     }
+    if args.skip_route:
+        runs = dict(list(runs.items())[:3])
     results = {}
     # Interleaved rounds, the fastest of each kept: the machine may be shared.
     for _ in range(args.repeat):
