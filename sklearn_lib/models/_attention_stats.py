@@ -119,6 +119,7 @@ def _scatter_direct(prod, memory):
                     G.addcmul_(Vt[:, None, :], r[None, s0:s1, None])
                 flat = G.view(-1, d)
                 S[j].addmm_(flat.T, flat)
+                del W, G, flat  # before the next chunk's: the budget holds one
     return S
 
 
@@ -183,6 +184,7 @@ def _scatter_heads(prod, memory):
                 Zs = Zt.view(H, e * R, 2 * e).transpose(1, 2)
                 for g in range(H):
                     Mzz[g].baddbmm_(Zs, KZ[g])
+                del KZ  # before the next chunk's: the budget holds one
                 Za += torch.einsum("hsij,gs->hgij", Zf, a)
                 Saa.addmm_(a, a.T)
                 Zr += torch.einsum("hsij,s->hij", Zf, rs)
