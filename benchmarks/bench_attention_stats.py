@@ -7,7 +7,8 @@ columns, ``--m`` random combinations of the output positions. Computed two ways
 in the same run:
 
 * fused (:mod:`sklearn_lib.models._attention_stats`): ``combined_scatter``
-  (the per-combination scatter ``S_j = sum_s G_s^T G_s``) and
+  (the per-combination scatter ``S_j = sum_s G_s^T G_s``; for GPT-2 small at this
+  ``k`` through the head structure, and, for comparison, with ``G_s`` formed) and
   ``combined_attributions`` (``g = sum_s G_s right diag(z_s)``), each with
   ``--memory`` bytes of temporaries;
 * the current route: the products of
@@ -23,14 +24,17 @@ Reported: each time (the fastest of ``--repeat`` interleaved rounds, as the
 machine may be shared), peak resident memory above the start, the largest
 relative differences between the two, this machine's float64 GEMM rate in the
 same run and each method's share of it, both counted with the fused method's
-flops: per row ``2 e d T`` (the factors, causal) ``+ 4 e d^2 + 4 k' d^2`` for the
-scatter (``k' = min(k, H e)``), ``2 e d T + 4 e d r`` for the attributions, plus ``2 k d
-r`` per sample and combination.
+flops: per row ``2 e d T`` (the factors, causal) ``+ 12 e d^2`` for the scatter
+(through the heads), ``2 e d T + 4 e d r`` for the attributions, plus ``2 k d r`` per
+sample and combination. The route's own flops are higher (``4 k d^2`` a row for the
+products and their scatter), so its share is a lower bound of its GEMMs' efficiency and a
+measure of how far it is from the fused method's useful work.
 
 Usage::
 
     python benchmarks/bench_attention_stats.py                    # T = 256, 2 threads
     python benchmarks/bench_attention_stats.py --T 1024 --repeat 2
+    python benchmarks/bench_attention_stats.py --T 1024 --skip-route   # fused only
     python benchmarks/bench_attention_stats.py --device cuda --T 1024
 """
 
@@ -43,7 +47,12 @@ from pathlib import Path
 
 import torch
 
-from sklearn_lib.models._attention_stats import combined_attributions, combined_scatter
+from sklearn_lib.models._attention_stats import (
+    _products,
+    _scatter_direct,
+    combined_attributions,
+    combined_scatter,
+)
 
 try:
     from _memory import peak, reset_peak
@@ -124,6 +133,8 @@ def main():
     parser.add_argument("--memory", type=int, default=2**29, help="bytes (default 512 MiB)")
     parser.add_argument("--memory-large", type=int, default=2**32,
                         help="bytes of the route's second run (default 4 GiB)")
+    parser.add_argument("--skip-route", action="store_true",
+                        help="time the fused functions only")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeat", type=int, default=1,
@@ -148,6 +159,8 @@ def main():
 
     runs = {
         "fused scatter": lambda: combined_scatter(section, X, V, signs, memory=args.memory),
+        "fused scatter, G formed": lambda: _scatter_direct(
+            _products(section, [X], V, None, signs, None, args.memory), args.memory),
         "fused attributions": lambda: combined_attributions(
             section, [X], V, right, Z, signs, memory=args.memory),
         f"route {args.memory / 2**20:.0f} MiB": lambda: route(
@@ -155,6 +168,8 @@ def main():
         f"route {args.memory_large / 2**20:.0f} MiB": lambda: route(
             section, X, V, signs, right, Z, args.memory_large),
     }
+    if args.skip_route:
+        runs = dict(list(runs.items())[:3])
     results = {}
     # Interleaved rounds, the fastest of each kept: the machine may be shared.
     for _ in range(args.repeat):
@@ -165,11 +180,10 @@ def main():
                 used = max(used, results[name][2])
             results[name] = (out, seconds, used)
 
-    kk = min(k, section.n_heads * e)
-    # Per row: the factors' GEMMs (~2 e d T under the causal mask), W_s (4 e d^2), R W_s and
-    # the scatter (4 k' d^2); the attributions' Z_s W_QK right (4 e d r) and E B (2 k d r,
-    # once per sample and combination).
-    flops_scatter = m * T * (2 * e * d * T + 4 * e * d * d + 4 * kk * d * d)
+    # Per row: the factors' GEMMs (~2 e d T under the causal mask), the scatter's two GEMMs
+    # through the heads (12 e d^2); the attributions' Z_s W_QK right (4 e d r) and E B (2 k d
+    # r, once per sample and combination).
+    flops_scatter = m * T * (2 * e * d * T + 12 * e * d * d)
     flops_attr = m * (T * (2 * e * d * T + 4 * e * d * k) + 2 * k * d * k)
     mem = "CUDA allocated" if cuda else "RSS"
 
@@ -179,10 +193,15 @@ def main():
     S, t, used = results["fused scatter"]
     print(f"fused scatter       {t:8.2f} s, peak {used / 2**20:6.0f} MiB ({mem}); "
           f"{share(flops_scatter, t)} ({flops_scatter / 1e9:.0f} GFLOP)")
+    S_g, t, used = results["fused scatter, G formed"]
+    flops_g = m * T * (2 * e * d * T + 4 * e * d * d + 4 * k * d * d)
+    print(f"fused scatter, G formed {t:8.2f} s, peak {used / 2**20:6.0f} MiB ({mem}); "
+          f"{share(flops_g, t)} of its own {flops_g / 1e9:.0f} GFLOP; max rel diff to the "
+          f"head route {float((S_g - S).abs().max() / S.abs().max()):.1e}")
     g, t, used = results["fused attributions"]
     print(f"fused attributions  {t:8.2f} s, peak {used / 2**20:6.0f} MiB ({mem}); "
           f"{share(flops_attr, t)} ({flops_attr / 1e9:.0f} GFLOP)")
-    for name in list(runs)[2:]:
+    for name in list(runs)[3:]:
         (S_r, g_r, times, step), t, used = results[name]
         t_s = times["products"] + times["scatter"]
         t_a = times["products"] + times["projection"]

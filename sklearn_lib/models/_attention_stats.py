@@ -14,12 +14,11 @@ xhat_s^T / d`` is what is left of the norm's Jacobian (I without a norm).
 The graph needs two things of them, computed here one chunk of input rows at
 a time, so nothing scales as ``k T d`` per sample:
 
-* :func:`combined_scatter`: ``S_j = sum_{b, s} G_s^T G_s`` per combination. ``E
-  = Q R`` (reduced QR, ``R`` is ``k' x H d_head`` with ``k' = min(k, H
-  d_head)``) gives ``G_s^T G_s = (R W_s)^T (R W_s) + c r_s (V Q R W_s + its
-  transpose) + c^2 r_s^2 V V^T``: a row costs ``4 e d^2`` (``W_s``) plus ``4 k'
-  d^2`` (``R W_s`` and the scatter), whatever ``k``. When ``k <= H d_head`` ``E``
-  is used itself and the residual enters ``G_s`` directly.
+* :func:`combined_scatter`: ``S_j = sum_{b, s} G_s^T G_s`` per combination.
+  Forming ``G_s`` (``E W_s``, k x d) and its scatter costs ``2 k d (H e + d)``
+  flops a row; through the head structure (``K = E^T E`` between the block
+  diagonal factors, :func:`_scatter_heads`) ``12 e (H e)^2`` whatever ``k``
+  (4x fewer for GPT-2 small at ``k = d``). The cheaper one is taken.
 * :func:`combined_attributions`: ``g = sum_s G_s right diag(z_s)``, through
   the head structure without ``G`` or ``W``: ``W_s right`` is ``Z^h_s (W_QK^h
   right) + a^h_s W_V^h right - u_s (xhat_s^T right) / d`` with ``u_s = (Y_s +
@@ -104,7 +103,6 @@ def combined_scatter(section, X, V, signs, *, key_mask=None, memory=2**29):
 def _scatter_direct(prod, memory):
     """:func:`combined_scatter` with ``G_s = c r_s V^T + E W_s`` formed, one GEMM per chunk."""
     section, B, T, d = prod.section, prod.batch, prod.p_in, prod.d_in
-    H, e = section.n_heads, section.d_head
     E, Vt, m = prod._E, prod._Vt, prod.signs.shape[1]
     k, He = E.shape
     rows = _row_step(prod, memory, _factor_elements(prod) + He * d + k * d + He)
@@ -121,6 +119,7 @@ def _scatter_direct(prod, memory):
                     G.addcmul_(Vt[:, None, :], r[None, s0:s1, None])
                 flat = G.view(-1, d)
                 S[j].addmm_(flat.T, flat)
+                del W, G, flat  # before the next chunk's: the budget holds one
     return S
 
 
@@ -178,15 +177,18 @@ def _scatter_heads(prod, memory):
                 R, a, rs = s1 - s0, a_all[:, s0:s1], r[s0:s1]
                 Zf = prod._factors(st, b, r, s0, s1)  # (H, R, e, 2e)
                 Zt = Zf.transpose(1, 2).contiguous()  # (H, e, R, 2e)
-                # KZ[h', h, i, s] = sum_i' K[h i, h' i'] Z^h'_s[i'] (H', H, e, R, 2e).
+                # KZ[h', h, i, s] = sum_i' K[h i, h' i'] Z^h'_s[i'] (H', H, e, R, 2e); then
+                # Mzz[h', h] += sum_s Z^{hT}_s K_hh' Z^h'_s, one GEMM over (i, s) for each
+                # (h', h), batched over h: both operands as they lie.
                 KZ = torch.bmm(Kcols, Zt.view(H, e, -1)).view(H, H, e * R, 2 * e)
-                for h in range(H):
-                    # Mzz[h, h'] += sum_s Z^{hT}_s K_hh' Z^h'_s: one GEMM over (i, s).
-                    Mzz[h].baddbmm_(Zt[h].view(e * R, 2 * e).T.expand(H, -1, -1), KZ[:, h])
+                Zs = Zt.view(H, e * R, 2 * e).transpose(1, 2)
+                for g in range(H):
+                    Mzz[g].baddbmm_(Zs, KZ[g])
+                del KZ  # before the next chunk's: the budget holds one
                 Za += torch.einsum("hsij,gs->hgij", Zf, a)
                 Saa.addmm_(a, a.T)
                 Zr += torch.einsum("hsij,s->hij", Zf, rs)
-                if st["xhat"] is None:
+                if section.norm is None:
                     continue
                 xhat = st["xhat"][b, s0:s1]
                 # u_s = Y_s xhat_s (H, e, R) and p_s = K u_s.
@@ -201,13 +203,13 @@ def _scatter_heads(prod, memory):
                 Ux.addmm_(u, xhat * rs[:, None])
         # M over the rows (h, [q | k | v]) of W_all.
         M = new(H, 3 * e, H, 3 * e)
-        M[:, : 2 * e, :, : 2 * e] = Mzz.transpose(1, 2)
+        M[:, : 2 * e, :, : 2 * e] = Mzz.permute(1, 2, 0, 3)  # Mzz[h', h, j, j']
         Mzv = torch.einsum("hgij,hgik->hjgk", Za, Kb)  # sum_s Z^{hT}_s K_hh' a^h'_s
         M[:, : 2 * e, :, 2 * e :] = Mzv
         M[:, 2 * e :, :, : 2 * e] = Mzv.permute(2, 3, 0, 1)
         M[:, 2 * e :, :, 2 * e :] = (Saa[:, :, None, None] * Kb).transpose(1, 2)
         S[j] = W_all.T @ (M.view(3 * He, 3 * He) @ W_all)
-        if st["xhat"] is not None:
+        if section.norm is not None:
             Q = prod._Wqk.reshape(2 * He, d).T @ Q1.view(2 * He, d)
             Q.addmm_(prod._Wv.reshape(He, d).T, Q2.view(He, d))
             S[j].sub_(Q, alpha=1.0 / d).sub_(Q.T, alpha=1.0 / d).add_(Xg, alpha=1.0 / d**2)
