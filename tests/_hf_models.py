@@ -14,7 +14,8 @@ transformers = pytest.importorskip("transformers")
 D, VOCAB = 8, 20
 
 
-def _randomize(model, std=0.4, seed=0):
+def randomize(model, std=0.4, seed=0):
+    """Random weights of order ``std`` (not the configs' small init), so every term counts."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
@@ -26,7 +27,7 @@ def gpt2():
     config = transformers.GPT2Config(n_layer=2, n_embd=D, n_head=2, n_inner=12,
                                      vocab_size=VOCAB, n_positions=8, layer_norm_epsilon=0.1,
                                      bos_token_id=0, eos_token_id=0)
-    model = _randomize(transformers.GPT2Model(config).double())
+    model = randomize(transformers.GPT2Model(config).double())
     return model, ["h.0.ln_2:input", "h.0", "h.1.ln_2:input", "h.1"]
 
 
@@ -35,7 +36,7 @@ def neox(parallel=False):
                                         num_attention_heads=2, intermediate_size=12,
                                         vocab_size=VOCAB, use_parallel_residual=parallel,
                                         layer_norm_eps=0.1, bos_token_id=0, eos_token_id=0)
-    model = _randomize(transformers.GPTNeoXModel(config).double())
+    model = randomize(transformers.GPTNeoXModel(config).double())
     return model, ["layers.0.post_attention_layernorm:input", "layers.0",
                    "layers.1.post_attention_layernorm:input", "layers.1"]
 
@@ -45,7 +46,7 @@ def llama():
                                       num_key_value_heads=1, intermediate_size=12,
                                       vocab_size=VOCAB, rms_norm_eps=0.1, bos_token_id=0,
                                       eos_token_id=0)
-    model = _randomize(transformers.LlamaModel(config).double())
+    model = randomize(transformers.LlamaModel(config).double())
     return model, ["layers.0.post_attention_layernorm:input", "layers.0",
                    "layers.1.post_attention_layernorm:input", "layers.1"]
 

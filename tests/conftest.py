@@ -18,3 +18,14 @@ def routing():
     """Enable scikit-learn metadata routing for one test."""
     with sklearn.config_context(enable_metadata_routing=True):
         yield
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module of tiny tensors, where threads only contend."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

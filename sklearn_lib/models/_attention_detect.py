@@ -22,8 +22,17 @@ import torch
 from torch import nn
 
 from ._attention_half import NormAttention, Rotary
-from ._block_detect import BlockMatch, _hf_class, _linear, _norm, _own_forward, _unsafe
+from ._block_detect import (
+    GLOBAL_HOOKS,
+    BlockMatch,
+    _hf_class,
+    _linear,
+    _norm,
+    _own_forward,
+    _unsafe,
+)
 from ._norms import Norm
+from ._overrides import global_hooks
 
 __all__ = ["attention_half_section", "detect_attention_half", "why_not_attention_half"]
 
@@ -297,10 +306,8 @@ def detect_attention_half(block, model=None):
     """
     if not isinstance(block, nn.Module):
         return _refuse(f"expected a torch.nn.Module, got {type(block).__name__}")
-    if (torch.nn.modules.module._global_forward_hooks
-            or torch.nn.modules.module._global_forward_pre_hooks):
-        return _refuse("global forward hooks are registered; they may change any module's "
-                       "values")
+    if global_hooks():
+        return _refuse(GLOBAL_HOOKS)
     name = type(block).__name__
     layout = _layout(block)
     owner = type(block).__module__

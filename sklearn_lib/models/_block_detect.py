@@ -17,6 +17,7 @@ from torch import nn
 from ._blocks import NormMLP
 from ._fastpath import ELEMENTWISE
 from ._norms import Norm
+from ._overrides import global_hooks
 
 __all__ = ["BlockMatch", "block_section", "detect_block", "why_not_block"]
 
@@ -38,6 +39,10 @@ class BlockMatch:
 
     def __bool__(self):
         return self.section is not None
+
+
+#: Why nothing is recognised while hooks are registered for every module.
+GLOBAL_HOOKS = "global forward hooks are registered; they may change any module's values"
 
 
 def _refuse(reason):
@@ -211,10 +216,8 @@ def detect_block(module):
     """
     if not isinstance(module, nn.Module):
         return _refuse(f"expected a torch.nn.Module, got {type(module).__name__}")
-    if (torch.nn.modules.module._global_forward_hooks
-            or torch.nn.modules.module._global_forward_pre_hooks):
-        return _refuse("global forward hooks are registered; they may change any module's "
-                       "values")
+    if global_hooks():
+        return _refuse(GLOBAL_HOOKS)
     if type(module).__module__.startswith("transformer_lens"):
         return _refuse(
             f"{type(module).__name__} is a TransformerLens component, whose hook points may "

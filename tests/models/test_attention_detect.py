@@ -19,6 +19,8 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
+from _hf_models import randomize
+
 from sklearn_lib.models._attention_detect import (
     attention_half_section,
     detect_attention_half,
@@ -32,18 +34,9 @@ TOL = 1e-12
 TOL_FLOAT32_SOFTMAX = 1e-6
 
 
-def _randomize(model, std=0.3, seed=0):
-    """Random weights of order 1 (not the configs' small init), so every term counts."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
-    return model
-
-
 def _build(cls, config, impl):
     model = cls._from_config(config, attn_implementation=impl)
-    return _randomize(model.double().eval())
+    return randomize(model.double().eval(), std=0.3)
 
 
 def gpt2(impl, **kwargs):

@@ -21,13 +21,8 @@ DT = torch.float64
 TOL = 1e-12
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: threads only contend (a loaded machine makes them 20x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny tensors: threads only contend (a loaded machine makes them 20x slower).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _rel(a, b):

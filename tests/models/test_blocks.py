@@ -16,6 +16,8 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
+from _hf_models import randomize
+
 from sklearn_lib.models._block_detect import detect_block
 from sklearn_lib.models._blocks import BlockState, accumulator
 from sklearn_lib.models._norms import Norm
@@ -29,15 +31,6 @@ def _rel(a, b):
     return float((a - b).abs().max() / b.abs().max())
 
 
-def _randomize(model, std=0.5, seed=0):
-    """Random weights of order 1 (not the configs' small init), so every term counts."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
-    return model
-
-
 def _rows(n=6, seed=1, d=D):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, d, generator=g, dtype=torch.float64) * 1.5 + 0.3
@@ -47,7 +40,7 @@ def gpt2_block(activation="gelu_new"):
     config = transformers.GPT2Config(n_layer=1, n_embd=D, n_head=2, n_inner=20, vocab_size=30,
                                      n_positions=8, layer_norm_epsilon=0.1,
                                      activation_function=activation)
-    return _randomize(transformers.GPT2Model(config).double().eval()).h[0]
+    return randomize(transformers.GPT2Model(config).double().eval(), std=0.5).h[0]
 
 
 def neox_layer(parallel=False):
@@ -55,14 +48,14 @@ def neox_layer(parallel=False):
                                         num_attention_heads=2, intermediate_size=20,
                                         vocab_size=30, use_parallel_residual=parallel,
                                         layer_norm_eps=0.1)
-    return _randomize(transformers.GPTNeoXModel(config).double().eval()).layers[0]
+    return randomize(transformers.GPTNeoXModel(config).double().eval(), std=0.5).layers[0]
 
 
 def llama_layer(mlp_bias=False, act="silu"):
     config = transformers.LlamaConfig(num_hidden_layers=1, hidden_size=D, num_attention_heads=2,
                                       intermediate_size=16, vocab_size=30, rms_norm_eps=0.1,
                                       mlp_bias=mlp_bias, hidden_act=act)
-    return _randomize(transformers.LlamaModel(config).double().eval()).layers[0]
+    return randomize(transformers.LlamaModel(config).double().eval(), std=0.5).layers[0]
 
 
 def llama_layer_exact_norm():
@@ -180,7 +173,7 @@ NORMS = {
 def test_norm_jacobian_matches_jacrev(name):
     from sklearn_lib.models._block_detect import _norm
 
-    module = _randomize(NORMS[name]().double(), seed=3)
+    module = randomize(NORMS[name]().double(), std=0.5, seed=3)
     norm = _norm(module)
     X = _rows(n=5) * 0.2  # small rows, so that eps matters
     assert _rel(norm.jacobians(X), jacrev_rows(module, X)) < TOL
