@@ -2,7 +2,7 @@
 
 With positions combined by signs ``r`` (one combination), the products of a
 :class:`~._attention_half.NormAttention` section at input row ``s`` are (the
-math of :class:`~._attention_half.AttentionProducts`)
+math of :class:`~._attention_products.AttentionProducts`)
 ``G_s = c r_s V^T + E W_s`` with ``E = V^T W_O`` (k, H d_head), ``c`` the
 points' total weight (0 without the residual) and ``W_s = sum_p w_p (Y^p_s +
 Yv^p_s) N^p_s`` (H d_head, d): ``Y_s`` stacks ``Z^h_s W_QK^h`` over the heads
@@ -28,7 +28,7 @@ a time, so nothing scales as ``k T d`` per sample:
 
 import torch
 
-from ._attention_half import AttentionProducts
+from ._attention_products import AttentionProducts
 
 __all__ = ["combined_attributions", "combined_scatter"]
 
@@ -46,12 +46,12 @@ def _products(section, points, V, weights, signs, key_mask, memory):
 
 def _row_step(products, memory, per_row):
     """Input rows per chunk: the temporaries of ``per_row`` elements each within ``memory``."""
-    rows = int(memory) // (products._itemsize * per_row)
+    rows = int(memory) // (products.itemsize * per_row)
     return int(max(1, min(products.p_in, rows)))
 
 
 def _factor_elements(products):
-    """Elements per input row of :meth:`AttentionProducts._factors`' temporaries."""
+    """Elements per input row of :meth:`AttentionProducts.factors`' temporaries."""
     H, e = products.section.n_heads, products.section.d_head
     return H * e * products.p_in + 8 * H * e * e
 
@@ -77,7 +77,7 @@ def combined_scatter(section, X, V, signs, *, key_mask=None, memory=2**29):
         (d_out, k) cotangent directions.
     signs : torch.Tensor
         (B, m, T) combinations of the output positions (as
-        :class:`~._attention_half.AttentionProducts` takes them: 0 at padded or
+        :class:`~._attention_products.AttentionProducts` takes them: 0 at padded or
         unselected positions).
     key_mask : torch.Tensor, optional
         (B, T) bool, True at real positions.
@@ -103,13 +103,13 @@ def combined_scatter(section, X, V, signs, *, key_mask=None, memory=2**29):
 def _scatter_direct(prod, memory):
     """:func:`combined_scatter` with ``G_s = c r_s V^T + E W_s`` formed, one GEMM per chunk."""
     section, B, T, d = prod.section, prod.batch, prod.p_in, prod.d_in
-    E, Vt, m = prod._E, prod._Vt, prod.signs.shape[1]
+    E, Vt, m = prod.E, prod.Vt, prod.signs.shape[1]
     k, He = E.shape
     rows = _row_step(prod, memory, _factor_elements(prod) + He * d + k * d + He)
     S = E.new_zeros(m, d, d)
     for j in range(m):
         for b in range(B):
-            st, r = prod._states[0], prod.signs[b, j]
+            st, r = prod.states[0], prod.signs[b, j]
             a = _value_weights(prod, st, b, r)
             for s0 in range(0, T, rows):
                 s1 = min(s0 + rows, T)
@@ -127,9 +127,9 @@ def _chunk_w(prod, st, b, r, a, s0, s1):
     """``W_s`` (H e, R, d) of inputs s0:s1: ``Y_s``, the value term, the norm's projection."""
     section, d, R = prod.section, prod.d_in, s1 - s0
     H, e = section.n_heads, section.d_head
-    Zt = prod._factors(st, b, r, s0, s1).transpose(1, 2)  # (H, e, R, 2e)
-    W = torch.bmm(Zt.reshape(H, e * R, 2 * e), prod._Wqk).view(H, e, R, d)
-    W.addcmul_(prod._Wv[:, :, None, :], a[:, None, s0:s1, None])
+    Zt = prod.factors(st, b, r, s0, s1).transpose(1, 2)  # (H, e, R, 2e)
+    W = torch.bmm(Zt.reshape(H, e * R, 2 * e), prod.Wqk).view(H, e, R, d)
+    W.addcmul_(prod.Wv[:, :, None, :], a[:, None, s0:s1, None])
     W = W.view(H * e, R, d)
     if st["xhat"] is not None:
         xhat = st["xhat"][b, s0:s1]
@@ -155,12 +155,12 @@ def _scatter_heads(prod, memory):
     section, B, T, d = prod.section, prod.batch, prod.p_in, prod.d_in
     H, e = section.n_heads, section.d_head
     He = H * e
-    E, Vt, m = prod._E, prod._Vt, prod.signs.shape[1]
+    E, Vt, m = prod.E, prod.Vt, prod.signs.shape[1]
     new = E.new_zeros
     K = E.T @ E
     Kcols = K.view(He, H, e).permute(1, 0, 2).contiguous()  # (H', He, e): K[:, h']
     Kb = K.view(H, e, H, e).transpose(1, 2)  # (H, H', e, e): the blocks K_hh'
-    W_all = torch.cat([prod._Wqk, prod._Wv], 1).view(3 * He, d)  # rows (h, [q | k | v])
+    W_all = torch.cat([prod.Wqk, prod.Wv], 1).view(3 * He, d)  # rows (h, [q | k | v])
     rows = _row_step(prod, memory, _factor_elements(prod) + 2 * He * He + 6 * H * e * e)
     S = new(m, d, d)
     for j in range(m):
@@ -168,14 +168,14 @@ def _scatter_heads(prod, memory):
         Zr, ar, Ux, r2 = new(H, e, 2 * e), new(H), new(He, d), 0.0
         Q1, Q2, Xg = new(H, 2 * e, d), new(H, e, d), new(d, d)
         for b in range(B):
-            st, r = prod._states[0], prod.signs[b, j]
+            st, r = prod.states[0], prod.signs[b, j]
             a_all = _value_weights(prod, st, b, r)
             ar += a_all @ r
             r2 += float(r @ r)
             for s0 in range(0, T, rows):
                 s1 = min(s0 + rows, T)
                 R, a, rs = s1 - s0, a_all[:, s0:s1], r[s0:s1]
-                Zf = prod._factors(st, b, r, s0, s1)  # (H, R, e, 2e)
+                Zf = prod.factors(st, b, r, s0, s1)  # (H, R, e, 2e)
                 Zt = Zf.transpose(1, 2).contiguous()  # (H, e, R, 2e)
                 # KZ[h', h, i, s] = sum_i' K[h i, h' i'] Z^h'_s[i'] (H', H, e, R, 2e); then
                 # Mzz[h', h] += sum_s Z^{hT}_s K_hh' Z^h'_s, one GEMM over (i, s) for each
@@ -192,8 +192,8 @@ def _scatter_heads(prod, memory):
                     continue
                 xhat = st["xhat"][b, s0:s1]
                 # u_s = Y_s xhat_s (H, e, R) and p_s = K u_s.
-                u = torch.einsum("hsij,hjs->his", Zf, prod._Wqk @ xhat.T)
-                u.addcmul_(prod._Wv @ xhat.T, a[:, None, :])
+                u = torch.einsum("hsij,hjs->his", Zf, prod.Wqk @ xhat.T)
+                u.addcmul_(prod.Wv @ xhat.T, a[:, None, :])
                 u = u.reshape(He, R)
                 p = (K @ u).view(H, e, R)
                 Q1.view(2 * He, d).addmm_(
@@ -210,12 +210,12 @@ def _scatter_heads(prod, memory):
         M[:, 2 * e :, :, 2 * e :] = (Saa[:, :, None, None] * Kb).transpose(1, 2)
         S[j] = W_all.T @ (M.view(3 * He, 3 * He) @ W_all)
         if section.norm is not None:
-            Q = prod._Wqk.reshape(2 * He, d).T @ Q1.view(2 * He, d)
-            Q.addmm_(prod._Wv.reshape(He, d).T, Q2.view(He, d))
+            Q = prod.Wqk.reshape(2 * He, d).T @ Q1.view(2 * He, d)
+            Q.addmm_(prod.Wv.reshape(He, d).T, Q2.view(He, d))
             S[j].sub_(Q, alpha=1.0 / d).sub_(Q.T, alpha=1.0 / d).add_(Xg, alpha=1.0 / d**2)
         if section.residual:
             # sum_s r_s W_s = [Zr^h W_QK^h + ar^h W_V^h]_h - sum_s r_s u_s xhat_s^T / d.
-            SW = torch.bmm(Zr, prod._Wqk).add_(prod._Wv * ar[:, None, None]).view(He, d)
+            SW = torch.bmm(Zr, prod.Wqk).add_(prod.Wv * ar[:, None, None]).view(He, d)
             SW.sub_(Ux, alpha=1.0 / d)
             C = Vt.T @ (E @ SW)
             S[j].add_(C).add_(C.T).addmm_(Vt.T, Vt, alpha=r2)
@@ -257,7 +257,7 @@ def combined_attributions(section, points, V, right, Z, signs, *, weights=None,
     prod = _products(section, points, V, weights, signs, key_mask, memory)
     B, T, d = prod.batch, prod.p_in, prod.d_in
     H, e = section.n_heads, section.d_head
-    E, Vt, m = prod._E, prod._Vt, prod.signs.shape[1]
+    E, Vt, m = prod.E, prod.Vt, prod.signs.shape[1]
     dtype, device = E.dtype, E.device
     right = torch.as_tensor(right, dtype=dtype, device=device)
     if right.ndim != 2 or right.shape[0] != d:
@@ -268,8 +268,8 @@ def combined_attributions(section, points, V, right, Z, signs, *, weights=None,
         raise ValueError(f"Z must be (B, T, r) = ({B}, {T}, {n_r}), got shape "
                          f"{tuple(Z.shape)}.")
     with torch.no_grad():
-        Wqk_r = prod._Wqk @ right  # (H, 2e, r): once, not per row
-        Wv_r = prod._Wv @ right  # (H, e, r)
+        Wqk_r = prod.Wqk @ right  # (H, 2e, r): once, not per row
+        Wv_r = prod.Wv @ right  # (H, e, r)
         Vt_r = Vt @ right if section.residual else None  # (k, r)
         rows = _row_step(prod, memory, _factor_elements(prod) + 4 * e * n_r + 5 * H * e)
         out = E.new_zeros(B, m, E.shape[0], n_r)
@@ -278,14 +278,14 @@ def combined_attributions(section, points, V, right, Z, signs, *, weights=None,
             for j in range(m):
                 r = prod.signs[b, j]
                 acc = E.new_zeros(H, e, n_r)  # B_j = sum_s (W_s right) diag(z_s)
-                for st, w in zip(prod._states, prod.weights):
+                for st, w in zip(prod.states, prod.weights):
                     a = _value_weights(prod, st, b, r)
                     # The value term: sum_s a^h_s W_V^h right diag(z_s).
                     acc.addcmul_(Wv_r, (a @ z)[:, None, :], value=w)
                     for s0 in range(0, T, rows):
                         s1 = min(s0 + rows, T)
                         R = s1 - s0
-                        Zf = prod._factors(st, b, r, s0, s1)  # (H, R, e, 2e)
+                        Zf = prod.factors(st, b, r, s0, s1)  # (H, R, e, 2e)
                         Zt = Zf.transpose(1, 2).reshape(H, e, R * 2 * e)
                         for h in range(H):
                             # sum_s Z^h_s (W_QK^h right) diag(z_s): one GEMM over (s, j).
@@ -294,9 +294,9 @@ def combined_attributions(section, points, V, right, Z, signs, *, weights=None,
                         if st["xhat"] is not None:
                             # The norm's -u_s (xhat_s^T right) / d, u_s = (Y_s + Yv_s) xhat_s.
                             xhat = st["xhat"][b, s0:s1]
-                            wx = torch.einsum("hjd,sd->hsj", prod._Wqk, xhat)
+                            wx = torch.einsum("hjd,sd->hsj", prod.Wqk, xhat)
                             u = torch.einsum("hsij,hsj->hsi", Zf, wx)
-                            u.add_(torch.einsum("hid,sd->hsi", prod._Wv, xhat)
+                            u.add_(torch.einsum("hid,sd->hsi", prod.Wv, xhat)
                                    * a[:, s0:s1, None])
                             coef = (xhat @ right).mul_(z[s0:s1])  # (R, r)
                             acc.sub_(torch.einsum("hsi,sr->hir", u, coef), alpha=w / d)

@@ -1,6 +1,6 @@
 """Statistics of the combined attention products (``_attention_stats``) against the products.
 
-The reference is :class:`~sklearn_lib.models._attention_half.AttentionProducts`
+The reference is :class:`~sklearn_lib.models._attention_products.AttentionProducts`
 (itself tested against autograd in ``test_attention_half.py``): its products
 ``P`` (m k, B T, d) give ``S_j = sum P^T P`` over the directions of combination
 ``j`` and ``g[b, j] = sum_s (P_s right) * z_s`` per direction.

@@ -142,14 +142,14 @@ def test_combined_positions_never_form_the_products(monkeypatch):
     # With stochastic positions the scatter and the edges of an attention half come
     # from its per-head factors (models._attention_stats); its products are for exact
     # positions only.
-    from sklearn_lib.models import _attention_half
+    from sklearn_lib.models import _attention_products
 
     def refuse(*args, **kwargs):
         raise AssertionError("the products of an attention half were formed")
 
     model, _ = MODELS["gpt2"]()
     layers = LAYERS["gpt2"][:2]
-    monkeypatch.setattr(_attention_half.AttentionProducts, "chunks", refuse)
+    monkeypatch.setattr(_attention_products.AttentionProducts, "chunks", refuse)
     graph = _fit(model, layers, "auto", stochastic_positions=2, constant_node=True)
     assert graph.fast_path_ == [True]
     with pytest.raises(AssertionError, match="products of an attention half"):
