@@ -70,3 +70,19 @@ def assert_same_graph(auto, generic, tol=1e-9):
                                    atol=max(1e-7, 10 * tol))
     for E, ref in zip(auto.edges_, generic.edges_):
         np.testing.assert_allclose(E, ref, rtol=0, atol=tol * np.abs(ref).max())
+
+
+def add_hook(module, path, kind="forward"):
+    """Register a hook that changes nothing on ``module.get_submodule(path)``.
+
+    ``kind``: ``"forward"``, ``"pre"`` (a forward pre-hook) or ``"kwargs"`` (a
+    forward hook with keyword arguments). Recognition must refuse the module all the
+    same: a hook may change the values.
+    """
+    target = module.get_submodule(path)
+    if kind == "forward":
+        target.register_forward_hook(lambda m, i, o: o)
+    elif kind == "pre":
+        target.register_forward_pre_hook(lambda m, i: i)
+    else:
+        target.register_forward_hook(lambda m, a, k, o: o, with_kwargs=True)

@@ -19,7 +19,7 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
-from _hf_models import randomize
+from _hf_models import add_hook, randomize
 
 from sklearn_lib.models._attention_detect import (
     attention_half_section,
@@ -246,13 +246,7 @@ def _gpt2_block():
 def _hooked(path, kind="forward"):
     def make():
         block, model = _gpt2_block()
-        target = block.get_submodule(path)
-        if kind == "forward":
-            target.register_forward_hook(lambda m, i, o: o)
-        elif kind == "pre":
-            target.register_forward_pre_hook(lambda m, i: i)
-        else:
-            target.register_forward_hook(lambda m, a, k, o: o, with_kwargs=True)
+        add_hook(block, path, kind)
         return block, model
     return make
 

@@ -16,7 +16,7 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
-from _hf_models import randomize
+from _hf_models import add_hook, randomize
 
 from sklearn_lib.models._block_detect import detect_block
 from sklearn_lib.models._blocks import BlockState, accumulator
@@ -284,13 +284,7 @@ def _instance_forward(module):
 def _hook(path, kind="forward"):
     def make():
         block = gpt2_block()
-        target = block.get_submodule(path)
-        if kind == "forward":
-            target.register_forward_hook(lambda m, i, o: o)
-        elif kind == "pre":
-            target.register_forward_pre_hook(lambda m, i: i)
-        else:
-            target.register_forward_hook(lambda m, a, k, o: o, with_kwargs=True)
+        add_hook(block, path, kind)
         return block
     return make
 
