@@ -5,20 +5,22 @@ Times ``InteractionGraph.from_model`` on the reference work's layers of
 before attention at all three positions, before the MLP and before the
 unembedding at the last position (``"hook_resid_mid[-1]"``,
 ``"hook_resid_post[-1]"``), and the logits; ``sequence=True``, float64,
-training pairs of the default split), through the generic path (vectorised
-vector-Jacobian products). Each section's time is split into the statistics
-pass (the basis of layer ``l``) and the edges pass, by timing the source's
-``jacobian_stats`` / ``activation_stats`` and ``edges`` calls; the minimum of
-``--repeat`` rounds is reported for each. No reference implementation is
-available here, so the run also measures this machine's float64 GEMM rate and
-prints the build time in GEMM-seconds of the issue's ~120 GFLOP estimate for
-one well-batched full Jacobian of the attention section.
+training pairs of the default split) with nothing declared, as a user wraps the
+model (path ``undeclared``: the attention and MLP halves are inferred from the
+values of the model's own ``forward``, ``sklearn_lib.models._inferred``). Each
+section's time is split into the statistics pass (the basis of layer ``l``) and
+the edges pass, by timing the source's ``jacobian_stats`` / ``activation_stats``
+and ``edges`` calls; the minimum of ``--repeat`` rounds is reported for each. No
+reference implementation is available here, so the run also measures this
+machine's float64 GEMM rate and prints the build time in GEMM-seconds of the
+issue's ~120 GFLOP estimate for one well-batched full Jacobian of the attention
+section.
 
-``--paths generic,declared`` also builds, in the same interleaved rounds, the graph
-with the attention half declared a residual attention and the MLP half a residual
-block on the model (:func:`declare_shipped`), so that both sections run in closed
-form, and prints the largest relative difference of its edges from the generic
-path's.
+``--paths undeclared,declared,products`` also builds, in the same interleaved
+rounds, the graph with the attention half declared a residual attention and the
+MLP half a residual block on the model (:func:`declare_shipped`), and the graph
+with ``fast_path=False`` (vector-Jacobian products of the model everywhere), and
+prints the largest relative difference of their edges from the first path's.
 
 The evaluation part times what the gallery example does on 1,000 held-out pairs
 (``--n-eval``) with a LIB graph fitted on ``--n-fit`` training pairs: node ablation
@@ -32,7 +34,7 @@ Usage::
 
     python benchmarks/bench_transformer.py               # all 3,831 training pairs, 3 rounds
     python benchmarks/bench_transformer.py --n 500 --repeat 1
-    python benchmarks/bench_transformer.py --n 500 --paths generic,declared --threads 1
+    python benchmarks/bench_transformer.py --n 500 --paths undeclared,declared,products
     python benchmarks/bench_transformer.py --skip-build --before /tmp/orig --eval-repeat 2
 """
 
@@ -209,9 +211,9 @@ def main(argv=None):
     parser.add_argument("--n", type=int, default=None, help="training pairs (default: all)")
     parser.add_argument("--repeat", type=int, default=3, help="rounds; the minimum is reported")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--paths", default="generic",
-                        help="comma-separated: generic (products everywhere), declared "
-                             "(attention and MLP halves declared, closed forms)")
+    parser.add_argument("--paths", default="undeclared",
+                        help="comma-separated: undeclared (the model as it comes), declared "
+                             "(attention and MLP halves declared), products (fast_path=False)")
     parser.add_argument("--skip-build", action="store_true", help="time the evaluation only")
     parser.add_argument("--skip-evaluation", action="store_true", help="time the build only")
     parser.add_argument("--n-fit", type=int, default=500,
@@ -253,7 +255,9 @@ def build(args):
             originals = instrumented(times)
             try:
                 start = time.perf_counter()
-                graphs[path] = InteractionGraph.from_model(model, LAYERS, X, sequence=True)
+                graphs[path] = InteractionGraph.from_model(
+                    model, LAYERS, X, sequence=True,
+                    fast_path=False if path == "products" else "auto")
                 times["total", -1] = time.perf_counter() - start
             finally:
                 for method, original in originals.items():

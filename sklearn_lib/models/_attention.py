@@ -22,9 +22,11 @@ product only at ``s = t`` and gets the other source positions from per-head
 Grams, and :meth:`CausalAttention.attributions` sums the edges' attributions
 over source positions before projecting.
 
-Like residual MLP blocks, the section is declared, never inferred from code
-(:func:`declare_attention`), and checked against the recorded output of every
-batch before it is used (:func:`~sklearn_lib.models._fastpath.formula_mismatch`).
+Like residual MLP blocks, the section is declared (:func:`declare_attention`) or
+inferred from the values of the model's own ``forward`` (:mod:`._inferred`, which
+also checks a vector-Jacobian product on every batch), never read from code, and
+checked against the recorded output of every batch before it is used
+(:func:`~sklearn_lib.models._fastpath.formula_mismatch`).
 """
 
 import math

@@ -1,6 +1,7 @@
-"""Residual MLP blocks ``x + act(x W_in + b_in) W_out + b_out``, declared by the user.
+"""Residual MLP blocks ``x + act(x W_in + b_in) W_out + b_out``, declared or inferred.
 
-A residual block is not recognised from its code: the user declares it with
+A residual block is not recognised from its code: :mod:`._inferred` finds it
+from the values of the model's own ``forward``, or the user declares it with
 :func:`declare_residual_mlp`, on the block (the section ``"M:input" ->
 "M:output"``) or, when the residual add lives in a parent's ``forward``
 (``resid_mid + self.mlp(resid_mid)``), on the parent, between two of its

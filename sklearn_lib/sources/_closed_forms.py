@@ -26,6 +26,7 @@ from ..models import _adapters, _model
 from ..models._attention import CausalAttention
 from ..models._attention_half import NormAttention
 from ..models._fastpath import warn_formula
+from ..models._inferred import jacobian_mismatch
 
 __all__ = ["choose_closed_forms", "same_values"]
 
@@ -87,14 +88,30 @@ def choose_closed_forms(source, pairs):
                 failed[pair] = (where, None)
                 continue
             mismatch = _mismatch(source, st, pair, x, values)
+            if mismatch is None and pair in source.inferred:
+                mismatch = _jacobian_mismatch(source, st, pair, x, recorded, start)
+                if mismatch is not None:
+                    failed[pair] = (where, mismatch, "jacobian")
+                    continue
             if mismatch is not None:
                 failed[pair] = (where, mismatch)
         start += n
         if len(failed) == len(candidates):
             break  # nothing left to check
-    for pair, (where, mismatch) in failed.items():
+    for pair, (where, mismatch, *jacobian) in failed.items():
         a, b = (source.specs[i].spec for i in pair)
-        if mismatch is None:
+        if jacobian:
+            err, allowed = mismatch
+            warnings.warn(
+                f"the section {a!r} -> {b!r} {candidates[pair].claim}, but in {where} a "
+                f"vector-Jacobian product of the model differs from the formula's by up to "
+                f"{err:.3g} (rounding allows {allowed:.3g}): the module's derivatives are not "
+                "those of its values (a detach, a custom autograd function). Using generic "
+                "vector-Jacobian products for this section instead.",
+                UserWarning, stacklevel=5)
+            source.reasons[pair] = (f"the model's Jacobian differs from the closed form in "
+                                    f"{where} (by up to {err:.3g})")
+        elif mismatch is None:
             # Neither the closed form nor the module alone computes this section.
             source.drop_readout(*pair)
             warnings.warn(
@@ -127,3 +144,18 @@ def _mismatch(source, st, pair, x, values):
     if keep is not None:
         X, Y = X[keep], Y[keep]
     return st.mismatch(X, Y)
+
+
+def _jacobian_mismatch(source, st, pair, x, recorded, seed):
+    """:func:`~sklearn_lib.models._inferred.jacobian_mismatch` of an inferred section on batch
+    ``x``, from layer l's recorded value (the model's dtype)."""
+    l, m = pair
+    a, b = source.specs[l], source.specs[m]
+    act_in = recorded[a.spec]
+    if isinstance(st, CausalAttention):
+        formula = st.forward
+    else:
+        # A row-wise block: layer m has layer l's shape (ModelSource._fits).
+        def formula(act):
+            return st.forward(source._rows(act, l)).reshape(act.shape)
+    return jacobian_mismatch(source.model, a, b, x, act_in, formula, seed)

@@ -33,6 +33,7 @@ from ..models._fastpath import (
     why_generic,
 )
 from ..models._independence import PROBE_SAMPLES, check_independent
+from ..models._inferred import infer_section
 from ..models._vjp import (
     floating_dtype,
 )
@@ -46,6 +47,9 @@ from ._products import StreamedProducts, _mask_chunk
 
 #: Samples of the first batch a readout is recognised on (batch_size=None).
 _VERIFY_SAMPLES = 256
+# Samples of the first batch on which a closed form is inferred from values: the
+# candidates' readings are tried on them, and every batch is checked later anyway.
+_INFERENCE_SAMPLES = 8
 
 
 def _keep(rows, keep):
@@ -139,6 +143,10 @@ class ModelSource(ModelEdges, StreamedProducts):
         self._structures, self._leaves, self._readouts = {}, {}, {}
         # Why a section found in closed form takes the generic path (for messages).
         self.reasons = {}
+        # Sections whose closed form was inferred from values (models/_inferred): what was
+        # found, and the samples it was found on.
+        self.inferred = {}
+        self._inference_batch = _adapters.take(first, slice(0, _INFERENCE_SAMPLES))
         self.fast_path = fast_path
         # Numbers per sample of the recorded layers up to each layer (see _footprint).
         self._forward = np.cumsum([p * d for p, d in zip(self.positions, self.widths)]).tolist()
@@ -326,12 +334,29 @@ class ModelSource(ModelEdges, StreamedProducts):
             found = detect_section(self.model, a, b) or block_section(self.model, a, b)
             if found is not None and not self._fits(found, l, m):
                 found = None
+        if found is None and self.readout(l, m) is None:
+            found = self._infer(l, m)
         if found is None:
             reason = why_generic(self.model, a, b) or why_not_block(self.model, a, b) or (
                 (why_not_attention(self.model, a, b) or why_not_attention_half(self.model, a, b))
                 if self.sequence else None)
             if reason is not None:
                 self.reasons[(l, m)] = reason
+        return found
+
+    def _infer(self, l, m):
+        """The closed form of section l -> m inferred from the values of the first samples
+        (:func:`~sklearn_lib.models._inferred.infer_section`), or None."""
+        inferred = infer_section(self.model, self.specs[l], self.specs[m], self._inference_batch)
+        if inferred is None:
+            return None
+        found, claim = inferred
+        fits = (found.fits(self._shapes[l], self._shapes[m])
+                if isinstance(found, CausalAttention) else self._fits(found, l, m))
+        if not fits:
+            return None
+        found.claim = claim
+        self.inferred[(l, m)] = claim
         return found
 
     def _signs(self, position_sources, x, m):

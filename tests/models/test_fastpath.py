@@ -157,9 +157,12 @@ def test_misdeclared_module_falls_back_with_a_warning():
     assert np.allclose(jacs[0], jacs_ref[0], rtol=0, atol=1e-12)
 
 
-def test_undeclared_block_and_other_sections_use_the_generic_path():
+def test_undeclared_block_is_inferred_and_other_sections_use_the_generic_path():
     net, X = _net(nn.ReLU, declare=False), _data(False)
-    assert InteractionGraph.from_model(net, LAYERS, X).fast_path_ == [False, True]
+    # Not declared, but its values show x + mlp(x) (models/_inferred).
+    auto, generic = _graphs(net, X, False, LAYERS)
+    assert auto.fast_path_ == [True, True]
+    _assert_same(auto, generic)
     net = _net(nn.ReLU)
     # Not the block's own input -> output.
     graph = InteractionGraph.from_model(net, ["embed:input", "block:output"], X)
@@ -247,8 +250,11 @@ def test_parent_declaration_applies_to_its_section_only():
     net, X = _parent(), _data(True)
     kwargs = dict(sequence=True, edge_point="data")
     # Other selections at the two ends, other layers, hooks: the generic path.
-    for layers in (["mid[-1]", "post"], ["embed", "post"], ["mid:input", "post"]):
+    for layers in (["mid[-1]", "post"], ["mid:input", "post"]):
         assert InteractionGraph.from_model(net, layers, X, **kwargs).fast_path_ == [False]
+    # ``mid`` is an identity, so from embed's output the section is x + mlp(x) as well:
+    # not declared, but inferred from the values (models/_inferred).
+    assert InteractionGraph.from_model(net, ["embed", "post"], X, **kwargs).fast_path_ == [True]
     handle = net.mlp[1].register_forward_hook(lambda m, a, o: None)
     try:
         assert InteractionGraph.from_model(net, ["mid", "post"], X, **kwargs).fast_path_ == [
