@@ -182,6 +182,7 @@ class InteractionGraph(BaseEstimator):
         ValueError says how much is needed when even one sample with one
         product vector does not. None sizes batches automatically (about
         2**23 numbers, and 2**26 for the products).
+    constant_node : bool, default=False
         Give every layer one more node, the last of the layer: the constant
         coordinate of its affine coordinates ``(z, 1)``, in which activations
         are ``x = z @ inverse_components_ + 1 * mean_`` (the mean path; with
