@@ -77,10 +77,11 @@ def compare(name, fit, refit_params, folder):
         return out
 
     _checkpoint.Checkpoint._run = timed_run
-    import sklearn_lib.graph._graph as graph_module
-    saved = graph_module.data_digest, graph_module.model_digest
-    graph_module.data_digest = _checkpoint.data_digest
-    graph_module.model_digest = _checkpoint.model_digest
+    # fit_model's preparation (graph/_model_fit.py) calls the digests by its own names.
+    import sklearn_lib.graph._model_fit as fit_module
+    saved = fit_module.data_digest, fit_module.model_digest
+    fit_module.data_digest = _checkpoint.data_digest
+    fit_module.model_digest = _checkpoint.model_digest
     try:
         path = os.path.join(folder, name)
         _, plain = _timed(lambda: fit({}, None))
@@ -94,7 +95,7 @@ def compare(name, fit, refit_params, folder):
         _checkpoint.Checkpoint._run = run
         for kind, original in originals.items():
             setattr(_checkpoint, f"{kind}_digest", original)
-        graph_module.data_digest, graph_module.model_digest = saved
+        fit_module.data_digest, fit_module.model_digest = saved
     computed = sum(e["status"] == "computed" for e in refit.checkpoint_log_)
     print(f"\n{name}: checkpoint of {_size(path) / 2**20:.2f} MiB")
     print(f"  plain fit                       {plain:8.2f} s")

@@ -46,8 +46,6 @@ import errno
 import json
 import os
 import shutil
-import uuid
-from math import prod
 
 import numpy as np
 
@@ -56,28 +54,26 @@ from ..utils._atomic import (
     replace_dir,
     tidy,
 )
-from ..utils._backend import resolve_dtype
+from ._description import (
+    check_arrays,
+    check_description,
+    check_expectations,
+    empty_group,
+    new_description,
+)
 from ._format import (
     _ATTR_KEY,
     _CHECKSUM_KEY,
-    _CHUNK_BYTES,
-    _FORMAT_VERSION,
-    _READABLE_VERSIONS,
     _WHAT,
-    _as_shape,
-    _check_count,
     _check_keys,
     _check_target,
     _description_checksum,
     _finite_rows,
     _import_zarr,
     _is_complete_cache,
-    _jacobian_shapes,
-    _json_roundtrip,
     _labels,
     _open_verified,
     _read_description,
-    _safe_node_name,
     _to_numpy,
 )
 
@@ -199,75 +195,12 @@ class ActivationCache:
         """
         zarr = _import_zarr()
         path = os.path.abspath(os.fspath(path))
-        # Every argument is checked before the target, so that nothing is written.
-        chunk_size = _check_count(chunk_size, "'chunk_size'")
-        if not isinstance(layers, dict) or not layers:
-            raise TypeError("layers must be a non-empty dict mapping layer name -> row shape.")
-        not_str = [name for name in layers if not isinstance(name, str)]
-        if not_str:
-            raise TypeError(
-                f"layer names must be str, got {not_str} "
-                f"({', '.join(type(n).__name__ for n in not_str)}): names are stored as text, "
-                "where 1 and '1' would be one layer. Name them as strings, e.g. "
-                f"{[str(n) for n in not_str]}."
-            )
-        names = list(layers)
-        shapes = {name: _as_shape(shape, f"layer {name!r}") for name, shape in layers.items()}
-        rows = {name: 1 for name in names}
-        if rows_per_sample is not None and not isinstance(rows_per_sample, dict):
-            raise TypeError(
-                f"rows_per_sample must be a dict of layer name -> int, got {rows_per_sample!r}."
-            )
-        for name, r in (rows_per_sample or {}).items():
-            if name not in rows:
-                raise ValueError(f"rows_per_sample names unknown layer {name!r}; layers: {names}.")
-            rows[name] = _check_count(r, f"'rows_per_sample[{name!r}]'")
-        jac_shapes = _jacobian_shapes(jacobians, names, shapes, rows)
-        np_dtype = np.dtype(str(resolve_dtype(dtype)).removeprefix("torch."))
-        _check_target(path, overwrite)
-
-        description = {
-            "format_version": _FORMAT_VERSION,
-            "complete": False,
-            # Tells a reader whether the cache at the path is still the one it opened.
-            "generation": uuid.uuid4().hex,
-            "n_samples": 0,
-            "dtype": np_dtype.name,
-            "layers": [
-                {
-                    "name": name,
-                    "node": "activations/" + _safe_node_name(i, name),
-                    "shape": list(shapes[name]),
-                    "rows_per_sample": rows[name],
-                }
-                for i, name in enumerate(names)
-            ],
-            "jacobians": [
-                {
-                    "in": a,
-                    "out": b,
-                    "node": "jacobians/" + _safe_node_name(k, f"{a}__to__{b}"),
-                    "shape": list(shape),
-                }
-                for k, ((a, b), shape) in enumerate(jac_shapes.items())
-            ],
-            "metadata": _json_roundtrip(metadata),
-        }
-
+        description, chunk_size = new_description(
+            path, layers, jacobians=jacobians, dtype=dtype, chunk_size=chunk_size,
+            metadata=metadata, overwrite=overwrite, rows_per_sample=rows_per_sample)
         tmp_path = make_temp_dir(path, "ActivationCache")
         try:
-            group = zarr.open_group(tmp_path, mode="a", zarr_format=3)
-            group.create_group("activations")
-            group.create_group("jacobians")
-            entries = [(e["node"], e["shape"]) for e in description["layers"]]
-            entries += [(e["node"], e["shape"]) for e in description["jacobians"]]
-            for node, shape in entries:
-                row_bytes = max(1, prod(shape) * np_dtype.itemsize)
-                chunk_rows = max(1, min(chunk_size, _CHUNK_BYTES // row_bytes))
-                group.create_array(
-                    node, shape=(0, *shape), chunks=(chunk_rows, *shape), dtype=np_dtype
-                )
-            group.attrs[_ATTR_KEY] = description
+            group = empty_group(zarr, tmp_path, description, chunk_size)
         except BaseException:
             shutil.rmtree(tmp_path, ignore_errors=True)
             raise
@@ -323,32 +256,11 @@ class ActivationCache:
             )
             raise FileNotFoundError(f"no activation cache at {path!r}.{hint}")
         description = _read_description(path)
-        if description is None:
-            raise ValueError(f"{path!r} is not an activation cache written by ActivationCache.")
-        if description.get("complete") is not True:
-            raise ValueError(
-                f"the activation cache at {path!r} is incomplete: it was never finalized "
-                "(the write was interrupted). Recreate it."
-            )
-        version = description.get("format_version")
-        if version not in _READABLE_VERSIONS:
-            raise ValueError(
-                f"the activation cache at {path!r} has format version {version}, this "
-                f"library reads versions {list(_READABLE_VERSIONS)} (version 1 caches carry no "
-                "inventory, so they cannot prove they are complete). Recreate it."
-            )
-        if version >= 3 and description.get(_CHECKSUM_KEY) != _description_checksum(description):
-            raise ValueError(
-                f"the activation cache at {path!r} is damaged: its root metadata "
-                f"{os.path.join(path, 'zarr.json')!r} does not match the checksum finalize() "
-                "wrote into it (it was edited or corrupted after the cache was finished: "
-                "n_samples, layers, shapes, the inventory and the user metadata are all "
-                "covered). Recreate the cache (or restore it from an intact copy)."
-            )
+        check_description(path, description)
         check_inventory(path, description["inventory"], _labels(description))
         cache = cls(path, _open_verified(path, description), description, writing=False)
-        cache._check_arrays()
-        cache._check_expectations(expect_layers, expect_shapes, expect_dtype)
+        check_arrays(cache)
+        check_expectations(cache, expect_layers, expect_shapes, expect_dtype)
         return cache
 
     def _nodes(self):
@@ -359,45 +271,6 @@ class ActivationCache:
         nodes += [(e["node"], f"Jacobians of section ({e['in']!r}, {e['out']!r})",
                    tuple(e["shape"]), rows[e["in"]]) for e in self._desc["jacobians"]]
         return nodes
-
-    def _check_arrays(self):
-        """Every array holds ``n_samples`` samples of its row shape in the cache's dtype."""
-        problems = []
-        for node, label, shape, per in self._nodes():
-            array = self._group[node]
-            expected = (self._n_samples * per, *shape)
-            if tuple(array.shape) != expected or array.dtype != self.dtype:
-                problems.append(
-                    f"{label} ({os.path.join(self.path, *node.split('/'))}): expected shape "
-                    f"{expected} and dtype {self.dtype.name} (n_samples={self._n_samples}, "
-                    f"rows_per_sample={per}), found {tuple(array.shape)} and {array.dtype}"
-                )
-        if problems:
-            raise ValueError(
-                f"the activation cache at {self.path!r} is damaged: its arrays do not hold "
-                "the samples its root metadata (zarr.json) counts:\n  " + "\n  ".join(problems)
-                + "\nRecreate the cache (or restore it from an intact copy)."
-            )
-
-    def _check_expectations(self, expect_layers, expect_shapes, expect_dtype):
-        problems = []
-        if expect_layers is not None and list(expect_layers) != self.layers:
-            problems.append(f"layers: expected {list(expect_layers)}, found {self.layers}")
-        for name, shape in (expect_shapes or {}).items():
-            found = self.shapes.get(name)
-            if found is None:
-                problems.append(f"shape of {name!r}: expected {tuple(shape)}, found no such layer")
-            elif tuple(shape) != found:
-                problems.append(f"shape of {name!r}: expected {tuple(shape)}, found {found}")
-        if expect_dtype is not None:
-            expected = np.dtype(str(resolve_dtype(expect_dtype)).removeprefix("torch."))
-            if expected != self.dtype:
-                problems.append(f"dtype: expected {expected.name}, found {self.dtype.name}")
-        if problems:
-            raise ValueError(
-                f"the activation cache at {self.path!r} does not match what was expected:\n  "
-                + "\n  ".join(problems)
-            )
 
     # ------------------------------------------------------------------ writing
     def append(self, batch, jacobian_batch=None):

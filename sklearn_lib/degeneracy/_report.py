@@ -23,7 +23,6 @@ here or given (:meth:`DegeneracyReport.fit_graph`).
 from numbers import Integral, Real
 
 import numpy as np
-import torch
 from sklearn.base import BaseEstimator, _fit_context
 from sklearn.utils._param_validation import Interval
 from sklearn.utils.validation import check_is_fitted
@@ -37,22 +36,10 @@ from ._counts import (
 )
 from ._llc import LocalLearningCoefficient
 from ._preactivations import array_patterns, check_pattern_inputs
-from ._sections import (
-    blocks_for_structure,
-    dense_sections,
-    derivative_of,
-    null_spaces,
-    verified_dense_section,
-)
+from ._section_nulls import array_null_spaces, model_null_spaces
+from ._table import report_frame, report_plot
 
 __all__ = ["DegeneracyReport", "LocalLearningCoefficient"]
-
-_COLUMNS = (
-    "n_features", "activation_rank", "activation_null", "gradient_rank", "gradient_null",
-    "effective_dim", "joint_null", "dead", "always_on", "sync_groups", "sync_group_sizes",
-    "sync_directions", "section_parameters", "degenerate_parameters",
-    "degenerate_parameters_error", "degenerate_parameters_method",
-)
 
 
 class DegeneracyReport(BaseEstimator):
@@ -322,8 +309,8 @@ class DegeneracyReport(BaseEstimator):
         graph = self._graph().fit(X, jacobians=jacobians, sequence=sequence)
         # The patterns check the pre-activations against the layers first.
         patterns = self._array_patterns(graph, preactivations, activation, X)
-        nulls = self._array_null_spaces(graph, X, jacobians, sequence, preactivations,
-                                        activation)
+        nulls = array_null_spaces(self, graph, X, jacobians, sequence, preactivations,
+                                  activation)
         return self._measure(graph, patterns, nulls)
 
     @_fit_context(prefer_skip_nested_validation=True)
@@ -367,8 +354,8 @@ class DegeneracyReport(BaseEstimator):
         patterns = self._array_patterns(graph, preactivations, activation, X)
         nulls = None
         if X is not None or jacobians is not None:
-            nulls = self._array_null_spaces(graph, X, jacobians, sequence, preactivations,
-                                            activation)
+            nulls = array_null_spaces(self, graph, X, jacobians, sequence, preactivations,
+                                      activation)
         return self._measure(graph, patterns, nulls)
 
     @_fit_context(prefer_skip_nested_validation=True)
@@ -399,75 +386,13 @@ class DegeneracyReport(BaseEstimator):
             dtype=resolve_dtype(self.dtype),
         )
         return self._measure(graph, patterns,
-                             self._model_null_spaces(graph, model, layers, data, sequence))
+                             model_null_spaces(self, graph, model, layers, data, sequence))
 
     # ------------------------------------------------------------------ measuring
     def _array_patterns(self, graph, preactivations, activation, X=None):
         return array_patterns(graph, preactivations, activation, X, tol=self.pattern_tol,
                               batch_size=self.batch_size, dtype=resolve_dtype(self.dtype),
                               device=resolve_device(self.device))
-
-    def _null_options(self):
-        return {"exact_size_limit": self.exact_size_limit, "n_probes": self.n_probes,
-                "n_steps": self.n_lanczos_steps, "random_state": self.random_state}
-
-    def _array_null_spaces(self, graph, X, jacobians, sequence, preactivations, activation):
-        """Null spaces of every section read as ``act(x W + b)`` from cached arrays."""
-        from ..cache import ActivationCache
-        from ..sources._cached import CachedSource
-
-        if isinstance(X, ActivationCache):
-            names = X.layers
-            jacobians = [X.jacobians(a, b) for a, b in zip(names[:-1], names[1:])]
-            sequence = sequence or any(r > 1 for r in X.rows_per_sample.values())
-            X = [X.activations(name) for name in names]
-        device, dtype = resolve_device(self.device), resolve_dtype(self.dtype)
-        source = CachedSource(X, jacobians, sequence=sequence, batch_size=self.batch_size,
-                              device=device, dtype=dtype, verbose=False)
-        if source.n_samples != graph.n_samples_seen_ or source.n_layers != graph.n_layers_:
-            raise ValueError(
-                f"X and jacobians hold {source.n_layers} layers of {source.n_samples} samples; "
-                f"the graph was fitted on {graph.n_layers_} layers of "
-                f"{graph.n_samples_seen_}: pass the arrays the graph was fitted on."
-            )
-        derivatives = {}
-        if preactivations is not None:
-            act = torch.relu if activation is None else activation
-            for key, z in preactivations.items():
-                l = graph._layer_index(key)
-                derivatives[l] = derivative_of(act, torch.as_tensor(
-                    np.asarray(z) if not isinstance(z, torch.Tensor) else z).to(
-                        device=device, dtype=dtype))
-        return null_spaces(source.acts, source.jacs, source.positions,
-                           graph.bases_[-1].components_, dense_sections(graph.center, derivatives),
-                           device=device, dtype=dtype, options=self._null_options())
-
-    def _model_null_spaces(self, graph, model, layers, data, sequence):
-        """Null spaces of the model's recognised sections (Linear + activation, residual MLP)."""
-        from ..models._collect import collect
-        from ..sources._cached import CachedSource
-        from ..sources._model_source import ModelSource
-
-        device, dtype = resolve_device(self.device), resolve_dtype(self.dtype)
-        acts, jacs = collect(model, layers, data, batch_size=self.batch_size or 256,
-                             device=device, dtype=self.dtype, verbose=False, sequence=sequence)
-        source = CachedSource(acts, jacs, sequence=sequence, batch_size=self.batch_size,
-                              device=device, dtype=dtype, verbose=False)
-        sections = ModelSource(model, layers, data, sequence=sequence,
-                               batch_size=self.batch_size, device=device, dtype=self.dtype,
-                               fast_path="auto", verbose=False)
-
-        def blocks(l, inputs, downstream):
-            structure = sections.structure(l - 1, l)
-            if structure is None:
-                structure = verified_dense_section(
-                    sections.model, sections.specs[l], inputs,
-                    torch.as_tensor(np.asarray(source.acts[l])).to(device=device, dtype=dtype))
-            return blocks_for_structure(structure, inputs, downstream)
-
-        return null_spaces(source.acts, source.jacs, source.positions,
-                           graph.bases_[-1].components_, blocks, device=device, dtype=dtype,
-                           options=self._null_options())
 
     def _measure(self, graph, patterns, nulls=None):
         n_layers = graph.n_layers_
@@ -521,31 +446,6 @@ class DegeneracyReport(BaseEstimator):
         return self
 
     # ------------------------------------------------------------------ results
-    def _rows(self):
-        check_is_fitted(self)
-        for l, name in enumerate(self.layer_names_):
-            d, groups = int(self.n_features_[l]), self.synchronised_groups_[l]
-            has = groups is not None
-            yield name, {
-                "n_features": d,
-                "activation_rank": int(self.activation_rank_[l]),
-                "activation_null": d - int(self.activation_rank_[l]),
-                "gradient_rank": int(self.gradient_rank_[l]),
-                "gradient_null": d - int(self.gradient_rank_[l]),
-                "effective_dim": int(self.n_components_[l]),
-                "joint_null": d - int(self.n_components_[l]),
-                "dead": len(self.dead_neurons_[l]) if has else None,
-                "always_on": len(self.always_on_neurons_[l]) if has else None,
-                "sync_groups": len(groups) if has else None,
-                "sync_group_sizes": tuple(len(g) for g in groups) if has else None,
-                "sync_directions": _int_or_none(self.synchronised_directions_[l]),
-                "section_parameters": _int_or_none(self.section_parameters_[l]),
-                "degenerate_parameters": _int_or_none(self.degenerate_parameters_[l]),
-                "degenerate_parameters_error": _float_or_none(
-                    self.degenerate_parameters_error_[l]),
-                "degenerate_parameters_method": self.degenerate_parameters_method_[l],
-            }
-
     def to_frame(self):
         """The per-layer table as a pandas DataFrame (pandas is an optional extra).
 
@@ -560,24 +460,7 @@ class DegeneracyReport(BaseEstimator):
             ``degenerate_parameters`` (nullable integers: missing where a layer
             has no pre-activations or no map into it).
         """
-        try:
-            import pandas as pd
-        except ImportError as error:
-            raise ImportError(
-                "DegeneracyReport.to_frame needs pandas, an optional extra: "
-                "pip install sklearn_lib[all]"
-            ) from error
-        names, rows = zip(*self._rows())
-        frame = pd.DataFrame(list(rows), index=pd.Index(names, name="layer"),
-                             columns=list(_COLUMNS))
-        for column in _COLUMNS:
-            if column == "degenerate_parameters_error":
-                frame[column] = frame[column].astype("Float64")
-            elif column == "degenerate_parameters_method":
-                frame[column] = frame[column].astype("string")
-            elif column != "sync_group_sizes":
-                frame[column] = frame[column].astype("Int64")
-        return frame
+        return report_frame(self)
 
     def plot(self, ax=None):
         """Bars of the null-space dimensions and synchronised neurons per layer.
@@ -591,39 +474,4 @@ class DegeneracyReport(BaseEstimator):
         -------
         ax : matplotlib Axes
         """
-        try:
-            import matplotlib.pyplot as plt
-        except ImportError as error:
-            raise ImportError(
-                "DegeneracyReport.plot needs matplotlib, an optional extra: "
-                "pip install sklearn_lib[plot]"
-            ) from error
-        rows = dict(self._rows())
-        if ax is None:
-            _, ax = plt.subplots()
-        bars = {
-            "activations' null space": [r["activation_null"] for r in rows.values()],
-            "gradients' null space": [r["gradient_null"] for r in rows.values()],
-            "dropped by the basis (d - r)": [r["joint_null"] for r in rows.values()],
-            "synchronised or dead neurons": [
-                (sum(r["sync_group_sizes"]) + r["dead"]) if r["dead"] is not None else 0
-                for r in rows.values()
-            ],
-        }
-        x = np.arange(len(rows))
-        width = 0.8 / len(bars)
-        for k, (label, values) in enumerate(bars.items()):
-            ax.bar(x + (k - (len(bars) - 1) / 2) * width, values, width, label=label)
-        ax.set_xticks(x, [f"{name}\n(d = {r['n_features']})" for name, r in rows.items()])
-        ax.set_ylabel("dimensions / neurons")
-        ax.set_title("degeneracy per layer")
-        ax.legend(fontsize="small")
-        return ax
-
-
-def _int_or_none(value):
-    return None if np.isnan(value) else round(value)
-
-
-def _float_or_none(value):
-    return None if np.isnan(value) else float(value)
+        return report_plot(self, ax)

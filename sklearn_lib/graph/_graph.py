@@ -21,53 +21,13 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from ..basis._basis import InteractionBasis
-from ..basis._dask import is_dask_array
-from ..sources._cached import CachedSource
-from ..utils._backend import resolve_device, resolve_dtype
 from ._adjacency import layered_adjacency
-from ._chain import build
+from ._array_fit import fit_from_arrays
 from ._io import load_graph, save_graph
+from ._layers import layer_index, per_position
 from ._model_fit import fit_from_model
 
 __all__ = ["InteractionGraph"]
-
-def _listed(arrays):
-    return arrays if isinstance(arrays, (list, tuple)) else []
-
-
-def _frame_as_array(data):
-    """A pandas DataFrame of model inputs as its ndarray (one row per sample); else ``data``.
-
-    Iterating a DataFrame yields its column names, which would reach the model
-    as a batch of strings.
-    """
-    if not type(data).__module__.startswith("pandas") or getattr(data, "ndim", None) != 2:
-        return data
-    from pandas.api.types import is_bool_dtype, is_complex_dtype, is_numeric_dtype
-
-    text = [name for name, dtype in data.dtypes.items()
-            if not (is_numeric_dtype(dtype) or is_bool_dtype(dtype)) or is_complex_dtype(dtype)]
-    if text:
-        raise TypeError(
-            f"data is a DataFrame with columns that are not real numbers: {text} (dtypes "
-            f"{[str(data.dtypes[name]) for name in text]}). A model takes numbers: encode or "
-            "drop them, e.g. data.drop(columns=...) or pandas.get_dummies."
-        )
-    array = data.to_numpy()
-    if array.dtype == object:  # nullable extension dtypes; their missing values become NaN
-        array = data.to_numpy(dtype=np.float64, na_value=np.nan)
-    return array
-
-
-def _per_position(method, X):
-    """Apply a row-wise basis method to rows or to (batch, position, feature) activations."""
-    if not hasattr(X, "reshape"):
-        X = np.asarray(X)
-    if X.ndim != 3:
-        return method(X)
-    n, P, d = X.shape
-    out = method(X.reshape(n * P, d))
-    return out.reshape(n, P, out.shape[-1])
 
 
 class InteractionGraph(BaseEstimator):
@@ -222,6 +182,7 @@ class InteractionGraph(BaseEstimator):
         ValueError says how much is needed when even one sample with one
         product vector does not. None sizes batches automatically (about
         2**23 numbers, and 2**26 for the products).
+    constant_node : bool, default=False
         Give every layer one more node, the last of the layer: the constant
         coordinate of its affine coordinates ``(z, 1)``, in which activations
         are ``x = z @ inverse_components_ + 1 * mean_`` (the mean path; with
@@ -459,49 +420,7 @@ class InteractionGraph(BaseEstimator):
         self : InteractionGraph
             The fitted graph.
         """
-        names = None
-        from ..cache._cache import ActivationCache
-
-        if isinstance(X, ActivationCache):
-            if jacobians is not None:
-                raise ValueError("pass either an ActivationCache or jacobians, not both.")
-            names = X.layers
-            missing = [p for p in zip(names[:-1], names[1:]) if p not in X.jacobian_pairs]
-            if missing:
-                raise ValueError(
-                    f"the cache has no Jacobians for the adjacent sections {missing}; "
-                    f"stored: {X.jacobian_pairs}."
-                )
-            jacobians = [X.jacobians(a, b) for a, b in zip(names[:-1], names[1:])]
-            sequence = sequence or any(r > 1 for r in X.rows_per_sample.values()) or bool(
-                X.metadata.get("collect", {}).get("sequence", False)
-            )
-            X = [X.activations(name) for name in names]
-        if self.edge_point == "reconstructed":
-            raise ValueError(
-                "edge_point='reconstructed' needs Jacobians at reconstructed points, which "
-                "a cache does not have; use edge_point='data' (or 'auto') with fit, or "
-                "fit_model with a model."
-            )
-        if self.integration is not None:
-            raise ValueError(
-                f"integration={self.integration!r} evaluates Jacobians along a path, which "
-                "needs a model; use fit_model, or integration=None with cached Jacobians."
-            )
-        device, dtype = resolve_device(self.device), resolve_dtype(self.dtype)
-        source_class = CachedSource
-        if any(is_dask_array(a) for a in [*_listed(X), *_listed(jacobians)]):
-            from ..sources._dask_source import DaskSource as source_class
-        source = source_class(
-            X, jacobians, sequence=sequence, batch_size=self.batch_size,
-            device=device, dtype=dtype, verbose=self.verbose,
-        )
-        if names is None:
-            names = [str(l) for l in range(source.n_layers)]
-        result = build(self, source, names, edge_point="data")
-        result.update(layer_names_=list(names), n_samples_seen_=source.n_samples,
-                      fast_path_=[False] * (source.n_layers - 1))
-        return self._set_fitted(result)
+        return self._set_fitted(fit_from_arrays(self, X, jacobians, sequence=sequence))
 
     @_fit_context(prefer_skip_nested_validation=True)
     def fit_model(self, model, layers, data, *, sequence=False, distributed=False,
@@ -584,7 +503,7 @@ class InteractionGraph(BaseEstimator):
             The fitted graph.
         """
         return self._set_fitted(fit_from_model(
-            self, model, layers, _frame_as_array(data), sequence=sequence,
+            self, model, layers, data, sequence=sequence,
             distributed=distributed, checkpoint=checkpoint, checkpoint_every=checkpoint_every))
 
     @classmethod
@@ -624,17 +543,7 @@ class InteractionGraph(BaseEstimator):
 
     # ------------------------------------------------------------------ using
     def _layer_index(self, layer):
-        check_is_fitted(self)
-        if isinstance(layer, str):
-            if layer not in self.layer_names_:
-                raise ValueError(f"unknown layer {layer!r}; layers: {self.layer_names_}.")
-            return self.layer_names_.index(layer)
-        if not isinstance(layer, Integral) or not -self.n_layers_ <= layer < self.n_layers_:
-            raise ValueError(
-                f"layer must be a name from {self.layer_names_} or an int in "
-                f"[-{self.n_layers_}, {self.n_layers_}), got {layer!r}."
-            )
-        return int(layer) % self.n_layers_
+        return layer_index(self, layer)
 
     def transform(self, layer, X):
         """Basis coordinates ``(X - mean_l) @ C_l`` of activations of one layer.
@@ -662,7 +571,7 @@ class InteractionGraph(BaseEstimator):
         >>> graph.transform(0, X.double()).shape
         torch.Size([20, 5, 3])
         """
-        return _per_position(self.bases_[self._layer_index(layer)].transform, X)
+        return per_position(self.bases_[self._layer_index(layer)].transform, X)
 
     def inverse_transform(self, layer, Z):
         """Activations ``Z @ C_pinv_l + mean_l`` from basis coordinates of one layer.
@@ -677,7 +586,7 @@ class InteractionGraph(BaseEstimator):
         X : ndarray or tensor of shape (n_rows, d_layer) or (n_samples, P, d_layer)
             In the layout of ``Z``.
         """
-        return _per_position(self.bases_[self._layer_index(layer)].inverse_transform, Z)
+        return per_position(self.bases_[self._layer_index(layer)].inverse_transform, Z)
 
     def adjacency(self, norm="identity", eps=None):
         """Symmetric sparse adjacency matrix over the nodes of all layers.

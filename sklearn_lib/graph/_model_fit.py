@@ -5,6 +5,8 @@ The estimator validates its parameters; this module prepares the model source
 fit's passes, and runs the backward chaining of :func:`~._chain.build` over it.
 """
 
+import numpy as np
+
 from ..sources._distributed import DistributedSource
 from ..sources._edges import path_quadrature
 from ..sources._model_source import ModelSource
@@ -24,9 +26,34 @@ from ._checkpoint import (
 __all__ = ["fit_from_model"]
 
 
+def frame_as_array(data):
+    """A pandas DataFrame of model inputs as its ndarray (one row per sample); else ``data``.
+
+    Iterating a DataFrame yields its column names, which would reach the model
+    as a batch of strings.
+    """
+    if not type(data).__module__.startswith("pandas") or getattr(data, "ndim", None) != 2:
+        return data
+    from pandas.api.types import is_bool_dtype, is_complex_dtype, is_numeric_dtype
+
+    text = [name for name, dtype in data.dtypes.items()
+            if not (is_numeric_dtype(dtype) or is_bool_dtype(dtype)) or is_complex_dtype(dtype)]
+    if text:
+        raise TypeError(
+            f"data is a DataFrame with columns that are not real numbers: {text} (dtypes "
+            f"{[str(data.dtypes[name]) for name in text]}). A model takes numbers: encode or "
+            "drop them, e.g. data.drop(columns=...) or pandas.get_dummies."
+        )
+    array = data.to_numpy()
+    if array.dtype == object:  # nullable extension dtypes; their missing values become NaN
+        array = data.to_numpy(dtype=np.float64, na_value=np.nan)
+    return array
+
+
 def fit_from_model(graph, model, layers, data, *, sequence, distributed, checkpoint,
                    checkpoint_every):
     """The fitted attributes of ``graph`` from ``model`` on ``data`` (see ``fit_model``)."""
+    data = frame_as_array(data)
     alphas, weights = path_quadrature(graph.integration, graph.n_alphas)
     edge_point = "reconstructed" if graph.edge_point == "auto" else graph.edge_point
 
