@@ -80,7 +80,9 @@ def fit_from_model(graph, model, layers, data, *, sequence, distributed, checkpo
                 "output of a block declared with declare_residual_mlp, a section "
                 "declared with declare_attention, the MLP half of a GPT-2, GPT-NeoX or "
                 "Llama block (its ln_2/post_attention_layernorm input to the block's "
-                "output) or a Linear read alone; these sections "
+                "output) or its attention half, a TransformerLens bridge of such a block, "
+                "a residual MLP or attention of the model's own forward found by its values, "
+                "or a Linear read alone; these sections "
                 f"are not: {', '.join(slow)}. Use fast_path='auto'."
             )
         return source, fast

@@ -211,8 +211,9 @@ def detect_block(module):
         ``nn.RMSNorm`` and ``LlamaRMSNorm`` over one axis, GPT-NeoX's parallel
         residual (there the MLP's output is added together with the
         attention's, so no layer lies between them). TransformerLens' bridge
-        components are refused too: their hook points may change the values;
-        recognise the transformers module they wrap instead.
+        components are refused too: their hook points may change the values
+        (:mod:`._bridge` finds the transformers block they wrap and checks
+        every batch instead).
     """
     if not isinstance(module, nn.Module):
         return _refuse(f"expected a torch.nn.Module, got {type(module).__name__}")

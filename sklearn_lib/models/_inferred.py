@@ -29,7 +29,7 @@ from itertools import permutations
 import torch
 
 from ._attention import CausalAttention
-from ._elementwise import ELEMENTWISE, TRANSPARENT
+from ._elementwise import ELEMENTWISE, TRANSPARENT, formula_mismatch
 from ._model import _base_spec, _Layer, _record_batch
 from ._overrides import global_hooks, linear_type, override
 from ._residual import ResidualMLP
@@ -102,15 +102,17 @@ def _readings(maps, d):
             continue
         score = sum(named(n, role) for n, role in zip(order, "qkvo"))
         found.append((-score, order))
-    return [order for _, order in sorted(found)]
+    found.sort()
+    # Names that say every role leave one reading; otherwise all are tried.
+    return [order for score, order in found if score == -4 or found[0][0] > -4]
 
 
 def _head_counts(module, width):
-    """Numbers of heads to try: the module's own attributes, then every divisor of ``width``."""
-    stated = [getattr(module, a) for a in _HEAD_ATTRIBUTES if isinstance(getattr(module, a, None),
-                                                                         int)]
-    divisors = [h for h in range(1, width + 1) if width % h == 0]
-    return list(dict.fromkeys([h for h in stated if h > 0 and width % h == 0] + divisors))
+    """Numbers of heads to try: the module's own attribute, else every divisor of ``width``."""
+    stated = [getattr(module, a) for a in _HEAD_ATTRIBUTES
+              if isinstance(getattr(module, a, None), int)]
+    stated = [h for h in stated if h > 0 and width % h == 0]
+    return stated[:1] or [h for h in range(1, width + 1) if width % h == 0]
 
 
 def _record_modules(model, layers, x, modules):
@@ -141,14 +143,19 @@ def _record_modules(model, layers, x, modules):
 
 
 def _attention(module, maps, X, Y):
-    """The :class:`CausalAttention` reading of ``module``'s maps with ``Y == X + attn(X)``."""
+    """The :class:`CausalAttention` reading of ``module``'s maps with ``Y == X + attn(X)``.
+
+    Readings are searched on the first sample (there may be a few hundred of
+    them, see :func:`_readings` and :func:`_head_counts`) and the one found is
+    checked on all.
+    """
     for order in _readings(maps, X.shape[-1]):
         q, k, v, o = (maps[n].weight.detach() for n in order)
         for n_heads in _head_counts(module, q.shape[0]):
             for causal in (True, False):
                 st = CausalAttention(q, k, v, o, n_heads=n_heads, causal=causal)
-                if st.mismatch(X, Y) is None:
-                    return st, order
+                if st.mismatch(X[:1], Y[:1]) is None:
+                    return (st, order) if st.mismatch(X, Y) is None else (None, None)
     return None, None
 
 
@@ -201,8 +208,11 @@ def infer_section(model, a, b, x):
         X, Y = (recorded[layer.spec] for layer in base)
         if X.shape != Y.shape or X.dim() not in (2, 3):
             return None
-        for name, (inp, _) in seen.items():
-            if inp.shape != X.shape or not torch.equal(inp, X):
+        for name, (inp, out) in seen.items():
+            # The module reads the layer's very value and the next layer adds its output:
+            # cheap to check before any reading of its maps is tried.
+            if (inp.shape != X.shape or not torch.equal(inp, X) or out.shape != X.shape
+                    or formula_mismatch(lambda t, out=out: t + out, X, Y) is not None):
                 continue
             if name in mlps:
                 st = _residual_mlp(mlps[name], X, Y)
@@ -257,16 +267,17 @@ def _detached(t):
     return None if t is None else t.detach()
 
 
-def jacobian_mismatch(model, a, b, x, act_in, formula, seed=0):
+def jacobian_mismatch(model, a, b, x, act_in, formula, seed=0, rows=None):
     """None if the section's vector-Jacobian product equals the formula's, else
     ``(error, allowed)``.
 
     One random cotangent ``u`` (Gaussian, from ``seed``) of layer ``b``'s shape;
     the model's product runs the section from ``a``'s recorded value ``act_in``
     on inputs ``x`` (:func:`~._sections._run_section`), the formula's is autograd
-    through ``formula(act_in)``. Rounding allows ``1e3 eps`` of the largest
-    entry of either product times ``sqrt`` of the number of terms summed
-    (at least 1). A section the model cannot run from ``a`` fails.
+    through ``formula(act_in)``. ``rows``, a boolean mask of ``b``'s leading
+    axes (padding), leaves the other rows out (cotangent 0). Rounding allows
+    ``1e3 eps`` of the largest entry of either product times ``sqrt`` of the
+    number of terms summed (at least 1). A section the model cannot run from ``a`` fails.
     """
     with torch.enable_grad():
         leaf = act_in.detach().clone().requires_grad_(True)
@@ -276,6 +287,8 @@ def jacobian_mismatch(model, a, b, x, act_in, formula, seed=0):
             return (float("inf"), 0.0)
         generator = torch.Generator().manual_seed(seed)
         u = torch.randn(out.shape, generator=generator, dtype=out.dtype).to(out.device)
+        if rows is not None:
+            u = u * rows.reshape(*rows.shape, *(1,) * (u.dim() - rows.dim())).to(u.dtype)
         if not out.requires_grad:
             return (float("inf"), 0.0)
         (model_vjp,) = torch.autograd.grad(out, leaf, u, allow_unused=True)

@@ -19,6 +19,7 @@ act sample by sample.
 """
 
 import warnings
+from types import SimpleNamespace
 
 import torch
 
@@ -103,7 +104,7 @@ def choose_closed_forms(source, pairs):
         if jacobian:
             err, allowed = mismatch
             warnings.warn(
-                f"the section {a!r} -> {b!r} {candidates[pair].claim}, but in {where} a "
+                f"the section {a!r} -> {b!r} {source.inferred[pair]}, but in {where} a "
                 f"vector-Jacobian product of the model differs from the formula's by up to "
                 f"{err:.3g} (rounding allows {allowed:.3g}): the module's derivatives are not "
                 "those of its values (a detach, a custom autograd function). Using generic "
@@ -121,7 +122,10 @@ def choose_closed_forms(source, pairs):
                 UserWarning, stacklevel=5)
             source.reasons[pair] = f"the module's input is not the layer's value in {where}"
         else:
-            warn_formula(candidates[pair], a, b, where, mismatch, stacklevel=5)
+            # What was found by values says so; the others' types say what they claim.
+            claimed = (SimpleNamespace(claim=source.inferred[pair]) if pair in source.inferred
+                       else candidates[pair])
+            warn_formula(claimed, a, b, where, mismatch, stacklevel=5)
             source.reasons[pair] = (f"the model's output differs from the closed form in "
                                     f"{where} (by up to {mismatch[0]:.3g})")
         chosen[pair] = None
@@ -147,15 +151,26 @@ def _mismatch(source, st, pair, x, values):
 
 
 def _jacobian_mismatch(source, st, pair, x, recorded, seed):
-    """:func:`~sklearn_lib.models._inferred.jacobian_mismatch` of an inferred section on batch
-    ``x``, from layer l's recorded value (the model's dtype)."""
+    """:func:`~sklearn_lib.models._inferred.jacobian_mismatch` of a section found by its
+    values, on batch ``x``, from layer l's recorded value (the model's dtype); None where
+    the closed form is not used (a padded batch of a :class:`CausalAttention`)."""
     l, m = pair
     a, b = source.specs[l], source.specs[m]
     act_in = recorded[a.spec]
+    key_mask = _adapters.padding_mask(x)
+    rows = None
     if isinstance(st, CausalAttention):
+        if key_mask is not None:
+            return None
         formula = st.forward
+    elif isinstance(st, NormAttention):
+        # Padded rows are not compared (NormAttention.mismatch): no cotangent there.
+        rows = None if key_mask is None else key_mask.bool()
+
+        def formula(act):
+            return st.forward(act, key_mask)
     else:
         # A row-wise block: layer m has layer l's shape (ModelSource._fits).
         def formula(act):
             return st.forward(source._rows(act, l)).reshape(act.shape)
-    return jacobian_mismatch(source.model, a, b, x, act_in, formula, seed)
+    return jacobian_mismatch(source.model, a, b, x, act_in, formula, seed, rows=rows)

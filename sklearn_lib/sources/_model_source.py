@@ -23,6 +23,7 @@ from ..models._attention_half import NormAttention
 from ..models._attention_stats import combined_scatter
 from ..models._block_detect import block_section, why_not_block
 from ..models._blocks import accumulator
+from ..models._bridge import bridge_section
 from ..models._fastpath import (
     LinearElementwise,
     ResidualMLP,
@@ -345,17 +346,22 @@ class ModelSource(ModelEdges, StreamedProducts):
         return found
 
     def _infer(self, l, m):
-        """The closed form of section l -> m inferred from the values of the first samples
-        (:func:`~sklearn_lib.models._inferred.infer_section`), or None."""
-        inferred = infer_section(self.model, self.specs[l], self.specs[m], self._inference_batch)
+        """The closed form of section l -> m found by its values: a TransformerLens bridge's
+        block (:func:`~sklearn_lib.models._bridge.bridge_section`) or a residual section
+        of the model's own ``forward`` inferred on the first samples
+        (:func:`~sklearn_lib.models._inferred.infer_section`); or None. Either is checked
+        by a vector-Jacobian product on every batch (``choose_closed_forms``)."""
+        a, b = self.specs[l], self.specs[m]
+        inferred = bridge_section(self.model, a, b) or infer_section(
+            self.model, a, b, self._inference_batch)
         if inferred is None:
             return None
         found, claim = inferred
         fits = (found.fits(self._shapes[l], self._shapes[m])
-                if isinstance(found, CausalAttention) else self._fits(found, l, m))
+                if isinstance(found, (CausalAttention, NormAttention))
+                else self._fits(found, l, m))
         if not fits:
             return None
-        found.claim = claim
         self.inferred[(l, m)] = claim
         return found
 

@@ -1,0 +1,71 @@
+"""TransformerLens bridges (``_bridge``): the wrapped transformers blocks' closed forms."""
+
+import warnings
+
+import pytest
+import torch
+from _hf_models import VOCAB, assert_same_graph, randomize, transformers
+
+from sklearn_lib import InteractionGraph
+
+builder = pytest.importorskip("transformer_lens.model_bridge.sources._bridge_builder")
+
+# TransformerLens' names of the residual stream: before, inside and after each block.
+LAYERS = ["blocks.0.hook_resid_pre", "blocks.0.hook_resid_mid", "blocks.0.hook_resid_post",
+          "blocks.1.hook_resid_mid", "blocks.1.hook_resid_post"]
+
+
+@pytest.fixture
+def bridge():
+    config = transformers.GPT2Config(n_layer=2, n_embd=8, n_head=2, n_inner=12,
+                                     vocab_size=VOCAB, n_positions=8, layer_norm_epsilon=0.1,
+                                     bos_token_id=None, eos_token_id=None)
+    model = randomize(transformers.GPT2LMHeadModel(config))
+    return builder.build_bridge_from_module(model, "GPT2LMHeadModel", hf_config=config)
+
+
+@pytest.fixture
+def tokens():
+    return torch.randint(0, VOCAB, (12, 6), generator=torch.Generator().manual_seed(1))
+
+
+def _graphs(bridge, tokens, **params):
+    auto = InteractionGraph(verbose=False, **params).fit_model(bridge, LAYERS, tokens,
+                                                               sequence=True)
+    generic = InteractionGraph(verbose=False, fast_path=False, **params).fit_model(
+        bridge, LAYERS, tokens, sequence=True)
+    return auto, generic
+
+
+@pytest.mark.parametrize("params", [dict(), dict(stochastic_positions=2, random_state=0)])
+def test_bridge_blocks_take_the_closed_forms_of_the_blocks_they_wrap(bridge, tokens, params):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        auto, generic = _graphs(bridge, tokens, **params)
+    assert auto.fast_path_ == [True] * 4 and generic.fast_path_ == [False] * 4
+    assert_same_graph(auto, generic)
+
+
+def test_hook_that_changes_values_is_caught(bridge, tokens):
+    handle = bridge.blocks[0].attn.hook_pattern.register_forward_hook(
+        lambda module, args, out: out * 0.5)
+    try:
+        with pytest.warns(UserWarning, match="bridge 'blocks.0'.*differs from that formula"):
+            auto, generic = _graphs(bridge, tokens)
+    finally:
+        handle.remove()
+    assert auto.fast_path_ == [False, True, True, True]
+    assert_same_graph(auto, generic)
+
+
+def test_hook_that_cuts_derivatives_is_caught(bridge, tokens):
+    # The same values, another Jacobian: only the vector-Jacobian check sees it.
+    handle = bridge.blocks[1].attn.hook_pattern.register_forward_hook(
+        lambda module, args, out: out.detach())
+    try:
+        with pytest.warns(UserWarning, match="vector-Jacobian product of the model differs"):
+            auto, generic = _graphs(bridge, tokens)
+    finally:
+        handle.remove()
+    assert auto.fast_path_ == [True, True, False, True]
+    assert_same_graph(auto, generic)
