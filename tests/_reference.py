@@ -84,3 +84,12 @@ def assert_same_up_to_rounding(actual, expected, *, ulps=64):
     eps = np.finfo(expected.dtype).eps
     scale = float(np.max(np.abs(expected), initial=0.0))
     np.testing.assert_allclose(actual, expected, rtol=0, atol=ulps * eps * scale)
+
+
+def assert_same_graph_statistics(auto, generic, tol=1e-10):
+    """Two graphs' edges and Jacobian Grams agree to ``tol`` of their largest entries."""
+    for E, E_ref in zip(auto.edges_, generic.edges_):
+        assert np.abs(np.asarray(E) - np.asarray(E_ref)).max() <= tol * np.abs(E_ref).max()
+    for b, b_ref in zip(auto.bases_, generic.bases_):
+        G, G_ref = np.asarray(b.jacobian_gram_), np.asarray(b_ref.jacobian_gram_)
+        assert np.abs(G - G_ref).max() <= tol * np.abs(G_ref).max()

@@ -46,26 +46,20 @@ def test_bridge_blocks_take_the_closed_forms_of_the_blocks_they_wrap(bridge, tok
     assert_same_graph(auto, generic)
 
 
-def test_hook_that_changes_values_is_caught(bridge, tokens):
-    handle = bridge.blocks[0].attn.hook_pattern.register_forward_hook(
-        lambda module, args, out: out * 0.5)
-    try:
-        with pytest.warns(UserWarning, match="bridge 'blocks.0'.*differs from that formula"):
-            auto, generic = _graphs(bridge, tokens)
-    finally:
-        handle.remove()
-    assert auto.fast_path_ == [False, True, True, True]
-    assert_same_graph(auto, generic)
-
-
-def test_hook_that_cuts_derivatives_is_caught(bridge, tokens):
+@pytest.mark.parametrize("block, hook, message, fast", [
+    # Other values: the output check sees it.
+    (0, lambda module, args, out: out * 0.5, "bridge 'blocks.0'.*differs from that formula",
+     [False, True, True, True]),
     # The same values, another Jacobian: only the vector-Jacobian check sees it.
-    handle = bridge.blocks[1].attn.hook_pattern.register_forward_hook(
-        lambda module, args, out: out.detach())
+    (1, lambda module, args, out: out.detach(), "vector-Jacobian product of the model differs",
+     [True, True, False, True]),
+])
+def test_hooks_that_change_the_section_are_caught(bridge, tokens, block, hook, message, fast):
+    handle = bridge.blocks[block].attn.hook_pattern.register_forward_hook(hook)
     try:
-        with pytest.warns(UserWarning, match="vector-Jacobian product of the model differs"):
+        with pytest.warns(UserWarning, match=message):
             auto, generic = _graphs(bridge, tokens)
     finally:
         handle.remove()
-    assert auto.fast_path_ == [True, True, False, True]
+    assert auto.fast_path_ == fast
     assert_same_graph(auto, generic)

@@ -5,6 +5,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from _reference import assert_same_graph_statistics
 from torch import nn
 
 from sklearn_lib import InteractionGraph, declare_residual_mlp
@@ -84,14 +85,6 @@ def _graphs(net, X, sequence, layers, **params):
     return auto, generic
 
 
-def _assert_same(auto, generic, tol=1e-10):
-    for E, E_ref in zip(auto.edges_, generic.edges_):
-        assert np.abs(np.asarray(E) - np.asarray(E_ref)).max() <= tol * np.abs(E_ref).max()
-    for b, b_ref in zip(auto.bases_, generic.bases_):
-        G, G_ref = np.asarray(b.jacobian_gram_), np.asarray(b_ref.jacobian_gram_)
-        assert np.abs(G - G_ref).max() <= tol * np.abs(G_ref).max()
-
-
 LAYERS = ["block:input", "block:output", "head"]
 
 
@@ -102,7 +95,7 @@ def test_graph_matches_generic_path(act, sequence):
     auto, generic = _graphs(net, X, sequence, LAYERS)
     # The head reads the block's output in the parent's forward: a readout.
     assert auto.fast_path_ == [True, True] and generic.fast_path_ == [False, False]
-    _assert_same(auto, generic)
+    assert_same_graph_statistics(auto, generic)
 
 
 @pytest.mark.parametrize("sequence", [False, True])
@@ -121,7 +114,7 @@ def test_graph_variants_match_generic_path(params, sequence):
     auto = InteractionGraph.from_model(net, layers, X, **kwargs)
     generic = InteractionGraph.from_model(net, layers, X, fast_path=False, **kwargs)
     assert auto.fast_path_[0] is True
-    _assert_same(auto, generic)
+    assert_same_graph_statistics(auto, generic)
 
 
 @pytest.mark.parametrize("positions", ["", "[-1]"])
@@ -130,7 +123,7 @@ def test_graph_with_selected_positions(positions):
     layers = [f"block:input{positions}", f"block:output{positions}"]
     auto, generic = _graphs(net, X, True, layers)
     assert auto.fast_path_ == [True]
-    _assert_same(auto, generic)
+    assert_same_graph_statistics(auto, generic)
 
 
 def test_collect_matches_generic_path():
@@ -147,7 +140,7 @@ def test_misdeclared_module_falls_back_with_a_warning():
         auto = InteractionGraph.from_model(net, LAYERS, X, edge_point="data")
     generic = InteractionGraph.from_model(net, LAYERS, X, edge_point="data", fast_path=False)
     assert auto.fast_path_ == [False, True]  # the head is a readout (test_model_source)
-    _assert_same(auto, generic)
+    assert_same_graph_statistics(auto, generic)
     with pytest.warns(UserWarning, match="declared a residual MLP block"):
         with pytest.raises(ValueError, match="fast_path=True needs"):
             InteractionGraph.from_model(net, LAYERS, X, fast_path=True)
@@ -162,7 +155,7 @@ def test_undeclared_block_is_inferred_and_other_sections_use_the_generic_path():
     # Not declared, but its values show x + mlp(x) (models/_inferred).
     auto, generic = _graphs(net, X, False, LAYERS)
     assert auto.fast_path_ == [True, True]
-    _assert_same(auto, generic)
+    assert_same_graph_statistics(auto, generic)
     net = _net(nn.ReLU)
     # Not the block's own input -> output.
     graph = InteractionGraph.from_model(net, ["embed:input", "block:output"], X)
@@ -219,7 +212,7 @@ def test_parent_declared_section_matches_generic_path(act, positions):
     auto, generic = _graphs(net, X, True, layers)
     # The head reads the whole "post" layer: a readout unless positions are selected.
     assert auto.fast_path_ == [True, not positions] and generic.fast_path_ == [False, False]
-    _assert_same(auto, generic)
+    assert_same_graph_statistics(auto, generic)
 
 
 @pytest.mark.parametrize("params", [
@@ -232,7 +225,7 @@ def test_parent_declared_section_variants_match_generic_path(params):
     auto = InteractionGraph.from_model(net, layers, X, **params)
     generic = InteractionGraph.from_model(net, layers, X, fast_path=False, **params)
     assert auto.fast_path_[0] is True
-    _assert_same(auto, generic)
+    assert_same_graph_statistics(auto, generic)
 
 
 def test_parent_declared_section_is_checked_on_the_first_batch():
@@ -243,7 +236,7 @@ def test_parent_declared_section_is_checked_on_the_first_batch():
     generic = InteractionGraph.from_model(net, layers, X, sequence=True, edge_point="data",
                                           fast_path=False)
     assert auto.fast_path_ == [False]
-    _assert_same(auto, generic)
+    assert_same_graph_statistics(auto, generic)
 
 
 def test_parent_declaration_applies_to_its_section_only():
@@ -295,7 +288,7 @@ def test_shipped_transformer_mlp_section_matches_generic_path():
     layers = ["hook_resid_mid[-1]", "hook_resid_post[-1]"]
     auto, generic = _graphs(net, X, True, layers)
     assert auto.fast_path_ == [True]
-    _assert_same(auto, generic)
+    assert_same_graph_statistics(auto, generic)
 
 
 # ------------------------------------------------------- what the model computes, checked
@@ -319,7 +312,7 @@ def test_every_batch_is_checked_against_the_declared_formula():
         auto = InteractionGraph.from_model(net, LAYERS, X, edge_point="data")
     generic = InteractionGraph.from_model(net, LAYERS, X, edge_point="data", fast_path=False)
     assert auto.fast_path_ == [False, True]
-    _assert_same(auto, generic)
+    assert_same_graph_statistics(auto, generic)
     with pytest.warns(UserWarning, match="declared a residual MLP block"):
         with pytest.raises(ValueError, match=r"'block:input' -> 'block:output' \(the model's "
                                              r"output differs from the closed form in the "
@@ -335,7 +328,7 @@ def test_parametrized_linear_keeps_the_closed_form():
                                                         _Tril())
     auto, generic = _graphs(net, X, False, LAYERS)
     assert auto.fast_path_ == [True, True]
-    _assert_same(auto, generic)
+    assert_same_graph_statistics(auto, generic)
 
 
 class _Tril(nn.Module):
@@ -352,7 +345,7 @@ def test_instance_forward_takes_the_generic_path_and_says_why():
     X = _data(False)
     auto, generic = _graphs(net, X, False, [":input", "1", "2"])
     assert auto.fast_path_ == [True, False]
-    _assert_same(auto, generic)
+    assert_same_graph_statistics(auto, generic)
     with pytest.raises(ValueError, match=r"'1' -> '2' \(module '2' \(Linear\) has an "
                                          r"instance-level forward\)"):
         InteractionGraph.from_model(net, [":input", "1", "2"], X, fast_path=True)
