@@ -41,22 +41,15 @@ class InteractionGraph(BaseEstimator):
     direction ``i`` of layer ``l+1`` is the squared gradient-times-activation
     attribution ``E_l[i, j] = (1/n) sum_x (J_tilde_x[i, j] Z_l[x, j])^2`` with
     ``J_tilde_x = C_{l+1}^T J_l(x) C_pinv_l^T`` and ``Z_l = transform_l(X_l)``
-    (SPEC section 2). For sequence layers, feature ``j`` is attributed through
-    all source positions ``s`` before squaring, ``E_l[i, j] = 1/(n P_in) sum_x
-    sum_t (sum_s J_tilde_x[(t, i), (s, j)] Z_x[s, j])^2``, the reference work's
-    definition for sections that mix positions (the per-row formula for
-    row-wise sections). The nodes (basis directions of all layers) and edges form
-    an undirected weighted graph, see :meth:`adjacency`.
-
-    Fit either from cached activations and adjacent-layer Jacobians
-    (:meth:`fit`, e.g. the output of :func:`sklearn_lib.collect.collect` or an
+    (SPEC section 2); for sequence layers, feature ``j`` is attributed through
+    all source positions before squaring. The nodes (basis directions of all
+    layers) and edges form an undirected weighted graph, see :meth:`adjacency`.
+    Fit from cached activations and adjacent-layer Jacobians (:meth:`fit`, e.g.
+    the output of :func:`sklearn_lib.collect.collect` or an
     :class:`~sklearn_lib.cache.ActivationCache`), or from a torch model and data
-    (:meth:`fit_model` / :meth:`from_model`), which computes ``C_{l+1}^T J_l``
-    directly with vectorised vector-Jacobian products and never forms the full
-    per-sample Jacobians. For ``nn.Linear`` + elementwise-activation sections of
-    an ``nn.Sequential`` it uses the closed form
-    ``M' = W [(C C^T) * (S^T S / n)] W^T``, ``S[x] = act'(z_x)`` (SPEC section 5,
-    see ``fast_path``).
+    (:meth:`fit_model` / :meth:`from_model`) with vectorised vector-Jacobian
+    products or closed forms (SPEC section 5, see ``fast_path``), never forming
+    full per-sample Jacobians. Read more in the :ref:`User Guide <graph-user-guide>`.
 
     Parameters
     ----------
@@ -102,14 +95,12 @@ class InteractionGraph(BaseEstimator):
         Precision of the model run, the statistics and the results.
     model_dtype : {"model", "float64", "float32", "bfloat16", "float16"} or None, default=None
         Precision the model runs in (:meth:`fit_model`). None: ``dtype``, in a
-        converted copy when the model has another. ``"model"``: its own
-        precision (a bfloat16 model runs in bfloat16, cheaper); a name: a copy
-        in that precision. Activations and vector-Jacobian products are cast
-        to ``dtype`` before anything is summed, so the statistics and edges
-        are accumulated in ``dtype`` and carry only the rounding of the
-        model's own values. Closed forms need the model in ``dtype``: with
-        another precision every section takes the model's products
-        (``fast_path=True`` is refused).
+        converted copy when the model has another; ``"model"``: its own (a
+        bfloat16 model runs in bfloat16, cheaper); a name: a copy in that
+        precision. Activations and products are cast to ``dtype`` before any
+        sum, so the statistics and edges carry only the rounding of the model's
+        own values. Closed forms need the model in ``dtype``: otherwise every
+        section takes the model's products (``fast_path=True`` is refused).
     edge_point : {"auto", "reconstructed", "data"}, default="auto"
         Where the edge Jacobian ``J_l`` is evaluated. ``"reconstructed"`` (the
         reference implementation's choice) uses ``inverse_transform(transform(X))``,
@@ -126,87 +117,52 @@ class InteractionGraph(BaseEstimator):
         Number of quadrature nodes of the integration (at least 2 for the
         trapezoid rule, which includes both ends).
     stochastic_sources : int or None, default=None
-        If set to ``k``, the cotangents ``C_{l+1}`` used for the Jacobian second
-        moment ``M'`` are replaced by ``C_{l+1} R / sqrt(k)`` with ``R`` a random
-        ±1 matrix of shape (r_{l+1}, k) drawn from ``random_state``. Since
-        ``E[R R^T] / k = I`` this is an unbiased estimate of ``M'`` that costs
-        ``k`` instead of ``r_{l+1}`` vector-Jacobian products per sample. It
-        affects only ``M'`` and hence the bases (and, through them, everything
-        downstream); edges are always computed with the exact ``C_{l+1}``.
-        With ``k >= 2`` the columns come in ``min(8, k)`` groups, each drawn and
-        run in its own pass over the data, so that the spread between groups
-        gives the error bars ``interaction_strengths_std_`` (see ``bases_``).
+        If set to ``k``, the cotangents ``C_{l+1}`` of the Jacobian second
+        moment ``M'`` are replaced by ``C_{l+1} R / sqrt(k)``, ``R`` a random ±1
+        matrix of shape (r_{l+1}, k) drawn from ``random_state``: an unbiased
+        estimate of ``M'``, and so of the bases, from ``k`` instead of
+        ``r_{l+1}`` vector-Jacobian products per sample (edges use the exact
+        ``C_{l+1}``). With ``k >= 2`` the sources give error bars. See
+        :ref:`Stochastic sources <graph-stochastic>` in the User Guide.
     stochastic_positions : int or None, default=None
         If set to ``m``, a section whose output layer has ``P > 1`` positions
         (``sequence=True``) takes ``m`` random ±1 combinations of its output
         positions per sample instead of every position, drawn from
         ``random_state``: ``m k`` vector-Jacobian products instead of ``P k``
-        (``k`` cotangents). The Jacobian second moment stays unbiased (random
-        signs average the cross terms of positions out). With ``A_ts`` the
-        products ``C_{l+1}^T J`` of output position ``t`` at input position
-        ``s`` of a sample ``x``, ``S_tu(x) = sum_s A_ts^T A_us`` and ``N``
-        rows, its squared Frobenius error has expectation ``(1/(m N^2)) sum_x
-        sum_{t<u} ||S_tu(x) + S_tu(x)^T||_F^2``: it shrinks as ``1 / m`` and
-        as ``1 / n`` in the number of samples. The edges, sums of squares over
-        output positions, are estimated from such combinations as well and
-        stay unbiased (``E[(sum_t s_t a_t)^2] = sum_t a_t^2``), the constant
-        node's too.
-        It applies to vector-Jacobian products of live models (``fit_model``),
-        padded batches included (padded output positions take sign 0, so the
-        estimate is of the sums over real positions), and to the edges of the
-        MLP halves of transformer blocks in closed form: their combinations
-        are formed without per-position Jacobians, in O(m d_s r (2 P + k)) per
-        sample instead of O(P k d_s r) (``d_s`` the MLP's hidden width, ``r``
-        the input layer's directions), the same estimate as the products'
-        with the same signs. Their statistics, those of the other closed
-        forms and declared attention, and cached Jacobians (``fit``) are exact.
+        (``k`` cotangents). ``M'`` and the edges (the constant node's too) stay
+        unbiased, with an error that shrinks as ``1 / m``. It applies to the
+        products of live models (:meth:`fit_model`, padded batches included)
+        and to the edges of the MLP halves of transformer blocks in closed
+        form; the other closed forms, declared attention and cached Jacobians
+        (:meth:`fit`) are exact. See :ref:`Stochastic sources
+        <graph-stochastic>` in the User Guide.
     fast_path : "auto" or bool, default="auto"
-        Use the closed form for sections that are one ``nn.Linear`` and/or one
-        elementwise activation (ReLU, Tanh, Sigmoid, GELU, LeakyReLU, ...,
-        optionally with ``nn.Identity`` / ``nn.Dropout``) between two recorded
-        layers of an ``nn.Sequential`` (nested plain Sequentials are followed),
-        between ``"M:input"`` and ``"M:output"`` of a residual MLP block ``M``
-        declared with :func:`~sklearn_lib.declare_residual_mlp` (or the two
-        layers a parent declared), and the formula's products for a residual
-        attention declared with :func:`~sklearn_lib.declare_attention`.
-        ``"auto"`` uses it wherever it applies, ``False`` never, ``True``
-        requires it for every pair of adjacent layers (ValueError otherwise).
-        Only :meth:`fit_model` computes Jacobians, so :meth:`fit` ignores it.
+        Use closed forms instead of vector-Jacobian products where a section has
+        one: ``nn.Linear`` and/or elementwise activation modules of an
+        ``nn.Sequential``, readouts, the MLP halves of GPT-2, GPT-NeoX and Llama
+        blocks, and the residual MLP blocks and attention declared with
+        :func:`~sklearn_lib.declare_residual_mlp` and
+        :func:`~sklearn_lib.declare_attention`. ``"auto"`` uses them wherever
+        they apply, ``False`` never, ``True`` requires one for every pair of
+        adjacent layers (ValueError otherwise); :meth:`fit` ignores it. See
+        :ref:`Closed forms <graph-closed-forms>` in the User Guide.
     memory_limit : int, float or str, default=None
         Bytes that a batch of :meth:`fit_model`'s passes may hold (activations,
         vector-Jacobian products and their backward passes), as a number or a
         string such as ``"4GB"`` or ``"512MiB"``; the model, the data and the
-        statistics come on top. Products are streamed in chunks of output
-        directions and positions whose size, like the batches', is chosen
-        from the costs measured on one sample so that a batch fits; a
-        ValueError says how much is needed when even one sample with one
-        product vector does not. None sizes batches automatically (about
-        2**23 numbers, and 2**26 for the products).
+        statistics come on top. None sizes batches automatically. See
+        :ref:`Memory <graph-memory>` in the User Guide.
     constant_node : bool, default=False
-        Give every layer one more node, the last of the layer: the constant
-        coordinate of its affine coordinates ``(z, 1)``, in which activations
-        are ``x = z @ inverse_components_ + 1 * mean_`` (the mean path; with
-        biases folded into a constant-1 feature, the bias path). The reference
-        work keeps this node with ``center=True``, where it carries most of the
-        edge weight; set this to compare graphs node for node with its. Its edge
-        to direction ``i`` of the next layer is what the directions'
-        attributions leave unexplained of that coordinate,
-        ``E_l[i, c] = 1/(n P_in) sum_x sum_t (Z_{l+1,x}[t, i] - sum_{s, j}
-        J_tilde_x[(t, i), (s, j)] Z_x[s, j])^2``, with ``Z_{l+1}`` the next
-        layer's coordinates at the edge point. Once the section's biases are
-        folded into a constant-1 coordinate, a section positively homogeneous
-        in (activation, constant) - affine maps and ReLU - gives exactly the
-        squared gradient-times-activation attribution of that coordinate at the
-        reconstructed edge point (Euler's theorem); with integrated gradients
-        (completeness) it tends to the next layer's coordinates at the mean,
-        ``((f(mean_l) - mean_{l+1}) C_{l+1})^2``. With ``edge_point="data"`` and
-        truncated bases it also holds the truncated directions' share. The
-        constant node of layer ``l+1`` is fed by layer ``l``'s only, with weight
-        ``P_{l+1} / P_l`` (1 for flat layers): the constant of every position
-        is carried to the same position. An unrotated final layer
-        (``final_layer="identity"``) has no constant node. ``n_components_`` and
-        ``bases_`` count directions only; ``layer_offsets_`` and ``edges_``
-        include the constant nodes.
+        Give every layer but an unrotated final layer (``final_layer="identity"``)
+        one more node, the last of the layer: the constant coordinate of its
+        affine coordinates ``(z, 1)``, in which activations are ``x = z @
+        inverse_components_ + 1 * mean_`` (the mean path, or with biases folded
+        into a constant-1 feature the bias path). The reference work keeps it
+        with ``center=True``; set this to compare graphs node for node with its.
+        Its edges hold what the directions' attributions leave unexplained of the
+        next layer's coordinates. ``n_components_`` and ``bases_`` count
+        directions only; ``layer_offsets_`` and ``edges_`` include the constant
+        nodes. See :ref:`The constant node <graph-constant-node>` in the User Guide.
     random_state : int, RandomState instance or None, default=None
         Seed of the stochastic sources.
     verbose : bool, default=False
@@ -221,51 +177,26 @@ class InteractionGraph(BaseEstimator):
         identity), ``interaction_strengths_`` are the mean squared activations of
         the features (the diagonal of ``Z^T Z / n``, in feature order),
         ``jacobian_gram_`` is ``I`` and ``gram_`` / ``gram_eigenvalues_`` describe
-        the data as usual. Every basis of a graph also has
-        ``interaction_strengths_std_`` (r_l,): the standard error of
-        ``interaction_strengths_`` due to the random sources of a stochastic fit
-        (see ``edges_std_``), None for an exact fit and for layers fitted
-        without Jacobians. It is the first-order (delta-method) jackknife over
-        ``G = min(8, n)`` groups of sources, each of which gives an independent,
-        unbiased estimate of ``M'`` given the data:
-        ``stochastic_sources=k >= 2`` splits the ``k`` directions into groups
-        fitted one after another (each with its own position combinations; ``G``
-        passes over the data instead of one, the same number of products);
-        otherwise the ``m`` position combinations of every sample are grouped
-        within the pass (combination ``j`` in group ``j % G``, no extra work).
-        It is the spread over redraws of the sources on the *same* data and the
-        same bases of later layers: neither the sampling of the data nor the
-        randomness of later layers' bases (which moves the Jacobians layer ``l``
-        is fitted with) is included. NaN where a single source cannot show its
-        own spread (``stochastic_sources=1``, or ``stochastic_positions=1`` on a
-        section with random combinations) or the combinations are not grouped
-        (``torch.distributed``, and ``variant="global"`` with
-        ``stochastic_positions`` alone); 0 where the section is exact. Where the
-        relative error bars are large (over about 10%), the noise is comparable
-        to the gaps between strengths and also biases them (it spreads the
-        spectrum: the largest come out too large, the smallest too small), by
-        more than the error bar says: take more sources.
-        A final layer wider than
-        ``sklearn_lib.graph._final.GRAM_LIMIT`` (2,048) features, a vocabulary's
-        logits, is fitted without any ``d x d`` matrix: the identity is a
-        ``WideIdentityBasis`` (``components_`` a ``scipy.sparse`` identity; the
-        section into it must be a linear readout in closed form), a PCA a streamed
-        randomized PCA (``n_components`` an int); ``gram_``, ``jacobian_gram_``
-        and ``gram_eigenvalues_`` are None there.
+        the data as usual. A final layer wider than 2,048 features (a
+        vocabulary's logits) is fitted without any ``d x d`` matrix: its
+        ``gram_``, ``jacobian_gram_`` and ``gram_eigenvalues_`` are None
+        (:ref:`Wide final layers <graph-wide-final>`). Every basis of a graph
+        also has ``interaction_strengths_std_`` of shape (r_l,): the standard
+        error of ``interaction_strengths_`` due to the random sources of a
+        stochastic fit, None for an exact fit and for layers fitted without
+        Jacobians, 0 where the section is exact, NaN where a fit cannot
+        estimate it. Relative errors over about 10% also bias the strengths:
+        take more sources (:ref:`Error bars <graph-error-bars>`).
     edges_ : list of ndarray of shape (r_{l+1}, r_l)
         Edge matrices between adjacent layers (one row and column more for
         constant nodes, see ``constant_node``; ``edges_[l][:r_{l+1}, :r_l]``
         are the directions' edges, e.g. for edge ablation).
     edges_std_ : list of ndarray (shapes of ``edges_``) or None
         Standard errors of ``edges_`` due to the random position combinations
-        of ``stochastic_positions`` (edges use the exact ``C_{l+1}``, so
-        ``stochastic_sources`` adds none), given the fitted bases: the spread
-        of the ``G = min(8, m)`` groups of combinations of the edges pass
-        (combination ``j`` in group ``j % G``; memory ``G`` edge matrices).
-        0 for exact sections and the carried constant, NaN with
-        ``stochastic_positions=1`` on a random section or a ``torch.distributed``
-        fit; None when ``stochastic_positions`` is None. Not saved by
-        :meth:`save`.
+        of ``stochastic_positions``, given the fitted bases (``stochastic_sources``
+        adds none): 0 for exact sections and the carried constant, NaN where a
+        fit cannot estimate them, None when ``stochastic_positions`` is None.
+        Not saved by :meth:`save`. See :ref:`Error bars <graph-error-bars>`.
     layer_offsets_ : ndarray of int64 of shape (n_layers + 1,)
         Cumulative node counts: the nodes of layer ``l`` are
         ``layer_offsets_[l]:layer_offsets_[l + 1]`` of :meth:`adjacency`.
@@ -279,13 +210,11 @@ class InteractionGraph(BaseEstimator):
     n_samples_seen_ : int
         Number of samples (not positions) the graph was fitted on.
     checkpoint_log_ : list of dict
-        Only after :meth:`fit_model` with a ``checkpoint``: one entry per pass
-        over the data, ``{"pass", "layer", "status"}`` with status ``"loaded"``
-        or ``"computed"``, and for a computed pass of a layer with saved passes
-        under other keys a ``"reason"`` naming what differs (e.g. the
-        downstream basis, after another ``n_components`` downstream); with
-        ``checkpoint_every``, ``"shards"`` holds each shard's status and a pass
-        partly loaded is ``"resumed"``.
+        Only after :meth:`fit_model` with a ``checkpoint``: one entry
+        ``{"pass", "layer", "status"}`` per pass over the data, status
+        ``"loaded"``, ``"computed"`` or ``"resumed"`` (with ``checkpoint_every``,
+        whose ``"shards"`` hold each shard's status); a ``"reason"`` says why a
+        pass was recomputed. See :ref:`checkpoints`.
     edge_point_ : {"data", "reconstructed"}
         Where the edge Jacobians were evaluated.
     fast_path_ : list of bool of length n_layers - 1
@@ -401,10 +330,7 @@ class InteractionGraph(BaseEstimator):
             (ndarrays, memmaps, tensors or zarr arrays, read lazily chunk by
             chunk). An :class:`~sklearn_lib.cache.ActivationCache` supplies its
             layers, the Jacobians of adjacent layers and ``sequence`` itself.
-            With dask arrays (e.g. ``ActivationCache.activations(name,
-            dask=True)``) every layer's statistics and every section's edges are
-            one Dask reduction over blocks of whole samples, on Dask's threads
-            or a ``dask.distributed`` cluster.
+            Dask arrays are fitted by Dask reductions (:ref:`dask-fit`).
         y : None
             Ignored.
         jacobians : list of arrays of shape (n_rows_l, d_{l+1}, d_l)
@@ -430,12 +356,9 @@ class InteractionGraph(BaseEstimator):
         For each layer, ``C_{l+1}^T J_l`` is computed directly by vectorised
         vector-Jacobian products with the columns of ``C_{l+1}`` as cotangents
         (or in closed form, see ``fast_path``), batch by batch on the model's
-        device. The data are iterated twice per layer (statistics, then edges)
-        plus once for the final layer, so they must be re-iterable and yield the
-        same samples on every pass (in any order and batching): every pass counts
-        its samples and compares order-free sums with the first pass, and a
-        mismatch (random augmentation, sampling, ``drop_last`` with shuffling, a
-        one-shot iterator) raises instead of mixing sample sets.
+        device. The data are read twice per layer plus once for the final layer,
+        and must give the same samples on every pass, in any order and batching
+        (a pass that differs raises; see :ref:`Data passes <graph-data-passes>`).
 
         Parameters
         ----------
@@ -445,8 +368,7 @@ class InteractionGraph(BaseEstimator):
         layers : list of str or Layer
             Layer names in forward order: ``model.named_modules()`` paths,
             optionally suffixed ``":input"`` / ``":output"`` (``":input"`` is the
-            model's input) and a selection of positions such as ``"[-1]"``
-            (``"attn_out[-1]"`` reads that layer at the last position only), as
+            model's input) and a selection of positions such as ``"[-1]"``, as
             in :func:`sklearn_lib.collect.collect`; a :class:`~sklearn_lib.Layer`
             declares which axes are features (a conv's channels, heads).
         data : tensor, ndarray, DataFrame or re-iterable of batches (e.g. a DataLoader)
@@ -458,44 +380,23 @@ class InteractionGraph(BaseEstimator):
             samples (SPEC section 2).
         distributed : bool or torch.distributed.ProcessGroup, default=False
             ``True`` (the default group) or a process group: ``data`` is this
-            rank's shard, and every rank calls ``fit_model`` with its own. The
-            statistics of all shards are merged exactly (all-reduces of Chan's
-            update) and the edges summed, so every rank ends with the graph of
-            all shards together, equal to a single fit on their concatenation
-            to rounding. Ranks that disagree on layers, shapes or dtype, and a
-            failure on any rank, raise on every rank.
+            rank's shard, every rank calls ``fit_model`` with its own, and every
+            rank ends with the graph of all shards together, merged exactly
+            (:ref:`distributed-fit`).
         checkpoint : str, os.PathLike or None, default=None
-            A directory where every completed pass over the data (a layer's
-            statistics, a section's edges) is saved, and from which a rerun
-            loads the passes it holds instead of computing them: an
-            interrupted fit resumes after its last completed pass, with the
-            same result. Each pass is saved under a key of everything it
-            depends on (layers, settings, and the exact downstream basis or
-            bases), so a rerun with other ``n_components`` or
-            ``truncation_threshold`` reuses the final layer's statistics and
-            those of every layer whose downstream basis is unchanged, and
-            recomputes the others (see ``checkpoint_log_``). The directory is
-            tied to one data set and one model (an exact digest of both, taken
-            in one extra pass over the inputs that does not run the model):
-            other data or another model are refused. It is created if
-            missing; a non-empty directory that is not a checkpoint is
-            refused, and no file in it is ever replaced or deleted. With
-            ``stochastic_sources`` or ``stochastic_positions``, pass an int
-            ``random_state``, or no pass that draws random numbers is reused.
-            It is a parameter of the fit rather than of the estimator because
-            it belongs to one data set: a clone fitted on other data (e.g. in
-            a search) must not share it. Not with ``distributed``.
+            A directory where every completed pass over the data is saved, and
+            from which a rerun (after an interruption, or with other
+            ``n_components`` or ``truncation_threshold``) loads the passes that
+            still apply, with the same result (see ``checkpoint_log_``). Other
+            data or another model are refused; stochastic fits reuse passes
+            only with an int ``random_state``. Not with ``distributed``. See
+            :ref:`checkpoints`.
         checkpoint_every : int or None, default=None
             With ``checkpoint``: make every pass in shards of this many samples
-            (rounded down to whole batches of ``batch_size``) and save each
-            shard's result, so that a fit killed within a pass resumes from its
-            last completed shard instead of the pass's start. The shards'
-            statistics merge exactly (Chan's update) and their edges are
-            averaged by their samples: the graph equals the unsharded fit to
-            rounding (with ``stochastic_positions``, every shard draws its own
-            signs). Each shard costs a probe of the model on its first batch.
-            For array data (a tensor, an array, a dict of arrays) without an
-            ``attention_mask``; None makes one piece of each pass.
+            and save each shard, so that a fit killed within a pass resumes
+            from its last completed shard; the graph equals the unsharded fit
+            to rounding. For array data without an ``attention_mask``; None
+            makes one piece of each pass.
 
         Returns
         -------
@@ -620,10 +521,8 @@ class InteractionGraph(BaseEstimator):
 
         ``path/graph.json`` holds the parameters and per-layer scalars,
         ``path/arrays.npz`` the basis matrices and edges. The directory is
-        written next to ``path`` and renamed into place, so a failed save leaves
-        no partial graph behind, and ``path`` holds the old or the new graph at
-        every instant (a save killed between the two renames of a replacement
-        is undone by the next :meth:`load` or :meth:`save`).
+        written next to ``path`` and renamed into place, so a failed save
+        leaves no partial graph behind (:ref:`saved-graphs`).
 
         Parameters
         ----------
@@ -653,11 +552,9 @@ class InteractionGraph(BaseEstimator):
         ----------
         path : str or os.PathLike
         device : {"cpu", "cuda", "auto"}, "cuda:<index>", torch.device or None, default=None
-            Where the loaded graph and its bases compute (the arrays are
-            numpy; they move there batch by batch). None keeps the device the
-            graph was saved with if this machine has it, and otherwise uses the
-            CPU with a warning: a graph fitted on a GPU loads on a machine
-            without one. A device this machine lacks raises.
+            Where the loaded graph and its bases compute. None keeps the device
+            the graph was saved with if this machine has it, else the CPU with a
+            warning. A device this machine lacks raises.
 
         Returns
         -------
@@ -669,14 +566,9 @@ class InteractionGraph(BaseEstimator):
             If nothing is at ``path``.
         ValueError
             If ``path`` is not a saved graph, a file of it is damaged or was
-            changed after it was saved, or its arrays are not ones a fit
-            produces: every parameter, the shape, dtype and checksum of every
-            array and the invariants of a fitted graph (non-negative, sorted
-            interaction strengths, inverse components that invert the
-            components, symmetric positive semi-definite Gram matrices, SPEC
-            identity (b), non-negative edges, unique layer names) are checked
-            before anything is constructed, and the message names the file,
-            the invariant and what was found. Also if ``device`` is not
+            changed after it was saved, or its arrays break an invariant of a
+            fitted graph (the message names the file, the invariant and what
+            was found; see :ref:`saved-graphs`), or ``device`` is not
             available here.
         """
         return load_graph(cls, path, device=device)
@@ -684,9 +576,8 @@ class InteractionGraph(BaseEstimator):
     def set_params(self, **params):
         """Set parameters; a new ``device`` reaches the fitted bases too.
 
-        A graph's bases compute where their own ``device`` says; a graph moved
-        to another device (e.g. fitted on a GPU, used on a CPU) moves them
-        along, so ``transform`` runs where the graph's ``device`` says.
+        The fitted bases move along, so ``transform`` runs where the graph's
+        ``device`` says (e.g. a graph fitted on a GPU, used on a CPU).
 
         Parameters
         ----------
