@@ -139,10 +139,12 @@ class InteractionGraph(BaseEstimator):
     fast_path : "auto" or bool, default="auto"
         Use closed forms instead of vector-Jacobian products where a section has
         one: ``nn.Linear`` and/or elementwise activation modules of an
-        ``nn.Sequential``, readouts, the MLP halves of GPT-2, GPT-NeoX and Llama
-        blocks, and the residual MLP blocks and attention declared with
+        ``nn.Sequential``, readouts, both halves of ``transformers`` blocks
+        (GPT-2, GPT-NeoX, Llama, Mistral, Qwen2) and of TransformerLens
+        bridges of them, residual MLP blocks and attention declared with
         :func:`~sklearn_lib.declare_residual_mlp` and
-        :func:`~sklearn_lib.declare_attention`. ``"auto"`` uses them wherever
+        :func:`~sklearn_lib.declare_attention` or found by their values in
+        the model's own ``forward``. ``"auto"`` uses them wherever
         they apply, ``False`` never, ``True`` requires one for every pair of
         adjacent layers (ValueError otherwise); :meth:`fit` ignores it. See
         :ref:`Closed forms <graph-closed-forms>` in the User Guide.
