@@ -36,19 +36,25 @@ def _original(module):
     return None
 
 
-def _unwrapped(module):
+def _unwrapped(module, memo):
     """``module`` with every bridge component below it replaced by what it wraps.
 
     A shallow copy where something changed (its other state, parameters and
     hooks are the original's objects), the module itself where nothing did.
+    ``memo`` maps ``id`` of each original module to what stands for it, so that
+    unwrapping a model and then one of its blocks gives the same object.
     """
     module = _original(module) or module
-    children = {name: None if child is None else _unwrapped(child)
+    if id(module) in memo:
+        return memo[id(module)]
+    children = {name: None if child is None else _unwrapped(child, memo)
                 for name, child in module._modules.items()}
     if all(children[name] is child for name, child in module._modules.items()):
+        memo[id(module)] = module
         return module
     proxy = copy.copy(module)
     proxy._modules = children
+    memo[id(module)] = proxy
     return proxy
 
 
@@ -63,7 +69,7 @@ def bridge_section(model, a, b):
     both; None otherwise. The structure is what
     :func:`~._attention_detect.detect_attention_half` or
     :func:`~._block_detect.detect_block` finds in the unwrapped transformers
-    block (blocks that need their model, like rotary ones, are not found). The
+    block, with the bridge's ``original_model`` as the model that holds it. The
     caller checks the output and a vector-Jacobian product on every batch.
     """
     if a.kind != "output" or b.kind != "output" or a.axes is not None or b.axes is not None:
@@ -75,7 +81,7 @@ def bridge_section(model, a, b):
         if original is None or a.positions != b.positions or _original(
                 named[block_name]) is not original:
             return None
-        match = detect_block(_unwrapped(original))
+        match = detect_block(_unwrapped(original, {}))
         norm = match.input.rpartition(":")[0] if match else None
         if not match or norm is None or (
                 a.name != f"{block_name}.{_ORIGINAL}.{norm}.hook_in"):
@@ -92,11 +98,16 @@ def bridge_section(model, a, b):
         original = named.get(f"{block_name}.{_ORIGINAL}")
         if original is None or _original(named[block_name]) is not original:
             return None
-        block = _unwrapped(original)
+        # The transformers model the bridge wraps, unwrapped too: it holds the block (and
+        # the rotary embedding of the families that have one).
+        memo = {}
+        inner = getattr(model, "original_model", None)
+        inner = None if inner is None else _unwrapped(inner, memo)
+        block = _unwrapped(original, memo)
         layout = _layout(block)
         if layout is None or b.name != f"{block_name}.{_ORIGINAL}.{layout.norm2}.hook_in":
             return None
-        match = detect_attention_half(block)
+        match = detect_attention_half(block, inner)
         if match:
             return match.section, (f"is x + attention(norm(x)) of the transformers block "
                                    f"wrapped by the TransformerLens bridge {block_name!r}")

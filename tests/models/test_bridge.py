@@ -15,13 +15,30 @@ LAYERS = ["blocks.0.hook_resid_pre", "blocks.0.hook_resid_mid", "blocks.0.hook_r
           "blocks.1.hook_resid_mid", "blocks.1.hook_resid_post"]
 
 
+def _bridge(family):
+    if family == "gpt2":
+        config = transformers.GPT2Config(n_layer=2, n_embd=8, n_head=2, n_inner=12,
+                                         vocab_size=VOCAB, n_positions=8,
+                                         layer_norm_epsilon=0.1, bos_token_id=None,
+                                         eos_token_id=None)
+        name, cls = "GPT2LMHeadModel", transformers.GPT2LMHeadModel
+    else:  # rotary: the bridge's wrapped model holds the rotary embedding
+        config = transformers.GPTNeoXConfig(num_hidden_layers=2, hidden_size=8,
+                                            num_attention_heads=2, intermediate_size=12,
+                                            vocab_size=VOCAB, use_parallel_residual=False,
+                                            layer_norm_eps=0.1, bos_token_id=0, eos_token_id=0)
+        name, cls = "GPTNeoXForCausalLM", transformers.GPTNeoXForCausalLM
+    return builder.build_bridge_from_module(randomize(cls(config)), name, hf_config=config)
+
+
+@pytest.fixture(params=["gpt2", "neox"])
+def family(request):
+    return request.param
+
+
 @pytest.fixture
-def bridge():
-    config = transformers.GPT2Config(n_layer=2, n_embd=8, n_head=2, n_inner=12,
-                                     vocab_size=VOCAB, n_positions=8, layer_norm_epsilon=0.1,
-                                     bos_token_id=None, eos_token_id=None)
-    model = randomize(transformers.GPT2LMHeadModel(config))
-    return builder.build_bridge_from_module(model, "GPT2LMHeadModel", hf_config=config)
+def bridge(family):
+    return _bridge(family)
 
 
 @pytest.fixture
