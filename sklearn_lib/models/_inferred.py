@@ -55,17 +55,24 @@ def _own_parameters(module, parts):
 
 
 def _mlp_parts(module):
-    """``(linear_in, activation, linear_out)`` when those are ``module``'s only computing
-    children, in that order, with matching widths; else None."""
+    """The readings ``(linear_in, activation, linear_out)`` of ``module`` when two
+    ``nn.Linear`` of transposed widths and an elementwise activation are its only
+    computing children, else None.
+
+    Children may be registered in any order, so both orders of the two maps are
+    readings (the values decide, :func:`_residual_mlp`).
+    """
     children = [c for c in module.children() if not isinstance(c, TRANSPARENT)]
-    if len(children) != 3:
+    linears = [c for c in children if linear_type(c)]
+    acts = [c for c in children if type(c) in ELEMENTWISE]
+    if len(children) != 3 or len(linears) != 2 or len(acts) != 1:
         return None
-    lin_in, act, lin_out = children
-    if not (linear_type(lin_in) and type(act) in ELEMENTWISE and linear_type(lin_out)):
+    first, second = linears
+    if (second.in_features, second.out_features) != (first.out_features, first.in_features):
         return None
-    if (lin_out.in_features, lin_out.out_features) != (lin_in.out_features, lin_in.in_features):
+    if not _own_parameters(module, children):
         return None
-    return (lin_in, act, lin_out) if _own_parameters(module, children) else None
+    return [(first, acts[0], second), (second, acts[0], first)]
 
 
 def _attention_maps(module):
@@ -238,20 +245,27 @@ def _base_layers(a, b):
                    layer.name, layer.kind, layer.module) for layer in (a, b)]
 
 
-def _residual_mlp(parts, X, Y):
-    """The :class:`~._residual.ResidualMLP` of ``parts`` if ``Y == X + mlp(X)``, else None."""
-    lin_in, act, lin_out = parts
-    st = ResidualMLP(lin_in.weight.detach(), _detached(lin_in.bias), act,
-                     lin_out.weight.detach(), _detached(lin_out.bias))
+def _residual_mlp(readings, X, Y):
+    """The :class:`~._residual.ResidualMLP` of the first of ``readings`` (see
+    :func:`_mlp_parts`) with ``Y == X + mlp(X)``, else None."""
+    if X.shape != Y.shape:
+        return None
     rows = [t.reshape(-1, t.shape[-1]) for t in (X, Y)]
-    return st if X.shape == Y.shape and st.mismatch(*rows) is None else None
+    for lin_in, act, lin_out in readings:
+        if lin_in.in_features != X.shape[-1]:
+            continue
+        st = ResidualMLP(lin_in.weight.detach(), _detached(lin_in.bias), act,
+                         lin_out.weight.detach(), _detached(lin_out.bias))
+        if st.mismatch(*rows) is None:
+            return st
+    return None
 
 
 def _block(model, a, b, x):
     """Section ``"M:input" -> "M:output"`` of a module ``M`` whose ``forward`` is ``x +
     mlp(x)`` with its three children (:func:`infer_section`), or None."""
     parts = _mlp_parts(a.module)
-    if parts is None or a.positions != b.positions or any(override(m) for m in parts):
+    if parts is None or a.positions != b.positions or any(override(m) for m in parts[0]):
         return None
     base = _base_layers(a, b)
     with torch.no_grad():

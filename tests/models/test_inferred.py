@@ -51,9 +51,12 @@ class UserAttention(nn.Module):
 
 
 class UserMLP(nn.Module):
-    def __init__(self, surprise=False):
+    def __init__(self, surprise=False, reversed_order=False):
         super().__init__()
-        self.fc_in, self.act, self.fc_out = nn.Linear(D, 16), nn.GELU(), nn.Linear(16, D)
+        if reversed_order:  # registered in another order than they run
+            self.act, self.fc_out, self.fc_in = nn.GELU(), nn.Linear(16, D), nn.Linear(D, 16)
+        else:
+            self.fc_in, self.act, self.fc_out = nn.Linear(D, 16), nn.GELU(), nn.Linear(16, D)
         self.surprise = surprise
 
     def forward(self, x):
@@ -111,6 +114,13 @@ def test_user_transformer_takes_closed_forms_with_nothing_declared(attention):
         warnings.simplefilter("error")
         auto, generic = _graphs(net, _data(), edge_point="data", constant_node=True)
     assert auto.fast_path_ == [True, True, True] and generic.fast_path_ == [False] * 3
+    assert_same_graph_statistics(auto, generic)
+
+
+def test_mlp_children_registered_in_another_order():
+    net = _build(mlp=dict(reversed_order=True))
+    auto, generic = _graphs(net, _data())
+    assert auto.fast_path_ == [True, True, True]
     assert_same_graph_statistics(auto, generic)
 
 
