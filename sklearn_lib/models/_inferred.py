@@ -18,8 +18,11 @@ user's attention leaves its output unchanged and its Jacobian not), so an
 inferred section is checked on every batch twice: its output, like every
 closed form (:func:`~sklearn_lib.sources._closed_forms.choose_closed_forms`),
 and one vector-Jacobian product of the model's own section with a random
-cotangent against the formula's (:func:`jacobian_mismatch`). A random
-cotangent misses a difference of the two Jacobians with probability zero.
+cotangent against the formula's (:func:`section_mismatch`). A random
+cotangent misses a difference of the two Jacobians with probability zero. The
+edges are computed at points off the data (the reconstruction, an integration
+path), so their pass first checks output and product at those points too
+(``ModelEdges.edges``).
 """
 
 import math
@@ -35,7 +38,7 @@ from ._overrides import global_hooks, linear_type, override
 from ._residual import ResidualMLP
 from ._sections import _run_section
 
-__all__ = ["infer_section", "jacobian_mismatch"]
+__all__ = ["infer_section", "section_mismatch"]
 
 #: Attributes that may hold an attention module's number of heads, tried first.
 _HEAD_ATTRIBUTES = ("n_heads", "num_heads", "n_head", "num_attention_heads", "nhead", "heads")
@@ -281,35 +284,47 @@ def _detached(t):
     return None if t is None else t.detach()
 
 
-def jacobian_mismatch(model, a, b, x, act_in, formula, seed=0, rows=None):
-    """None if the section's vector-Jacobian product equals the formula's, else
-    ``(error, allowed)``.
+def section_mismatch(model, a, b, x, act_in, formula, seed=0, rows=None, values=False):
+    """None if the section's vector-Jacobian product at ``act_in`` equals the formula's,
+    else ``(kind, error, allowed)``, ``kind`` ``"jacobian"`` (or ``"output"``).
 
     One random cotangent ``u`` (Gaussian, from ``seed``) of layer ``b``'s shape;
-    the model's product runs the section from ``a``'s recorded value ``act_in``
-    on inputs ``x`` (:func:`~._sections._run_section`), the formula's is autograd
+    the model's product runs the section from layer ``a``'s value ``act_in`` on
+    inputs ``x`` (:func:`~._sections._run_section`), the formula's is autograd
     through ``formula(act_in)``. ``rows``, a boolean mask of ``b``'s leading
-    axes (padding), leaves the other rows out (cotangent 0). Rounding allows
+    axes (padding), leaves the other rows out (cotangent 0, not compared). With
+    ``values`` the outputs are compared first
+    (:func:`~._elementwise.formula_mismatch`): ``act_in`` need not be data the
+    output check of every batch saw (points of the edges' path). Rounding allows
     ``1e3 eps`` of the largest entry of either product times ``sqrt`` of the
-    number of terms summed (at least 1). A section the model cannot run from ``a`` fails.
+    number of terms summed (at least 1). A section the model cannot run from
+    ``a`` fails.
     """
+    failed = ("jacobian", float("inf"), 0.0)
     with torch.enable_grad():
         leaf = act_in.detach().clone().requires_grad_(True)
         try:
             out = _run_section(model, a, b, x, leaf)
         except (RuntimeError, ValueError):
-            return (float("inf"), 0.0)
+            return failed
+        if not out.requires_grad:
+            return failed
+        leaf_f = act_in.detach().clone().requires_grad_(True)
+        out_f = formula(leaf_f)
+        if values:
+            keep = (slice(None),) if rows is None else rows
+            mismatch = formula_mismatch(lambda _: out_f.detach()[keep], act_in,
+                                        out.detach()[keep])
+            if mismatch is not None:
+                return ("output", *mismatch)
         generator = torch.Generator().manual_seed(seed)
         u = torch.randn(out.shape, generator=generator, dtype=out.dtype).to(out.device)
         if rows is not None:
             u = u * rows.reshape(*rows.shape, *(1,) * (u.dim() - rows.dim())).to(u.dtype)
-        if not out.requires_grad:
-            return (float("inf"), 0.0)
         (model_vjp,) = torch.autograd.grad(out, leaf, u, allow_unused=True)
         if model_vjp is None:
-            return (float("inf"), 0.0)
-        leaf_f = act_in.detach().clone().requires_grad_(True)
-        (formula_vjp,) = torch.autograd.grad(formula(leaf_f), leaf_f, u)
+            return failed
+        (formula_vjp,) = torch.autograd.grad(out_f, leaf_f, u)
     # A product sums over the output's entries of one sample: rounding grows with their
     # number (the square root, for errors of random sign).
     terms = max(math.prod(out.shape[1:]), 1)
@@ -317,4 +332,6 @@ def jacobian_mismatch(model, a, b, x, act_in, formula, seed=0, rows=None):
                               torch.maximum(model_vjp.abs().max(), formula_vjp.abs().max())]
                              ).tolist()
     allowed = 1e3 * torch.finfo(model_vjp.dtype).eps * math.sqrt(terms) * max(scale, 1.0)
-    return None if err <= allowed else (err if not math.isnan(err) else float("inf"), allowed)
+    if err <= allowed:
+        return None
+    return ("jacobian", err if not math.isnan(err) else float("inf"), allowed)

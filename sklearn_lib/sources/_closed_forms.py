@@ -27,9 +27,9 @@ from ..models import _adapters, _model
 from ..models._attention import CausalAttention
 from ..models._attention_half import NormAttention
 from ..models._fastpath import warn_formula
-from ..models._inferred import jacobian_mismatch
+from ..models._inferred import section_mismatch
 
-__all__ = ["choose_closed_forms", "same_values"]
+__all__ = ["choose_closed_forms", "inferred_mismatch", "same_values"]
 
 
 def _unit_free(shape):
@@ -90,9 +90,10 @@ def choose_closed_forms(source, pairs):
                 continue
             mismatch = _mismatch(source, st, pair, x, values)
             if mismatch is None and pair in source.inferred:
-                mismatch = _jacobian_mismatch(source, st, pair, x, recorded, start)
-                if mismatch is not None:
-                    failed[pair] = (where, mismatch, "jacobian")
+                act = recorded[source.specs[pair[0]].spec]
+                found = inferred_mismatch(source, st, pair, x, act, start)
+                if found is not None:
+                    failed[pair] = (where, found[1:], "jacobian")
                     continue
             if mismatch is not None:
                 failed[pair] = (where, mismatch)
@@ -150,13 +151,12 @@ def _mismatch(source, st, pair, x, values):
     return st.mismatch(X, Y)
 
 
-def _jacobian_mismatch(source, st, pair, x, recorded, seed):
-    """:func:`~sklearn_lib.models._inferred.jacobian_mismatch` of a section found by its
-    values, on batch ``x``, from layer l's recorded value (the model's dtype); None where
+def inferred_mismatch(source, st, pair, x, act_in, seed, values=False):
+    """:func:`~sklearn_lib.models._inferred.section_mismatch` of a section found by its
+    values, on batch ``x`` at layer l's value ``act_in`` (the model's dtype); None where
     the closed form is not used (a padded batch of a :class:`CausalAttention`)."""
     l, m = pair
     a, b = source.specs[l], source.specs[m]
-    act_in = recorded[a.spec]
     key_mask = _adapters.padding_mask(x)
     rows = None
     if isinstance(st, CausalAttention):
@@ -173,4 +173,5 @@ def _jacobian_mismatch(source, st, pair, x, recorded, seed):
         # A row-wise block: layer m has layer l's shape (ModelSource._fits).
         def formula(act):
             return st.forward(source._rows(act, l)).reshape(act.shape)
-    return jacobian_mismatch(source.model, a, b, x, act_in, formula, seed, rows=rows)
+    return section_mismatch(source.model, a, b, x, act_in, formula, seed, rows=rows,
+                            values=values)

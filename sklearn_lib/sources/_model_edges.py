@@ -15,6 +15,7 @@ from ..models._attention import CausalAttention
 from ..models._attention_half import NormAttention
 from ..models._attention_stats import combined_attributions
 from ..models._fastpath import LinearReadout
+from ._closed_forms import inferred_mismatch
 from ._edges import (
     Workspace,
     accumulate_attributions,
@@ -49,6 +50,29 @@ class ModelEdges:
                                         point.reshape(shape).to(self.model_dtype))
         return self._rows(_model._cast(out, self.dtype), l + 1)
 
+    def _check_points(self, st, l, x, act, points, seed, edge_point):
+        """Refuse an inferred closed form whose output or product differs from the model's
+        at the edges' points of batch ``x`` (:func:`~._closed_forms.inferred_mismatch`)."""
+        for point in points:
+            found = inferred_mismatch(self, st, (l, l + 1), x,
+                                      point.reshape(act.shape).to(self.model_dtype), seed,
+                                      values=True)
+            if found is None:
+                continue
+            kind, err, allowed = found
+            a, b = self.specs[l].spec, self.specs[l + 1].spec
+            n = _adapters.n_samples(x)
+            raise ValueError(
+                f"the section {a!r} -> {b!r} {self.inferred[(l, l + 1)]}, and it matched "
+                "that formula on every batch of the data, but at the points where the edges "
+                f"are taken (edge_point={edge_point!r}, a point of the integration path) its "
+                f"{'output' if kind == 'output' else 'vector-Jacobian product'} differs from "
+                f"the formula's by up to {err:.3g} (rounding allows {allowed:.3g}) in a batch "
+                f"of {n} samples: the model computes something else away from the data. Fit "
+                "with fast_path=False (the model's own products) or edge_point='data' "
+                "without integration."
+            )
+
     def edges(self, l, V, mean, C, C_pinv, *, edge_point, alphas, weights, out_mean=None,
               position_sources=None, error_groups=None):
         """Edges (r_out, r_in); with ``out_mean``, the constant node's column appended.
@@ -65,6 +89,10 @@ class ModelEdges:
         ``error_groups`` keeps the squares of the random combinations by group as well.
         """
         st = self.structure(l, l + 1)
+        # A closed form found by its values was checked at the data; the edges use it at
+        # other points (the reconstruction, a path from the mean): check it there too.
+        off_data = edge_point != "data" or any(alpha != 1.0 for alpha in alphas)
+        inferred = st if (l, l + 1) in self.inferred and off_data else None
         E_all = torch.zeros(V.shape[1], C.shape[1] + (out_mean is not None), device=self.device,
                             dtype=self.dtype)
         E, constant = E_all[:, :C.shape[1]], (None if out_mean is None else E_all[:, -1])
@@ -117,6 +145,9 @@ class ModelEdges:
             keep_in = self._real_rows(x, l, act.shape)
             Z = _zero_padded((X - mean) @ C, keep_in)
             points = path_points(X, mean, C, C_pinv, edge_point, alphas)
+            if inferred is not None:
+                points = list(points)
+                self._check_points(inferred, l, x, act, points, i, edge_point)
             signs = None if attention is not None or (st is not None and not combine) else (
                 self._signs(position_sources, x, l + 1))
             Z_out = None

@@ -12,7 +12,7 @@ from sklearn_lib import InteractionGraph
 from sklearn_lib.datasets import ModularAdditionTransformer
 from sklearn_lib.models import _model
 from sklearn_lib.models._attention import CausalAttention
-from sklearn_lib.models._inferred import infer_section, jacobian_mismatch
+from sklearn_lib.models._inferred import infer_section, section_mismatch
 from sklearn_lib.models._residual import ResidualMLP
 from sklearn_lib.models._sections import _run_section
 
@@ -51,16 +51,22 @@ class UserAttention(nn.Module):
 
 
 class UserMLP(nn.Module):
-    def __init__(self, surprise=False, reversed_order=False):
+    #: Rows within ``radius`` of ``center`` take an extra term (``near_mean``).
+    center, radius = 0.0, 0.0
+
+    def __init__(self, surprise=False, reversed_order=False, near_mean=False):
         super().__init__()
         if reversed_order:  # registered in another order than they run
             self.act, self.fc_out, self.fc_in = nn.GELU(), nn.Linear(16, D), nn.Linear(D, 16)
         else:
             self.fc_in, self.act, self.fc_out = nn.Linear(D, 16), nn.GELU(), nn.Linear(16, D)
-        self.surprise = surprise
+        self.surprise, self.near_mean = surprise, near_mean
 
     def forward(self, x):
         out = self.fc_out(self.act(self.fc_in(x)))
+        if self.near_mean:  # a term only near the mean, where no data lie
+            near = (x - self.center).norm(dim=-1, keepdim=True) < self.radius
+            return out + near * x.sin()
         # A term that appears only for large inputs: absent from the first samples.
         return out + (x.abs() > 20) * x if self.surprise else out
 
@@ -189,6 +195,25 @@ def test_a_term_absent_from_the_first_samples_is_caught_on_its_batch():
     assert auto.fast_path_ == [True, False, True]
 
 
+@pytest.mark.parametrize("params, refused", [
+    (dict(), False),  # the reconstruction: all directions kept, the data themselves
+    (dict(edge_point="data", integration="trapezoid", n_alphas=2), True),  # from the mean
+])
+def test_edges_check_the_formula_away_from_the_data(params, refused):
+    net, X = _build(mlp=dict(near_mean=True)), _data()
+    mid = _model._record_batch(net, _model._parse_layers(net, ["mid"], "output"), X)["mid"]
+    # Around the mean of layer "mid[-1]" (the start of the path), nearer than any sample.
+    net.mlp.center = mid[:, -1].mean(0)
+    net.mlp.radius = float((mid - net.mlp.center).norm(dim=-1).min()) / 2
+    if refused:
+        with pytest.raises(ValueError, match="at the points where the edges are taken"):
+            InteractionGraph.from_model(net, LAYERS, X, sequence=True, **params)
+    else:
+        auto, generic = _graphs(net, X, **params)
+        assert auto.fast_path_ == [True, True, True]
+        assert_same_graph_statistics(auto, generic)
+
+
 @pytest.mark.parametrize("detach", [False, True])
 def test_jacobian_check_against_brute_force(detach):
     net, x = _build(dict(detach=detach)), _data(3)
@@ -201,7 +226,7 @@ def test_jacobian_check_against_brute_force(detach):
     J_formula = torch.autograd.functional.jacobian(st.forward, act)
     differs = not torch.allclose(J_model, J_formula, rtol=1e-12, atol=1e-12)
     assert differs == detach
-    assert (jacobian_mismatch(net, a, b, x, act, st.forward) is not None) == detach
+    assert (section_mismatch(net, a, b, x, act, st.forward) is not None) == detach
 
 
 
