@@ -1,0 +1,162 @@
+"""A section's products ``V^T J`` from its full Jacobian, formed by forward-mode passes.
+
+:class:`~._vjp.SectionProducts` computes one vector-Jacobian product per
+direction: ``P_out k`` (or ``m k`` with random position signs) backward
+passes. When that is clearly more than the section's ``P_in d_in`` input
+coordinates (an expanding section with many kept directions), forming the
+per-sample Jacobian with one Jacobian-vector product per input coordinate and
+contracting it with the directions is cheaper. :class:`JacobianProducts` does
+that, with the interface of ``SectionProducts``, so that the model source
+streams either (``sources/_products.py`` chooses, and falls back to the
+vector-Jacobian products where an operation has no forward-mode derivative).
+"""
+
+from math import prod
+
+import torch
+
+from ._model import _positions
+from ._sections import _check_differentiable, _math_attention
+from ._vjp import _CPU_TILE_ELEMENTS, section_callable, set_directions
+
+
+class ForwardModeUnsupported(RuntimeError):
+    """A section's forward-mode passes failed: take its vector-Jacobian products instead."""
+
+
+def jacobian_bytes(batch, n_out, n_in, itemsize):
+    """Bytes of the Jacobians ``(batch, n_out, n_in)`` that :class:`JacobianProducts` holds."""
+    return batch * n_out * n_in * itemsize
+
+
+class JacobianProducts:
+    """The products ``V.T @ J`` of a section for one batch, from its full Jacobian.
+
+    The per-sample Jacobian ``J`` ``(B, P_out * d_out, P_in * d_in)`` is
+    formed once: ``torch.func.jvp`` ``torch.func.vmap``-ped over tiles of
+    one-hot tangents, each input coordinate's tangent broadcast to all
+    samples (valid because samples are independent, as for the
+    vector-Jacobian products). With several ``points`` and their
+    ``weights`` it is the weighted sum of the points' Jacobians (the products
+    are linear in ``J``), so one is held whatever the number of points.
+    :meth:`chunks` then contracts it with the directions of
+    :class:`~._vjp.SectionProducts`, chunk by chunk and in the same order:
+    direction ``q = t * k + c`` is ``V[:, c]^T J[:, t]`` (output position
+    ``t``), or with ``position_signs`` ``q = j * k + c`` is ``V[:, c]^T
+    sum_t s_jt J[:, t]`` with the signs of every sample its own.
+
+    Parameters
+    ----------
+    model, a, b, x, points, cotangents, sequence, check, leaves, position_signs, weights
+        As for :class:`~._vjp.SectionProducts`.
+    max_tangents : int, optional
+        Tangents per vectorised forward pass (memory: their intermediate
+        tangents); None takes all at once. On the CPU a pass holds at most
+        ``_CPU_TILE_ELEMENTS`` numbers of tangents and outputs, as the
+        backward passes do.
+
+    Attributes
+    ----------
+    n_vectors, k, p_in, d_in, p_out, d_out, batch : int
+        Directions, columns of ``V``, input and output positions and widths,
+        samples.
+    tile : int
+        Tangents per vectorised forward pass.
+    jacobian : torch.Tensor of shape (B, P_out * d_out, P_in * d_in)
+        The (weighted) Jacobians, in the model's dtype.
+
+    Raises
+    ------
+    ForwardModeUnsupported
+        If the forward-mode passes fail (an operation or ``autograd.Function``
+        without a forward-mode derivative or batching rule); the error it
+        wraps is its ``__cause__``.
+    """
+
+    def __init__(self, model, a, b, x, points, cotangents, *, sequence, check, leaves=None,
+                 position_signs=None, weights=None, max_tangents=None):
+        self.model, self.a, self.b, self.x, self.leaves = model, a, b, x, leaves
+        self.points = list(points)
+        self.weights = [1.0] * len(self.points) if weights is None else list(weights)
+        if check:
+            _check_differentiable(model, a, b, x, self.points[0])
+        self.batch = self.points[0].shape[0]
+        self.in_shape = tuple(self.points[0].shape[1:])
+        self.p_in, self.d_in = _positions(self.in_shape, sequence, a)
+        self._section = section_callable(model, a, b, x, leaves)
+        with torch.no_grad(), _math_attention():
+            out = self._section(self.points[0])
+        set_directions(self, out, cotangents, sequence=sequence, position_signs=position_signs)
+        n_in, n_out = self.p_in * self.d_in, prod(self.out_shape)
+        self.tile = n_in if max_tangents is None else max(1, min(n_in, int(max_tangents)))
+        if out.device.type == "cpu":
+            per_tangent = self.batch * (n_in + n_out)
+            self.tile = max(1, min(self.tile, _CPU_TILE_ELEMENTS // max(1, per_tangent)))
+        del out
+        self.jacobian = self._jacobian(n_in, n_out)
+        self._group = (None, None)
+
+    def _jacobian(self, n_in, n_out):
+        """The weighted Jacobians ``(B, n_out, n_in)``: columns ``tile`` at a time."""
+        first = self.points[0]
+        J = first.new_zeros(self.batch, n_out, n_in)
+        shape = (self.batch, *self.in_shape)
+
+        def column(point):
+            return lambda v: torch.func.jvp(self._section, (point,), (v,))[1]
+
+        try:
+            with torch.no_grad(), _math_attention():
+                for w, point in zip(self.weights, self.points):
+                    derivative = torch.func.vmap(column(point))
+                    for lo in range(0, n_in, self.tile):
+                        hi = min(lo + self.tile, n_in)
+                        tangents = first.new_zeros(hi - lo, n_in)
+                        rows = torch.arange(hi - lo, device=first.device)
+                        tangents[rows, rows + lo] = 1
+                        # Materialised over the batch: modules may write into
+                        # tangents in place, which an expanded view forbids.
+                        tangents = tangents.view(hi - lo, 1, *self.in_shape).expand(
+                            hi - lo, *shape).contiguous()
+                        cols = derivative(tangents).reshape(hi - lo, self.batch, n_out)
+                        J[:, :, lo:hi].add_(cols.permute(1, 2, 0), alpha=w)
+        except (RuntimeError, NotImplementedError) as exc:
+            raise ForwardModeUnsupported(
+                f"section {self.a.spec!r} -> {self.b.spec!r} has no forward-mode derivative "
+                f"({type(exc).__name__}: {exc})"
+            ) from exc
+        return J
+
+    def _combined(self, g):
+        """``(B, d_out, P_in * d_in)``: output position ``g``'s rows of ``J``, or combination ``g``'s.
+
+        The last combination is kept: consecutive chunks share it.
+        """
+        n, n_in = self.batch, self.p_in * self.d_in
+        J = self.jacobian.view(n, self.p_out, self.d_out * n_in)
+        if self.signs is None:
+            return J[:, g].view(n, self.d_out, n_in)
+        if self._group[0] != g:
+            s = self.signs[:, g].to(J.dtype)  # (B, P_out)
+            self._group = (g, torch.bmm(s[:, None, :], J).view(n, self.d_out, n_in))
+        return self._group[1]
+
+    def chunks(self, max_vectors):
+        """Yield ``(start, products)``: directions ``start:start + c`` as ``(c, B * P_in, d_in)``.
+
+        ``max_vectors`` directions per chunk (at least 1). Each chunk is a new
+        tensor the caller may modify.
+        """
+        step, k = max(1, int(max_vectors)), self.k
+        n, n_in = self.batch, self.p_in * self.d_in
+        with torch.no_grad():
+            for start in range(0, self.n_vectors, step):
+                stop = min(start + step, self.n_vectors)
+                out = self.jacobian.new_empty(stop - start, n, n_in)
+                for g in range(start // k, (stop - 1) // k + 1):
+                    lo, hi = max(start, g * k), min(stop, (g + 1) * k)
+                    # (c, d_out) @ (B, d_out, n_in) -> (B, c, n_in)
+                    part = torch.matmul(self.basis_t[lo - g * k : hi - g * k], self._combined(g))
+                    out[lo - start : hi - start] = part.transpose(0, 1)
+                yield start, out.view(stop - start, n * self.p_in, self.d_in)
+            self._group = (None, None)
