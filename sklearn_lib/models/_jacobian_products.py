@@ -14,10 +14,18 @@ vector-Jacobian products where an operation has no forward-mode derivative).
 from math import prod
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
+from ._adapters import take
 from ._model import _positions
 from ._sections import _check_differentiable, _math_attention
 from ._vjp import _CPU_TILE_ELEMENTS, section_callable, set_directions
+
+# The full Jacobian is taken when its estimated cost is at most this fraction of
+# the vector-Jacobian products' (benchmarks/bench_jacobian_products.py: the
+# forward-mode passes and the contraction run about 1.3-1.9x slower per counted
+# operation than vectorised backward passes, so a margin of 2 gains >= ~1.4x).
+_FORWARD_MARGIN = 2
 
 
 class ForwardModeUnsupported(RuntimeError):
@@ -27,6 +35,37 @@ class ForwardModeUnsupported(RuntimeError):
 def jacobian_bytes(batch, n_out, n_in, itemsize):
     """Bytes of the Jacobians ``(batch, n_out, n_in)`` that :class:`JacobianProducts` holds."""
     return batch * n_out * n_in * itemsize
+
+
+def section_flops(model, a, b, x, act, leaves=None):
+    """Floating-point operations of section a -> b's forward pass on the first sample.
+
+    Counted by ``torch.utils.flop_counter.FlopCounterMode`` (matrix products,
+    convolutions and attention; elementwise operations count nothing): the
+    cost of one Jacobian-vector product, and about that of one
+    vector-Jacobian product (a matrix product's input gradient costs what the
+    product does).
+    """
+    section = section_callable(model, a, b, take(x, slice(0, 1)), leaves)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), _math_attention(), counter:
+        section(act[:1])
+    return counter.get_total_flops()
+
+
+def prefer_jacobian(flops, n_in, n_vectors, d_out, p_out, m=None):
+    """Whether the full Jacobian is clearly cheaper than ``n_vectors`` vector-Jacobian products.
+
+    With ``flops`` per pass (:func:`section_flops`): the vector-Jacobian
+    products cost ``n_vectors * flops``; the Jacobian ``n_in * flops`` for
+    its forward-mode passes plus its contraction, ``2 d_out n_in`` per
+    direction and, with ``m`` random combinations of the ``p_out`` output
+    positions, ``2 m p_out d_out n_in`` for the combined rows.
+    """
+    contraction = 2 * n_vectors * d_out * n_in
+    if m is not None:
+        contraction += 2 * m * p_out * d_out * n_in
+    return _FORWARD_MARGIN * (n_in * flops + contraction) <= n_vectors * flops
 
 
 class JacobianProducts:
