@@ -8,8 +8,10 @@ backward passes; :class:`~sklearn_lib.models._jacobian_products.JacobianProducts
 ``d_in`` forward-mode passes and a contraction. Printed per case, from one
 process in interleaved rounds (minimum of each): both times, their ratio (VJP
 time / forward-mode time: above 1 the Jacobian wins), the directions per input
-coordinate (``n_vectors / (P_in d_in)``: the model source takes the Jacobian
-from 2 on, ``_FORWARD_MARGIN``) and the largest relative difference of the
+coordinate (``n_vectors / (P_in d_in)``), the ratio the model source's cost
+rule predicts from the counted operations
+(:func:`~sklearn_lib.models._jacobian_products.prefer_jacobian`: it takes the
+Jacobian from 2 on), its choice, and the largest relative difference of the
 scatters.
 
 Usage::
@@ -24,7 +26,11 @@ import time
 import torch
 
 from sklearn_lib.models import _model
-from sklearn_lib.models._jacobian_products import JacobianProducts
+from sklearn_lib.models._jacobian_products import (
+    JacobianProducts,
+    prefer_jacobian,
+    section_flops,
+)
 from sklearn_lib.models._vjp import SectionProducts
 
 
@@ -75,11 +81,15 @@ def main():
                 results[kind], n_vectors = scatter(kind, model, a, b, x, V, args.step)
                 times[kind].append(time.perf_counter() - start)
         vjp, fwd = min(times[SectionProducts]), min(times[JacobianProducts])
+        flops = section_flops(model, a, b, x, x)
+        predicted = n_vectors * flops / (d_in * flops + 2 * n_vectors * d_out * d_in)
+        choice = "jacobian" if prefer_jacobian(flops, d_in, n_vectors, d_out, 1) else "vjp"
         diff = ((results[SectionProducts] - results[JacobianProducts]).abs().max()
                 / results[SectionProducts].abs().max()).item()
         print(f"d_in={d_in:4d} d_out={d_out:4d} k={V.shape[1]:4d}  directions/input="
               f"{n_vectors / d_in:7.3f}  VJP {vjp:7.3f} s  forward {fwd:7.3f} s  "
-              f"VJP/forward {vjp / fwd:6.2f}  max rel diff {diff:.1e}")
+              f"VJP/forward {vjp / fwd:6.2f}  predicted {predicted:6.2f} ({choice})  "
+              f"max rel diff {diff:.1e}")
 
 
 if __name__ == "__main__":

@@ -19,13 +19,22 @@ from torch.utils.flop_counter import FlopCounterMode
 from ._adapters import take
 from ._model import _positions
 from ._sections import _check_differentiable, _math_attention
-from ._vjp import _CPU_TILE_ELEMENTS, section_callable, set_directions
+from ._vjp import section_callable, set_directions
 
-# The full Jacobian is taken when its estimated cost is at most this fraction of
-# the vector-Jacobian products' (benchmarks/bench_jacobian_products.py: the
-# forward-mode passes and the contraction run about 1.3-1.9x slower per counted
-# operation than vectorised backward passes, so a margin of 2 gains >= ~1.4x).
+# The full Jacobian is taken when its estimated cost is at most 1 / this of the
+# vector-Jacobian products' (:func:`prefer_jacobian`). Measured on one CPU thread
+# (benchmarks/bench_jacobian_products.py), the forward-mode passes and the
+# contraction ran 0.8-0.9x as fast per counted operation as vectorised backward
+# passes: a predicted 2.2x gained 1.9x, a predicted 1.2x about 1.1x (a tie).
 _FORWARD_MARGIN = 2
+
+
+# On the CPU a vectorised forward-mode pass holds tangents and outputs of about
+# this many elements (8 MiB in float64). Unlike a backward pass, every pass also
+# recomputes the primal forward: on the benchmark's sections (d_in 32 and 128 ->
+# 512 through 512, 64 samples) passes of 25-32 tangents took 0.05 and 0.18 s,
+# passes of 6-7 (``_CPU_TILE_ELEMENTS``, the backward passes' size) 0.07 and 0.22 s.
+_CPU_TANGENT_ELEMENTS = 2**20
 
 
 class ForwardModeUnsupported(RuntimeError):
@@ -71,8 +80,9 @@ def prefer_jacobian(flops, n_in, n_vectors, d_out, p_out, m=None):
 class JacobianProducts:
     """The products ``V.T @ J`` of a section for one batch, from its full Jacobian.
 
-    The per-sample Jacobian ``J`` ``(B, P_out * d_out, P_in * d_in)`` is
-    formed once: ``torch.func.jvp`` ``torch.func.vmap``-ped over tiles of
+    The per-sample Jacobians ``J`` are formed once, output-major
+    ``(P_out * d_out, B, P_in * d_in)`` so that a chunk is one matrix product
+    with the batch's rows of an output position: ``torch.func.jvp`` ``torch.func.vmap``-ped over tiles of
     one-hot tangents, each input coordinate's tangent broadcast to all
     samples (valid because samples are independent, as for the
     vector-Jacobian products). With several ``points`` and their
@@ -80,9 +90,9 @@ class JacobianProducts:
     are linear in ``J``), so one is held whatever the number of points.
     :meth:`chunks` then contracts it with the directions of
     :class:`~._vjp.SectionProducts`, chunk by chunk and in the same order:
-    direction ``q = t * k + c`` is ``V[:, c]^T J[:, t]`` (output position
+    direction ``q = t * k + c`` is ``V[:, c]^T J[t]`` (output position
     ``t``), or with ``position_signs`` ``q = j * k + c`` is ``V[:, c]^T
-    sum_t s_jt J[:, t]`` with the signs of every sample its own.
+    sum_t s_jt J[t]`` with the signs of every sample its own.
 
     Parameters
     ----------
@@ -91,8 +101,7 @@ class JacobianProducts:
     max_tangents : int, optional
         Tangents per vectorised forward pass (memory: their intermediate
         tangents); None takes all at once. On the CPU a pass holds at most
-        ``_CPU_TILE_ELEMENTS`` numbers of tangents and outputs, as the
-        backward passes do.
+        ``_CPU_TANGENT_ELEMENTS`` numbers of tangents and outputs.
 
     Attributes
     ----------
@@ -101,8 +110,9 @@ class JacobianProducts:
         samples.
     tile : int
         Tangents per vectorised forward pass.
-    jacobian : torch.Tensor of shape (B, P_out * d_out, P_in * d_in)
-        The (weighted) Jacobians, in the model's dtype.
+    jacobian : torch.Tensor of shape (P_out * d_out, B, P_in * d_in)
+        The (weighted) Jacobians, in the model's dtype: ``jacobian[(t, i), x,
+        (s, j)] = d out[x, t, i] / d in[x, s, j]``.
 
     Raises
     ------
@@ -130,15 +140,17 @@ class JacobianProducts:
         self.tile = n_in if max_tangents is None else max(1, min(n_in, int(max_tangents)))
         if out.device.type == "cpu":
             per_tangent = self.batch * (n_in + n_out)
-            self.tile = max(1, min(self.tile, _CPU_TILE_ELEMENTS // max(1, per_tangent)))
+            self.tile = max(1, min(self.tile, _CPU_TANGENT_ELEMENTS // max(1, per_tangent)))
+        # Tiles of equal size: every pass also recomputes the primal forward.
+        self.tile = -(-n_in // -(-n_in // self.tile))
         del out
         self.jacobian = self._jacobian(n_in, n_out)
         self._group = (None, None)
 
     def _jacobian(self, n_in, n_out):
-        """The weighted Jacobians ``(B, n_out, n_in)``: columns ``tile`` at a time."""
+        """The weighted Jacobians ``(n_out, B, n_in)``: columns ``tile`` at a time."""
         first = self.points[0]
-        J = first.new_zeros(self.batch, n_out, n_in)
+        J = first.new_zeros(n_out, self.batch, n_in)
         shape = (self.batch, *self.in_shape)
 
         def column(point):
@@ -158,7 +170,7 @@ class JacobianProducts:
                         tangents = tangents.view(hi - lo, 1, *self.in_shape).expand(
                             hi - lo, *shape).contiguous()
                         cols = derivative(tangents).reshape(hi - lo, self.batch, n_out)
-                        J[:, :, lo:hi].add_(cols.permute(1, 2, 0), alpha=w)
+                        J[:, :, lo:hi].add_(cols.permute(2, 1, 0), alpha=w)
         except (RuntimeError, NotImplementedError) as exc:
             raise ForwardModeUnsupported(
                 f"section {self.a.spec!r} -> {self.b.spec!r} has no forward-mode derivative "
@@ -167,17 +179,21 @@ class JacobianProducts:
         return J
 
     def _combined(self, g):
-        """``(B, d_out, P_in * d_in)``: output position ``g``'s rows of ``J``, or combination ``g``'s.
+        """``(d_out, B * P_in * d_in)``: output position ``g``'s rows of ``J``, or combination ``g``'s.
 
         The last combination is kept: consecutive chunks share it.
         """
         n, n_in = self.batch, self.p_in * self.d_in
-        J = self.jacobian.view(n, self.p_out, self.d_out * n_in)
+        J = self.jacobian.view(self.p_out, self.d_out, n, n_in)
         if self.signs is None:
-            return J[:, g].view(n, self.d_out, n_in)
+            return J[g].view(self.d_out, n * n_in)
         if self._group[0] != g:
-            s = self.signs[:, g].to(J.dtype)  # (B, P_out)
-            self._group = (g, torch.bmm(s[:, None, :], J).view(n, self.d_out, n_in))
+            # sum_t s_jt J[t], the signs of sample x on its rows: one pass over J.
+            s = self.signs[:, g].to(J.dtype).T[:, None, :, None]  # (P_out, 1, B, 1)
+            combined = J[0] * s[0]
+            for t in range(1, self.p_out):
+                combined.addcmul_(J[t], s[t])
+            self._group = (g, combined.view(self.d_out, n * n_in))
         return self._group[1]
 
     def chunks(self, max_vectors):
@@ -187,15 +203,14 @@ class JacobianProducts:
         tensor the caller may modify.
         """
         step, k = max(1, int(max_vectors)), self.k
-        n, n_in = self.batch, self.p_in * self.d_in
+        rows = self.batch * self.p_in
         with torch.no_grad():
             for start in range(0, self.n_vectors, step):
                 stop = min(start + step, self.n_vectors)
-                out = self.jacobian.new_empty(stop - start, n, n_in)
+                out = self.jacobian.new_empty(stop - start, rows * self.d_in)
                 for g in range(start // k, (stop - 1) // k + 1):
                     lo, hi = max(start, g * k), min(stop, (g + 1) * k)
-                    # (c, d_out) @ (B, d_out, n_in) -> (B, c, n_in)
-                    part = torch.matmul(self.basis_t[lo - g * k : hi - g * k], self._combined(g))
-                    out[lo - start : hi - start] = part.transpose(0, 1)
-                yield start, out.view(stop - start, n * self.p_in, self.d_in)
+                    torch.matmul(self.basis_t[lo - g * k : hi - g * k], self._combined(g),
+                                 out=out[lo - start : hi - start])
+                yield start, out.view(stop - start, rows, self.d_in)
             self._group = (None, None)

@@ -102,7 +102,7 @@ def test_expanding_mlp_section_matches_vjps_and_brute_force(tangents, max_vector
 
 
 def test_flattened_per_sample_shapes():
-    """Without positions, (C, L) activations are flattened: J is (C_out L_out, C_in L_in)."""
+    """Without positions, (C, L) activations are flattened: J is (C_out L_out, B, C_in L_in)."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Identity(), torch.nn.Conv1d(2, 5, 3, padding=1),
                                 torch.nn.Tanh()).double().eval()
@@ -113,7 +113,7 @@ def test_flattened_per_sample_shapes():
                        max_vectors=7)
     jac, P_jac = _chunks(JacobianProducts, model, a, b, x, [x], V, sequence=False, check=True,
                          max_tangents=3, max_vectors=7)
-    assert jac.jacobian.shape == (B, 20, 8)
+    assert jac.jacobian.shape == (20, B, 8)
     torch.testing.assert_close(P_jac, P_vjp, rtol=1e-12, atol=1e-12)
     f = lambda h: model[2](model[1](h)).reshape(B, 1, 20)  # noqa: E731
     expected = _brute_force(lambda h: f(h.reshape(B, 2, 4)), x.reshape(B, 1, 8), V)
@@ -305,7 +305,8 @@ def test_graph_with_jacobians_equals_vjps_only(used, params):
 
 def test_graph_in_float32_with_jacobians(used, monkeypatch):
     fast = _graph(_wide(), model_dtype="float32")
-    assert JacobianProducts in used
+    # Section 4 -> 6 contracts 48 -> 8 features: vector-Jacobian products.
+    assert JacobianProducts in used and SectionProducts in used
     used.clear()
     monkeypatch.setattr(_products, "prefer_jacobian", lambda *args: False)
     slow = _graph(_wide(), model_dtype="float32")
