@@ -28,6 +28,7 @@ import torch
 from sklearn_lib.models import _model
 from sklearn_lib.models._jacobian_products import (
     JacobianProducts,
+    estimated_speedup,
     prefer_jacobian,
     section_flops,
 )
@@ -48,7 +49,7 @@ def scatter(kind, model, a, b, x, V, step):
     for _, chunk in products.chunks(step):
         P = chunk.reshape(-1, chunk.shape[-1])
         total = P.T @ P if total is None else total.addmm_(P.T, P)
-    return total, products.n_vectors
+    return total, products
 
 
 def main():
@@ -78,14 +79,16 @@ def main():
         for _ in range(args.repeat):
             for kind in times:
                 start = time.perf_counter()
-                results[kind], n_vectors = scatter(kind, model, a, b, x, V, args.step)
+                results[kind], products = scatter(kind, model, a, b, x, V, args.step)
+                if kind is JacobianProducts:
+                    n_vectors, tile = products.n_vectors, products.tile
                 times[kind].append(time.perf_counter() - start)
         vjp, fwd = min(times[SectionProducts]), min(times[JacobianProducts])
-        flops = section_flops(model, a, b, x, x)
-        predicted = n_vectors * flops / (d_in * flops + 2 * n_vectors * d_out * d_in)
-        choice = "jacobian" if prefer_jacobian(flops, d_in, n_vectors, d_out, 1) else "vjp"
         diff = ((results[SectionProducts] - results[JacobianProducts]).abs().max()
                 / results[SectionProducts].abs().max()).item()
+        flops = section_flops(model, a, b, x, x)
+        predicted = estimated_speedup(flops, d_in, tile, n_vectors, d_out, 1)
+        choice = "jacobian" if prefer_jacobian(flops, d_in, tile, n_vectors, d_out, 1) else "vjp"
         print(f"d_in={d_in:4d} d_out={d_out:4d} k={V.shape[1]:4d}  directions/input="
               f"{n_vectors / d_in:7.3f}  VJP {vjp:7.3f} s  forward {fwd:7.3f} s  "
               f"VJP/forward {vjp / fwd:6.2f}  predicted {predicted:6.2f} ({choice})  "

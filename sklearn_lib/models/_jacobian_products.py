@@ -22,7 +22,7 @@ from ._sections import _check_differentiable, _math_attention
 from ._vjp import section_callable, set_directions
 
 # The full Jacobian is taken when its estimated cost is at most 1 / this of the
-# vector-Jacobian products' (:func:`prefer_jacobian`). Measured on one CPU thread
+# vector-Jacobian products' (:func:`estimated_speedup`). Measured on one CPU thread
 # (benchmarks/bench_jacobian_products.py), the forward-mode passes and the
 # contraction ran 0.8-0.9x as fast per counted operation as vectorised backward
 # passes: a predicted 2.2x gained 1.9x, a predicted 1.2x about 1.1x (a tie).
@@ -47,34 +47,58 @@ def jacobian_bytes(batch, n_out, n_in, itemsize):
 
 
 def section_flops(model, a, b, x, act, leaves=None):
-    """Floating-point operations of section a -> b's forward pass on the first sample.
+    """``(forward, backward)``: operations of section a -> b's passes on the first sample.
 
     Counted by ``torch.utils.flop_counter.FlopCounterMode`` (matrix products,
-    convolutions and attention; elementwise operations count nothing): the
-    cost of one Jacobian-vector product, and about that of one
-    vector-Jacobian product (a matrix product's input gradient costs what the
-    product does).
+    convolutions and attention; elementwise operations count nothing).
+    ``forward`` is the pass as the products run it (from the inputs ``x``
+    unless ``leaves``), which every vectorised forward-mode pass repeats for
+    its primal values; ``backward`` is one vector-Jacobian product, back to
+    ``a`` only, and about what one tangent costs (tangents go through the
+    same matrix products as cotangents, in the other order).
     """
     section = section_callable(model, a, b, take(x, slice(0, 1)), leaves)
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), _math_attention(), counter:
-        section(act[:1])
-    return counter.get_total_flops()
+    forward, backward = FlopCounterMode(display=False), FlopCounterMode(display=False)
+    with torch.no_grad(), _math_attention():
+        with forward:
+            out, vjp_fn = torch.func.vjp(section, act[:1])
+        cotangent = torch.zeros_like(out)
+        cotangent.view(-1)[0] = 1
+        with backward:
+            vjp_fn(cotangent)
+    return forward.get_total_flops(), backward.get_total_flops()
 
 
-def prefer_jacobian(flops, n_in, n_vectors, d_out, p_out, m=None):
-    """Whether the full Jacobian is clearly cheaper than ``n_vectors`` vector-Jacobian products.
+def tangent_tile(n_in, n_out, batch, max_tangents=None, *, cpu):
+    """Tangents per vectorised forward-mode pass (see :class:`JacobianProducts`)."""
+    tile = n_in if max_tangents is None else max(1, min(n_in, int(max_tangents)))
+    if cpu:
+        tile = max(1, min(tile, _CPU_TANGENT_ELEMENTS // max(1, batch * (n_in + n_out))))
+    # Tiles of equal size: every pass also recomputes the primal forward.
+    return -(-n_in // -(-n_in // tile))
 
-    With ``flops`` per pass (:func:`section_flops`): the vector-Jacobian
-    products cost ``n_vectors * flops``; the Jacobian ``n_in * flops`` for
-    its forward-mode passes plus its contraction, ``2 d_out n_in`` per
+
+def estimated_speedup(flops, n_in, tile, n_vectors, d_out, p_out, m=None):
+    """The cost of ``n_vectors`` vector-Jacobian products over that of the full Jacobian.
+
+    With ``flops = (forward, backward)`` (:func:`section_flops`), the
+    vector-Jacobian products cost a forward pass and ``n_vectors`` backward
+    ones; the Jacobian ``n_in`` tangents (a backward pass each) and a forward
+    pass per ``tile`` of them, plus its contraction, ``2 d_out n_in`` per
     direction and, with ``m`` random combinations of the ``p_out`` output
     positions, ``2 m p_out d_out n_in`` for the combined rows.
     """
+    forward, backward = flops
     contraction = 2 * n_vectors * d_out * n_in
     if m is not None:
         contraction += 2 * m * p_out * d_out * n_in
-    return _FORWARD_MARGIN * (n_in * flops + contraction) <= n_vectors * flops
+    jacobian = n_in * backward + -(-n_in // tile) * forward + contraction
+    return (forward + n_vectors * backward) / jacobian
+
+
+def prefer_jacobian(*args, **kwargs):
+    """Whether the full Jacobian is clearly cheaper: :func:`estimated_speedup` >= ``_FORWARD_MARGIN``."""
+    return estimated_speedup(*args, **kwargs) >= _FORWARD_MARGIN
 
 
 class JacobianProducts:
@@ -137,12 +161,8 @@ class JacobianProducts:
             out = self._section(self.points[0])
         set_directions(self, out, cotangents, sequence=sequence, position_signs=position_signs)
         n_in, n_out = self.p_in * self.d_in, prod(self.out_shape)
-        self.tile = n_in if max_tangents is None else max(1, min(n_in, int(max_tangents)))
-        if out.device.type == "cpu":
-            per_tangent = self.batch * (n_in + n_out)
-            self.tile = max(1, min(self.tile, _CPU_TANGENT_ELEMENTS // max(1, per_tangent)))
-        # Tiles of equal size: every pass also recomputes the primal forward.
-        self.tile = -(-n_in // -(-n_in // self.tile))
+        self.tile = tangent_tile(n_in, n_out, self.batch, max_tangents,
+                                 cpu=out.device.type == "cpu")
         del out
         self.jacobian = self._jacobian(n_in, n_out)
         self._group = (None, None)

@@ -19,6 +19,7 @@ from ..models._jacobian_products import (
     jacobian_bytes,
     prefer_jacobian,
     section_flops,
+    tangent_tile,
 )
 from ..models._vjp import _VJP_ELEMENT_BUDGET, SectionProducts, section_costs
 from ..utils._backend import eval_mode
@@ -96,10 +97,12 @@ class StreamedProducts:
         The Jacobian (:class:`~sklearn_lib.models._jacobian_products.JacobianProducts`)
         when :func:`~sklearn_lib.models._jacobian_products.prefer_jacobian`
         finds it clearly cheaper than the vector-Jacobian products, by the
-        section's operations counted once per section and shape, and it fits
-        the budget with at least one direction per chunk: per sample, the
-        Jacobians in the model's dtype on top of one point's costs (the
-        points' Jacobians are summed as they come); per direction of a chunk
+        section's operations counted once per section and shape
+        (:func:`~sklearn_lib.models._jacobian_products.section_flops`), and it
+        fits the budget with at least one direction per chunk: per sample, the
+        Jacobians in the model's dtype (and one combination of their rows
+        with combined positions) on top of one point's costs (the points'
+        Jacobians are summed as they come); per direction of a chunk
         and per tangent of a forward-mode pass, the measured cost of a
         direction of a backward pass, whose intermediate gradients have the
         shapes of the intermediate tangents. Never for a section whose
@@ -117,23 +120,27 @@ class StreamedProducts:
         combined = signs is not None and p_m > 1
         n_vectors = signs.sources.m * k if combined else p_m * k
         if n_vectors < _FORWARD_MARGIN * n_in:
-            return None  # the forward-mode passes alone cost n_in / n_vectors of the VJPs
+            return None  # the tangents alone cost n_in / n_vectors of the VJPs
+        per_sample, _, _ = self._costs_of(l, m, x, act, V, 1, r)
+        _, per_vector, _ = self._costs_of(l, m, x, act, V, n_points, r)
+        # The Jacobians, and with combined positions one combination of their rows.
+        held = jacobian_bytes(1, p_m * d_m, n_in, self.model_dtype.itemsize)
+        per_sample += held + (held // p_m if combined else 0)
+        budget, n = self._products_budget(), _adapters.n_samples(x)
+        step = chunk_vectors(budget, n, per_sample, per_vector, n_vectors)
+        if step == 0:
+            return None
+        tangents = chunk_vectors(budget, n, per_sample, per_vector, n_in)
         key = ("flops", l, m, tuple(act.shape[1:]))
         if key not in self._costs:
             with eval_mode(self.model):
                 self._costs[key] = section_flops(self.model, self.specs[l], self.specs[m], x,
                                                  act.to(self.model_dtype), self.leaves(l, m))
-        if not prefer_jacobian(self._costs[key], n_in, n_vectors, d_m, p_m,
+        tile = tangent_tile(n_in, p_m * d_m, n, tangents, cpu=self.device.type == "cpu")
+        if not prefer_jacobian(self._costs[key], n_in, tile, n_vectors, d_m, p_m,
                                signs.sources.m if combined else None):
             return None
-        per_sample, _, _ = self._costs_of(l, m, x, act, V, 1, r)
-        _, per_vector, _ = self._costs_of(l, m, x, act, V, n_points, r)
-        per_sample += jacobian_bytes(1, p_m * d_m, n_in, self.model_dtype.itemsize)
-        budget, n = self._products_budget(), _adapters.n_samples(x)
-        step = chunk_vectors(budget, n, per_sample, per_vector, n_vectors)
-        if step == 0:
-            return None
-        return step, chunk_vectors(budget, n, per_sample, per_vector, n_in)
+        return step, tangents
 
     def _formula_products(self, st, l, m, x, points, V, signs, weights, r):
         """The products of an attention half in closed form, and the directions per chunk."""

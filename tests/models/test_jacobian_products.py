@@ -22,6 +22,7 @@ from sklearn_lib.models import _model
 from sklearn_lib.models._jacobian_products import (
     ForwardModeUnsupported,
     JacobianProducts,
+    estimated_speedup,
     prefer_jacobian,
     section_flops,
 )
@@ -227,23 +228,35 @@ def test_module_without_forward_mode_raises_its_own_error():
 
 
 def test_cost_rule():
-    # Expanding: 32 forward passes and a contraction beat 512 backward passes.
-    flops = 2 * (32 * 512 + 512 * 512)
-    assert prefer_jacobian(flops, 32, 512, 512, 1)
+    # 32 -> 512 -> 512: 32 tangents and a contraction beat 512 backward passes.
+    mlp = 2 * (32 * 512 + 512 * 512)
+    assert prefer_jacobian((mlp, mlp), 32, 32, 512, 512, 1)
+    assert estimated_speedup((mlp, mlp), 32, 32, 512, 512, 1) == pytest.approx(
+        (mlp + 512 * mlp) / (32 * mlp + mlp + 2 * 512 * 512 * 32))
+    # ... unless every tangent reruns a long forward pass (one tangent per pass).
+    assert not prefer_jacobian((mlp * 100, mlp), 32, 1, 512, 512, 1)
     # Contracting, or as many directions as inputs: vector-Jacobian products.
-    assert not prefer_jacobian(2 * (512 * 512 + 512 * 32), 512, 32, 32, 1)
-    assert not prefer_jacobian(flops, 512, 512, 512, 1)
+    contracting = 2 * (512 * 512 + 512 * 32)
+    assert not prefer_jacobian((contracting, contracting), 512, 512, 32, 32, 1)
+    assert not prefer_jacobian((mlp, mlp), 512, 512, 512, 512, 1)
     # A section without matrix products (elementwise) is never worth its Jacobian.
-    assert not prefer_jacobian(0, 1, 10**6, 1, 1)
+    assert not prefer_jacobian((0, 0), 1, 1, 10**6, 1, 1)
     # Combining many positions at random costs the combined rows of J.
-    assert not prefer_jacobian(flops, 32, 512, 512, 64, m=64)
+    assert not prefer_jacobian((mlp, mlp), 32, 32, 512, 512, 64, m=64)
+
+
+def test_section_flops_count_the_section_and_its_forward_pass():
     model = _mlp(3, 16, 24)
     a, b = _model._parse_layers(model, ["1", "4"], "output")
     x = torch.randn(B, 2, dtype=torch.float64)
-    # Twice the multiply-adds of the two matrix products (the biases' additions
-    # may count or not).
-    flops = section_flops(model, a, b, x, torch.tanh(model[0](x)).detach())
-    assert 2 * (3 * 16 + 16 * 24) <= flops <= 2 * (3 * 16 + 16 * 24) + 16 + 24
+    act = torch.tanh(model[0](x)).detach()
+    section = 2 * (3 * 16 + 16 * 24)  # twice the multiply-adds of its matrix products
+    forward, backward = section_flops(model, a, b, x, act)
+    # The pass runs from the inputs (Linear(2, 3) first); biases may count or not.
+    assert 2 * 2 * 3 + section <= forward <= 2 * 2 * 3 + section + 3 + 16 + 24
+    assert backward == section  # back to layer 1 only
+    forward, backward = section_flops(model, a, b, x, act, [model[2], model[3], model[4]])
+    assert section <= forward <= section + 16 + 24 and backward == section
 
 
 class Wave(torch.nn.Module):
