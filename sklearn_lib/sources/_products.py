@@ -133,11 +133,17 @@ class StreamedProducts:
         tangents = chunk_vectors(budget, n, per_sample, per_vector, n_in)
         key = ("flops", l, m, tuple(act.shape[1:]))
         if key not in self._costs:
-            with eval_mode(self.model):
-                self._costs[key] = section_flops(self.model, self.specs[l], self.specs[m], x,
-                                                 act.to(self.model_dtype), self.leaves(l, m))
+            try:
+                with eval_mode(self.model):
+                    self._costs[key] = section_flops(
+                        self.model, self.specs[l], self.specs[m], x, act.to(self.model_dtype),
+                        self.leaves(l, m))
+            except (RuntimeError, NotImplementedError, TypeError):
+                # Operations the counting mode cannot dispatch: no estimate, and
+                # the products the model source always had.
+                self._costs[key] = None
         tile = tangent_tile(n_in, p_m * d_m, n, tangents, cpu=self.device.type == "cpu")
-        if not prefer_jacobian(self._costs[key], n_in, tile, n_vectors, d_m, p_m,
+        if self._costs[key] is None or not prefer_jacobian(self._costs[key], n_in, tile, n_vectors, d_m, p_m,
                                signs.sources.m if combined else None):
             return None
         return step, tangents

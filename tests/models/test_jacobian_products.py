@@ -290,15 +290,29 @@ def _assert_graphs_close(a, b, tol=1e-10):
         np.testing.assert_allclose(G, G_ref, rtol=0, atol=tol * np.abs(G_ref).max())
 
 
+class _Used(list):
+    """The kinds of products streamed, in order; ``signed``: the kinds with position signs."""
+
+    def __init__(self):
+        super().__init__()
+        self.signed = []
+
+    def clear(self):
+        super().clear()
+        self.signed.clear()
+
+
 @pytest.fixture
 def used(monkeypatch):
-    """The kinds of products the model source streams, in order."""
-    kinds = []
+    """The kinds of products the model source streams (a :class:`_Used`)."""
+    kinds = _Used()
     for kind in (SectionProducts, JacobianProducts):
         original = kind.chunks
 
         def spy(self, max_vectors, original=original, kind=kind):
             kinds.append(kind)
+            if self.signs is not None:
+                kinds.signed.append(kind)
             yield from original(self, max_vectors)
 
         monkeypatch.setattr(kind, "chunks", spy)
@@ -346,3 +360,56 @@ def test_graph_falls_back_without_forward_mode(used, monkeypatch):
     used.clear()
     reference = _graph(_wide(NoJvp()), fast_path=False)
     _assert_graphs_close(graph, reference, tol=1e-12)
+
+
+class WideMixer(torch.nn.Module):
+    """A sequence model whose section ``resid -> mid`` expands 2 -> 24 features and mixes positions.
+
+    With an ``attention_mask`` the padded positions are left out of the causal
+    average. The head (24 features at every position) keeps 24 directions of ``mid``.
+    """
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.resid = torch.nn.Linear(2, 2), torch.nn.Identity()
+        self.up, self.down = torch.nn.Linear(2, 32), torch.nn.Linear(32, 24)
+        self.mid, self.head = torch.nn.Identity(), torch.nn.Linear(24, 24)
+
+    def forward(self, x, attention_mask=None):
+        h = self.resid(self.embed(x))
+        weights = torch.ones(h.shape[1], h.shape[1], dtype=h.dtype).tril()[None]
+        if attention_mask is not None:
+            weights = weights * attention_mask[:, None, :].to(h.dtype)
+        weights = weights / weights.sum(-1, keepdim=True).clamp_min(1)
+        return self.head(torch.tanh(self.mid(self.down(torch.tanh(weights @ self.up(h))))))
+
+
+@pytest.mark.parametrize("params", [
+    {},
+    {"stochastic_positions": 2, "integration": "gauss-legendre", "n_alphas": 2},
+], ids=["exact", "stochastic-positions-integrated"])
+@pytest.mark.parametrize("padded", [False, True], ids=["dense", "padded"])
+def test_sequence_graph_with_jacobians_equals_vjps_only(used, params, padded):
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(24, 5, 2, generator=g, dtype=torch.float64)
+    data = X
+    if padded:
+        mask = torch.ones(24, 5, dtype=torch.int64)
+        mask[::2, 3:] = 0
+        data = [{"x": X[:12], "attention_mask": mask[:12]},
+                {"x": X[12:], "attention_mask": mask[12:]}]
+    model = WideMixer().double().eval()
+
+    def fit(**extra):
+        return InteractionGraph(n_components=None, random_state=0, edge_point="data",
+                                **params, **extra).fit_model(
+            model, ["resid", "mid", "head"], data, sequence=True)
+
+    fast = fit()
+    assert JacobianProducts in used
+    assert (JacobianProducts in used.signed) == ("stochastic_positions" in params)
+    used.clear()
+    slow = fit(fast_path=False)
+    assert JacobianProducts not in used
+    _assert_graphs_close(fast, slow)
