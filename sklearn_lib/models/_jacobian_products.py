@@ -42,7 +42,7 @@ class ForwardModeUnsupported(RuntimeError):
 
 
 def jacobian_bytes(batch, n_out, n_in, itemsize):
-    """Bytes of the Jacobians ``(batch, n_out, n_in)`` that :class:`JacobianProducts` holds."""
+    """Bytes of the Jacobians ``(n_out, batch, n_in)`` that :class:`JacobianProducts` holds."""
     return batch * n_out * n_in * itemsize
 
 
@@ -97,19 +97,19 @@ def estimated_speedup(flops, n_in, tile, n_vectors, d_out, p_out, m=None):
 
 
 def prefer_jacobian(*args, **kwargs):
-    """Whether the full Jacobian is clearly cheaper: :func:`estimated_speedup` >= ``_FORWARD_MARGIN``."""
+    """Whether :func:`estimated_speedup` reaches ``_FORWARD_MARGIN``: the Jacobian clearly wins."""
     return estimated_speedup(*args, **kwargs) >= _FORWARD_MARGIN
 
 
 class JacobianProducts:
     """The products ``V.T @ J`` of a section for one batch, from its full Jacobian.
 
-    The per-sample Jacobians ``J`` are formed once, output-major
-    ``(P_out * d_out, B, P_in * d_in)`` so that a chunk is one matrix product
-    with the batch's rows of an output position: ``torch.func.jvp`` ``torch.func.vmap``-ped over tiles of
-    one-hot tangents, each input coordinate's tangent broadcast to all
-    samples (valid because samples are independent, as for the
-    vector-Jacobian products). With several ``points`` and their
+    The per-sample Jacobians ``J`` are formed once by ``torch.func.jvp``,
+    ``torch.func.vmap``-ped over tiles of one-hot tangents, each input
+    coordinate's tangent broadcast to all samples (valid because samples are
+    independent, as for the vector-Jacobian products). They are held
+    output-major, ``(P_out * d_out, B, P_in * d_in)``, so that a chunk's
+    directions of one output position are one matrix product. With several ``points`` and their
     ``weights`` it is the weighted sum of the points' Jacobians (the products
     are linear in ``J``), so one is held whatever the number of points.
     :meth:`chunks` then contracts it with the directions of
@@ -185,8 +185,9 @@ class JacobianProducts:
                         tangents = first.new_zeros(hi - lo, n_in)
                         rows = torch.arange(hi - lo, device=first.device)
                         tangents[rows, rows + lo] = 1
-                        # Materialised over the batch: modules may write into
-                        # tangents in place, which an expanded view forbids.
+                        # Materialised over the batch like the cotangents: no
+                        # operation sees a batch axis of stride 0, for no more
+                        # memory than the pass's outputs.
                         tangents = tangents.view(hi - lo, 1, *self.in_shape).expand(
                             hi - lo, *shape).contiguous()
                         cols = derivative(tangents).reshape(hi - lo, self.batch, n_out)
@@ -199,7 +200,7 @@ class JacobianProducts:
         return J
 
     def _combined(self, g):
-        """``(d_out, B * P_in * d_in)``: output position ``g``'s rows of ``J``, or combination ``g``'s.
+        """Output position ``g``'s rows of ``J`` (or combination ``g``'s), ``(d_out, B * n_in)``.
 
         The last combination is kept: consecutive chunks share it.
         """

@@ -45,13 +45,14 @@ class StreamedProducts:
         Returns a :class:`~sklearn_lib.models._vjp.SectionProducts` (weighted
         over ``points``), or the same products from the section's full
         Jacobian where that is clearly cheaper and fits (:meth:`_jacobian_plan`),
-        and the chunk size that fits the budget (see :meth:`_costs_of`); ``r`` is the input basis's width for the edges'
-        ``J_tilde`` of every chunk. With ``signs`` (:meth:`_signs`), ``m k``
-        directions: random combinations of the output positions. A model in a
-        lower precision computes the products from ``points`` rounded to its
-        own (exactly its recorded values at the data) and with signs as exact
-        units (``1/sqrt(m)`` rounded to bfloat16 would bias every estimate
-        alike); :meth:`_chunks` casts and scales them before any sum.
+        and the chunk size that fits the budget (see :meth:`_costs_of`); ``r``
+        is the input basis's width for the edges' ``J_tilde`` of every chunk.
+        With ``signs`` (:meth:`_signs`), ``m k`` directions: random
+        combinations of the output positions. A model in a lower precision
+        computes the products from ``points`` rounded to its own (exactly its
+        recorded values at the data) and with signs as exact units
+        (``1/sqrt(m)`` rounded to bfloat16 would bias every estimate alike);
+        :meth:`_chunks` casts and scales them before any sum.
         """
         n_points, act = len(points), points[0]
         st = self.structure(l, m) if self.fast_path is not False else None
@@ -72,11 +73,12 @@ class StreamedProducts:
                 self._refuse(l, m, n, per_sample, per_vector)
             step = 1
         low = self.model_dtype != self.dtype
-        common = dict(
-            sequence=self.sequence, check=check, leaves=self.leaves(l, m),
-            position_signs=signs.units(self.model_dtype) if low and signs is not None else signs,
-            weights=weights,
-        )
+        common = {
+            "sequence": self.sequence, "check": check, "leaves": self.leaves(l, m),
+            "position_signs": (signs.units(self.model_dtype) if low and signs is not None
+                               else signs),
+            "weights": weights,
+        }
         a, b, points = self.specs[l], self.specs[m], [p.to(self.model_dtype) for p in points]
         plan = self._jacobian_plan(l, m, x, act, V, n_points, r, signs)
         if plan is not None:
@@ -142,8 +144,10 @@ class StreamedProducts:
                 # Operations the counting mode cannot dispatch: no estimate, and
                 # the products the model source always had.
                 self._costs[key] = None
+        if self._costs[key] is None:
+            return None
         tile = tangent_tile(n_in, p_m * d_m, n, tangents, cpu=self.device.type == "cpu")
-        if self._costs[key] is None or not prefer_jacobian(self._costs[key], n_in, tile, n_vectors, d_m, p_m,
+        if not prefer_jacobian(self._costs[key], n_in, tile, n_vectors, d_m, p_m,
                                signs.sources.m if combined else None):
             return None
         return step, tangents

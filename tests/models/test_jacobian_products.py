@@ -52,8 +52,12 @@ class Mixer(torch.nn.Module):
         self.mix = torch.nn.Parameter(torch.randn(T, T, generator=g, dtype=torch.float64).tril())
         self.out = torch.nn.Identity()
 
+    def plain(self, h):
+        """The section from ``inner`` to ``out``, without hooks."""
+        return torch.tanh(self.mix @ (h @ self.W))
+
     def forward(self, x):
-        return self.out(torch.tanh(self.mix @ (self.inner(x) @ self.W)))
+        return self.out(self.plain(self.inner(x)))
 
 
 def _chunks(kind, *args, max_vectors, **kwargs):
@@ -97,8 +101,10 @@ def test_expanding_mlp_section_matches_vjps_and_brute_force(tangents, max_vector
     assert jac.tile == (3 if tangents is None else tangents)
     assert jac.signs is None and P_jac.shape == (20, B, 3)
     torch.testing.assert_close(P_jac, P_vjp, rtol=1e-12, atol=1e-12)
-    tail = lambda h: model[4](model[3](model[2](h)))  # noqa: E731
-    expected = _brute_force(lambda h: tail(h[:, 0])[:, None], act[:, None], V)
+    def tail(h):  # (B, 1, d_in) -> (B, 1, d_out)
+        return model[4](model[3](model[2](h[:, 0])))[:, None]
+
+    expected = _brute_force(tail, act[:, None], V)
     torch.testing.assert_close(P_jac, expected, rtol=1e-12, atol=1e-12)
 
 
@@ -116,8 +122,10 @@ def test_flattened_per_sample_shapes():
                          max_tangents=3, max_vectors=7)
     assert jac.jacobian.shape == (20, B, 8)
     torch.testing.assert_close(P_jac, P_vjp, rtol=1e-12, atol=1e-12)
-    f = lambda h: model[2](model[1](h)).reshape(B, 1, 20)  # noqa: E731
-    expected = _brute_force(lambda h: f(h.reshape(B, 2, 4)), x.reshape(B, 1, 8), V)
+    def flat(h):  # (B, 1, 8) -> (B, 1, 20)
+        return model[2](model[1](h.reshape(B, 2, 4))).reshape(B, 1, 20)
+
+    expected = _brute_force(flat, x.reshape(B, 1, 8), V)
     torch.testing.assert_close(P_jac, expected, rtol=1e-12, atol=1e-12)
 
 
@@ -129,14 +137,14 @@ def test_positions_with_random_signs(max_vectors):
     x = torch.randn(B, T, 2, generator=g, dtype=torch.float64)
     V = torch.randn(6, 4, generator=g, dtype=torch.float64)
     signs = torch.randn(B, 2, T, generator=g, dtype=torch.float64).sign()
-    kwargs = dict(sequence=True, check=True, position_signs=lambda p: signs,
-                  max_vectors=max_vectors)
+    kwargs = {"sequence": True, "check": True, "position_signs": lambda p: signs,
+              "max_vectors": max_vectors}
     vjp, P_vjp = _chunks(SectionProducts, model, a, b, x, [x], V, **kwargs)
     jac, P_jac = _chunks(JacobianProducts, model, a, b, x, [x], V, max_tangents=4, **kwargs)
     assert jac.signs is vjp.signs and jac.n_vectors == 2 * 4
     assert P_jac.shape == (8, B * T, 2)
     torch.testing.assert_close(P_jac, P_vjp, rtol=1e-12, atol=1e-12)
-    plain = lambda h: torch.tanh(model.mix @ (h @ model.W))  # noqa: E731
+    plain = model.plain
     torch.testing.assert_close(P_jac, _brute_force(plain, x, V, signs), rtol=1e-12, atol=1e-12)
     # Without signs: direction t * k + c of output position t.
     _, P_pos = _chunks(JacobianProducts, model, a, b, x, [x], V, sequence=True, check=True,
@@ -157,7 +165,7 @@ def test_integration_path_of_several_points():
     _, P_jac = _chunks(JacobianProducts, *args, sequence=True, check=True, weights=weights,
                        max_tangents=2, max_vectors=4)
     torch.testing.assert_close(P_jac, P_vjp, rtol=1e-12, atol=1e-12)
-    plain = lambda h: torch.tanh(model.mix @ (h @ model.W))  # noqa: E731
+    plain = model.plain
     expected = sum(w * _brute_force(plain, p, V) for w, p in zip(weights, points))
     torch.testing.assert_close(P_jac, expected, rtol=1e-12, atol=1e-12)
 
