@@ -421,3 +421,20 @@ def test_sequence_graph_with_jacobians_equals_vjps_only(used, params, padded):
     slow = fit(fast_path=False)
     assert JacobianProducts not in used
     _assert_graphs_close(fast, slow)
+
+
+def test_selected_input_positions(used):
+    """A section from two selected positions (``resid[-2:]``): the Jacobian of those only."""
+    X = torch.randn(24, 5, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    model = WideMixer().double().eval()
+
+    def fit(**extra):
+        return InteractionGraph(n_components=None, random_state=0, **extra).fit_model(
+            model, ["resid[-2:]", "mid", "head"], X, sequence=True)
+
+    fast = fit()
+    assert JacobianProducts in used
+    used.clear()
+    slow = fit(fast_path=False)
+    assert JacobianProducts not in used
+    _assert_graphs_close(fast, slow)
