@@ -111,6 +111,50 @@ def floating_dtype(model, default):
     return default
 
 
+def set_directions(products, out, cotangents, *, sequence, position_signs):
+    """Set a section's product directions on ``products`` from its output ``out`` ``(B, ...)``.
+
+    Sets ``out_shape``, ``p_out``, ``d_out``, ``basis_t`` (``V.T``), ``k``,
+    ``signs`` (``(B, m, P_out)`` or None) and ``n_vectors``, as described in
+    :class:`SectionProducts`; ``products`` has ``a`` and ``b`` already.
+    """
+    a, b = products.a, products.b
+    products.out_shape = tuple(out.shape[1:])
+    products.p_out, products.d_out = _positions(products.out_shape, sequence, b)
+    if cotangents is None:
+        basis = torch.eye(products.d_out, device=out.device, dtype=out.dtype)
+    else:
+        basis = as_tensor(cotangents, device=out.device, dtype=out.dtype)
+        if basis.ndim != 2 or basis.shape[0] != products.d_out:
+            raise ValueError(
+                f"cotangents must be (d_out, k) = ({products.d_out}, k) for section "
+                f"{a.spec!r} -> {b.spec!r}, got shape {tuple(basis.shape)}."
+            )
+    products.basis_t, products.k = basis.T, basis.shape[1]
+    products.signs = None
+    if position_signs is not None and products.p_out > 1 and len(products.out_shape) == 2:
+        products.signs = position_signs(products.p_out)  # (B, m, P_out)
+    products.n_vectors = products.p_out * products.k if products.signs is None else (
+        products.signs.shape[1] * products.k)
+
+
+def section_callable(model, a, b, x, leaves):
+    """The section a -> b on inputs ``x`` as a function of ``a``'s value (to differentiate).
+
+    With ``leaves`` only the section's modules run; otherwise the model runs
+    from ``x`` with ``a``'s activation replaced.
+    """
+    if leaves is None:
+        def section(t):
+            # Modules acting on each position compute a selected layer's
+            # replaced positions alone: a backward pass over those only.
+            with replaced_positions_only(model, a):
+                return _run_section(model, a, b, x, t)
+        return section
+    # The clone shields the point from in-place modules (ReLU(inplace=True)).
+    return lambda t: run_leaves(leaves, t.clone())
+
+
 def _chunk_size(max_vectors, n_vectors, per_vector):
     if max_vectors is None:
         return max(1, min(n_vectors, _VJP_ELEMENT_BUDGET // max(1, per_vector)))
@@ -169,23 +213,7 @@ class SectionProducts:
         self.recompute = recompute
         self._vjps = [self._vjp(p) for p in self.points[: 1 if recompute else None]]
         out = self._vjps[0][0]
-        self.out_shape = tuple(out.shape[1:])
-        self.p_out, self.d_out = _positions(self.out_shape, sequence, b)
-        if cotangents is None:
-            basis = torch.eye(self.d_out, device=out.device, dtype=out.dtype)
-        else:
-            basis = as_tensor(cotangents, device=out.device, dtype=out.dtype)
-            if basis.ndim != 2 or basis.shape[0] != self.d_out:
-                raise ValueError(
-                    f"cotangents must be (d_out, k) = ({self.d_out}, k) for section "
-                    f"{a.spec!r} -> {b.spec!r}, got shape {tuple(basis.shape)}."
-                )
-        self.basis_t, self.k = basis.T, basis.shape[1]
-        self.signs = None
-        if position_signs is not None and self.p_out > 1 and len(self.out_shape) == 2:
-            self.signs = position_signs(self.p_out)  # (B, m, P_out)
-        self.n_vectors = self.p_out * self.k if self.signs is None else (
-            self.signs.shape[1] * self.k)
+        set_directions(self, out, cotangents, sequence=sequence, position_signs=position_signs)
         self.tile = self.n_vectors
         if out.device.type == "cpu":
             per_vector = self.batch * (self.p_out * self.d_out + self.p_in * self.d_in)
@@ -202,17 +230,8 @@ class SectionProducts:
         (vmap falls back to a slow loop), so attention runs on the composite
         "math" kernel here.
         """
-        model, a, b, x, leaves = self.model, self.a, self.b, self.x, self.leaves
+        section = section_callable(self.model, self.a, self.b, self.x, self.leaves)
         with torch.no_grad(), _math_attention():
-            if leaves is None:
-                def section(t):
-                    # Modules acting on each position compute a selected layer's
-                    # replaced positions alone: a backward pass over those only.
-                    with replaced_positions_only(model, a):
-                        return _run_section(model, a, b, x, t)
-            else:
-                # The clone shields the point from in-place modules (ReLU(inplace=True)).
-                section = lambda t: run_leaves(leaves, t.clone())  # noqa: E731
             return torch.func.vjp(section, point)
 
     def cotangents(self, start, stop):

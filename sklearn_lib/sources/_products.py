@@ -12,6 +12,15 @@ import torch
 
 from ..models import _adapters, _model
 from ..models._attention_half import NormAttention
+from ..models._jacobian_products import (
+    _FORWARD_MARGIN,
+    ForwardModeUnsupported,
+    JacobianProducts,
+    jacobian_bytes,
+    prefer_jacobian,
+    section_flops,
+    tangent_tile,
+)
 from ..models._vjp import _VJP_ELEMENT_BUDGET, SectionProducts, section_costs
 from ..utils._backend import eval_mode
 from ..utils._memory import chunk_vectors, format_bytes, plan_batch
@@ -25,7 +34,8 @@ class StreamedProducts:
     Uses the source's ``model``, ``specs``, ``sequence``, ``dtype``,
     ``model_dtype``, ``memory_limit``, ``positions``, ``widths``, ``data``,
     ``batch_size`` and its methods ``leaves``, ``_footprint``, ``_batches``,
-    ``_real_rows`` and ``_output_shape``; keeps the measured costs in ``_costs``.
+    ``_real_rows`` and ``_output_shape``; keeps the measured costs in ``_costs``,
+    with the sections' counted operations and those whose forward-mode passes failed.
     """
 
     def _product_chunks(self, l, m, x, points, V, *, check, signs=None, weights=None,
@@ -33,14 +43,16 @@ class StreamedProducts:
         """``V^T J`` of section l -> m at ``points``, and the directions per chunk to stream.
 
         Returns a :class:`~sklearn_lib.models._vjp.SectionProducts` (weighted
-        over ``points``) and the chunk size that fits the budget (see
-        :meth:`_costs_of`); ``r`` is the input basis's width for the edges'
-        ``J_tilde`` of every chunk. With ``signs`` (:meth:`_signs`), ``m k``
-        directions: random combinations of the output positions. A model in a
-        lower precision computes the products from ``points`` rounded to its
-        own (exactly its recorded values at the data) and with signs as exact
-        units (``1/sqrt(m)`` rounded to bfloat16 would bias every estimate
-        alike); :meth:`_chunks` casts and scales them before any sum.
+        over ``points``), or the same products from the section's full
+        Jacobian where that is clearly cheaper and fits (:meth:`_jacobian_plan`),
+        and the chunk size that fits the budget (see :meth:`_costs_of`); ``r``
+        is the input basis's width for the edges' ``J_tilde`` of every chunk.
+        With ``signs`` (:meth:`_signs`), ``m k`` directions: random
+        combinations of the output positions. A model in a lower precision
+        computes the products from ``points`` rounded to its own (exactly its
+        recorded values at the data) and with signs as exact units
+        (``1/sqrt(m)`` rounded to bfloat16 would bias every estimate alike);
+        :meth:`_chunks` casts and scales them before any sum.
         """
         n_points, act = len(points), points[0]
         st = self.structure(l, m) if self.fast_path is not False else None
@@ -61,14 +73,84 @@ class StreamedProducts:
                 self._refuse(l, m, n, per_sample, per_vector)
             step = 1
         low = self.model_dtype != self.dtype
-        products = SectionProducts(
-            self.model, self.specs[l], self.specs[m], x,
-            [p.to(self.model_dtype) for p in points], V,
-            sequence=self.sequence, check=check, leaves=self.leaves(l, m),
-            position_signs=signs.units(self.model_dtype) if low and signs is not None else signs,
-            weights=weights, recompute=held < n_points,
-        )
+        common = {
+            "sequence": self.sequence, "check": check, "leaves": self.leaves(l, m),
+            "position_signs": (signs.units(self.model_dtype) if low and signs is not None
+                               else signs),
+            "weights": weights,
+        }
+        a, b, points = self.specs[l], self.specs[m], [p.to(self.model_dtype) for p in points]
+        plan = self._jacobian_plan(l, m, x, act, V, n_points, r, signs)
+        if plan is not None:
+            try:
+                return JacobianProducts(self.model, a, b, x, points, V, max_tangents=plan[1],
+                                        **common), plan[0]
+            except ForwardModeUnsupported:
+                # Some operation has no forward-mode derivative: this section
+                # takes vector-Jacobian products from now on.
+                self._costs[("no forward mode", l, m)] = True
+        products = SectionProducts(self.model, a, b, x, points, V, recompute=held < n_points,
+                                   **common)
         return products, step
+
+    def _jacobian_plan(self, l, m, x, act, V, n_points, r, signs):
+        """``(step, tangents)`` to take section l -> m's products from its full Jacobian, or None.
+
+        The Jacobian (:class:`~sklearn_lib.models._jacobian_products.JacobianProducts`)
+        when :func:`~sklearn_lib.models._jacobian_products.prefer_jacobian`
+        finds it clearly cheaper than the vector-Jacobian products, by the
+        section's operations counted once per section and shape
+        (:func:`~sklearn_lib.models._jacobian_products.section_flops`), and it
+        fits the budget with at least one direction per chunk: per sample, the
+        Jacobians in the model's dtype (and one combination of their rows
+        with combined positions) on top of one point's costs (the points'
+        Jacobians are summed as they come); per direction of a chunk
+        and per tangent of a forward-mode pass, the measured cost of a
+        direction of a backward pass, whose intermediate gradients have the
+        shapes of the intermediate tangents. Never for a section whose
+        forward-mode passes failed, nor with ``fast_path=False`` for a model in
+        the statistics' dtype (a model in a lower one has ``fast_path`` False
+        for the closed forms, which read its parameters; its Jacobian is its
+        own, as its vector-Jacobian products are).
+        """
+        if ((self.fast_path is False and self.model_dtype == self.dtype)
+                or ("no forward mode", l, m) in self._costs):
+            return None
+        p_l, d_l = _model._positions(act.shape[1:], self.sequence, self.specs[l])
+        p_m = self.positions[m] if self.positions[m] == 1 else max(self.positions[m], p_l)
+        n_in, d_m, k = p_l * d_l, self.widths[m], V.shape[1]
+        combined = signs is not None and p_m > 1
+        n_vectors = signs.sources.m * k if combined else p_m * k
+        if n_vectors < _FORWARD_MARGIN * n_in:
+            return None  # the tangents alone cost n_in / n_vectors of the VJPs
+        per_sample, _, _ = self._costs_of(l, m, x, act, V, 1, r)
+        _, per_vector, _ = self._costs_of(l, m, x, act, V, n_points, r)
+        # The Jacobians, and with combined positions one combination of their rows.
+        held = jacobian_bytes(1, p_m * d_m, n_in, self.model_dtype.itemsize)
+        per_sample += held + (held // p_m if combined else 0)
+        budget, n = self._products_budget(), _adapters.n_samples(x)
+        step = chunk_vectors(budget, n, per_sample, per_vector, n_vectors)
+        if step == 0:
+            return None
+        tangents = chunk_vectors(budget, n, per_sample, per_vector, n_in)
+        key = ("flops", l, m, tuple(act.shape[1:]))
+        if key not in self._costs:
+            try:
+                with eval_mode(self.model):
+                    self._costs[key] = section_flops(
+                        self.model, self.specs[l], self.specs[m], x, act.to(self.model_dtype),
+                        self.leaves(l, m))
+            except (RuntimeError, NotImplementedError, TypeError):
+                # Operations the counting mode cannot dispatch: no estimate, and
+                # the products the model source always had.
+                self._costs[key] = None
+        if self._costs[key] is None:
+            return None
+        tile = tangent_tile(n_in, p_m * d_m, n, tangents, cpu=self.device.type == "cpu")
+        if not prefer_jacobian(self._costs[key], n_in, tile, n_vectors, d_m, p_m,
+                               signs.sources.m if combined else None):
+            return None
+        return step, tangents
 
     def _formula_products(self, st, l, m, x, points, V, signs, weights, r):
         """The products of an attention half in closed form, and the directions per chunk."""
