@@ -102,6 +102,10 @@ class ModelSource(ModelEdges, StreamedProducts):
         # anything is summed, so sums over many samples round in ``dtype`` and
         # only the model's own values carry its rounding.
         self.model_dtype = floating_dtype(self.model, self.dtype)
+        # The user's fast_path=False asks for the model's own vector-Jacobian products
+        # everywhere (no full Jacobians either); a lower precision only turns off the
+        # closed forms.
+        self.vjp_only = fast_path is False
         if self.model_dtype != self.dtype:
             if fast_path is True:
                 raise ValueError(

@@ -32,7 +32,7 @@ class StreamedProducts:
     """Streaming of a section's products, mixed into the model source.
 
     Uses the source's ``model``, ``specs``, ``sequence``, ``dtype``,
-    ``model_dtype``, ``memory_limit``, ``positions``, ``widths``, ``data``,
+    ``model_dtype``, ``vjp_only``, ``memory_limit``, ``positions``, ``widths``, ``data``,
     ``batch_size`` and its methods ``leaves``, ``_footprint``, ``_batches``,
     ``_real_rows`` and ``_output_shape``; keeps the measured costs in ``_costs``,
     with the sections' counted operations and those whose forward-mode passes failed.
@@ -108,13 +108,10 @@ class StreamedProducts:
         and per tangent of a forward-mode pass, the measured cost of a
         direction of a backward pass, whose intermediate gradients have the
         shapes of the intermediate tangents. Never for a section whose
-        forward-mode passes failed, nor with ``fast_path=False`` for a model in
-        the statistics' dtype (a model in a lower one has ``fast_path`` False
-        for the closed forms, which read its parameters; its Jacobian is its
-        own, as its vector-Jacobian products are).
+        forward-mode passes failed, nor with the user's ``fast_path=False``
+        (``vjp_only``: the model's own vector-Jacobian products everywhere).
         """
-        if ((self.fast_path is False and self.model_dtype == self.dtype)
-                or ("no forward mode", l, m) in self._costs):
+        if self.vjp_only or ("no forward mode", l, m) in self._costs:
             return None
         p_l, d_l = _model._positions(act.shape[1:], self.sequence, self.specs[l])
         p_m = self.positions[m] if self.positions[m] == 1 else max(self.positions[m], p_l)
