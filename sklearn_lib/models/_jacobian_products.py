@@ -17,9 +17,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ._adapters import take
-from ._model import _positions
-from ._sections import _check_differentiable, _math_attention
-from ._vjp import section_callable, set_directions
+from ._sections import _math_attention
+from ._vjp import section_callable, set_directions, set_points
 
 # The full Jacobian is taken when its estimated cost is at most 1 / this of the
 # vector-Jacobian products' (:func:`estimated_speedup`). Measured on one CPU thread
@@ -148,14 +147,9 @@ class JacobianProducts:
 
     def __init__(self, model, a, b, x, points, cotangents, *, sequence, check, leaves=None,
                  position_signs=None, weights=None, max_tangents=None):
-        self.model, self.a, self.b, self.x, self.leaves = model, a, b, x, leaves
-        self.points = list(points)
-        self.weights = [1.0] * len(self.points) if weights is None else list(weights)
-        if check:
-            _check_differentiable(model, a, b, x, self.points[0])
-        self.batch = self.points[0].shape[0]
+        set_points(self, model, a, b, x, points, weights, leaves, sequence=sequence,
+                   check=check)
         self.in_shape = tuple(self.points[0].shape[1:])
-        self.p_in, self.d_in = _positions(self.in_shape, sequence, a)
         self._section = section_callable(model, a, b, x, leaves)
         with torch.no_grad(), _math_attention():
             out = self._section(self.points[0])

@@ -111,6 +111,21 @@ def floating_dtype(model, default):
     return default
 
 
+def set_points(products, model, a, b, x, points, weights, leaves, *, sequence, check):
+    """Set what every kind of a section's products holds: the section, its ``points``
+    with their ``weights`` (1 each by default), samples and input positions and width.
+
+    With ``check``, refuse a section autograd cannot differentiate first.
+    """
+    products.model, products.a, products.b, products.x = model, a, b, x
+    products.leaves, products.points = leaves, list(points)
+    products.weights = [1.0] * len(products.points) if weights is None else list(weights)
+    if check:
+        _check_differentiable(model, a, b, x, products.points[0])
+    products.batch = products.points[0].shape[0]
+    products.p_in, products.d_in = _positions(products.points[0].shape[1:], sequence, a)
+
+
 def set_directions(products, out, cotangents, *, sequence, position_signs):
     """Set a section's product directions on ``products`` from its output ``out`` ``(B, ...)``.
 
@@ -203,13 +218,8 @@ class SectionProducts:
 
     def __init__(self, model, a, b, x, points, cotangents, *, sequence, check, leaves=None,
                  position_signs=None, weights=None, recompute=False):
-        self.model, self.a, self.b, self.x, self.leaves = model, a, b, x, leaves
-        self.points = list(points)
-        self.weights = [1.0] * len(self.points) if weights is None else list(weights)
-        if check:
-            _check_differentiable(model, a, b, x, self.points[0])
-        self.batch = self.points[0].shape[0]
-        self.p_in, self.d_in = _positions(self.points[0].shape[1:], sequence, a)
+        set_points(self, model, a, b, x, points, weights, leaves, sequence=sequence,
+                   check=check)
         self.recompute = recompute
         self._vjps = [self._vjp(p) for p in self.points[: 1 if recompute else None]]
         out = self._vjps[0][0]
