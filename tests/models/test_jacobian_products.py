@@ -13,9 +13,9 @@ of ``fast_path=False`` (vector-Jacobian products only), and a module without
 a forward-mode derivative must fall back to vector-Jacobian products.
 """
 
-import numpy as np
 import pytest
 import torch
+from _reference import assert_same_graph_statistics
 
 from sklearn_lib import InteractionGraph
 from sklearn_lib.models import _model
@@ -289,15 +289,6 @@ def _graph(model, **params):
     return InteractionGraph(**params).fit_model(model, ["1", "4", "6"], X)
 
 
-def _assert_graphs_close(a, b, tol=1e-10):
-    assert len(a.edges_) == len(b.edges_)
-    for E, E_ref in zip(a.edges_, b.edges_):
-        np.testing.assert_allclose(E, E_ref, rtol=0, atol=tol * np.abs(E_ref).max())
-    for basis, ref in zip(a.bases_, b.bases_):
-        G, G_ref = basis.jacobian_gram_, ref.jacobian_gram_
-        np.testing.assert_allclose(G, G_ref, rtol=0, atol=tol * np.abs(G_ref).max())
-
-
 class _Used(list):
     """The kinds of products streamed, in order; ``signed``: the kinds with position signs."""
 
@@ -335,7 +326,7 @@ def test_graph_with_jacobians_equals_vjps_only(used, params):
     used.clear()
     slow = _graph(_wide(), fast_path=False, **params)
     assert JacobianProducts not in used and SectionProducts in used
-    _assert_graphs_close(fast, slow)
+    assert_same_graph_statistics(fast, slow)
 
 
 def test_graph_in_float32_with_jacobians(used, monkeypatch):
@@ -346,7 +337,7 @@ def test_graph_in_float32_with_jacobians(used, monkeypatch):
     monkeypatch.setattr(_products, "prefer_jacobian", lambda *args: False)
     slow = _graph(_wide(), model_dtype="float32")
     assert JacobianProducts not in used
-    _assert_graphs_close(fast, slow, tol=1e-5)
+    assert_same_graph_statistics(fast, slow, tol=1e-5)
 
 
 def test_graph_falls_back_where_the_jacobian_does_not_fit(used, monkeypatch):
@@ -367,7 +358,7 @@ def test_graph_falls_back_without_forward_mode(used, monkeypatch):
     assert JacobianProducts not in used and SectionProducts in used
     used.clear()
     reference = _graph(_wide(NoJvp()), fast_path=False)
-    _assert_graphs_close(graph, reference, tol=1e-12)
+    assert_same_graph_statistics(graph, reference, tol=1e-12)
 
 
 class WideMixer(torch.nn.Module):
@@ -420,7 +411,7 @@ def test_sequence_graph_with_jacobians_equals_vjps_only(used, params, padded):
     used.clear()
     slow = fit(fast_path=False)
     assert JacobianProducts not in used
-    _assert_graphs_close(fast, slow)
+    assert_same_graph_statistics(fast, slow)
 
 
 def test_selected_input_positions(used):
@@ -437,4 +428,4 @@ def test_selected_input_positions(used):
     used.clear()
     slow = fit(fast_path=False)
     assert JacobianProducts not in used
-    _assert_graphs_close(fast, slow)
+    assert_same_graph_statistics(fast, slow)

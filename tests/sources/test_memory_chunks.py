@@ -9,10 +9,10 @@ and the tensors alive during a pass (counted by
 :class:`~sklearn_lib.utils._memory.LiveTensors`) must stay below it.
 """
 
-import numpy as np
 import pytest
 import torch
 from _mixers import mixer
+from _reference import assert_same_graph_statistics
 
 from sklearn_lib import InteractionGraph
 from sklearn_lib.models import _model
@@ -68,15 +68,6 @@ def chunks(monkeypatch):
     return Chunks()
 
 
-def _assert_graphs_equal(a, b, tol=1e-12):
-    assert len(a.edges_) == len(b.edges_)
-    for E, E_ref in zip(a.edges_, b.edges_):
-        np.testing.assert_allclose(E, E_ref, rtol=0, atol=tol * np.abs(E_ref).max())
-    for basis, ref in zip(a.bases_, b.bases_):
-        G, G_ref = basis.jacobian_gram_, ref.jacobian_gram_
-        np.testing.assert_allclose(G, G_ref, rtol=0, atol=tol * np.abs(G_ref).max())
-
-
 def _chunked_and_whole(chunks, fit, size=3):
     chunks.force(size)
     chunked = fit()
@@ -108,7 +99,7 @@ def test_chunked_products_give_the_graph_of_whole_products(chunks, params, padde
                                 **params).fit_model(net, layers, data, sequence=True)
 
     chunked, whole = _chunked_and_whole(chunks, fit)
-    _assert_graphs_equal(chunked, whole)
+    assert_same_graph_statistics(chunked, whole, tol=1e-12)
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +132,7 @@ def test_chunked_products_of_gpt2_give_the_graph_of_whole_products(chunks, gpt2,
             gpt2, GPT2_LAYERS, data, sequence=True)
 
     chunked, whole = _chunked_and_whole(chunks, fit, size=5)
-    _assert_graphs_equal(chunked, whole, tol=1e-11)
+    assert_same_graph_statistics(chunked, whole, tol=1e-11)
 
 
 # --------------------------------------------------------------------------- sizing
