@@ -215,7 +215,7 @@ def test_sections_run_from_the_recorded_activation_give_the_same_graph(
     Either way the products come vector-major, in one chunk or in several.
     """
     from sklearn_lib.models import _vjp
-    from sklearn_lib.sources import _model_source
+    from sklearn_lib.sources import _model_source, _section_forms
 
     if vectors_per_chunk:
         monkeypatch.setattr(_vjp, "_VJP_ELEMENT_BUDGET", vectors_per_chunk * N * 10)
@@ -234,7 +234,7 @@ def test_sections_run_from_the_recorded_activation_give_the_same_graph(
                                   verbose=False)
     assert [len(source.leaves(l, l + 1)) for l in range(3)] == [3, 2, 1]
     fast = _generic_graph(net, X, layers, **params)
-    monkeypatch.setattr(_model_source, "section_leaves", lambda *args: None)
+    monkeypatch.setattr(_section_forms, "section_leaves", lambda *args: None)
     slow = _generic_graph(net, X, layers, **params)
     for a, b in zip([*fast.edges_, *[b.components_ for b in fast.bases_]],
                     [*slow.edges_, *[b.components_ for b in slow.bases_]]):
