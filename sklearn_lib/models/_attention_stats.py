@@ -256,9 +256,7 @@ def combined_attributions(section, points, V, right, Z, signs, *, weights=None,
     """
     prod = _products(section, points, V, weights, signs, key_mask, memory)
     B, T, d = prod.batch, prod.p_in, prod.d_in
-    H, e = section.n_heads, section.d_head
-    E, Vt, m = prod.E, prod.Vt, prod.signs.shape[1]
-    dtype, device = E.dtype, E.device
+    dtype, device = prod.E.dtype, prod.E.device
     right = torch.as_tensor(right, dtype=dtype, device=device)
     if right.ndim != 2 or right.shape[0] != d:
         raise ValueError(f"right must be (d, r) = ({d}, r), got shape {tuple(right.shape)}.")
@@ -268,40 +266,137 @@ def combined_attributions(section, points, V, right, Z, signs, *, weights=None,
         raise ValueError(f"Z must be (B, T, r) = ({B}, {T}, {n_r}), got shape "
                          f"{tuple(Z.shape)}.")
     with torch.no_grad():
-        Wqk_r = prod.Wqk @ right  # (H, 2e, r): once, not per row
-        Wv_r = prod.Wv @ right  # (H, e, r)
-        Vt_r = Vt @ right if section.residual else None  # (k, r)
-        rows = _row_step(prod, memory, _factor_elements(prod) + 4 * e * n_r + 5 * H * e)
-        out = E.new_zeros(B, m, E.shape[0], n_r)
-        for b in range(B):
-            z = Z[b]
-            for j in range(m):
-                r = prod.signs[b, j]
-                acc = E.new_zeros(H, e, n_r)  # B_j = sum_s (W_s right) diag(z_s)
-                for st, w in zip(prod.states, prod.weights):
-                    a = _value_weights(prod, st, b, r)
-                    # The value term: sum_s a^h_s W_V^h right diag(z_s).
-                    acc.addcmul_(Wv_r, (a @ z)[:, None, :], value=w)
-                    for s0 in range(0, T, rows):
-                        s1 = min(s0 + rows, T)
-                        R = s1 - s0
-                        Zf = prod.factors(st, b, r, s0, s1)  # (H, R, e, 2e)
-                        Zt = Zf.transpose(1, 2).reshape(H, e, R * 2 * e)
-                        for h in range(H):
-                            # sum_s Z^h_s (W_QK^h right) diag(z_s): one GEMM over (s, j).
-                            Wz = Wqk_r[h, None] * z[s0:s1, None, :]  # (R, 2e, r)
-                            acc[h].addmm_(Zt[h], Wz.view(R * 2 * e, n_r), alpha=w)
-                        if st["xhat"] is not None:
-                            # The norm's -u_s (xhat_s^T right) / d, u_s = (Y_s + Yv_s) xhat_s.
-                            xhat = st["xhat"][b, s0:s1]
-                            wx = torch.einsum("hjd,sd->hsj", prod.Wqk, xhat)
-                            u = torch.einsum("hsij,hsj->hsi", Zf, wx)
-                            u.add_(torch.einsum("hid,sd->hsi", prod.Wv, xhat)
-                                   * a[:, s0:s1, None])
-                            coef = (xhat @ right).mul_(z[s0:s1])  # (R, r)
-                            acc.sub_(torch.einsum("hsi,sr->hir", u, coef), alpha=w / d)
-                g = E @ acc.view(H * e, n_r)
-                if section.residual:
-                    g.addcmul_(Vt_r, (r @ z)[None, :], value=sum(prod.weights))
-                out[b, j] = g
+        if section.rotary is None:
+            return _attributions_plain(prod, right, Z)
+        return _attributions_factors(prod, right, Z)
+
+
+def _attributions_factors(prod, right, Z):
+    """:func:`combined_attributions` from the per-row factors (any rotary map), row chunks.
+
+    ``W_s right`` is ``Z^h_s (W_QK^h right) + a^h_s W_V^h right - u_s (xhat_s^T
+    right) / d``: one GEMM per head and chunk of rows over ``(s, 2e)``.
+    """
+    section, B, T, d = prod.section, prod.batch, prod.p_in, prod.d_in
+    H, e = section.n_heads, section.d_head
+    E, Vt, m = prod.E, prod.Vt, prod.signs.shape[1]
+    n_r = right.shape[1]
+    Wqk_r = prod.Wqk @ right  # (H, 2e, r): once, not per row
+    Wv_r = prod.Wv @ right  # (H, e, r)
+    Vt_r = Vt @ right if section.residual else None  # (k, r)
+    rows = _row_step(prod, prod.memory, _factor_elements(prod) + 4 * e * n_r + 5 * H * e)
+    out = E.new_zeros(B, m, E.shape[0], n_r)
+    for b in range(B):
+        z = Z[b]
+        for j in range(m):
+            r = prod.signs[b, j]
+            acc = E.new_zeros(H, e, n_r)  # B_j = sum_s (W_s right) diag(z_s)
+            for st, w in zip(prod.states, prod.weights):
+                a = _value_weights(prod, st, b, r)
+                # The value term: sum_s a^h_s W_V^h right diag(z_s).
+                acc.addcmul_(Wv_r, (a @ z)[:, None, :], value=w)
+                for s0 in range(0, T, rows):
+                    s1 = min(s0 + rows, T)
+                    R = s1 - s0
+                    Zf = prod.factors(st, b, r, s0, s1)  # (H, R, e, 2e)
+                    Zt = Zf.transpose(1, 2).reshape(H, e, R * 2 * e)
+                    for h in range(H):
+                        # sum_s Z^h_s (W_QK^h right) diag(z_s): one GEMM over (s, j).
+                        Wz = Wqk_r[h, None] * z[s0:s1, None, :]  # (R, 2e, r)
+                        acc[h].addmm_(Zt[h], Wz.view(R * 2 * e, n_r), alpha=w)
+                    if st["xhat"] is not None:
+                        # The norm's -u_s (xhat_s^T right) / d, u_s = (Y_s + Yv_s) xhat_s.
+                        xhat = st["xhat"][b, s0:s1]
+                        wx = torch.einsum("hjd,sd->hsj", prod.Wqk, xhat)
+                        u = torch.einsum("hsij,hsj->hsi", Zf, wx)
+                        u.add_(torch.einsum("hid,sd->hsi", prod.Wv, xhat)
+                               * a[:, s0:s1, None])
+                        coef = (xhat @ right).mul_(z[s0:s1])  # (R, r)
+                        acc.sub_(torch.einsum("hsi,sr->hir", u, coef), alpha=w / d)
+            g = E @ acc.view(H * e, n_r)
+            if section.residual:
+                g.addcmul_(Vt_r, (r @ z)[None, :], value=sum(prod.weights))
+            out[b, j] = g
     return out
+
+
+def _attributions_plain(prod, right, Z):
+    """:func:`combined_attributions` without a rotary map: GEMMs over positions, no factors.
+
+    Without rotation the factors' sums over rows factor through the weights
+    ``A`` (query t, key s): with ``c_s = scale / sigma_s``, ``Qr = W_Q^h right``,
+    ``Kr = W_K^h right``, the query and key terms of ``sum_s Z^h_s (W_QK^h right)
+    diag(z_s)`` are ``v^T (k Qr * A^T (c r z)) - o^T (r (c kappa Qr z + q Kr * A (c
+    z)))`` and ``v^T (c z * rho Kr)`` with ``rho = A^T (r q)``: two ``(T, T)``
+    GEMMs per head, ``O(H T^2 (r + e))`` a combination instead of ``O(H T e^2
+    (T + r))``. The norm's ``u_s`` alike: ``Zq_s W_Q xhat_s`` from ``(A * (W_Q
+    xhat) k^T) v`` (the same for every combination) and ``Zk_s W_K xhat_s`` from
+    ``v_s (rho_s . W_K xhat_s) - ((A * q (W_K xhat)^T)^T (r o))_s``. The
+    combinations go together as columns of the GEMMs, as many as fit ``memory``.
+    """
+    section, B, T = prod.section, prod.batch, prod.p_in
+    H, e, m = section.n_heads, section.d_head, prod.signs.shape[1]
+    E, Vt = prod.E, prod.Vt
+    n_r = right.shape[1]
+    Qr, Kr = prod._Wq @ right, prod._Wk @ right  # (H, e, r)
+    Wv_r = prod.Wv @ right
+    # Combinations per group: about four (T, m, r) temporaries of one head within memory.
+    step = max(1, min(m, prod.memory // (prod.itemsize * 4 * T * (n_r + 2 * e))))
+    out = E.new_zeros(B, m, E.shape[0], n_r)
+    for b in range(B):
+        z = Z[b]
+        for j0 in range(0, m, step):
+            r = prod.signs[b, j0 : j0 + step]  # (mc, T)
+            mc = r.shape[0]
+            acc = E.new_zeros(mc, H, e, n_r)
+            for st, w in zip(prod.states, prod.weights):
+                _plain_point(prod, st, b, r, z, right, Qr, Kr, Wv_r, w, acc)
+            g = (E @ acc.view(mc, H * e, n_r))
+            if section.residual:
+                g.addcmul_(Vt @ right, (r @ z)[:, None, :], value=sum(prod.weights))
+            out[b, j0 : j0 + mc] = g
+    return out
+
+
+def _plain_point(prod, st, b, r, z, right, Qr, Kr, Wv_r, w, acc):
+    """Add one point's share (weight ``w``) of :func:`_attributions_plain` to ``acc`` (m, H, e, r)."""
+    section, T, d = prod.section, prod.p_in, prod.d_in
+    mc, n_r = r.shape[0], z.shape[1]
+    A, q, k, v, o, kappa = (st[n][b] for n in ("a", "q", "k", "v", "o", "kappa"))
+    g = st["g"][b]
+    c = g * section.scale
+    cz = c[:, None] * z  # (T, r)
+    rT = r.T.contiguous()  # (T, m)
+    xhat = st["xhat"]
+    if xhat is not None:
+        xhat = xhat[b]
+        coef = (xhat @ right).mul_(z)  # (T, r): xhat_s^T right z_s
+    for h in range(section.n_heads):
+        Ah = A[h]  # (T query, T key)
+        # Query term: v^T (k Qr * A^T (c r z)) - o^T (r c kappa Qr z).
+        Y1 = (Ah.T @ (rT[:, :, None] * cz[:, None, :]).reshape(T, mc * n_r)).view(T, mc, n_r)
+        Y1.mul_((k[h] @ Qr[h])[:, None, :])
+        part = (v[h].T @ Y1.view(T, -1)).view(-1, mc, n_r).transpose(0, 1)  # (m, e, r)
+        # Key term: v^T (c z * rho Kr), rho = A^T (r q); - o^T (r q Kr * A (c z)).
+        rho = (Ah.T @ (rT[:, :, None] * q[h][:, None, :]).reshape(T, -1)).view(T, mc, -1)
+        Y = (rho @ Kr[h]).mul_(cz[:, None, :])  # (T, m, r)
+        part.add_((v[h].T @ Y.view(T, -1)).view(-1, mc, n_r).transpose(0, 1))
+        X = (kappa[h] @ Qr[h]).mul_(cz).addcmul_(q[h] @ Kr[h], Ah @ cz)  # (T, r)
+        ro = r[:, None, :] * o[h].T[None]  # (m, e, T)
+        part.sub_(ro @ X)
+        # The value term: sum_s a_s W_V right z_s, a_s = sum_t r_t A_ts g_s.
+        a = (r @ Ah).mul_(g)  # (m, T)
+        part.addcmul_(Wv_r[h][None], (a @ z)[:, None, :])
+        if xhat is not None:
+            # The norm's -u_s (xhat_s^T right) z_s / d, u_s = (Y_s + Yv_s) xhat_s.
+            xq, xk = xhat @ prod._Wq[h].T, xhat @ prod._Wk[h].T  # (T, e)
+            uq = ((Ah * (xq @ k[h].T)) @ v[h]).sub_(o[h] * (kappa[h] * xq).sum(1, keepdim=True))
+            Bk = Ah * (q[h] @ xk.T)  # Bk[t, s] = A_ts q_t . xk_s
+            u = r[:, :, None] * uq[None]  # (m, T, e)
+            u.addcmul_(v[h][None], (rho * xk[:, None, :]).sum(2).T[:, :, None])
+            u.sub_((Bk.T @ (rT[:, :, None] * o[h][:, None, :]).reshape(T, -1))
+                   .view(T, mc, -1).transpose(0, 1))
+            u.mul_(c[None, :, None])
+            u.addcmul_(a[:, :, None], (xhat @ prod.Wv[h].T)[None])
+            part.sub_(u.transpose(1, 2) @ coef, alpha=1.0 / d)
+        acc[:, h].add_(part, alpha=w)

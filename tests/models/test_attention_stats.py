@@ -11,11 +11,14 @@ import torch
 from test_attention_half import _inputs, _key_mask, _rel, _signs, make_section
 
 from sklearn_lib.models._attention_stats import (
+    _attributions_factors,
+    _attributions_plain,
     _scatter_direct,
     _scatter_heads,
     combined_attributions,
     combined_scatter,
 )
+from sklearn_lib.models._attention_stats import _products as stats_products
 
 DT = torch.float64
 TOL = 1e-12
@@ -27,6 +30,10 @@ CASES = {
     "llama-gqa": dict(norm="rms", bias=False, G=2, rotary="full",
                       softmax_dtype=torch.float32),
     "no-norm": dict(norm=None, bias=True, G=1, rotary="partial"),
+    # Without rotary the attributions take the GEMMs over positions (_attributions_plain).
+    "rms-gqa-plain": dict(norm="rms", bias=False, G=2),
+    "no-norm-plain": dict(norm=None, bias=True, G=1),
+    "bidirectional-gqa": dict(norm="layer", bias=True, G=2, causal=False),
 }
 
 
@@ -118,3 +125,22 @@ def test_scatter_routes_agree(k):
     prod = section.products([X], V, signs=_signs(B, 2, T))
     direct, heads = _scatter_direct(prod, 2**12), _scatter_heads(prod, 2**12)
     assert _rel(heads, direct) < TOL
+
+
+@pytest.mark.parametrize("memory", [1, 2**28], ids=["one-combination", "all-combinations"])
+@pytest.mark.parametrize("padding", [None, "left"])
+@pytest.mark.parametrize("case", ["gpt2", "rms-gqa-plain", "bidirectional-gqa"])
+def test_attribution_routes_agree(case, memory, padding):
+    """Without rotary, the GEMMs over positions give what the per-row factors give."""
+    section = make_section(**CASES[case])
+    g = torch.Generator().manual_seed(11)
+    X = _inputs()
+    B, T, d = X.shape
+    key_mask = _key_mask(padding)
+    points = [X, 0.3 * X - 0.1 * _inputs(seed=5)]
+    V = torch.randn(d, 4, generator=g, dtype=DT)
+    right = torch.randn(d, 3, generator=g, dtype=DT)
+    Z = torch.randn(B, T, 3, generator=g, dtype=DT)
+    prod = stats_products(section, points, V, [0.6, 0.5], _signs(B, 4, T, key_mask), key_mask,
+                     memory)
+    assert _rel(_attributions_plain(prod, right, Z), _attributions_factors(prod, right, Z)) < TOL
