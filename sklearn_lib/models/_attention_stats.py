@@ -144,82 +144,152 @@ def _scatter_heads(prod, memory):
     With ``K = E^T E`` and ``Y_s = F_s W_all`` (``F_s`` block diagonal over the
     heads, block ``[Z^h_s | a^h_s I]``, ``W_all`` the stacked ``[W_QK^h;
     W_V^h]``), ``G_s^T G_s`` sums to ``W_all^T M W_all`` with ``M = sum_s F_s^T
-    K F_s`` (its query/key blocks ``Z^{hT}_s K_hh' Z^{h'}_s`` two GEMMs per
-    chunk, ``12 e (H e)^2`` flops a row; the value blocks from ``sum_s a^{h'}_s
-    Z^h_s`` and ``sum_s a_s a_s^T``), the norm's terms ``-(Q + Q^T) / d + sum_s
-    (u_s^T K u_s) xhat_s xhat_s^T / d^2`` (``Q = sum_s Y_s^T K u_s xhat_s^T``)
-    and the residual's ``C + C^T + c^2 sum_s r_s^2 V V^T`` (``C = c V E sum_s r_s
-    W_s``). Everything but the last products is summed over rows and samples
-    first.
+    K F_s`` (its query/key blocks ``Z^{hT}_s K_hh' Z^{h'}_s``; the value blocks
+    from ``sum_s a^{h'}_s Z^h_s`` and ``sum_s a_s a_s^T``), the norm's terms
+    ``-(Q + Q^T) / d + sum_s (u_s^T K u_s) xhat_s xhat_s^T / d^2`` (``Q = sum_s
+    Y_s^T K u_s xhat_s^T``) and the residual's ``C + C^T + c^2 sum_s r_s^2 V
+    V^T`` (``C = c V E sum_s r_s W_s``). Everything but the last products is
+    summed over rows and samples first (:class:`_Sums`).
+
+    What does not depend on the combination is computed once: the query
+    factors ``Zq_s`` of a chunk of rows serve every combination of a group
+    (as many as their sums fit half of ``memory``), and the query-query blocks
+    ``sum_s r_s^2 Zq^{hT}_s K_hh' Zq^{h'}_s`` depend on the signs only through
+    ``r_s^2`` (``1 / m`` at every real position for random signs): one for
+    each distinct pattern of ``r^2``. Per combination and row that leaves the
+    key factors, ``K Zk_s`` (``4 e (H e)^2`` flops) and ``[r_s Zq_s | Zk_s]^T K
+    Zk_s`` (``8 e (H e)^2``), instead of ``12 e (H e)^2`` and both factors.
     """
     section, B, T, d = prod.section, prod.batch, prod.p_in, prod.d_in
     H, e = section.n_heads, section.d_head
-    He = H * e
-    E, Vt, m = prod.E, prod.Vt, prod.signs.shape[1]
-    new = E.new_zeros
+    He, m = H * e, prod.signs.shape[1]
+    E = prod.E
     K = E.T @ E
     Kcols = K.view(He, H, e).permute(1, 0, 2).contiguous()  # (H', He, e): K[:, h']
-    Kb = K.view(H, e, H, e).transpose(1, 2)  # (H, H', e, e): the blocks K_hh'
-    W_all = torch.cat([prod.Wqk, prod.Wv], 1).view(3 * He, d)  # rows (h, [q | k | v])
-    rows = _row_step(prod, memory, _factor_elements(prod) + 2 * He * He + 6 * H * e * e)
-    S = new(m, d, d)
-    for j in range(m):
-        Mzz, Za, Saa = new(H, H, 2 * e, 2 * e), new(H, H, e, 2 * e), new(H, H)
-        Zr, ar, Ux, r2 = new(H, e, 2 * e), new(H), new(He, d), 0.0
-        Q1, Q2, Xg = new(H, 2 * e, d), new(H, e, d), new(d, d)
+    per_combination = 4 * He * He + 4 * He * d + d * d + 2 * H * e * e
+    group = int(max(1, min(m, int(memory) // 2 // (prod.itemsize * per_combination))))
+    rows = _row_step(prod, int(memory) // 2, _factor_elements(prod) + He * He + 9 * H * e * e)
+    squares = prod.signs.square().transpose(0, 1).reshape(m, B * T)
+    weights, pattern = torch.unique(squares, dim=0, return_inverse=True)
+    weights = weights.view(-1, B, T)
+    Mqq = E.new_zeros(weights.shape[0], H, H, e, e)
+    S = E.new_zeros(m, d, d)
+    st = prod.states[0]
+    for j0 in range(0, m, group):
+        sums = [_Sums(prod, j) for j in range(j0, min(m, j0 + group))]
         for b in range(B):
-            st, r = prod.states[0], prod.signs[b, j]
-            a_all = _value_weights(prod, st, b, r)
-            ar += a_all @ r
-            r2 += float(r @ r)
+            for acc in sums:
+                acc.start(b)
             for s0 in range(0, T, rows):
                 s1 = min(s0 + rows, T)
-                R, a, rs = s1 - s0, a_all[:, s0:s1], r[s0:s1]
-                Zf = prod.factors(st, b, r, s0, s1)  # (H, R, e, 2e)
-                Zt = Zf.transpose(1, 2).contiguous()  # (H, e, R, 2e)
-                # KZ[h', h, i, s] = sum_i' K[h i, h' i'] Z^h'_s[i'] (H', H, e, R, 2e); then
-                # Mzz[h', h] += sum_s Z^{hT}_s K_hh' Z^h'_s, one GEMM over (i, s) for each
-                # (h', h), batched over h: both operands as they lie.
-                KZ = torch.bmm(Kcols, Zt.view(H, e, -1)).view(H, H, e * R, 2 * e)
-                Zs = Zt.view(H, e * R, 2 * e).transpose(1, 2)
-                for g in range(H):
-                    Mzz[g].baddbmm_(Zs, KZ[g])
-                del KZ  # before the next chunk's: the budget holds one
-                Za += torch.einsum("hsij,gs->hgij", Zf, a)
-                Saa.addmm_(a, a.T)
-                Zr += torch.einsum("hsij,s->hij", Zf, rs)
-                if section.norm is None:
-                    continue
-                xhat = st["xhat"][b, s0:s1]
-                # u_s = Y_s xhat_s (H, e, R) and p_s = K u_s.
-                u = torch.einsum("hsij,hjs->his", Zf, prod.Wqk @ xhat.T)
-                u.addcmul_(prod.Wv @ xhat.T, a[:, None, :])
-                u = u.reshape(He, R)
-                p = (K @ u).view(H, e, R)
-                Q1.view(2 * He, d).addmm_(
-                    torch.einsum("hsij,his->hjs", Zf, p).reshape(2 * He, R), xhat)
-                Q2.view(He, d).addmm_((p * a[:, None, :]).view(He, R), xhat)
-                Xg.addmm_(xhat.T, xhat * (u * p.view(He, R)).sum(0)[:, None])
-                Ux.addmm_(u, xhat * rs[:, None])
+                Zq = prod.query_factors(st, b, s0, s1)  # (H, R, e, e): every combination's
+                if j0 == 0:
+                    _add_query_blocks(Mqq, Zq, weights[:, b, s0:s1], Kcols)
+                for acc in sums:
+                    acc.add_rows(Zq, s0, s1, K, Kcols)
+        for acc in sums:
+            S[acc.j] = acc.result(Mqq[int(pattern[acc.j])], K)
+    return S
+
+
+def _add_query_blocks(Mqq, Zq, weights, Kcols):
+    """Add ``sum_s w_s Zq^{hT}_s K_hh' Zq^{h'}_s`` of one chunk to ``Mqq`` (P, H', H, e, e)."""
+    H, R, e, _ = Zq.shape
+    Zt = Zq.transpose(1, 2).contiguous()  # (H, e, R, e)
+    KZq = torch.bmm(Kcols, Zt.view(H, e, -1)).view(H, H, e * R, e)
+    for p, w in enumerate(weights):
+        Zs = (Zt * w[:, None]).view(H, e * R, e).transpose(1, 2)
+        for g in range(H):
+            Mqq[p, g].baddbmm_(Zs, KZq[g])
+
+
+class _Sums:
+    """One combination's sums over samples and rows for :func:`_scatter_heads`."""
+
+    def __init__(self, prod, j):
+        H, e, d = prod.section.n_heads, prod.section.d_head, prod.d_in
+        new = prod.E.new_zeros
+        self.prod, self.j = prod, j
+        # Mzk[h', h] = sum_s Z^{hT}_s K_hh' Zk^h'_s ([q | k] rows of h, k columns of h').
+        self.Mzk, self.Za, self.Saa = new(H, H, 2 * e, e), new(H, H, e, 2 * e), new(H, H)
+        self.Zr, self.ar, self.Ux, self.r2 = new(H, e, 2 * e), new(H), new(H * e, d), 0.0
+        self.Q1, self.Q2, self.Xg = new(H, 2 * e, d), new(H, e, d), new(d, d)
+
+    def start(self, b):
+        """Sample b's signs and value weights."""
+        prod = self.prod
+        self.b, self.r = b, prod.signs[b, self.j]
+        self.a_all = _value_weights(prod, prod.states[0], b, self.r)
+        self.ar += self.a_all @ self.r
+        self.r2 += float(self.r @ self.r)
+
+    def add_rows(self, Zq, s0, s1, K, Kcols):
+        """Add rows s0:s1 of sample ``b``; ``Zq`` their query factors (H, R, e, e)."""
+        prod, b, r = self.prod, self.b, self.r
+        section, st = prod.section, prod.states[0]
+        H, e = section.n_heads, section.d_head
+        He, R = H * e, s1 - s0
+        a, rs = self.a_all[:, s0:s1], r[s0:s1]
+        Zf = torch.cat([Zq * rs[:, None, None], prod.key_factors(st, b, r, s0, s1)], -1)
+        Zt = Zf.transpose(1, 2).contiguous()  # (H, e, R, 2e)
+        # KZk[h', h, i, s] = sum_i' K[h i, h' i'] Zk^h'_s[i'] (H', H, e, R, e); then
+        # Mzk[h', h] += sum_s Z^{hT}_s K_hh' Zk^h'_s, one GEMM over (i, s) for each (h', h),
+        # batched over h: both operands as they lie.
+        KZk = torch.bmm(Kcols, Zt[..., e:].reshape(H, e, -1)).view(H, H, e * R, e)
+        Zs = Zt.view(H, e * R, 2 * e).transpose(1, 2)
+        for g in range(H):
+            self.Mzk[g].baddbmm_(Zs, KZk[g])
+        del KZk  # before the norm's temporaries
+        self.Za += torch.einsum("hsij,gs->hgij", Zf, a)
+        self.Saa.addmm_(a, a.T)
+        self.Zr += torch.einsum("hsij,s->hij", Zf, rs)
+        if section.norm is None:
+            return
+        xhat = st["xhat"][b, s0:s1]
+        # u_s = Y_s xhat_s (H, e, R) and p_s = K u_s.
+        u = torch.einsum("hsij,hjs->his", Zf, prod.Wqk @ xhat.T)
+        u.addcmul_(prod.Wv @ xhat.T, a[:, None, :])
+        u = u.reshape(He, R)
+        p = (K @ u).view(H, e, R)
+        self.Q1.view(2 * He, -1).addmm_(
+            torch.einsum("hsij,his->hjs", Zf, p).reshape(2 * He, R), xhat)
+        self.Q2.view(He, -1).addmm_((p * a[:, None, :]).view(He, R), xhat)
+        self.Xg.addmm_(xhat.T, xhat * (u * p.view(He, R)).sum(0)[:, None])
+        self.Ux.addmm_(u, xhat * rs[:, None])
+
+    def result(self, Mqq, K):
+        """The combination's scatter (d, d); ``Mqq`` its query-query blocks (H', H, e, e)."""
+        prod = self.prod
+        section, E, Vt, d = prod.section, prod.E, prod.Vt, prod.d_in
+        H, e = section.n_heads, section.d_head
+        He = H * e
+        Kb = K.view(H, e, H, e).transpose(1, 2)  # (H, H', e, e): the blocks K_hh'
+        W_all = torch.cat([prod.Wqk, prod.Wv], 1).view(3 * He, d)  # rows (h, [q | k | v])
+        # Mzz[h', h, j, j'] (h's [q | k] rows j, h''s columns j'): the key columns summed,
+        # the key-query blocks their transposes, the query-query blocks shared.
+        Mzz = E.new_empty(H, H, 2 * e, 2 * e)
+        Mzz[..., e:] = self.Mzk
+        Mzz[:, :, e:, :e] = self.Mzk[:, :, :e].permute(1, 0, 3, 2)
+        Mzz[:, :, :e, :e] = Mqq
         # M over the rows (h, [q | k | v]) of W_all.
-        M = new(H, 3 * e, H, 3 * e)
-        M[:, : 2 * e, :, : 2 * e] = Mzz.permute(1, 2, 0, 3)  # Mzz[h', h, j, j']
-        Mzv = torch.einsum("hgij,hgik->hjgk", Za, Kb)  # sum_s Z^{hT}_s K_hh' a^h'_s
+        M = E.new_empty(H, 3 * e, H, 3 * e)
+        M[:, : 2 * e, :, : 2 * e] = Mzz.permute(1, 2, 0, 3)
+        Mzv = torch.einsum("hgij,hgik->hjgk", self.Za, Kb)  # sum_s Z^{hT}_s K_hh' a^h'_s
         M[:, : 2 * e, :, 2 * e :] = Mzv
         M[:, 2 * e :, :, : 2 * e] = Mzv.permute(2, 3, 0, 1)
-        M[:, 2 * e :, :, 2 * e :] = (Saa[:, :, None, None] * Kb).transpose(1, 2)
-        S[j] = W_all.T @ (M.view(3 * He, 3 * He) @ W_all)
+        M[:, 2 * e :, :, 2 * e :] = (self.Saa[:, :, None, None] * Kb).transpose(1, 2)
+        S = W_all.T @ (M.view(3 * He, 3 * He) @ W_all)
         if section.norm is not None:
-            Q = prod.Wqk.reshape(2 * He, d).T @ Q1.view(2 * He, d)
-            Q.addmm_(prod.Wv.reshape(He, d).T, Q2.view(He, d))
-            S[j].sub_(Q, alpha=1.0 / d).sub_(Q.T, alpha=1.0 / d).add_(Xg, alpha=1.0 / d**2)
+            Q = prod.Wqk.reshape(2 * He, d).T @ self.Q1.view(2 * He, d)
+            Q.addmm_(prod.Wv.reshape(He, d).T, self.Q2.view(He, d))
+            S.sub_(Q, alpha=1.0 / d).sub_(Q.T, alpha=1.0 / d).add_(self.Xg, alpha=1.0 / d**2)
         if section.residual:
             # sum_s r_s W_s = [Zr^h W_QK^h + ar^h W_V^h]_h - sum_s r_s u_s xhat_s^T / d.
-            SW = torch.bmm(Zr, prod.Wqk).add_(prod.Wv * ar[:, None, None]).view(He, d)
-            SW.sub_(Ux, alpha=1.0 / d)
+            SW = torch.bmm(self.Zr, prod.Wqk).add_(prod.Wv * self.ar[:, None, None]).view(He, d)
+            SW.sub_(self.Ux, alpha=1.0 / d)
             C = Vt.T @ (E @ SW)
-            S[j].add_(C).add_(C.T).addmm_(Vt.T, Vt, alpha=r2)
-    return S
+            S.add_(C).add_(C.T).addmm_(Vt.T, Vt, alpha=self.r2)
+        return S
 
 
 def combined_attributions(section, points, V, right, Z, signs, *, weights=None,

@@ -144,3 +144,19 @@ def test_attribution_routes_agree(case, memory, padding):
     prod = stats_products(section, points, V, [0.6, 0.5], _signs(B, 4, T, key_mask), key_mask,
                      memory)
     assert _rel(_attributions_plain(prod, right, Z), _attributions_factors(prod, right, Z)) < TOL
+
+
+@pytest.mark.parametrize("memory", [1, 2**28], ids=["one-combination", "all-combinations"])
+def test_scatter_heads_any_signs(memory):
+    """Signs whose squares differ between combinations (several query-query patterns)."""
+    section = make_section(norm="layer", G=2, rotary="partial")
+    X = _inputs()
+    B, T, d = X.shape
+    g = torch.Generator().manual_seed(4)
+    signs = torch.randn(B, 3, T, generator=g, dtype=DT)
+    signs[:, 1] = signs[:, 0].abs()  # the same squares as combination 0
+    signs[:, 2, 1] = 0.0
+    V = torch.randn(d, 30, generator=g, dtype=DT)
+    P = _products(section, [X], V, signs, None).view(3, -1, d)
+    prod = section.products([X], V, signs=signs)
+    assert _rel(_scatter_heads(prod, memory), P.transpose(1, 2) @ P) < TOL
