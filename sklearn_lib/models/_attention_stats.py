@@ -183,24 +183,35 @@ def _scatter_heads(prod, memory):
             for s0 in range(0, T, rows):
                 s1 = min(s0 + rows, T)
                 Zq = prod.query_factors(st, b, s0, s1)  # (H, R, e, e): every combination's
-                if j0 == 0:
-                    _add_query_blocks(Mqq, Zq, weights[:, b, s0:s1], Kcols)
-                for acc in sums:
-                    acc.add_rows(Zq, s0, s1, K, Kcols)
+                Zk = [acc.add_rows(Zq, s0, s1, K, Kcols) for acc in sums]
+                _add_query_blocks(Mqq if j0 == 0 else None, sums, Zq, Zk,
+                                  weights[:, b, s0:s1], Kcols)
         for acc in sums:
             S[acc.j] = acc.result(Mqq[int(pattern[acc.j])], K)
     return S
 
 
-def _add_query_blocks(Mqq, Zq, weights, Kcols):
-    """Add ``sum_s w_s Zq^{hT}_s K_hh' Zq^{h'}_s`` of one chunk to ``Mqq`` (P, H', H, e, e)."""
+def _add_query_blocks(Mqq, sums, Zq, Zk, weights, Kcols):
+    """Add the query rows' blocks of one chunk: query-query to ``Mqq``, query-key to ``sums``.
+
+    ``sum_s w_s Zq^{hT}_s K_hh' Zq^{h'}_s`` (``w`` each pattern of ``r^2``; ``Mqq``
+    (P, H', H, e, e), or None when already done) and every combination's ``sum_s
+    r_s Zq^{hT}_s K_hh' Zk^{h'}_s``: ``K Zq`` once, then one GEMM per head ``h'``
+    with every combination's (and pattern's) ``Zk^{h'}`` (``Zq^{h'}``) as columns.
+    """
     H, R, e, _ = Zq.shape
     Zt = Zq.transpose(1, 2).contiguous()  # (H, e, R, e)
-    KZq = torch.bmm(Kcols, Zt.view(H, e, -1)).view(H, H, e * R, e)
-    for p, w in enumerate(weights):
-        Zs = (Zt * w[:, None]).view(H, e * R, e).transpose(1, 2)
-        for g in range(H):
-            Mqq[p, g].baddbmm_(Zs, KZq[g])
+    # KZq[h', (h, c), (i', s)] = sum_i K[h i, h' i'] Zq^h_s[i, c]: rows for every column.
+    KZq = torch.bmm(Kcols, Zt.view(H, e, -1)).view(H, H, e, R, e)
+    KZq = KZq.permute(1, 0, 4, 2, 3).reshape(H, H * e, e * R)
+    cols = [] if Mqq is None else [Zt * w[:, None] for w in weights]
+    cols += [Z.transpose(1, 2) * acc.r[acc.s0 : acc.s1, None] for acc, Z in zip(sums, Zk)]
+    n = len(cols)
+    out = torch.bmm(KZq, torch.stack(cols, 3).view(H, e * R, n * e)).view(H, H, e, n, e)
+    for p in range(0 if Mqq is None else len(weights)):
+        Mqq[p] += out[:, :, :, p]
+    for acc, c in zip(sums, range(n - len(sums), n)):
+        acc.Mqk += out[:, :, :, c]
 
 
 class _Sums:
@@ -210,8 +221,10 @@ class _Sums:
         H, e, d = prod.section.n_heads, prod.section.d_head, prod.d_in
         new = prod.E.new_zeros
         self.prod, self.j = prod, j
-        # Mzk[h', h] = sum_s Z^{hT}_s K_hh' Zk^h'_s ([q | k] rows of h, k columns of h').
-        self.Mzk, self.Za, self.Saa = new(H, H, 2 * e, e), new(H, H, e, 2 * e), new(H, H)
+        # Mqk[h', h] = sum_s r_s Zq^{hT}_s K_hh' Zk^h'_s (q rows of h, k columns of h'); Mkk
+        # alike, its blocks h <= h' only (the others are their transposes).
+        self.Mqk, self.Mkk = new(H, H, e, e), new(H, H, e, e)
+        self.Za, self.Saa = new(H, H, e, 2 * e), new(H, H)
         self.Zr, self.ar, self.Ux, self.r2 = new(H, e, 2 * e), new(H), new(H * e, d), 0.0
         self.Q1, self.Q2, self.Xg = new(H, 2 * e, d), new(H, e, d), new(d, d)
 
@@ -224,27 +237,33 @@ class _Sums:
         self.r2 += float(self.r @ self.r)
 
     def add_rows(self, Zq, s0, s1, K, Kcols):
-        """Add rows s0:s1 of sample ``b``; ``Zq`` their query factors (H, R, e, e)."""
+        """Add rows s0:s1 of sample ``b`` but the query-key blocks; return their ``Zk``.
+
+        ``Zq`` (H, R, e, e) are the rows' query factors; the key factors ``Zk``
+        returned (H, R, e, e) go to :func:`_add_query_blocks` with them.
+        """
         prod, b, r = self.prod, self.b, self.r
         section, st = prod.section, prod.states[0]
         H, e = section.n_heads, section.d_head
         He, R = H * e, s1 - s0
+        self.s0, self.s1 = s0, s1
         a, rs = self.a_all[:, s0:s1], r[s0:s1]
-        Zf = torch.cat([Zq * rs[:, None, None], prod.key_factors(st, b, r, s0, s1)], -1)
-        Zt = Zf.transpose(1, 2).contiguous()  # (H, e, R, 2e)
+        Zk = prod.key_factors(st, b, r, s0, s1)
+        Zf = torch.cat([Zq * rs[:, None, None], Zk], -1)
+        Zt = Zk.transpose(1, 2).contiguous()  # (H, e, R, e)
         # KZk[h', h, i, s] = sum_i' K[h i, h' i'] Zk^h'_s[i'] (H', H, e, R, e); then
-        # Mzk[h', h] += sum_s Z^{hT}_s K_hh' Zk^h'_s, one GEMM over (i, s) for each (h', h),
-        # batched over h: both operands as they lie.
-        KZk = torch.bmm(Kcols, Zt[..., e:].reshape(H, e, -1)).view(H, H, e * R, e)
-        Zs = Zt.view(H, e * R, 2 * e).transpose(1, 2)
+        # Mkk[h', h] += sum_s Zk^{hT}_s K_hh' Zk^h'_s for h <= h', one GEMM over (i, s)
+        # each, batched over h: both operands as they lie.
+        KZk = torch.bmm(Kcols, Zt.view(H, e, -1)).view(H, H, e * R, e)
+        Zs = Zt.view(H, e * R, e).transpose(1, 2)
         for g in range(H):
-            self.Mzk[g].baddbmm_(Zs, KZk[g])
+            self.Mkk[g, : g + 1].baddbmm_(Zs[: g + 1], KZk[g, : g + 1])
         del KZk  # before the norm's temporaries
         self.Za += torch.einsum("hsij,gs->hgij", Zf, a)
         self.Saa.addmm_(a, a.T)
         self.Zr += torch.einsum("hsij,s->hij", Zf, rs)
         if section.norm is None:
-            return
+            return Zk
         xhat = st["xhat"][b, s0:s1]
         # u_s = Y_s xhat_s (H, e, R) and p_s = K u_s.
         u = torch.einsum("hsij,hjs->his", Zf, prod.Wqk @ xhat.T)
@@ -256,6 +275,7 @@ class _Sums:
         self.Q2.view(He, -1).addmm_((p * a[:, None, :]).view(He, R), xhat)
         self.Xg.addmm_(xhat.T, xhat * (u * p.view(He, R)).sum(0)[:, None])
         self.Ux.addmm_(u, xhat * rs[:, None])
+        return Zk
 
     def result(self, Mqq, K):
         """The combination's scatter (d, d); ``Mqq`` its query-query blocks (H', H, e, e)."""
@@ -265,12 +285,15 @@ class _Sums:
         He = H * e
         Kb = K.view(H, e, H, e).transpose(1, 2)  # (H, H', e, e): the blocks K_hh'
         W_all = torch.cat([prod.Wqk, prod.Wv], 1).view(3 * He, d)  # rows (h, [q | k | v])
-        # Mzz[h', h, j, j'] (h's [q | k] rows j, h''s columns j'): the key columns summed,
-        # the key-query blocks their transposes, the query-query blocks shared.
+        # Mzz[h', h, j, j'] (h's [q | k] rows j, h''s columns j'): the key-query blocks
+        # are the query-key blocks' transposes, as are the key-key blocks h > h'.
         Mzz = E.new_empty(H, H, 2 * e, 2 * e)
-        Mzz[..., e:] = self.Mzk
-        Mzz[:, :, e:, :e] = self.Mzk[:, :, :e].permute(1, 0, 3, 2)
         Mzz[:, :, :e, :e] = Mqq
+        Mzz[:, :, :e, e:] = self.Mqk
+        Mzz[:, :, e:, :e] = self.Mqk.permute(1, 0, 3, 2)
+        upper = torch.ones(H, H, dtype=torch.bool, device=E.device).triu_(1)  # h > h'
+        Mzz[:, :, e:, e:] = torch.where(upper[:, :, None, None],
+                                        self.Mkk.permute(1, 0, 3, 2), self.Mkk)
         # M over the rows (h, [q | k | v]) of W_all.
         M = E.new_empty(H, 3 * e, H, 3 * e)
         M[:, : 2 * e, :, : 2 * e] = Mzz.permute(1, 2, 0, 3)
