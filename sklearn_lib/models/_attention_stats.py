@@ -251,13 +251,13 @@ class _Sums:
         Zk = prod.key_factors(st, b, r, s0, s1)
         Zf = torch.cat([Zq * rs[:, None, None], Zk], -1)
         Zt = Zk.transpose(1, 2).contiguous()  # (H, e, R, e)
-        # KZk[h', h, i, s] = sum_i' K[h i, h' i'] Zk^h'_s[i'] (H', H, e, R, e); then
-        # Mkk[h', h] += sum_s Zk^{hT}_s K_hh' Zk^h'_s for h <= h', one GEMM over (i, s)
-        # each, batched over h: both operands as they lie.
-        KZk = torch.bmm(Kcols, Zt.view(H, e, -1)).view(H, H, e * R, e)
+        # For h <= h' only: KZk[h, i, s] = sum_i' K[h i, h' i'] Zk^h'_s[i'] (h' + 1, e, R,
+        # e), then Mkk[h', h] += sum_s Zk^{hT}_s K_hh' Zk^h'_s, one GEMM over (i, s) each,
+        # batched over h: both operands as they lie.
         Zs = Zt.view(H, e * R, e).transpose(1, 2)
         for g in range(H):
-            self.Mkk[g, : g + 1].baddbmm_(Zs[: g + 1], KZk[g, : g + 1])
+            KZk = (Kcols[g, : (g + 1) * e] @ Zt[g].view(e, -1)).view(g + 1, e * R, e)
+            self.Mkk[g, : g + 1].baddbmm_(Zs[: g + 1], KZk)
         del KZk  # before the norm's temporaries
         self.Za += torch.einsum("hsij,gs->hgij", Zf, a)
         self.Saa.addmm_(a, a.T)
