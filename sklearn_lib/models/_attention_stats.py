@@ -17,13 +17,18 @@ a time, so nothing scales as ``k T d`` per sample:
 * :func:`combined_scatter`: ``S_j = sum_{b, s} G_s^T G_s`` per combination.
   Forming ``G_s`` (``E W_s``, k x d) and its scatter costs ``2 k d (H e + d)``
   flops a row; through the head structure (``K = E^T E`` between the block
-  diagonal factors, :func:`_scatter_heads`) ``12 e (H e)^2`` whatever ``k``
-  (4x fewer for GPT-2 small at ``k = d``). The cheaper one is taken.
+  diagonal factors, :func:`_scatter_heads`) about ``6 e (H e)^2`` a
+  combination whatever ``k``, the query factors and blocks shared by the
+  combinations (8x fewer for GPT-2 small at ``k = d``). The cheaper one is
+  taken.
 * :func:`combined_attributions`: ``g = sum_s G_s right diag(z_s)``, through
   the head structure without ``G`` or ``W``: ``W_s right`` is ``Z^h_s (W_QK^h
   right) + a^h_s W_V^h right - u_s (xhat_s^T right) / d`` with ``u_s = (Y_s +
-  Yv_s) xhat_s``, so a row costs ``O(H e^2 r + H e d)`` and ``E`` enters once
-  per sample: ``g = E B + c V^T right diag(sum_s r_s z_s)``.
+  Yv_s) xhat_s``, and ``E`` enters once per sample: ``g = E B + c V^T right
+  diag(sum_s r_s z_s)``. Without a rotary map ``B`` comes from GEMMs over
+  positions with every combination as columns (:func:`_attributions_plain`,
+  ``O(H T (r + e))`` a row); with one, from the factors of each row
+  (:func:`_attributions_factors`, ``O(H e^2 (r + T) + H e d)``).
 """
 
 import torch
@@ -66,7 +71,8 @@ def combined_scatter(section, X, V, signs, *, key_mask=None, memory=2**29):
 
     Two routes with the same result, the one with fewer flops per row taken:
     ``G_s`` formed (``4 e H e d + 2 k H e d + 2 k d^2``: few directions) or the
-    head structure (``12 e (H e)^2``, whatever ``k``: :func:`_scatter_heads`).
+    head structure (about ``6 e (H e)^2`` a combination, whatever ``k``:
+    :func:`_scatter_heads`).
 
     Parameters
     ----------
@@ -95,7 +101,7 @@ def combined_scatter(section, X, V, signs, *, key_mask=None, memory=2**29):
     prod = _products(section, [X], V, None, signs, key_mask, memory)
     d, He, e, k = prod.d_in, section.n_heads * section.d_head, section.d_head, prod.k
     with torch.no_grad():
-        if 12 * e * He * He < 4 * e * He * d + 2 * k * He * d + 2 * k * d * d:
+        if 6 * e * He * He < 4 * e * He * d + 2 * k * He * d + 2 * k * d * d:
             return _scatter_heads(prod, memory)
         return _scatter_direct(prod, memory)
 
@@ -156,9 +162,14 @@ def _scatter_heads(prod, memory):
     (as many as their sums fit half of ``memory``), and the query-query blocks
     ``sum_s r_s^2 Zq^{hT}_s K_hh' Zq^{h'}_s`` depend on the signs only through
     ``r_s^2`` (``1 / m`` at every real position for random signs): one for
-    each distinct pattern of ``r^2``. Per combination and row that leaves the
-    key factors, ``K Zk_s`` (``4 e (H e)^2`` flops) and ``[r_s Zq_s | Zk_s]^T K
-    Zk_s`` (``8 e (H e)^2``), instead of ``12 e (H e)^2`` and both factors.
+    each distinct pattern of ``r^2``. ``K Zq_s`` serves the query-key blocks
+    of every combination too, in one GEMM per head with the combinations'
+    ``r_s Zk_s`` as columns (:func:`_add_query_blocks`; ``2 e (H e)^2`` flops
+    a row and combination, at the full GEMM rate), and the key-key blocks are
+    symmetric (``K Zk_s`` and ``Zk_s^T K Zk_s`` for ``h <= h'`` only, about
+    ``2 e (H e)^2`` each). Per combination and row that is about ``6 e (H
+    e)^2`` flops and the key factors, instead of ``12 e (H e)^2`` and both
+    factors.
     """
     section, B, T, d = prod.section, prod.batch, prod.p_in, prod.d_in
     H, e = section.n_heads, section.d_head
