@@ -373,6 +373,32 @@ class AttentionProducts:
         Zk = torch.sub(v[:, s0:s1, :, None] * rho[:, :, None, :], Psi)
         return self._finish_factors(Zk, st, b, s0, s1)
 
+    def combined_key_factors(self, st, b, r, s0, s1):
+        """:meth:`key_factors` of several combinations ``r`` (m, T) at once: (m, H, R, e, e).
+
+        ``Psi_s = sum_t r_t A_ts o_t q_t^T`` is ``(r o)^T`` times ``A_ts q_t``
+        over ``t``: the second factor (U, R e) is the same for every
+        combination, so one GEMM per head with the combinations' ``(r o)^T``
+        as rows (m e, U) gives them all, and ``rho_s = sum_t r_t A_ts q_t`` is
+        ``r`` times the same factor.
+        """
+        sec, T = self.section, self.p_in
+        A, q, v, o = (st[n][b] for n in ("a", "q", "v", "o"))
+        H, e, m, R = A.shape[0], q.shape[-1], r.shape[0], s1 - s0
+        # Causal: queries t >= s enter.
+        t0 = s0 if sec.causal else 0
+        U = T - t0
+        Aq = (A[:, t0:, s0:s1, None] * q[:, t0:, None, :]).reshape(H, U, R * e)
+        ro = o[:, t0:].transpose(1, 2)[:, None] * r[None, :, None, t0:]  # (H, m, e, U)
+        Psi = torch.bmm(ro.reshape(H, m * e, U), Aq).view(H, m, e, R, e)
+        rho = torch.matmul(r[:, t0:], Aq).view(H, m, R, e)
+        Zk = (v[:, None, s0:s1, :, None] * rho[:, :, :, None, :]).sub_(Psi.transpose(2, 3))
+        Zk = Zk.transpose(0, 1)  # (m, H, R, e, e)
+        if sec.rotary is not None:
+            cos, sin = st["cos"][s0:s1, None], st["sin"][s0:s1, None]
+            Zk = _rotate_back(Zk, cos, sin, sec.rotary.rot_dim)
+        return Zk.mul_(sec.scale * st["g"][b, s0:s1, None, None])
+
     def _finish_factors(self, Z, st, b, s0, s1):
         """``scale Z_s R_s / sigma_s``: the rotary map's transpose, the scale and the norm's."""
         sec = self.section

@@ -179,7 +179,8 @@ def _scatter_heads(prod, memory):
     Kcols = K.view(He, H, e).permute(1, 0, 2).contiguous()  # (H', He, e): K[:, h']
     per_combination = 4 * He * He + 4 * He * d + d * d + 2 * H * e * e
     group = int(max(1, min(m, int(memory) // 2 // (prod.itemsize * per_combination))))
-    rows = _row_step(prod, int(memory) // 2, _factor_elements(prod) + He * He + 9 * H * e * e)
+    rows = _row_step(prod, int(memory) // 2,
+                     _factor_elements(prod) + He * He + (9 + 3 * group) * H * e * e)
     squares = prod.signs.square().transpose(0, 1).reshape(m, B * T)
     weights, pattern = torch.unique(squares, dim=0, return_inverse=True)
     weights = weights.view(-1, B, T)
@@ -194,7 +195,9 @@ def _scatter_heads(prod, memory):
             for s0 in range(0, T, rows):
                 s1 = min(s0 + rows, T)
                 Zq = prod.query_factors(st, b, s0, s1)  # (H, R, e, e): every combination's
-                Zk = [acc.add_rows(Zq, s0, s1, K, Kcols) for acc in sums]
+                Zk = prod.combined_key_factors(st, b, prod.signs[b, j0 : j0 + len(sums)], s0, s1)
+                for acc, Z in zip(sums, Zk):
+                    acc.add_rows(Zq, Z, s0, s1, K, Kcols)
                 _add_query_blocks(Mqq if j0 == 0 else None, sums, Zq, Zk,
                                   weights[:, b, s0:s1], Kcols)
         for acc in sums:
@@ -247,11 +250,10 @@ class _Sums:
         self.ar += self.a_all @ self.r
         self.r2 += float(self.r @ self.r)
 
-    def add_rows(self, Zq, s0, s1, K, Kcols):
-        """Add rows s0:s1 of sample ``b`` but the query-key blocks; return their ``Zk``.
+    def add_rows(self, Zq, Zk, s0, s1, K, Kcols):
+        """Add rows s0:s1 of sample ``b`` but the query-key blocks (:func:`_add_query_blocks`).
 
-        ``Zq`` (H, R, e, e) are the rows' query factors; the key factors ``Zk``
-        returned (H, R, e, e) go to :func:`_add_query_blocks` with them.
+        ``Zq``, ``Zk`` (H, R, e, e) are the rows' query and key factors.
         """
         prod, b, r = self.prod, self.b, self.r
         section, st = prod.section, prod.states[0]
@@ -259,7 +261,6 @@ class _Sums:
         He, R = H * e, s1 - s0
         self.s0, self.s1 = s0, s1
         a, rs = self.a_all[:, s0:s1], r[s0:s1]
-        Zk = prod.key_factors(st, b, r, s0, s1)
         Zf = torch.cat([Zq * rs[:, None, None], Zk], -1)
         Zt = Zk.transpose(1, 2).contiguous()  # (H, e, R, e)
         # For h <= h' only: KZk[h, i, s] = sum_i' K[h i, h' i'] Zk^h'_s[i'] (h' + 1, e, R,
@@ -274,7 +275,7 @@ class _Sums:
         self.Saa.addmm_(a, a.T)
         self.Zr += torch.einsum("hsij,s->hij", Zf, rs)
         if section.norm is None:
-            return Zk
+            return
         xhat = st["xhat"][b, s0:s1]
         # u_s = Y_s xhat_s (H, e, R) and p_s = K u_s.
         u = torch.einsum("hsij,hjs->his", Zf, prod.Wqk @ xhat.T)
@@ -286,7 +287,6 @@ class _Sums:
         self.Q2.view(He, -1).addmm_((p * a[:, None, :]).view(He, R), xhat)
         self.Xg.addmm_(xhat.T, xhat * (u * p.view(He, R)).sum(0)[:, None])
         self.Ux.addmm_(u, xhat * rs[:, None])
-        return Zk
 
     def result(self, Mqq, K):
         """The combination's scatter (d, d); ``Mqq`` its query-query blocks (H', H, e, e)."""
