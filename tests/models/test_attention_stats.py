@@ -160,3 +160,21 @@ def test_scatter_heads_any_signs(memory):
     P = _products(section, [X], V, signs, None).view(3, -1, d)
     prod = section.products([X], V, signs=signs)
     assert _rel(_scatter_heads(prod, memory), P.transpose(1, 2) @ P) < TOL
+
+
+@pytest.mark.parametrize("padding", [None, "left"])
+@pytest.mark.parametrize("rows", [(0, None), (2, 5)], ids=["all-rows", "chunk"])
+def test_combined_key_factors_match_one_at_a_time(section, padding, rows):
+    """The key factors of several combinations at once are each combination's."""
+    X = _inputs()
+    B, T, d = X.shape
+    key_mask = _key_mask(padding)
+    signs = _signs(B, 3, T, key_mask)
+    prod = section.products([X], torch.eye(section.d_out, 2, dtype=DT), signs=signs,
+                            key_mask=key_mask)
+    s0, s1 = rows[0], rows[1] or T
+    st = prod.states[0]
+    for b in range(B):
+        got = prod.combined_key_factors(st, b, signs[b], s0, s1)
+        for j in range(3):
+            assert _rel(got[j], prod.key_factors(st, b, signs[b, j], s0, s1)) < TOL
