@@ -373,7 +373,7 @@ class AttentionProducts:
         Zk = torch.sub(v[:, s0:s1, :, None] * rho[:, :, None, :], Psi)
         return self._finish_factors(Zk, st, b, s0, s1)
 
-    def combined_key_factors(self, st, b, r, s0, s1):
+    def combined_key_factors(self, st, b, r, s0, s1, heads=slice(None)):
         """:meth:`key_factors` of several combinations ``r`` (m, T) at once: (m, H, R, e, e).
 
         ``Psi_s = sum_t r_t A_ts o_t q_t^T`` is ``(r o)^T`` times ``A_ts q_t``
@@ -383,7 +383,7 @@ class AttentionProducts:
         ``r`` times the same factor.
         """
         sec, T = self.section, self.p_in
-        A, q, v, o = (st[n][b] for n in ("a", "q", "v", "o"))
+        A, q, v, o = (st[n][b, heads] for n in ("a", "q", "v", "o"))
         H, e, m, R = A.shape[0], q.shape[-1], r.shape[0], s1 - s0
         # Causal: queries t >= s enter.
         t0 = s0 if sec.causal else 0

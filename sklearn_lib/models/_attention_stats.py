@@ -179,8 +179,10 @@ def _scatter_heads(prod, memory):
     Kcols = K.view(He, H, e).permute(1, 0, 2).contiguous()  # (H', He, e): K[:, h']
     per_combination = 4 * He * He + 4 * He * d + d * d + 2 * H * e * e
     group = int(max(1, min(m, int(memory) // 2 // (prod.itemsize * per_combination))))
-    rows = _row_step(prod, int(memory) // 2,
-                     _factor_elements(prod) + He * He + (9 + 3 * group) * H * e * e)
+    # A chunk's temporaries per row: one head's factor temporaries (e T), K Zk and K Zq of
+    # one head (H e^2 each), the factors and the query blocks' columns (H e^2 each).
+    rows = _row_step(prod, int(memory) // 2, e * T + (14 + 4 * group) * H * e * e)
+    Kblk = K.view(H, e, H, e).transpose(1, 2).contiguous()  # (H', H, e, e): K_h'h
     squares = prod.signs.square().transpose(0, 1).reshape(m, B * T)
     weights, pattern = torch.unique(squares, dim=0, return_inverse=True)
     weights = weights.view(-1, B, T)
@@ -194,38 +196,48 @@ def _scatter_heads(prod, memory):
                 acc.start(b)
             for s0 in range(0, T, rows):
                 s1 = min(s0 + rows, T)
-                Zq = prod.query_factors(st, b, s0, s1)  # (H, R, e, e): every combination's
-                Zk = prod.combined_key_factors(st, b, prod.signs[b, j0 : j0 + len(sums)], s0, s1)
+                r = prod.signs[b, j0 : j0 + len(sums)]
+                # The factors one head at a time: their temporaries are e T a row each.
+                Zq = E.new_empty(H, s1 - s0, e, e)  # every combination's
+                Zk = E.new_empty(len(sums), H, s1 - s0, e, e)
+                for h in range(H):
+                    heads = slice(h, h + 1)
+                    Zq[heads] = prod.query_factors(st, b, s0, s1, heads)
+                    Zk[:, heads] = prod.combined_key_factors(st, b, r, s0, s1, heads)
                 for acc, Z in zip(sums, Zk):
                     acc.add_rows(Zq, Z, s0, s1, K, Kcols)
                 _add_query_blocks(Mqq if j0 == 0 else None, sums, Zq, Zk,
-                                  weights[:, b, s0:s1], Kcols)
+                                  weights[:, b, s0:s1], Kblk)
         for acc in sums:
             S[acc.j] = acc.result(Mqq[int(pattern[acc.j])], K)
     return S
 
 
-def _add_query_blocks(Mqq, sums, Zq, Zk, weights, Kcols):
+def _add_query_blocks(Mqq, sums, Zq, Zk, weights, Kblk):
     """Add the query rows' blocks of one chunk: query-query to ``Mqq``, query-key to ``sums``.
 
     ``sum_s w_s Zq^{hT}_s K_hh' Zq^{h'}_s`` (``w`` each pattern of ``r^2``; ``Mqq``
     (P, H', H, e, e), or None when already done) and every combination's ``sum_s
-    r_s Zq^{hT}_s K_hh' Zk^{h'}_s``: ``K Zq`` once, then one GEMM per head ``h'``
-    with every combination's (and pattern's) ``Zk^{h'}`` (``Zq^{h'}``) as columns.
+    r_s Zq^{hT}_s K_hh' Zk^{h'}_s``: for each head ``h'``, ``K_h'h Zq^h`` of
+    every ``h`` (``Kblk`` (H', H, e, e) the blocks of ``K``), then one GEMM with
+    every combination's (and pattern's) ``Zk^{h'}`` (``Zq^{h'}``) as columns.
     """
     H, R, e, _ = Zq.shape
     Zt = Zq.transpose(1, 2).contiguous()  # (H, e, R, e)
-    # KZq[h', (h, c), (i', s)] = sum_i K[h i, h' i'] Zq^h_s[i, c]: rows for every column.
-    KZq = torch.bmm(Kcols, Zt.view(H, e, -1)).view(H, H, e, R, e)
-    KZq = KZq.permute(1, 0, 4, 2, 3).reshape(H, H * e, e * R)
     cols = [] if Mqq is None else [Zt * w[:, None] for w in weights]
     cols += [Z.transpose(1, 2) * acc.r[acc.s0 : acc.s1, None] for acc, Z in zip(sums, Zk)]
     n = len(cols)
-    out = torch.bmm(KZq, torch.stack(cols, 3).view(H, e * R, n * e)).view(H, H, e, n, e)
-    for p in range(0 if Mqq is None else len(weights)):
-        Mqq[p] += out[:, :, :, p]
-    for acc, c in zip(sums, range(n - len(sums), n)):
-        acc.Mqk += out[:, :, :, c]
+    cols = torch.stack(cols, 3).view(H, e * R, n * e)  # rows (i', s), columns (n, c')
+    first = n - len(sums)
+    for g in range(H):
+        # KZq[(h, c), (i', s)] = sum_i K[h' i', h i] Zq^h_s[i, c] (h' = g).
+        KZq = torch.bmm(Kblk[g], Zt.view(H, e, R * e)).view(H, e, R, e)
+        KZq = KZq.permute(0, 3, 1, 2).reshape(H * e, e * R)
+        out = (KZq @ cols[g]).view(H, e, n, e)  # (h, c, n, c')
+        for p in range(first):
+            Mqq[p, g] += out[:, :, p]
+        for acc, c in zip(sums, range(first, n)):
+            acc.Mqk[g] += out[:, :, c]
 
 
 class _Sums:
