@@ -146,7 +146,10 @@ def test_attribution_routes_agree(case, memory, padding):
     assert _rel(_attributions_plain(prod, right, Z), _attributions_factors(prod, right, Z)) < TOL
 
 
-@pytest.mark.parametrize("memory", [1, 2**28], ids=["one-combination", "all-combinations"])
+# 140288 bytes: the sums of two combinations (of 4384 numbers each) in half of memory, so
+# combinations 0, 1 and 2 come in two groups.
+@pytest.mark.parametrize("memory", [1, 140288, 2**28],
+                         ids=["one-combination", "two-groups", "all-combinations"])
 def test_scatter_heads_any_signs(memory):
     """Signs whose squares differ between combinations (several query-query patterns)."""
     section = make_section(norm="layer", G=2, rotary="partial")
