@@ -24,11 +24,13 @@ Reported: each time (the fastest of ``--repeat`` interleaved rounds, as the
 machine may be shared), peak resident memory above the start, the largest
 relative differences between the two, this machine's float64 GEMM rate in the
 same run and each method's share of it, both counted with the fused method's
-flops: per row ``2 e d T`` (the factors, causal) ``+ 12 e d^2`` for the scatter
-(through the heads), ``2 e d T + 4 e d r`` for the attributions, plus ``2 k d r`` per
-sample and combination. The route's own flops are higher (``4 k d^2`` a row for the
-products and their scatter), so its share is a lower bound of its GEMMs' efficiency and a
-measure of how far it is from the fused method's useful work.
+flops: for the scatter (through the heads) per row ``e d T + 4 e d^2`` once (the
+query factors, causal, and the query blocks) and ``e d T + 6 e d^2`` per combination
+(the key factors and the key blocks); for the attributions (no rotary: GEMMs over
+positions) ``2 H T^2 (r + 2 e)`` per sample and combination, plus ``2 k d r``. The
+route's own flops are higher (``4 k d^2`` a row for the products and their scatter), so
+its share is a lower bound of its GEMMs' efficiency and a measure of how far it is from
+the fused method's useful work.
 
 Usage::
 
@@ -180,11 +182,12 @@ def main():
                 used = max(used, results[name][2])
             results[name] = (out, seconds, used)
 
-    # Per row: the factors' GEMMs (~2 e d T under the causal mask), the scatter's two GEMMs
-    # through the heads (12 e d^2); the attributions' Z_s W_QK right (4 e d r) and E B (2 k d
-    # r, once per sample and combination).
-    flops_scatter = m * T * (2 * e * d * T + 12 * e * d * d)
-    flops_attr = m * (T * (2 * e * d * T + 4 * e * d * k) + 2 * k * d * k)
+    # Per row: the factors' GEMMs (~e d T each under the causal mask), the query blocks once
+    # (4 e d^2) and the key blocks per combination (~6 e d^2); the attributions' GEMMs over
+    # positions (2 H T^2 (r + 2e)) and E B (2 k d r), per sample and combination.
+    H = d // e
+    flops_scatter = T * (e * d * T + 4 * e * d * d) + m * T * (e * d * T + 6 * e * d * d)
+    flops_attr = m * (2 * H * T * T * (k + 2 * e) + 2 * k * d * k)
     mem = "CUDA allocated" if cuda else "RSS"
 
     def share(flops, seconds):

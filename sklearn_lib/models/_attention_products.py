@@ -339,28 +339,73 @@ class AttentionProducts:
         positions, GEMMs on the values scaled by the chunk's weights
         (:func:`_outer_sum`), which need no outer products of all positions.
         """
+        Zq = self.query_factors(st, b, s0, s1, heads).mul_(r[s0:s1, None, None])
+        return torch.cat([Zq, self.key_factors(st, b, r, s0, s1, heads)], -1)
+
+    def query_factors(self, st, b, s0, s1, heads=slice(None)):
+        """``scale Zq_s R_s / sigma_s`` (H, R, e, e), inputs s0:s1: the same for every combination."""
         sec, T = self.section, self.p_in
-        A, q, k, v, o, kappa = (st[n][b, heads] for n in ("a", "q", "k", "v", "o", "kappa"))
+        A, v, k, o, kappa = (st[n][b, heads] for n in ("a", "v", "k", "o", "kappa"))
+        if s1 - s0 == T:
+            n, e = A.shape[0], v.shape[-1]
+            Phi = (A @ (v[..., None] * k[..., None, :]).view(n, T, e * e)).view(n, T, e, e)
+        else:
+            # Causal: keys u <= s enter Phi.
+            u1 = s1 if sec.causal else T
+            Phi = _outer_sum(A[:, s0:s1, :u1], v[:, :u1], k[:, :u1])
+        Zq = Phi.sub_(o[:, s0:s1, :, None] * kappa[:, s0:s1, None, :])
+        return self._finish_factors(Zq, st, b, s0, s1)
+
+    def key_factors(self, st, b, r, s0, s1, heads=slice(None)):
+        """``scale Zk_s R_s / sigma_s`` (H, R, e, e), inputs s0:s1, signs r."""
+        sec, T = self.section, self.p_in
+        A, q, v, o = (st[n][b, heads] for n in ("a", "q", "v", "o"))
         rq, ro = r[:, None] * q, r[:, None] * o
         rho = A[:, :, s0:s1].transpose(1, 2) @ rq
         if s1 - s0 == T:
             n, e = A.shape[0], q.shape[-1]
-            Phi = (A @ (v[..., None] * k[..., None, :]).view(n, T, e * e)).view(n, T, e, e)
             Psi = (A.transpose(1, 2) @ (ro[..., None] * q[..., None, :]).view(n, T, e * e))
             Psi = Psi.view(n, T, e, e)
         else:
-            # Causal: keys u <= s enter Phi, queries t >= s enter Psi.
-            u1, t0 = (s1, s0) if sec.causal else (T, 0)
-            Phi = _outer_sum(A[:, s0:s1, :u1], v[:, :u1], k[:, :u1])
+            # Causal: queries t >= s enter Psi.
+            t0 = s0 if sec.causal else 0
             Psi = _outer_sum(A[:, t0:, s0:s1].transpose(1, 2), ro[:, t0:], q[:, t0:])
-        Zq = Phi.sub_(o[:, s0:s1, :, None] * kappa[:, s0:s1, None, :])
         Zk = torch.sub(v[:, s0:s1, :, None] * rho[:, :, None, :], Psi)
+        return self._finish_factors(Zk, st, b, s0, s1)
+
+    def combined_key_factors(self, st, b, r, s0, s1, heads=slice(None)):
+        """:meth:`key_factors` of several combinations ``r`` (m, T) at once: (m, H, R, e, e).
+
+        ``Psi_s = sum_t r_t A_ts o_t q_t^T`` is ``(r o)^T`` times ``A_ts q_t``
+        over ``t``: the second factor (U, R e) is the same for every
+        combination, so one GEMM per head with the combinations' ``(r o)^T``
+        as rows (m e, U) gives them all, and ``rho_s = sum_t r_t A_ts q_t`` is
+        ``r`` times the same factor.
+        """
+        sec, T = self.section, self.p_in
+        A, q, v, o = (st[n][b, heads] for n in ("a", "q", "v", "o"))
+        H, e, m, R = A.shape[0], q.shape[-1], r.shape[0], s1 - s0
+        # Causal: queries t >= s enter.
+        t0 = s0 if sec.causal else 0
+        U = T - t0
+        Aq = (A[:, t0:, s0:s1, None] * q[:, t0:, None, :]).reshape(H, U, R * e)
+        ro = o[:, t0:].transpose(1, 2)[:, None] * r[None, :, None, t0:]  # (H, m, e, U)
+        Psi = torch.bmm(ro.reshape(H, m * e, U), Aq).view(H, m, e, R, e)
+        rho = torch.matmul(r[:, t0:], Aq).view(H, m, R, e)
+        Zk = (v[:, None, s0:s1, :, None] * rho[:, :, :, None, :]).sub_(Psi.transpose(2, 3))
+        Zk = Zk.transpose(0, 1)  # (m, H, R, e, e)
         if sec.rotary is not None:
             cos, sin = st["cos"][s0:s1, None], st["sin"][s0:s1, None]
-            Zq = _rotate_back(Zq, cos, sin, sec.rotary.rot_dim)
             Zk = _rotate_back(Zk, cos, sin, sec.rotary.rot_dim)
-        Zq.mul_(r[s0:s1, None, None])
-        return torch.cat([Zq, Zk], -1).mul_(sec.scale * st["g"][b, s0:s1, None, None])
+        return Zk.mul_(sec.scale * st["g"][b, s0:s1, None, None])
+
+    def _finish_factors(self, Z, st, b, s0, s1):
+        """``scale Z_s R_s / sigma_s``: the rotary map's transpose, the scale and the norm's."""
+        sec = self.section
+        if sec.rotary is not None:
+            cos, sin = st["cos"][s0:s1, None], st["sin"][s0:s1, None]
+            Z = _rotate_back(Z, cos, sin, sec.rotary.rot_dim)
+        return Z.mul_(sec.scale * st["g"][b, s0:s1, None, None])
 
     def _exact(self, out, st, b, t, E, F, w, rows):
         """Output position ``t`` of sample ``b`` at one point (``r`` one-hot at ``t``)."""

@@ -11,11 +11,14 @@ import torch
 from test_attention_half import _inputs, _key_mask, _rel, _signs, make_section
 
 from sklearn_lib.models._attention_stats import (
+    _attributions_factors,
+    _attributions_plain,
     _scatter_direct,
     _scatter_heads,
     combined_attributions,
     combined_scatter,
 )
+from sklearn_lib.models._attention_stats import _products as stats_products
 
 DT = torch.float64
 TOL = 1e-12
@@ -27,6 +30,10 @@ CASES = {
     "llama-gqa": dict(norm="rms", bias=False, G=2, rotary="full",
                       softmax_dtype=torch.float32),
     "no-norm": dict(norm=None, bias=True, G=1, rotary="partial"),
+    # Without rotary the attributions take the GEMMs over positions (_attributions_plain).
+    "rms-gqa-plain": dict(norm="rms", bias=False, G=2),
+    "no-norm-plain": dict(norm=None, bias=True, G=1),
+    "bidirectional-gqa": dict(norm="layer", bias=True, G=2, causal=False),
 }
 
 
@@ -118,3 +125,59 @@ def test_scatter_routes_agree(k):
     prod = section.products([X], V, signs=_signs(B, 2, T))
     direct, heads = _scatter_direct(prod, 2**12), _scatter_heads(prod, 2**12)
     assert _rel(heads, direct) < TOL
+
+
+@pytest.mark.parametrize("memory", [1, 2**28], ids=["one-combination", "all-combinations"])
+@pytest.mark.parametrize("padding", [None, "left"])
+@pytest.mark.parametrize("case", ["gpt2", "rms-gqa-plain", "bidirectional-gqa"])
+def test_attribution_routes_agree(case, memory, padding):
+    """Without rotary, the GEMMs over positions give what the per-row factors give."""
+    section = make_section(**CASES[case])
+    g = torch.Generator().manual_seed(11)
+    X = _inputs()
+    B, T, d = X.shape
+    key_mask = _key_mask(padding)
+    points = [X, 0.3 * X - 0.1 * _inputs(seed=5)]
+    V = torch.randn(d, 4, generator=g, dtype=DT)
+    right = torch.randn(d, 3, generator=g, dtype=DT)
+    Z = torch.randn(B, T, 3, generator=g, dtype=DT)
+    prod = stats_products(section, points, V, [0.6, 0.5], _signs(B, 4, T, key_mask), key_mask,
+                     memory)
+    assert _rel(_attributions_plain(prod, right, Z), _attributions_factors(prod, right, Z)) < TOL
+
+
+# 140288 bytes: the sums of two combinations (of 4384 numbers each) in half of memory, so
+# combinations 0, 1 and 2 come in two groups.
+@pytest.mark.parametrize("memory", [1, 140288, 2**28],
+                         ids=["one-combination", "two-groups", "all-combinations"])
+def test_scatter_heads_any_signs(memory):
+    """Signs whose squares differ between combinations (several query-query patterns)."""
+    section = make_section(norm="layer", G=2, rotary="partial")
+    X = _inputs()
+    B, T, d = X.shape
+    g = torch.Generator().manual_seed(4)
+    signs = torch.randn(B, 3, T, generator=g, dtype=DT)
+    signs[:, 1] = signs[:, 0].abs()  # the same squares as combination 0
+    signs[:, 2, 1] = 0.0
+    V = torch.randn(d, 30, generator=g, dtype=DT)
+    P = _products(section, [X], V, signs, None).view(3, -1, d)
+    prod = section.products([X], V, signs=signs)
+    assert _rel(_scatter_heads(prod, memory), P.transpose(1, 2) @ P) < TOL
+
+
+@pytest.mark.parametrize("padding", [None, "left"])
+@pytest.mark.parametrize("rows", [(0, None), (2, 5)], ids=["all-rows", "chunk"])
+def test_combined_key_factors_match_one_at_a_time(section, padding, rows):
+    """The key factors of several combinations at once are each combination's."""
+    X = _inputs()
+    B, T, d = X.shape
+    key_mask = _key_mask(padding)
+    signs = _signs(B, 3, T, key_mask)
+    prod = section.products([X], torch.eye(section.d_out, 2, dtype=DT), signs=signs,
+                            key_mask=key_mask)
+    s0, s1 = rows[0], rows[1] or T
+    st = prod.states[0]
+    for b in range(B):
+        got = prod.combined_key_factors(st, b, signs[b], s0, s1)
+        for j in range(3):
+            assert _rel(got[j], prod.key_factors(st, b, signs[b, j], s0, s1)) < TOL
